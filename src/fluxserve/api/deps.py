@@ -1,0 +1,43 @@
+"""What routes reach through request.app.state: the wired services and the caller's identity."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from ..auth import Authenticator, bearer_token
+from ..dispatch import Dispatcher
+from ..jobs import Job, JobService
+from ..models import ModelRegistry
+from ..settings import Settings
+from ..storage import LocalStorage
+from ..store import Store
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: Store
+    storage: LocalStorage
+    registry: ModelRegistry
+    jobs: JobService
+    dispatcher: Dispatcher
+    auth: Authenticator
+
+    def output_urls(self, job: Job) -> list[str]:
+        return [self.storage.url(o.key) for o in job.outputs]
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+def require_owner(request: Request) -> str:
+    return get_services(request).auth.owner_for(bearer_token(request.headers.get("authorization")))
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+OwnerDep = Annotated[str, Depends(require_owner)]

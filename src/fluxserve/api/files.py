@@ -1,0 +1,27 @@
+"""Serves output files behind signed, expiring URLs (the local storage backend)."""
+
+from __future__ import annotations
+
+import mimetypes
+
+from fastapi import APIRouter
+from fastapi.responses import FileResponse
+
+from ..errors import Forbidden, NotFound
+from ..storage import valid_key
+from .deps import ServicesDep
+
+router = APIRouter()
+
+
+@router.get("/files/{key:path}")
+async def get_file(key: str, services: ServicesDep, expires: int = 0, sig: str = "") -> FileResponse:
+    if not valid_key(key):
+        raise NotFound("No such file.", param="key")
+    if not services.storage.verify(key, expires, sig):
+        raise Forbidden("This file URL is invalid or has expired; fetch the job again for a fresh URL.")
+    path = services.storage.open(key)
+    if not path.is_file():
+        raise NotFound("No such file.", param="key")
+    media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return FileResponse(path, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})

@@ -1,0 +1,94 @@
+"""The seed relay's task API: POST /vmodel/generate, GET /vmodel/feed/{id}."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..jobs import Job, Status
+from ..spec import aspect_ratio_size
+from .deps import OwnerDep, ServicesDep
+from .errors import read_json
+
+router = APIRouter(prefix="/vmodel")
+
+_FORMATS = {"jpg": "jpeg", "png": "png", "webp": "webp"}
+
+
+class VmodelInput(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str
+    num_outputs: int = Field(default=1, ge=1, le=4)
+    aspect_ratio: str = "1:1"
+    output_format: Literal["jpg", "png", "webp"] = "webp"
+    output_quality: int = Field(default=80, ge=1, le=100)
+    seed: int | None = None
+    num_inference_steps: int | None = None
+    guidance: float | None = Field(default=None, ge=0, le=10)
+    megapixels: Literal["1", "0.25"] = "1"
+    # Replicate's flux-schnell fields, accepted so its clients work unchanged.
+    go_fast: bool | None = None
+    disable_safety_checker: bool | None = None
+
+
+class VmodelRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str
+    input: VmodelInput
+
+
+@router.post("/generate")
+async def generate(request: Request, services: ServicesDep, owner: OwnerDep) -> dict[str, str]:
+    body = await read_json(request, VmodelRequest)
+    model = services.registry.get(body.model)
+    inp = body.input
+    width, height = aspect_ratio_size(inp.aspect_ratio, inp.megapixels, param="input.aspect_ratio")
+    spec = model.make_spec(
+        prompt=inp.prompt,
+        width=width,
+        height=height,
+        num_images=inp.num_outputs,
+        steps=inp.num_inference_steps,
+        guidance=inp.guidance,
+        seed=inp.seed,
+        output_format=_FORMATS[inp.output_format],  # type: ignore[arg-type]
+        quality=inp.output_quality,
+        params={
+            "prompt": "input.prompt",
+            "steps": "input.num_inference_steps",
+            "guidance": "input.guidance",
+            "seed": "input.seed",
+        },
+    )
+    echo = {"model": body.model, "input": inp.model_dump(exclude_unset=True)}
+    job = services.jobs.submit(owner, "vmodel", spec, echo)
+    return {"id": job.id}
+
+
+@router.get("/feed/{job_id}")
+async def feed(job_id: str, services: ServicesDep, owner: OwnerDep) -> dict[str, Any]:
+    job = services.jobs.get(job_id, owner)
+    return render(job, services.output_urls(job) if job.status is Status.SUCCEEDED else None)
+
+
+def render(job: Job, urls: list[str] | None) -> dict[str, Any]:
+    """The seed's fields exactly (the relay has no 'canceled': it reports 'failed'), then additions."""
+    status = "failed" if job.status is Status.CANCELED else job.status.public
+    return {
+        "id": job.id,
+        "model": job.request["model"],
+        "input": job.request["input"],
+        "output": urls,
+        "status": status,
+        "error": job.error,
+        "progress": {"step": job.progress_done, "total": job.progress_total},
+        "queue_position": job.queue_position,
+        "seeds": [o.seed for o in job.outputs] or job.spec.image_seeds(),
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "completed_at": job.completed_at,
+    }

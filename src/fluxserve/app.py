@@ -1,0 +1,101 @@
+"""create_app(settings): wires store, storage, registry, engine, dispatcher and the dialects."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+
+from . import __version__
+from .api import files, openai, vmodel
+from .api.deps import Services
+from .api.errors import install_error_handlers
+from .auth import Authenticator
+from .dispatch import LocalDispatcher
+from .engine.base import Engine
+from .jobs import JobService
+from .models import ModelRegistry
+from .settings import Settings
+from .storage import LocalStorage, load_or_create_secret
+from .store import Store
+
+
+def build_registry(settings: Settings) -> ModelRegistry:
+    if settings.demo:
+        return ModelRegistry.demo(settings.demo_model_dir)
+    if settings.model_config_file:
+        return ModelRegistry.from_toml(settings.model_config_file)
+    return ModelRegistry.default()
+
+
+def build_engine(settings: Settings, registry: ModelRegistry) -> Engine:
+    from .engine.flux import DiffusersEngine
+
+    engine = DiffusersEngine(registry, device=settings.device, local_files_only=settings.offline or settings.demo)
+    if settings.demo:
+        from .engine.demo import build_demo_model
+
+        demo_dir = settings.demo_model_dir
+        engine.before_load = lambda: build_demo_model(demo_dir)
+    return engine
+
+
+def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        store = Store(settings.database)
+        store.recover_interrupted(settings.max_attempts)
+        registry = build_registry(settings)
+        storage = LocalStorage(
+            settings.outputs_dir,
+            load_or_create_secret(settings.data_dir / "secret.key"),
+            settings.base_url,
+            settings.url_ttl_s,
+        )
+        dispatcher = LocalDispatcher(store, storage, engine or build_engine(settings, registry), registry)
+        jobs = JobService(store, dispatcher.wake)
+        dispatcher.service = jobs
+        app.state.services = Services(
+            settings, store, storage, registry, jobs, dispatcher, Authenticator(store, settings.api_key)
+        )
+        dispatcher.start()
+        try:
+            yield
+        finally:
+            dispatcher.stop()
+            store.close()
+
+    app = FastAPI(title="fluxserve", version=__version__, lifespan=lifespan)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.cors_origins,
+        allow_methods=["*"],
+        allow_headers=["*"],
+        expose_headers=["*"],
+    )
+    install_error_handlers(app)
+    app.include_router(openai.router)
+    app.include_router(vmodel.router)
+    app.include_router(files.router)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        services: Services = app.state.services
+        d = services.dispatcher
+        body: dict[str, Any] = {
+            "status": d.state,
+            "models": d.loaded_models(),
+            "demo": settings.demo,
+            "queue_depth": services.jobs.queue_depth(),
+            "version": __version__,
+        }
+        if d.load_error:
+            body["error"] = d.load_error
+        return JSONResponse(body, status_code=503 if d.state == "error" else 200)
+
+    return app

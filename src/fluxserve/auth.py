@@ -1,0 +1,60 @@
+"""API keys: stored as SHA-256 hashes; a key's id is the owner of the jobs it creates."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+
+from .errors import Unauthorized
+from .store import Store
+
+KEY_PREFIX = "fs-"
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class NewKey:
+    id: str
+    name: str
+    key: str
+
+
+def create_key(store: Store, name: str) -> NewKey:
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    digest = hash_key(key)
+    key_id = "key_" + digest[:12]
+    store.add_key(key_id, name, digest, key[:7])
+    return NewKey(key_id, name, key)
+
+
+class Authenticator:
+    def __init__(self, store: Store, env_key: str | None) -> None:
+        self._store = store
+        self._env_hash = hash_key(env_key) if env_key else None
+
+    def owner_for(self, key: str | None) -> str:
+        """The owner id for a presented key, or Unauthorized."""
+        if not key:
+            raise Unauthorized(
+                "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.", code="missing_api_key"
+            )
+        digest = hash_key(key)
+        if self._env_hash is not None and secrets.compare_digest(digest, self._env_hash):
+            return "env_" + digest[:12]
+        row = self._store.find_key(digest)
+        if row is None:
+            raise Unauthorized("Incorrect API key provided.")
+        return str(row.id)
+
+
+def bearer_token(header: str | None) -> str | None:
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None

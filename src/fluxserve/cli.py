@@ -1,0 +1,139 @@
+"""The `fluxserve` command: serve, keys, demo-model."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .settings import Settings
+
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, help="fluxserve: a self-hosted server for FLUX image models."
+)
+keys_app = typer.Typer(no_args_is_help=True, help="Manage API keys.")
+app.add_typer(keys_app, name="keys")
+
+DataDir = Annotated[
+    Path | None, typer.Option("--data-dir", help="SQLite file, outputs, demo model [env FLUXSERVE_DATA_DIR].")
+]
+
+
+def _settings(**overrides: Any) -> Settings:
+    """Flags given on the command line win over the environment and the TOML file."""
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _store(data_dir: Path | None, database: str | None = None) -> Any:
+    from .store import Store
+
+    settings = _settings(data_dir=data_dir, database_url=database)
+    return Store(settings.database)
+
+
+@app.command()
+def serve(
+    demo: Annotated[bool | None, typer.Option("--demo", help="Serve every model name with the demo model.")] = None,
+    host: Annotated[str | None, typer.Option(help="Listen address [default 127.0.0.1].")] = None,
+    port: Annotated[int | None, typer.Option(help="Listen port [default 8000].")] = None,
+    data_dir: DataDir = None,
+    public_url: Annotated[str | None, typer.Option(help="Base of absolute URLs handed to clients.")] = None,
+    model_config: Annotated[
+        Path | None, typer.Option("--model-config", help="TOML file mapping model names to weights.")
+    ] = None,
+    allow_private_urls: Annotated[bool | None, typer.Option("--allow-private-urls")] = None,
+    cors_origins: Annotated[str | None, typer.Option(help="Allowed browser origins, comma-separated.")] = None,
+    max_batch: Annotated[int | None, typer.Option(help="Largest batch of compatible jobs per pipeline call.")] = None,
+    database: Annotated[str | None, typer.Option(help="SQLAlchemy URL [default: SQLite in the data dir].")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1, mps.")] = None,
+) -> None:
+    """Start the HTTP server with its in-process worker."""
+    import uvicorn
+
+    from .app import create_app
+    from .auth import create_key
+    from .store import Store
+
+    settings = _settings(
+        demo=demo,
+        host=host,
+        port=port,
+        data_dir=data_dir,
+        public_url=public_url,
+        model_config_file=model_config,
+        allow_private_urls=allow_private_urls,
+        cors_origins=cors_origins,
+        max_batch=max_batch,
+        database_url=database,
+        device=device,
+    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(settings.database)
+    if not settings.api_key and store.count_keys() == 0:
+        key = create_key(store, "default")
+        typer.echo(f"Created the first API key (shown once; `fluxserve keys create` makes more):\n\n    {key.key}\n")
+    store.close()
+    if settings.demo:
+        typer.echo("Demo mode: every model name is served by the demo model (random weights, images are noise).")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option("--name", help="A label for the key.")],
+    data_dir: DataDir = None,
+    database: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Create a key and print it alone on stdout (it is stored hashed: save it now)."""
+    from .auth import create_key
+
+    store = _store(data_dir, database)
+    new = create_key(store, name)
+    store.close()
+    typer.echo(new.key)
+
+
+@keys_app.command("list")
+def keys_list(data_dir: DataDir = None, database: Annotated[str | None, typer.Option()] = None) -> None:
+    """List keys (id, name, prefix, state)."""
+    store = _store(data_dir, database)
+    for row in store.list_keys():
+        state = "revoked" if row.revoked_at else "active"
+        typer.echo(f"{row.id}\t{row.name}\t{row.prefix}...\t{state}")
+    store.close()
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key: Annotated[str, typer.Argument(help="Key id or name.")],
+    data_dir: DataDir = None,
+    database: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Revoke a key by id or name."""
+    store = _store(data_dir, database)
+    n = store.revoke_key(key)
+    store.close()
+    if n == 0:
+        typer.echo(f"No active key with id or name {key!r}.", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"Revoked {n} key(s).", err=True)
+
+
+@app.command("demo-model")
+def demo_model(path: Annotated[Path, typer.Argument(help="Folder to write the demo model to.")]) -> None:
+    """Build the demo model (random weights, real FLUX geometry) offline."""
+    from .engine.demo import build_demo_model
+
+    build_demo_model(path)
+    typer.echo(str(path))
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

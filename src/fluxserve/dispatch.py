@@ -1,0 +1,129 @@
+"""Dispatchers run queued jobs. LocalDispatcher: one in-process worker thread that owns the engine."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Literal, Protocol
+
+from .engine.base import Cancelled, Engine
+from .errors import FluxServeError
+from .jobs import Job, JobService, Output, Status
+from .models import ModelRegistry
+from .outputs import EXTENSIONS, encode_image
+from .storage import Storage
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+WorkerState = Literal["loading", "ready", "error", "stopped"]
+
+
+class Dispatcher(Protocol):
+    state: WorkerState
+    load_error: str | None
+
+    def start(self) -> None: ...
+    def wake(self) -> None: ...
+    def stop(self, timeout: float = 10.0) -> None: ...
+    def loaded_models(self) -> list[str]: ...
+
+
+class _ShuttingDown(Exception):
+    pass
+
+
+class LocalDispatcher:
+    """The only caller of the engine: pipelines are never called concurrently."""
+
+    def __init__(self, store: Store, storage: Storage, engine: Engine, registry: ModelRegistry) -> None:
+        self._store = store
+        self._storage = storage
+        self._engine = engine
+        self._registry = registry
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.service: JobService | None = None
+        self.state: WorkerState = "loading"
+        self.load_error: str | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="fluxserve-worker", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.state = "stopped"
+
+    def loaded_models(self) -> list[str]:
+        return self._engine.loaded_models() if self.state == "ready" else []
+
+    def _run(self) -> None:
+        try:
+            self._engine.load()
+            self.state = "ready"
+        except Exception as exc:  # a bad weights path must not kill the server: health shows it, jobs fail
+            log.exception("loading models failed")
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            self.state = "error"
+        while not self._stopping.is_set():
+            job = self._store.claim_next()
+            if job is None:
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                continue
+            self._run_job(job)
+
+    def _notify(self, job_id: str) -> None:
+        if self.service is not None:
+            self.service.notify(job_id)
+
+    def _run_job(self, job: Job) -> None:
+        self._notify(job.id)
+        if self.state == "error":
+            self._store.finish(job.id, Status.FAILED, error=f"The model failed to load: {self.load_error}")
+            self._notify(job.id)
+            return
+        spec = job.spec
+
+        def on_step(done: int, total: int) -> None:
+            if self._stopping.is_set():
+                raise _ShuttingDown
+            if self._store.is_cancel_requested(job.id):
+                raise Cancelled
+            self._store.update_progress(job.id, done, total)
+            self._notify(job.id)
+
+        try:
+            if self._store.is_cancel_requested(job.id):
+                raise Cancelled
+            [images] = self._engine.generate([spec], on_step)
+            outputs = []
+            for i, (image, seed) in enumerate(zip(images, spec.image_seeds(), strict=True)):
+                key = f"{job.id}/out-{i}.{EXTENSIONS[spec.output_format]}"
+                model = self._registry.get(spec.model)
+                meta = {"prompt": spec.prompt, "seed": seed, "model": model.label, "steps": spec.steps}
+                if spec.guidance is not None:
+                    meta["guidance"] = spec.guidance
+                self._storage.put(key, encode_image(image, spec.output_format, spec.quality, meta))
+                outputs.append(Output(key, seed, image.width, image.height, spec.output_format))
+            self._store.finish(job.id, Status.SUCCEEDED, outputs=outputs)
+        except Cancelled:
+            self._store.finish(job.id, Status.CANCELED, error="canceled")
+        except _ShuttingDown:
+            # A clean stop is not the job's fault: give the attempt back and run it after restart.
+            self._store.requeue(job.id)
+            log.info("job %s re-queued by shutdown", job.id)
+        except FluxServeError as exc:
+            self._store.finish(job.id, Status.FAILED, error=exc.message)
+        except Exception as exc:  # the worker must outlive any one job
+            log.exception("job %s failed", job.id)
+            self._store.finish(job.id, Status.FAILED, error=f"Generation failed: {type(exc).__name__}: {exc}")
+        self._notify(job.id)

@@ -1,0 +1,56 @@
+"""The exception hierarchy. Each dialect renders these in its own envelope (api/errors.py)."""
+
+from __future__ import annotations
+
+
+class FluxServeError(Exception):
+    status_code = 500
+    code = "server_error"
+    type = "server_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+
+class InvalidInput(FluxServeError):
+    status_code = 400
+    code = "invalid_value"
+    type = "invalid_request_error"
+
+
+class PayloadTooLarge(InvalidInput):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(InvalidInput):
+    status_code = 415
+    code = "unsupported_media_type"
+
+
+class Unauthorized(FluxServeError):
+    status_code = 401
+    code = "invalid_api_key"
+    type = "invalid_request_error"
+
+
+class Forbidden(FluxServeError):
+    status_code = 403
+    code = "invalid_signature"
+    type = "invalid_request_error"
+
+
+class NotFound(FluxServeError):
+    status_code = 404
+    code = "not_found"
+    type = "invalid_request_error"
+
+
+class GenerationFailed(FluxServeError):
+    status_code = 500
+    code = "generation_failed"
+    type = "server_error"

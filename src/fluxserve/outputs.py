@@ -1,0 +1,39 @@
+"""Encoding generated images into the requested file format, with provenance metadata."""
+
+from __future__ import annotations
+
+import io
+import json
+
+from PIL import Image, PngImagePlugin
+
+EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+_EXIF_IMAGE_DESCRIPTION = 0x010E
+_EXIF_SOFTWARE = 0x0131
+
+
+def encode_image(image: Image.Image, fmt: str, quality: int, metadata: dict[str, object]) -> bytes:
+    """``quality`` 1-100 applies to jpeg and webp; png is lossless."""
+    text = json.dumps(metadata, ensure_ascii=False)
+    buf = io.BytesIO()
+    if fmt == "png":
+        info = PngImagePlugin.PngInfo()
+        info.add_itxt("parameters", text)
+        info.add_text("Software", "fluxserve")
+        image.save(buf, format="PNG", pnginfo=info)
+    elif fmt in ("jpeg", "webp"):
+        exif = Image.Exif()
+        exif[_EXIF_IMAGE_DESCRIPTION] = text
+        exif[_EXIF_SOFTWARE] = "fluxserve"
+        image.convert("RGB").save(buf, format=fmt.upper(), quality=max(1, min(quality, 100)), exif=exif)
+    else:
+        raise ValueError(f"unsupported output format {fmt!r}")
+    return buf.getvalue()
+
+
+def read_metadata(data: bytes) -> dict[str, object]:
+    """The metadata encode_image wrote (used by tests and by `fluxserve` tooling)."""
+    with Image.open(io.BytesIO(data)) as img:
+        if img.format == "PNG":
+            return dict(json.loads(img.info["parameters"]))
+        return dict(json.loads(img.getexif()[_EXIF_IMAGE_DESCRIPTION]))

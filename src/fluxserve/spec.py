@@ -1,0 +1,123 @@
+"""GenerationSpec: what every dialect's request becomes, and the one place sizes are decided."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from .errors import InvalidInput
+
+OutputFormat = Literal["png", "jpeg", "webp"]
+
+MIN_SIDE = 256
+MAX_SIDE = 2048
+MAX_PIXELS = 4 * 1024 * 1024
+SIDE_MULTIPLE = 16
+MAX_PROMPT_CHARS = 32000
+MAX_SEED = 2**32 - 1
+
+# The ~1 MP sizes Replicate's FLUX models use for each aspect ratio.
+ASPECT_RATIOS: dict[str, tuple[int, int]] = {
+    "1:1": (1024, 1024),
+    "16:9": (1344, 768),
+    "9:16": (768, 1344),
+    "21:9": (1536, 640),
+    "9:21": (640, 1536),
+    "3:2": (1216, 832),
+    "2:3": (832, 1216),
+    "4:3": (1152, 896),
+    "3:4": (896, 1152),
+    "5:4": (1088, 896),
+    "4:5": (896, 1088),
+}
+MEGAPIXELS = ("1", "0.25")
+
+_SIZE_RE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+SIZE_RULE = (
+    f"'WxH' with both sides multiples of {SIDE_MULTIPLE} between {MIN_SIDE} and {MAX_SIDE} "
+    f"and at most {MAX_PIXELS // (1024 * 1024)} megapixels (e.g. 1024x1024, 1344x768, 1792x1024), or 'auto'"
+)
+
+
+def check_size(width: int, height: int, *, param: str = "size") -> tuple[int, int]:
+    """Reject sizes FLUX can't make exactly; never round."""
+    ok = (
+        MIN_SIDE <= width <= MAX_SIDE
+        and MIN_SIDE <= height <= MAX_SIDE
+        and width % SIDE_MULTIPLE == 0
+        and height % SIDE_MULTIPLE == 0
+        and width * height <= MAX_PIXELS
+    )
+    if not ok:
+        raise InvalidInput(f"Invalid size {width}x{height}: {param} must be {SIZE_RULE}.", param=param)
+    return width, height
+
+
+def parse_size(size: str | None, *, param: str = "size") -> tuple[int, int]:
+    """OpenAI ``size``: 'WxH' used as given, or 'auto' (1024x1024)."""
+    if size is None or size == "auto":
+        return ASPECT_RATIOS["1:1"]
+    m = _SIZE_RE.match(size.strip().lower())
+    if not m:
+        raise InvalidInput(f"Invalid size {size!r}: {param} must be {SIZE_RULE}.", param=param)
+    return check_size(int(m.group(1)), int(m.group(2)), param=param)
+
+
+def aspect_ratio_size(aspect_ratio: str, megapixels: str = "1", *, param: str = "aspect_ratio") -> tuple[int, int]:
+    if aspect_ratio not in ASPECT_RATIOS:
+        allowed = ", ".join(ASPECT_RATIOS)
+        raise InvalidInput(f"Invalid {param} {aspect_ratio!r}: allowed values are {allowed}.", param=param)
+    if megapixels not in MEGAPIXELS:
+        raise InvalidInput(f"Invalid megapixels {megapixels!r}: allowed values are '1', '0.25'.", param="megapixels")
+    width, height = ASPECT_RATIOS[aspect_ratio]
+    if megapixels == "0.25":
+        width, height = _round16(width / 2), _round16(height / 2)
+    return width, height
+
+
+def _round16(x: float) -> int:
+    return round(x / SIDE_MULTIPLE) * SIDE_MULTIPLE
+
+
+def check_prompt(prompt: str, *, param: str = "prompt") -> str:
+    if not prompt.strip():
+        raise InvalidInput(f"{param} must not be empty.", param=param)
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise InvalidInput(
+            f"{param} is {len(prompt)} characters; the maximum is {MAX_PROMPT_CHARS}.",
+            param=param,
+            code="string_above_max_length",
+        )
+    return prompt
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """One request, in engine terms. ``seed`` is the first image's; image i uses seed + i."""
+
+    model: str
+    prompt: str
+    width: int
+    height: int
+    num_images: int
+    steps: int
+    guidance: float | None
+    seed: int
+    output_format: OutputFormat = "png"
+    quality: int = 100
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def image_seeds(self) -> list[int]:
+        return [(self.seed + i) % (MAX_SEED + 1) for i in range(self.num_images)]
+
+    def batch_key(self) -> tuple[Any, ...]:
+        """Specs with the same key can share one pipeline call."""
+        return (self.model, self.width, self.height, self.steps, self.guidance)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GenerationSpec:
+        return cls(**data)
