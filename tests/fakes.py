@@ -1,0 +1,37 @@
+"""FakeEngine: a scripted engine for tests of the HTTP and job layers (never what users run)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+
+from PIL import Image
+
+from fluxserve.engine.base import OnStep
+from fluxserve.spec import GenerationSpec
+
+
+class FakeEngine:
+    def __init__(self, step_s: float = 0.0, fail_with: Exception | None = None) -> None:
+        self.step_s = step_s
+        self.fail_with = fail_with
+        self.calls: list[list[GenerationSpec]] = []
+        self.started = threading.Event()
+
+    def load(self) -> None:
+        pass
+
+    def loaded_models(self) -> list[str]:
+        return ["fake"]
+
+    def generate(self, specs: Sequence[GenerationSpec], on_step: OnStep) -> list[list[Image.Image]]:
+        self.calls.append(list(specs))
+        self.started.set()
+        first = specs[0]
+        for step in range(first.steps):
+            time.sleep(self.step_s)
+            on_step(step + 1, first.steps)
+        if self.fail_with is not None:
+            raise self.fail_with
+        return [[Image.new("RGB", (s.width, s.height), (seed % 256, 0, 0)) for seed in s.image_seeds()] for s in specs]

@@ -1,0 +1,172 @@
+"""HTTP and job layers over the FakeEngine."""
+
+import base64
+import io
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from fluxserve.app import create_app
+from fluxserve.auth import create_key
+from fluxserve.settings import Settings
+from fluxserve.store import Store
+from tests.conftest import AUTH
+from tests.fakes import FakeEngine
+
+
+def _wait_feed(client: TestClient, job_id: str, headers: dict[str, str] = AUTH) -> dict[str, Any]:
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        body = client.get(f"/vmodel/feed/{job_id}", headers=headers).json()
+        if body["status"] in ("succeeded", "failed"):
+            return body
+        time.sleep(0.02)
+    raise AssertionError(f"job {job_id} did not finish: {body}")
+
+
+def test_generation_url_and_b64(client: TestClient) -> None:
+    resp = client.post("/v1/images/generations", json={"prompt": "a cat", "n": 2, "size": "512x256"}, headers=AUTH)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert isinstance(body["created"], int) and body["size"] == "512x256"
+    assert [d["revised_prompt"] for d in body["data"]] == ["a cat", "a cat"]
+    url = body["data"][0]["url"]
+    assert url.startswith("http://127.0.0.1:8123/files/")
+    img = client.get(url.removeprefix("http://127.0.0.1:8123"))
+    assert img.status_code == 200 and img.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(img.content)).size == (512, 256)
+
+    resp = client.post(
+        "/v1/images/generations",
+        json={"prompt": "a cat", "response_format": "b64_json", "output_format": "webp", "quality": "hd", "x": 1},
+        headers=AUTH,
+    )
+    data = resp.json()["data"][0]
+    assert "url" not in data
+    decoded = Image.open(io.BytesIO(base64.b64decode(data["b64_json"])))
+    assert decoded.format == "WEBP" and decoded.size == (1024, 1024)
+
+
+def test_vmodel_flow_echoes_input_and_reports_seeds(client: TestClient, fake_engine: FakeEngine) -> None:
+    inp = {"prompt": "空气", "num_outputs": 2, "aspect_ratio": "16:9", "output_format": "jpg", "seed": 1900004}
+    resp = client.post("/vmodel/generate", json={"model": "flux-schnell", "input": inp}, headers=AUTH)
+    assert resp.status_code == 200 and set(resp.json()) == {"id"}
+    job_id = resp.json()["id"]
+    assert len(job_id) == 26
+    body = _wait_feed(client, job_id)
+    assert body["status"] == "succeeded" and body["error"] is None
+    assert body["model"] == "flux-schnell" and body["input"] == inp
+    assert [u.split("?")[0].rsplit("/", 1)[1] for u in body["output"]] == ["out-0.jpg", "out-1.jpg"]
+    assert body["seeds"] == [1900004, 1900005]
+    assert body["progress"] == {"step": 4, "total": 4}
+    spec = fake_engine.calls[-1][0]
+    assert (spec.width, spec.height, spec.output_format, spec.quality) == (1344, 768, "jpeg", 80)
+
+
+def test_megapixels_and_steps_reach_the_engine(client: TestClient, fake_engine: FakeEngine) -> None:
+    inp = {"prompt": "p", "megapixels": "0.25", "aspect_ratio": "9:16", "num_inference_steps": 12, "guidance": 4.5}
+    job_id = client.post("/vmodel/generate", json={"model": "flux-dev", "input": inp}, headers=AUTH).json()["id"]
+    assert _wait_feed(client, job_id)["status"] == "succeeded"
+    spec = fake_engine.calls[-1][0]
+    assert (spec.width, spec.height, spec.steps, spec.guidance) == (384, 672, 12, 4.5)
+
+
+def test_jobs_are_scoped_to_their_key(settings: Settings, fake_engine: FakeEngine) -> None:
+    settings.data_dir.mkdir(parents=True)
+    other = create_key(Store(settings.database), "other")
+    with TestClient(create_app(settings, engine=fake_engine)) as client:
+        job_id = client.post(
+            "/vmodel/generate", json={"model": "flux", "input": {"prompt": "mine"}}, headers=AUTH
+        ).json()["id"]
+        other_auth = {"Authorization": f"Bearer {other.key}"}
+        resp = client.get(f"/vmodel/feed/{job_id}", headers=other_auth)
+        assert resp.status_code == 404
+        assert _wait_feed(client, job_id)["status"] == "succeeded"
+
+
+def test_file_urls_are_signed_and_expire(client: TestClient) -> None:
+    job_id = client.post("/vmodel/generate", json={"model": "flux", "input": {"prompt": "p"}}, headers=AUTH).json()[
+        "id"
+    ]
+    url = _wait_feed(client, job_id)["output"][0].removeprefix("http://127.0.0.1:8123")
+    assert client.get(url).status_code == 200
+    path, query = url.split("?")
+    assert client.get(path).status_code == 403
+    assert client.get(url.replace("sig=", "sig=0")).status_code == 403
+    expires = int(query.split("expires=")[1].split("&")[0])
+    assert client.get(url.replace(f"expires={expires}", f"expires={expires + 1}")).status_code == 403
+    assert client.get(url.replace(f"expires={expires}", "expires=1")).status_code == 403
+    assert client.get("/files/../secret.key?expires=9999999999&sig=x").status_code in (403, 404)
+
+
+def test_engine_failure_fails_the_job_and_worker_survives(settings: Settings) -> None:
+    engine = FakeEngine(fail_with=RuntimeError("boom"))
+    with TestClient(create_app(settings, engine=engine)) as client:
+        job_id = client.post("/vmodel/generate", json={"model": "flux", "input": {"prompt": "p"}}, headers=AUTH).json()[
+            "id"
+        ]
+        body = _wait_feed(client, job_id)
+        assert body["status"] == "failed" and "boom" in body["error"] and body["output"] is None
+        resp = client.post("/v1/images/generations", json={"prompt": "p"}, headers=AUTH)
+        assert resp.status_code == 500 and "boom" in resp.json()["error"]["message"]
+        engine.fail_with = None
+        assert client.post("/v1/images/generations", json={"prompt": "p"}, headers=AUTH).status_code == 200
+
+
+def test_queue_position_and_progress_while_waiting(settings: Settings) -> None:
+    engine = FakeEngine(step_s=0.1)
+    with TestClient(create_app(settings, engine=engine)) as client:
+        ids = [
+            client.post("/vmodel/generate", json={"model": "flux", "input": {"prompt": f"p{i}"}}, headers=AUTH).json()[
+                "id"
+            ]
+            for i in range(3)
+        ]
+        assert engine.started.wait(5)
+        last = client.get(f"/vmodel/feed/{ids[2]}", headers=AUTH).json()
+        assert last["status"] == "starting" and last["queue_position"] in (1, 2)
+        assert client.get("/health").json()["queue_depth"] >= 1
+        assert all(_wait_feed(client, i)["status"] == "succeeded" for i in ids)
+
+
+def test_health_needs_no_key_and_reports_models(client: TestClient) -> None:
+    body = client.get("/health").json()
+    assert body["status"] == "ready" and body["models"] == ["fake"] and body["queue_depth"] == 0
+
+
+def test_models_list_in_openai_shape(client: TestClient) -> None:
+    body = client.get("/v1/models", headers=AUTH).json()
+    assert body["object"] == "list"
+    assert [m["id"] for m in body["data"]] == ["flux", "flux-schnell", "flux-dev", "flux-pro"]
+    assert all(m["object"] == "model" and not m["demo"] for m in body["data"])
+
+
+def test_cors_preflight_from_any_origin(client: TestClient) -> None:
+    resp = client.options(
+        "/v1/images/generations",
+        headers={
+            "Origin": "https://chat.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type,x-custom",
+        },
+    )
+    assert resp.status_code == 200
+    assert resp.headers["access-control-allow-origin"] in ("*", "https://chat.example")
+
+
+def test_output_metadata_has_prompt_seed_model(client: TestClient, settings: Settings) -> None:
+    from fluxserve.outputs import read_metadata
+
+    for fmt in ("png", "jpg", "webp"):
+        job_id = client.post(
+            "/vmodel/generate",
+            json={"model": "flux", "input": {"prompt": "meta", "seed": 5, "output_format": fmt}},
+            headers=AUTH,
+        ).json()["id"]
+        _wait_feed(client, job_id)
+        out = next(Path(settings.outputs_dir, job_id).iterdir())
+        meta = read_metadata(out.read_bytes())
+        assert meta["prompt"] == "meta" and meta["seed"] == 5 and meta["model"] == "flux"

@@ -1,0 +1,132 @@
+"""Every bad input gets a 4xx in the OpenAI envelope that names the field; never a 500."""
+
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.conftest import AUTH
+
+GEN = "/v1/images/generations"
+VMODEL = "/vmodel/generate"
+
+
+def _assert_error(resp: Any, status: int, param: str | None, *words: str) -> None:
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["param"] == param, err
+    for w in words:
+        assert w in err["message"], err
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "words"),
+    [
+        ({}, "prompt", ["Missing"]),
+        ({"prompt": 5}, "prompt", ["string"]),
+        ({"prompt": ""}, "prompt", ["empty"]),
+        ({"prompt": "x" * 100_000}, "prompt", ["32000"]),
+        ({"prompt": "a", "model": "dall-e-9"}, "model", ["flux-schnell"]),
+        ({"prompt": "a", "model": 3}, "model", ["string"]),
+        ({"prompt": "a", "n": 0}, "n", ["greater than or equal to 1"]),
+        ({"prompt": "a", "n": 11}, "n", ["less than or equal to 10"]),
+        ({"prompt": "a", "n": "2"}, "n", ["integer"]),
+        ({"prompt": "a", "n": 1.5}, "n", ["integer"]),
+        ({"prompt": "a", "size": "1000x1000"}, "size", ["multiples of 16"]),
+        ({"prompt": "a", "size": "4096x4096"}, "size", ["2048"]),
+        ({"prompt": "a", "size": "huge"}, "size", ["WxH"]),
+        ({"prompt": "a", "size": 1024}, "size", ["string"]),
+        ({"prompt": "a", "response_format": "png"}, "response_format", ["url", "b64_json"]),
+        ({"prompt": "a", "output_format": "gif"}, "output_format", ["png", "jpeg", "webp"]),
+        ({"prompt": "a", "output_compression": 101}, "output_compression", ["100"]),
+        ({"prompt": "a", "quality": "ultra"}, "quality", ["hd"]),
+        ({"prompt": "a", "style": "cartoon"}, "style", ["vivid"]),
+        ({"prompt": "a", "seed": -3}, "seed", ["between 0"]),
+        ({"prompt": "a", "model": "flux", "steps": 9}, "steps", ["between 1 and 4"]),
+        ({"prompt": "a", "model": "flux-dev", "steps": 0}, "steps", ["between 1 and 50"]),
+        ({"prompt": "a", "stream": True}, "stream", ["False"]),
+    ],
+)
+def test_generations_bad_fields(client: TestClient, body: dict[str, Any], param: str, words: list[str]) -> None:
+    _assert_error(client.post(GEN, json=body, headers=AUTH), 400, param, *words)
+
+
+VALID_INPUT = {"prompt": "空气", "num_outputs": 1, "aspect_ratio": "1:1", "output_format": "jpg", "output_quality": 80}
+
+
+@pytest.mark.parametrize(
+    ("change", "param", "words"),
+    [
+        ({"prompt": None}, "input.prompt", ["string"]),
+        ({"prompt": ""}, "input.prompt", ["empty"]),
+        ({"prompt": "y" * 100_000}, "input.prompt", ["32000"]),
+        ({"num_outputs": 0}, "input.num_outputs", ["greater than or equal to 1"]),
+        ({"num_outputs": 5}, "input.num_outputs", ["less than or equal to 4"]),
+        ({"num_outputs": "1"}, "input.num_outputs", ["integer"]),
+        ({"aspect_ratio": "7:5"}, "input.aspect_ratio", ["21:9", "4:5"]),
+        ({"aspect_ratio": 1}, "input.aspect_ratio", ["string"]),
+        ({"output_format": "jpeg"}, "input.output_format", ["jpg", "png", "webp"]),
+        ({"output_quality": 0}, "input.output_quality", ["greater than or equal to 1"]),
+        ({"output_quality": 101}, "input.output_quality", ["less than or equal to 100"]),
+        ({"seed": 2**40}, "input.seed", ["between 0 and 4294967295"]),
+        ({"seed": "x"}, "input.seed", ["integer"]),
+        ({"num_inference_steps": 5}, "input.num_inference_steps", ["between 1 and 4"]),
+        ({"guidance": 11}, "input.guidance", ["10"]),
+        ({"megapixels": "2"}, "input.megapixels", ["'1'", "'0.25'"]),
+        ({"megapixels": 1}, "input.megapixels", ["'1'"]),
+        ({"colour": "red"}, "input.colour", ["Unknown parameter"]),
+    ],
+)
+def test_vmodel_bad_fields(client: TestClient, change: dict[str, Any], param: str, words: list[str]) -> None:
+    inp = {**VALID_INPUT, **change}
+    _assert_error(client.post(VMODEL, json={"model": "flux-schnell", "input": inp}, headers=AUTH), 400, param, *words)
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "words"),
+    [
+        ({"input": VALID_INPUT}, "model", ["Missing"]),
+        ({"model": "flux-ultra", "input": VALID_INPUT}, "model", ["flux, flux-schnell, flux-dev, flux-pro"]),
+        ({"model": "flux"}, "input", ["Missing"]),
+        ({"model": "flux", "input": "a cat"}, "input", ["dictionary"]),
+        ({"model": "flux", "input": {}}, "input.prompt", ["Missing"]),
+    ],
+)
+def test_vmodel_bad_envelope(client: TestClient, body: dict[str, Any], param: str, words: list[str]) -> None:
+    _assert_error(client.post(VMODEL, json=body, headers=AUTH), 400, param, *words)
+
+
+@pytest.mark.parametrize("path", [GEN, VMODEL])
+def test_malformed_and_non_json_bodies(client: TestClient, path: str) -> None:
+    json_ct = {**AUTH, "Content-Type": "application/json"}
+    _assert_error(client.post(path, content=b'{"prompt": "a",', headers=json_ct), 400, "body", "not valid JSON")
+    _assert_error(client.post(path, content=b"\xff\xfe", headers=json_ct), 400, "body", "not valid JSON")
+    _assert_error(client.post(path, content=b"[1, 2]", headers=json_ct), 400, "body", "JSON object")
+    _assert_error(client.post(path, content=b"", headers=json_ct), 400, "body")
+    _assert_error(client.post(path, data={"prompt": "a"}, headers=AUTH), 415, "Content-Type", "application/json")
+    _assert_error(
+        client.post(path, content=b"prompt=a", headers={**AUTH, "Content-Type": "text/plain"}), 415, "Content-Type"
+    )
+    big = b'{"prompt": "' + b"x" * (2 * 1024 * 1024) + b'"}'
+    _assert_error(client.post(path, content=big, headers=json_ct), 413, "body", "larger")
+
+
+@pytest.mark.parametrize("path", [GEN, VMODEL, "/v1/models"])
+def test_missing_or_wrong_key_is_401(client: TestClient, path: str) -> None:
+    for headers in [{}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic abc"}, {"Authorization": "Bearer"}]:
+        resp = client.request("GET" if path == "/v1/models" else "POST", path, json={"prompt": "a"}, headers=headers)
+        assert resp.status_code == 401
+        assert resp.json()["error"]["code"] in ("invalid_api_key", "missing_api_key")
+
+
+def test_unknown_route_and_method_are_json(client: TestClient) -> None:
+    resp = client.get("/v1/nothing", headers=AUTH)
+    assert resp.status_code == 404 and "error" in resp.json()
+    resp = client.get(GEN, headers=AUTH)
+    assert resp.status_code == 405 and "error" in resp.json()
+
+
+def test_feed_of_unknown_id_is_404(client: TestClient) -> None:
+    resp = client.get("/vmodel/feed/doesnotexist", headers=AUTH)
+    assert resp.status_code == 404 and resp.json()["error"]["param"] == "id"
