@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -22,6 +23,8 @@ from .models import ModelRegistry
 from .settings import Settings
 from .storage import LocalStorage, load_or_create_secret
 from .store import Store
+
+log = logging.getLogger(__name__)
 
 
 def build_registry(settings: Settings) -> ModelRegistry:
@@ -49,7 +52,14 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         store = Store(settings.database)
-        store.recover_interrupted(settings.max_attempts)
+        requeued, failed = store.recover_interrupted(settings.max_attempts)
+        if requeued or failed:
+            log.warning(
+                "recovered interrupted jobs: %d re-queued, %d failed after %d attempts",
+                requeued,
+                failed,
+                settings.max_attempts,
+            )
         registry = build_registry(settings)
         storage = LocalStorage(
             settings.outputs_dir,

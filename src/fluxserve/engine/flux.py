@@ -32,7 +32,9 @@ def load_pipeline(weights: str, *, device: str, local_files_only: bool) -> Any:
     """The one loading path for real weights and the demo model alike."""
     import torch
     from diffusers import FluxPipeline
+    from diffusers.utils import logging as diffusers_logging
 
+    diffusers_logging.disable_progress_bar()
     # bf16 is FLUX's native precision on accelerators; CPUs are slow and inexact in bf16.
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     pipe = FluxPipeline.from_pretrained(weights, dtype=dtype, local_files_only=local_files_only)

@@ -1,0 +1,68 @@
+"""The key CLI contract scripts rely on, against the real server."""
+
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.e2e.server import FLUXSERVE, RemoteServer
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLUXSERVE_")}
+    return subprocess.run([FLUXSERVE, *args], capture_output=True, text=True, timeout=60, env=env, check=False)
+
+
+def _status(srv: RemoteServer, key: str) -> int:
+    return httpx.get(f"{srv.url}/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code
+
+
+def test_first_start_prints_a_working_key_once(tmp_path: Path, demo_model_dir: Path) -> None:
+    data = tmp_path / "data"
+    srv = RemoteServer(data, api_key=None, demo_model=demo_model_dir).start()
+    try:
+        keys = re.findall(r"fs-[A-Za-z0-9_-]{30,}", srv.log())
+        assert len(keys) == 1
+        assert _status(srv, keys[0]) == 200
+        assert _status(srv, "fs-guess") == 401
+    finally:
+        srv.stop()
+    again = RemoteServer(data, api_key=None).start()
+    try:
+        assert again.log_path != srv.log_path
+        assert re.findall(r"fs-[A-Za-z0-9_-]{30,}", again.log()) == []  # shown once, never again
+    finally:
+        again.stop()
+
+
+def test_keys_create_list_revoke(tmp_path: Path, demo_model_dir: Path) -> None:
+    data = tmp_path / "data"
+    created = _cli("keys", "create", "--name", "ci", "--data-dir", str(data))
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip()
+    assert re.fullmatch(r"fs-[A-Za-z0-9_-]+", key) and created.stdout == key + "\n"
+    listed = _cli("keys", "list", "--data-dir", str(data)).stdout
+    assert "ci" in listed and "active" in listed and key not in listed
+    srv = RemoteServer(data, api_key=None, demo_model=demo_model_dir).start()
+    try:
+        assert "Created the first API key" not in srv.log()
+        assert _status(srv, key) == 200
+        assert _cli("keys", "revoke", "ci", "--data-dir", str(data)).returncode == 0
+        time.sleep(0.1)
+        assert _status(srv, key) == 401
+        assert _cli("keys", "revoke", "ci", "--data-dir", str(data)).returncode == 1
+    finally:
+        srv.stop()
+
+
+def test_data_dir_from_environment(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLUXSERVE_")}
+    env["FLUXSERVE_DATA_DIR"] = str(tmp_path / "envdata")
+    out = subprocess.run(
+        [FLUXSERVE, "keys", "create", "--name", "x"], capture_output=True, text=True, env=env, timeout=60, check=True
+    )
+    assert out.stdout.startswith("fs-")
+    assert (tmp_path / "envdata" / "fluxserve.db").is_file()

@@ -1,0 +1,68 @@
+"""The `openai` Python SDK pointed at the real server."""
+
+import base64
+import io
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from tests.e2e.server import RemoteServer
+
+
+@pytest.fixture(scope="module")
+def client(server: RemoteServer) -> openai.OpenAI:
+    return openai.OpenAI(api_key=server.api_key, base_url=f"{server.url}/v1", max_retries=0, timeout=120)
+
+
+def test_generate_url(client: openai.OpenAI) -> None:
+    result = client.images.generate(model="flux-schnell", prompt="a red fox", size="1024x1024")
+    assert result.data is not None and len(result.data) == 1
+    assert result.data[0].revised_prompt == "a red fox"
+    png = httpx.get(result.data[0].url or "", timeout=30)
+    assert Image.open(io.BytesIO(png.content)).size == (1024, 1024)
+
+
+def test_generate_b64_n2_non_square(client: openai.OpenAI) -> None:
+    result = client.images.generate(
+        model="flux", prompt="a lighthouse", n=2, size="1792x1024", response_format="b64_json"
+    )
+    assert result.data is not None and len(result.data) == 2
+    images = [Image.open(io.BytesIO(base64.b64decode(d.b64_json or ""))) for d in result.data]
+    assert [im.size for im in images] == [(1792, 1024), (1792, 1024)]
+    assert images[0].tobytes() != images[1].tobytes()  # each image has its own seed
+
+
+def test_generate_with_gpt_image_fields(client: openai.OpenAI) -> None:
+    result = client.images.generate(
+        model="flux",
+        prompt="a teapot",
+        size="512x768",  # type: ignore[arg-type]
+        quality="high",
+        output_format="jpeg",
+        output_compression=60,
+        user="someone",
+        response_format="b64_json",
+    )
+    assert result.data is not None
+    img = Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json or "")))
+    assert img.format == "JPEG" and img.size == (512, 768)
+
+
+def test_sdk_errors(client: openai.OpenAI, server: RemoteServer) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        client.images.generate(model="flux", prompt="x", size="1000x1000")  # type: ignore[arg-type]
+    assert err.value.param == "size"  # type: ignore[attr-defined]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.images.generate(model="nope", prompt="x")
+    assert err.value.code == "model_not_found"
+    bad = openai.OpenAI(api_key="wrong", base_url=f"{server.url}/v1", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.images.generate(model="flux", prompt="x")
+
+
+def test_models_list(client: openai.OpenAI) -> None:
+    names = [m.id for m in client.models.list()]
+    assert names == ["flux", "flux-schnell", "flux-dev", "flux-pro"]
+    assert all(m.owned_by == "fluxserve-demo" for m in client.models.list())
