@@ -30,9 +30,8 @@ log = logging.getLogger(__name__)
 def build_registry(settings: Settings) -> ModelRegistry:
     if settings.demo:
         return ModelRegistry.demo(settings.demo_model_dir)
-    if settings.model_config_file:
-        return ModelRegistry.from_toml(settings.model_config_file)
-    return ModelRegistry.default()
+    registry = ModelRegistry.from_toml(settings.model_config_file) if settings.model_config_file else None
+    return (registry or ModelRegistry.default()).label_demo_weights()
 
 
 def build_engine(settings: Settings, registry: ModelRegistry) -> Engine:

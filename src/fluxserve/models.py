@@ -115,6 +115,12 @@ class ModelRegistry:
             )
         return self._models[name]
 
+    def label_demo_weights(self) -> ModelRegistry:
+        """A name whose weights are a demo-model folder is labelled demo, however it got there."""
+        from .engine.demo import is_demo_model
+
+        return ModelRegistry([replace(m, demo=m.demo or is_demo_model(Path(m.weights))) for m in self])
+
     @classmethod
     def default(cls) -> ModelRegistry:
         return cls(DEFAULT_MODELS)

@@ -62,9 +62,17 @@ class DiffusersEngine:
             # Names that share weights (flux-dev / flux-pro) share one loaded pipeline.
             if model.weights not in by_weights:
                 log.info("loading %s for %s on %s", model.weights, model.name, self.device)
-                by_weights[model.weights] = load_pipeline(
-                    model.weights, device=self.device, local_files_only=self._local_files_only
-                )
+                try:
+                    by_weights[model.weights] = load_pipeline(
+                        model.weights, device=self.device, local_files_only=self._local_files_only
+                    )
+                except Exception as exc:
+                    offline = (
+                        " (offline: only local folders and the hub cache are used)" if self._local_files_only else ""
+                    )
+                    raise RuntimeError(
+                        f"could not load weights {model.weights!r} for model {model.name!r}{offline}: {exc}"
+                    ) from exc
             self._pipes[model.name] = by_weights[model.weights]
 
     def loaded_models(self) -> list[str]:

@@ -1,0 +1,53 @@
+"""The real-weights path: TOML model config, local folders, hub ids under local_files_only."""
+
+import time
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from fluxserve.app import create_app
+from fluxserve.settings import Settings
+from tests.conftest import API_KEY, AUTH
+
+
+def _toml(tmp_path: Path, weights: dict[str, str]) -> Path:
+    cfg = tmp_path / "models.toml"
+    cfg.write_text("".join(f'[models.{name}]\nweights = "{w}"\n' for name, w in weights.items()))
+    return cfg
+
+
+def _wait_state(client: TestClient, timeout: float = 60) -> dict:  # type: ignore[type-arg]
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        body = client.get("/health").json()
+        if body["status"] != "loading":
+            return body  # type: ignore[no-any-return]
+        time.sleep(0.05)
+    raise AssertionError("still loading")
+
+
+def test_local_folder_from_model_config(tmp_path: Path, demo_model_dir: Path) -> None:
+    names = ["flux", "flux-schnell", "flux-dev", "flux-pro"]
+    cfg = _toml(tmp_path, dict.fromkeys(names, str(demo_model_dir)))
+    settings = Settings(data_dir=tmp_path / "d", api_key=API_KEY, model_config_file=cfg, offline=True, device="cpu")
+    with TestClient(create_app(settings)) as client:
+        assert _wait_state(client)["status"] == "ready"
+        models = client.get("/v1/models", headers=AUTH).json()["data"]
+        assert all(m["demo"] for m in models)  # a demo folder is labelled demo wherever it is configured
+        resp = client.post(
+            "/v1/images/generations", json={"model": "flux-dev", "prompt": "p", "size": "256x256", "steps": 2},
+            headers=AUTH,
+        )  # fmt: skip
+        assert resp.status_code == 200, resp.text
+
+
+def test_hub_id_offline_fails_clearly_and_jobs_do_not_hang(tmp_path: Path) -> None:
+    cfg = _toml(tmp_path, {"flux-schnell": "black-forest-labs/FLUX.1-schnell"})
+    settings = Settings(data_dir=tmp_path / "d", api_key=API_KEY, model_config_file=cfg, offline=True, device="cpu")
+    with TestClient(create_app(settings)) as client:
+        health = _wait_state(client)
+        assert health["status"] == "error" and "FLUX.1-schnell" in health["error"]
+        assert client.get("/health").status_code == 503
+        resp = client.post("/v1/images/generations", json={"model": "flux-schnell", "prompt": "p"}, headers=AUTH)
+        assert resp.status_code == 500
+        assert "failed to load" in resp.json()["error"]["message"]
