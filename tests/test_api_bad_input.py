@@ -108,6 +108,16 @@ def test_malformed_and_non_json_bodies(client: TestClient, path: str) -> None:
     _assert_error(
         client.post(path, content=b"prompt=a", headers={**AUTH, "Content-Type": "text/plain"}), 415, "Content-Type"
     )
+    lone = b'"prompt": "\\ud800 x"'
+    lone_surrogate = b"{%s}" % lone if path == GEN else b'{"model": "flux", "input": {%s}}' % lone
+    resp = client.post(path, content=lone_surrogate, headers=json_ct)
+    _assert_error(resp, 400, "prompt" if path == GEN else "input.prompt", "Unicode")
+    for const in (b"NaN", b"Infinity", b"-Infinity"):
+        body = b'{"prompt": "a", "guidance": %s, "model": "flux", "input": {"prompt": "a", "guidance": %s}}'
+        resp = client.post(path, content=body % (const, const), headers=json_ct)
+        _assert_error(resp, 400, "body", "not valid JSON", const.decode())
+    deep = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    _assert_error(client.post(path, content=deep, headers=json_ct), 400, "body")
     big = b'{"prompt": "' + b"x" * (2 * 1024 * 1024) + b'"}'
     _assert_error(client.post(path, content=big, headers=json_ct), 413, "body", "larger")
 

@@ -83,6 +83,10 @@ def _round16(x: float) -> int:
 def check_prompt(prompt: str, *, param: str = "prompt") -> str:
     if not prompt.strip():
         raise InvalidInput(f"{param} must not be empty.", param=param)
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInput(f"{param} is not valid Unicode text: {exc.reason}.", param=param) from exc
     if len(prompt) > MAX_PROMPT_CHARS:
         raise InvalidInput(
             f"{param} is {len(prompt)} characters; the maximum is {MAX_PROMPT_CHARS}.",

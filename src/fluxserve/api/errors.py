@@ -69,6 +69,10 @@ def from_validation_errors(errors: list[Any], prefix: str = "") -> InvalidInput:
     return InvalidInput(message, param=name(first), code=code)
 
 
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON value")
+
+
 async def read_json(request: Request, model: type[M], *, prefix: str = "") -> M:
     """Parse and validate a JSON body ourselves, so every failure names the field."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -82,8 +86,8 @@ async def read_json(request: Request, model: type[M], *, prefix: str = "") -> M:
         if len(body) > MAX_JSON_BODY:
             raise PayloadTooLarge(f"The request body is larger than {MAX_JSON_BODY} bytes.", param="body")
     try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise InvalidInput(f"The request body is not valid JSON: {exc}.", param="body", code="invalid_json") from exc
     if not isinstance(data, dict):
         raise InvalidInput("The request body must be a JSON object.", param="body", code="invalid_json")
