@@ -8,15 +8,14 @@ from collections.abc import Sequence
 
 from PIL import Image
 
-from fluxserve.engine.base import OnStep
-from fluxserve.spec import GenerationSpec
+from fluxserve.engine.base import EngineRequest, OnStep
 
 
 class FakeEngine:
     def __init__(self, step_s: float = 0.0, fail_with: Exception | None = None) -> None:
         self.step_s = step_s
         self.fail_with = fail_with
-        self.calls: list[list[GenerationSpec]] = []
+        self.calls: list[list[EngineRequest]] = []
         self.started = threading.Event()
 
     def load(self) -> None:
@@ -25,13 +24,20 @@ class FakeEngine:
     def loaded_models(self) -> list[str]:
         return ["fake"]
 
-    def generate(self, specs: Sequence[GenerationSpec], on_step: OnStep) -> list[list[Image.Image]]:
-        self.calls.append(list(specs))
+    def generate(self, requests: Sequence[EngineRequest], on_step: OnStep) -> list[list[Image.Image]]:
+        self.calls.append(list(requests))
         self.started.set()
-        first = specs[0]
+        first = requests[0].spec
         for step in range(first.steps):
             time.sleep(self.step_s)
             on_step(step + 1, first.steps)
         if self.fail_with is not None:
             raise self.fail_with
-        return [[Image.new("RGB", (s.width, s.height), (seed % 256, 0, 0)) for seed in s.image_seeds()] for s in specs]
+        return [
+            [Image.new("RGB", (r.spec.width, r.spec.height), (seed % 256, 0, 0)) for seed in r.spec.image_seeds()]
+            for r in requests
+        ]
+
+    @property
+    def last_spec(self):  # type: ignore[no-untyped-def]
+        return self.calls[-1][0].spec

@@ -62,7 +62,7 @@ def test_vmodel_flow_echoes_input_and_reports_seeds(client: TestClient, fake_eng
     assert [u.split("?")[0].rsplit("/", 1)[1] for u in body["output"]] == ["out-0.jpg", "out-1.jpg"]
     assert body["seeds"] == [1900004, 1900005]
     assert body["progress"] == {"step": 4, "total": 4}
-    spec = fake_engine.calls[-1][0]
+    spec = fake_engine.last_spec
     assert (spec.width, spec.height, spec.output_format, spec.quality) == (1344, 768, "jpeg", 80)
 
 
@@ -70,7 +70,7 @@ def test_megapixels_and_steps_reach_the_engine(client: TestClient, fake_engine: 
     inp = {"prompt": "p", "megapixels": "0.25", "aspect_ratio": "9:16", "num_inference_steps": 12, "guidance": 4.5}
     job_id = client.post("/vmodel/generate", json={"model": "flux-dev", "input": inp}, headers=AUTH).json()["id"]
     assert _wait_feed(client, job_id)["status"] == "succeeded"
-    spec = fake_engine.calls[-1][0]
+    spec = fake_engine.last_spec
     assert (spec.width, spec.height, spec.steps, spec.guidance) == (384, 672, 12, 4.5)
 
 
@@ -140,7 +140,15 @@ def test_health_needs_no_key_and_reports_models(client: TestClient) -> None:
 def test_models_list_in_openai_shape(client: TestClient) -> None:
     body = client.get("/v1/models", headers=AUTH).json()
     assert body["object"] == "list"
-    assert [m["id"] for m in body["data"]] == ["flux", "flux-schnell", "flux-dev", "flux-pro"]
+    assert [m["id"] for m in body["data"]] == [
+        "flux",
+        "flux-schnell",
+        "flux-dev",
+        "flux-pro",
+        "flux-kontext-pro",
+        "flux-kontext-max",
+        "flux-fill",
+    ]
     assert all(m["object"] == "model" and not m["demo"] for m in body["data"])
 
 

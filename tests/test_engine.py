@@ -1,12 +1,15 @@
 """The real diffusers FLUX pipeline, on the demo model, on CPU."""
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fluxserve.engine.base import Cancelled
-from fluxserve.engine.demo import is_demo_model
+from PIL import Image
+
+from fluxserve.engine.base import Cancelled, EngineRequest
+from fluxserve.engine.demo import demo_weights, is_demo_model
 from fluxserve.engine.flux import DiffusersEngine
 from fluxserve.models import ModelRegistry
 
@@ -18,28 +21,46 @@ def engine(demo_model_dir: Path) -> DiffusersEngine:
     return eng
 
 
-def _spec(model: str = "flux-schnell", **kw: object):  # type: ignore[no-untyped-def]
-    args = {"prompt": "a white siamese cat", "width": 256, "height": 256, "seed": 42, "steps": 2}
+def _req(model: str = "flux-schnell", images: list[Image.Image] | None = None, mask: Image.Image | None = None,
+         **kw: object) -> EngineRequest:  # fmt: skip
+    args: dict[str, object] = {"prompt": "a white siamese cat", "width": 256, "height": 256, "seed": 42, "steps": 2}
     args.update(kw)
-    return ModelRegistry.default().get(model).make_spec(**args)  # type: ignore[arg-type]
+    images = images or []
+    keys = tuple(f"in/{i}.png" for i in range(len(images)))
+    spec = (
+        ModelRegistry.default()
+        .get(model)
+        .make_spec(
+            images=keys,
+            mask="in/mask.png" if mask is not None else None,
+            **args,  # type: ignore[arg-type]
+        )
+    )
+    return EngineRequest(spec, images=images, mask=mask)
 
 
 def test_demo_model_is_a_diffusers_folder(demo_model_dir: Path) -> None:
     assert is_demo_model(demo_model_dir)
-    assert (demo_model_dir / "model_index.json").is_file()
-    assert (demo_model_dir / "transformer" / "config.json").is_file()
+    for kind, cls in [("text2img", "FluxPipeline"), ("kontext", "FluxKontextPipeline"), ("fill", "FluxFillPipeline")]:
+        folder = demo_weights(demo_model_dir, kind)
+        assert is_demo_model(folder)
+        assert json.loads((folder / "model_index.json").read_text())["_class_name"] == cls
+    fill = json.loads((demo_weights(demo_model_dir, "fill") / "transformer" / "config.json").read_text())
+    assert fill["in_channels"] == 384 and fill["out_channels"] == 64
 
 
 def test_shared_weights_load_once(engine: DiffusersEngine) -> None:
-    assert set(engine.loaded_models()) == {"flux", "flux-schnell", "flux-dev", "flux-pro"}
+    assert set(engine.loaded_models()) == set(ModelRegistry.default().names)
     assert engine._pipes["flux"] is engine._pipes["flux-pro"]
+    assert engine._pipes["flux-kontext-pro"] is engine._pipes["flux-kontext-max"]
+    assert engine._pipes["flux-kontext-pro"] is not engine._pipes["flux"]
 
 
 def test_same_seed_same_pixels_different_seed_differs(engine: DiffusersEngine) -> None:
     steps: list[tuple[int, int]] = []
-    [[a]] = engine.generate([_spec()], lambda d, t: steps.append((d, t)))
-    [[b]] = engine.generate([_spec()], lambda d, t: None)
-    [[c]] = engine.generate([_spec(seed=43)], lambda d, t: None)
+    [[a]] = engine.generate([_req()], lambda d, t: steps.append((d, t)))
+    [[b]] = engine.generate([_req()], lambda d, t: None)
+    [[c]] = engine.generate([_req(seed=43)], lambda d, t: None)
     assert steps == [(1, 2), (2, 2)]
     assert a.size == (256, 256)
     assert np.array_equal(np.asarray(a), np.asarray(b))
@@ -47,17 +68,17 @@ def test_same_seed_same_pixels_different_seed_differs(engine: DiffusersEngine) -
 
 
 def test_n_outputs_each_with_its_own_seed(engine: DiffusersEngine) -> None:
-    [images] = engine.generate([_spec(num_images=3, width=512, height=256, seed=10)], lambda d, t: None)
+    [images] = engine.generate([_req(num_images=3, width=512, height=256, seed=10)], lambda d, t: None)
     assert [im.size for im in images] == [(512, 256)] * 3
     arrays = [np.asarray(im).astype(int) for im in images]
     assert not np.array_equal(arrays[0], arrays[1])
     # Image i of a request with seed s looks like a lone request with seed s + i.
-    [[second]] = engine.generate([_spec(width=512, height=256, seed=11)], lambda d, t: None)
+    [[second]] = engine.generate([_req(width=512, height=256, seed=11)], lambda d, t: None)
     assert np.abs(arrays[1] - np.asarray(second).astype(int)).max() <= 2
 
 
 def test_guidance_model_runs(engine: DiffusersEngine) -> None:
-    [[img]] = engine.generate([_spec("flux-dev", steps=3, guidance=5.0)], lambda d, t: None)
+    [[img]] = engine.generate([_req("flux-dev", steps=3, guidance=5.0)], lambda d, t: None)
     assert img.size == (256, 256)
 
 
@@ -70,13 +91,52 @@ def test_cancel_between_steps(engine: DiffusersEngine) -> None:
             raise Cancelled
 
     with pytest.raises(Cancelled):
-        engine.generate([_spec("flux-dev", steps=10)], on_step)
+        engine.generate([_req("flux-dev", steps=10)], on_step)
     assert seen == [1, 2]
     # The pipeline is usable again right after a cancel.
-    [[img]] = engine.generate([_spec()], lambda d, t: None)
+    [[img]] = engine.generate([_req()], lambda d, t: None)
     assert img.size == (256, 256)
 
 
 def test_mixed_batch_is_refused(engine: DiffusersEngine) -> None:
     with pytest.raises(ValueError, match="batch_key"):
-        engine.generate([_spec(), _spec(width=512)], lambda d, t: None)
+        engine.generate([_req(), _req(width=512)], lambda d, t: None)
+
+
+def _picture(seed: int, size: tuple[int, int] = (320, 256)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def _arr(img: Image.Image) -> np.ndarray:  # type: ignore[type-arg]
+    return np.asarray(img).astype(int)
+
+
+def test_img2img_uses_the_input_image(engine: DiffusersEngine) -> None:
+    [[a]] = engine.generate([_req("flux-dev", images=[_picture(1)], steps=4, strength=0.5)], lambda d, t: None)
+    [[b]] = engine.generate([_req("flux-dev", images=[_picture(2)], steps=4, strength=0.5)], lambda d, t: None)
+    assert a.size == (256, 256)
+    assert not np.array_equal(_arr(a), _arr(b))
+
+
+def test_kontext_every_reference_reaches_the_model(engine: DiffusersEngine) -> None:
+    def run(refs: list[Image.Image]) -> np.ndarray:  # type: ignore[type-arg]
+        [[img]] = engine.generate([_req("flux-kontext-pro", images=refs, steps=2)], lambda d, t: None)
+        assert img.size == (256, 256)
+        return _arr(img)
+
+    base = run([_picture(1), _picture(2)])
+    assert np.array_equal(base, run([_picture(1), _picture(2)]))
+    assert not np.array_equal(base, run([_picture(1), _picture(3)]))  # only the second image changed
+    # Text-only Kontext works too.
+    [[plain]] = engine.generate([_req("flux-kontext-max", steps=2)], lambda d, t: None)
+    assert plain.size == (256, 256)
+
+
+def test_fill_repaints_with_a_mask(engine: DiffusersEngine) -> None:
+    mask = Image.new("L", (256, 256), 0)
+    mask.paste(255, (64, 64, 192, 192))
+    [[img]] = engine.generate(
+        [_req("flux-fill", images=[_picture(1, (256, 256))], mask=mask, steps=2)], lambda d, t: None
+    )
+    assert img.size == (256, 256)

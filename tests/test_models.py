@@ -8,7 +8,15 @@ from fluxserve.models import ModelRegistry
 
 def test_default_names_and_limits() -> None:
     reg = ModelRegistry.default()
-    assert reg.names == ["flux", "flux-schnell", "flux-dev", "flux-pro"]
+    assert reg.names == [
+        "flux",
+        "flux-schnell",
+        "flux-dev",
+        "flux-pro",
+        "flux-kontext-pro",
+        "flux-kontext-max",
+        "flux-fill",
+    ]
     schnell = reg.get("flux-schnell")
     assert (schnell.default_steps, schnell.max_steps, schnell.default_guidance) == (4, 4, None)
     dev, pro = reg.get("flux-dev"), reg.get("flux-pro")

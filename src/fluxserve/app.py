@@ -12,7 +12,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 from . import __version__
-from .api import files, openai, vmodel
+from .api import edits, files, openai, vmodel
 from .api.deps import Services
 from .api.errors import install_error_handlers
 from .auth import Authenticator
@@ -89,6 +89,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.include_router(openai.router)
+    app.include_router(edits.router)
     app.include_router(vmodel.router)
     app.include_router(files.router)
 

@@ -6,7 +6,9 @@ import logging
 import threading
 from typing import Literal, Protocol
 
-from .engine.base import Cancelled, Engine
+from PIL import Image
+
+from .engine.base import Cancelled, Engine, EngineRequest
 from .errors import FluxServeError
 from .jobs import Job, JobService, Output, Status
 from .models import ModelRegistry
@@ -85,6 +87,11 @@ class LocalDispatcher:
         if self.service is not None:
             self.service.notify(job_id)
 
+    def _load_input(self, key: str) -> Image.Image:
+        with Image.open(self._storage.open(key)) as img:
+            img.load()
+            return img
+
     def _run_job(self, job: Job) -> None:
         self._notify(job.id)
         if self.state == "error":
@@ -104,7 +111,12 @@ class LocalDispatcher:
         try:
             if self._store.is_cancel_requested(job.id):
                 raise Cancelled
-            [images] = self._engine.generate([spec], on_step)
+            request = EngineRequest(
+                spec,
+                images=[self._load_input(key) for key in spec.images],
+                mask=self._load_input(spec.mask) if spec.mask else None,
+            )
+            [images] = self._engine.generate([request], on_step)
             outputs = []
             for i, (image, seed) in enumerate(zip(images, spec.image_seeds(), strict=True)):
                 key = f"{job.id}/out-{i}.{EXTENSIONS[spec.output_format]}"

@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import InvalidInput
-from .spec import MAX_SEED, GenerationSpec, OutputFormat, check_prompt, check_size
+from .spec import MAX_SEED, GenerationSpec, OutputFormat, Task, check_prompt, check_size
 
-PipelineKind = Literal["text2img"]
+PipelineKind = Literal["text2img", "kontext", "fill"]
+DEFAULT_STRENGTH = 0.8  # Replicate flux-dev's prompt_strength default
 
 
 @dataclass(frozen=True)
@@ -42,12 +43,23 @@ class ModelSpec:
         seed: int | None = None,
         output_format: OutputFormat = "png",
         quality: int = 100,
+        images: tuple[str, ...] = (),
+        mask: str | None = None,
+        strength: float | None = None,
         params: dict[str, str] | None = None,
+        allow_empty_prompt: bool = False,
     ) -> GenerationSpec:
         """Validate a request against this model's limits. ``params`` maps our names to the dialect's."""
-        names = {"prompt": "prompt", "size": "size", "steps": "steps", "guidance": "guidance", "seed": "seed"}
+        names = {"prompt": "prompt", "size": "size", "steps": "steps", "guidance": "guidance", "seed": "seed",
+                 "image": "image", "mask": "mask", "strength": "strength"}  # fmt: skip
         names.update(params or {})
-        check_prompt(prompt, param=names["prompt"])
+        if not (allow_empty_prompt and prompt == ""):
+            check_prompt(prompt, param=names["prompt"])
+        task = self._task(images, mask, names)
+        if strength is not None and not 0 <= strength <= 1:
+            raise InvalidInput(f"{names['strength']} must be between 0 and 1; got {strength}.", param=names["strength"])
+        if task == "img2img" and strength is None:
+            strength = DEFAULT_STRENGTH
         check_size(width, height, param=names["size"])
         steps = self.default_steps if steps is None else steps
         if not 1 <= steps <= self.max_steps:
@@ -74,11 +86,30 @@ class ModelSpec:
             seed=secrets.randbelow(MAX_SEED + 1) if seed is None else seed,
             output_format=output_format,
             quality=quality,
+            task=task,
+            images=images,
+            mask=mask,
+            strength=strength if task == "img2img" else None,
         )
+
+    def _task(self, images: tuple[str, ...], mask: str | None, names: dict[str, str]) -> Task:
+        if self.kind == "fill":
+            if len(images) != 1 or mask is None:
+                raise InvalidInput(f"{self.name} needs one image and a mask.", param=names["mask"])
+            return "fill"
+        if mask is not None:
+            raise InvalidInput(f"A mask needs the model flux-fill; {self.name} does not take one.", param=names["mask"])
+        if self.kind == "kontext":
+            return "kontext"
+        if len(images) > 1:
+            raise InvalidInput(f"{self.name} takes one input image; got {len(images)}.", param=names["image"])
+        return "img2img" if images else "text2img"
 
 
 _SCHNELL = "black-forest-labs/FLUX.1-schnell"
 _DEV = "black-forest-labs/FLUX.1-dev"
+_KONTEXT = "black-forest-labs/FLUX.1-Kontext-dev"
+_FILL = "black-forest-labs/FLUX.1-Fill-dev"
 
 DEFAULT_MODELS: tuple[ModelSpec, ...] = (
     ModelSpec("flux", _SCHNELL, default_steps=4, max_steps=4, default_guidance=None, max_sequence_length=256),
@@ -86,9 +117,14 @@ DEFAULT_MODELS: tuple[ModelSpec, ...] = (
     ModelSpec("flux-dev", _DEV, default_steps=28, max_steps=50, default_guidance=3.5),
     # No open pro weights exist: flux-pro is FLUX.1-dev with more steps.
     ModelSpec("flux-pro", _DEV, default_steps=40, max_steps=50, default_guidance=3.5),
+    # Kontext max is the same open weights as pro, run for more steps.
+    ModelSpec("flux-kontext-pro", _KONTEXT, kind="kontext", default_steps=28, default_guidance=2.5),
+    ModelSpec("flux-kontext-max", _KONTEXT, kind="kontext", default_steps=40, default_guidance=2.5),
+    ModelSpec("flux-fill", _FILL, kind="fill", default_steps=28, default_guidance=30.0),
 )
 
-_OVERRIDABLE = {"weights", "default_steps", "max_steps", "default_guidance", "max_sequence_length", "description"}
+_OVERRIDABLE = {"weights", "kind", "default_steps", "max_steps", "default_guidance", "max_sequence_length",
+                "description", "enabled"}  # fmt: skip
 
 
 class ModelRegistry:
@@ -127,7 +163,9 @@ class ModelRegistry:
 
     @classmethod
     def demo(cls, demo_path: Path) -> ModelRegistry:
-        return cls([replace(m, weights=str(demo_path), demo=True) for m in DEFAULT_MODELS])
+        from .engine.demo import demo_weights
+
+        return cls([replace(m, weights=str(demo_weights(demo_path, m.kind)), demo=True) for m in DEFAULT_MODELS])
 
     @classmethod
     def from_toml(cls, path: Path) -> ModelRegistry:
@@ -146,7 +184,9 @@ class ModelRegistry:
                 fields["default_steps"] = fields.pop("steps")
             if "guidance" in fields:
                 fields["default_guidance"] = fields.pop("guidance")
-            if name in models:
+            if not fields.pop("enabled", True):
+                models.pop(name, None)
+            elif name in models:
                 models[name] = replace(models[name], **fields)
             elif "weights" in fields:
                 models[name] = ModelSpec(name=name, **fields)

@@ -9,6 +9,8 @@ from typing import Any, Literal
 from .errors import InvalidInput
 
 OutputFormat = Literal["png", "jpeg", "webp"]
+# text2img: prompt only; img2img: one init image + strength; kontext: reference images; fill: image + mask.
+Task = Literal["text2img", "img2img", "kontext", "fill"]
 
 MIN_SIDE = 256
 MAX_SIDE = 2048
@@ -110,6 +112,10 @@ class GenerationSpec:
     seed: int
     output_format: OutputFormat = "png"
     quality: int = 100
+    task: Task = "text2img"
+    images: tuple[str, ...] = ()  # storage keys of the input images, in order
+    mask: str | None = None  # storage key of the repaint mask (white = repaint)
+    strength: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def image_seeds(self) -> list[int]:
@@ -117,11 +123,13 @@ class GenerationSpec:
 
     def batch_key(self) -> tuple[Any, ...]:
         """Specs with the same key can share one pipeline call."""
-        return (self.model, self.width, self.height, self.steps, self.guidance)
+        return (self.model, self.task, self.width, self.height, self.steps, self.guidance, self.images, self.mask,
+                self.strength)  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationSpec:
+        data = {**data, "images": tuple(data.get("images", ()))}
         return cls(**data)

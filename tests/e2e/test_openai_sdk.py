@@ -64,5 +64,13 @@ def test_sdk_errors(client: openai.OpenAI, server: RemoteServer) -> None:
 
 def test_models_list(client: openai.OpenAI) -> None:
     names = [m.id for m in client.models.list()]
-    assert names == ["flux", "flux-schnell", "flux-dev", "flux-pro"]
+    assert names == [
+        "flux",
+        "flux-schnell",
+        "flux-dev",
+        "flux-pro",
+        "flux-kontext-pro",
+        "flux-kontext-max",
+        "flux-fill",
+    ]
     assert all(m.owned_by == "fluxserve-demo" for m in client.models.list())

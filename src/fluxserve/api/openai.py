@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import GenerationFailed
 from ..jobs import Job, Status
-from ..spec import parse_size
+from ..spec import GenerationSpec, parse_size
 from .deps import OwnerDep, Services, ServicesDep
 from .errors import read_json
 
@@ -60,17 +60,30 @@ async def create_image(request: Request, services: ServicesDep, owner: OwnerDep)
         output_format=fmt,
         quality=max(1, body.output_compression if body.output_compression is not None else 100),
     )
-    job = services.jobs.submit(owner, "openai", spec, body.model_dump(exclude_none=True))
+    echo = body.model_dump(exclude_none=True)
+    return await run_and_render(services, owner, spec, echo, body.response_format, body.quality)
+
+
+async def run_and_render(
+    services: Services,
+    owner: str,
+    spec: GenerationSpec,
+    echo: dict[str, Any],
+    response_format: str | None,
+    quality: str | None,
+) -> dict[str, Any]:
+    """The synchronous OpenAI call: a job like any other, waited on, rendered as an images response."""
+    job = services.jobs.submit(owner, "openai", spec, echo)
     job = await services.jobs.wait(job.id, owner)
     if job.status is not Status.SUCCEEDED:
         raise GenerationFailed(job.error or f"The image generation ended as {job.status.value}.")
     return {
         "created": int(job.created_at),
-        "data": _image_data(services, job, body.response_format or "url"),
+        "data": _image_data(services, job, response_format or "url"),
         "background": "opaque",
-        "output_format": fmt,
-        "quality": body.quality or "auto",
-        "size": f"{width}x{height}",
+        "output_format": spec.output_format,
+        "quality": quality or "auto",
+        "size": f"{spec.width}x{spec.height}",
     }
 
 

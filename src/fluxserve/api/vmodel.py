@@ -7,10 +7,13 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..errors import InvalidInput
+from ..images import fit_megapixel
 from ..jobs import Job, Status
 from ..spec import aspect_ratio_size
 from .deps import OwnerDep, ServicesDep
 from .errors import read_json
+from .inputs import Inputs, image_from_value
 
 router = APIRouter(prefix="/vmodel")
 
@@ -29,6 +32,10 @@ class VmodelInput(BaseModel):
     num_inference_steps: int | None = None
     guidance: float | None = Field(default=None, ge=0, le=10)
     megapixels: Literal["1", "0.25"] = "1"
+    # Image inputs: `image` (flux-dev img2img, with prompt_strength) or `input_image` (Kontext); URL or data: URL.
+    image: str | None = None
+    input_image: str | None = None
+    prompt_strength: float | None = Field(default=None, ge=0, le=1)
     # Replicate's flux-schnell fields, accepted so its clients work unchanged.
     go_fast: bool | None = None
     disable_safety_checker: bool | None = None
@@ -46,7 +53,21 @@ async def generate(request: Request, services: ServicesDep, owner: OwnerDep) -> 
     body = await read_json(request, VmodelRequest)
     model = services.registry.get(body.model)
     inp = body.input
-    width, height = aspect_ratio_size(inp.aspect_ratio, inp.megapixels, param="input.aspect_ratio")
+    if inp.image is not None and inp.input_image is not None:
+        raise InvalidInput("Send one of input.image and input.input_image, not both.", param="input.image")
+    param = "input.image" if inp.image is not None else "input.input_image"
+    value = inp.image if inp.image is not None else inp.input_image
+    inputs = Inputs([await image_from_value(value, services, param=param)] if value is not None else [])
+    match_input = inp.aspect_ratio == "match_input_image" or (
+        inputs.images and (model.kind != "kontext" or "aspect_ratio" not in inp.model_fields_set)
+    )
+    if match_input:
+        if not inputs.images:
+            raise InvalidInput("aspect_ratio 'match_input_image' needs input.input_image.", param="input.aspect_ratio")
+        target = 1024 * 1024 if inp.megapixels == "1" else 512 * 512
+        width, height = fit_megapixel(*inputs.images[0].size, target=target)
+    else:
+        width, height = aspect_ratio_size(inp.aspect_ratio, inp.megapixels, param="input.aspect_ratio")
     spec = model.make_spec(
         prompt=inp.prompt,
         width=width,
@@ -57,13 +78,18 @@ async def generate(request: Request, services: ServicesDep, owner: OwnerDep) -> 
         seed=inp.seed,
         output_format=_FORMATS[inp.output_format],  # type: ignore[arg-type]
         quality=inp.output_quality,
+        images=inputs.keys,
+        strength=inp.prompt_strength,
         params={
+            "image": param,
+            "strength": "input.prompt_strength",
             "prompt": "input.prompt",
             "steps": "input.num_inference_steps",
             "guidance": "input.guidance",
             "seed": "input.seed",
         },
     )
+    inputs.save(services.storage)
     echo = {"model": body.model, "input": inp.model_dump(exclude_unset=True)}
     job = services.jobs.submit(owner, "vmodel", spec, echo)
     return {"id": job.id}

@@ -1,8 +1,9 @@
-"""The engine boundary: specs in, images out. It knows nothing of HTTP, jobs or storage."""
+"""The engine boundary: specs (and decoded input images) in, images out. No HTTP, jobs or storage here."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from PIL.Image import Image
@@ -17,12 +18,19 @@ class Cancelled(Exception):
     """Raised through the pipeline's step callback to stop a generation."""
 
 
+@dataclass
+class EngineRequest:
+    spec: GenerationSpec
+    images: list[Image] = field(default_factory=list)  # decoded spec.images, same order
+    mask: Image | None = None  # "L" mode, white = repaint
+
+
 class Engine(Protocol):
     def load(self) -> None:
         """Load every model's weights; called once by the worker before it takes jobs."""
 
     def loaded_models(self) -> list[str]: ...
 
-    def generate(self, specs: Sequence[GenerationSpec], on_step: OnStep) -> list[list[Image]]:
-        """One pipeline call for specs sharing ``batch_key()``; returns each spec's images in order."""
+    def generate(self, requests: Sequence[EngineRequest], on_step: OnStep) -> list[list[Image]]:
+        """One pipeline call for requests sharing ``spec.batch_key()``; returns each one's images in order."""
         ...

@@ -14,7 +14,9 @@ import tempfile
 from pathlib import Path
 
 DEMO_MARKER = "fluxserve-demo.json"
-DEMO_VERSION = 1
+DEMO_VERSION = 2
+# One diffusers folder per pipeline kind; text2img's also serves img2img via from_pipe.
+DEMO_FOLDERS = {"text2img": "flux", "kontext": "kontext", "fill": "fill"}
 
 # Byte-level alphabet as in GPT-2/CLIP: every unicode prompt tokenizes without <unk>.
 _PRINTABLE = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
@@ -34,12 +36,27 @@ def is_demo_model(path: Path) -> bool:
     return (path / DEMO_MARKER).is_file()
 
 
+def demo_weights(root: Path, kind: str) -> Path:
+    return root / DEMO_FOLDERS[kind]
+
+
 def build_demo_model(path: Path) -> Path:
     """Write the demo model to ``path`` (atomically; a finished folder is reused)."""
     import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxFillPipeline,
+        FluxKontextPipeline,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
+    from diffusers.utils import logging as diffusers_logging
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+    from transformers.utils import logging as transformers_logging
 
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     path = Path(path)
     marker = path / DEMO_MARKER
     if marker.is_file() and json.loads(marker.read_text()).get("version") == DEMO_VERSION:
@@ -80,18 +97,22 @@ def build_demo_model(path: Path) -> Path:
             decoder_start_token_id=0,
         )
     )
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=64,  # 16 latent channels packed 2x2, as in FLUX.1
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=hidden,
-        pooled_projection_dim=hidden,
-        guidance_embeds=True,
-        axes_dims_rope=(4, 4, 8),
-    )
+
+    def transformer(in_channels: int) -> FluxTransformer2DModel:
+        return FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=in_channels,
+            out_channels=64,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=hidden,
+            pooled_projection_dim=hidden,
+            guidance_embeds=True,
+            axes_dims_rope=(4, 4, 8),
+        )
+
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -107,20 +128,32 @@ def build_demo_model(path: Path) -> Path:
         shift_factor=0.1159,
         scaling_factor=0.3611,
     )
-    pipe = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15),
-        vae=vae,
-        text_encoder=clip,
-        tokenizer=clip_tokenizer,
-        text_encoder_2=t5,
-        tokenizer_2=t5_tokenizer,
-        transformer=transformer,
-    )
+    shared = {
+        "vae": vae,
+        "text_encoder": clip,
+        "tokenizer": clip_tokenizer,
+        "text_encoder_2": t5,
+        "tokenizer_2": t5_tokenizer,
+    }
+
+    def scheduler() -> FlowMatchEulerDiscreteScheduler:
+        return FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+
+    base = transformer(in_channels=64)  # 16 latent channels packed 2x2, as in FLUX.1
+    pipes = {
+        "text2img": FluxPipeline(scheduler=scheduler(), transformer=base, **shared),
+        "kontext": FluxKontextPipeline(scheduler=scheduler(), transformer=base, **shared),
+        # FLUX.1-Fill's transformer also takes the masked image (64) and the 8x8-packed mask (256).
+        "fill": FluxFillPipeline(scheduler=scheduler(), transformer=transformer(in_channels=384), **shared),
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=path.parent))
     try:
-        pipe.save_pretrained(tmp)
-        (tmp / DEMO_MARKER).write_text(json.dumps({"version": DEMO_VERSION, "label": "fluxserve demo model"}))
+        marker_text = json.dumps({"version": DEMO_VERSION, "label": "fluxserve demo model"})
+        for kind, pipe in pipes.items():
+            pipe.save_pretrained(tmp / DEMO_FOLDERS[kind])
+            (tmp / DEMO_FOLDERS[kind] / DEMO_MARKER).write_text(marker_text)
+        (tmp / DEMO_MARKER).write_text(marker_text)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

@@ -9,11 +9,13 @@ from typing import Any
 from PIL.Image import Image
 
 from ..errors import GenerationFailed
-from ..models import ModelRegistry, ModelSpec
-from ..spec import GenerationSpec
-from .base import Cancelled, OnStep
+from ..images import compose_references
+from ..models import ModelRegistry
+from .base import Cancelled, EngineRequest, OnStep
 
 log = logging.getLogger(__name__)
+
+_PIPELINE_CLASSES = {"text2img": "FluxPipeline", "kontext": "FluxKontextPipeline", "fill": "FluxFillPipeline"}
 
 
 def pick_device(requested: str) -> str:
@@ -28,16 +30,17 @@ def pick_device(requested: str) -> str:
     return "cpu"
 
 
-def load_pipeline(weights: str, *, device: str, local_files_only: bool) -> Any:
+def load_pipeline(weights: str, kind: str, *, device: str, local_files_only: bool) -> Any:
     """The one loading path for real weights and the demo model alike."""
+    import diffusers
     import torch
-    from diffusers import FluxPipeline
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()
     # bf16 is FLUX's native precision on accelerators; CPUs are slow and inexact in bf16.
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    pipe = FluxPipeline.from_pretrained(weights, dtype=dtype, local_files_only=local_files_only)
+    cls = getattr(diffusers, _PIPELINE_CLASSES[kind])
+    pipe = cls.from_pretrained(weights, dtype=dtype, local_files_only=local_files_only)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -49,6 +52,7 @@ class DiffusersEngine:
         self._device_request = device
         self._local_files_only = local_files_only
         self._pipes: dict[str, Any] = {}
+        self._img2img: dict[str, Any] = {}
         self.device = "unloaded"
         # Work that must happen before weights load, off the request path (building the demo model).
         self.before_load: Callable[[], object] | None = None
@@ -57,14 +61,15 @@ class DiffusersEngine:
         if self.before_load is not None:
             self.before_load()
         self.device = pick_device(self._device_request)
-        by_weights: dict[str, Any] = {}
+        loaded: dict[tuple[str, str], Any] = {}
         for model in self._registry:
-            # Names that share weights (flux-dev / flux-pro) share one loaded pipeline.
-            if model.weights not in by_weights:
-                log.info("loading %s for %s on %s", model.weights, model.name, self.device)
+            # Names that share weights (flux-dev / flux-pro, kontext pro / max) share one loaded pipeline.
+            key = (model.weights, model.kind)
+            if key not in loaded:
+                log.info("loading %s (%s) for %s on %s", model.weights, model.kind, model.name, self.device)
                 try:
-                    by_weights[model.weights] = load_pipeline(
-                        model.weights, device=self.device, local_files_only=self._local_files_only
+                    loaded[key] = load_pipeline(
+                        model.weights, model.kind, device=self.device, local_files_only=self._local_files_only
                     )
                 except Exception as exc:
                     offline = (
@@ -73,22 +78,34 @@ class DiffusersEngine:
                     raise RuntimeError(
                         f"could not load weights {model.weights!r} for model {model.name!r}{offline}: {exc}"
                     ) from exc
-            self._pipes[model.name] = by_weights[model.weights]
+            self._pipes[model.name] = loaded[key]
 
     def loaded_models(self) -> list[str]:
         return list(self._pipes)
 
-    def generate(self, specs: Sequence[GenerationSpec], on_step: OnStep) -> list[list[Image]]:
+    def _pipeline(self, model_name: str, task: str) -> Any:
+        pipe = self._pipes[model_name]
+        if task != "img2img":
+            return pipe
+        if model_name not in self._img2img:
+            from diffusers import FluxImg2ImgPipeline
+
+            # Same modules, no second copy of the weights.
+            self._img2img[model_name] = FluxImg2ImgPipeline.from_pipe(pipe)
+            self._img2img[model_name].set_progress_bar_config(disable=True)
+        return self._img2img[model_name]
+
+    def generate(self, requests: Sequence[EngineRequest], on_step: OnStep) -> list[list[Image]]:
         import torch
 
-        if not specs or len({s.batch_key() for s in specs}) != 1:
-            raise ValueError("generate() takes a non-empty batch of specs with the same batch_key()")
-        first = specs[0]
-        model: ModelSpec = self._registry.get(first.model)
-        pipe = self._pipes[first.model]
-        prompts = [s.prompt for s in specs for _ in range(s.num_images)]
+        if not requests or len({r.spec.batch_key() for r in requests}) != 1:
+            raise ValueError("generate() takes a non-empty batch of requests with the same spec.batch_key()")
+        first = requests[0].spec
+        model = self._registry.get(first.model)
+        pipe = self._pipeline(first.model, first.task)
+        prompts = [r.spec.prompt for r in requests for _ in range(r.spec.num_images)]
         # CPU generators make a seed mean the same noise on every device.
-        generators = [torch.Generator("cpu").manual_seed(seed) for s in specs for seed in s.image_seeds()]
+        generators = [torch.Generator("cpu").manual_seed(s) for r in requests for s in r.spec.image_seeds()]
 
         def callback(pipeline: Any, step: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             try:
@@ -101,6 +118,15 @@ class DiffusersEngine:
         kwargs: dict[str, Any] = {}
         if first.guidance is not None:
             kwargs["guidance_scale"] = first.guidance
+        inputs = requests[0]
+        if first.task == "img2img":
+            kwargs.update(image=inputs.images[0], strength=first.strength)
+        elif first.task == "kontext":
+            if inputs.images:
+                kwargs["image"] = compose_references(inputs.images)
+            kwargs["max_area"] = first.width * first.height  # keeps the requested size exactly
+        elif first.task == "fill":
+            kwargs.update(image=inputs.images[0], mask_image=inputs.mask)
         try:
             with torch.inference_mode():
                 result = pipe(
@@ -121,7 +147,7 @@ class DiffusersEngine:
             ) from exc
         images: list[Image] = list(result.images)
         out: list[list[Image]] = []
-        for s in specs:
-            out.append(images[: s.num_images])
-            images = images[s.num_images :]
+        for r in requests:
+            out.append(images[: r.spec.num_images])
+            images = images[r.spec.num_images :]
         return out

@@ -1,0 +1,140 @@
+"""OpenAI /v1/images/edits and /v1/images/variations (multipart), over the same job core."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import FormData
+
+from ..errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from ..images import MAX_IMAGE_BYTES, MAX_MASK_BYTES, decode_image, fit_megapixel, mask_from_alpha
+from ..spec import parse_size
+from .deps import OwnerDep, ServicesDep
+from .errors import from_validation_errors
+from .inputs import Inputs, read_upload
+from .openai import run_and_render
+
+router = APIRouter(prefix="/v1")
+
+MAX_IMAGES = 16
+# img2img strength for variations: keeps composition and palette, redraws detail.
+VARIATION_STRENGTH = 0.7
+_MAX_BODY = (MAX_IMAGES + 1) * MAX_IMAGE_BYTES + 1024 * 1024
+
+
+class EditForm(BaseModel):
+    # Multipart fields arrive as strings: lax parsing turns "2" into 2. Unknown fields are ignored.
+    model_config = ConfigDict(extra="allow")
+
+    prompt: str = ""
+    model: str | None = None
+    n: int = Field(default=1, ge=1, le=10)
+    size: str | None = None
+    response_format: Literal["url", "b64_json"] | None = None
+    output_format: Literal["png", "jpeg", "webp"] | None = None
+    output_compression: int | None = Field(default=None, ge=0, le=100)
+    quality: Literal["auto", "low", "medium", "high", "standard", "hd"] | None = None
+    seed: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    strength: float | None = None
+
+
+async def _read_form(request: Request) -> tuple[FormData, EditForm]:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "multipart/form-data":
+        raise UnsupportedMediaType(
+            f"Content-Type must be multipart/form-data; got {ctype or 'none'!r}.", param="Content-Type"
+        )
+    if int(request.headers.get("content-length") or 0) > _MAX_BODY:
+        raise PayloadTooLarge(f"The request body is larger than {_MAX_BODY} bytes.", param="body")
+    form = await request.form(max_files=MAX_IMAGES + 8, max_fields=200)
+    fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+    try:
+        return form, EditForm.model_validate(fields)
+    except ValidationError as exc:
+        raise from_validation_errors(list(exc.errors())) from exc
+
+
+def _size(body: EditForm, first: tuple[int, int]) -> tuple[int, int]:
+    return parse_size(body.size) if body.size and body.size != "auto" else fit_megapixel(*first)
+
+
+@router.post("/images/edits")
+async def edit_image(request: Request, services: ServicesDep, owner: OwnerDep) -> dict[str, Any]:
+    form, body = await _read_form(request)
+    uploads = form.getlist("image") + form.getlist("image[]")
+    if not uploads:
+        raise InvalidInput(
+            "Missing required parameter 'image' (one or more files, as image or image[]).", param="image"
+        )
+    if len(uploads) > MAX_IMAGES:
+        raise InvalidInput(f"At most {MAX_IMAGES} images; got {len(uploads)}.", param="image", code="too_many_images")
+    images = [decode_image(await read_upload(u, param="image"), param="image") for u in uploads]
+    mask = None
+    if form.get("mask") is not None:
+        mask_rgba = decode_image(
+            await read_upload(form.get("mask"), param="mask", max_bytes=MAX_MASK_BYTES),
+            param="mask",
+            max_bytes=MAX_MASK_BYTES,
+            keep_alpha=True,
+        )
+        mask = mask_from_alpha(mask_rgba, images[0].size)
+    model = services.registry.get(body.model or ("flux-fill" if mask is not None else "flux-kontext-pro"))
+    width, height = _size(body, images[0].size)
+    _check_prompt_given(body)
+    inputs = Inputs(images[:1] if mask is not None else images, mask)
+    spec = model.make_spec(
+        prompt=body.prompt,
+        width=width,
+        height=height,
+        num_images=body.n,
+        steps=body.steps,
+        guidance=body.guidance,
+        seed=body.seed,
+        output_format=body.output_format or "png",
+        quality=max(1, body.output_compression if body.output_compression is not None else 100),
+        images=inputs.keys,
+        mask=inputs.mask_key,
+        strength=body.strength,
+    )
+    inputs.save(services.storage)
+    echo = {**body.model_dump(exclude_none=True), "images": len(images), "mask": mask is not None}
+    return await run_and_render(services, owner, spec, echo, body.response_format, body.quality)
+
+
+def _check_prompt_given(body: EditForm) -> None:
+    if not body.prompt:
+        raise InvalidInput("Missing required parameter 'prompt'.", param="prompt", code="missing_required_parameter")
+
+
+@router.post("/images/variations")
+async def image_variation(request: Request, services: ServicesDep, owner: OwnerDep) -> dict[str, Any]:
+    form, body = await _read_form(request)
+    upload = form.get("image") or form.get("image[]")
+    if upload is None:
+        raise InvalidInput("Missing required parameter 'image' (one file).", param="image")
+    image = decode_image(await read_upload(upload, param="image"), param="image")
+    model = services.registry.get(body.model or "flux-dev")
+    if model.kind != "text2img":
+        raise InvalidInput(f"Variations need a text-to-image model such as flux-dev; got {model.name}.", param="model")
+    width, height = _size(body, image.size)
+    inputs = Inputs([image])
+    spec = model.make_spec(
+        prompt=body.prompt,
+        allow_empty_prompt=True,
+        width=width,
+        height=height,
+        num_images=body.n,
+        steps=body.steps,
+        guidance=body.guidance,
+        seed=body.seed,
+        output_format=body.output_format or "png",
+        images=inputs.keys,
+        strength=VARIATION_STRENGTH if body.strength is None else body.strength,
+    )
+    inputs.save(services.storage)
+    echo = {**body.model_dump(exclude_none=True), "images": 1}
+    return await run_and_render(services, owner, spec, echo, body.response_format, body.quality)

@@ -1,0 +1,67 @@
+"""Turning image inputs (uploads, URLs, data: URLs, bare base64) into stored, validated images."""
+
+from __future__ import annotations
+
+import io
+import secrets
+from dataclasses import dataclass, field
+
+from PIL import Image
+from starlette.datastructures import UploadFile
+
+from ..errors import InvalidInput, PayloadTooLarge
+from ..images import MAX_IMAGE_BYTES, decode_base64, decode_image, fetch_image_bytes
+from ..storage import Storage
+from .deps import Services
+
+
+async def read_upload(value: object, *, param: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+    if not isinstance(value, UploadFile):
+        raise InvalidInput(f"{param} must be a file upload.", param=param, code="invalid_image_file")
+    if value.size is not None and value.size > max_bytes:
+        raise PayloadTooLarge(
+            f"{param} is {value.size} bytes; the maximum is {max_bytes} bytes.", param=param, code="image_too_large"
+        )
+    data = await value.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise PayloadTooLarge(f"{param} is larger than {max_bytes} bytes.", param=param, code="image_too_large")
+    return data
+
+
+async def image_from_value(value: str, services: Services, *, param: str) -> Image.Image:
+    """An http(s) URL, a data: URL, or bare base64 (as BFL clients send)."""
+    if value.startswith(("http://", "https://", "data:")) or "://" in value[:16]:
+        data = await fetch_image_bytes(value, param=param, allow_private=services.settings.allow_private_urls)
+    else:
+        data = decode_base64(value, param=param)
+    return decode_image(data, param=param)
+
+
+@dataclass
+class Inputs:
+    """Decoded input images and the storage keys they will have; saved only once the spec validated."""
+
+    images: list[Image.Image]
+    mask: Image.Image | None = None
+    prefix: str = field(default_factory=lambda: f"inputs/{secrets.token_hex(12)}")
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(f"{self.prefix}/{i}.png" for i in range(len(self.images)))
+
+    @property
+    def mask_key(self) -> str | None:
+        return f"{self.prefix}/mask.png" if self.mask is not None else None
+
+    def save(self, storage: Storage) -> None:
+        """Inputs live in storage, not the job row, so a re-queued job still has them after a restart."""
+        for key, img in zip(self.keys, self.images, strict=True):
+            storage.put(key, _png(img))
+        if self.mask is not None and self.mask_key is not None:
+            storage.put(self.mask_key, _png(self.mask))
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()

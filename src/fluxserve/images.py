@@ -1,0 +1,196 @@
+"""Image inputs: safe decoding, data: URLs, and URL fetches that only reach public hosts."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import ipaddress
+import socket
+import warnings
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import InvalidInput, PayloadTooLarge
+
+MAX_IMAGE_BYTES = 50 * 1024 * 1024
+MAX_MASK_BYTES = 4 * 1024 * 1024
+MAX_IMAGE_SIDE = 8192
+MAX_IMAGE_PIXELS = 40_000_000
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
+FETCH_TIMEOUT_S = 15.0
+MAX_REDIRECTS = 5
+
+
+def decode_image(data: bytes, *, param: str, max_bytes: int = MAX_IMAGE_BYTES, keep_alpha: bool = False) -> Image.Image:
+    """Bytes -> an upright RGB (or RGBA) image, refusing bombs before any pixel is allocated."""
+    if len(data) > max_bytes:
+        raise PayloadTooLarge(
+            f"{param} is {len(data)} bytes; the maximum is {max_bytes} bytes.", param=param, code="image_too_large"
+        )
+    if not data:
+        raise InvalidInput(f"{param} is an empty file.", param=param, code="invalid_image_file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+            # Only the header has been read here: check the declared size before decoding pixels.
+            w, h = img.size
+            if w > MAX_IMAGE_SIDE or h > MAX_IMAGE_SIDE or w * h > MAX_IMAGE_PIXELS:
+                raise InvalidInput(
+                    f"{param} is {w}x{h}; images may be at most {MAX_IMAGE_SIDE} pixels a side and "
+                    f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels.",
+                    param=param,
+                    code="image_too_large",
+                )
+            img.load()
+    except InvalidInput:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as exc:  # fmt: skip
+        raise InvalidInput(
+            f"{param} is not a valid image: use PNG, JPEG, WebP or GIF ({type(exc).__name__}).",
+            param=param,
+            code="invalid_image_file",
+        ) from exc
+    upright: Image.Image = ImageOps.exif_transpose(img) or img
+    if keep_alpha:
+        return upright.convert("RGBA")
+    if upright.mode in ("RGBA", "LA", "PA") or (upright.mode == "P" and "transparency" in upright.info):
+        rgba = upright.convert("RGBA")
+        # Transparent areas become white rather than whatever colour the encoder left there.
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return upright.convert("RGB")
+
+
+def decode_data_url(url: str, *, param: str) -> bytes:
+    header, sep, payload = url.partition(",")
+    if not sep or not header.startswith("data:"):
+        raise InvalidInput(f"{param} is not a valid data: URL.", param=param, code="invalid_image_url")
+    if not header.endswith(";base64"):
+        raise InvalidInput(f"{param} data: URL must be base64-encoded.", param=param, code="invalid_image_url")
+    return decode_base64(payload, param=param)
+
+
+def decode_base64(payload: str, *, param: str) -> bytes:
+    if len(payload) > MAX_IMAGE_BYTES * 4 // 3 + 4:
+        raise PayloadTooLarge(f"{param} is larger than {MAX_IMAGE_BYTES} bytes.", param=param, code="image_too_large")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidInput(f"{param} is not valid base64.", param=param, code="invalid_image_file") from exc
+
+
+def _check_public(url: str, *, param: str, allow_private: bool) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidInput(
+            f"{param} must be an http(s) URL or a data: URL; got scheme {parts.scheme!r}.",
+            param=param,
+            code="invalid_image_url",
+        )
+    if allow_private:
+        return
+    try:
+        infos = socket.getaddrinfo(parts.hostname, parts.port or 443, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise InvalidInput(
+            f"{param}: cannot resolve host {parts.hostname!r}.", param=param, code="invalid_image_url"
+        ) from exc
+    for info in infos:
+        addr = ipaddress.ip_address(str(info[4][0]).split("%")[0])
+        if not addr.is_global or addr.is_multicast:
+            raise InvalidInput(
+                f"{param}: {parts.hostname!r} resolves to a private, loopback or link-local address, "
+                "which this server does not fetch from.",
+                param=param,
+                code="invalid_image_url",
+            )
+
+
+async def fetch_image_bytes(url: str, *, param: str, allow_private: bool, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+    """A data: URL, or an http(s) URL fetched with a timeout and a size cap; every redirect hop re-checked."""
+    if url.startswith("data:"):
+        return decode_data_url(url, param=param)
+    async with httpx.AsyncClient(timeout=FETCH_TIMEOUT_S, follow_redirects=False) as client:
+        for _ in range(MAX_REDIRECTS + 1):
+            _check_public(url, param=param, allow_private=allow_private)
+            try:
+                async with client.stream("GET", url) as resp:
+                    if resp.is_redirect and "location" in resp.headers:
+                        url = urljoin(url, resp.headers["location"])
+                        continue
+                    if resp.status_code != 200:
+                        raise InvalidInput(
+                            f"{param}: fetching the URL returned HTTP {resp.status_code}.",
+                            param=param,
+                            code="invalid_image_url",
+                        )
+                    body = bytearray()
+                    async for chunk in resp.aiter_bytes():
+                        body += chunk
+                        if len(body) > max_bytes:
+                            raise PayloadTooLarge(
+                                f"{param}: the image at the URL is larger than {max_bytes} bytes.",
+                                param=param,
+                                code="image_too_large",
+                            )
+                    return bytes(body)
+            except httpx.HTTPError as exc:
+                raise InvalidInput(
+                    f"{param}: could not fetch the URL ({type(exc).__name__}).", param=param, code="invalid_image_url"
+                ) from exc
+    raise InvalidInput(f"{param}: more than {MAX_REDIRECTS} redirects.", param=param, code="invalid_image_url")
+
+
+def mask_from_alpha(mask: Image.Image, size: tuple[int, int], *, param: str = "mask") -> Image.Image:
+    """OpenAI masks: fully transparent pixels mark the area to repaint. Returns diffusers' white-is-repaint mask."""
+    if mask.size != size:
+        raise InvalidInput(
+            f"{param} is {mask.size[0]}x{mask.size[1]} but the image is {size[0]}x{size[1]}; they must match.",
+            param=param,
+            code="invalid_mask_size",
+        )
+    alpha = mask.getchannel("A")
+    if alpha.getextrema()[0] == 255:
+        raise InvalidInput(
+            f"{param} has no transparent pixels: make the area to edit fully transparent (alpha 0).",
+            param=param,
+            code="invalid_mask",
+        )
+    return alpha.point(lambda a: 255 if a == 0 else 0)
+
+
+def fit_megapixel(width: int, height: int, target: int = 1024 * 1024) -> tuple[int, int]:
+    """The input's aspect ratio at about one megapixel, sides multiples of 16 within 256-2048."""
+    ratio = width / height
+    w = (target * ratio) ** 0.5
+    h = w / ratio
+
+    def clamp16(x: float) -> int:
+        return max(256, min(2048, round(x / 16) * 16))
+
+    return clamp16(w), clamp16(h)
+
+
+def compose_references(images: list[Image.Image], height: int = 1024) -> Image.Image:
+    """Several Kontext references as one canvas, side by side at a common height.
+
+    FLUX.1-Kontext-dev (and the installed diffusers pipeline) condition on one image, so every
+    reference reaches the model by sharing that image.
+    """
+    if len(images) == 1:
+        return images[0]
+    height = min(height, max(im.height for im in images))
+    scaled = [
+        im.resize((max(1, round(im.width * height / im.height)), height), Image.Resampling.LANCZOS) for im in images
+    ]
+    canvas = Image.new("RGB", (sum(im.width for im in scaled), height), (255, 255, 255))
+    x = 0
+    for im in scaled:
+        canvas.paste(im, (x, 0))
+        x += im.width
+    return canvas
