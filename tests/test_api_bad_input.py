@@ -118,7 +118,7 @@ def test_malformed_and_non_json_bodies(client: TestClient, path: str) -> None:
         _assert_error(resp, 400, "body", "not valid JSON", const.decode())
     deep = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     _assert_error(client.post(path, content=deep, headers=json_ct), 400, "body")
-    big = b'{"prompt": "' + b"x" * (2 * 1024 * 1024) + b'"}'
+    big = b'{"prompt": "' + b"x" * (71 * 1024 * 1024) + b'"}'
     _assert_error(client.post(path, content=big, headers=json_ct), 413, "body", "larger")
 
 

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from PIL import Image
 
 from fluxserve.engine.base import Cancelled, EngineRequest

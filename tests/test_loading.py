@@ -6,6 +6,8 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 
 from fluxserve.app import create_app
+from fluxserve.engine.demo import demo_weights
+from fluxserve.models import ModelRegistry
 from fluxserve.settings import Settings
 from tests.conftest import API_KEY, AUTH
 
@@ -27,8 +29,8 @@ def _wait_state(client: TestClient, timeout: float = 60) -> dict:  # type: ignor
 
 
 def test_local_folder_from_model_config(tmp_path: Path, demo_model_dir: Path) -> None:
-    names = ["flux", "flux-schnell", "flux-dev", "flux-pro"]
-    cfg = _toml(tmp_path, dict.fromkeys(names, str(demo_model_dir)))
+    weights = {m.name: str(demo_weights(demo_model_dir, m.kind)) for m in ModelRegistry.default()}
+    cfg = _toml(tmp_path, weights)
     settings = Settings(data_dir=tmp_path / "d", api_key=API_KEY, model_config_file=cfg, offline=True, device="cpu")
     with TestClient(create_app(settings)) as client:
         assert _wait_state(client)["status"] == "ready"

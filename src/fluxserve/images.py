@@ -48,8 +48,11 @@ def decode_image(data: bytes, *, param: str, max_bytes: int = MAX_IMAGE_BYTES, k
             img.load()
     except InvalidInput:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as exc:  # fmt: skip
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InvalidInput(
+            f"{param} declares more pixels than this server decodes ({exc}).", param=param, code="image_too_large"
+        ) from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InvalidInput(
             f"{param} is not a valid image: use PNG, JPEG, WebP or GIF ({type(exc).__name__}).",
             param=param,
@@ -111,11 +114,18 @@ def _check_public(url: str, *, param: str, allow_private: bool) -> None:
             )
 
 
-async def fetch_image_bytes(url: str, *, param: str, allow_private: bool, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+async def fetch_image_bytes(
+    url: str,
+    *,
+    param: str,
+    allow_private: bool,
+    max_bytes: int = MAX_IMAGE_BYTES,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> bytes:
     """A data: URL, or an http(s) URL fetched with a timeout and a size cap; every redirect hop re-checked."""
     if url.startswith("data:"):
         return decode_data_url(url, param=param)
-    async with httpx.AsyncClient(timeout=FETCH_TIMEOUT_S, follow_redirects=False) as client:
+    async with httpx.AsyncClient(timeout=FETCH_TIMEOUT_S, follow_redirects=False, transport=transport) as client:
         for _ in range(MAX_REDIRECTS + 1):
             _check_public(url, param=param, allow_private=allow_private)
             try:

@@ -44,7 +44,8 @@ class EditForm(BaseModel):
 
 async def _read_form(request: Request) -> tuple[FormData, EditForm]:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype != "multipart/form-data":
+    # A form with no file parts arrives urlencoded; it then fails on the missing image, by name.
+    if ctype not in ("multipart/form-data", "application/x-www-form-urlencoded"):
         raise UnsupportedMediaType(
             f"Content-Type must be multipart/form-data; got {ctype or 'none'!r}.", param="Content-Type"
         )

@@ -16,7 +16,8 @@ from ..errors import FluxServeError, InvalidInput, PayloadTooLarge, UnsupportedM
 
 log = logging.getLogger(__name__)
 
-MAX_JSON_BODY = 1024 * 1024
+# Room for a 50 MB image as base64 in a JSON field (data: URLs, BFL input_image).
+MAX_JSON_BODY = 70 * 1024 * 1024
 M = TypeVar("M", bound=BaseModel)
 
 

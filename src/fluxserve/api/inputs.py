@@ -65,3 +65,15 @@ def _png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
+
+
+INLINE_ECHO_LIMIT = 256 * 1024
+
+
+def elide_inline_images(fields: dict[str, object]) -> dict[str, object]:
+    """Echoed inputs keep URLs and small data: URLs as sent; big inline images are not copied into every job row."""
+    out = dict(fields)
+    for name, value in fields.items():
+        if isinstance(value, str) and len(value) > INLINE_ECHO_LIMIT and not value.startswith(("http://", "https://")):
+            out[name] = f"{value[:32]}...(elided, {len(value)} characters)"
+    return out

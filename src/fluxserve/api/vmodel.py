@@ -13,7 +13,7 @@ from ..jobs import Job, Status
 from ..spec import aspect_ratio_size
 from .deps import OwnerDep, ServicesDep
 from .errors import read_json
-from .inputs import Inputs, image_from_value
+from .inputs import Inputs, elide_inline_images, image_from_value
 
 router = APIRouter(prefix="/vmodel")
 
@@ -90,7 +90,7 @@ async def generate(request: Request, services: ServicesDep, owner: OwnerDep) -> 
         },
     )
     inputs.save(services.storage)
-    echo = {"model": body.model, "input": inp.model_dump(exclude_unset=True)}
+    echo = {"model": body.model, "input": elide_inline_images(inp.model_dump(exclude_unset=True))}
     job = services.jobs.submit(owner, "vmodel", spec, echo)
     return {"id": job.id}
 

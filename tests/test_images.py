@@ -1,0 +1,112 @@
+"""Image decoding and URL rules, unit level."""
+
+import asyncio
+
+import pytest
+from PIL import Image
+
+from fluxserve.errors import InvalidInput
+from fluxserve.images import compose_references, decode_image, fetch_image_bytes, fit_megapixel, mask_from_alpha
+from tests.images_util import bomb_png, encoded, png_bytes
+
+
+def test_bomb_rejected_before_pixels() -> None:
+    with pytest.raises(InvalidInput) as err:
+        decode_image(bomb_png(), param="image")
+    assert err.value.code == "image_too_large"
+    with pytest.raises(InvalidInput, match="9000x9000") as err:
+        decode_image(bomb_png(9000, 9000), param="image")  # under Pillow's own limit, over ours
+    assert err.value.code == "image_too_large"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"hello, I am text", png_bytes()[:60], b"GIF89a" + b"\x00" * 20, encoded(Image.new("RGB", (8, 8)), "BMP")],
+)
+def test_invalid_files(data: bytes) -> None:
+    with pytest.raises(InvalidInput) as err:
+        decode_image(data, param="image")
+    assert err.value.code == "invalid_image_file"
+
+
+def test_exif_orientation_and_modes() -> None:
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° on display
+    upright = decode_image(encoded(img, "JPEG", exif=exif), param="image")
+    assert upright.size == (20, 40)
+    rgba = decode_image(png_bytes(mode="RGBA", color=(0, 0, 0, 0)), param="image")
+    assert rgba.mode == "RGB" and rgba.getpixel((0, 0)) == (255, 255, 255)
+    pal = decode_image(encoded(Image.new("P", (10, 10), 3)), param="image")
+    assert pal.mode == "RGB"
+
+
+def test_mask_semantics_and_size() -> None:
+    rgba = Image.new("RGBA", (32, 32), (0, 0, 0, 255))
+    rgba.paste((0, 0, 0, 0), (0, 0, 16, 32))
+    mask = mask_from_alpha(rgba, (32, 32))
+    assert mask.getpixel((1, 1)) == 255 and mask.getpixel((30, 1)) == 0
+    with pytest.raises(InvalidInput, match="must match"):
+        mask_from_alpha(rgba, (64, 64))
+    with pytest.raises(InvalidInput, match="no transparent"):
+        mask_from_alpha(Image.new("RGBA", (32, 32), (0, 0, 0, 255)), (32, 32))
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1/x.png", "http://169.254.169.254/latest/meta-data", "http://10.0.0.1/", "http://[::1]/",
+     "file:///etc/passwd", "ftp://example.com/a.png", "http://localhost:1/a.png", "http://0.0.0.0/"],
+)  # fmt: skip
+def test_private_and_non_http_urls_refused(url: str) -> None:
+    with pytest.raises(InvalidInput) as err:
+        asyncio.run(fetch_image_bytes(url, param="input_image", allow_private=False))
+    assert err.value.code == "invalid_image_url"
+
+
+def test_data_urls() -> None:
+    import base64
+
+    ok = "data:image/png;base64," + base64.b64encode(png_bytes()).decode()
+    assert asyncio.run(fetch_image_bytes(ok, param="x", allow_private=False)) == png_bytes()
+    for bad in ["data:text/plain,hello", "data:image/png;base64,@@@@"]:
+        with pytest.raises(InvalidInput):
+            asyncio.run(fetch_image_bytes(bad, param="x", allow_private=False))
+
+
+def test_fit_megapixel_and_canvas() -> None:
+    assert fit_megapixel(1024, 1024) == (1024, 1024)
+    w, h = fit_megapixel(4000, 3000)
+    assert w % 16 == 0 and h % 16 == 0 and abs(w / h - 4 / 3) < 0.05
+    canvas = compose_references([Image.new("RGB", (100, 50)), Image.new("RGB", (50, 100))])
+    assert canvas.size == (100 * 100 // 50 + 50, 100)
+
+
+def test_redirect_from_public_to_private_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    import httpx
+
+    real = socket.getaddrinfo
+
+    def fake_dns(host: str, *args: object, **kw: object):  # type: ignore[no-untyped-def]
+        if host == "images.example":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", 443))]
+        return real(host, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("fluxserve.images.socket.getaddrinfo", fake_dns)
+    hops: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        hops.append(str(request.url))
+        if request.url.path == "/ok.png":
+            return httpx.Response(200, content=png_bytes())
+        return httpx.Response(302, headers={"location": "http://169.254.169.254/latest/meta-data"})
+
+    transport = httpx.MockTransport(handler)
+    fetched = asyncio.run(
+        fetch_image_bytes("https://images.example/ok.png", param="x", allow_private=False, transport=transport)
+    )
+    assert fetched == png_bytes()
+    with pytest.raises(InvalidInput, match="private"):
+        asyncio.run(fetch_image_bytes("https://images.example/r", param="x", allow_private=False, transport=transport))
+    assert hops[-1] == "https://images.example/r"  # the private hop was never requested
