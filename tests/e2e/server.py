@@ -25,8 +25,15 @@ def free_port() -> int:
 
 class RemoteServer:
     def __init__(
-        self, data_dir: Path, *, api_key: str | None, demo_model: Path | None = None, port: int | None = None
+        self,
+        data_dir: Path,
+        *,
+        api_key: str | None,
+        demo_model: Path | None = None,
+        port: int | None = None,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
+        self.extra_args = extra_args
         self.data_dir = data_dir
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -44,7 +51,7 @@ class RemoteServer:
         if self.api_key:
             env["FLUXSERVE_API_KEY"] = self.api_key
         cmd = [FLUXSERVE, "serve", "--demo", "--host", "127.0.0.1", "--port", str(self.port)]
-        cmd += ["--data-dir", str(self.data_dir)]
+        cmd += ["--data-dir", str(self.data_dir), *self.extra_args]
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + timeout

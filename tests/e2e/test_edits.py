@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from tests.e2e.server import RemoteServer
-from tests.images_util import mask_png, png_bytes
+from tests.image_server import image_server
+from tests.images_util import bomb_png, mask_png, png_bytes
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +104,68 @@ def test_vmodel_json_image_input(server: RemoteServer) -> None:
     assert feed["status"] == "succeeded", feed
     assert feed["input"]["input_image"] == data_url
     assert _img(httpx.get(feed["output"][0]).content).size == (720, 368)
+
+
+HOSTILE_UPLOADS = [
+    ("zero-byte", {"image[]": ("z.png", b"", "image/png")}, 400, "image", "invalid_image_file"),
+    ("truncated", {"image[]": ("t.png", png_bytes((64, 64))[:80], "image/png")}, 400, "image", "invalid_image_file"),
+    ("text-as-png", {"image[]": ("t.png", b"hello there", "image/png")}, 400, "image", "invalid_image_file"),
+    ("tiff", {"image[]": ("t.tif", b"II*\x00" + b"\x00" * 64, "image/tiff")}, 400, "image", "invalid_image_file"),
+    ("bomb", {"image[]": ("b.png", bomb_png(), "image/png")}, 400, "image", "image_too_large"),
+    ("big-mask", {"image": ("a.png", png_bytes((64, 64)), "image/png"),
+                  "mask": ("m.png", b"\x89PNG" + b"\x00" * (4 * 1024 * 1024 + 10), "image/png")},
+     413, "mask", "image_too_large"),
+    ("mask-size", {"image": ("a.png", png_bytes((64, 64)), "image/png"),
+                   "mask": ("m.png", mask_png((32, 32), (0, 0, 4, 4)), "image/png")}, 400, "mask", "invalid_mask_size"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "files", "status", "param", "code"), HOSTILE_UPLOADS)
+def test_hostile_uploads(server: RemoteServer, name: str, files: dict, status: int, param: str, code: str) -> None:  # type: ignore[type-arg]
+    resp = httpx.post(f"{server.url}/v1/images/edits", data={"prompt": "p"}, files=files, headers=server.headers)
+    assert resp.status_code == status, resp.text
+    assert resp.json()["error"]["param"] == param and resp.json()["error"]["code"] == code
+
+
+def test_seventeen_images_and_a_huge_one(server: RemoteServer) -> None:
+    many = [("image[]", (f"{i}.png", png_bytes(), "image/png")) for i in range(17)]
+    resp = httpx.post(f"{server.url}/v1/images/edits", data={"prompt": "p"}, files=many, headers=server.headers)
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "too_many_images"
+    huge = {"image": ("h.png", b"\x89PNG" + b"\x00" * (50 * 1024 * 1024 + 10), "image/png")}
+    resp = httpx.post(
+        f"{server.url}/v1/images/edits", data={"prompt": "p"}, files=huge, headers=server.headers, timeout=60
+    )
+    assert resp.status_code == 413 and resp.json()["error"]["code"] == "image_too_large"
+
+
+def test_url_inputs_against_a_server_that_allows_private_hosts(
+    tmp_path: Path, demo_model_dir: Path, server: RemoteServer
+) -> None:
+    with image_server() as base:
+        refused = httpx.post(
+            f"{server.url}/vmodel/generate",
+            json={"model": "flux-dev", "input": {"prompt": "p", "image": f"{base}/cat.png"}}, headers=server.headers,
+        )  # fmt: skip
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_image_url"
+        srv = RemoteServer(
+            tmp_path / "lan", api_key="k", demo_model=demo_model_dir, extra_args=("--allow-private-urls",)
+        )
+        with srv:
+            for inp in ({"image": f"{base}/redirect", "num_inference_steps": 2, "prompt_strength": 0.5},
+                        {"input_image": f"{base}/cat.png", "num_inference_steps": 2}):  # fmt: skip
+                model = "flux-dev" if "image" in inp else "flux-kontext-pro"
+                resp = httpx.post(f"{srv.url}/vmodel/generate", json={"model": model, "input": {"prompt": "p", **inp}},
+                                  headers=srv.headers)  # fmt: skip
+                assert resp.status_code == 200, resp.text
+                deadline = time.time() + 120
+                while time.time() < deadline:
+                    feed = httpx.get(f"{srv.url}/vmodel/feed/{resp.json()['id']}", headers=srv.headers).json()
+                    if feed["status"] in ("succeeded", "failed"):
+                        break
+                    time.sleep(0.2)
+                assert feed["status"] == "succeeded", feed
+                assert _img(httpx.get(feed["output"][0]).content).size == (1248, 832)  # the 3:2 input's aspect
+            resp = httpx.post(f"{srv.url}/vmodel/generate",
+                              json={"model": "flux-dev", "input": {"prompt": "p", "image": f"{base}/notes.txt"}},
+                              headers=srv.headers)  # fmt: skip
+            assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_image_file"
