@@ -30,7 +30,7 @@ class FakeEngine:
         first = requests[0].spec
         for step in range(first.steps):
             time.sleep(self.step_s)
-            on_step(step + 1, first.steps)
+            on_step(step + 1, first.steps, None)
         if self.fail_with is not None:
             raise self.fail_with
         return [

@@ -57,9 +57,9 @@ def test_shared_weights_load_once(engine: DiffusersEngine) -> None:
 
 def test_same_seed_same_pixels_different_seed_differs(engine: DiffusersEngine) -> None:
     steps: list[tuple[int, int]] = []
-    [[a]] = engine.generate([_req()], lambda d, t: steps.append((d, t)))
-    [[b]] = engine.generate([_req()], lambda d, t: None)
-    [[c]] = engine.generate([_req(seed=43)], lambda d, t: None)
+    [[a]] = engine.generate([_req()], lambda d, t, p: steps.append((d, t)))
+    [[b]] = engine.generate([_req()], lambda d, t, p: None)
+    [[c]] = engine.generate([_req(seed=43)], lambda d, t, p: None)
     assert steps == [(1, 2), (2, 2)]
     assert a.size == (256, 256)
     assert np.array_equal(np.asarray(a), np.asarray(b))
@@ -67,24 +67,24 @@ def test_same_seed_same_pixels_different_seed_differs(engine: DiffusersEngine) -
 
 
 def test_n_outputs_each_with_its_own_seed(engine: DiffusersEngine) -> None:
-    [images] = engine.generate([_req(num_images=3, width=512, height=256, seed=10)], lambda d, t: None)
+    [images] = engine.generate([_req(num_images=3, width=512, height=256, seed=10)], lambda d, t, p: None)
     assert [im.size for im in images] == [(512, 256)] * 3
     arrays = [np.asarray(im).astype(int) for im in images]
     assert not np.array_equal(arrays[0], arrays[1])
     # Image i of a request with seed s looks like a lone request with seed s + i.
-    [[second]] = engine.generate([_req(width=512, height=256, seed=11)], lambda d, t: None)
+    [[second]] = engine.generate([_req(width=512, height=256, seed=11)], lambda d, t, p: None)
     assert np.abs(arrays[1] - np.asarray(second).astype(int)).max() <= 2
 
 
 def test_guidance_model_runs(engine: DiffusersEngine) -> None:
-    [[img]] = engine.generate([_req("flux-dev", steps=3, guidance=5.0)], lambda d, t: None)
+    [[img]] = engine.generate([_req("flux-dev", steps=3, guidance=5.0)], lambda d, t, p: None)
     assert img.size == (256, 256)
 
 
 def test_cancel_between_steps(engine: DiffusersEngine) -> None:
     seen: list[int] = []
 
-    def on_step(done: int, total: int) -> None:
+    def on_step(done: int, total: int, previews: object) -> None:
         seen.append(done)
         if done == 2:
             raise Cancelled
@@ -93,13 +93,13 @@ def test_cancel_between_steps(engine: DiffusersEngine) -> None:
         engine.generate([_req("flux-dev", steps=10)], on_step)
     assert seen == [1, 2]
     # The pipeline is usable again right after a cancel.
-    [[img]] = engine.generate([_req()], lambda d, t: None)
+    [[img]] = engine.generate([_req()], lambda d, t, p: None)
     assert img.size == (256, 256)
 
 
 def test_mixed_batch_is_refused(engine: DiffusersEngine) -> None:
     with pytest.raises(ValueError, match="batch_key"):
-        engine.generate([_req(), _req(width=512)], lambda d, t: None)
+        engine.generate([_req(), _req(width=512)], lambda d, t, p: None)
 
 
 def _picture(seed: int, size: tuple[int, int] = (320, 256)) -> Image.Image:
@@ -112,15 +112,15 @@ def _arr(img: Image.Image) -> np.ndarray:  # type: ignore[type-arg]
 
 
 def test_img2img_uses_the_input_image(engine: DiffusersEngine) -> None:
-    [[a]] = engine.generate([_req("flux-dev", images=[_picture(1)], steps=4, strength=0.5)], lambda d, t: None)
-    [[b]] = engine.generate([_req("flux-dev", images=[_picture(2)], steps=4, strength=0.5)], lambda d, t: None)
+    [[a]] = engine.generate([_req("flux-dev", images=[_picture(1)], steps=4, strength=0.5)], lambda d, t, p: None)
+    [[b]] = engine.generate([_req("flux-dev", images=[_picture(2)], steps=4, strength=0.5)], lambda d, t, p: None)
     assert a.size == (256, 256)
     assert not np.array_equal(_arr(a), _arr(b))
 
 
 def test_kontext_every_reference_reaches_the_model(engine: DiffusersEngine) -> None:
     def run(refs: list[Image.Image]) -> np.ndarray:  # type: ignore[type-arg]
-        [[img]] = engine.generate([_req("flux-kontext-pro", images=refs, steps=2)], lambda d, t: None)
+        [[img]] = engine.generate([_req("flux-kontext-pro", images=refs, steps=2)], lambda d, t, p: None)
         assert img.size == (256, 256)
         return _arr(img)
 
@@ -128,7 +128,7 @@ def test_kontext_every_reference_reaches_the_model(engine: DiffusersEngine) -> N
     assert np.array_equal(base, run([_picture(1), _picture(2)]))
     assert not np.array_equal(base, run([_picture(1), _picture(3)]))  # only the second image changed
     # Text-only Kontext works too.
-    [[plain]] = engine.generate([_req("flux-kontext-max", steps=2)], lambda d, t: None)
+    [[plain]] = engine.generate([_req("flux-kontext-max", steps=2)], lambda d, t, p: None)
     assert plain.size == (256, 256)
 
 
@@ -136,6 +136,6 @@ def test_fill_repaints_with_a_mask(engine: DiffusersEngine) -> None:
     mask = Image.new("L", (256, 256), 0)
     mask.paste(255, (64, 64, 192, 192))
     [[img]] = engine.generate(
-        [_req("flux-fill", images=[_picture(1, (256, 256))], mask=mask, steps=2)], lambda d, t: None
+        [_req("flux-fill", images=[_picture(1, (256, 256))], mask=mask, steps=2)], lambda d, t, p: None
     )
     assert img.size == (256, 256)

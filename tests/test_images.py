@@ -93,7 +93,7 @@ def test_redirect_from_public_to_private_is_refused(monkeypatch: pytest.MonkeyPa
             return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", 443))]
         return real(host, *args, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr("fluxserve.images.socket.getaddrinfo", fake_dns)
+    monkeypatch.setattr("fluxserve.netguard.socket.getaddrinfo", fake_dns)
     hops: list[str] = []
 
     def handler(request: httpx.Request) -> httpx.Response:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import threading
+import time
 from typing import Literal, Protocol
 
 from PIL import Image
 
 from .engine.base import Cancelled, Engine, EngineRequest
 from .errors import FluxServeError
-from .jobs import Job, JobService, Output, Status
+from .jobs import Job, JobEvent, JobService, Output, Status
 from .models import ModelRegistry
 from .outputs import EXTENSIONS, encode_image
 from .storage import Storage
@@ -76,6 +78,8 @@ class LocalDispatcher:
             self.load_error = f"{type(exc).__name__}: {exc}"
             self.state = "error"
         while not self._stopping.is_set():
+            for job_id in self._store.abort_expired(time.time()):
+                self._notify(job_id, "completed")
             job = self._store.claim_next()
             if job is None:
                 self._wake.wait(timeout=1.0)
@@ -83,9 +87,9 @@ class LocalDispatcher:
                 continue
             self._run_job(job)
 
-    def _notify(self, job_id: str) -> None:
+    def _notify(self, job_id: str, event: JobEvent = "update") -> None:
         if self.service is not None:
-            self.service.notify(job_id)
+            self.service.notify(job_id, event)
 
     def _load_input(self, key: str) -> Image.Image:
         with Image.open(self._storage.open(key)) as img:
@@ -93,20 +97,26 @@ class LocalDispatcher:
             return img
 
     def _run_job(self, job: Job) -> None:
-        self._notify(job.id)
+        self._notify(job.id, "start")
         if self.state == "error":
             self._store.finish(job.id, Status.FAILED, error=f"The model failed to load: {self.load_error}")
-            self._notify(job.id)
+            self._notify(job.id, "completed")
             return
         spec = job.spec
 
-        def on_step(done: int, total: int) -> None:
+        def on_step(done: int, total: int, previews: list[Image.Image] | None) -> None:
             if self._stopping.is_set():
                 raise _ShuttingDown
-            if self._store.is_cancel_requested(job.id):
+            if self._store.is_cancel_requested(job.id) or (job.deadline is not None and time.time() > job.deadline):
                 raise Cancelled
             self._store.update_progress(job.id, done, total)
-            self._notify(job.id)
+            for i, preview in enumerate(previews or []):
+                key = f"{job.id}/preview-{done}-{i}.png"
+                buf = io.BytesIO()
+                preview.save(buf, format="PNG", compress_level=1)
+                self._storage.put(key, buf.getvalue())
+                self._store.add_preview(job.id, key)
+            self._notify(job.id, "logs")
 
         try:
             if self._store.is_cancel_requested(job.id):
@@ -117,25 +127,33 @@ class LocalDispatcher:
                 mask=self._load_input(spec.mask) if spec.mask else None,
             )
             [images] = self._engine.generate([request], on_step)
-            outputs = []
-            for i, (image, seed) in enumerate(zip(images, spec.image_seeds(), strict=True)):
-                key = f"{job.id}/out-{i}.{EXTENSIONS[spec.output_format]}"
-                model = self._registry.get(spec.model)
-                meta = {"prompt": spec.prompt, "seed": seed, "model": model.label, "steps": spec.steps}
-                if spec.guidance is not None:
-                    meta["guidance"] = spec.guidance
-                self._storage.put(key, encode_image(image, spec.output_format, spec.quality, meta))
-                outputs.append(Output(key, seed, image.width, image.height, spec.output_format))
+            outputs = self._save_outputs(job, images)
             self._store.finish(job.id, Status.SUCCEEDED, outputs=outputs)
+            self._notify(job.id, "output")
         except Cancelled:
             self._store.finish(job.id, Status.CANCELED, error="canceled")
         except _ShuttingDown:
             # A clean stop is not the job's fault: give the attempt back and run it after restart.
             self._store.requeue(job.id)
             log.info("job %s re-queued by shutdown", job.id)
+            self._notify(job.id)
+            return
         except FluxServeError as exc:
             self._store.finish(job.id, Status.FAILED, error=exc.message)
         except Exception as exc:  # the worker must outlive any one job
             log.exception("job %s failed", job.id)
             self._store.finish(job.id, Status.FAILED, error=f"Generation failed: {type(exc).__name__}: {exc}")
-        self._notify(job.id)
+        self._notify(job.id, "completed")
+
+    def _save_outputs(self, job: Job, images: list[Image.Image]) -> list[Output]:
+        spec = job.spec
+        model = self._registry.get(spec.model)
+        outputs = []
+        for i, (image, seed) in enumerate(zip(images, spec.image_seeds(), strict=True)):
+            key = f"{job.id}/out-{i}.{EXTENSIONS[spec.output_format]}"
+            meta: dict[str, object] = {"prompt": spec.prompt, "seed": seed, "model": model.label, "steps": spec.steps}
+            if spec.guidance is not None:
+                meta["guidance"] = spec.guidance
+            self._storage.put(key, encode_image(image, spec.output_format, spec.quality, meta))
+            outputs.append(Output(key, seed, image.width, image.height, spec.output_format))
+        return outputs

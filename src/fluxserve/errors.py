@@ -50,6 +50,12 @@ class NotFound(FluxServeError):
     type = "invalid_request_error"
 
 
+class Conflict(FluxServeError):
+    status_code = 409
+    code = "idempotency_conflict"
+    type = "invalid_request_error"
+
+
 class GenerationFailed(FluxServeError):
     status_code = 500
     code = "generation_failed"

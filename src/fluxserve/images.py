@@ -5,15 +5,14 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import ipaddress
-import socket
 import warnings
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
 import httpx
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InvalidInput, PayloadTooLarge
+from .netguard import check_public_url
 
 MAX_IMAGE_BYTES = 50 * 1024 * 1024
 MAX_MASK_BYTES = 4 * 1024 * 1024
@@ -87,33 +86,6 @@ def decode_base64(payload: str, *, param: str) -> bytes:
         raise InvalidInput(f"{param} is not valid base64.", param=param, code="invalid_image_file") from exc
 
 
-def _check_public(url: str, *, param: str, allow_private: bool) -> None:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InvalidInput(
-            f"{param} must be an http(s) URL or a data: URL; got scheme {parts.scheme!r}.",
-            param=param,
-            code="invalid_image_url",
-        )
-    if allow_private:
-        return
-    try:
-        infos = socket.getaddrinfo(parts.hostname, parts.port or 443, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise InvalidInput(
-            f"{param}: cannot resolve host {parts.hostname!r}.", param=param, code="invalid_image_url"
-        ) from exc
-    for info in infos:
-        addr = ipaddress.ip_address(str(info[4][0]).split("%")[0])
-        if not addr.is_global or addr.is_multicast:
-            raise InvalidInput(
-                f"{param}: {parts.hostname!r} resolves to a private, loopback or link-local address, "
-                "which this server does not fetch from.",
-                param=param,
-                code="invalid_image_url",
-            )
-
-
 async def fetch_image_bytes(
     url: str,
     *,
@@ -127,7 +99,7 @@ async def fetch_image_bytes(
         return decode_data_url(url, param=param)
     async with httpx.AsyncClient(timeout=FETCH_TIMEOUT_S, follow_redirects=False, transport=transport) as client:
         for _ in range(MAX_REDIRECTS + 1):
-            _check_public(url, param=param, allow_private=allow_private)
+            check_public_url(url, param=param, allow_private=allow_private, code="invalid_image_url")
             try:
                 async with client.stream("GET", url) as resp:
                     if resp.is_redirect and "location" in resp.headers:

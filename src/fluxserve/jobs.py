@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from .errors import NotFound
+from .errors import Conflict, NotFound
 from .spec import GenerationSpec
 
 if TYPE_CHECKING:
     from .store import Store
+
+# What happened to a job: Replicate's webhook events, plus plain updates (progress without new logs).
+JobEvent = Literal["start", "logs", "output", "completed", "update"]
 
 _ID_ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
 
@@ -32,10 +37,11 @@ class Status(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELED = "canceled"
+    ABORTED = "aborted"  # its Cancel-After deadline passed before it started
 
     @property
     def is_terminal(self) -> bool:
-        return self in (Status.SUCCEEDED, Status.FAILED, Status.CANCELED)
+        return self in (Status.SUCCEEDED, Status.FAILED, Status.CANCELED, Status.ABORTED)
 
     @property
     def public(self) -> str:
@@ -69,6 +75,25 @@ class Job:
     outputs: tuple[Output, ...] = ()
     error: str | None = None
     queue_position: int | None = None
+    deadline: float | None = None
+    webhook: dict[str, Any] | None = None  # {"url", "events", "secret"?}
+    idempotency_key: str | None = None
+    fingerprint: str | None = None
+    previews: tuple[str, ...] = ()  # storage keys of in-progress previews, oldest first
+
+    @property
+    def progress(self) -> float:
+        if self.status is Status.SUCCEEDED:
+            return 1.0
+        return self.progress_done / self.progress_total if self.progress_total else 0.0
+
+    def log_lines(self) -> list[str]:
+        """Progress as log lines, for dialects (Replicate) that report it as logs."""
+        lines = [f"Using seed: {self.spec.seed}"]
+        if self.started_at is not None:
+            lines.append(f"Running {self.spec.model} at {self.spec.width}x{self.spec.height}, {self.spec.steps} steps")
+        lines += [f"step {i}/{self.progress_total}" for i in range(1, self.progress_done + 1)]
+        return lines
 
 
 class JobService:
@@ -79,12 +104,51 @@ class JobService:
         self._wake_worker = wake_worker
         self._lock = threading.Lock()
         self._waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
+        self._listeners: list[Callable[[str, JobEvent], None]] = []
 
-    def submit(self, owner: str, dialect: str, spec: GenerationSpec, request: dict[str, Any]) -> Job:
-        job = Job(id=new_job_id(), owner=owner, dialect=dialect, spec=spec, request=request)
-        self._store.insert_job(job)
+    def submit(
+        self,
+        owner: str,
+        dialect: str,
+        spec: GenerationSpec,
+        request: dict[str, Any],
+        *,
+        idempotency_key: str | None = None,
+        deadline: float | None = None,
+        webhook: dict[str, Any] | None = None,
+    ) -> Job:
+        """Queue a job. The same Idempotency-Key with the same body returns the first job; a different body is a 409."""
+        fingerprint = None
+        if idempotency_key is not None:
+            fingerprint = hashlib.sha256(json.dumps([dialect, request], sort_keys=True).encode()).hexdigest()
+            existing = self._store.find_idempotent(owner, idempotency_key)
+            if existing is not None:
+                return self._replay(existing, fingerprint)
+        job = Job(
+            id=new_job_id(),
+            owner=owner,
+            dialect=dialect,
+            spec=spec,
+            request=request,
+            deadline=deadline,
+            webhook=webhook,
+            idempotency_key=idempotency_key,
+            fingerprint=fingerprint,
+        )
+        if not self._store.insert_job(job):  # a concurrent request with the same key won the insert
+            existing = self._store.find_idempotent(owner, idempotency_key or "")
+            assert existing is not None
+            return self._replay(existing, fingerprint)
         self._wake_worker()
         return job
+
+    @staticmethod
+    def _replay(existing: Job, fingerprint: str | None) -> Job:
+        if existing.fingerprint != fingerprint:
+            raise Conflict(
+                "This Idempotency-Key was already used with a different request body.", param="Idempotency-Key"
+            )
+        return existing
 
     def get(self, job_id: str, owner: str) -> Job:
         """Another owner's job is indistinguishable from a missing one."""
@@ -104,40 +168,57 @@ class JobService:
     def is_cancel_requested(self, job_id: str) -> bool:
         return self._store.is_cancel_requested(job_id)
 
-    async def wait(self, job_id: str, owner: str, timeout: float | None = None) -> Job:
-        """Wait until the job is terminal (or ``timeout`` passes) and return it."""
+    async def watch(self, job_id: str, owner: str, timeout: float | None = None) -> AsyncIterator[Job]:
+        """Yield the job now and after every change, until it is terminal or ``timeout`` passes."""
         loop = asyncio.get_running_loop()
         event = asyncio.Event()
+        waiter = (loop, event)
         with self._lock:
-            self._waiters.setdefault(job_id, []).append((loop, event))
+            self._waiters.setdefault(job_id, []).append(waiter)
         deadline = None if timeout is None else loop.time() + timeout
+        last: tuple[object, ...] | None = None
         try:
             while True:
+                event.clear()
                 job = self.get(job_id, owner)
+                state = (job.status, job.progress_done, job.previews, job.outputs, job.queue_position)
+                if state != last:
+                    last = state
+                    yield job
                 if job.status.is_terminal:
-                    return job
+                    return
                 remaining = None if deadline is None else deadline - loop.time()
                 if remaining is not None and remaining <= 0:
-                    return job
-                event.clear()
+                    return
                 # The periodic re-read covers workers in other processes, which can't notify us.
-                wait_s = 1.0 if remaining is None else min(1.0, remaining)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), wait_s)
+                    await asyncio.wait_for(event.wait(), 1.0 if remaining is None else min(1.0, remaining))
         finally:
             with self._lock:
                 waiters = self._waiters.get(job_id, [])
-                if (loop, event) in waiters:
-                    waiters.remove((loop, event))
+                if waiter in waiters:
+                    waiters.remove(waiter)
                 if not waiters:
                     self._waiters.pop(job_id, None)
 
-    def notify(self, job_id: str) -> None:
-        """Called from any thread when a job changes."""
+    async def wait(self, job_id: str, owner: str, timeout: float | None = None) -> Job:
+        """Wait until the job is terminal (or ``timeout`` passes) and return it as it is then."""
+        last = self.get(job_id, owner)
+        async for job in self.watch(job_id, owner, timeout):
+            last = job
+        return last
+
+    def add_listener(self, listener: Callable[[str, JobEvent], None]) -> None:
+        self._listeners.append(listener)
+
+    def notify(self, job_id: str, event: JobEvent = "update") -> None:
+        """Called from any thread when a job changes; listeners (webhooks) must not block."""
         with self._lock:
             waiters = list(self._waiters.get(job_id, []))
-        for loop, event in waiters:
-            loop.call_soon_threadsafe(event.set)
+        for loop, ev in waiters:
+            loop.call_soon_threadsafe(ev.set)
+        for listener in self._listeners:
+            listener(job_id, event)
 
     def queue_depth(self) -> int:
         return self._store.queue_depth()

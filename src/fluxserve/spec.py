@@ -116,15 +116,23 @@ class GenerationSpec:
     images: tuple[str, ...] = ()  # storage keys of the input images, in order
     mask: str | None = None  # storage key of the repaint mask (white = repaint)
     strength: float | None = None
+    partial_images: int = 0  # previews of the image in progress (OpenAI streaming), 0-3
     extra: dict[str, Any] = field(default_factory=dict)
 
     def image_seeds(self) -> list[int]:
         return [(self.seed + i) % (MAX_SEED + 1) for i in range(self.num_images)]
 
+    def preview_steps(self) -> frozenset[int]:
+        """Steps after which a preview is decoded: evenly spread, never the last step."""
+        if self.partial_images <= 0 or self.steps < 2:
+            return frozenset()
+        k = min(self.partial_images, self.steps - 1)
+        return frozenset(max(1, round(self.steps * i / (k + 1))) for i in range(1, k + 1))
+
     def batch_key(self) -> tuple[Any, ...]:
         """Specs with the same key can share one pipeline call."""
         return (self.model, self.task, self.width, self.height, self.steps, self.guidance, self.images, self.mask,
-                self.strength)  # fmt: skip
+                self.strength, self.partial_images)  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

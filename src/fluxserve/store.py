@@ -16,14 +16,18 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
     and_,
     create_engine,
     event,
     func,
+    inspect,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Engine, Row
+from sqlalchemy.exc import IntegrityError
 
 from .jobs import Job, Output, Status
 from .spec import GenerationSpec
@@ -49,6 +53,12 @@ jobs = Table(
     Column("outputs", Text, nullable=False, default="[]"),
     Column("error", Text),
     Column("cancel_requested", Boolean, nullable=False, default=False),
+    Column("deadline", Float),
+    Column("webhook", Text),
+    Column("idempotency_key", String(255)),
+    Column("fingerprint", String(64)),
+    Column("previews", Text, nullable=False, default="[]"),
+    UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency"),
 )
 
 api_keys = Table(
@@ -80,31 +90,98 @@ class Store:
         else:
             self.engine = create_engine(url, pool_pre_ping=True)
         metadata.create_all(self.engine)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """Databases made by an older fluxserve get the columns added since (nullable or defaulted)."""
+        have = {c["name"] for c in inspect(self.engine).get_columns("jobs")}
+        with self.engine.begin() as conn:
+            for col in jobs.columns:
+                if col.name not in have:
+                    ddl = col.type.compile(dialect=self.engine.dialect)
+                    default = " NOT NULL DEFAULT '[]'" if col.name == "previews" else ""
+                    conn.execute(text(f"ALTER TABLE jobs ADD COLUMN {col.name} {ddl}{default}"))
 
     def close(self) -> None:
         self.engine.dispose()
 
     # jobs -----------------------------------------------------------------
 
-    def insert_job(self, job: Job) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(
-                jobs.insert().values(
-                    id=job.id,
-                    owner=job.owner,
-                    dialect=job.dialect,
-                    model=job.spec.model,
-                    status=job.status.value,
-                    spec=json.dumps(job.spec.to_dict()),
-                    request=json.dumps(job.request),
-                    created_at=job.created_at,
-                    attempts=0,
-                    progress_done=0,
-                    progress_total=job.spec.steps,
-                    outputs="[]",
-                    cancel_requested=False,
-                )
+    def insert_job(self, job: Job) -> bool:
+        """False when another job already holds this owner's idempotency key."""
+        try:
+            with self.engine.begin() as conn:
+                self._insert(conn, job)
+        except IntegrityError:
+            if job.idempotency_key is None:
+                raise
+            return False
+        return True
+
+    def _insert(self, conn: Any, job: Job) -> None:
+        conn.execute(
+            jobs.insert().values(
+                id=job.id,
+                owner=job.owner,
+                dialect=job.dialect,
+                model=job.spec.model,
+                status=job.status.value,
+                spec=json.dumps(job.spec.to_dict()),
+                request=json.dumps(job.request),
+                created_at=job.created_at,
+                attempts=0,
+                progress_done=0,
+                progress_total=job.spec.steps,
+                outputs="[]",
+                cancel_requested=False,
+                deadline=job.deadline,
+                webhook=json.dumps(job.webhook) if job.webhook else None,
+                idempotency_key=job.idempotency_key,
+                fingerprint=job.fingerprint,
+                previews="[]",
             )
+        )
+
+    def find_idempotent(self, owner: str, key: str) -> Job | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(jobs).where(and_(jobs.c.owner == owner, jobs.c.idempotency_key == key))).first()
+        return _to_job(row) if row else None
+
+    def list_jobs(self, owner: str, dialect: str, *, before: tuple[float, str] | None, limit: int) -> list[Job]:
+        """Newest first; ``before`` is the (created_at, id) of the last row of the previous page."""
+        query = select(jobs).where(and_(jobs.c.owner == owner, jobs.c.dialect == dialect))
+        if before is not None:
+            created, job_id = before
+            query = query.where(
+                (jobs.c.created_at < created) | (and_(jobs.c.created_at == created, jobs.c.id < job_id))
+            )
+        query = query.order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit)
+        with self.engine.connect() as conn:
+            return [_to_job(row) for row in conn.execute(query)]
+
+    def add_preview(self, job_id: str, key: str) -> None:
+        with self.engine.begin() as conn:
+            current = conn.execute(select(jobs.c.previews).where(jobs.c.id == job_id)).scalar_one()
+            conn.execute(
+                update(jobs).where(jobs.c.id == job_id).values(previews=json.dumps([*json.loads(current), key]))
+            )
+
+    def abort_expired(self, now: float) -> list[str]:
+        """Queued jobs whose Cancel-After deadline passed never start."""
+        expired = and_(jobs.c.status == Status.QUEUED.value, jobs.c.deadline.is_not(None), jobs.c.deadline <= now)
+        with self.engine.begin() as conn:
+            ids = [r.id for r in conn.execute(select(jobs.c.id).where(expired))]
+            if ids:
+                conn.execute(
+                    update(jobs)
+                    .where(and_(expired, jobs.c.id.in_(ids)))
+                    .values(
+                        status=Status.ABORTED.value,
+                        completed_at=now,
+                        error="The Cancel-After deadline passed before the job started.",
+                    )
+                )
+        return ids
 
     def get_job(self, job_id: str) -> Job | None:
         with self.engine.connect() as conn:
@@ -252,4 +329,9 @@ def _to_job(row: Row[Any]) -> Job:
         progress_total=row.progress_total,
         outputs=tuple(Output(**o) for o in json.loads(row.outputs)),
         error=row.error,
+        deadline=row.deadline,
+        webhook=json.loads(row.webhook) if row.webhook else None,
+        idempotency_key=row.idempotency_key,
+        fingerprint=row.fingerprint,
+        previews=tuple(json.loads(row.previews or "[]")),
     )

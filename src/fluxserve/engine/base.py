@@ -10,8 +10,9 @@ from PIL.Image import Image
 
 from ..spec import GenerationSpec
 
-# on_step(steps_done, steps_total); it may raise Cancelled to stop the call between steps.
-OnStep = Callable[[int, int], None]
+# on_step(steps_done, steps_total, previews); it may raise Cancelled to stop the call between steps.
+# ``previews`` holds decoded in-progress images when the step is one of spec.preview_steps(), else None.
+OnStep = Callable[[int, int, "list[Image] | None"], None]
 
 
 class Cancelled(Exception):

@@ -107,9 +107,15 @@ class DiffusersEngine:
         # CPU generators make a seed mean the same noise on every device.
         generators = [torch.Generator("cpu").manual_seed(s) for r in requests for s in r.spec.image_seeds()]
 
+        preview_steps = first.preview_steps()
+
         def callback(pipeline: Any, step: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            done = step + 1
+            previews = None
+            if done in preview_steps:
+                previews = _decode_preview(pipeline, tensors["latents"], first.height, first.width)
             try:
-                on_step(step + 1, first.steps)
+                on_step(done, first.steps, previews)
             except Cancelled:
                 pipeline._interrupt = True
                 raise
@@ -151,3 +157,12 @@ class DiffusersEngine:
             out.append(images[: r.spec.num_images])
             images = images[r.spec.num_images :]
         return out
+
+
+def _decode_preview(pipe: Any, latents: Any, height: int, width: int) -> list[Image]:
+    """The latents after a step, decoded by the pipeline's own VAE (a few per request at most)."""
+    unpacked = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+    unpacked = unpacked / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+    decoded = pipe.vae.decode(unpacked.to(pipe.vae.dtype), return_dict=False)[0]
+    images: list[Image] = pipe.image_processor.postprocess(decoded, output_type="pil")
+    return images
