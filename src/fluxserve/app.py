@@ -12,17 +12,18 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 from . import __version__
-from .api import edits, files, openai, vmodel
+from .api import bfl, edits, files, openai, replicate, vmodel
 from .api.deps import Services
 from .api.errors import install_error_handlers
 from .auth import Authenticator
 from .dispatch import LocalDispatcher
 from .engine.base import Engine
-from .jobs import JobService
+from .jobs import Job, JobService
 from .models import ModelRegistry
 from .settings import Settings
 from .storage import LocalStorage, load_or_create_secret
 from .store import Store
+from .webhooks import WebhookSender, owner_secret
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,21 @@ def build_engine(settings: Settings, registry: ModelRegistry) -> Engine:
     return engine
 
 
+def render_for_webhook(services: Services, job: Job) -> dict[str, Any] | None:
+    """Each dialect's webhook body is its own job rendering."""
+    if job.dialect == "replicate":
+        return replicate.render(services, job)
+    if job.dialect == "bfl":
+        return bfl.render_webhook(services, job)
+    return None
+
+
+def webhook_secret_for(services: Services, job: Job) -> str | None:
+    if job.dialect == "bfl":
+        return (job.webhook or {}).get("secret")
+    return owner_secret(services.secret, job.owner)
+
+
 def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -60,23 +76,30 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
                 settings.max_attempts,
             )
         registry = build_registry(settings)
-        storage = LocalStorage(
-            settings.outputs_dir,
-            load_or_create_secret(settings.data_dir / "secret.key"),
-            settings.base_url,
-            settings.url_ttl_s,
-        )
+        secret = load_or_create_secret(settings.data_dir / "secret.key")
+        storage = LocalStorage(settings.outputs_dir, secret, settings.base_url, settings.url_ttl_s)
         dispatcher = LocalDispatcher(store, storage, engine or build_engine(settings, registry), registry)
         jobs = JobService(store, dispatcher.wake)
         dispatcher.service = jobs
-        app.state.services = Services(
-            settings, store, storage, registry, jobs, dispatcher, Authenticator(store, settings.api_key)
+        services = Services(
+            settings, store, storage, registry, jobs, dispatcher, Authenticator(store, settings.api_key), secret
         )
+        app.state.services = services
+        webhooks = WebhookSender(
+            store,
+            render=lambda job: render_for_webhook(services, job),
+            secret_for=lambda job: webhook_secret_for(services, job),
+            allow_private=settings.allow_private_urls,
+            retry_base_s=settings.webhook_retry_base_s,
+        )
+        jobs.add_listener(webhooks.on_job_event)
+        webhooks.start()
         dispatcher.start()
         try:
             yield
         finally:
             dispatcher.stop()
+            webhooks.stop()
             store.close()
 
     app = FastAPI(title="fluxserve", version=__version__, lifespan=lifespan)
@@ -91,6 +114,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
     app.include_router(openai.router)
     app.include_router(edits.router)
     app.include_router(vmodel.router)
+    app.include_router(replicate.router)
+    app.include_router(bfl.router)
     app.include_router(files.router)
 
     @app.get("/health")

@@ -8,10 +8,19 @@ class FluxServeError(Exception):
     code = "server_error"
     type = "server_error"
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        details: list[dict[str, object]] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        # Every field error, as [{"loc": [...], "msg": ..., "type": ...}] (dialects that list them all).
+        self.details = details
         if code is not None:
             self.code = code
 

@@ -36,6 +36,7 @@ class Settings(BaseSettings):
     device: str = "auto"
     url_ttl_s: int = Field(default=3600, ge=60)
     max_attempts: int = Field(default=2, ge=1)
+    webhook_retry_base_s: float = Field(default=1.0, gt=0)  # retries back off 1x, 2x, 4x, 8x this
     # Only for loading weights: hub ids resolve from the local cache, never the network.
     offline: bool = Field(default_factory=lambda: os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"))
 

@@ -25,6 +25,7 @@ class Services:
     jobs: JobService
     dispatcher: Dispatcher
     auth: Authenticator
+    secret: bytes  # the server secret: signs file URLs, derives webhook secrets
 
     def output_urls(self, job: Job) -> list[str]:
         return [self.storage.url(o.key) for o in job.outputs]
@@ -39,5 +40,12 @@ def require_owner(request: Request) -> str:
     return get_services(request).auth.owner_for(bearer_token(request.headers.get("authorization")))
 
 
+def require_owner_xkey(request: Request) -> str:
+    """BFL clients send the key as x-key; a Bearer header is accepted too."""
+    key = request.headers.get("x-key") or bearer_token(request.headers.get("authorization"))
+    return get_services(request).auth.owner_for(key)
+
+
 ServicesDep = Annotated[Services, Depends(get_services)]
 OwnerDep = Annotated[str, Depends(require_owner)]
+XKeyOwnerDep = Annotated[str, Depends(require_owner_xkey)]

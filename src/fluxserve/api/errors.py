@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -27,25 +28,93 @@ def openai_error(status: int, message: str, type_: str, param: str | None, code:
     return JSONResponse(body, status_code=status)
 
 
+def _details(exc: FluxServeError) -> list[dict[str, object]]:
+    if exc.details:
+        return exc.details
+    loc: list[object] = ["body", *(exc.param or "body").split(".")] if exc.param not in (None, "body") else ["body"]
+    return [{"loc": loc, "msg": exc.message, "type": exc.code}]
+
+
+def _render_openai(exc: FluxServeError) -> JSONResponse:
+    return openai_error(exc.status_code, exc.message, exc.type, exc.param, exc.code)
+
+
+def _render_replicate(exc: FluxServeError) -> JSONResponse:
+    """RFC 7807 problem details, as Replicate answers; bad input is a 422 there."""
+    status = 422 if exc.status_code == 400 else exc.status_code
+    body: dict[str, object] = {
+        "type": exc.code,
+        "title": _TITLES.get(status, "Error"),
+        "status": status,
+        "detail": exc.message,
+    }
+    if status == 422:
+        body["invalid_fields"] = [
+            {"type": d["type"], "field": ".".join(str(p) for p in d["loc"] if p != "body"), "description": d["msg"]}  # type: ignore[attr-defined]
+            for d in _details(exc)
+        ]
+    return JSONResponse(body, status_code=status, media_type="application/problem+json")
+
+
+def _render_bfl(exc: FluxServeError) -> JSONResponse:
+    """BFL (FastAPI underneath): 422 {"detail": [{loc, msg, type}]} for bad input, {"detail": "..."} otherwise."""
+    if exc.status_code in (400, 422):
+        return JSONResponse({"detail": _details(exc)}, status_code=422)
+    return JSONResponse({"detail": exc.message}, status_code=exc.status_code)
+
+
+_TITLES = {
+    401: "Unauthenticated",
+    404: "Not found",
+    409: "Conflict",
+    413: "Payload too large",
+    415: "Unsupported media type",
+    422: "Input validation failed",
+    500: "Internal server error",
+}
+
+_RENDERERS: dict[str, Callable[[FluxServeError], JSONResponse]] = {
+    "openai": _render_openai,
+    "replicate": _render_replicate,
+    "bfl": _render_bfl,
+}
+
+
+def dialect_for_path(path: str) -> str:
+    """Which API a path belongs to, so its errors come back in that API's shape."""
+    if path.startswith(("/v1/predictions", "/v1/webhooks")) or (
+        path.startswith("/v1/models/") and path.rstrip("/").endswith("/predictions")
+    ):
+        return "replicate"
+    if path.startswith(("/v1/flux-", "/v1/get_result")):
+        return "bfl"
+    return "openai"
+
+
+def render_error(request: Request, exc: FluxServeError) -> JSONResponse:
+    return _RENDERERS[dialect_for_path(request.url.path)](exc)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(FluxServeError)
-    async def _fluxserve(_: Request, exc: FluxServeError) -> JSONResponse:
-        return openai_error(exc.status_code, exc.message, exc.type, exc.param, exc.code)
+    async def _fluxserve(request: Request, exc: FluxServeError) -> JSONResponse:
+        return render_error(request, exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        err = from_validation_errors(list(exc.errors()))
-        return openai_error(err.status_code, err.message, err.type, err.param, err.code)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return render_error(request, from_validation_errors(list(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return openai_error(exc.status_code, str(exc.detail), type_, None, None)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        err = FluxServeError(str(exc.detail), code="not_found" if exc.status_code == 404 else "http_error")
+        err.status_code = exc.status_code
+        err.type = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return render_error(request, err)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return openai_error(500, "The server had an error while processing your request.", "server_error", None, None)
+        return render_error(request, FluxServeError("The server had an error while processing your request."))
 
 
 def from_validation_errors(errors: list[Any], prefix: str = "") -> InvalidInput:
@@ -67,7 +136,10 @@ def from_validation_errors(errors: list[Any], prefix: str = "") -> InvalidInput:
     code = {"missing": "missing_required_parameter", "extra_forbidden": "unknown_parameter"}.get(
         first.get("type"), "invalid_value"
     )
-    return InvalidInput(message, param=name(first), code=code)
+    details: list[dict[str, object]] = [
+        {"loc": ["body", *name(e).split(".")], "msg": describe(e), "type": e.get("type", "value_error")} for e in errors
+    ]
+    return InvalidInput(message, param=name(first), code=code, details=details)
 
 
 def _reject_constant(name: str) -> None:

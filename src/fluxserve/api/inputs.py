@@ -10,7 +10,9 @@ from PIL import Image
 from starlette.datastructures import UploadFile
 
 from ..errors import InvalidInput, PayloadTooLarge
-from ..images import MAX_IMAGE_BYTES, decode_base64, decode_image, fetch_image_bytes
+from ..images import MAX_IMAGE_BYTES, decode_base64, decode_image, fetch_image_bytes, fit_megapixel
+from ..models import ModelSpec
+from ..spec import aspect_ratio_size
 from ..storage import Storage
 from .deps import Services
 
@@ -77,3 +79,32 @@ def elide_inline_images(fields: dict[str, object]) -> dict[str, object]:
         if isinstance(value, str) and len(value) > INLINE_ECHO_LIMIT and not value.startswith(("http://", "https://")):
             out[name] = f"{value[:32]}...(elided, {len(value)} characters)"
     return out
+
+
+async def image_and_size(
+    services: Services,
+    model: ModelSpec,
+    values: list[tuple[str, str]],
+    *,
+    aspect_ratio: str,
+    aspect_explicit: bool,
+    megapixels: str = "1",
+    aspect_param: str = "aspect_ratio",
+) -> tuple[Inputs, int, int]:
+    """Task-API image inputs ([(param, value)]) and the output size they imply.
+
+    An image-to-image model keeps the input's aspect ratio; Kontext does unless an aspect
+    ratio is asked for; 'match_input_image' asks for it explicitly.
+    """
+    inputs = Inputs([await image_from_value(value, services, param=param) for param, value in values])
+    match_input = aspect_ratio == "match_input_image" or (
+        bool(inputs.images) and (model.kind != "kontext" or not aspect_explicit)
+    )
+    if not match_input:
+        width, height = aspect_ratio_size(aspect_ratio, megapixels, param=aspect_param)
+    elif not inputs.images:
+        raise InvalidInput(f"{aspect_param} 'match_input_image' needs an input image.", param=aspect_param)
+    else:
+        target = 1024 * 1024 if megapixels == "1" else 512 * 512
+        width, height = fit_megapixel(*inputs.images[0].size, target=target)
+    return inputs, width, height

@@ -8,12 +8,10 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import InvalidInput
-from ..images import fit_megapixel
 from ..jobs import Job, Status
-from ..spec import aspect_ratio_size
 from .deps import OwnerDep, ServicesDep
 from .errors import read_json
-from .inputs import Inputs, elide_inline_images, image_from_value
+from .inputs import elide_inline_images, image_and_size
 
 router = APIRouter(prefix="/vmodel")
 
@@ -57,17 +55,15 @@ async def generate(request: Request, services: ServicesDep, owner: OwnerDep) -> 
         raise InvalidInput("Send one of input.image and input.input_image, not both.", param="input.image")
     param = "input.image" if inp.image is not None else "input.input_image"
     value = inp.image if inp.image is not None else inp.input_image
-    inputs = Inputs([await image_from_value(value, services, param=param)] if value is not None else [])
-    match_input = inp.aspect_ratio == "match_input_image" or (
-        inputs.images and (model.kind != "kontext" or "aspect_ratio" not in inp.model_fields_set)
+    inputs, width, height = await image_and_size(
+        services,
+        model,
+        [(param, value)] if value is not None else [],
+        aspect_ratio=inp.aspect_ratio,
+        aspect_explicit="aspect_ratio" in inp.model_fields_set,
+        megapixels=inp.megapixels,
+        aspect_param="input.aspect_ratio",
     )
-    if match_input:
-        if not inputs.images:
-            raise InvalidInput("aspect_ratio 'match_input_image' needs input.input_image.", param="input.aspect_ratio")
-        target = 1024 * 1024 if inp.megapixels == "1" else 512 * 512
-        width, height = fit_megapixel(*inputs.images[0].size, target=target)
-    else:
-        width, height = aspect_ratio_size(inp.aspect_ratio, inp.megapixels, param="input.aspect_ratio")
     spec = model.make_spec(
         prompt=inp.prompt,
         width=width,

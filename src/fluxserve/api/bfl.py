@@ -1,0 +1,204 @@
+"""Black Forest Labs' API over the job core: POST /v1/flux-*, GET /v1/get_result."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import InvalidInput, NotFound
+from ..images import fit_megapixel
+from ..jobs import Job, Status
+from ..webhooks import check_webhook_url
+from .deps import Services, ServicesDep, XKeyOwnerDep
+from .errors import read_json
+from .inputs import elide_inline_images, image_and_size
+
+router = APIRouter(prefix="/v1")
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str
+    seed: int | None = None
+    prompt_upsampling: bool = False  # accepted; there is no prompt upsampler here
+    safety_tolerance: int = Field(default=2, ge=0, le=6)  # accepted; no moderation model runs here
+    output_format: Literal["jpeg", "png", "webp"] | None = "jpeg"
+    webhook_url: str | None = Field(default=None, min_length=1, max_length=2083)
+    webhook_secret: str | None = None
+
+
+class Pro11Inputs(_Common):
+    width: int = Field(default=1024, ge=256, le=1440, multiple_of=32)
+    height: int = Field(default=768, ge=256, le=1440, multiple_of=32)
+    image_prompt: str | None = None
+
+
+class DevInputs(Pro11Inputs):
+    steps: int | None = Field(default=28, ge=1, le=50)
+    guidance: float | None = Field(default=3.0, ge=1.5, le=5)
+
+
+class ProInputs(DevInputs):
+    steps: int | None = Field(default=40, ge=1, le=50)
+    guidance: float | None = Field(default=2.5, ge=1.5, le=5)
+    interval: float = Field(default=2, ge=1, le=4)
+
+
+class KontextInputs(_Common):
+    input_image: str | None = None
+    input_image_2: str | None = None
+    input_image_3: str | None = None
+    input_image_4: str | None = None
+    aspect_ratio: str | None = None
+    output_format: Literal["jpeg", "png", "webp"] | None = "png"
+
+
+ENDPOINTS: dict[str, tuple[str, type[_Common]]] = {
+    "flux-dev": ("flux-dev", DevInputs),
+    "flux-pro": ("flux-pro", ProInputs),
+    "flux-pro-1.1": ("flux-pro", Pro11Inputs),
+    "flux-kontext-pro": ("flux-kontext-pro", KontextInputs),
+    "flux-kontext-max": ("flux-kontext-max", KontextInputs),
+}
+_RATIO = re.compile(r"^(\d{1,3}):(\d{1,3})$")
+
+
+def _kontext_size(aspect: str) -> tuple[int, int]:
+    m = _RATIO.match(aspect)
+    if not m or int(m.group(1)) == 0 or int(m.group(2)) == 0:
+        raise InvalidInput(f"aspect_ratio must look like '16:9'; got {aspect!r}.", param="aspect_ratio")
+    w, h = int(m.group(1)), int(m.group(2))
+    if not 9 / 21 - 1e-9 <= w / h <= 21 / 9 + 1e-9:
+        raise InvalidInput(f"aspect_ratio must be between 21:9 and 9:21; got {aspect!r}.", param="aspect_ratio")
+    return fit_megapixel(w, h)
+
+
+async def _create(endpoint: str, request: Request, services: Services, owner: str) -> dict[str, Any]:
+    model_name, schema = ENDPOINTS[endpoint]
+    if model_name not in services.registry:
+        raise NotFound(f"/v1/{endpoint} is not served here.")
+    body = await read_json(request, schema)
+    model = services.registry.get(model_name)
+    values: list[tuple[str, str]] = []
+    if isinstance(body, KontextInputs):
+        names = ("input_image", "input_image_2", "input_image_3", "input_image_4")
+        values = [(n, getattr(body, n)) for n in names if getattr(body, n)]
+        if body.aspect_ratio:
+            width, height = _kontext_size(body.aspect_ratio)
+            inputs, _, _ = await image_and_size(services, model, values, aspect_ratio="1:1", aspect_explicit=True)
+        else:
+            inputs, width, height = await image_and_size(
+                services, model, values, aspect_ratio="match_input_image" if values else "1:1", aspect_explicit=False
+            )
+    else:
+        assert isinstance(body, Pro11Inputs)
+        if body.image_prompt:
+            raise InvalidInput("image_prompt (Redux) is not supported by this server.", param="image_prompt")
+        inputs, _, _ = await image_and_size(services, model, [], aspect_ratio="1:1", aspect_explicit=True)
+        width, height = body.width, body.height
+    spec = model.make_spec(
+        prompt=body.prompt,
+        width=width,
+        height=height,
+        steps=getattr(body, "steps", None),
+        guidance=getattr(body, "guidance", None),
+        seed=body.seed,
+        output_format=body.output_format or "jpeg",
+        quality=95,
+        images=inputs.keys,
+        params={"size": "width"},
+    )
+    webhook = None
+    if body.webhook_url:
+        check_webhook_url(body.webhook_url, param="webhook_url", allow_private=services.settings.allow_private_urls)
+        webhook = {"url": body.webhook_url, "events": ["completed"], "secret": body.webhook_secret}
+    inputs.save(services.storage)
+    echo = {
+        "endpoint": endpoint,
+        "input": elide_inline_images(body.model_dump(exclude_unset=True, exclude={"webhook_secret"})),
+    }
+    job = services.jobs.submit(
+        owner, "bfl", spec, echo, idempotency_key=request.headers.get("idempotency-key"), webhook=webhook
+    )
+    polling_url = f"{services.settings.base_url}/v1/get_result?id={job.id}"
+    mp = round(width * height / 1_000_000, 2)
+    response: dict[str, Any] = {
+        "id": job.id,
+        "polling_url": polling_url,
+        "cost": None,
+        "input_mp": None,
+        "output_mp": mp,
+    }
+    if webhook:
+        response |= {"status": "Pending", "webhook_url": body.webhook_url}
+    return response
+
+
+def _router_for(endpoint: str) -> None:
+    async def create(request: Request, services: ServicesDep, owner: XKeyOwnerDep) -> dict[str, Any]:
+        return await _create(endpoint, request, services, owner)
+
+    create.__name__ = f"create_{endpoint.replace('-', '_').replace('.', '_')}"
+    router.add_api_route(f"/{endpoint}", create, methods=["POST"])
+
+
+for _endpoint in ENDPOINTS:
+    _router_for(_endpoint)
+
+
+_STATUS = {
+    Status.QUEUED: "Pending",
+    Status.PROCESSING: "Pending",
+    Status.SUCCEEDED: "Ready",
+    Status.FAILED: "Error",
+    Status.CANCELED: "Error",
+    Status.ABORTED: "Error",
+}
+
+
+def render(services: Services, job: Job) -> dict[str, Any]:
+    result = None
+    if job.status is Status.SUCCEEDED:
+        out = job.outputs[0]
+        result = {
+            "sample": services.storage.url(out.key),
+            "prompt": job.spec.prompt,
+            "seed": out.seed,
+            "start_time": job.started_at,
+            "end_time": job.completed_at,
+            "duration": round((job.completed_at or 0) - (job.started_at or 0), 3),
+        }
+    elif job.status.is_terminal:
+        result = {"error": job.error}
+    details: dict[str, Any] = {
+        "queue_position": job.queue_position,
+        "steps": job.progress_done,
+        "total": job.progress_total,
+    }
+    return {
+        "id": job.id,
+        "status": _STATUS[job.status],
+        "result": result,
+        "progress": round(job.progress, 4),
+        "details": details,
+        "preview": None,
+    }
+
+
+def render_webhook(services: Services, job: Job) -> dict[str, Any]:
+    return {**render(services, job), "task_id": job.id}
+
+
+@router.get("/get_result")
+async def get_result(services: ServicesDep, owner: XKeyOwnerDep, id: str = "") -> Any:
+    try:
+        job = services.jobs.get(id, owner)
+    except NotFound:
+        job = None
+    if job is None or job.dialect != "bfl":
+        return JSONResponse({"id": id, "status": "Task not found", "result": None, "progress": None}, status_code=404)
+    return render(services, job)

@@ -1,0 +1,356 @@
+"""Replicate's predictions API over the job core: create, get, list, cancel, wait, stream."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import InvalidInput, NotFound
+from ..jobs import Job, Status
+from ..spec import ASPECT_RATIOS
+from ..webhooks import EVENTS, check_webhook_url, owner_secret
+from .deps import OwnerDep, Services, ServicesDep
+from .errors import read_json
+from .inputs import Inputs, elide_inline_images, image_and_size
+
+router = APIRouter(prefix="/v1")
+
+AspectRatio = Literal["1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21"]
+assert set(AspectRatio.__args__) == set(ASPECT_RATIOS)  # type: ignore[attr-defined]
+PAGE_SIZE = 100
+OWNER = "black-forest-labs"
+
+
+class _Input(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str
+    seed: int | None = None
+
+
+class SchnellInput(_Input):
+    aspect_ratio: AspectRatio = "1:1"
+    num_outputs: int = Field(default=1, ge=1, le=4)
+    num_inference_steps: int = Field(default=4, ge=1, le=4)
+    output_format: Literal["webp", "jpg", "png"] = "webp"
+    output_quality: int = Field(default=80, ge=0, le=100)
+    disable_safety_checker: bool = False
+    go_fast: bool = True  # accepted; fluxserve's default mode is already the exact one
+    megapixels: Literal["1", "0.25"] = "1"
+
+
+class DevInput(SchnellInput):
+    num_inference_steps: int = Field(default=28, ge=1, le=50)
+    guidance: float = Field(default=3.5, ge=0, le=10)
+    image: str | None = None
+    prompt_strength: float = Field(default=0.8, ge=0, le=1)
+
+
+class Pro11Input(_Input):
+    aspect_ratio: AspectRatio | Literal["custom"] = "1:1"
+    width: int | None = Field(default=None, ge=256, le=1440, multiple_of=32)
+    height: int | None = Field(default=None, ge=256, le=1440, multiple_of=32)
+    safety_tolerance: int = Field(default=2, ge=1, le=6)
+    prompt_upsampling: bool = False
+    output_format: Literal["webp", "jpg", "png"] = "webp"
+    output_quality: int = Field(default=80, ge=0, le=100)
+    image_prompt: str | None = None  # Redux: refused with a clear message in _spec
+
+
+class ProInput(Pro11Input):
+    steps: int = Field(default=25, ge=1, le=50)
+    guidance: float = Field(default=3, ge=2, le=5)
+    interval: float = Field(default=2, ge=1, le=4)
+
+
+class KontextInput(_Input):
+    input_image: str | None = None
+    aspect_ratio: AspectRatio | Literal["match_input_image"] = "match_input_image"
+    prompt_upsampling: bool = False
+    safety_tolerance: int = Field(default=2, ge=0, le=6)
+    output_format: Literal["jpg", "png"] = "png"
+
+
+# Replicate model name -> (fluxserve model, input schema, output is a list?)
+MODELS: dict[str, tuple[str, type[_Input], bool]] = {
+    "flux-schnell": ("flux-schnell", SchnellInput, True),
+    "flux-dev": ("flux-dev", DevInput, True),
+    "flux-pro": ("flux-pro", ProInput, False),
+    "flux-1.1-pro": ("flux-pro", Pro11Input, False),
+    "flux-kontext-pro": ("flux-kontext-pro", KontextInput, False),
+    "flux-kontext-max": ("flux-kontext-max", KontextInput, False),
+}
+_FORMATS = {"jpg": "jpeg", "png": "png", "webp": "webp"}
+
+
+class PredictionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    version: str | None = None
+    input: dict[str, Any]
+    webhook: str | None = None
+    webhook_events_filter: list[Literal["start", "output", "logs", "completed"]] | None = None
+    stream: bool | None = None  # deprecated by Replicate; every prediction has urls.stream
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def render(services: Services, job: Job) -> dict[str, Any]:
+    base = services.settings.base_url
+    output: Any = None
+    if job.status is Status.SUCCEEDED:
+        urls = services.output_urls(job)
+        output = urls if job.request.get("list_output", True) else urls[0]
+    metrics: dict[str, Any] = {"image_count": len(job.outputs)} if job.outputs else {}
+    if job.started_at and job.completed_at:
+        metrics["predict_time"] = round(job.completed_at - job.started_at, 3)
+    if job.completed_at:
+        metrics["total_time"] = round(job.completed_at - job.created_at, 3)
+    return {
+        "id": job.id,
+        "model": job.request["model"],
+        "version": "hidden",
+        "input": job.request["input"],
+        "output": output,
+        "logs": "\n".join(job.log_lines()),
+        "error": None if job.status is Status.CANCELED else job.error,
+        "status": job.status.public,
+        "created_at": _iso(job.created_at),
+        "started_at": _iso(job.started_at),
+        "completed_at": _iso(job.completed_at),
+        "deadline": _iso(job.deadline),
+        "data_removed": False,
+        "source": "api",
+        "metrics": metrics,
+        "progress": {"current": job.progress_done, "total": job.progress_total, "percentage": round(job.progress, 4)},
+        "queue_position": job.queue_position,
+        "urls": {
+            "get": f"{base}/v1/predictions/{job.id}",
+            "cancel": f"{base}/v1/predictions/{job.id}/cancel",
+            "stream": f"{base}/v1/predictions/{job.id}/stream",
+        },
+    }
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: str, *, param: str) -> float:
+    """Go-style durations as Replicate takes them: '30s', '5m', '1h30m', '1.5s', '500ms'."""
+    text = value.strip()
+    parts = _DURATION.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise InvalidInput(f"{param} must be a duration such as '30s', '5m' or '1h30m'; got {value!r}.", param=param)
+    seconds = sum(float(n) * _UNITS[u] for n, u in parts)
+    if seconds <= 0:
+        raise InvalidInput(f"{param} must be positive.", param=param)
+    return seconds
+
+
+def parse_prefer_wait(header: str | None) -> float | None:
+    """'Prefer: wait' holds the request up to 60 s; 'wait=N' for N in 1..60. Other preferences are ignored."""
+    if not header:
+        return None
+    for pref in (p.strip() for p in header.split(",")):
+        name, _, value = pref.partition("=")
+        if name.strip().lower() != "wait":
+            continue
+        if not value:
+            return 60.0
+        if not value.strip().isdigit() or not 1 <= int(value) <= 60:
+            raise InvalidInput(
+                f"Prefer: wait={value} is invalid; use wait or wait=N with N from 1 to 60.", param="Prefer"
+            )
+        return float(value)
+    return None
+
+
+async def _create(request: Request, services: Services, owner: str, name: str, body: PredictionRequest) -> Any:
+    if name not in MODELS or MODELS[name][0] not in services.registry:
+        raise NotFound(f"Model {OWNER}/{name} is not served here; available: "
+                       + ", ".join(f"{OWNER}/{m}" for m, (n, _, _) in MODELS.items() if n in services.registry),
+                       param="model")  # fmt: skip
+    model_name, schema, list_output = MODELS[name]
+    model = services.registry.get(model_name)
+    from pydantic import ValidationError
+
+    from .errors import from_validation_errors
+
+    try:
+        inp = schema.model_validate(body.input)
+    except ValidationError as exc:
+        raise from_validation_errors(list(exc.errors()), prefix="input.") from exc
+    spec, inputs = await _spec(services, model, inp)
+    wait_s = parse_prefer_wait(request.headers.get("prefer"))
+    cancel_after = request.headers.get("cancel-after")
+    deadline = time.time() + parse_duration(cancel_after, param="Cancel-After") if cancel_after else None
+    webhook = None
+    if body.webhook:
+        check_webhook_url(body.webhook, param="webhook", allow_private=services.settings.allow_private_urls)
+        events: list[str] = list(body.webhook_events_filter) if body.webhook_events_filter else list(EVENTS)
+        webhook = {"url": body.webhook, "events": events}
+    inputs.save(services.storage)
+    echo = {"model": f"{OWNER}/{name}", "input": elide_inline_images(body.input), "list_output": list_output}
+    job = services.jobs.submit(
+        owner, "replicate", spec, echo,
+        idempotency_key=request.headers.get("idempotency-key"), deadline=deadline, webhook=webhook,
+    )  # fmt: skip
+    if wait_s is not None:
+        job = await services.jobs.wait(job.id, owner, timeout=wait_s)
+    else:
+        job = services.jobs.get(job.id, owner)
+    return JSONResponse(render(services, job), status_code=201)
+
+
+async def _spec(services: Services, model: Any, inp: _Input) -> tuple[Any, Inputs]:
+    values: list[tuple[str, str]] = []
+    if isinstance(inp, DevInput) and inp.image:
+        values = [("input.image", inp.image)]
+    if isinstance(inp, KontextInput) and inp.input_image:
+        values = [("input.input_image", inp.input_image)]
+        if inp.safety_tolerance > 2:
+            raise InvalidInput(
+                "input.safety_tolerance can be at most 2 with an input image.", param="input.safety_tolerance"
+            )
+    if isinstance(inp, Pro11Input) and inp.image_prompt:
+        raise InvalidInput("input.image_prompt (Redux) is not supported by this server.", param="input.image_prompt")
+    aspect = getattr(inp, "aspect_ratio", "1:1")
+    if isinstance(inp, Pro11Input) and aspect == "custom":
+        if inp.width is None or inp.height is None:
+            raise InvalidInput("aspect_ratio 'custom' needs input.width and input.height.", param="input.width")
+        inputs, width, height = Inputs([]), inp.width, inp.height
+    else:
+        if aspect == "match_input_image" and not values:
+            aspect = "1:1"  # Kontext without an input image generates from text
+        inputs, width, height = await image_and_size(
+            services, model, values, aspect_ratio=aspect, aspect_explicit="aspect_ratio" in inp.model_fields_set,
+            megapixels=getattr(inp, "megapixels", "1"), aspect_param="input.aspect_ratio",
+        )  # fmt: skip
+    steps = getattr(inp, "num_inference_steps", None) or getattr(inp, "steps", None)
+    spec = model.make_spec(
+        prompt=inp.prompt,
+        width=width,
+        height=height,
+        num_images=getattr(inp, "num_outputs", 1),
+        steps=steps if steps is not None else None,
+        guidance=getattr(inp, "guidance", None),
+        seed=inp.seed,
+        output_format=_FORMATS[getattr(inp, "output_format", "png")],
+        quality=max(1, getattr(inp, "output_quality", 100)),
+        images=inputs.keys,
+        strength=getattr(inp, "prompt_strength", None) if values else None,
+        params={"prompt": "input.prompt", "steps": "input.num_inference_steps", "guidance": "input.guidance",
+                "seed": "input.seed", "size": "input.width", "strength": "input.prompt_strength"},
+    )  # fmt: skip
+    return spec, inputs
+
+
+@router.post("/models/{owner_name}/{name}/predictions")
+async def create_model_prediction(
+    owner_name: str, name: str, request: Request, services: ServicesDep, owner: OwnerDep
+) -> Any:
+    body = await read_json(request, PredictionRequest)
+    if owner_name != OWNER:
+        raise NotFound(f"Model {owner_name}/{name} is not served here.", param="model")
+    return await _create(request, services, owner, name, body)
+
+
+@router.post("/predictions")
+async def create_prediction(request: Request, services: ServicesDep, owner: OwnerDep) -> Any:
+    body = await read_json(request, PredictionRequest)
+    if not body.version:
+        raise InvalidInput("Missing required parameter 'version' (owner/name or owner/name:version).", param="version")
+    ref = body.version.split(":", 1)[0]
+    owner_name, _, name = ref.partition("/")
+    if owner_name != OWNER or not name:
+        raise InvalidInput(
+            f"version {body.version!r} is not a model served here; use {OWNER}/NAME, e.g. {OWNER}/flux-schnell.",
+            param="version",
+        )
+    return await _create(request, services, owner, name, body)
+
+
+def _replicate_job(services: Services, job_id: str, owner: str) -> Job:
+    job = services.jobs.get(job_id, owner)
+    if job.dialect != "replicate":
+        raise NotFound(f"No prediction with id {job_id!r}.", param="id")
+    return job
+
+
+@router.get("/predictions/{job_id}")
+async def get_prediction(job_id: str, services: ServicesDep, owner: OwnerDep) -> dict[str, Any]:
+    return render(services, _replicate_job(services, job_id, owner))
+
+
+@router.post("/predictions/{job_id}/cancel")
+async def cancel_prediction(job_id: str, services: ServicesDep, owner: OwnerDep) -> dict[str, Any]:
+    _replicate_job(services, job_id, owner)
+    return render(services, services.jobs.cancel(job_id, owner))
+
+
+@router.get("/predictions")
+async def list_predictions(services: ServicesDep, owner: OwnerDep, cursor: str | None = None) -> dict[str, Any]:
+    before = _decode_cursor(cursor) if cursor else None
+    jobs = services.store.list_jobs(owner, "replicate", before=before, limit=PAGE_SIZE + 1)
+    page, more = jobs[:PAGE_SIZE], len(jobs) > PAGE_SIZE
+    next_url = None
+    if more:
+        last = page[-1]
+        token = base64.urlsafe_b64encode(json.dumps([last.created_at, last.id]).encode()).decode()
+        next_url = f"{services.settings.base_url}/v1/predictions?cursor={token}"
+    return {"previous": None, "next": next_url, "results": [render(services, j) for j in page]}
+
+
+def _decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        created, job_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        return float(created), str(job_id)
+    except (ValueError, TypeError) as exc:
+        raise InvalidInput("cursor is not a cursor this server handed out.", param="cursor") from exc
+
+
+@router.get("/webhooks/default/secret")
+async def webhook_secret(services: ServicesDep, owner: OwnerDep) -> dict[str, str]:
+    return {"key": owner_secret(services.secret, owner)}
+
+
+@router.get("/predictions/{job_id}/stream")
+async def stream_prediction(job_id: str, services: ServicesDep, owner: OwnerDep) -> StreamingResponse:
+    """SSE: `logs` lines as steps finish, `output` per file URL, then `error` and/or `done`."""
+    _replicate_job(services, job_id, owner)
+
+    async def events() -> AsyncIterator[str]:
+        sent_logs = 0
+        async for job in services.jobs.watch(job_id, owner):
+            lines = job.log_lines()
+            for line in lines[sent_logs:]:
+                yield _sse("logs", line)
+            sent_logs = len(lines)
+            if job.status is Status.SUCCEEDED:
+                for url in services.output_urls(job):
+                    yield _sse("output", url)
+            if job.status in (Status.FAILED, Status.ABORTED):
+                yield _sse("error", json.dumps({"detail": job.error}))
+            if job.status.is_terminal:
+                reason = {Status.CANCELED: "canceled", Status.ABORTED: "aborted", Status.FAILED: "error"}
+                yield _sse("done", json.dumps({"reason": reason[job.status]} if job.status in reason else {}))
+
+    headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+
+def _sse(event: str, data: str) -> str:
+    lines = "".join(f"data: {line}\n" for line in data.split("\n"))
+    return f"event: {event}\n{lines}\n"
