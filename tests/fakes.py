@@ -28,9 +28,13 @@ class FakeEngine:
         self.calls.append(list(requests))
         self.started.set()
         first = requests[0].spec
-        for step in range(first.steps):
+        preview_steps = first.preview_steps()
+        for step in range(1, first.steps + 1):
             time.sleep(self.step_s)
-            on_step(step + 1, first.steps, None)
+            previews = (
+                [Image.new("RGB", (first.width, first.height), (step, step, step))] if step in preview_steps else None
+            )
+            on_step(step, first.steps, previews)
         if self.fail_with is not None:
             raise self.fail_with
         return [

@@ -45,7 +45,7 @@ def _assert_error(resp: Any, status: int, param: str | None, *words: str) -> Non
         ({"prompt": "a", "seed": -3}, "seed", ["between 0"]),
         ({"prompt": "a", "model": "flux", "steps": 9}, "steps", ["between 1 and 4"]),
         ({"prompt": "a", "model": "flux-dev", "steps": 0}, "steps", ["between 1 and 50"]),
-        ({"prompt": "a", "stream": True}, "stream", ["False"]),
+        ({"prompt": "a", "stream": True, "partial_images": 4}, "partial_images", ["3"]),
     ],
 )
 def test_generations_bad_fields(client: TestClient, body: dict[str, Any], param: str, words: list[str]) -> None:

@@ -19,6 +19,7 @@ from .inputs import elide_inline_images, image_and_size
 
 router = APIRouter(prefix="/v1")
 
+
 class _Common(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import base64
+import json
 import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import GenerationFailed
@@ -36,7 +40,8 @@ class ImageGenerationRequest(BaseModel):
     background: Literal["auto", "opaque"] | None = None
     moderation: Literal["low", "auto"] | None = None
     user: str | None = None
-    stream: Literal[False] | None = None
+    stream: bool | None = None
+    partial_images: int | None = Field(default=None, ge=0, le=3)
     # fluxserve extensions
     seed: int | None = None
     steps: int | None = None
@@ -44,7 +49,7 @@ class ImageGenerationRequest(BaseModel):
 
 
 @router.post("/images/generations")
-async def create_image(request: Request, services: ServicesDep, owner: OwnerDep) -> dict[str, Any]:
+async def create_image(request: Request, services: ServicesDep, owner: OwnerDep) -> Any:
     body = await read_json(request, ImageGenerationRequest)
     model = services.registry.get(body.model or DEFAULT_MODEL)
     width, height = parse_size(body.size)
@@ -61,7 +66,44 @@ async def create_image(request: Request, services: ServicesDep, owner: OwnerDep)
         quality=max(1, body.output_compression if body.output_compression is not None else 100),
     )
     echo = body.model_dump(exclude_none=True)
+    if body.stream:
+        spec = replace(spec, partial_images=body.partial_images or 0)
+        job = services.jobs.submit(owner, "openai", spec, echo)
+        return StreamingResponse(
+            _stream_events(services, job, owner, body.quality or "auto"),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        )
     return await run_and_render(services, owner, spec, echo, body.response_format, body.quality)
+
+
+async def _stream_events(services: Services, job: Job, owner: str, quality: str) -> AsyncIterator[str]:
+    """OpenAI image streaming: partial_image events with previews, then completed (always b64_json)."""
+    spec = job.spec
+    common = {"background": "opaque", "output_format": spec.output_format, "quality": quality,
+              "size": f"{spec.width}x{spec.height}", "created_at": int(job.created_at)}  # fmt: skip
+    sent = 0
+    async for current in services.jobs.watch(job.id, owner):
+        for index, key in enumerate(current.previews[sent:], start=sent):
+            b64 = base64.b64encode(services.storage.open(key).read_bytes()).decode()
+            event = {"type": "image_generation.partial_image", "b64_json": b64, "partial_image_index": index}
+            yield _sse(event | common)
+        sent = len(current.previews)
+        if current.status is Status.SUCCEEDED:
+            for out in current.outputs:
+                b64 = base64.b64encode(services.storage.open(out.key).read_bytes()).decode()
+                usage = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
+                         "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}}  # fmt: skip
+                yield _sse({"type": "image_generation.completed", "b64_json": b64, "usage": usage} | common)
+        elif current.status.is_terminal:
+            message = current.error or f"The image generation ended as {current.status.value}."
+            yield _sse(
+                {"type": "error", "error": {"message": message, "type": "server_error", "code": "generation_failed"}}
+            )
+
+
+def _sse(event: dict[str, Any]) -> str:
+    return f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
 
 
 async def run_and_render(
