@@ -1,0 +1,126 @@
+"""The replicate Python client, BFL polling with httpx, and SSE with httpx-sse, against the real server."""
+
+import base64
+import io
+import time
+
+import httpx
+import httpx_sse
+import pytest
+import replicate
+from PIL import Image
+from replicate.exceptions import ReplicateError
+
+from tests.e2e.server import RemoteServer
+from tests.images_util import png_bytes
+
+
+@pytest.fixture(scope="module")
+def client(server: RemoteServer) -> replicate.Client:
+    return replicate.Client(api_token=server.api_key, base_url=server.url, timeout=120)
+
+
+def _read(output: object) -> bytes:
+    return output.read() if hasattr(output, "read") else httpx.get(str(output), timeout=30).content
+
+
+def test_run_schnell_and_kontext(client: replicate.Client) -> None:
+    out = client.run(
+        "black-forest-labs/flux-schnell", input={"prompt": "a fox", "megapixels": "0.25", "num_outputs": 2}
+    )
+    assert len(out) == 2
+    # The client wraps only https URLs in FileOutput; a loopback server hands out http ones.
+    img = Image.open(io.BytesIO(_read(out[0])))
+    assert img.size == (512, 512) and img.format == "WEBP"
+    data_url = "data:image/png;base64," + base64.b64encode(png_bytes((512, 256))).decode()
+    single = client.run("black-forest-labs/flux-kontext-pro", input={"prompt": "red", "input_image": data_url})
+    assert isinstance(single, str)  # kontext returns one file, not a list
+    img = Image.open(io.BytesIO(_read(single)))
+    assert img.format == "PNG" and img.size == (1456, 720)
+
+
+def test_create_wait_cancel_list(client: replicate.Client) -> None:
+    p = client.models.predictions.create(model="black-forest-labs/flux-schnell", input={"prompt": "wait for me"})
+    p.wait()
+    assert p.status == "succeeded" and isinstance(p.output, list)
+    long = client.models.predictions.create(
+        model="black-forest-labs/flux-dev", input={"prompt": "long", "num_inference_steps": 50}
+    )
+    queued = client.models.predictions.create(model="black-forest-labs/flux-schnell", input={"prompt": "queued"})
+    deadline = time.time() + 60
+    while long.status != "processing" and time.time() < deadline:
+        long.reload()
+        time.sleep(0.1)
+    queued.cancel()
+    long.cancel()
+    t0 = time.time()
+    long.wait()
+    queued.reload()
+    assert long.status == "canceled" and queued.status == "canceled" and queued.started_at is None
+    assert time.time() - t0 < 10
+    after = client.models.predictions.create(model="black-forest-labs/flux-schnell", input={"prompt": "after"})
+    after.wait()
+    assert after.status == "succeeded"  # the cancel freed the worker
+    ids = [x.id for x in client.predictions.list().results]
+    assert ids[:4] == [after.id, queued.id, long.id, p.id]
+
+
+def test_client_sees_validation_errors(client: replicate.Client) -> None:
+    with pytest.raises(ReplicateError) as err:
+        client.models.predictions.create(
+            model="black-forest-labs/flux-schnell", input={"prompt": "x", "num_outputs": 9}
+        )
+    assert err.value.status == 422 and "num_outputs" in str(err.value)
+
+
+def test_sse_stream(server: RemoteServer) -> None:
+    created = httpx.post(
+        f"{server.url}/v1/models/black-forest-labs/flux-dev/predictions",
+        json={"input": {"prompt": "stream me", "num_inference_steps": 6, "megapixels": "0.25"}},
+        headers=server.headers,
+    ).json()
+    events = []
+    with (
+        httpx.Client(timeout=120) as http,
+        httpx_sse.connect_sse(
+            http, "GET", created["urls"]["stream"], headers={**server.headers, "Accept": "text/event-stream"}
+        ) as source,
+    ):
+        events = [(sse.event, sse.data) for sse in source.iter_sse()]
+    names = [e for e, _ in events]
+    assert names[-1] == "done" and names.count("output") == 1
+    assert "step 6/6" in [d for e, d in events if e == "logs"]
+
+
+def test_bfl_polling(server: RemoteServer) -> None:
+    xkey = {"x-key": server.api_key or ""}
+    created = httpx.post(f"{server.url}/v1/flux-dev", json={"prompt": "bfl", "width": 512, "height": 256, "steps": 4},
+                         headers=xkey).json()  # fmt: skip
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        result = httpx.get(created["polling_url"], headers=xkey).json()
+        if result["status"] != "Pending":
+            break
+        time.sleep(0.2)
+    assert result["status"] == "Ready"
+    img = Image.open(io.BytesIO(httpx.get(result["result"]["sample"]).content))
+    assert img.format == "JPEG" and img.size == (512, 256)
+
+
+def test_openai_sdk_streaming_partials(server: RemoteServer) -> None:
+    import openai
+
+    client = openai.OpenAI(api_key=server.api_key, base_url=f"{server.url}/v1", max_retries=0, timeout=120)
+    stream = client.images.generate(
+        model="flux-dev",
+        prompt="partials",
+        size="512x512",
+        stream=True,
+        partial_images=2,
+        extra_body={"steps": 6},
+    )
+    events = list(stream)
+    assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+    previews = [Image.open(io.BytesIO(base64.b64decode(e.b64_json))) for e in events]
+    assert all(p.size == (512, 512) for p in previews)
+    assert previews[0].tobytes() != previews[-1].tobytes()
