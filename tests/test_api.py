@@ -178,3 +178,25 @@ def test_output_metadata_has_prompt_seed_model(client: TestClient, settings: Set
         out = next(Path(settings.outputs_dir, job_id).iterdir())
         meta = read_metadata(out.read_bytes())
         assert meta["prompt"] == "meta" and meta["seed"] == 5 and meta["model"] == "flux"
+
+
+def test_idempotency_on_every_create_route(client: TestClient) -> None:
+    from tests.images_util import png_bytes
+
+    for i, (method, path, kw) in enumerate(
+        [
+            ("json", "/vmodel/generate", {"json": {"model": "flux", "input": {"prompt": "once"}}}),
+            ("json", "/v1/images/generations", {"json": {"prompt": "once"}}),
+            ("form", "/v1/images/edits", {"data": {"prompt": "once"}, "files": {"image": ("a.png", png_bytes())}}),
+            ("json", "/v1/flux-dev", {"json": {"prompt": "once"}}),
+        ]
+    ):
+        headers = {**AUTH, "x-key": AUTH["Authorization"].split()[1], "Idempotency-Key": f"key-{i}"}
+        first = client.post(path, headers=headers, **kw)  # type: ignore[arg-type]
+        second = client.post(path, headers=headers, **kw)  # type: ignore[arg-type]
+        assert first.status_code == second.status_code == 200, (method, first.text)
+        assert (
+            first.json() == second.json()
+            if "id" in first.json()
+            else first.json()["created"] == second.json()["created"]
+        )

@@ -13,7 +13,7 @@ from ..errors import InvalidInput, NotFound
 from ..images import fit_megapixel
 from ..jobs import Job, Status
 from ..webhooks import check_webhook_url
-from .deps import Services, ServicesDep, XKeyOwnerDep
+from .deps import Services, ServicesDep, XKeyOwnerDep, idempotency_key
 from .errors import read_json
 from .inputs import elide_inline_images, image_and_size
 
@@ -122,9 +122,7 @@ async def _create(endpoint: str, request: Request, services: Services, owner: st
         "endpoint": endpoint,
         "input": elide_inline_images(body.model_dump(exclude_unset=True, exclude={"webhook_secret"})),
     }
-    job = services.jobs.submit(
-        owner, "bfl", spec, echo, idempotency_key=request.headers.get("idempotency-key"), webhook=webhook
-    )
+    job = services.jobs.submit(owner, "bfl", spec, echo, idempotency_key=idempotency_key(request), webhook=webhook)
     polling_url = f"{services.settings.base_url}/v1/get_result?id={job.id}"
     mp = round(width * height / 1_000_000, 2)
     response: dict[str, Any] = {

@@ -40,6 +40,10 @@ def require_owner(request: Request) -> str:
     return get_services(request).auth.owner_for(bearer_token(request.headers.get("authorization")))
 
 
+def idempotency_key(request: Request) -> str | None:
+    return request.headers.get("idempotency-key")
+
+
 def require_owner_xkey(request: Request) -> str:
     """BFL clients send the key as x-key; a Bearer header is accepted too."""
     key = request.headers.get("x-key") or bearer_token(request.headers.get("authorization"))

@@ -103,7 +103,7 @@ async def edit_image(request: Request, services: ServicesDep, owner: OwnerDep) -
     )
     inputs.save(services.storage)
     echo = {**body.model_dump(exclude_none=True), "images": len(images), "mask": mask is not None}
-    return await run_and_render(services, owner, spec, echo, body.response_format, body.quality)
+    return await run_and_render(request, services, owner, spec, echo, body.response_format, body.quality)
 
 
 def _check_prompt_given(body: EditForm) -> None:
@@ -138,4 +138,4 @@ async def image_variation(request: Request, services: ServicesDep, owner: OwnerD
     )
     inputs.save(services.storage)
     echo = {**body.model_dump(exclude_none=True), "images": 1}
-    return await run_and_render(services, owner, spec, echo, body.response_format, body.quality)
+    return await run_and_render(request, services, owner, spec, echo, body.response_format, body.quality)

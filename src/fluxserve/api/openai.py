@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import GenerationFailed
 from ..jobs import Job, Status
 from ..spec import GenerationSpec, parse_size
-from .deps import OwnerDep, Services, ServicesDep
+from .deps import OwnerDep, Services, ServicesDep, idempotency_key
 from .errors import read_json
 
 router = APIRouter(prefix="/v1")
@@ -68,13 +68,13 @@ async def create_image(request: Request, services: ServicesDep, owner: OwnerDep)
     echo = body.model_dump(exclude_none=True)
     if body.stream:
         spec = replace(spec, partial_images=body.partial_images or 0)
-        job = services.jobs.submit(owner, "openai", spec, echo)
+        job = services.jobs.submit(owner, "openai", spec, echo, idempotency_key=idempotency_key(request))
         return StreamingResponse(
             _stream_events(services, job, owner, body.quality or "auto"),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )
-    return await run_and_render(services, owner, spec, echo, body.response_format, body.quality)
+    return await run_and_render(request, services, owner, spec, echo, body.response_format, body.quality)
 
 
 async def _stream_events(services: Services, job: Job, owner: str, quality: str) -> AsyncIterator[str]:
@@ -107,6 +107,7 @@ def _sse(event: dict[str, Any]) -> str:
 
 
 async def run_and_render(
+    request: Request,
     services: Services,
     owner: str,
     spec: GenerationSpec,
@@ -115,7 +116,7 @@ async def run_and_render(
     quality: str | None,
 ) -> dict[str, Any]:
     """The synchronous OpenAI call: a job like any other, waited on, rendered as an images response."""
-    job = services.jobs.submit(owner, "openai", spec, echo)
+    job = services.jobs.submit(owner, "openai", spec, echo, idempotency_key=idempotency_key(request))
     job = await services.jobs.wait(job.id, owner)
     if job.status is not Status.SUCCEEDED:
         raise GenerationFailed(job.error or f"The image generation ended as {job.status.value}.")

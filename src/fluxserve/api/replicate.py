@@ -18,7 +18,7 @@ from ..errors import InvalidInput, NotFound
 from ..jobs import Job, Status
 from ..spec import ASPECT_RATIOS
 from ..webhooks import EVENTS, check_webhook_url, owner_secret
-from .deps import OwnerDep, Services, ServicesDep
+from .deps import OwnerDep, Services, ServicesDep, idempotency_key
 from .errors import read_json
 from .inputs import Inputs, elide_inline_images, image_and_size
 
@@ -205,7 +205,7 @@ async def _create(request: Request, services: Services, owner: str, name: str, b
     echo = {"model": f"{OWNER}/{name}", "input": elide_inline_images(body.input), "list_output": list_output}
     job = services.jobs.submit(
         owner, "replicate", spec, echo,
-        idempotency_key=request.headers.get("idempotency-key"), deadline=deadline, webhook=webhook,
+        idempotency_key=idempotency_key(request), deadline=deadline, webhook=webhook,
     )  # fmt: skip
     if wait_s is not None:
         job = await services.jobs.wait(job.id, owner, timeout=wait_s)

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import InvalidInput
 from ..jobs import Job, Status
-from .deps import OwnerDep, ServicesDep
+from .deps import OwnerDep, ServicesDep, idempotency_key
 from .errors import read_json
 from .inputs import elide_inline_images, image_and_size
 
@@ -87,7 +87,7 @@ async def generate(request: Request, services: ServicesDep, owner: OwnerDep) -> 
     )
     inputs.save(services.storage)
     echo = {"model": body.model, "input": elide_inline_images(inp.model_dump(exclude_unset=True))}
-    job = services.jobs.submit(owner, "vmodel", spec, echo)
+    job = services.jobs.submit(owner, "vmodel", spec, echo, idempotency_key=idempotency_key(request))
     return {"id": job.id}
 
 
