@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 
 from . import __version__
 from .api import bfl, edits, files, openai, replicate, vmodel
@@ -117,6 +119,12 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
     app.include_router(replicate.router)
     app.include_router(bfl.router)
     app.include_router(files.router)
+    web_dir = Path(__file__).parent / "web"
+    app.mount("/web", StaticFiles(directory=web_dir), name="web")
+
+    @app.get("/", include_in_schema=False)
+    async def playground() -> FileResponse:
+        return FileResponse(web_dir / "index.html", headers={"Cache-Control": "no-cache"})
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -1,0 +1,135 @@
+"""The playground in a real browser (Debian's Chromium driven by Playwright) against the real server."""
+
+import io
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
+
+from tests.e2e.server import RemoteServer
+from tests.images_util import png_bytes
+
+CHROMIUM = os.environ.get("FLUXSERVE_CHROMIUM", "/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--no-first-run", "--disable-quic", "--disable-sync"]  # fmt: skip
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser: Browser, server: RemoteServer) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    p = context.new_page()
+    errors: list[str] = []
+    p.on("console", lambda m: errors.append(m.text) if _is_error(m) else None)
+    p.on("pageerror", lambda e: errors.append(str(e)))
+    yield p
+    context.close()
+    assert errors == [], errors
+
+
+def _is_error(message: ConsoleMessage) -> bool:
+    # A rejected key is shown to the user; the browser also logs the 401 response itself.
+    return message.type == "error" and "401" not in message.text
+
+
+def _shot(page: Page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def _connect(page: Page, server: RemoteServer, key: str | None = None) -> None:
+    page.goto(server.url)
+    page.fill("#endpoint", server.url)
+    page.fill("#api-key", key or server.api_key or "")
+    page.click("#settings-form button[type=submit]")
+
+
+def test_generate_and_see_the_image(page: Page, server: RemoteServer) -> None:
+    _connect(page, server)
+    expect(page.locator("#conn-status")).to_contain_text("Connected")
+    expect(page.locator("#model option[value=flux-schnell]")).to_have_text("flux-schnell (demo)")
+    page.select_option("#megapixels", "0.25")
+    page.fill("#seed", "1234")
+    page.fill("#prompt", "a white siamese cat")
+    page.keyboard.press("Enter")
+    figure = page.locator(".turn figure").first
+    expect(figure).to_be_visible(timeout=60_000)
+    expect(figure.locator(".seed")).to_have_text("seed 1234")
+    expect(figure.locator(".size")).to_have_text("512\u00d7512")
+    expect(page.locator(".turn .meta").last).to_contain_text("Done in")
+    _shot(page, "playground-generated")
+    # Shift+Enter is a new line, not a send.
+    page.fill("#prompt", "line one")
+    page.locator("#prompt").press("Shift+Enter")
+    assert page.locator(".turn").count() == 1
+    assert page.input_value("#prompt") == "line one\n"
+
+
+def test_wrong_key_is_shown(page: Page, server: RemoteServer) -> None:
+    _connect(page, server, key="fs-wrong-key")
+    expect(page.locator("#banner")).to_be_visible()
+    expect(page.locator("#banner")).to_contain_text("401")
+    _shot(page, "playground-wrong-key")
+
+
+def test_edit_with_an_attached_image_then_history_survives_reload(
+    page: Page, server: RemoteServer, tmp_path: Path
+) -> None:
+    _connect(page, server)
+    expect(page.locator("#conn-status")).to_contain_text("Connected")
+    page.evaluate("indexedDB.deleteDatabase('fluxserve-playground')")
+    page.reload()
+    picture = tmp_path / "lotion.png"
+    picture.write_bytes(png_bytes((320, 320), (40, 160, 220)))
+    page.set_input_files("#file", str(picture))
+    expect(page.locator("#attachments img")).to_have_count(1)
+    page.fill("#prompt", "a gift basket with the items from the picture")
+    page.click("#send")
+    figure = page.locator(".turn figure").first
+    expect(figure).to_be_visible(timeout=120_000)
+    expect(page.locator(".turn .refs img")).to_have_count(1)
+    expect(page.locator(".turn .meta").first).to_contain_text("flux-kontext-pro")
+    _shot(page, "playground-edit")
+    download = page.locator(".turn figure a").first
+    assert download.get_attribute("download", timeout=5000).startswith("fluxserve-a-gift-basket")  # type: ignore[union-attr]
+    page.reload()
+    expect(page.locator(".turn figure img")).to_have_count(1, timeout=10_000)
+    expect(page.locator(".turn .prompt")).to_have_text("a gift basket with the items from the picture")
+    page.click("#clear-history")
+    expect(page.locator(".turn")).to_have_count(0)
+
+
+def test_phone_width_layout(browser: Browser, server: RemoteServer) -> None:
+    context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True)
+    page = context.new_page()
+    _connect(page, server)
+    expect(page.locator("#conn-status")).to_contain_text("Connected")
+    page.fill("#prompt", "phone")
+    page.click("#send")
+    expect(page.locator(".turn figure img")).to_be_visible(timeout=60_000)
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 390, f"horizontal scroll at phone width: {width}px"
+    shot = page.screenshot(path=str(ARTIFACTS / "playground-phone.png"), full_page=True)
+    assert Image.open(io.BytesIO(shot)).size[0] == 390
+    context.close()
+
+
+def test_served_offline(server: RemoteServer) -> None:
+    import httpx
+
+    html = httpx.get(server.url + "/").text
+    assert '<script type="module" src="/web/app.js">' in html
+    for asset in ("app.js", "history.js", "style.css"):
+        body = httpx.get(f"{server.url}/web/{asset}").text
+        assert "https://" not in body and "http://" not in body.replace("http://127.0.0.1:8000", "")
