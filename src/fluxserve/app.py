@@ -80,7 +80,9 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
         registry = build_registry(settings)
         secret = load_or_create_secret(settings.data_dir / "secret.key")
         storage = LocalStorage(settings.outputs_dir, secret, settings.base_url, settings.url_ttl_s)
-        dispatcher = LocalDispatcher(store, storage, engine or build_engine(settings, registry), registry)
+        dispatcher = LocalDispatcher(
+            store, storage, engine or build_engine(settings, registry), registry, max_batch=settings.max_batch
+        )
         jobs = JobService(store, dispatcher.wake)
         dispatcher.service = jobs
         services = Services(

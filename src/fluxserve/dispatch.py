@@ -40,7 +40,10 @@ class _ShuttingDown(Exception):
 class LocalDispatcher:
     """The only caller of the engine: pipelines are never called concurrently."""
 
-    def __init__(self, store: Store, storage: Storage, engine: Engine, registry: ModelRegistry) -> None:
+    def __init__(
+        self, store: Store, storage: Storage, engine: Engine, registry: ModelRegistry, *, max_batch: int = 1
+    ) -> None:
+        self._max_batch = max_batch
         self._store = store
         self._storage = storage
         self._engine = engine
@@ -96,54 +99,87 @@ class LocalDispatcher:
             img.load()
             return img
 
-    def _run_job(self, job: Job) -> None:
-        self._notify(job.id, "start")
+    def _batch_for(self, job: Job) -> list[Job]:
+        """The claimed job plus compatible queued ones, never waiting for more to arrive."""
+        if self._max_batch <= job.spec.num_images or job.spec.task != "text2img":
+            return [job]
+        return [job, *self._store.claim_compatible(job, self._max_batch)]
+
+    def _run_job(self, first: Job) -> None:
+        batch = self._batch_for(first)
+        for job in batch:
+            self._notify(job.id, "start")
         if self.state == "error":
-            self._store.finish(job.id, Status.FAILED, error=f"The model failed to load: {self.load_error}")
-            self._notify(job.id, "completed")
+            for job in batch:
+                self._store.finish(job.id, Status.FAILED, error=f"The model failed to load: {self.load_error}")
+                self._notify(job.id, "completed")
             return
-        spec = job.spec
+        canceled: set[str] = set()
 
         def on_step(done: int, total: int, previews: list[Image.Image] | None) -> None:
             if self._stopping.is_set():
                 raise _ShuttingDown
-            if self._store.is_cancel_requested(job.id) or (job.deadline is not None and time.time() > job.deadline):
+            for job in batch:
+                if job.id not in canceled and (
+                    self._store.is_cancel_requested(job.id) or (job.deadline is not None and time.time() > job.deadline)
+                ):
+                    canceled.add(job.id)
+            if len(canceled) == len(batch):
                 raise Cancelled
-            self._store.update_progress(job.id, done, total)
-            for i, preview in enumerate(previews or []):
-                key = f"{job.id}/preview-{done}-{i}.png"
-                buf = io.BytesIO()
-                preview.save(buf, format="PNG", compress_level=1)
-                self._storage.put(key, buf.getvalue())
-                self._store.add_preview(job.id, key)
-            self._notify(job.id, "logs")
+            offset = 0
+            for job in batch:
+                if job.id not in canceled:
+                    self._store.update_progress(job.id, done, total)
+                    for i, preview in enumerate((previews or [])[offset : offset + job.spec.num_images]):
+                        self._save_preview(job, done, i, preview)
+                    self._notify(job.id, "logs")
+                offset += job.spec.num_images
 
         try:
-            if self._store.is_cancel_requested(job.id):
+            canceled.update(j.id for j in batch if self._store.is_cancel_requested(j.id))
+            if len(canceled) == len(batch):
                 raise Cancelled
-            request = EngineRequest(
-                spec,
-                images=[self._load_input(key) for key in spec.images],
-                mask=self._load_input(spec.mask) if spec.mask else None,
-            )
-            [images] = self._engine.generate([request], on_step)
-            outputs = self._save_outputs(job, images)
-            self._store.finish(job.id, Status.SUCCEEDED, outputs=outputs)
-            self._notify(job.id, "output")
+            requests = [
+                EngineRequest(
+                    job.spec,
+                    images=[self._load_input(key) for key in job.spec.images],
+                    mask=self._load_input(job.spec.mask) if job.spec.mask else None,
+                )
+                for job in batch
+            ]
+            results = self._engine.generate(requests, on_step)
+            for job, images in zip(batch, results, strict=True):
+                if job.id in canceled:  # canceled mid-batch: the others' call ran on, its images are dropped
+                    self._store.finish(job.id, Status.CANCELED, error="canceled")
+                else:
+                    self._store.finish(job.id, Status.SUCCEEDED, outputs=self._save_outputs(job, images))
+                    self._notify(job.id, "output")
         except Cancelled:
-            self._store.finish(job.id, Status.CANCELED, error="canceled")
+            for job in batch:
+                self._store.finish(job.id, Status.CANCELED, error="canceled")
         except _ShuttingDown:
             # A clean stop is not the job's fault: give the attempt back and run it after restart.
-            self._store.requeue(job.id)
-            log.info("job %s re-queued by shutdown", job.id)
-            self._notify(job.id)
+            for job in batch:
+                self._store.requeue(job.id)
+                self._notify(job.id)
+            log.info("jobs %s re-queued by shutdown", [j.id for j in batch])
             return
         except FluxServeError as exc:
-            self._store.finish(job.id, Status.FAILED, error=exc.message)
+            for job in batch:
+                self._store.finish(job.id, Status.FAILED, error=exc.message)
         except Exception as exc:  # the worker must outlive any one job
-            log.exception("job %s failed", job.id)
-            self._store.finish(job.id, Status.FAILED, error=f"Generation failed: {type(exc).__name__}: {exc}")
-        self._notify(job.id, "completed")
+            log.exception("jobs %s failed", [j.id for j in batch])
+            for job in batch:
+                self._store.finish(job.id, Status.FAILED, error=f"Generation failed: {type(exc).__name__}: {exc}")
+        for job in batch:
+            self._notify(job.id, "completed")
+
+    def _save_preview(self, job: Job, step: int, index: int, preview: Image.Image) -> None:
+        key = f"{job.id}/preview-{step}-{index}.png"
+        buf = io.BytesIO()
+        preview.save(buf, format="PNG", compress_level=1)
+        self._storage.put(key, buf.getvalue())
+        self._store.add_preview(job.id, key)
 
     def _save_outputs(self, job: Job, images: list[Image.Image]) -> list[Output]:
         spec = job.spec

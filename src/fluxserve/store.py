@@ -211,6 +211,34 @@ class Store:
                     full = conn.execute(select(jobs).where(jobs.c.id == row.id)).one()
                     return _to_job(full)
 
+    def claim_compatible(self, first: Job, max_images: int) -> list[Job]:
+        """Claim queued jobs that can share ``first``'s pipeline call, oldest first, up to max_images in all."""
+        key = first.spec.batch_key()
+        budget = max_images - first.spec.num_images
+        claimed: list[Job] = []
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                select(jobs)
+                .where(and_(jobs.c.status == Status.QUEUED.value, jobs.c.model == first.spec.model))
+                .order_by(jobs.c.created_at)
+                .limit(64)
+            ).all()
+            for row in rows:
+                job = _to_job(row)
+                if budget <= 0:
+                    break
+                if job.spec.batch_key() != key or job.spec.num_images > budget:
+                    continue
+                won = conn.execute(
+                    update(jobs)
+                    .where(and_(jobs.c.id == job.id, jobs.c.status == Status.QUEUED.value))
+                    .values(status=Status.PROCESSING.value, attempts=jobs.c.attempts + 1, started_at=time.time())
+                ).rowcount
+                if won:
+                    budget -= job.spec.num_images
+                    claimed.append(job)
+        return claimed
+
     def update_progress(self, job_id: str, done: int, total: int) -> None:
         with self.engine.begin() as conn:
             conn.execute(update(jobs).where(jobs.c.id == job_id).values(progress_done=done, progress_total=total))

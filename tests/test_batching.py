@@ -1,0 +1,87 @@
+"""Compatible queued jobs share one pipeline call; a lone request never waits for company."""
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi.testclient import TestClient
+
+from fluxserve.app import create_app
+from fluxserve.engine.base import EngineRequest
+from fluxserve.engine.flux import DiffusersEngine
+from fluxserve.models import ModelRegistry
+from fluxserve.settings import Settings
+from tests.conftest import AUTH
+from tests.fakes import FakeEngine
+from tests.test_api import _wait_feed
+
+
+def _submit(client: TestClient, model: str, prompt: str, **inp: Any) -> str:
+    body = {"model": model, "input": {"prompt": prompt, "megapixels": "0.25", **inp}}
+    return str(client.post("/vmodel/generate", json=body, headers=AUTH).json()["id"])
+
+
+def test_queued_compatible_jobs_run_as_one_call(settings: Settings) -> None:
+    engine = FakeEngine(step_s=0.05)
+    with TestClient(create_app(settings.model_copy(update={"max_batch": 4}), engine=engine)) as client:
+        blocker = _submit(client, "flux-dev", "blocker", num_inference_steps=20)
+        assert engine.started.wait(5)
+        same = [_submit(client, "flux-schnell", f"p{i}", seed=i) for i in range(3)]
+        two = _submit(client, "flux-schnell", "two", num_outputs=2, seed=9)  # 3 + 2 > 4: next call
+        other_size = _submit(client, "flux-schnell", "wide", aspect_ratio="16:9")
+        ids = [blocker, *same, two, other_size]
+        feeds = [_wait_feed(client, i) for i in ids]
+        assert all(f["status"] == "succeeded" for f in feeds)
+        sizes = [[r.spec.prompt for r in call] for call in engine.calls]
+        assert sizes[0] == ["blocker"]
+        assert sizes[1] == ["p0", "p1", "p2"]
+        assert ["two"] in sizes and ["wide"] in sizes
+        assert [f["seeds"] for f in feeds[1:4]] == [[0], [1], [2]]  # each keeps its own seed and outputs
+        assert len(feeds[4]["output"]) == 2
+
+
+def test_lone_request_does_not_wait(settings: Settings) -> None:
+    engine = FakeEngine()
+    with TestClient(create_app(settings.model_copy(update={"max_batch": 8}), engine=engine)) as client:
+        t0 = time.time()
+        resp = client.post("/v1/images/generations", json={"prompt": "alone", "size": "256x256"}, headers=AUTH)
+        assert resp.status_code == 200 and time.time() - t0 < 1.5
+        assert [len(c) for c in engine.calls] == [1]
+
+
+def test_cancel_one_job_of_a_batch(settings: Settings) -> None:
+    engine = FakeEngine(step_s=0.05)
+    with TestClient(create_app(settings.model_copy(update={"max_batch": 4}), engine=engine)) as client:
+        _submit(client, "flux-dev", "blocker", num_inference_steps=10)
+        assert engine.started.wait(5)
+        keep = _submit(client, "flux-dev", "keep", num_inference_steps=30)
+        drop = _submit(client, "flux-dev", "drop", num_inference_steps=30)
+        deadline = time.time() + 10
+        while client.get(f"/vmodel/feed/{drop}", headers=AUTH).json()["status"] != "processing":
+            assert time.time() < deadline
+            time.sleep(0.02)
+        from fluxserve.api.deps import Services
+
+        services: Services = client.app.state.services  # type: ignore[attr-defined]
+        owner = services.jobs.get(
+            drop, "env_" + __import__("hashlib").sha256(AUTH["Authorization"].split()[1].encode()).hexdigest()[:12]
+        ).owner
+        services.jobs.cancel(drop, owner)
+        assert _wait_feed(client, keep)["status"] == "succeeded"
+        dropped = _wait_feed(client, drop)
+        assert dropped["status"] == "failed" and dropped["error"] == "canceled" and dropped["output"] is None
+
+
+def test_batched_images_match_lone_ones(demo_model_dir: Path) -> None:
+    engine = DiffusersEngine(ModelRegistry.demo(demo_model_dir), device="cpu", local_files_only=True)
+    engine.load()
+    model = ModelRegistry.default().get("flux-schnell")
+
+    def req(prompt: str, seed: int) -> EngineRequest:
+        return EngineRequest(model.make_spec(prompt=prompt, width=256, height=256, seed=seed, steps=2))
+
+    batched = engine.generate([req("a cat", 1), req("a dog", 2)], lambda d, t, p: None)
+    [[lone]] = engine.generate([req("a dog", 2)], lambda d, t, p: None)
+    diff = np.abs(np.asarray(batched[1][0]).astype(int) - np.asarray(lone).astype(int)).max()
+    assert diff <= 2  # same seed, same prompt: the same image, batched or not (float reordering aside)
