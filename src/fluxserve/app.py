@@ -39,8 +39,22 @@ def build_registry(settings: Settings) -> ModelRegistry:
 
 def build_engine(settings: Settings, registry: ModelRegistry) -> Engine:
     from .engine.flux import DiffusersEngine
+    from .engine.speed import SpeedOptions, parse_cache
+    from .spec import parse_size
 
-    engine = DiffusersEngine(registry, device=settings.device, local_files_only=settings.offline or settings.demo)
+    speed = SpeedOptions(
+        compile=settings.compile,
+        quantize=settings.quantize,
+        attention=settings.attention,
+        first_block_cache=parse_cache(settings.cache),
+        offload=settings.offload,
+        vae_tiling=settings.vae_tiling,
+        compile_cache_dir=settings.data_dir / "compile-cache",
+        warmup_sizes=tuple(parse_size(s, param="warmup_sizes") for s in settings.warmup_sizes),
+    )
+    engine = DiffusersEngine(
+        registry, device=settings.device, local_files_only=settings.offline or settings.demo, speed=speed
+    )
     if settings.demo:
         from .engine.demo import build_demo_model
 
@@ -141,6 +155,9 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
         }
         if d.load_error:
             body["error"] = d.load_error
+        info = getattr(services.dispatcher, "engine_info", None)
+        if info is not None:
+            body["engine"] = info()
         return JSONResponse(body, status_code=503 if d.state == "error" else 200)
 
     return app

@@ -49,6 +49,14 @@ def serve(
     max_batch: Annotated[int | None, typer.Option(help="Largest batch of compatible jobs per pipeline call.")] = None,
     database: Annotated[str | None, typer.Option(help="SQLAlchemy URL [default: SQLite in the data dir].")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1, mps.")] = None,
+    compile: Annotated[
+        bool | None, typer.Option("--compile", help="torch.compile the transformer blocks (warm-up at start).")
+    ] = None,
+    quantize: Annotated[str | None, typer.Option(help="none or fp8 (torchao; lossy; compute capability 8.9+).")] = None,
+    attention: Annotated[str | None, typer.Option(help="auto, native, flash, _flash_3, sage, ...")] = None,
+    cache: Annotated[str | None, typer.Option(help="first-block[=THRESHOLD]: First-Block-Cache (lossy).")] = None,
+    offload: Annotated[str | None, typer.Option(help="auto, none, model, group.")] = None,
+    vae_tiling: Annotated[bool | None, typer.Option("--vae-tiling", help="Decode large images in tiles.")] = None,
 ) -> None:
     """Start the HTTP server with its in-process worker."""
     import uvicorn
@@ -69,6 +77,12 @@ def serve(
         max_batch=max_batch,
         database_url=database,
         device=device,
+        compile=compile,
+        quantize=quantize,
+        attention=attention,
+        cache=cache,
+        offload=offload,
+        vae_tiling=vae_tiling,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings.data_dir.mkdir(parents=True, exist_ok=True)

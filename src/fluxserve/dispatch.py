@@ -6,7 +6,7 @@ import io
 import logging
 import threading
 import time
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from PIL import Image
 
@@ -71,6 +71,10 @@ class LocalDispatcher:
 
     def loaded_models(self) -> list[str]:
         return self._engine.loaded_models() if self.state == "ready" else []
+
+    def engine_info(self) -> dict[str, Any]:
+        info = getattr(self._engine, "info", None)
+        return info() if info is not None and self.state == "ready" else {}
 
     def _run(self) -> None:
         try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import (
@@ -36,15 +36,30 @@ class Settings(BaseSettings):
     device: str = "auto"
     url_ttl_s: int = Field(default=3600, ge=60)
     max_attempts: int = Field(default=2, ge=1)
+    compile: bool = False
+    quantize: Literal["none", "fp8"] = "none"
+    attention: str = "auto"
+    cache: str | None = None
+    offload: Literal["none", "model", "group", "auto"] = "auto"
+    vae_tiling: bool = False
+    warmup_sizes: list[str] = ["1024x1024"]
     webhook_retry_base_s: float = Field(default=1.0, gt=0)  # retries back off 1x, 2x, 4x, 8x this
     # Only for loading weights: hub ids resolve from the local cache, never the network.
     offline: bool = Field(default_factory=lambda: os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"))
 
-    @field_validator("cors_origins", mode="before")
+    @field_validator("cors_origins", "warmup_sizes", mode="before")
     @classmethod
     def _split_origins(cls, v: Any) -> Any:
         if isinstance(v, str) and not v.startswith("["):
             return [o.strip() for o in v.split(",") if o.strip()]
+        return v
+
+    @field_validator("cache")
+    @classmethod
+    def _check_cache(cls, v: str | None) -> str | None:
+        from .engine.speed import parse_cache
+
+        parse_cache(v)
         return v
 
     @classmethod

@@ -12,6 +12,7 @@ from ..errors import GenerationFailed
 from ..images import compose_references
 from ..models import ModelRegistry
 from .base import Cancelled, EngineRequest, OnStep
+from .speed import SpeedOptions, apply, place, resolve_attention
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,9 @@ def pick_device(requested: str) -> str:
     return "cpu"
 
 
-def load_pipeline(weights: str, kind: str, *, device: str, local_files_only: bool) -> Any:
+def load_pipeline(
+    weights: str, kind: str, *, device: str, local_files_only: bool, speed: SpeedOptions | None = None
+) -> Any:
     """The one loading path for real weights and the demo model alike."""
     import diffusers
     import torch
@@ -41,13 +44,23 @@ def load_pipeline(weights: str, kind: str, *, device: str, local_files_only: boo
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     cls = getattr(diffusers, _PIPELINE_CLASSES[kind])
     pipe = cls.from_pretrained(weights, dtype=dtype, local_files_only=local_files_only)
-    pipe.to(device)
+    speed = speed or SpeedOptions()
+    pipe.fluxserve_offload = place(pipe, speed, device)
+    apply(pipe, speed, device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 class DiffusersEngine:
-    def __init__(self, registry: ModelRegistry, *, device: str = "auto", local_files_only: bool = False) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        *,
+        device: str = "auto",
+        local_files_only: bool = False,
+        speed: SpeedOptions | None = None,
+    ) -> None:
+        self.speed = speed or SpeedOptions()
         self._registry = registry
         self._device_request = device
         self._local_files_only = local_files_only
@@ -69,7 +82,11 @@ class DiffusersEngine:
                 log.info("loading %s (%s) for %s on %s", model.weights, model.kind, model.name, self.device)
                 try:
                     loaded[key] = load_pipeline(
-                        model.weights, model.kind, device=self.device, local_files_only=self._local_files_only
+                        model.weights,
+                        model.kind,
+                        device=self.device,
+                        local_files_only=self._local_files_only,
+                        speed=self.speed,
                     )
                 except Exception as exc:
                     offline = (
@@ -79,6 +96,39 @@ class DiffusersEngine:
                         f"could not load weights {model.weights!r} for model {model.name!r}{offline}: {exc}"
                     ) from exc
             self._pipes[model.name] = loaded[key]
+        if self.speed.compile:
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Compile for each configured size now, so no user request pays for it."""
+        from PIL import Image as PILImage
+
+        seen: set[int] = set()
+        for model in self._registry:
+            if id(self._pipes[model.name]) in seen:
+                continue
+            seen.add(id(self._pipes[model.name]))
+            for width, height in self.speed.warmup_sizes:
+                images: list[Image] = []
+                mask = None
+                if model.kind == "fill":
+                    images = [PILImage.new("RGB", (width, height), (128, 128, 128))]
+                    mask = PILImage.new("L", (width, height), 255)
+                keys = tuple(f"warmup/{i}.png" for i in range(len(images)))
+                spec = model.make_spec(prompt="warm-up", width=width, height=height, steps=2, seed=0, images=keys,
+                                       mask="warmup/mask.png" if mask else None)  # fmt: skip
+                log.info("warming up %s at %dx%d", model.name, width, height)
+                self.generate([EngineRequest(spec, images=images, mask=mask)], lambda d, t, p: None)
+
+    def info(self) -> dict[str, Any]:
+        pipes = list({id(p): p for p in self._pipes.values()}.values())
+        return {
+            "device": self.device,
+            "attention": resolve_attention(self.speed.attention, self.device) if self._pipes else self.speed.attention,
+            "compile": self.speed.compile,
+            "offload": sorted({getattr(p, "fluxserve_offload", "none") for p in pipes}),
+            "lossy_modes": self.speed.lossy,
+        }
 
     def loaded_models(self) -> list[str]:
         return list(self._pipes)
