@@ -16,39 +16,14 @@ import io
 import json
 import os
 import shutil
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-KEY = "fs-bench-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_server(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "FLUXSERVE_API_KEY": KEY, "HF_HUB_OFFLINE": "1"}
-    exe = str(Path(sys.executable).with_name("fluxserve"))
-    cmd = [exe, "serve", "--demo", "--port", str(port), "--data-dir", str(data_dir)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json()["status"] == "ready":
-                return proc
-        except (httpx.HTTPError, ValueError, KeyError):
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("fluxserve did not become ready")
+from _common import KEY, free_port, start_server, stop_server
 
 
 def main() -> None:
@@ -108,8 +83,7 @@ def main() -> None:
         for _ in range(args.reps):
             plain_s.append(plain())
             served_s.append(served())
-        server.terminate()
-        server.wait(30)
+        stop_server(server)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -133,6 +133,11 @@ class DiffusersEngine:
     def loaded_models(self) -> list[str]:
         return list(self._pipes)
 
+    def use_pipeline(self, model_name: str, pipe: Any) -> None:
+        """Serve a name with an already built pipeline (benchmarks build full-size ones in memory)."""
+        self.device = str(pipe.device)
+        self._pipes[model_name] = pipe
+
     def _pipeline(self, model_name: str, task: str) -> Any:
         pipe = self._pipes[model_name]
         if task != "img2img":

@@ -1,0 +1,34 @@
+"""The benchmarks must not rot: run them in their reduced CPU form. No timing is asserted."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _run(*args: str) -> str:
+    out = subprocess.run([sys.executable, *args], cwd=BENCH, capture_output=True, text=True, timeout=600, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_gpu_benchmark_tiny_cpu_form(tmp_path: Path) -> None:
+    _run("gpu_fullsize.py", "--tiny", "--reps", "1", "--out", str(tmp_path))
+    report = json.loads((tmp_path / "gpu_fullsize_schnell_tiny.json").read_text())
+    modes = {r["mode"]: r for r in report["rows"]}
+    assert set(modes) == {"plain", "default", "cache", "compile", "compile+fp8"}
+    assert all(modes[m]["end_to_end_s"] > 0 for m in ("plain", "default", "cache", "compile"))
+    assert "compute capability" in modes["compile+fp8"]["skipped"]
+    assert "| compile |" in (tmp_path / "gpu_fullsize_schnell_tiny.md").read_text()
+
+
+def test_cpu_benchmarks_small_form(tmp_path: Path) -> None:
+    out = tmp_path / "throughput.json"
+    _run("cpu_throughput.py", "--sizes", "256", "--requests", "4", "--clients", "2", "--json", str(out))
+    run = json.loads(out.read_text())["runs"][0]
+    assert run["ratio_max_batch_1"] > 0 and run["ratio_max_batch_8"] > 0
+    single = tmp_path / "single.json"
+    _run("http_vs_diffusers.py", "--reps", "1", "--size", "256", "--json", str(single))
+    assert json.loads(single.read_text())["ratio"] > 0
