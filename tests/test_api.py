@@ -11,6 +11,7 @@ from PIL import Image
 
 from fluxserve.app import create_app
 from fluxserve.auth import create_key
+from fluxserve.models import ModelRegistry
 from fluxserve.settings import Settings
 from fluxserve.store import Store
 from tests.conftest import AUTH
@@ -140,15 +141,7 @@ def test_health_needs_no_key_and_reports_models(client: TestClient) -> None:
 def test_models_list_in_openai_shape(client: TestClient) -> None:
     body = client.get("/v1/models", headers=AUTH).json()
     assert body["object"] == "list"
-    assert [m["id"] for m in body["data"]] == [
-        "flux",
-        "flux-schnell",
-        "flux-dev",
-        "flux-pro",
-        "flux-kontext-pro",
-        "flux-kontext-max",
-        "flux-fill",
-    ]
+    assert [m["id"] for m in body["data"]] == ModelRegistry.default().names
     assert all(m["object"] == "model" and not m["demo"] for m in body["data"])
 
 

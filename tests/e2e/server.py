@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import httpx
 
@@ -86,6 +87,15 @@ class RemoteServer:
                 self.proc.wait(10)
         if self.proc is not None:
             self._log.close()
+
+    def wait_feed(self, job_id: str, timeout: float = 120) -> dict[str, Any]:
+        """Poll the relay task API until the job is terminal."""
+        deadline = time.time() + timeout
+        while True:
+            feed: dict[str, Any] = httpx.get(f"{self.url}/vmodel/feed/{job_id}", headers=self.headers).json()
+            if feed["status"] in ("succeeded", "failed") or time.time() > deadline:
+                return feed
+            time.sleep(0.2)
 
     @property
     def headers(self) -> dict[str, str]:

@@ -4,7 +4,6 @@ import base64
 import io
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
@@ -95,12 +94,7 @@ def test_vmodel_json_image_input(server: RemoteServer) -> None:
         headers=server.headers,
     )  # fmt: skip
     assert resp.status_code == 200, resp.text
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        feed = httpx.get(f"{server.url}/vmodel/feed/{resp.json()['id']}", headers=server.headers).json()
-        if feed["status"] in ("succeeded", "failed"):
-            break
-        time.sleep(0.2)
+    feed = server.wait_feed(resp.json()["id"])
     assert feed["status"] == "succeeded", feed
     assert feed["input"]["input_image"] == data_url
     assert _img(httpx.get(feed["output"][0]).content).size == (720, 368)
@@ -157,12 +151,7 @@ def test_url_inputs_against_a_server_that_allows_private_hosts(
                 resp = httpx.post(f"{srv.url}/vmodel/generate", json={"model": model, "input": {"prompt": "p", **inp}},
                                   headers=srv.headers)  # fmt: skip
                 assert resp.status_code == 200, resp.text
-                deadline = time.time() + 120
-                while time.time() < deadline:
-                    feed = httpx.get(f"{srv.url}/vmodel/feed/{resp.json()['id']}", headers=srv.headers).json()
-                    if feed["status"] in ("succeeded", "failed"):
-                        break
-                    time.sleep(0.2)
+                feed = srv.wait_feed(resp.json()["id"])
                 assert feed["status"] == "succeeded", feed
                 assert _img(httpx.get(feed["output"][0]).content).size == (1248, 832)  # the 3:2 input's aspect
             resp = httpx.post(f"{srv.url}/vmodel/generate",

@@ -8,6 +8,7 @@ import openai
 import pytest
 from PIL import Image
 
+from fluxserve.models import ModelRegistry
 from tests.e2e.server import RemoteServer
 
 
@@ -64,13 +65,5 @@ def test_sdk_errors(client: openai.OpenAI, server: RemoteServer) -> None:
 
 def test_models_list(client: openai.OpenAI) -> None:
     names = [m.id for m in client.models.list()]
-    assert names == [
-        "flux",
-        "flux-schnell",
-        "flux-dev",
-        "flux-pro",
-        "flux-kontext-pro",
-        "flux-kontext-max",
-        "flux-fill",
-    ]
+    assert names == ModelRegistry.default().names
     assert all(m.owned_by == "fluxserve-demo" for m in client.models.list())
