@@ -7,12 +7,14 @@ from typing import Any
 import numpy as np
 from fastapi.testclient import TestClient
 
+from fluxserve.api.deps import Services
 from fluxserve.app import create_app
+from fluxserve.auth import hash_key
 from fluxserve.engine.base import EngineRequest
 from fluxserve.engine.flux import DiffusersEngine
 from fluxserve.models import ModelRegistry
 from fluxserve.settings import Settings
-from tests.conftest import AUTH
+from tests.conftest import API_KEY, AUTH
 from tests.fakes import FakeEngine
 from tests.test_api import _wait_feed
 
@@ -24,7 +26,9 @@ def _submit(client: TestClient, model: str, prompt: str, **inp: Any) -> str:
 
 def test_queued_compatible_jobs_run_as_one_call(settings: Settings) -> None:
     engine = FakeEngine(step_s=0.05)
-    with TestClient(create_app(settings.model_copy(update={"max_batch": 4}), engine=engine)) as client:
+    with TestClient(
+        create_app(settings.model_copy(update={"max_batch": 4, "batch_max_pixels": 2**20}), engine=engine)
+    ) as client:
         blocker = _submit(client, "flux-dev", "blocker", num_inference_steps=20)
         assert engine.started.wait(5)
         same = [_submit(client, "flux-schnell", f"p{i}", seed=i) for i in range(3)]
@@ -52,7 +56,9 @@ def test_lone_request_does_not_wait(settings: Settings) -> None:
 
 def test_cancel_one_job_of_a_batch(settings: Settings) -> None:
     engine = FakeEngine(step_s=0.05)
-    with TestClient(create_app(settings.model_copy(update={"max_batch": 4}), engine=engine)) as client:
+    with TestClient(
+        create_app(settings.model_copy(update={"max_batch": 4, "batch_max_pixels": 2**20}), engine=engine)
+    ) as client:
         _submit(client, "flux-dev", "blocker", num_inference_steps=10)
         assert engine.started.wait(5)
         keep = _submit(client, "flux-dev", "keep", num_inference_steps=30)
@@ -61,13 +67,8 @@ def test_cancel_one_job_of_a_batch(settings: Settings) -> None:
         while client.get(f"/vmodel/feed/{drop}", headers=AUTH).json()["status"] != "processing":
             assert time.time() < deadline
             time.sleep(0.02)
-        from fluxserve.api.deps import Services
-
         services: Services = client.app.state.services  # type: ignore[attr-defined]
-        owner = services.jobs.get(
-            drop, "env_" + __import__("hashlib").sha256(AUTH["Authorization"].split()[1].encode()).hexdigest()[:12]
-        ).owner
-        services.jobs.cancel(drop, owner)
+        services.jobs.cancel(drop, owner="env_" + hash_key(API_KEY)[:12])
         assert _wait_feed(client, keep)["status"] == "succeeded"
         dropped = _wait_feed(client, drop)
         assert dropped["status"] == "failed" and dropped["error"] == "canceled" and dropped["output"] is None
@@ -85,3 +86,30 @@ def test_batched_images_match_lone_ones(demo_model_dir: Path) -> None:
     [[lone]] = engine.generate([req("a dog", 2)], lambda d, t, p: None)
     diff = np.abs(np.asarray(batched[1][0]).astype(int) - np.asarray(lone).astype(int)).max()
     assert diff <= 2  # same seed, same prompt: the same image, batched or not (float reordering aside)
+
+
+def test_default_batches_only_small_images(settings: Settings) -> None:
+    engine = FakeEngine(step_s=0.05)
+    with TestClient(create_app(settings, engine=engine)) as client:  # defaults: max_batch 8, up to 320x320
+        _submit(client, "flux-dev", "blocker", num_inference_steps=10)
+        assert engine.started.wait(5)
+        big = [_submit(client, "flux-schnell", f"big{i}") for i in range(2)]  # 512x512: one call each
+        xkey = {"x-key": API_KEY}
+        small = [
+            client.post("/v1/flux-dev", json={"prompt": f"s{i}", "width": 256, "height": 256}, headers=xkey).json()[
+                "id"
+            ]
+            for i in range(3)
+        ]
+        for job_id in big:
+            _wait_feed(client, job_id)
+        deadline = time.time() + 10
+        while client.get(f"/v1/get_result?id={small[-1]}", headers=xkey).json()["status"] != "Ready":
+            assert time.time() < deadline
+            time.sleep(0.02)
+        assert [[r.spec.prompt for r in c] for c in engine.calls] == [
+            ["blocker"],
+            ["big0"],
+            ["big1"],
+            ["s0", "s1", "s2"],
+        ]

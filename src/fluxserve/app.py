@@ -95,7 +95,12 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
         secret = load_or_create_secret(settings.data_dir / "secret.key")
         storage = LocalStorage(settings.outputs_dir, secret, settings.base_url, settings.url_ttl_s)
         dispatcher = LocalDispatcher(
-            store, storage, engine or build_engine(settings, registry), registry, max_batch=settings.max_batch
+            store,
+            storage,
+            engine or build_engine(settings, registry),
+            registry,
+            max_batch=settings.max_batch,
+            batch_max_pixels=settings.batch_max_pixels,
         )
         jobs = JobService(store, dispatcher.wake)
         dispatcher.service = jobs

@@ -47,6 +47,9 @@ def serve(
     allow_private_urls: Annotated[bool | None, typer.Option("--allow-private-urls")] = None,
     cors_origins: Annotated[str | None, typer.Option(help="Allowed browser origins, comma-separated.")] = None,
     max_batch: Annotated[int | None, typer.Option(help="Largest batch of compatible jobs per pipeline call.")] = None,
+    batch_max_pixels: Annotated[
+        int | None, typer.Option(help="Only images up to this many pixels are batched [default 320*320].")
+    ] = None,
     database: Annotated[str | None, typer.Option(help="SQLAlchemy URL [default: SQLite in the data dir].")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1, mps.")] = None,
     compile: Annotated[
@@ -75,6 +78,7 @@ def serve(
         allow_private_urls=allow_private_urls,
         cors_origins=cors_origins,
         max_batch=max_batch,
+        batch_max_pixels=batch_max_pixels,
         database_url=database,
         device=device,
         compile=compile,

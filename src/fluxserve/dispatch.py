@@ -41,9 +41,17 @@ class LocalDispatcher:
     """The only caller of the engine: pipelines are never called concurrently."""
 
     def __init__(
-        self, store: Store, storage: Storage, engine: Engine, registry: ModelRegistry, *, max_batch: int = 1
+        self,
+        store: Store,
+        storage: Storage,
+        engine: Engine,
+        registry: ModelRegistry,
+        *,
+        max_batch: int = 1,
+        batch_max_pixels: int = 320 * 320,
     ) -> None:
         self._max_batch = max_batch
+        self._batch_max_pixels = batch_max_pixels
         self._store = store
         self._storage = storage
         self._engine = engine
@@ -105,7 +113,9 @@ class LocalDispatcher:
 
     def _batch_for(self, job: Job) -> list[Job]:
         """The claimed job plus compatible queued ones, never waiting for more to arrive."""
-        if self._max_batch <= job.spec.num_images or job.spec.task != "text2img":
+        spec = job.spec
+        small = spec.width * spec.height <= self._batch_max_pixels
+        if not small or self._max_batch <= spec.num_images or spec.task != "text2img":
             return [job]
         return [job, *self._store.claim_compatible(job, self._max_batch)]
 
