@@ -37,12 +37,12 @@ def main() -> None:
     import torch
     from diffusers import FluxPipeline
 
-    from fluxserve.engine.demo import build_demo_model
+    from fluxserve.engine.demo import build_demo_model, demo_weights
 
     tmp = Path(tempfile.mkdtemp(prefix="fluxserve-bench-"))
     try:
         demo = build_demo_model(tmp / "data" / "demo-model")
-        pipe = FluxPipeline.from_pretrained(demo, dtype=torch.float32, local_files_only=True)
+        pipe = FluxPipeline.from_pretrained(demo_weights(demo, "text2img"), dtype=torch.float32, local_files_only=True)
         pipe.set_progress_bar_config(disable=True)
         port = free_port()
         server = start_server(tmp / "data", port)
