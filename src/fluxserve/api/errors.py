@@ -121,7 +121,7 @@ def from_validation_errors(errors: list[Any], prefix: str = "") -> InvalidInput:
     """Pydantic errors -> one InvalidInput naming the first bad field (others in the message)."""
 
     def name(err: Any) -> str:
-        loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "header")]
         return prefix + ".".join(loc) if loc else prefix.rstrip(".") or "body"
 
     def describe(err: Any) -> str:
