@@ -113,3 +113,27 @@ def test_default_batches_only_small_images(settings: Settings) -> None:
             ["big1"],
             ["s0", "s1", "s2"],
         ]
+
+
+def test_one_worker_per_device_share_the_queue(settings: Settings) -> None:
+    fast, slow = FakeEngine(step_s=0.01), FakeEngine(step_s=0.2)
+    with TestClient(create_app(settings.model_copy(update={"max_batch": 1}), engines=[slow, fast])) as client:
+        ids = [_submit(client, "flux-schnell", f"p{i}") for i in range(6)]
+        assert all(_wait_feed(client, i)["status"] == "succeeded" for i in ids)
+        assert len(slow.calls) >= 1 and len(fast.calls) >= 1  # both workers took jobs
+        assert len(slow.calls) + len(fast.calls) == 6
+        assert client.get("/health").json()["status"] == "ready"
+
+
+def test_a_worker_that_failed_to_load_leaves_jobs_to_the_others(settings: Settings) -> None:
+    class Broken(FakeEngine):
+        def load(self) -> None:
+            raise RuntimeError("no such GPU")
+
+    broken, good = Broken(), FakeEngine()
+    with TestClient(create_app(settings, engines=[broken, good])) as client:
+        ids = [_submit(client, "flux-schnell", f"p{i}") for i in range(4)]
+        assert all(_wait_feed(client, i)["status"] == "succeeded" for i in ids)
+        assert broken.calls == [] and len(good.calls) >= 1
+        health = client.get("/health").json()
+        assert health["status"] == "ready" and "no such GPU" in health["error"]

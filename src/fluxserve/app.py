@@ -18,7 +18,7 @@ from .api import bfl, edits, files, openai, replicate, vmodel
 from .api.deps import Services
 from .api.errors import install_error_handlers
 from .auth import Authenticator
-from .dispatch import LocalDispatcher
+from .dispatch import LocalDispatcher, WorkerPool
 from .engine.base import Engine
 from .jobs import Job, JobService
 from .models import ModelRegistry
@@ -37,7 +37,17 @@ def build_registry(settings: Settings) -> ModelRegistry:
     return (registry or ModelRegistry.default()).label_demo_weights()
 
 
-def build_engine(settings: Settings, registry: ModelRegistry) -> Engine:
+def devices(settings: Settings) -> list[str]:
+    """--device cuda:0,cuda:1 (or all) runs one worker per device; anything else is one worker."""
+    if settings.device == "all":
+        import torch
+
+        count = torch.cuda.device_count()
+        return [f"cuda:{i}" for i in range(count)] if count else ["auto"]
+    return [d.strip() for d in settings.device.split(",") if d.strip()] or ["auto"]
+
+
+def build_engine(settings: Settings, registry: ModelRegistry, device: str | None = None) -> Engine:
     from .engine.flux import DiffusersEngine
     from .engine.speed import SpeedOptions, parse_cache
     from .spec import parse_size
@@ -53,7 +63,7 @@ def build_engine(settings: Settings, registry: ModelRegistry) -> Engine:
         warmup_sizes=tuple(parse_size(s, param="warmup_sizes") for s in settings.warmup_sizes),
     )
     engine = DiffusersEngine(
-        registry, device=settings.device, local_files_only=settings.offline or settings.demo, speed=speed
+        registry, device=device or settings.device, local_files_only=settings.offline or settings.demo, speed=speed
     )
     if settings.demo:
         from .engine.demo import build_demo_model
@@ -78,7 +88,7 @@ def webhook_secret_for(services: Services, job: Job) -> str | None:
     return owner_secret(services.secret, job.owner)
 
 
-def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
+def create_app(settings: Settings, *, engine: Engine | None = None, engines: list[Engine] | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -94,13 +104,19 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
         registry = build_registry(settings)
         secret = load_or_create_secret(settings.data_dir / "secret.key")
         storage = LocalStorage(settings.outputs_dir, secret, settings.base_url, settings.url_ttl_s)
-        dispatcher = LocalDispatcher(
-            store,
-            storage,
-            engine or build_engine(settings, registry),
-            registry,
-            max_batch=settings.max_batch,
-            batch_max_pixels=settings.batch_max_pixels,
+        chosen = engines or ([engine] if engine else [build_engine(settings, registry, d) for d in devices(settings)])
+        dispatcher = WorkerPool(
+            [
+                LocalDispatcher(
+                    store,
+                    storage,
+                    e,
+                    registry,
+                    max_batch=settings.max_batch,
+                    batch_max_pixels=settings.batch_max_pixels,
+                )
+                for e in chosen
+            ]
         )
         jobs = JobService(store, dispatcher.wake)
         dispatcher.service = jobs

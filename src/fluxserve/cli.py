@@ -51,7 +51,9 @@ def serve(
         int | None, typer.Option(help="Only images up to this many pixels are batched [default 320*320].")
     ] = None,
     database: Annotated[str | None, typer.Option(help="SQLAlchemy URL [default: SQLite in the data dir].")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1, mps.")] = None,
+    device: Annotated[
+        str | None, typer.Option(help="auto, cpu, cuda, cuda:1, mps; cuda:0,cuda:1 or all: a worker each.")
+    ] = None,
     compile: Annotated[
         bool | None, typer.Option("--compile", help="torch.compile the transformer blocks (warm-up at start).")
     ] = None,

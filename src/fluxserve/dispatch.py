@@ -6,6 +6,7 @@ import io
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, Protocol
 
 from PIL import Image
@@ -24,8 +25,10 @@ WorkerState = Literal["loading", "ready", "error", "stopped"]
 
 
 class Dispatcher(Protocol):
-    state: WorkerState
-    load_error: str | None
+    @property
+    def state(self) -> WorkerState: ...
+    @property
+    def load_error(self) -> str | None: ...
 
     def start(self) -> None: ...
     def wake(self) -> None: ...
@@ -62,6 +65,8 @@ class LocalDispatcher:
         self.service: JobService | None = None
         self.state: WorkerState = "loading"
         self.load_error: str | None = None
+        # In a pool, a worker whose models failed to load leaves jobs to the healthy ones.
+        self.others_healthy: Callable[[], bool] = lambda: False
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="fluxserve-worker", daemon=True)
@@ -95,6 +100,10 @@ class LocalDispatcher:
         while not self._stopping.is_set():
             for job_id in self._store.abort_expired(time.time()):
                 self._notify(job_id, "completed")
+            if self.state == "error" and self.others_healthy():
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                continue
             job = self._store.claim_next()
             if job is None:
                 self._wake.wait(timeout=1.0)
@@ -207,3 +216,57 @@ class LocalDispatcher:
             self._storage.put(key, encode_image(image, spec.output_format, spec.quality, meta))
             outputs.append(Output(key, seed, image.width, image.height, spec.output_format))
         return outputs
+
+
+class WorkerPool:
+    """One LocalDispatcher per device, all claiming from the same store; one Dispatcher to the app."""
+
+    def __init__(self, workers: Sequence[LocalDispatcher]) -> None:
+        self.workers = list(workers)
+        for w in self.workers:
+            w.others_healthy = lambda w=w: any(o.state in ("loading", "ready") for o in self.workers if o is not w)  # type: ignore[misc]
+
+    @property
+    def service(self) -> JobService | None:
+        return self.workers[0].service
+
+    @service.setter
+    def service(self, value: JobService | None) -> None:
+        for w in self.workers:
+            w.service = value
+
+    @property
+    def state(self) -> WorkerState:
+        states = [w.state for w in self.workers]
+        if "ready" in states and "loading" not in states:
+            return "ready"
+        if "loading" in states:
+            return "loading"
+        return "error" if "error" in states else "stopped"
+
+    @property
+    def load_error(self) -> str | None:
+        errors = [f"{i}: {w.load_error}" for i, w in enumerate(self.workers) if w.load_error]
+        return "; ".join(errors) or None
+
+    def start(self) -> None:
+        for w in self.workers:
+            w.start()
+
+    def wake(self) -> None:
+        for w in self.workers:
+            w.wake()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for w in self.workers:
+            w._stopping.set()
+            w.wake()
+        for w in self.workers:
+            w.stop(timeout)
+
+    def loaded_models(self) -> list[str]:
+        return sorted({m for w in self.workers for m in w.loaded_models()})
+
+    def engine_info(self) -> dict[str, Any]:
+        infos = [w.engine_info() | {"state": w.state} for w in self.workers]
+        return infos[0] if len(infos) == 1 else {"workers": infos}
