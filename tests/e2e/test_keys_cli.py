@@ -66,3 +66,39 @@ def test_data_dir_from_environment(tmp_path: Path) -> None:
     )
     assert out.stdout.startswith("fs-")
     assert (tmp_path / "envdata" / "fluxserve.db").is_file()
+
+
+def test_generate_command_writes_images(tmp_path: Path, demo_model_dir: Path) -> None:
+    import shutil
+
+    from PIL import Image
+
+    from fluxserve.outputs import read_metadata
+
+    shutil.copytree(demo_model_dir, tmp_path / "data" / "demo-model")
+    out = _cli(
+        "generate",
+        "a lighthouse",
+        "--demo",
+        "--model",
+        "flux-dev",
+        "--size",
+        "512x256",
+        "-n",
+        "2",
+        "--seed",
+        "7",
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path / "imgs"),
+        "--data-dir",
+        str(tmp_path / "data"),
+    )
+    assert out.returncode == 0, out.stderr
+    files = [Path(p) for p in out.stdout.split()]
+    assert [f.name for f in files] == ["flux-dev-7.png", "flux-dev-8.png"]
+    assert Image.open(files[0]).size == (512, 256)
+    assert read_metadata(files[0].read_bytes())["seed"] == 7
+    bad = _cli("generate", "x", "--demo", "--size", "100x100", "--data-dir", str(tmp_path / "data"))
+    assert bad.returncode == 2 and "multiples of 16" in bad.stderr
