@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
 
-from tests.e2e.server import RemoteServer
+from tests.e2e.server import RemoteServer, free_port
 from tests.images_util import png_bytes
 
 CHROMIUM = os.environ.get("FLUXSERVE_CHROMIUM", "/usr/bin/chromium")
@@ -39,8 +39,9 @@ def page(browser: Browser, server: RemoteServer) -> Iterator[Page]:
 
 
 def _is_error(message: ConsoleMessage) -> bool:
-    # A rejected key is shown to the user; the browser also logs the 401 response itself.
-    return message.type == "error" and "401" not in message.text
+    # A rejected key or a dead endpoint is shown to the user; the browser also logs the failed request itself.
+    expected = ("401", "ERR_CONNECTION_REFUSED")
+    return message.type == "error" and not any(e in message.text for e in expected)
 
 
 def _shot(page: Page, name: str) -> None:
@@ -69,10 +70,22 @@ def test_generate_and_see_the_image(page: Page, server: RemoteServer) -> None:
     expect(figure.locator(".size")).to_have_text("512\u00d7512")
     expect(page.locator(".turn .meta").last).to_contain_text("Done in")
     _shot(page, "playground-generated")
+    # Full view, keyboard included.
+    figure.locator("img").focus()
+    page.keyboard.press("Enter")
+    expect(page.locator("#viewer")).to_be_visible()
+    page.click("#viewer button")
+    figure.locator("button", has_text="Copy curl").click()
+    expect(figure.locator("button", has_text="Copied")).to_be_visible()
+    # Requests queue back to back.
+    for prompt in ("first of two", "second of two"):
+        page.fill("#prompt", prompt)
+        page.keyboard.press("Enter")
+    expect(page.locator(".turn figure")).to_have_count(3, timeout=60_000)
     # Shift+Enter is a new line, not a send.
     page.fill("#prompt", "line one")
     page.locator("#prompt").press("Shift+Enter")
-    assert page.locator(".turn").count() == 1
+    assert page.locator(".turn").count() == 3
     assert page.input_value("#prompt") == "line one\n"
 
 
@@ -81,6 +94,15 @@ def test_wrong_key_is_shown(page: Page, server: RemoteServer) -> None:
     expect(page.locator("#banner")).to_be_visible()
     expect(page.locator("#banner")).to_contain_text("401")
     _shot(page, "playground-wrong-key")
+
+
+def test_unreachable_endpoint_is_shown(page: Page, server: RemoteServer) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    page.goto(server.url)
+    page.fill("#endpoint", dead)
+    page.fill("#api-key", "anything")
+    page.click("#settings-form button[type=submit]")
+    expect(page.locator("#banner")).to_contain_text(f"Cannot reach {dead}")
 
 
 def test_edit_with_an_attached_image_then_history_survives_reload(

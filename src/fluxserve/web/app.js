@@ -227,7 +227,11 @@ function renderImage(turn, image) {
     $("viewer").showModal();
   };
   img.onclick = open;
-  img.onkeydown = (e) => e.key === "Enter" && open();
+  img.onkeydown = (e) => {
+    if (e.key !== "Enter" && e.key !== " ") return;
+    e.preventDefault(); // or the same key press would also activate the viewer's Close button
+    open();
+  };
   const cap = document.createElement("figcaption");
   const seedText = el("span", "seed", image.seed === null || image.seed === undefined ? "seed ?" : `seed ${image.seed}`);
   const size = el("span", "size", image.width ? `${image.width}×${image.height}` : "");
