@@ -2,6 +2,7 @@
 
 import asyncio
 
+import httpx
 import pytest
 from PIL import Image
 
@@ -110,3 +111,31 @@ def test_redirect_from_public_to_private_is_refused(monkeypatch: pytest.MonkeyPa
     with pytest.raises(InvalidInput, match="private"):
         asyncio.run(fetch_image_bytes("https://images.example/r", param="x", allow_private=False, transport=transport))
     assert hops[-1] == "https://images.example/r"  # the private hop was never requested
+
+
+def test_dns_rebinding_is_caught_at_connect_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The name checks out as public, but the socket lands on loopback: refused before the body is read."""
+    import socket
+
+    real = socket.getaddrinfo
+
+    def lying_dns(host: str, *args: object, **kw: object):  # type: ignore[no-untyped-def]
+        if host == "rebind.example":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", 80))]
+        return real(host, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("fluxserve.netguard.socket.getaddrinfo", lying_dns)
+    from tests.image_server import image_server
+
+    with image_server() as base:
+        port = base.rsplit(":", 1)[1]
+
+        class Loopback(httpx.AsyncHTTPTransport):
+            async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+                # What a rebinding DNS answer does: the socket connects somewhere the check never saw.
+                request.url = request.url.copy_with(host="127.0.0.1", port=int(port))
+                return await super().handle_async_request(request)
+
+        with pytest.raises(InvalidInput, match="private address"):
+            asyncio.run(fetch_image_bytes("http://rebind.example/cat.png", param="x", allow_private=False,
+                                          transport=Loopback()))  # fmt: skip

@@ -12,7 +12,7 @@ import httpx
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InvalidInput, PayloadTooLarge
-from .netguard import check_public_url
+from .netguard import check_peer, check_public_url
 
 MAX_IMAGE_BYTES = 50 * 1024 * 1024
 MAX_MASK_BYTES = 4 * 1024 * 1024
@@ -102,6 +102,8 @@ async def fetch_image_bytes(
             check_public_url(url, param=param, allow_private=allow_private, code="invalid_image_url")
             try:
                 async with client.stream("GET", url) as resp:
+                    if not allow_private:
+                        check_peer(resp, param=param)
                     if resp.is_redirect and "location" in resp.headers:
                         url = urljoin(url, resp.headers["location"])
                         continue

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from typing import Any
 from urllib.parse import urlsplit
 
 from .errors import InvalidInput
@@ -35,3 +36,19 @@ def check_public_url(url: str, *, param: str, allow_private: bool, code: str) ->
                 param=param,
                 code=code,
             )
+
+
+def check_peer(response: Any, *, param: str) -> None:
+    """The address actually connected to must be public too: a host that re-resolves (DNS rebinding)
+    between the check and the connection is refused before its body is read."""
+    stream = response.extensions.get("network_stream")
+    peer = stream.get_extra_info("server_addr") if stream is not None else None
+    if not peer:
+        return  # not a socket (tests' mock transports)
+    addr = ipaddress.ip_address(str(peer[0]).split("%")[0])
+    if not addr.is_global or addr.is_multicast:
+        raise InvalidInput(
+            f"{param}: the connection went to a private address ({addr}), which this server does not fetch from.",
+            param=param,
+            code="invalid_image_url",
+        )
