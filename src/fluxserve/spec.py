@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from .errors import InvalidInput
@@ -117,7 +117,6 @@ class GenerationSpec:
     mask: str | None = None  # storage key of the repaint mask (white = repaint)
     strength: float | None = None
     partial_images: int = 0  # previews of the image in progress (OpenAI streaming), 0-3
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def image_seeds(self) -> list[int]:
         return [(self.seed + i) % (MAX_SEED + 1) for i in range(self.num_images)]
@@ -139,5 +138,4 @@ class GenerationSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationSpec:
-        data = {**data, "images": tuple(data.get("images", ()))}
-        return cls(**data)
+        return cls(**{**data, "images": tuple(data.get("images", ()))})
