@@ -193,3 +193,16 @@ def test_idempotency_on_every_create_route(client: TestClient) -> None:
             if "id" in first.json()
             else first.json()["created"] == second.json()["created"]
         )
+
+
+def test_a_job_is_read_only_through_its_own_dialect(client: TestClient) -> None:
+    openai_job = client.post("/v1/images/generations", json={"prompt": "p", "size": "256x256"}, headers=AUTH)
+    assert openai_job.status_code == 200
+    replicate = client.post(
+        "/v1/models/black-forest-labs/flux-schnell/predictions", json={"input": {"prompt": "p"}}, headers=AUTH
+    ).json()
+    # The relay feed must not try to render another dialect's job (it has no relay input to echo).
+    assert client.get(f"/vmodel/feed/{replicate['id']}", headers=AUTH).status_code == 404
+    bfl = client.post("/v1/flux-dev", json={"prompt": "p"}, headers={"x-key": AUTH["Authorization"].split()[1]}).json()
+    assert client.get(f"/vmodel/feed/{bfl['id']}", headers=AUTH).status_code == 404
+    assert client.get(f"/v1/predictions/{bfl['id']}", headers=AUTH).status_code == 404

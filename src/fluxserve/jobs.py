@@ -150,10 +150,10 @@ class JobService:
             )
         return existing
 
-    def get(self, job_id: str, owner: str) -> Job:
-        """Another owner's job is indistinguishable from a missing one."""
+    def get(self, job_id: str, owner: str, dialect: str | None = None) -> Job:
+        """Another owner's job, or another dialect's when one is named, is indistinguishable from a missing one."""
         job = self._store.get_job(job_id)
-        if job is None or not secrets.compare_digest(job.owner, owner):
+        if job is None or not secrets.compare_digest(job.owner, owner) or dialect not in (None, job.dialect):
             raise NotFound(f"No job with id {job_id!r}.", param="id")
         if job.status is Status.QUEUED:
             job = replace(job, queue_position=self._store.queue_position(job))

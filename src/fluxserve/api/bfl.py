@@ -195,9 +195,9 @@ def render_webhook(services: Services, job: Job) -> dict[str, Any]:
 @router.get("/get_result")
 async def get_result(services: ServicesDep, owner: XKeyOwnerDep, id: str = "") -> Any:
     try:
-        job = services.jobs.get(id, owner)
+        job: Job | None = services.jobs.get(id, owner, dialect="bfl")
     except NotFound:
         job = None
-    if job is None or job.dialect != "bfl":
+    if job is None:
         return JSONResponse({"id": id, "status": "Task not found", "result": None, "progress": None}, status_code=404)
     return render(services, job)

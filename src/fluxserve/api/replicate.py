@@ -283,10 +283,7 @@ async def create_prediction(request: Request, services: ServicesDep, owner: Owne
 
 
 def _replicate_job(services: Services, job_id: str, owner: str) -> Job:
-    job = services.jobs.get(job_id, owner)
-    if job.dialect != "replicate":
-        raise NotFound(f"No prediction with id {job_id!r}.", param="id")
-    return job
+    return services.jobs.get(job_id, owner, dialect="replicate")
 
 
 @router.get("/predictions/{job_id}")

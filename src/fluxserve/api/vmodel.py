@@ -93,7 +93,7 @@ async def generate(request: Request, services: ServicesDep, owner: OwnerDep) -> 
 
 @router.get("/feed/{job_id}")
 async def feed(job_id: str, services: ServicesDep, owner: OwnerDep) -> dict[str, Any]:
-    job = services.jobs.get(job_id, owner)
+    job = services.jobs.get(job_id, owner, dialect="vmodel")
     return render(job, services.output_urls(job) if job.status is Status.SUCCEEDED else None)
 
 
