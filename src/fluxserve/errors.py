@@ -65,6 +65,14 @@ class Conflict(FluxServeError):
     type = "invalid_request_error"
 
 
+class ClientDisconnected(FluxServeError):
+    """The client went away while waiting; nobody reads this response."""
+
+    status_code = 499
+    code = "client_closed_request"
+    type = "invalid_request_error"
+
+
 class GenerationFailed(FluxServeError):
     status_code = 500
     code = "generation_failed"

@@ -67,3 +67,21 @@ def test_models_list(client: openai.OpenAI) -> None:
     names = [m.id for m in client.models.list()]
     assert names == ModelRegistry.default().names
     assert all(m.owned_by == "fluxserve-demo" for m in client.models.list())
+
+
+def test_client_that_gives_up_frees_the_worker(server: RemoteServer) -> None:
+    import time
+
+    body = {"model": "flux-dev", "prompt": "a long one", "size": "2048x2048", "steps": 50}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/images/generations", json=body, headers=server.headers, timeout=1.5)
+    t0 = time.time()
+    resp = httpx.post(
+        f"{server.url}/vmodel/generate",
+        json={"model": "flux-schnell", "input": {"prompt": "next", "megapixels": "0.25"}},
+        headers=server.headers,
+    )
+    feed = server.wait_feed(resp.json()["id"])
+    assert feed["status"] == "succeeded"
+    # 50 steps at 2048x2048 take far longer than 5 s here; the abandoned job was canceled instead.
+    assert time.time() - t0 < 5, time.time() - t0

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import GenerationFailed
+from ..errors import ClientDisconnected, GenerationFailed
 from ..jobs import Job, Status
 from ..spec import GenerationSpec, parse_size
 from .deps import OwnerDep, Services, ServicesDep, idempotency_key
@@ -116,8 +116,15 @@ async def run_and_render(
     quality: str | None,
 ) -> dict[str, Any]:
     """The synchronous OpenAI call: a job like any other, waited on, rendered as an images response."""
-    job = services.jobs.submit(owner, "openai", spec, echo, idempotency_key=idempotency_key(request))
-    job = await services.jobs.wait(job.id, owner)
+    key = idempotency_key(request)
+    job = services.jobs.submit(owner, "openai", spec, echo, idempotency_key=key)
+    while not job.status.is_terminal:
+        job = await services.jobs.wait(job.id, owner, timeout=1.0)
+        # A client that gave up (a closed chat tab, a timeout) frees the GPU. A job shared through an
+        # Idempotency-Key may have another waiter, so it runs on.
+        if not job.status.is_terminal and key is None and await request.is_disconnected():
+            services.jobs.cancel(job.id, owner)
+            raise ClientDisconnected("The client closed the connection before the images were ready.")
     if job.status is not Status.SUCCEEDED:
         raise GenerationFailed(job.error or f"The image generation ended as {job.status.value}.")
     return {
