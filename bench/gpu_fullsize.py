@@ -145,7 +145,9 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny config on CPU: a smoke run, timings meaningless")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--size", type=int, default=None)
-    ap.add_argument("--modes", nargs="+", default=["plain", "default", "cache", "compile", "compile+fp8"])
+    ap.add_argument(
+        "--modes", nargs="+", default=["plain", "default", "cache", "compile", "compile+cache", "compile+fp8"]
+    )
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args()
 
@@ -186,6 +188,7 @@ def main() -> None:
         speed = {
             "cache": SpeedOptions(first_block_cache=0.08),
             "compile": SpeedOptions(compile=True),
+            "compile+cache": SpeedOptions(compile=True, first_block_cache=0.08),
             "compile+fp8": SpeedOptions(compile=True, quantize="fp8"),
         }.get(mode)
         if speed is not None:
@@ -223,7 +226,7 @@ def main() -> None:
                 "peak_vram_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
             }
         )
-        if mode == "cache":
+        if "cache" in mode:
             pipe.transformer.disable_cache()
         print(json.dumps(rows[-1]), flush=True)
 

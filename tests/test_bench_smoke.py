@@ -18,8 +18,8 @@ def test_gpu_benchmark_tiny_cpu_form(tmp_path: Path) -> None:
     _run("gpu_fullsize.py", "--tiny", "--reps", "1", "--out", str(tmp_path))
     report = json.loads((tmp_path / "gpu_fullsize_schnell_tiny.json").read_text())
     modes = {r["mode"]: r for r in report["rows"]}
-    assert set(modes) == {"plain", "default", "cache", "compile", "compile+fp8"}
-    assert all(modes[m]["end_to_end_s"] > 0 for m in ("plain", "default", "cache", "compile"))
+    assert set(modes) == {"plain", "default", "cache", "compile", "compile+cache", "compile+fp8"}
+    assert all(modes[m]["end_to_end_s"] > 0 for m in ("plain", "default", "cache", "compile", "compile+cache"))
     assert "compute capability" in modes["compile+fp8"]["skipped"]
     assert "| compile |" in (tmp_path / "gpu_fullsize_schnell_tiny.md").read_text()
 

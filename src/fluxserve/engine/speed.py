@@ -152,4 +152,6 @@ def apply(pipe: Any, opts: SpeedOptions, device: str) -> None:
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(opts.compile_cache_dir))
             os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
             os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
-        transformer.compile_repeated_blocks(fullgraph=True)
+        # First-Block-Cache decides per step in Python whether to run the other blocks: that is a graph
+        # break inside the hooked blocks, so whole-graph capture is only asked for without it.
+        transformer.compile_repeated_blocks(fullgraph=opts.first_block_cache is None)
