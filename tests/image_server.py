@@ -35,9 +35,15 @@ def image_server() -> Iterator[str]:
         "/redirect": (302, {"Location": "/cat.png"}, b""),
         "/to-metadata": (302, {"Location": "http://169.254.169.254/latest/meta-data"}, b""),
     }
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    with serve_loopback(_Handler) as base:
+        yield base
+
+
+@contextmanager
+def serve_loopback(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """A threaded HTTP server on a free loopback port, for the duration of the block."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:

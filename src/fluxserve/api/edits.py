@@ -10,8 +10,9 @@ from starlette.datastructures import FormData
 
 from ..errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from ..images import MAX_IMAGE_BYTES, MAX_MASK_BYTES, decode_image, fit_megapixel, mask_from_alpha
+from ..models import ModelSpec
 from ..spec import parse_size
-from .deps import OwnerDep, ServicesDep
+from .deps import OwnerDep, Services, ServicesDep
 from .errors import from_validation_errors
 from .inputs import Inputs, read_upload
 from .openai import run_and_render
@@ -87,10 +88,26 @@ async def edit_image(request: Request, services: ServicesDep, owner: OwnerDep) -
     width, height = _size(body, images[0].size)
     _check_prompt_given(body)
     inputs = Inputs(images[:1] if mask is not None else images, mask)
+    echo = {"images": len(images), "mask": mask is not None}
+    return await _run(request, services, owner, model, body, inputs, (width, height), echo, strength=body.strength)
+
+
+async def _run(
+    request: Request,
+    services: Services,
+    owner: str,
+    model: ModelSpec,
+    body: EditForm,
+    inputs: Inputs,
+    size: tuple[int, int],
+    echo: dict[str, Any],
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Validate the form into a spec, store the inputs only then, and run it as a synchronous OpenAI call."""
     spec = model.make_spec(
         prompt=body.prompt,
-        width=width,
-        height=height,
+        width=size[0],
+        height=size[1],
         num_images=body.n,
         steps=body.steps,
         guidance=body.guidance,
@@ -99,10 +116,10 @@ async def edit_image(request: Request, services: ServicesDep, owner: OwnerDep) -
         quality=max(1, body.output_compression if body.output_compression is not None else 100),
         images=inputs.keys,
         mask=inputs.mask_key,
-        strength=body.strength,
+        **overrides,
     )
     inputs.save(services.storage)
-    echo = {**body.model_dump(exclude_none=True), "images": len(images), "mask": mask is not None}
+    echo = {**body.model_dump(exclude_none=True), **echo}
     return await run_and_render(request, services, owner, spec, echo, body.response_format, body.quality)
 
 
@@ -122,20 +139,8 @@ async def image_variation(request: Request, services: ServicesDep, owner: OwnerD
     if model.kind != "text2img":
         raise InvalidInput(f"Variations need a text-to-image model such as flux-dev; got {model.name}.", param="model")
     width, height = _size(body, image.size)
-    inputs = Inputs([image])
-    spec = model.make_spec(
-        prompt=body.prompt,
-        allow_empty_prompt=True,
-        width=width,
-        height=height,
-        num_images=body.n,
-        steps=body.steps,
-        guidance=body.guidance,
-        seed=body.seed,
-        output_format=body.output_format or "png",
-        images=inputs.keys,
-        strength=VARIATION_STRENGTH if body.strength is None else body.strength,
-    )
-    inputs.save(services.storage)
-    echo = {**body.model_dump(exclude_none=True), "images": 1}
-    return await run_and_render(request, services, owner, spec, echo, body.response_format, body.quality)
+    strength = VARIATION_STRENGTH if body.strength is None else body.strength
+    return await _run(
+        request, services, owner, model, body, Inputs([image]), (width, height), {"images": 1},
+        strength=strength, allow_empty_prompt=True,
+    )  # fmt: skip
