@@ -15,6 +15,7 @@ memory; writes a JSON and a markdown table.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import statistics
@@ -139,6 +140,62 @@ def timed_run(call: Any, steps: int, sync: Any) -> tuple[float, float]:
     return end - start, statistics.median(gaps)
 
 
+SPEED_MODES = {
+    "cache": {"first_block_cache": 0.08},
+    "compile": {"compile": True},
+    "compile+cache": {"compile": True, "first_block_cache": 0.08},
+    "compile+fp8": {"compile": True, "quantize": "fp8"},
+}
+
+
+def measure(mode: str, pipe: Any, registry: Any, spec: Any, device: str, args: Any, sync: Any) -> dict[str, Any]:
+    """One mode's row; everything it builds dies with this frame, the pipeline aside."""
+    import torch
+
+    from fluxserve.engine.base import EngineRequest
+    from fluxserve.engine.flux import DiffusersEngine
+    from fluxserve.engine.speed import SpeedOptions, apply
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    engine = DiffusersEngine(registry, device=device)
+    engine.use_pipeline(spec.model, pipe)
+    if mode in SPEED_MODES:
+        apply(pipe, SpeedOptions(**SPEED_MODES[mode]), device)  # type: ignore[arg-type]
+
+    def plain_call(cb: Any) -> None:
+        with torch.inference_mode():
+            pipe(
+                spec.prompt,
+                height=spec.height,
+                width=spec.width,
+                num_inference_steps=spec.steps,
+                generator=torch.Generator("cpu").manual_seed(1),
+                callback_on_step_end=cb,
+                max_sequence_length=256 if args.variant == "schnell" else 512,
+            )
+
+    def served_call(cb: Any) -> None:
+        engine.generate([EngineRequest(spec)], lambda d, t, p: cb(None, d - 1, None, {}))
+
+    call = plain_call if mode == "plain" else served_call
+    warm_t = time.perf_counter()
+    call(lambda *a: a[-1])  # warm-up; compiles in the compile modes
+    warmup_s = time.perf_counter() - warm_t
+    runs = [timed_run(call, spec.steps, sync) for _ in range(args.reps)]
+    step = statistics.median(r[1] for r in runs)
+    if "cache" in mode:
+        pipe.transformer.disable_cache()
+    return {
+        "mode": mode,
+        "end_to_end_s": round(statistics.median(r[0] for r in runs), 4),
+        "step_s": round(step, 5),
+        "warmup_s": round(warmup_s, 2),
+        "tflops": round(TFLOP_PER_STEP_1024 * (spec.width / 1024) ** 4 / step, 1) if not args.tiny else None,
+        "peak_vram_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--variant", choices=["schnell", "dev"], default="schnell")
@@ -153,9 +210,7 @@ def main() -> None:
 
     import torch
 
-    from fluxserve.engine.base import EngineRequest
-    from fluxserve.engine.flux import DiffusersEngine
-    from fluxserve.engine.speed import SpeedOptions, apply, check_fp8
+    from fluxserve.engine.speed import check_fp8
     from fluxserve.models import ModelRegistry
 
     device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
@@ -178,56 +233,14 @@ def main() -> None:
             except RuntimeError as exc:
                 rows.append({"mode": mode, "skipped": str(exc)})
                 continue
+            # A fresh bf16 pipeline to quantize: drop the compiled one and its graphs first, or both
+            # copies (2 x 34 GB) would sit in VRAM.
             del pipe
+            gc.collect()
+            torch._dynamo.reset()
             torch.cuda.empty_cache()
             pipe = build_pipeline(args.tiny, guidance=args.variant == "dev", device=device, dtype=dtype)
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        engine = DiffusersEngine(registry, device=device)
-        engine.use_pipeline(model_name, pipe)
-        speed = {
-            "cache": SpeedOptions(first_block_cache=0.08),
-            "compile": SpeedOptions(compile=True),
-            "compile+cache": SpeedOptions(compile=True, first_block_cache=0.08),
-            "compile+fp8": SpeedOptions(compile=True, quantize="fp8"),
-        }.get(mode)
-        if speed is not None:
-            apply(pipe, speed, device)
-
-        def plain_call(cb: Any, pipe: Any = pipe) -> None:
-            with torch.inference_mode():
-                pipe(
-                    spec.prompt,
-                    height=size,
-                    width=size,
-                    num_inference_steps=steps,
-                    generator=torch.Generator("cpu").manual_seed(1),
-                    callback_on_step_end=cb,
-                    max_sequence_length=256 if args.variant == "schnell" else 512,
-                )
-
-        def served_call(cb: Any, engine: DiffusersEngine = engine) -> None:
-            engine.generate([EngineRequest(spec)], lambda d, t, p: cb(None, d - 1, None, {}))
-
-        call = plain_call if mode == "plain" else served_call
-        warm_t = time.perf_counter()
-        call(lambda *a: a[-1])  # warm-up; compiles in the compile modes
-        warmup_s = time.perf_counter() - warm_t
-        runs = [timed_run(call, steps, sync) for _ in range(args.reps)]
-        e2e = statistics.median(r[0] for r in runs)
-        step = statistics.median(r[1] for r in runs)
-        rows.append(
-            {
-                "mode": mode,
-                "end_to_end_s": round(e2e, 4),
-                "step_s": round(step, 5),
-                "warmup_s": round(warmup_s, 2),
-                "tflops": round(TFLOP_PER_STEP_1024 * (size / 1024) ** 4 / step, 1) if not args.tiny else None,
-                "peak_vram_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
-            }
-        )
-        if "cache" in mode:
-            pipe.transformer.disable_cache()
+        rows.append(measure(mode, pipe, registry, spec, device, args, sync))
         print(json.dumps(rows[-1]), flush=True)
 
     machine = torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or 'CPU'} (tiny smoke run)"

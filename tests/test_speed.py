@@ -65,3 +65,87 @@ def test_option_parsing() -> None:
     assert resolve_attention("auto", "cpu") == "native"
     assert resolve_attention("sage", "cuda") == "sage"
     assert SpeedOptions(attention="sage").lossy == ["attention=sage"]
+
+
+def test_out_of_memory_fails_that_job_and_the_worker_keeps_serving(
+    settings: Settings, demo_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from diffusers import FluxTransformer2DModel
+    from fastapi.testclient import TestClient
+
+    from fluxserve.app import create_app
+    from tests.conftest import AUTH
+
+    real_forward = FluxTransformer2DModel.forward
+    calls: list[int] = []
+
+    def oom_once(self: FluxTransformer2DModel, *args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(FluxTransformer2DModel, "forward", oom_once)
+    engine = DiffusersEngine(ModelRegistry.demo(demo_model_dir), device="cpu", local_files_only=True)
+    body = {"model": "flux-schnell", "prompt": "p", "size": "256x256", "response_format": "b64_json"}
+    with TestClient(create_app(settings, engine=engine)) as client:
+        failed = client.post("/v1/images/generations", json=body, headers=AUTH)
+        assert failed.status_code == 500
+        error = failed.json()["error"]
+        assert error["code"] == "generation_failed" and "Out of device memory at 256x256" in error["message"]
+        ok = client.post("/v1/images/generations", json=body, headers=AUTH)
+        assert ok.status_code == 200 and ok.json()["data"][0]["b64_json"]
+        assert client.get("/health").json()["status"] == "ready"
+
+
+class _Params:
+    def __init__(self, gib: float) -> None:
+        self._bytes = int(gib * 2**30)
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [torch.empty(self._bytes, dtype=torch.uint8, device="meta")]
+
+
+class _Pipe:
+    """Just the parts of a FLUX pipeline the offload decision reads: real FLUX.1 sizes in bf16."""
+
+    transformer = _Params(23.8)
+    text_encoder = _Params(0.25)
+    text_encoder_2 = _Params(9.5)
+    vae = _Params(0.17)
+
+
+@pytest.mark.parametrize(
+    ("free_gib", "mode"),
+    [(79, "none"), (40, "none"), (36, "model"), (24, "group"), (12, "group")],
+)
+def test_auto_offload_picks_from_free_device_memory(
+    free_gib: float, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fluxserve.engine import speed
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(free_gib * 2**30), 80 * 2**30))
+    assert speed._auto_offload(_Pipe(), "cuda:0") == mode
+    assert speed._auto_offload(_Pipe(), "cpu") == "none"
+
+
+def test_compile_mode_warms_up_fuses_and_keeps_pixels_close(
+    demo_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Inductor sets this variable itself after its first compile; the test's setting is restored afterwards.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "unset-by-the-test")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    eager = _engine(demo_model_dir, SpeedOptions())
+    params = sum(p.numel() for p in eager._pipes["flux-dev"].transformer.parameters())
+    cache = tmp_path / "compile-cache"
+    fast = _engine(demo_model_dir, SpeedOptions(compile=True, compile_cache_dir=cache, warmup_sizes=((256, 256),)))
+    transformer = fast._pipes["flux-dev"].transformer
+    attn = transformer.transformer_blocks[0].attn
+    assert attn.fused_projections and not hasattr(attn, "to_q") and hasattr(attn, "to_added_qkv")
+    # Fused, without keeping the unfused copies: the same parameter count as before.
+    assert sum(p.numel() for p in transformer.parameters()) == params
+    # The warm-up at load compiled into the configured cache, before any request.
+    assert any(cache.rglob("*")), "no compiled artifacts in the compile cache dir"
+    diff = np.abs(_generate(fast).astype(int) - _generate(eager).astype(int))
+    assert diff.max() <= 8 and diff.mean() < 0.5
+    assert fast.info()["compile"] is True and fast.info()["lossy_modes"] == []

@@ -46,7 +46,7 @@ def load_pipeline(
     pipe = cls.from_pretrained(weights, dtype=dtype, local_files_only=local_files_only)
     speed = speed or SpeedOptions()
     pipe.fluxserve_offload = place(pipe, speed, device)
-    apply(pipe, speed, device)
+    apply(pipe, speed, device, placement=pipe.fluxserve_offload)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
