@@ -12,6 +12,7 @@ from fluxserve.app import create_app
 from fluxserve.auth import hash_key
 from fluxserve.engine.base import EngineRequest
 from fluxserve.engine.flux import DiffusersEngine
+from fluxserve.errors import OutOfMemory
 from fluxserve.models import ModelRegistry
 from fluxserve.settings import Settings
 from tests.conftest import API_KEY, AUTH
@@ -43,6 +44,39 @@ def test_queued_compatible_jobs_run_as_one_call(settings: Settings) -> None:
         assert ["two"] in sizes and ["wide"] in sizes
         assert [f["seeds"] for f in feeds[1:4]] == [[0], [1], [2]]  # each keeps its own seed and outputs
         assert len(feeds[4]["output"]) == 2
+
+
+class _FitsOneImage(FakeEngine):
+    """Runs out of device memory for any call of more than one image."""
+
+    def generate(self, requests: Any, on_step: Any) -> Any:
+        if sum(r.spec.num_images for r in requests) > 1:
+            self.calls.append(list(requests))
+            raise OutOfMemory("Out of device memory at 512x512 x3; try a smaller size or n.")
+        return super().generate(requests, on_step)
+
+
+def test_a_batch_that_runs_out_of_memory_is_retried_one_job_at_a_time(settings: Settings) -> None:
+    engine = _FitsOneImage(step_s=0.05)
+    with TestClient(
+        create_app(settings.model_copy(update={"max_batch": 4, "batch_max_pixels": 2**20}), engine=engine)
+    ) as client:
+        _submit(client, "flux-dev", "blocker", num_inference_steps=10)
+        assert engine.started.wait(5)
+        alone = [_submit(client, "flux-schnell", f"p{i}", seed=i) for i in range(3)]
+        feeds = [_wait_feed(client, i) for i in alone]
+        # Batched together, out of memory, then each job on its own: all three succeed.
+        assert [[r.spec.prompt for r in call] for call in engine.calls[1:]] == [
+            ["p0", "p1", "p2"],
+            ["p0"],
+            ["p1"],
+            ["p2"],
+        ]
+        assert [f["status"] for f in feeds] == ["succeeded"] * 3 and [f["seeds"] for f in feeds] == [[0], [1], [2]]
+        # A job that alone does not fit fails with the message, and the worker serves the next one.
+        too_big = _wait_feed(client, _submit(client, "flux-schnell", "n2", num_outputs=2))
+        assert too_big["status"] == "failed" and "Out of device memory" in too_big["error"]
+        assert _wait_feed(client, _submit(client, "flux-schnell", "after"))["status"] == "succeeded"
 
 
 def test_lone_request_does_not_wait(settings: Settings) -> None:

@@ -12,7 +12,7 @@ from typing import Any, Literal, Protocol
 from PIL import Image
 
 from .engine.base import Cancelled, Engine, EngineRequest
-from .errors import FluxServeError
+from .errors import FluxServeError, OutOfMemory
 from .jobs import Job, JobEvent, JobService, Output, Status
 from .models import ModelRegistry
 from .outputs import EXTENSIONS, encode_image
@@ -132,6 +132,9 @@ class LocalDispatcher:
         batch = self._batch_for(first)
         for job in batch:
             self._notify(job.id, "start")
+        self._run_batch(batch)
+
+    def _run_batch(self, batch: list[Job]) -> None:
         if self.state == "error":
             for job in batch:
                 self._store.finish(job.id, Status.FAILED, error=f"The model failed to load: {self.load_error}")
@@ -187,6 +190,14 @@ class LocalDispatcher:
                 self._notify(job.id)
             log.info("jobs %s re-queued by shutdown", [j.id for j in batch])
             return
+        except OutOfMemory as exc:
+            if len(batch) > 1:
+                # Batching is ours, not the clients': each job gets its own try at its own size.
+                log.warning("batch of %d jobs ran out of memory; running them one by one", len(batch))
+                for job in batch:
+                    self._run_batch([job])
+                return
+            self._store.finish(batch[0].id, Status.FAILED, error=exc.message)
         except FluxServeError as exc:
             for job in batch:
                 self._store.finish(job.id, Status.FAILED, error=exc.message)

@@ -77,3 +77,7 @@ class GenerationFailed(FluxServeError):
     status_code = 500
     code = "generation_failed"
     type = "server_error"
+
+
+class OutOfMemory(GenerationFailed):
+    """The device ran out of memory for this call; smaller calls may still fit."""

@@ -8,7 +8,7 @@ from typing import Any
 
 from PIL.Image import Image
 
-from ..errors import GenerationFailed
+from ..errors import OutOfMemory
 from ..images import compose_references
 from ..models import ModelRegistry
 from .base import Cancelled, EngineRequest, OnStep
@@ -203,7 +203,7 @@ class DiffusersEngine:
                 )
         except torch.OutOfMemoryError as exc:
             torch.cuda.empty_cache()
-            raise GenerationFailed(
+            raise OutOfMemory(
                 f"Out of device memory at {first.width}x{first.height} x{len(prompts)}; try a smaller size or n."
             ) from exc
         images: list[Image] = list(result.images)
