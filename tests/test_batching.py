@@ -171,3 +171,49 @@ def test_a_worker_that_failed_to_load_leaves_jobs_to_the_others(settings: Settin
         assert broken.calls == [] and len(good.calls) >= 1
         health = client.get("/health").json()
         assert health["status"] == "ready" and "no such GPU" in health["error"]
+
+
+def test_encoding_runs_beside_the_next_generation(settings: Settings, monkeypatch: Any) -> None:
+    import fluxserve.dispatch as dispatch
+
+    real_encode = dispatch.encode_image
+    calls_at: list[float] = []
+
+    def slow_encode(*args: Any, **kwargs: Any) -> bytes:
+        time.sleep(0.6)
+        return real_encode(*args, **kwargs)
+
+    class Timed(FakeEngine):
+        def generate(self, requests: Any, on_step: Any) -> Any:
+            calls_at.append(time.time())
+            return super().generate(requests, on_step)
+
+    monkeypatch.setattr(dispatch, "encode_image", slow_encode)
+    with TestClient(create_app(settings, engine=Timed(step_s=0.02))) as client:
+        ids = [_submit(client, "flux-schnell", f"p{i}", megapixels="1") for i in range(3)]
+        feeds = [_wait_feed(client, i) for i in ids]
+        assert [f["status"] for f in feeds] == ["succeeded"] * 3
+        services: Services = client.app.state.services  # type: ignore[attr-defined]
+        done = [services.store.get_job(i).completed_at for i in ids]  # type: ignore[union-attr]
+        # The second image was being generated while the first was still being encoded.
+        assert calls_at[1] < done[0] and calls_at[2] < done[1]
+        assert client.get(feeds[0]["output"][0]).status_code == 200
+
+
+def test_png_compression_level_is_lossless_and_bounded() -> None:
+    import io
+
+    import pytest
+    from PIL import Image
+
+    from fluxserve.outputs import encode_image
+
+    rng = np.random.default_rng(0)
+    ramp = np.tile(np.arange(256, dtype=np.uint8), (256, 1))
+    img = Image.fromarray(np.stack([ramp, ramp.T, rng.integers(0, 8, (256, 256), dtype=np.uint8)], -1))
+    fast, small = (encode_image(img, "png", 95, {"seed": 1}, png_compress_level=lvl) for lvl in (1, 9))
+    assert len(small) < len(fast)
+    for data in (fast, small):
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), np.asarray(img))
+    with pytest.raises(ValueError, match="png_compress_level"):
+        Settings(png_compress_level=10)

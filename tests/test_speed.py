@@ -65,6 +65,10 @@ def test_option_parsing() -> None:
     assert resolve_attention("auto", "cpu") == "native"
     assert resolve_attention("sage", "cuda") == "sage"
     assert SpeedOptions(attention="sage").lossy == ["attention=sage"]
+    assert SpeedOptions(attention="_sage_qk_int8_pv_fp8_cuda").lossy == ["attention=_sage_qk_int8_pv_fp8_cuda"]
+    with pytest.raises(ValueError, match=r"attention must be one of auto, flash.*got 'flsh'"):
+        Settings(attention="flsh")
+    assert Settings(attention="_flash_3").attention == "_flash_3"
 
 
 def test_out_of_memory_fails_that_job_and_the_worker_keeps_serving(

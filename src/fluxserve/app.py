@@ -114,6 +114,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
                     registry,
                     max_batch=settings.max_batch,
                     batch_max_pixels=settings.batch_max_pixels,
+                    png_compress_level=settings.png_compress_level,
                 )
                 for e in chosen
             ]

@@ -24,7 +24,29 @@ DataDir = Annotated[
 
 def _settings(**overrides: Any) -> Settings:
     """Flags given on the command line win over the environment and the TOML file."""
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    from pydantic import ValidationError
+
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        for err in exc.errors():
+            where = ".".join(str(part) for part in err["loc"]) or "settings"
+            typer.echo(f"fluxserve: {where}: {err['msg']}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _check_fp8(settings: Settings) -> None:
+    """Refuse fp8 on hardware without fp8 kernels before the server starts, not after it loads."""
+    from .app import devices
+    from .engine.flux import pick_device
+    from .engine.speed import check_fp8
+
+    for device in devices(settings):
+        try:
+            check_fp8(pick_device(device))
+        except RuntimeError as exc:
+            typer.echo(f"fluxserve: quantize: {exc}", err=True)
+            raise typer.Exit(2) from None
 
 
 def _store(data_dir: Path | None, database: str | None = None) -> Any:
@@ -90,6 +112,8 @@ def serve(
         offload=offload,
         vae_tiling=vae_tiling,
     )
+    if settings.quantize == "fp8":
+        _check_fp8(settings)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     store = Store(settings.database)
@@ -190,7 +214,7 @@ def generate(
     for image, image_seed in zip(images, spec.image_seeds(), strict=True):
         path = out / f"{model}-{image_seed}.{EXTENSIONS[output_format]}"
         meta = {"prompt": prompt, "seed": image_seed, "model": label, "steps": spec.steps}
-        path.write_bytes(encode_image(image, output_format, 95, meta))
+        path.write_bytes(encode_image(image, output_format, 95, meta, png_compress_level=settings.png_compress_level))
         typer.echo(str(path))
 
 

@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, Protocol
 
 from PIL import Image
@@ -52,8 +53,14 @@ class LocalDispatcher:
         *,
         max_batch: int = 1,
         batch_max_pixels: int = 320 * 320,
+        png_compress_level: int = 1,
     ) -> None:
         self._max_batch = max_batch
+        self._png_level = png_compress_level
+        # Encoding and writing the images runs beside the next job's denoising: on a GPU a 1024x1024
+        # PNG takes a good part of a schnell image's time. At most two batches wait for it.
+        self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fluxserve-encode")
+        self._encode_slots = threading.Semaphore(2)
         self._batch_max_pixels = batch_max_pixels
         self._store = store
         self._storage = storage
@@ -80,6 +87,7 @@ class LocalDispatcher:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        self._encoder.shutdown(wait=True)  # generated images are written before the store closes
         self.state = "stopped"
 
     def loaded_models(self) -> list[str]:
@@ -174,12 +182,9 @@ class LocalDispatcher:
                 for job in batch
             ]
             results = self._engine.generate(requests, on_step)
-            for job, images in zip(batch, results, strict=True):
-                if job.id in canceled:  # canceled mid-batch: the others' call ran on, its images are dropped
-                    self._store.finish(job.id, Status.CANCELED, error="canceled")
-                else:
-                    self._store.finish(job.id, Status.SUCCEEDED, outputs=self._save_outputs(job, images))
-                    self._notify(job.id, "output")
+            self._encode_slots.acquire()
+            self._encoder.submit(self._finish_batch, batch, results, canceled)
+            return
         except Cancelled:
             for job in batch:
                 self._store.finish(job.id, Status.CANCELED, error="canceled")
@@ -208,6 +213,23 @@ class LocalDispatcher:
         for job in batch:
             self._notify(job.id, "completed")
 
+    def _finish_batch(self, batch: list[Job], results: list[list[Image.Image]], canceled: set[str]) -> None:
+        """On the encoder thread: each job's images encoded, stored and the job finished."""
+        try:
+            for job, images in zip(batch, results, strict=True):
+                try:
+                    if job.id in canceled:  # canceled mid-batch: the others' call ran on, its images are dropped
+                        self._store.finish(job.id, Status.CANCELED, error="canceled")
+                    else:
+                        self._store.finish(job.id, Status.SUCCEEDED, outputs=self._save_outputs(job, images))
+                        self._notify(job.id, "output")
+                except Exception as exc:  # one job's storage failure must not take the others or the thread
+                    log.exception("storing the outputs of job %s failed", job.id)
+                    self._store.finish(job.id, Status.FAILED, error=f"Storing the images failed: {exc}")
+                self._notify(job.id, "completed")
+        finally:
+            self._encode_slots.release()
+
     def _save_preview(self, job: Job, step: int, index: int, preview: Image.Image) -> None:
         key = f"{job.id}/preview-{step}-{index}.png"
         buf = io.BytesIO()
@@ -224,7 +246,8 @@ class LocalDispatcher:
             meta: dict[str, object] = {"prompt": spec.prompt, "seed": seed, "model": model.label, "steps": spec.steps}
             if spec.guidance is not None:
                 meta["guidance"] = spec.guidance
-            self._storage.put(key, encode_image(image, spec.output_format, spec.quality, meta))
+            data = encode_image(image, spec.output_format, spec.quality, meta, png_compress_level=self._png_level)
+            self._storage.put(key, data)
             outputs.append(Output(key, seed, image.width, image.height, spec.output_format))
         return outputs
 

@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 # What happened to a job: Replicate's webhook events, plus plain updates (progress without new logs).
 JobEvent = Literal["start", "logs", "output", "completed", "update"]
 
+# The events after which a job may be terminal: "completed" from the worker, "update" from a cancel.
+_ENDING_EVENTS: frozenset[JobEvent] = frozenset({"completed", "update"})
+_Waiter = tuple[asyncio.AbstractEventLoop, asyncio.Event, frozenset[JobEvent] | None]
+
 _ID_ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
 
 
@@ -103,7 +107,7 @@ class JobService:
         self._store = store
         self._wake_worker = wake_worker
         self._lock = threading.Lock()
-        self._waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
+        self._waiters: dict[str, list[_Waiter]] = {}
         self._listeners: list[Callable[[str, JobEvent], None]] = []
 
     def submit(
@@ -168,11 +172,14 @@ class JobService:
     def is_cancel_requested(self, job_id: str) -> bool:
         return self._store.is_cancel_requested(job_id)
 
-    async def watch(self, job_id: str, owner: str, timeout: float | None = None) -> AsyncIterator[Job]:
-        """Yield the job now and after every change, until it is terminal or ``timeout`` passes."""
+    async def watch(
+        self, job_id: str, owner: str, timeout: float | None = None, events: frozenset[JobEvent] | None = None
+    ) -> AsyncIterator[Job]:
+        """Yield the job now and after every change (of the kinds in ``events``; None: all), until it is
+        terminal or ``timeout`` passes."""
         loop = asyncio.get_running_loop()
         event = asyncio.Event()
-        waiter = (loop, event)
+        waiter = (loop, event, events)
         with self._lock:
             self._waiters.setdefault(job_id, []).append(waiter)
         deadline = None if timeout is None else loop.time() + timeout
@@ -204,7 +211,8 @@ class JobService:
     async def wait(self, job_id: str, owner: str, timeout: float | None = None) -> Job:
         """Wait until the job is terminal (or ``timeout`` passes) and return it as it is then."""
         last = self.get(job_id, owner)
-        async for job in self.watch(job_id, owner, timeout):
+        # Progress events would wake the waiter only to re-read a job that is not done yet.
+        async for job in self.watch(job_id, owner, timeout, events=_ENDING_EVENTS):
             last = job
         return last
 
@@ -215,8 +223,9 @@ class JobService:
         """Called from any thread when a job changes; listeners (webhooks) must not block."""
         with self._lock:
             waiters = list(self._waiters.get(job_id, []))
-        for loop, ev in waiters:
-            loop.call_soon_threadsafe(ev.set)
+        for loop, ev, wanted in waiters:
+            if wanted is None or event in wanted:
+                loop.call_soon_threadsafe(ev.set)
         for listener in self._listeners:
             listener(job_id, event)
 

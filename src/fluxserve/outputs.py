@@ -12,15 +12,17 @@ _EXIF_IMAGE_DESCRIPTION = 0x010E
 _EXIF_SOFTWARE = 0x0131
 
 
-def encode_image(image: Image.Image, fmt: str, quality: int, metadata: dict[str, object]) -> bytes:
-    """``quality`` 1-100 applies to jpeg and webp; png is lossless."""
+def encode_image(
+    image: Image.Image, fmt: str, quality: int, metadata: dict[str, object], *, png_compress_level: int = 6
+) -> bytes:
+    """``quality`` 1-100 applies to jpeg and webp; png is lossless at any ``png_compress_level`` (0-9)."""
     text = json.dumps(metadata, ensure_ascii=False)
     buf = io.BytesIO()
     if fmt == "png":
         info = PngImagePlugin.PngInfo()
         info.add_itxt("parameters", text)
         info.add_text("Software", "fluxserve")
-        image.save(buf, format="PNG", pnginfo=info)
+        image.save(buf, format="PNG", pnginfo=info, compress_level=png_compress_level)
     elif fmt in ("jpeg", "webp"):
         exif = Image.Exif()
         exif[_EXIF_IMAGE_DESCRIPTION] = text

@@ -102,3 +102,17 @@ def test_generate_command_writes_images(tmp_path: Path, demo_model_dir: Path) ->
     assert read_metadata(files[0].read_bytes())["seed"] == 7
     bad = _cli("generate", "x", "--demo", "--size", "100x100", "--data-dir", str(tmp_path / "data"))
     assert bad.returncode == 2 and "multiples of 16" in bad.stderr
+
+
+def test_bad_serve_flags_exit_2_with_one_clear_line(tmp_path: Path) -> None:
+    data = str(tmp_path / "data")
+    for args, expected in [
+        (("--attention", "flsh"), "attention: Value error, attention must be one of auto, flash"),
+        (("--cache", "teacache"), "cache: Value error, --cache must be 'first-block'"),
+        (("--offload", "sometimes"), "offload: Input should be 'none', 'model', 'group' or 'auto'"),
+        (("--quantize", "fp8", "--device", "cpu"), "quantize: --quantize fp8 needs a CUDA GPU"),
+    ]:
+        out = _cli("serve", "--data-dir", data, *args)
+        assert out.returncode == 2, (args, out.stderr)
+        assert expected in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert not (tmp_path / "data").exists()  # refused before anything was created

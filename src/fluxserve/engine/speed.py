@@ -49,7 +49,7 @@ class SpeedOptions:
             modes.append(f"quantize={self.quantize}")
         if self.first_block_cache is not None:
             modes.append(f"first-block-cache={self.first_block_cache}")
-        if self.attention.startswith("sage"):
+        if "sage" in self.attention:
             modes.append(f"attention={self.attention}")
         return modes
 
@@ -65,6 +65,15 @@ def parse_cache(value: str | None) -> float | None:
     if not 0 < t < 1:
         raise ValueError(f"first-block cache threshold must be between 0 and 1; got {t}")
     return t
+
+
+def attention_backends() -> list[str]:
+    """``auto`` plus the names diffusers' attention dispatcher knows (empty without diffusers)."""
+    try:
+        from diffusers.models.attention_dispatch import AttentionBackendName
+    except ImportError:
+        return []
+    return ["auto", *(b.value for b in AttentionBackendName)]
 
 
 def resolve_attention(name: str, device: str) -> str:
