@@ -12,6 +12,8 @@ from fluxserve.engine.base import EngineRequest, OnStep
 
 
 class FakeEngine:
+    device = "fake"  # not "cpu": the dispatcher overlaps output encoding as it does on a GPU
+
     def __init__(self, step_s: float = 0.0, fail_with: Exception | None = None) -> None:
         self.step_s = step_s
         self.fail_with = fail_with
