@@ -26,7 +26,8 @@ def test_gpu_benchmark_tiny_cpu_form(tmp_path: Path) -> None:
 
 def test_cpu_benchmarks_small_form(tmp_path: Path) -> None:
     out = tmp_path / "throughput.json"
-    _run("cpu_throughput.py", "--sizes", "256", "--requests", "4", "--clients", "2", "--json", str(out))
+    small = ("--sizes", "256", "--requests", "4", "--clients", "2", "--rounds", "1")
+    _run("cpu_throughput.py", *small, "--json", str(out))
     run = json.loads(out.read_text())["runs"][0]
     assert run["ratio_max_batch_1"] > 0 and run["ratio_max_batch_8"] > 0
     single = tmp_path / "single.json"
