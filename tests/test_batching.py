@@ -1,6 +1,8 @@
 """Compatible queued jobs share one pipeline call; a lone request never waits for company."""
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,25 +27,32 @@ def _submit(client: TestClient, model: str, prompt: str, **inp: Any) -> str:
     return str(client.post("/vmodel/generate", json=body, headers=AUTH).json()["id"])
 
 
-def test_queued_compatible_jobs_run_as_one_call(settings: Settings) -> None:
-    engine = FakeEngine(step_s=0.05)
+@contextmanager
+def _busy_batching_server(settings: Settings, engine: FakeEngine, blocker_steps: int) -> Iterator[TestClient]:
+    """A server batching up to 4 images of any size, its worker busy with a blocker job so others queue up."""
     with TestClient(
         create_app(settings.model_copy(update={"max_batch": 4, "batch_max_pixels": 2**20}), engine=engine)
     ) as client:
-        blocker = _submit(client, "flux-dev", "blocker", num_inference_steps=20)
+        _submit(client, "flux-dev", "blocker", num_inference_steps=blocker_steps)
         assert engine.started.wait(5)
+        yield client
+
+
+def test_queued_compatible_jobs_run_as_one_call(settings: Settings) -> None:
+    engine = FakeEngine(step_s=0.05)
+    with _busy_batching_server(settings, engine, 20) as client:
         same = [_submit(client, "flux-schnell", f"p{i}", seed=i) for i in range(3)]
         two = _submit(client, "flux-schnell", "two", num_outputs=2, seed=9)  # 3 + 2 > 4: next call
         other_size = _submit(client, "flux-schnell", "wide", aspect_ratio="16:9")
-        ids = [blocker, *same, two, other_size]
+        ids = [*same, two, other_size]
         feeds = [_wait_feed(client, i) for i in ids]
         assert all(f["status"] == "succeeded" for f in feeds)
         sizes = [[r.spec.prompt for r in call] for call in engine.calls]
         assert sizes[0] == ["blocker"]
         assert sizes[1] == ["p0", "p1", "p2"]
         assert ["two"] in sizes and ["wide"] in sizes
-        assert [f["seeds"] for f in feeds[1:4]] == [[0], [1], [2]]  # each keeps its own seed and outputs
-        assert len(feeds[4]["output"]) == 2
+        assert [f["seeds"] for f in feeds[:3]] == [[0], [1], [2]]  # each keeps its own seed and outputs
+        assert len(feeds[3]["output"]) == 2
 
 
 class _FitsOneImage(FakeEngine):
@@ -58,11 +67,7 @@ class _FitsOneImage(FakeEngine):
 
 def test_a_batch_that_runs_out_of_memory_is_retried_one_job_at_a_time(settings: Settings) -> None:
     engine = _FitsOneImage(step_s=0.05)
-    with TestClient(
-        create_app(settings.model_copy(update={"max_batch": 4, "batch_max_pixels": 2**20}), engine=engine)
-    ) as client:
-        _submit(client, "flux-dev", "blocker", num_inference_steps=10)
-        assert engine.started.wait(5)
+    with _busy_batching_server(settings, engine, 10) as client:
         alone = [_submit(client, "flux-schnell", f"p{i}", seed=i) for i in range(3)]
         feeds = [_wait_feed(client, i) for i in alone]
         # Batched together, out of memory, then each job on its own: all three succeed.
@@ -90,11 +95,7 @@ def test_lone_request_does_not_wait(settings: Settings) -> None:
 
 def test_cancel_one_job_of_a_batch(settings: Settings) -> None:
     engine = FakeEngine(step_s=0.05)
-    with TestClient(
-        create_app(settings.model_copy(update={"max_batch": 4, "batch_max_pixels": 2**20}), engine=engine)
-    ) as client:
-        _submit(client, "flux-dev", "blocker", num_inference_steps=10)
-        assert engine.started.wait(5)
+    with _busy_batching_server(settings, engine, 10) as client:
         keep = _submit(client, "flux-dev", "keep", num_inference_steps=30)
         drop = _submit(client, "flux-dev", "drop", num_inference_steps=30)
         deadline = time.time() + 10
