@@ -288,3 +288,28 @@ def test_openai_streaming_partial_images(client: TestClient) -> None:
     assert all(e["b64_json"] and e["size"] == "256x256" for e in events)
     assert "usage" in events[-1]
     _ = httpx  # the SSE client runs on httpx
+
+
+def test_jobs_without_webhooks_cost_the_webhook_thread_one_read(settings: Settings) -> None:
+    import threading
+
+    with TestClient(create_app(settings, engine=FakeEngine(step_s=0.02))) as client:
+        store = client.app.state.services.store  # type: ignore[attr-defined]
+        real_get = store.get_job
+        reads: list[str] = []
+
+        def counting_get(job_id: str) -> Any:
+            reads.append(threading.current_thread().name)
+            return real_get(job_id)
+
+        store.get_job = counting_get
+        body = {"input": {"prompt": "no hook", "num_inference_steps": 20}}
+        created = client.post("/v1/models/black-forest-labs/flux-dev/predictions", json=body, headers=AUTH)
+        job_id = created.json()["id"]
+        deadline = time.time() + 10
+        while client.get(f"/v1/predictions/{job_id}", headers=AUTH).json()["status"] != "succeeded":
+            assert time.time() < deadline
+            time.sleep(0.05)
+        time.sleep(0.2)
+        # 22 events (start, 20 steps, output, completed); the first read shows there is no webhook.
+        assert reads.count("fluxserve-webhooks") <= 2, reads

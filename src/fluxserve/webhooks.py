@@ -81,6 +81,9 @@ class WebhookSender:
         self._cond = threading.Condition()
         self._seq = 0
         self._last_sent: dict[tuple[str, str], float] = {}
+        # Jobs seen to have no webhook (a job's webhook never changes): their later events skip the
+        # store read, which would otherwise happen on every denoising step.
+        self._no_webhook: set[str] = set()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="fluxserve-webhooks", daemon=True)
 
@@ -96,6 +99,10 @@ class WebhookSender:
     def on_job_event(self, job_id: str, event: JobEvent) -> None:
         """Job listener: cheap and non-blocking, called on the worker thread."""
         if event == "update":
+            return
+        if job_id in self._no_webhook:
+            if event == "completed":
+                self._no_webhook.discard(job_id)
             return
         self._push(_Delivery(time.monotonic(), 0, job_id, event))
 
@@ -123,6 +130,8 @@ class WebhookSender:
     def _deliver(self, client: httpx.Client, d: _Delivery) -> None:
         job = self._store.get_job(d.job_id)
         if job is None or not job.webhook:
+            if job is not None and not job.status.is_terminal:
+                self._no_webhook.add(d.job_id)
             return
         if d.event not in job.webhook.get("events", EVENTS):
             return
