@@ -28,6 +28,19 @@ def _wait_feed(client: TestClient, job_id: str, headers: dict[str, str] = AUTH) 
     raise AssertionError(f"job {job_id} did not finish: {body}")
 
 
+def test_b64_images_spliced_into_json_stay_valid_with_any_prompt(client: TestClient) -> None:
+    from fluxserve.outputs import read_metadata
+
+    prompt = 'say "hi" \\ ünï 😀 "b64_json": "x-0" </script>'
+    body = {"prompt": prompt, "n": 3, "size": "256x256", "seed": 5, "response_format": "b64_json"}
+    resp = client.post("/v1/images/generations", json=body, headers=AUTH)
+    assert resp.status_code == 200 and resp.headers["content-type"] == "application/json"
+    data = resp.json()["data"]
+    assert [d["revised_prompt"] for d in data] == [prompt] * 3
+    seeds = [read_metadata(base64.b64decode(d["b64_json"]))["seed"] for d in data]
+    assert seeds == [d["seed"] for d in data] and len(set(seeds)) == 3
+
+
 def test_generation_url_and_b64(client: TestClient) -> None:
     resp = client.post("/v1/images/generations", json={"prompt": "a cat", "n": 2, "size": "512x256"}, headers=AUTH)
     assert resp.status_code == 200, resp.text

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import FormData
 
@@ -65,7 +65,7 @@ def _size(body: EditForm, first: tuple[int, int]) -> tuple[int, int]:
 
 
 @router.post("/images/edits")
-async def edit_image(request: Request, services: ServicesDep, owner: OwnerDep) -> dict[str, Any]:
+async def edit_image(request: Request, services: ServicesDep, owner: OwnerDep) -> Response:
     form, body = await _read_form(request)
     uploads = form.getlist("image") + form.getlist("image[]")
     if not uploads:
@@ -102,7 +102,7 @@ async def _run(
     size: tuple[int, int],
     echo: dict[str, Any],
     **overrides: Any,
-) -> dict[str, Any]:
+) -> Response:
     """Validate the form into a spec, store the inputs only then, and run it as a synchronous OpenAI call."""
     spec = model.make_spec(
         prompt=body.prompt,
@@ -129,7 +129,7 @@ def _check_prompt_given(body: EditForm) -> None:
 
 
 @router.post("/images/variations")
-async def image_variation(request: Request, services: ServicesDep, owner: OwnerDep) -> dict[str, Any]:
+async def image_variation(request: Request, services: ServicesDep, owner: OwnerDep) -> Response:
     form, body = await _read_form(request)
     upload = form.get("image") or form.get("image[]")
     if upload is None:
