@@ -78,7 +78,7 @@ async def create_image(request: Request, services: ServicesDep, owner: OwnerDep)
     return await run_and_render(request, services, owner, spec, echo, body.response_format, body.quality)
 
 
-async def _stream_events(services: Services, job: Job, owner: str, quality: str) -> AsyncIterator[str]:
+async def _stream_events(services: Services, job: Job, owner: str, quality: str) -> AsyncIterator[bytes]:
     """OpenAI image streaming: partial_image events with previews, then completed (always b64_json)."""
     spec = job.spec
     common = {"background": "opaque", "output_format": spec.output_format, "quality": quality,
@@ -86,16 +86,15 @@ async def _stream_events(services: Services, job: Job, owner: str, quality: str)
     sent = 0
     async for current in services.jobs.watch(job.id, owner):
         for index, key in enumerate(current.previews[sent:], start=sent):
-            b64 = base64.b64encode(services.storage.open(key).read_bytes()).decode()
-            event = {"type": "image_generation.partial_image", "b64_json": b64, "partial_image_index": index}
-            yield _sse(event | common)
+            event = {"type": "image_generation.partial_image", "partial_image_index": index}
+            yield _sse(event | common, services.storage.open(key).read_bytes())
         sent = len(current.previews)
         if current.status is Status.SUCCEEDED:
             for out in current.outputs:
-                b64 = base64.b64encode(services.storage.open(out.key).read_bytes()).decode()
                 usage = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
                          "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}}  # fmt: skip
-                yield _sse({"type": "image_generation.completed", "b64_json": b64, "usage": usage} | common)
+                event = {"type": "image_generation.completed", "usage": usage}
+                yield _sse(event | common, services.storage.open(out.key).read_bytes())
         elif current.status.is_terminal:
             message = current.error or f"The image generation ended as {current.status.value}."
             yield _sse(
@@ -103,8 +102,35 @@ async def _stream_events(services: Services, job: Job, owner: str, quality: str)
             )
 
 
-def _sse(event: dict[str, Any]) -> str:
-    return f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+def _sse(event: dict[str, Any], image: bytes | None = None) -> bytes:
+    """One event; ``image`` becomes its b64_json."""
+    images = _Base64Images()
+    if image is not None:
+        event = {"b64_json": images.add(image)} | event
+    return f"event: {event['type']}\ndata: ".encode() + images.dumps(event) + b"\n\n"
+
+
+class _Base64Images:
+    """JSON with base64 images spliced in as bytes.
+
+    A 1024x1024 PNG is 4.8 MB of base64; passing it through json.dumps costs tens of ms (it scans the
+    string for characters to escape, and base64 has none), more than the rest of the request. ``add``
+    returns a placeholder to put in the body, with an unguessable marker no prompt can contain.
+    """
+
+    def __init__(self) -> None:
+        self._marker = secrets.token_hex(16)
+        self._images: list[bytes] = []
+
+    def add(self, image: bytes) -> str:
+        self._images.append(image)
+        return f"{self._marker}-{len(self._images) - 1}"
+
+    def dumps(self, body: Any) -> bytes:
+        out = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        for i, image in enumerate(self._images):
+            out = out.replace(f'"{self._marker}-{i}"'.encode(), b'"' + base64.b64encode(image) + b'"', 1)
+        return out
 
 
 async def run_and_render(
@@ -140,25 +166,15 @@ async def run_and_render(
 
 
 def _images_response(services: Services, job: Job, body: dict[str, Any], response_format: str) -> Response:
-    """The images response, with base64 images spliced into the JSON as bytes.
-
-    A 1024x1024 PNG is 4.8 MB of base64; passing it through json.dumps costs tens of ms (it scans the
-    string for characters to escape, and base64 has none), more than the rest of the request.
-    """
-    marker = secrets.token_hex(16)  # unguessable: a prompt can't contain it
-    images: list[bytes] = []
-    for i, out in enumerate(job.outputs):
+    images = _Base64Images()
+    for out in job.outputs:
         item: dict[str, Any] = {"revised_prompt": job.spec.prompt, "seed": out.seed}
         if response_format == "b64_json":
-            item["b64_json"] = f"{marker}-{i}"
-            images.append(base64.b64encode(services.storage.open(out.key).read_bytes()))
+            item["b64_json"] = images.add(services.storage.open(out.key).read_bytes())
         else:
             item["url"] = services.storage.url(out.key)
         body["data"].append(item)
-    content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
-    for i, data in enumerate(images):
-        content = content.replace(f'"{marker}-{i}"'.encode(), b'"' + data + b'"', 1)
-    return Response(content, media_type="application/json")
+    return Response(images.dumps(body), media_type="application/json")
 
 
 @router.get("/models")
