@@ -153,3 +153,27 @@ def test_compile_mode_warms_up_fuses_and_keeps_pixels_close(
     diff = np.abs(_generate(fast).astype(int) - _generate(eager).astype(int))
     assert diff.max() <= 8 and diff.mean() < 0.5
     assert fast.info()["compile"] is True and fast.info()["lossy_modes"] == []
+
+
+def test_warm_up_covers_the_shapes_requests_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    registry = ModelRegistry.default()
+    engine = DiffusersEngine(registry, device="cpu", speed=SpeedOptions(compile=True, warmup_sizes=((1024, 1024),)))
+    pipes = {"text2img": object(), "kontext": object(), "fill": object()}
+    engine._pipes = {m.name: pipes[m.kind] for m in registry}
+    seen: list[tuple[str, str, int, bool, tuple[int, int]]] = []
+
+    def record(requests: list[EngineRequest], on_step: object) -> list[list[object]]:
+        [r] = requests
+        seen.append((r.spec.model, r.spec.task, len(r.images), r.mask is not None, (r.spec.width, r.spec.height)))
+        return [[]]
+
+    monkeypatch.setattr(engine, "generate", record)
+    engine._warm_up()
+    # Each loaded pipeline once (names sharing weights share it), in the shape its requests have.
+    by_task = {task: (n_images, has_mask, size) for _model, task, n_images, has_mask, size in seen}
+    assert len(seen) == 3
+    assert by_task == {
+        "text2img": (0, False, (1024, 1024)),
+        "kontext": (1, False, (1024, 1024)),
+        "fill": (1, True, (1024, 1024)),
+    }

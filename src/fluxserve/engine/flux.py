@@ -111,8 +111,10 @@ class DiffusersEngine:
             for width, height in self.speed.warmup_sizes:
                 images: list[Image] = []
                 mask = None
-                if model.kind == "fill":
+                # Kontext with a reference image runs twice the tokens of one without: warm the shape edits use.
+                if model.kind in ("fill", "kontext"):
                     images = [PILImage.new("RGB", (width, height), (128, 128, 128))]
+                if model.kind == "fill":
                     mask = PILImage.new("L", (width, height), 255)
                 keys = tuple(f"warmup/{i}.png" for i in range(len(images)))
                 spec = model.make_spec(prompt="warm-up", width=width, height=height, steps=2, seed=0, images=keys,
