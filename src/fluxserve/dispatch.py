@@ -187,7 +187,8 @@ class LocalDispatcher:
             ]
             results = self._engine.generate(requests, on_step)
             self._encode_slots.acquire()
-            if self._overlap_encoding:
+            # Once stopping, the encoder may already be shut down: finish here.
+            if self._overlap_encoding and not self._stopping.is_set():
                 self._encoder.submit(self._finish_batch, batch, results, canceled)
             else:
                 self._finish_batch(batch, results, canceled)
