@@ -82,19 +82,22 @@ def test_fit_megapixel_and_canvas() -> None:
     assert canvas.size == (100 * 100 // 50 + 50, 100)
 
 
-def test_redirect_from_public_to_private_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+def _resolve_as_public(monkeypatch: pytest.MonkeyPatch, host: str, port: int) -> None:
+    """Make the URL checks' DNS answer a public address for ``host`` (other names resolve as usual)."""
     import socket
-
-    import httpx
 
     real = socket.getaddrinfo
 
-    def fake_dns(host: str, *args: object, **kw: object):  # type: ignore[no-untyped-def]
-        if host == "images.example":
-            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", 443))]
-        return real(host, *args, **kw)  # type: ignore[arg-type]
+    def fake_dns(name: str, *args: object, **kw: object):  # type: ignore[no-untyped-def]
+        if name == host:
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", port))]
+        return real(name, *args, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr("fluxserve.netguard.socket.getaddrinfo", fake_dns)
+
+
+def test_redirect_from_public_to_private_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    _resolve_as_public(monkeypatch, "images.example", 443)
     hops: list[str] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -115,16 +118,7 @@ def test_redirect_from_public_to_private_is_refused(monkeypatch: pytest.MonkeyPa
 
 def test_dns_rebinding_is_caught_at_connect_time(monkeypatch: pytest.MonkeyPatch) -> None:
     """The name checks out as public, but the socket lands on loopback: refused before the body is read."""
-    import socket
-
-    real = socket.getaddrinfo
-
-    def lying_dns(host: str, *args: object, **kw: object):  # type: ignore[no-untyped-def]
-        if host == "rebind.example":
-            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", 80))]
-        return real(host, *args, **kw)  # type: ignore[arg-type]
-
-    monkeypatch.setattr("fluxserve.netguard.socket.getaddrinfo", lying_dns)
+    _resolve_as_public(monkeypatch, "rebind.example", 80)
     from tests.image_server import image_server
 
     with image_server() as base:

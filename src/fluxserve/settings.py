@@ -63,6 +63,8 @@ class Settings(BaseSettings):
     @field_validator("attention")
     @classmethod
     def _check_attention(cls, v: str) -> str:
+        if v in ("auto", "native"):
+            return v  # without importing diffusers: settings are built by every CLI command
         from .engine.speed import attention_backends
 
         allowed = attention_backends()
