@@ -13,7 +13,7 @@ from fluxserve.app import create_app
 from fluxserve.auth import create_key
 from fluxserve.models import ModelRegistry
 from fluxserve.settings import Settings
-from fluxserve.store import Store
+from fluxserve.migrations import open_store
 from tests.conftest import AUTH
 from tests.fakes import FakeEngine
 
@@ -90,7 +90,7 @@ def test_megapixels_and_steps_reach_the_engine(client: TestClient, fake_engine: 
 
 def test_jobs_are_scoped_to_their_key(settings: Settings, fake_engine: FakeEngine) -> None:
     settings.data_dir.mkdir(parents=True)
-    other = create_key(Store(settings.database), "other")
+    other = create_key(open_store(settings.database), "other")
     with TestClient(create_app(settings, engine=fake_engine)) as client:
         job_id = client.post(
             "/vmodel/generate", json={"model": "flux", "input": {"prompt": "mine"}}, headers=AUTH

@@ -1,72 +1,200 @@
+"""The job core without HTTP: transitions fenced by status, attempt and worker; events; leases; migrations."""
+
+import sqlite3
+import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy import inspect
 
 from fluxserve.auth import Authenticator, create_key
-from fluxserve.errors import Unauthorized
-from fluxserve.jobs import Job, Output, Status, new_job_id
+from fluxserve.errors import StoreUnavailable, Unauthorized
+from fluxserve.job import EventKind, Job, Output, Status, new_job_id
+from fluxserve.jobs import JobService
+from fluxserve.migrations import LATEST, current_version, open_store, upgrade
 from fluxserve.models import ModelRegistry
 from fluxserve.store import Store
 
 
-def _job(owner: str = "o", created: float | None = None) -> Job:
-    spec = ModelRegistry.default().get("flux").make_spec(prompt="p", width=256, height=256, seed=1)
-    kwargs = {} if created is None else {"created_at": created}
-    return Job(id=new_job_id(), owner=owner, dialect="vmodel", spec=spec, request={"x": 1}, **kwargs)
+def _spec():  # type: ignore[no-untyped-def]
+    return ModelRegistry.default().get("flux").make_spec(prompt="p", width=256, height=256, seed=1)
 
 
-def test_job_round_trip_and_claim_order(tmp_path: Path) -> None:
-    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    a, b = _job(created=1.0), _job(created=2.0)
-    store.insert_job(b)
-    store.insert_job(a)
-    assert store.queue_depth() == 2
-    assert store.queue_position(a) == 1 and store.queue_position(b) == 2
-    claimed = store.claim_next()
+def _service(tmp_path: Path, **kwargs: float) -> JobService:
+    return JobService(open_store(f"sqlite:///{tmp_path / 'db.sqlite'}"), **kwargs)  # type: ignore[arg-type]
+
+
+def _submit(jobs: JobService, owner: str = "o", **kwargs: object) -> Job:
+    return jobs.submit_sync(owner, "vmodel", _spec(), {"x": 1}, **kwargs)  # type: ignore[arg-type]
+
+
+def _kinds(jobs: JobService, job_id: str) -> list[str]:
+    return [e.kind.value for e in jobs.store.events(job_id)]
+
+
+def test_claim_order_complete_and_events(tmp_path: Path) -> None:
+    jobs = _service(tmp_path)
+    a = _submit(jobs)
+    b = _submit(jobs)
+    assert jobs.store.queue_depth() == 2
+    assert jobs.get_sync(b.id, "o").queue_position == 2
+    claimed = jobs.claim("w1")
     assert claimed is not None and claimed.id == a.id
-    assert claimed.status is Status.PROCESSING and claimed.attempts == 1
-    store.update_progress(a.id, 2, 4)
-    store.finish(a.id, Status.SUCCEEDED, outputs=[Output(f"{a.id}/out-0.png", 1, 256, 256, "png")])
-    got = store.get_job(a.id)
-    assert got is not None and got.status is Status.SUCCEEDED and got.progress_done == 2
-    assert got.outputs[0].seed == 1 and got.request == {"x": 1} and got.spec == a.spec
-    assert store.get_job("nope") is None
+    assert claimed.status is Status.PROCESSING and claimed.attempts == 1 and claimed.worker_id == "w1"
+    assert claimed.lease_expires_at is not None and claimed.lease_expires_at > time.time()
+    assert jobs.progress(claimed, 2, 4)
+    assert jobs.complete(claimed, [Output(f"{a.id}/out-0.png", 1, 256, 256, "png")])
+    got = jobs.get_sync(a.id, "o")
+    assert got.status is Status.SUCCEEDED and got.progress_done == 2 and got.outputs[0].seed == 1
+    assert got.request == {"x": 1} and got.spec == a.spec
+    assert _kinds(jobs, a.id) == ["submitted", "started", "progress", "succeeded"]
+    events = jobs.store.events(a.id)
+    assert events[2].payload == {"step": 2, "total": 4} and events[3].payload["outputs"] == [f"{a.id}/out-0.png"]
+    assert all(e.attempt == (0 if e.kind is EventKind.SUBMITTED else 1) for e in events)
 
 
-def test_recover_interrupted_requeues_then_fails(tmp_path: Path) -> None:
-    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    job = _job()
-    store.insert_job(job)
-    store.claim_next()
-    assert store.recover_interrupted(max_attempts=2) == (1, 0)
-    assert store.get_job(job.id).status is Status.QUEUED  # type: ignore[union-attr]
-    store.claim_next()
-    assert store.recover_interrupted(max_attempts=2) == (0, 1)
-    failed = store.get_job(job.id)
-    assert failed is not None and failed.status is Status.FAILED and "2 times" in (failed.error or "")
+def test_a_worker_whose_lease_was_taken_cannot_complete_or_fail(tmp_path: Path) -> None:
+    jobs = _service(tmp_path, lease_s=0.2)
+    job = _submit(jobs)
+    stale = jobs.claim("w1")
+    assert stale is not None
+    time.sleep(0.3)
+    assert jobs.expire() == (0, 1, 0)  # w1 stopped renewing: back to the queue
+    fresh = jobs.claim("w2")
+    assert fresh is not None and fresh.attempts == 2 and fresh.worker_id == "w2"
+    out = [Output(f"{job.id}/out-0.png", 1, 256, 256, "png")]
+    assert not jobs.progress(stale, 1, 4)
+    assert not jobs.complete(stale, out)
+    assert not jobs.fail(stale, "boom")
+    assert not jobs.requeue(stale, "shutdown", give_back_attempt=True)
+    assert jobs.get_sync(job.id, "o").status is Status.PROCESSING
+    assert jobs.complete(fresh, out)
+    assert jobs.get_sync(job.id, "o").status is Status.SUCCEEDED
+    assert not jobs.complete(fresh, out)  # a job ends once
 
 
-def test_clean_requeue_does_not_count_an_attempt(tmp_path: Path) -> None:
-    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    job = _job()
-    store.insert_job(job)
-    store.claim_next()
-    store.requeue(job.id)
-    again = store.claim_next()
+def test_renewed_lease_is_not_reaped(tmp_path: Path) -> None:
+    jobs = _service(tmp_path, lease_s=0.3)
+    _submit(jobs)
+    claimed = jobs.claim("w1")
+    assert claimed is not None
+    for _ in range(4):
+        time.sleep(0.15)
+        assert jobs.renew([claimed], "w1") == {claimed.id}
+        assert jobs.expire() == (0, 0, 0)
+    assert jobs.renew([claimed], "someone-else") == set()
+
+
+def test_expired_leases_requeue_then_fail_past_max_attempts(tmp_path: Path) -> None:
+    jobs = _service(tmp_path, lease_s=0.1, max_attempts=2)
+    job = _submit(jobs)
+    assert jobs.claim("w1") is not None
+    time.sleep(0.15)
+    assert jobs.expire() == (0, 1, 0)
+    assert jobs.claim("w2") is not None
+    time.sleep(0.15)
+    assert jobs.expire() == (0, 0, 1)
+    failed = jobs.get_sync(job.id, "o")
+    assert failed.status is Status.FAILED and "2 times" in (failed.error or "")
+    assert _kinds(jobs, job.id) == ["submitted", "started", "requeued", "started", "failed"]
+
+
+def test_clean_requeue_gives_the_attempt_back(tmp_path: Path) -> None:
+    jobs = _service(tmp_path)
+    _submit(jobs)
+    first = jobs.claim("w1")
+    assert first is not None and jobs.requeue(first, "shutdown", give_back_attempt=True)
+    again = jobs.claim("w1")
     assert again is not None and again.attempts == 1
 
 
-def test_cancel_of_queued_job_is_immediate(tmp_path: Path) -> None:
-    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    job = _job()
-    store.insert_job(job)
-    store.request_cancel(job.id)
-    assert store.get_job(job.id).status is Status.CANCELED  # type: ignore[union-attr]
-    assert store.claim_next() is None
+def test_cancel_of_queued_job_is_immediate_and_of_running_job_is_flagged(tmp_path: Path) -> None:
+    jobs = _service(tmp_path)
+    queued = _submit(jobs)
+    assert jobs.cancel_sync(queued.id, "o").status is Status.CANCELED
+    assert jobs.claim("w1") is None
+    running = _submit(jobs)
+    claimed = jobs.claim("w1")
+    assert claimed is not None and claimed.id == running.id
+    assert jobs.cancel_sync(running.id, "o").status is Status.PROCESSING
+    assert jobs.is_cancel_requested(running.id)
+    assert jobs.finish_canceled(claimed)
+    assert _kinds(jobs, running.id)[-2:] == ["cancel_requested", "canceled"]
+
+
+def test_deadline_aborts_a_queued_job(tmp_path: Path) -> None:
+    jobs = _service(tmp_path)
+    job = _submit(jobs, deadline=time.time() - 1)
+    assert jobs.expire() == (1, 0, 0)
+    assert jobs.get_sync(job.id, "o").status is Status.ABORTED
+
+
+def test_other_owner_sees_nothing(tmp_path: Path) -> None:
+    from fluxserve.errors import NotFound
+
+    jobs = _service(tmp_path)
+    job = _submit(jobs)
+    with pytest.raises(NotFound):
+        jobs.get_sync(job.id, "someone-else")
+    with pytest.raises(NotFound):
+        jobs.get_sync(job.id, "o", dialect="openai")
+
+
+def test_webhook_deliveries_are_written_with_the_transition_and_throttled(tmp_path: Path) -> None:
+    jobs = _service(tmp_path)
+    webhook = {"url": "https://example.com/hook", "events": ["start", "logs", "completed"]}
+    job = _submit(jobs, webhook=webhook)
+    claimed = jobs.claim("w1")
+    assert claimed is not None
+    for step in range(1, 5):
+        jobs.progress(claimed, step, 4)
+    jobs.complete(claimed, [])
+    rows = jobs.store.deliveries(job.id)
+    # One pending logs delivery carries every step (it renders when sent); no output event was asked for.
+    assert [r.event for r in rows] == ["start", "logs", "completed"]
+    assert len({r.msg_id for r in rows}) == 3 and all(r.receiver == "https://example.com:443" for r in rows)
+
+
+def test_a_locked_database_is_store_unavailable_not_a_crash(tmp_path: Path) -> None:
+    jobs = _service(tmp_path)
+    job = _submit(jobs)
+    holder = sqlite3.connect(tmp_path / "db.sqlite", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        assert jobs.get_sync(job.id, "o").status is Status.QUEUED  # WAL: reads go on
+        with pytest.raises(StoreUnavailable, match="locked"):
+            jobs.claim("w1")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert jobs.claim("w1") is not None
+
+
+def test_migrations_are_numbered_idempotent_and_upgrade_an_old_database(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    old = sqlite3.connect(path)  # the jobs table as the first release created it, without later columns
+    old.execute(
+        "CREATE TABLE jobs (id VARCHAR(32) PRIMARY KEY, owner VARCHAR(64) NOT NULL, dialect VARCHAR(16) NOT NULL,"
+        " model VARCHAR(64) NOT NULL, status VARCHAR(16) NOT NULL, spec TEXT NOT NULL, request TEXT NOT NULL,"
+        " created_at FLOAT NOT NULL, started_at FLOAT, completed_at FLOAT, attempts INTEGER NOT NULL,"
+        " progress_done INTEGER NOT NULL, progress_total INTEGER NOT NULL, outputs TEXT NOT NULL, error TEXT,"
+        " cancel_requested BOOLEAN NOT NULL)"
+    )
+    old.commit()
+    old.close()
+    store = Store(f"sqlite:///{path}")
+    assert current_version(store.engine) == 0
+    assert upgrade(store.engine) == ["1: jobs and api keys", "2: worker leases, job events, webhook outbox"]
+    assert upgrade(store.engine) == []
+    assert current_version(store.engine) == LATEST
+    columns = {c["name"] for c in inspect(store.engine).get_columns("jobs")}
+    assert {"previews", "webhook", "worker_id", "lease_expires_at"} <= columns
+    jobs = JobService(store)
+    assert _submit(jobs).status is Status.QUEUED
 
 
 def test_keys_are_hashed_and_revocable(tmp_path: Path) -> None:
-    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    store = open_store(f"sqlite:///{tmp_path / 'db.sqlite'}")
     new = create_key(store, "ci")
     rows = store.list_keys()
     assert len(rows) == 1 and new.key not in str(tuple(rows[0]))
@@ -79,3 +207,4 @@ def test_keys_are_hashed_and_revocable(tmp_path: Path) -> None:
     assert store.revoke_key("ci") == 1
     with pytest.raises(Unauthorized):
         auth.owner_for(new.key)
+    assert new_job_id() != new_job_id()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,14 +19,16 @@ from .api import bfl, edits, files, openai, replicate, vmodel
 from .api.deps import Services
 from .api.errors import install_error_handlers
 from .auth import Authenticator
-from .dispatch import LocalDispatcher, WorkerPool
 from .engine.base import Engine
-from .jobs import Job, JobService
+from .errors import StoreUnavailable
+from .job import Job
+from .jobs import JobService
+from .migrations import open_store
 from .models import ModelRegistry
 from .settings import Settings
 from .storage import LocalStorage, load_or_create_secret
-from .store import Store
 from .webhooks import WebhookSender, owner_secret
+from .worker import DeviceWorker, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -92,23 +95,16 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        store = Store(settings.database)
-        requeued, failed = store.recover_interrupted(settings.max_attempts)
-        if requeued or failed:
-            log.warning(
-                "recovered interrupted jobs: %d re-queued, %d failed after %d attempts",
-                requeued,
-                failed,
-                settings.max_attempts,
-            )
+        store = open_store(settings.database)
         registry = build_registry(settings)
         secret = load_or_create_secret(settings.data_dir / "secret.key")
         storage = LocalStorage(settings.outputs_dir, secret, settings.base_url, settings.url_ttl_s)
+        jobs = JobService(store, max_attempts=settings.max_attempts, lease_s=settings.lease_s)
         chosen = engines or ([engine] if engine else [build_engine(settings, registry, d) for d in devices(settings)])
-        dispatcher = WorkerPool(
+        workers = WorkerPool(
             [
-                LocalDispatcher(
-                    store,
+                DeviceWorker(
+                    jobs,
                     storage,
                     e,
                     registry,
@@ -119,10 +115,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
                 for e in chosen
             ]
         )
-        jobs = JobService(store, dispatcher.wake)
-        dispatcher.service = jobs
         services = Services(
-            settings, store, storage, registry, jobs, dispatcher, Authenticator(store, settings.api_key), secret
+            settings, store, storage, registry, jobs, workers, Authenticator(store, settings.api_key), secret
         )
         app.state.services = services
         webhooks = WebhookSender(
@@ -132,14 +126,16 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
             allow_private=settings.allow_private_urls,
             retry_base_s=settings.webhook_retry_base_s,
         )
-        jobs.add_listener(webhooks.on_job_event)
+        jobs.on_change(lambda job, kind: workers.wake() if kind.value in ("submitted", "requeued") else None)
+        jobs.on_change(webhooks.wake)
         webhooks.start()
-        dispatcher.start()
+        workers.start()
         try:
             yield
         finally:
-            dispatcher.stop()
+            workers.stop()
             webhooks.stop()
+            jobs.close()
             store.close()
 
     app = FastAPI(title="fluxserve", version=__version__, lifespan=lifespan)
@@ -168,18 +164,28 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
     async def health() -> JSONResponse:
         services: Services = app.state.services
         d = services.dispatcher
+        status: str = d.state
+        reasons = [d.degraded] if d.degraded else []
+        queue_depth: int | None = None
+        try:
+            # Bounded: health answers within a second even while the database is stuck.
+            queue_depth = await asyncio.wait_for(services.jobs.queue_depth(), 0.8)
+        except (StoreUnavailable, TimeoutError) as exc:
+            reasons.append(exc.message if isinstance(exc, StoreUnavailable) else "the database is not answering")
+        if reasons and status == "ready":
+            status = "degraded"
         body: dict[str, Any] = {
-            "status": d.state,
+            "status": status,
             "models": d.loaded_models(),
             "demo": settings.demo,
-            "queue_depth": services.jobs.queue_depth(),
+            "queue_depth": queue_depth,
             "version": __version__,
         }
+        if reasons:
+            body["reason"] = "; ".join(reasons)
         if d.load_error:
             body["error"] = d.load_error
-        info = getattr(services.dispatcher, "engine_info", None)
-        if info is not None:
-            body["engine"] = info()
+        body["engine"] = d.engine_info()
         return JSONResponse(body, status_code=503 if d.state == "error" else 200)
 
     return app

@@ -16,6 +16,8 @@ app = typer.Typer(
 )
 keys_app = typer.Typer(no_args_is_help=True, help="Manage API keys.")
 app.add_typer(keys_app, name="keys")
+db_app = typer.Typer(no_args_is_help=True, help="Database schema.")
+app.add_typer(db_app, name="db")
 
 DataDir = Annotated[
     Path | None, typer.Option("--data-dir", help="SQLite file, outputs, demo model [env FLUXSERVE_DATA_DIR].")
@@ -49,11 +51,40 @@ def _check_fp8(settings: Settings) -> None:
             raise typer.Exit(2) from None
 
 
+def _open_store(url: str) -> Any:
+    """The store, its schema current (embedded SQLite is upgraded in place; others need `db upgrade`)."""
+    from .errors import StoreUnavailable
+    from .migrations import SchemaOutOfDate, open_store
+
+    try:
+        return open_store(url)
+    except (SchemaOutOfDate, StoreUnavailable) as exc:
+        typer.echo(f"fluxserve: database: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
 def _store(data_dir: Path | None, database: str | None = None) -> Any:
+    return _open_store(_settings(data_dir=data_dir, database_url=database).database)
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    data_dir: DataDir = None,
+    database: Annotated[str | None, typer.Option(help="SQLAlchemy URL [default: SQLite in the data dir].")] = None,
+) -> None:
+    """Bring the database schema to this version's (idempotent: applies only the missing steps)."""
+    from .migrations import LATEST, upgrade
     from .store import Store
 
     settings = _settings(data_dir=data_dir, database_url=database)
-    return Store(settings.database)
+    store = Store(settings.database)
+    try:
+        applied = upgrade(store.engine)
+    finally:
+        store.close()
+    for step in applied:
+        typer.echo(f"applied {step}")
+    typer.echo(f"schema at version {LATEST}")
 
 
 @app.command()
@@ -90,7 +121,6 @@ def serve(
 
     from .app import create_app
     from .auth import create_key
-    from .store import Store
 
     settings = _settings(
         demo=demo,
@@ -116,7 +146,7 @@ def serve(
         _check_fp8(settings)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = Store(settings.database)
+    store = _open_store(settings.database)
     if not settings.api_key and store.count_keys() == 0:
         key = create_key(store, "default")
         typer.echo(f"Created the first API key (shown once; `fluxserve keys create` makes more):\n\n    {key.key}\n")

@@ -81,3 +81,17 @@ class GenerationFailed(FluxServeError):
 
 class OutOfMemory(GenerationFailed):
     """The device ran out of memory for this call; smaller calls may still fit."""
+
+
+class StoreUnavailable(FluxServeError):
+    """The database could not be reached or written (locked, disk full, connection lost); retry later."""
+
+    status_code = 503
+    code = "store_unavailable"
+    type = "server_error"
+
+
+class LeaseLost(FluxServeError):
+    """This worker's claim on a job was taken away (its lease expired); it must not write the result."""
+
+    code = "lease_lost"

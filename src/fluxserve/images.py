@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
 import warnings
+from typing import Any
 from urllib.parse import urljoin
 
 import httpx
@@ -21,6 +23,11 @@ MAX_IMAGE_PIXELS = 40_000_000
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
 FETCH_TIMEOUT_S = 15.0
 MAX_REDIRECTS = 5
+
+
+async def decode_image_async(data: bytes, **kwargs: Any) -> Image.Image:
+    """decode_image off the event loop: decoding a large image takes tens of milliseconds."""
+    return await asyncio.to_thread(decode_image, data, **kwargs)
 
 
 def decode_image(data: bytes, *, param: str, max_bytes: int = MAX_IMAGE_BYTES, keep_alpha: bool = False) -> Image.Image:
@@ -99,7 +106,10 @@ async def fetch_image_bytes(
         return decode_data_url(url, param=param)
     async with httpx.AsyncClient(timeout=FETCH_TIMEOUT_S, follow_redirects=False, transport=transport) as client:
         for _ in range(MAX_REDIRECTS + 1):
-            check_public_url(url, param=param, allow_private=allow_private, code="invalid_image_url")
+            # getaddrinfo blocks: off the event loop.
+            await asyncio.to_thread(
+                check_public_url, url, param=param, allow_private=allow_private, code="invalid_image_url"
+            )
             try:
                 async with client.stream("GET", url) as resp:
                     if not allow_private:

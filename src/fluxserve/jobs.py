@@ -1,4 +1,11 @@
-"""Job and Status: the one truth about every request, and JobService, which decides."""
+"""JobService: the only writer of job state, and the one place that waits on it.
+
+Workers call the transitions (claim, progress, preview, complete, fail, cancel, requeue, expire)
+from their threads; each is fenced by status, attempt and worker id and recorded as a job event in
+the same transaction (store.py). Dialects call the ``async`` methods, which run the store off the
+event loop. Watchers read the events table, so a worker in another process is seen the same way;
+inside one process a transition also wakes the watchers at once instead of at their next poll.
+"""
 
 from __future__ import annotations
 
@@ -6,111 +13,66 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, replace
-from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Literal
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from typing import Any, TypeVar
 
 from .errors import Conflict, NotFound
+from .job import EventKind, Job, Output, Status, new_job_id
 from .spec import GenerationSpec
+from .store import Store, outputs_json
 
-if TYPE_CHECKING:
-    from .store import Store
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-# What happened to a job: Replicate's webhook events, plus plain updates (progress without new logs).
-JobEvent = Literal["start", "logs", "output", "completed", "update"]
-
-# The events after which a job may be terminal: "completed" from the worker, "update" from a cancel.
-_ENDING_EVENTS: frozenset[JobEvent] = frozenset({"completed", "update"})
-_Waiter = tuple[asyncio.AbstractEventLoop, asyncio.Event, frozenset[JobEvent] | None]
-
-_ID_ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
-
-
-def new_job_id() -> str:
-    """26 random base32 characters (130 bits), the shape of the seed's ids."""
-    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(26))
-
-
-class Status(StrEnum):
-    QUEUED = "queued"
-    PROCESSING = "processing"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELED = "canceled"
-    ABORTED = "aborted"  # its Cancel-After deadline passed before it started
-
-    @property
-    def is_terminal(self) -> bool:
-        return self in (Status.SUCCEEDED, Status.FAILED, Status.CANCELED, Status.ABORTED)
-
-    @property
-    def public(self) -> str:
-        """The lifecycle name the seed and Replicate use (queued jobs are 'starting')."""
-        return "starting" if self is Status.QUEUED else self.value
-
-
-@dataclass(frozen=True)
-class Output:
-    key: str
-    seed: int
-    width: int
-    height: int
-    format: str
-
-
-@dataclass(frozen=True)
-class Job:
-    id: str
-    owner: str
-    dialect: str
-    spec: GenerationSpec
-    request: dict[str, Any]
-    status: Status = Status.QUEUED
-    created_at: float = field(default_factory=time.time)
-    started_at: float | None = None
-    completed_at: float | None = None
-    attempts: int = 0
-    progress_done: int = 0
-    progress_total: int = 0
-    outputs: tuple[Output, ...] = ()
-    error: str | None = None
-    queue_position: int | None = None
-    deadline: float | None = None
-    webhook: dict[str, Any] | None = None  # {"url", "events", "secret"?}
-    idempotency_key: str | None = None
-    fingerprint: str | None = None
-    previews: tuple[str, ...] = ()  # storage keys of in-progress previews, oldest first
-
-    @property
-    def progress(self) -> float:
-        if self.status is Status.SUCCEEDED:
-            return 1.0
-        return self.progress_done / self.progress_total if self.progress_total else 0.0
-
-    def log_lines(self) -> list[str]:
-        """Progress as log lines, for dialects (Replicate) that report it as logs."""
-        lines = [f"Using seed: {self.spec.seed}"]
-        if self.started_at is not None:
-            lines.append(f"Running {self.spec.model} at {self.spec.width}x{self.spec.height}, {self.spec.steps} steps")
-        lines += [f"step {i}/{self.progress_total}" for i in range(1, self.progress_done + 1)]
-        return lines
+POLL_S = 0.5  # how often a watcher looks for events written by other processes
 
 
 class JobService:
-    """Submit, read and wait on jobs. Dialects call this; the dispatcher runs the jobs."""
-
-    def __init__(self, store: Store, wake_worker: Callable[[], None]) -> None:
-        self._store = store
-        self._wake_worker = wake_worker
+    def __init__(self, store: Store, *, max_attempts: int = 2, lease_s: float = 20.0, threads: int = 32) -> None:
+        self.store = store
+        self.max_attempts = max_attempts
+        self.lease_s = lease_s
+        # Store calls from request handlers run here, never on the event loop.
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fluxserve-store")
         self._lock = threading.Lock()
-        self._waiters: dict[str, list[_Waiter]] = {}
-        self._listeners: list[Callable[[str, JobEvent], None]] = []
+        self._waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
+        self._on_change: list[Callable[[Job, EventKind], None]] = []
 
-    def submit(
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def on_change(self, callback: Callable[[Job, EventKind], None]) -> None:
+        """A local shortcut (webhook sender, worker wake-up); the events table stays the truth."""
+        self._on_change.append(callback)
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+
+    # -- transitions --------------------------------------------------------
+
+    def _changed(self, job: Job | None, kind: EventKind) -> Job | None:
+        if job is None:
+            return None
+        with self._lock:
+            waiters = list(self._waiters.get(job.id, []))
+        for loop, ev in waiters:
+            with contextlib.suppress(RuntimeError):  # that watcher's loop has closed
+                loop.call_soon_threadsafe(ev.set)
+        for callback in self._on_change:
+            try:
+                callback(job, kind)
+            except Exception:
+                log.exception("job change callback failed")
+        return job
+
+    def submit_sync(
         self,
         owner: str,
         dialect: str,
@@ -121,11 +83,11 @@ class JobService:
         deadline: float | None = None,
         webhook: dict[str, Any] | None = None,
     ) -> Job:
-        """Queue a job. The same Idempotency-Key with the same body returns the first job; a different body is a 409."""
+        """Queue a job. The same Idempotency-Key with the same request returns the first job; another is a 409."""
         fingerprint = None
         if idempotency_key is not None:
             fingerprint = hashlib.sha256(json.dumps([dialect, request], sort_keys=True).encode()).hexdigest()
-            existing = self._store.find_idempotent(owner, idempotency_key)
+            existing = self.store.find_idempotent(owner, idempotency_key)
             if existing is not None:
                 return self._replay(existing, fingerprint)
         job = Job(
@@ -138,12 +100,13 @@ class JobService:
             webhook=webhook,
             idempotency_key=idempotency_key,
             fingerprint=fingerprint,
+            progress_total=spec.steps,
         )
-        if not self._store.insert_job(job):  # a concurrent request with the same key won the insert
-            existing = self._store.find_idempotent(owner, idempotency_key or "")
+        if not self.store.insert_job(job):  # a concurrent request with the same key won the insert
+            existing = self.store.find_idempotent(owner, idempotency_key or "")
             assert existing is not None
             return self._replay(existing, fingerprint)
-        self._wake_worker()
+        self._changed(job, EventKind.SUBMITTED)
         return job
 
     @staticmethod
@@ -154,52 +117,186 @@ class JobService:
             )
         return existing
 
-    def get(self, job_id: str, owner: str, dialect: str | None = None) -> Job:
+    def claim(self, worker_id: str, models: set[str] | None = None) -> Job | None:
+        """The oldest queued job this worker serves, now processing under its lease."""
+        for candidate in self.store.queued(limit=16):
+            if models is not None and candidate.spec.model not in models:
+                continue
+            job = self.store.claim(candidate.id, worker_id, self.lease_s)
+            if job is not None:
+                return self._changed(job, EventKind.STARTED)
+        return None
+
+    def claim_compatible(self, first: Job, worker_id: str, max_images: int) -> list[Job]:
+        """Queued jobs that can share ``first``'s pipeline call, oldest first, up to max_images in all."""
+        key = first.spec.batch_key()
+        budget = max_images - first.spec.num_images
+        claimed: list[Job] = []
+        for candidate in self.store.queued(limit=64, model=first.spec.model):
+            if budget <= 0:
+                break
+            if candidate.spec.batch_key() != key or candidate.spec.num_images > budget:
+                continue
+            job = self.store.claim(candidate.id, worker_id, self.lease_s)
+            if job is not None:
+                budget -= job.spec.num_images
+                claimed.append(self._changed(job, EventKind.STARTED) or job)
+        return claimed
+
+    def _fenced(
+        self,
+        job: Job,
+        kind: EventKind,
+        values: Any,
+        payload: dict[str, Any] | None = None,
+        lease_before: float | None = None,
+    ) -> Job | None:
+        return self._changed(
+            self.store.transition(
+                job.id,
+                kind,
+                expect=[Status.PROCESSING],
+                values=values,
+                attempt=job.attempts,
+                worker_id=job.worker_id,
+                payload=payload,
+                lease_before=lease_before,
+            ),
+            kind,
+        )
+
+    def progress(self, job: Job, done: int, total: int) -> bool:
+        """False: this claim is no longer the job's (lease lost), so its worker must stop."""
+        values = {"progress_done": done, "progress_total": total}
+        return self._fenced(job, EventKind.PROGRESS, values, {"step": done, "total": total}) is not None
+
+    def add_preview(self, job: Job, key: str) -> bool:
+        def values(current: Job) -> dict[str, Any]:
+            return {"previews": json.dumps([*current.previews, key])}
+
+        return self._fenced(job, EventKind.PREVIEW, values, {"key": key}) is not None
+
+    def complete(self, job: Job, outputs: list[Output]) -> bool:
+        values = {"status": Status.SUCCEEDED.value, "completed_at": time.time(), "outputs": outputs_json(outputs)}
+        return self._fenced(job, EventKind.SUCCEEDED, values, {"outputs": [o.key for o in outputs]}) is not None
+
+    def fail(self, job: Job, error: str, *, lease_before: float | None = None) -> bool:
+        values = {"status": Status.FAILED.value, "completed_at": time.time(), "error": error}
+        return self._fenced(job, EventKind.FAILED, values, {"error": error}, lease_before) is not None
+
+    def finish_canceled(self, job: Job) -> bool:
+        values = {"status": Status.CANCELED.value, "completed_at": time.time(), "error": "canceled"}
+        return self._fenced(job, EventKind.CANCELED, values) is not None
+
+    def requeue(self, job: Job, reason: str, *, give_back_attempt: bool, lease_before: float | None = None) -> bool:
+        """Back to the queue: a clean shutdown gives the attempt back, a lost worker does not."""
+        values: dict[str, Any] = {"status": Status.QUEUED.value, "progress_done": 0, "previews": "[]",
+                                  "worker_id": None, "lease_expires_at": None}  # fmt: skip
+        if give_back_attempt:
+            values["attempts"] = job.attempts - 1
+        return self._fenced(job, EventKind.REQUEUED, values, {"reason": reason}, lease_before) is not None
+
+    def renew(self, jobs: list[Job], worker_id: str) -> set[str]:
+        """Extend this worker's leases; returns the ids it still holds."""
+        return self.store.renew([j.id for j in jobs], worker_id, self.lease_s)
+
+    def is_cancel_requested(self, job_id: str) -> bool:
+        return self.store.is_cancel_requested(job_id)
+
+    def expire(self, now: float | None = None) -> tuple[int, int, int]:
+        """Abort queued jobs past their Cancel-After deadline; re-queue (or fail, past max_attempts)
+        jobs whose worker's lease ran out. Returns (aborted, requeued, failed)."""
+        now = time.time() if now is None else now
+        aborted = requeued = failed = 0
+        for job in self.store.past_deadline(now):
+            done = self.store.transition(
+                job.id,
+                EventKind.ABORTED,
+                expect=[Status.QUEUED],
+                values={"status": Status.ABORTED.value, "completed_at": now,
+                        "error": "The Cancel-After deadline passed before the job started."},
+            )  # fmt: skip
+            aborted += self._changed(done, EventKind.ABORTED) is not None
+        for job in self.store.expired_leases(now):
+            if job.attempts >= self.max_attempts:
+                error = f"The worker running this job stopped, {job.attempts} times; giving up."
+                failed += self.fail(job, error, lease_before=now)
+                log.warning("job %s failed: %s", job.id, error)
+            else:
+                requeued += self.requeue(job, "lease expired", give_back_attempt=False, lease_before=now)
+                log.warning("job %s re-queued: its worker %s stopped renewing its lease", job.id, job.worker_id)
+        return aborted, requeued, failed
+
+    # -- reads and requests from the dialects -------------------------------
+
+    def get_sync(self, job_id: str, owner: str, dialect: str | None = None) -> Job:
         """Another owner's job, or another dialect's when one is named, is indistinguishable from a missing one."""
-        job = self._store.get_job(job_id)
+        job = self.store.get_job(job_id)
         if job is None or not secrets.compare_digest(job.owner, owner) or dialect not in (None, job.dialect):
             raise NotFound(f"No job with id {job_id!r}.", param="id")
         if job.status is Status.QUEUED:
-            job = replace(job, queue_position=self._store.queue_position(job))
+            job = replace(job, queue_position=self.store.queue_position(job))
         return job
 
-    def cancel(self, job_id: str, owner: str) -> Job:
-        self.get(job_id, owner)
-        self._store.request_cancel(job_id)
-        self.notify(job_id)
-        return self.get(job_id, owner)
+    def cancel_sync(self, job_id: str, owner: str, dialect: str | None = None) -> Job:
+        self.get_sync(job_id, owner, dialect)
+        kind = EventKind.CANCEL_REQUESTED
+        changed = self.store.request_cancel(job_id)
+        if changed is not None and changed.status is Status.CANCELED:
+            kind = EventKind.CANCELED
+        self._changed(changed, kind)
+        return self.get_sync(job_id, owner, dialect)
 
-    def is_cancel_requested(self, job_id: str) -> bool:
-        return self._store.is_cancel_requested(job_id)
+    def cancel_soon(self, job_id: str, owner: str) -> None:
+        """Cancel without waiting: for code being torn down (a stream whose client left) that cannot await."""
 
-    async def watch(
-        self, job_id: str, owner: str, timeout: float | None = None, events: frozenset[JobEvent] | None = None
-    ) -> AsyncIterator[Job]:
-        """Yield the job now and after every change (of the kinds in ``events``; None: all), until it is
-        terminal or ``timeout`` passes."""
+        def cancel() -> None:
+            try:
+                self.cancel_sync(job_id, owner)
+            except Exception:
+                log.exception("canceling job %s failed", job_id)
+
+        self._pool.submit(cancel)
+
+    async def submit(self, *args: Any, **kwargs: Any) -> Job:
+        return await self.run(self.submit_sync, *args, **kwargs)
+
+    async def get(self, job_id: str, owner: str, dialect: str | None = None) -> Job:
+        return await self.run(self.get_sync, job_id, owner, dialect)
+
+    async def cancel(self, job_id: str, owner: str, dialect: str | None = None) -> Job:
+        return await self.run(self.cancel_sync, job_id, owner, dialect)
+
+    async def list(self, owner: str, dialect: str, *, before: tuple[float, str] | None, limit: int) -> list[Job]:
+        return await self.run(self.store.list_jobs, owner, dialect, before=before, limit=limit)
+
+    async def queue_depth(self) -> int:
+        return await self.run(self.store.queue_depth)
+
+    async def watch(self, job_id: str, owner: str, timeout: float | None = None) -> AsyncIterator[Job]:
+        """Yield the job now and after every change, until it is terminal or ``timeout`` passes."""
         loop = asyncio.get_running_loop()
-        event = asyncio.Event()
-        waiter = (loop, event, events)
+        wake = asyncio.Event()
+        waiter = (loop, wake)
         with self._lock:
             self._waiters.setdefault(job_id, []).append(waiter)
         deadline = None if timeout is None else loop.time() + timeout
-        last: tuple[object, ...] | None = None
+        last_event = -1
         try:
             while True:
-                event.clear()
-                job = self.get(job_id, owner)
-                state = (job.status, job.progress_done, job.previews, job.outputs, job.queue_position)
-                if state != last:
-                    last = state
+                wake.clear()
+                seen = await self.run(self.store.last_event_id, job_id)
+                if seen != last_event:
+                    last_event = seen
+                    job = await self.get(job_id, owner)
                     yield job
-                if job.status.is_terminal:
-                    return
+                    if job.status.is_terminal:
+                        return
                 remaining = None if deadline is None else deadline - loop.time()
                 if remaining is not None and remaining <= 0:
                     return
-                # The periodic re-read covers workers in other processes, which can't notify us.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), 1.0 if remaining is None else min(1.0, remaining))
+                    await asyncio.wait_for(wake.wait(), POLL_S if remaining is None else min(POLL_S, remaining))
         finally:
             with self._lock:
                 waiters = self._waiters.get(job_id, [])
@@ -210,24 +307,8 @@ class JobService:
 
     async def wait(self, job_id: str, owner: str, timeout: float | None = None) -> Job:
         """Wait until the job is terminal (or ``timeout`` passes) and return it as it is then."""
-        last = self.get(job_id, owner)
-        # Progress events would wake the waiter only to re-read a job that is not done yet.
-        async for job in self.watch(job_id, owner, timeout, events=_ENDING_EVENTS):
+        last: Job | None = None
+        async for job in self.watch(job_id, owner, timeout):
             last = job
+        assert last is not None
         return last
-
-    def add_listener(self, listener: Callable[[str, JobEvent], None]) -> None:
-        self._listeners.append(listener)
-
-    def notify(self, job_id: str, event: JobEvent = "update") -> None:
-        """Called from any thread when a job changes; listeners (webhooks) must not block."""
-        with self._lock:
-            waiters = list(self._waiters.get(job_id, []))
-        for loop, ev, wanted in waiters:
-            if wanted is None or event in wanted:
-                loop.call_soon_threadsafe(ev.set)
-        for listener in self._listeners:
-            listener(job_id, event)
-
-    def queue_depth(self) -> int:
-        return self._store.queue_depth()

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     device: str = "auto"
     url_ttl_s: int = Field(default=3600, ge=60)
     max_attempts: int = Field(default=2, ge=1)
+    # A worker's claim on a job lasts this long unless renewed (every quarter of it); a dead worker's
+    # job is re-queued after at most this long.
+    lease_s: float = Field(default=20.0, ge=0.2)
     compile: bool = False
     quantize: Literal["none", "fp8"] = "none"
     attention: str = "auto"

@@ -1,16 +1,26 @@
-"""SQLAlchemy Core tables and queries. SQLite (WAL) by default, any SQLAlchemy URL otherwise."""
+"""SQLAlchemy Core tables and queries. Only JobService calls the methods that change a job.
+
+SQLite (WAL) by default, any SQLAlchemy URL otherwise. Every database error surfaces as
+StoreUnavailable, which callers retry (workers) or answer as 503 (the API).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import secrets
+import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from sqlalchemy import (
     Boolean,
     Column,
     Float,
+    Index,
     Integer,
     MetaData,
     String,
@@ -21,15 +31,15 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
-    inspect,
+    or_,
     select,
-    text,
     update,
 )
-from sqlalchemy.engine import Engine, Row
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.engine import Connection, Engine, Row
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from .jobs import Job, Output, Status
+from .errors import StoreUnavailable
+from .job import WEBHOOK_EVENTS, EventKind, Job, JobEvent, Output, Status
 from .spec import GenerationSpec
 
 metadata = MetaData()
@@ -58,6 +68,8 @@ jobs = Table(
     Column("idempotency_key", String(255)),
     Column("fingerprint", String(64)),
     Column("previews", Text, nullable=False, default="[]"),
+    Column("worker_id", String(128)),
+    Column("lease_expires_at", Float),
     UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency"),
 )
 
@@ -72,78 +84,101 @@ api_keys = Table(
     Column("revoked_at", Float),
 )
 
+job_events = Table(
+    "job_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("job_id", String(32), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("kind", String(24), nullable=False),
+    Column("payload", Text, nullable=False, default="{}"),
+    Column("at", Float, nullable=False),
+    Index("ix_job_events_job_id_id", "job_id", "id"),
+)
+
+# The webhook outbox: one row per delivery, written with the transition that causes it.
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("msg_id", String(40), nullable=False, unique=True),  # webhook-id, the same on every try
+    Column("job_id", String(32), nullable=False, index=True),
+    Column("event", String(16), nullable=False),
+    Column("receiver", String(300), nullable=False),  # scheme://host:port: the unit of per-receiver limits
+    Column("state", String(12), nullable=False),  # pending, delivered, failed
+    Column("body", Text),  # rendered at the first try, then sent unchanged
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("due_at", Float, nullable=False),
+    Column("claimed_until", Float),
+    Column("last_error", Text),
+    Column("created_at", Float, nullable=False),
+    Index("ix_webhook_deliveries_state_due", "state", "due_at"),
+)
+
+THROTTLE_S = 0.5  # Replicate sends logs and output events at most this often per job
+
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
-    cur.execute("PRAGMA busy_timeout=30000")
+    # Writers in this process queue on a lock (below); this only waits for other processes.
+    cur.execute("PRAGMA busy_timeout=5000")
     cur.close()
 
 
 class Store:
     def __init__(self, url: str) -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
         if url.startswith("sqlite:///"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-            self.engine: Engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+            self.engine: Engine = create_engine(
+                url, connect_args={"check_same_thread": False, "timeout": 5}, pool_size=20, max_overflow=20
+            )
             event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
             self.engine = create_engine(url, pool_pre_ping=True)
-        metadata.create_all(self.engine)
-        self._add_missing_columns()
-
-    def _add_missing_columns(self) -> None:
-        """Databases made by an older fluxserve get the columns added since (nullable or defaulted)."""
-        have = {c["name"] for c in inspect(self.engine).get_columns("jobs")}
-        with self.engine.begin() as conn:
-            for col in jobs.columns:
-                if col.name not in have:
-                    ddl = col.type.compile(dialect=self.engine.dialect)
-                    default = " NOT NULL DEFAULT '[]'" if col.name == "previews" else ""
-                    conn.execute(text(f"ALTER TABLE jobs ADD COLUMN {col.name} {ddl}{default}"))
+        # SQLite has one writer: threads of this process take turns here instead of in SQLite's
+        # busy handler, which sleeps in steps of up to 100 ms.
+        self._write_lock: contextlib.AbstractContextManager[Any] = (
+            threading.Lock() if self.is_sqlite else contextlib.nullcontext()
+        )
 
     def close(self) -> None:
         self.engine.dispose()
 
-    # jobs -----------------------------------------------------------------
-
-    def insert_job(self, job: Job) -> bool:
-        """False when another job already holds this owner's idempotency key."""
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Connection]:
         try:
-            with self.engine.begin() as conn:
-                self._insert(conn, job)
+            with self._write_lock, self.engine.begin() as conn:
+                yield conn
         except IntegrityError:
-            if job.idempotency_key is None:
-                raise
-            return False
-        return True
+            raise
+        except DBAPIError as exc:
+            raise StoreUnavailable(f"The database is unavailable: {_reason(exc)}") from exc
 
-    def _insert(self, conn: Any, job: Job) -> None:
-        conn.execute(
-            jobs.insert().values(
-                id=job.id,
-                owner=job.owner,
-                dialect=job.dialect,
-                model=job.spec.model,
-                status=job.status.value,
-                spec=json.dumps(job.spec.to_dict()),
-                request=json.dumps(job.request),
-                created_at=job.created_at,
-                attempts=0,
-                progress_done=0,
-                progress_total=job.spec.steps,
-                outputs="[]",
-                cancel_requested=False,
-                deadline=job.deadline,
-                webhook=json.dumps(job.webhook) if job.webhook else None,
-                idempotency_key=job.idempotency_key,
-                fingerprint=job.fingerprint,
-                previews="[]",
-            )
-        )
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[Connection]:
+        try:
+            with self.engine.connect() as conn:
+                yield conn
+        except DBAPIError as exc:
+            raise StoreUnavailable(f"The database is unavailable: {_reason(exc)}") from exc
+
+    def ping(self) -> None:
+        with self._read() as conn:
+            conn.execute(select(1))
+
+    # jobs: reads ----------------------------------------------------------
+
+    def get_job(self, job_id: str) -> Job | None:
+        with self._read() as conn:
+            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+        return _to_job(row) if row else None
 
     def find_idempotent(self, owner: str, key: str) -> Job | None:
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             row = conn.execute(select(jobs).where(and_(jobs.c.owner == owner, jobs.c.idempotency_key == key))).first()
         return _to_job(row) if row else None
 
@@ -156,149 +191,16 @@ class Store:
                 (jobs.c.created_at < created) | (and_(jobs.c.created_at == created, jobs.c.id < job_id))
             )
         query = query.order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit)
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             return [_to_job(row) for row in conn.execute(query)]
 
-    def add_preview(self, job_id: str, key: str) -> None:
-        with self.engine.begin() as conn:
-            current = conn.execute(select(jobs.c.previews).where(jobs.c.id == job_id)).scalar_one()
-            conn.execute(
-                update(jobs).where(jobs.c.id == job_id).values(previews=json.dumps([*json.loads(current), key]))
-            )
-
-    def abort_expired(self, now: float) -> list[str]:
-        """Queued jobs whose Cancel-After deadline passed never start."""
-        expired = and_(jobs.c.status == Status.QUEUED.value, jobs.c.deadline.is_not(None), jobs.c.deadline <= now)
-        with self.engine.begin() as conn:
-            ids = [r.id for r in conn.execute(select(jobs.c.id).where(expired))]
-            if ids:
-                conn.execute(
-                    update(jobs)
-                    .where(and_(expired, jobs.c.id.in_(ids)))
-                    .values(
-                        status=Status.ABORTED.value,
-                        completed_at=now,
-                        error="The Cancel-After deadline passed before the job started.",
-                    )
-                )
-        return ids
-
-    def get_job(self, job_id: str) -> Job | None:
-        with self.engine.connect() as conn:
-            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
-        return _to_job(row) if row else None
-
-    def claim_next(self) -> Job | None:
-        """Atomically move the oldest queued job to processing and count the attempt."""
-        with self.engine.begin() as conn:
-            while True:
-                row = conn.execute(
-                    select(jobs.c.id).where(jobs.c.status == Status.QUEUED.value).order_by(jobs.c.created_at).limit(1)
-                ).first()
-                if row is None:
-                    return None
-                claimed = conn.execute(
-                    update(jobs)
-                    .where(and_(jobs.c.id == row.id, jobs.c.status == Status.QUEUED.value))
-                    .values(
-                        status=Status.PROCESSING.value,
-                        attempts=jobs.c.attempts + 1,
-                        started_at=time.time(),
-                        progress_done=0,
-                    )
-                )
-                if claimed.rowcount == 1:
-                    full = conn.execute(select(jobs).where(jobs.c.id == row.id)).one()
-                    return _to_job(full)
-
-    def claim_compatible(self, first: Job, max_images: int) -> list[Job]:
-        """Claim queued jobs that can share ``first``'s pipeline call, oldest first, up to max_images in all."""
-        key = first.spec.batch_key()
-        budget = max_images - first.spec.num_images
-        claimed: list[Job] = []
-        with self.engine.begin() as conn:
-            rows = conn.execute(
-                select(jobs)
-                .where(and_(jobs.c.status == Status.QUEUED.value, jobs.c.model == first.spec.model))
-                .order_by(jobs.c.created_at)
-                .limit(64)
-            ).all()
-            for row in rows:
-                job = _to_job(row)
-                if budget <= 0:
-                    break
-                if job.spec.batch_key() != key or job.spec.num_images > budget:
-                    continue
-                won = conn.execute(
-                    update(jobs)
-                    .where(and_(jobs.c.id == job.id, jobs.c.status == Status.QUEUED.value))
-                    .values(status=Status.PROCESSING.value, attempts=jobs.c.attempts + 1, started_at=time.time())
-                ).rowcount
-                if won:
-                    budget -= job.spec.num_images
-                    claimed.append(job)
-        return claimed
-
-    def update_progress(self, job_id: str, done: int, total: int) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(update(jobs).where(jobs.c.id == job_id).values(progress_done=done, progress_total=total))
-
-    def finish(
-        self, job_id: str, status: Status, *, outputs: list[Output] | None = None, error: str | None = None
-    ) -> None:
-        values: dict[str, Any] = {"status": status.value, "completed_at": time.time(), "error": error}
-        if outputs is not None:
-            values["outputs"] = json.dumps([o.__dict__ for o in outputs])
-        with self.engine.begin() as conn:
-            conn.execute(update(jobs).where(jobs.c.id == job_id).values(**values))
-
-    def requeue(self, job_id: str) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(
-                update(jobs)
-                .where(and_(jobs.c.id == job_id, jobs.c.status == Status.PROCESSING.value))
-                .values(status=Status.QUEUED.value, attempts=jobs.c.attempts - 1, progress_done=0)
-            )
-
-    def request_cancel(self, job_id: str) -> None:
-        """A queued job is canceled at once; a running one when the worker next checks."""
-        with self.engine.begin() as conn:
-            conn.execute(update(jobs).where(jobs.c.id == job_id).values(cancel_requested=True))
-            conn.execute(
-                update(jobs)
-                .where(and_(jobs.c.id == job_id, jobs.c.status == Status.QUEUED.value))
-                .values(status=Status.CANCELED.value, completed_at=time.time())
-            )
-
-    def is_cancel_requested(self, job_id: str) -> bool:
-        with self.engine.connect() as conn:
-            return bool(conn.execute(select(jobs.c.cancel_requested).where(jobs.c.id == job_id)).scalar())
-
-    def recover_interrupted(self, max_attempts: int) -> tuple[int, int]:
-        """Jobs left processing by a dead process: re-queue them, or fail them past max_attempts."""
-        with self.engine.begin() as conn:
-            processing = and_(jobs.c.status == Status.PROCESSING.value)
-            failed = conn.execute(
-                update(jobs)
-                .where(and_(processing, jobs.c.attempts >= max_attempts))
-                .values(
-                    status=Status.FAILED.value,
-                    completed_at=time.time(),
-                    error=f"The server stopped while this job was running, {max_attempts} times; giving up.",
-                )
-            ).rowcount
-            requeued = conn.execute(
-                update(jobs).where(processing).values(status=Status.QUEUED.value, progress_done=0)
-            ).rowcount
-        return requeued, failed
-
     def queue_depth(self) -> int:
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             return int(conn.execute(select(func.count()).where(jobs.c.status == Status.QUEUED.value)).scalar_one())
 
     def queue_position(self, job: Job) -> int:
         """1 = next to run."""
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             ahead = conn.execute(
                 select(func.count()).where(
                     and_(jobs.c.status == Status.QUEUED.value, jobs.c.created_at < job.created_at)
@@ -306,30 +208,211 @@ class Store:
             ).scalar_one()
         return int(ahead) + 1
 
+    def is_cancel_requested(self, job_id: str) -> bool:
+        with self._read() as conn:
+            return bool(conn.execute(select(jobs.c.cancel_requested).where(jobs.c.id == job_id)).scalar())
+
+    def last_event_id(self, job_id: str) -> int:
+        with self._read() as conn:
+            value = conn.execute(select(func.max(job_events.c.id)).where(job_events.c.job_id == job_id)).scalar()
+        return int(value or 0)
+
+    def events(self, job_id: str, after: int = 0) -> list[JobEvent]:
+        with self._read() as conn:
+            rows = conn.execute(
+                select(job_events)
+                .where(and_(job_events.c.job_id == job_id, job_events.c.id > after))
+                .order_by(job_events.c.id)
+            ).all()
+        return [JobEvent(r.id, r.job_id, r.attempt, EventKind(r.kind), json.loads(r.payload), r.at) for r in rows]
+
+    def expired_leases(self, now: float) -> list[Job]:
+        with self._read() as conn:
+            rows = conn.execute(
+                select(jobs).where(and_(jobs.c.status == Status.PROCESSING.value, jobs.c.lease_expires_at < now))
+            ).all()
+        return [_to_job(r) for r in rows]
+
+    def past_deadline(self, now: float) -> list[Job]:
+        with self._read() as conn:
+            rows = conn.execute(
+                select(jobs).where(
+                    and_(jobs.c.status == Status.QUEUED.value, jobs.c.deadline.is_not(None), jobs.c.deadline <= now)
+                )
+            ).all()
+        return [_to_job(r) for r in rows]
+
+    def queued(self, limit: int, model: str | None = None) -> list[Job]:
+        query = select(jobs).where(jobs.c.status == Status.QUEUED.value)
+        if model is not None:
+            query = query.where(jobs.c.model == model)
+        with self._read() as conn:
+            return [_to_job(r) for r in conn.execute(query.order_by(jobs.c.created_at).limit(limit))]
+
+    # jobs: writes (JobService only) ----------------------------------------
+
+    def insert_job(self, job: Job) -> bool:
+        """False when another job already holds this owner's idempotency key."""
+        try:
+            with self._write() as conn:
+                conn.execute(jobs.insert().values(**_job_row(job)))
+                _append_event(conn, job, EventKind.SUBMITTED, {})
+        except IntegrityError:
+            if job.idempotency_key is None:
+                raise
+            return False
+        return True
+
+    def transition(
+        self,
+        job_id: str,
+        kind: EventKind,
+        *,
+        expect: Iterable[Status],
+        values: dict[str, Any] | Callable[[Job], dict[str, Any]],
+        attempt: int | None = None,
+        worker_id: str | None = None,
+        payload: dict[str, Any] | None = None,
+        lease_before: float | None = None,
+    ) -> Job | None:
+        """Change one job if it is still in an expected status (and, when given, the same claim).
+
+        The event row and any webhook deliveries are written in the same transaction. None: refused.
+        """
+        cond = [jobs.c.id == job_id, jobs.c.status.in_([s.value for s in expect])]
+        if attempt is not None:
+            cond.append(jobs.c.attempts == attempt)
+        if worker_id is not None:
+            cond.append(jobs.c.worker_id == worker_id)
+        if lease_before is not None:  # only if the lease is still expired (its worker may have renewed it)
+            cond.append(jobs.c.lease_expires_at < lease_before)
+        with self._write() as conn:
+            if callable(values):  # computed from the row as it is inside this transaction
+                row = conn.execute(select(jobs).where(and_(*cond))).first()
+                if row is None:
+                    return None
+                values = values(_to_job(row))
+            if conn.execute(update(jobs).where(and_(*cond)).values(**values)).rowcount != 1:
+                return None
+            job = _to_job(conn.execute(select(jobs).where(jobs.c.id == job_id)).one())
+            _append_event(conn, job, kind, payload or {})
+        return job
+
+    def request_cancel(self, job_id: str) -> Job | None:
+        """Flag a job for cancellation; a queued one is canceled at once. None: it had already ended."""
+        now = time.time()
+        live = [Status.QUEUED.value, Status.PROCESSING.value]
+        with self._write() as conn:
+            flagged = conn.execute(
+                update(jobs).where(and_(jobs.c.id == job_id, jobs.c.status.in_(live))).values(cancel_requested=True)
+            ).rowcount
+            if not flagged:
+                return None
+            canceled = conn.execute(
+                update(jobs)
+                .where(and_(jobs.c.id == job_id, jobs.c.status == Status.QUEUED.value))
+                .values(status=Status.CANCELED.value, completed_at=now, error="canceled")
+            ).rowcount
+            job = _to_job(conn.execute(select(jobs).where(jobs.c.id == job_id)).one())
+            _append_event(conn, job, EventKind.CANCELED if canceled else EventKind.CANCEL_REQUESTED, {})
+        return job
+
+    def claim(self, job_id: str, worker_id: str, lease_s: float) -> Job | None:
+        now = time.time()
+        return self.transition(
+            job_id,
+            EventKind.STARTED,
+            expect=[Status.QUEUED],
+            values={
+                "status": Status.PROCESSING.value,
+                "attempts": jobs.c.attempts + 1,
+                "started_at": now,
+                "progress_done": 0,
+                "worker_id": worker_id,
+                "lease_expires_at": now + lease_s,
+            },
+            payload={"worker": worker_id},
+        )
+
+    def renew(self, job_ids: list[str], worker_id: str, lease_s: float) -> set[str]:
+        """Extend the leases this worker still holds; returns the ids it holds."""
+        if not job_ids:
+            return set()
+        held = and_(jobs.c.id.in_(job_ids), jobs.c.worker_id == worker_id, jobs.c.status == Status.PROCESSING.value)
+        with self._write() as conn:
+            conn.execute(update(jobs).where(held).values(lease_expires_at=time.time() + lease_s))
+            return {r.id for r in conn.execute(select(jobs.c.id).where(held))}
+
+    # webhook outbox ---------------------------------------------------------
+
+    def due_deliveries(self, now: float, limit: int) -> list[Row[Any]]:
+        with self._read() as conn:
+            return list(
+                conn.execute(
+                    select(webhook_deliveries)
+                    .where(
+                        and_(
+                            webhook_deliveries.c.state == "pending",
+                            webhook_deliveries.c.due_at <= now,
+                            or_(webhook_deliveries.c.claimed_until.is_(None), webhook_deliveries.c.claimed_until < now),
+                        )
+                    )
+                    .order_by(webhook_deliveries.c.due_at)
+                    .limit(limit)
+                )
+            )
+
+    def claim_delivery(self, delivery_id: int, until: float) -> bool:
+        now = time.time()
+        free = or_(webhook_deliveries.c.claimed_until.is_(None), webhook_deliveries.c.claimed_until < now)
+        with self._write() as conn:
+            return (
+                conn.execute(
+                    update(webhook_deliveries)
+                    .where(and_(webhook_deliveries.c.id == delivery_id, webhook_deliveries.c.state == "pending", free))
+                    .values(claimed_until=until)
+                ).rowcount
+                == 1
+            )
+
+    def update_delivery(self, delivery_id: int, **values: Any) -> None:
+        with self._write() as conn:
+            conn.execute(update(webhook_deliveries).where(webhook_deliveries.c.id == delivery_id).values(**values))
+
+    def deliveries(self, job_id: str) -> list[Row[Any]]:
+        with self._read() as conn:
+            return list(
+                conn.execute(
+                    select(webhook_deliveries)
+                    .where(webhook_deliveries.c.job_id == job_id)
+                    .order_by(webhook_deliveries.c.id)
+                )
+            )
+
     # api keys ---------------------------------------------------------------
 
     def add_key(self, key_id: str, name: str, key_hash: str, prefix: str) -> None:
-        with self.engine.begin() as conn:
+        with self._write() as conn:
             conn.execute(
                 api_keys.insert().values(id=key_id, name=name, key_hash=key_hash, prefix=prefix, created_at=time.time())
             )
 
     def find_key(self, key_hash: str) -> Row[Any] | None:
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             return conn.execute(
                 select(api_keys).where(and_(api_keys.c.key_hash == key_hash, api_keys.c.revoked_at.is_(None)))
             ).first()
 
     def list_keys(self) -> list[Row[Any]]:
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             return list(conn.execute(select(api_keys).order_by(api_keys.c.created_at)))
 
     def count_keys(self) -> int:
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             return int(conn.execute(select(func.count()).select_from(api_keys)).scalar_one())
 
     def revoke_key(self, id_or_name: str) -> int:
-        with self.engine.begin() as conn:
+        with self._write() as conn:
             return conn.execute(
                 update(api_keys)
                 .where(
@@ -339,6 +422,88 @@ class Store:
                 )
                 .values(revoked_at=time.time())
             ).rowcount
+
+
+def _reason(exc: DBAPIError) -> str:
+    return str(exc.orig).splitlines()[0] if exc.orig is not None else type(exc).__name__
+
+
+def _append_event(conn: Connection, job: Job, kind: EventKind, payload: dict[str, Any]) -> None:
+    now = time.time()
+    conn.execute(
+        job_events.insert().values(
+            job_id=job.id, attempt=job.attempts, kind=kind.value, payload=json.dumps(payload), at=now
+        )
+    )
+    if job.webhook:
+        _enqueue_webhooks(conn, job, kind, now)
+
+
+def _enqueue_webhooks(conn: Connection, job: Job, kind: EventKind, now: float) -> None:
+    """The outbox rows this transition causes, in the caller's transaction.
+
+    logs/output are throttled as Replicate does: while one is pending it will carry the newer state
+    (bodies are rendered when first sent), and a new one is due no sooner than THROTTLE_S after the last.
+    """
+    assert job.webhook is not None
+    wanted = job.webhook.get("events") or ()
+    url = urlsplit(job.webhook["url"])
+    receiver = f"{url.scheme}://{url.hostname}:{url.port or (443 if url.scheme == 'https' else 80)}"
+    for name in WEBHOOK_EVENTS.get(kind, ()):
+        if name not in wanted:
+            continue
+        due = now
+        if name in ("logs", "output"):
+            same = and_(webhook_deliveries.c.job_id == job.id, webhook_deliveries.c.event == name)
+            pending = conn.execute(
+                select(func.count()).where(
+                    and_(same, webhook_deliveries.c.state == "pending", webhook_deliveries.c.body.is_(None))
+                )
+            ).scalar_one()
+            if pending:
+                continue
+            last = conn.execute(select(func.max(webhook_deliveries.c.created_at)).where(same)).scalar()
+            if last is not None:
+                due = max(now, float(last) + THROTTLE_S)
+        conn.execute(
+            webhook_deliveries.insert().values(
+                msg_id="msg_" + secrets.token_hex(12),
+                job_id=job.id,
+                event=name,
+                receiver=receiver,
+                state="pending",
+                attempts=0,
+                due_at=due,
+                created_at=due,
+            )
+        )
+
+
+def _job_row(job: Job) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "owner": job.owner,
+        "dialect": job.dialect,
+        "model": job.spec.model,
+        "status": job.status.value,
+        "spec": json.dumps(job.spec.to_dict()),
+        "request": json.dumps(job.request),
+        "created_at": job.created_at,
+        "attempts": 0,
+        "progress_done": 0,
+        "progress_total": job.spec.steps,
+        "outputs": "[]",
+        "cancel_requested": False,
+        "deadline": job.deadline,
+        "webhook": json.dumps(job.webhook) if job.webhook else None,
+        "idempotency_key": job.idempotency_key,
+        "fingerprint": job.fingerprint,
+        "previews": "[]",
+    }
+
+
+def outputs_json(outputs: list[Output]) -> str:
+    return json.dumps([o.__dict__ for o in outputs])
 
 
 def _to_job(row: Row[Any]) -> Job:
@@ -353,6 +518,9 @@ def _to_job(row: Row[Any]) -> Job:
         started_at=row.started_at,
         completed_at=row.completed_at,
         attempts=row.attempts,
+        worker_id=row.worker_id,
+        lease_expires_at=row.lease_expires_at,
+        cancel_requested=bool(row.cancel_requested),
         progress_done=row.progress_done,
         progress_total=row.progress_total,
         outputs=tuple(Output(**o) for o in json.loads(row.outputs)),

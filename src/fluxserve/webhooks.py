@@ -1,31 +1,35 @@
-"""Webhook delivery: Standard Webhooks signatures, event filters, throttling, retries; never on the worker thread."""
+"""Webhooks as a durable outbox: Standard Webhooks signatures, retries across restarts, per-receiver limits.
+
+Transitions write delivery rows in their own transaction (store.py). The sender claims due rows for
+a while (so a crashed sender's rows come back), renders a body at the first try and sends that same
+body with the same ``webhook-id`` on every retry. Sends run on a thread pool with at most
+``per_receiver`` at a time to one receiver, so a slow receiver only delays itself.
+"""
 
 from __future__ import annotations
 
 import base64
 import hashlib
-import heapq
 import hmac
 import json
 import logging
-import secrets
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 
-from .errors import InvalidInput
-from .jobs import Job, JobEvent
+from .errors import InvalidInput, StoreUnavailable
+from .job import ALL_WEBHOOK_EVENTS, Job
 from .netguard import check_public_url
 from .store import Store
 
 log = logging.getLogger(__name__)
 
-EVENTS = ("start", "output", "logs", "completed")
-THROTTLE_S = 0.5  # output and logs events at most this often per job, as Replicate does
+EVENTS = ALL_WEBHOOK_EVENTS
 
 
 def owner_secret(server_secret: bytes, owner: str) -> str:
@@ -45,20 +49,7 @@ def check_webhook_url(url: str, *, param: str, allow_private: bool) -> None:
     check_public_url(url, param=param, allow_private=allow_private, code="invalid_webhook_url")
 
 
-@dataclass(order=True)
-class _Delivery:
-    due: float
-    seq: int
-    job_id: str = field(compare=False)
-    event: str = field(compare=False)
-    attempt: int = field(compare=False, default=0)
-    body: bytes | None = field(compare=False, default=None)
-    msg_id: str = field(compare=False, default_factory=lambda: "msg_" + secrets.token_hex(12))
-
-
 class WebhookSender:
-    """Listens to job events; renders, signs and POSTs them from its own thread."""
-
     def __init__(
         self,
         store: Store,
@@ -69,6 +60,9 @@ class WebhookSender:
         retry_base_s: float = 1.0,
         max_attempts: int = 5,
         timeout_s: float = 10.0,
+        per_receiver: int = 2,
+        threads: int = 16,
+        poll_s: float = 0.5,
     ) -> None:
         self._store = store
         self._render = render
@@ -77,98 +71,117 @@ class WebhookSender:
         self._retry_base_s = retry_base_s
         self._max_attempts = max_attempts
         self._timeout_s = timeout_s
-        self._queue: list[_Delivery] = []
-        self._cond = threading.Condition()
-        self._seq = 0
-        self._last_sent: dict[tuple[str, str], float] = {}
-        # Jobs seen to have no webhook (a job's webhook never changes): their later events skip the
-        # store read, which would otherwise happen on every denoising step.
-        self._no_webhook: set[str] = set()
-        self._stopping = False
+        self._per_receiver = per_receiver
+        self._threads = threads
+        self._poll_s = poll_s
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fluxserve-webhook")
+        self._client = httpx.Client(timeout=timeout_s, follow_redirects=False)
+        self._in_flight: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fluxserve-webhooks", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
+    def wake(self, job: Job | None = None, _kind: object = None) -> None:
+        """A transition in this process wrote deliveries: look now rather than at the next poll."""
+        if job is None or job.webhook:
+            self._wake.set()
+
     def stop(self) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
+        self._stopping.set()
+        self._wake.set()
         self._thread.join(5)
-
-    def on_job_event(self, job_id: str, event: JobEvent) -> None:
-        """Job listener: cheap and non-blocking, called on the worker thread."""
-        if event == "update":
-            return
-        if job_id in self._no_webhook:
-            if event == "completed":
-                self._no_webhook.discard(job_id)
-            return
-        self._push(_Delivery(time.monotonic(), 0, job_id, event))
-
-    def _push(self, delivery: _Delivery) -> None:
-        with self._cond:
-            self._seq += 1
-            delivery.seq = self._seq
-            heapq.heappush(self._queue, delivery)
-            self._cond.notify()
+        # Sends in flight finish (bounded by the timeout); unsent rows stay in the outbox for next time.
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._client.close()
 
     def _run(self) -> None:
-        with httpx.Client(timeout=self._timeout_s, follow_redirects=False) as client:
-            while True:
-                with self._cond:
-                    while not self._stopping and (not self._queue or self._queue[0].due > time.monotonic()):
-                        self._cond.wait(None if not self._queue else max(0.0, self._queue[0].due - time.monotonic()))
-                    if self._stopping:
-                        return
-                    delivery = heapq.heappop(self._queue)
-                try:
-                    self._deliver(client, delivery)
-                except Exception:  # one bad delivery must not stop the others
-                    log.exception("webhook delivery for job %s failed", delivery.job_id)
+        while not self._stopping.is_set():
+            self._wake.clear()
+            try:
+                self._dispatch_due()
+            except StoreUnavailable as exc:
+                log.warning("webhook outbox unavailable: %s", exc.message)
+            except Exception:  # the sender must outlive any one bad row
+                log.exception("webhook sender error")
+            self._wake.wait(self._poll_s)
 
-    def _deliver(self, client: httpx.Client, d: _Delivery) -> None:
-        job = self._store.get_job(d.job_id)
+    def _dispatch_due(self) -> None:
+        now = time.time()
+        with self._lock:
+            free = self._threads - sum(self._in_flight.values())
+        if free <= 0:
+            return
+        for row in self._store.due_deliveries(now, limit=max(free * 4, 50)):
+            with self._lock:
+                if (
+                    self._in_flight[row.receiver] >= self._per_receiver
+                    or sum(self._in_flight.values()) >= self._threads
+                ):
+                    continue
+            # Claimed past the longest a send can take; a sender that dies leaves it to be retried.
+            if not self._store.claim_delivery(row.id, now + self._timeout_s + 30):
+                continue
+            with self._lock:
+                self._in_flight[row.receiver] += 1
+            self._pool.submit(self._send, row)
+
+    def _send(self, row: Any) -> None:
+        try:
+            self._deliver(row)
+        except StoreUnavailable as exc:
+            log.warning("webhook %s: outbox write failed (%s); it is retried after its claim ends", row.msg_id, exc)
+        except Exception:
+            log.exception("webhook %s failed", row.msg_id)
+        finally:
+            with self._lock:
+                self._in_flight[row.receiver] -= 1
+            self._wake.set()
+
+    def _deliver(self, row: Any) -> None:
+        job = self._store.get_job(row.job_id)
         if job is None or not job.webhook:
-            if job is not None and not job.status.is_terminal:
-                self._no_webhook.add(d.job_id)
+            self._store.update_delivery(row.id, state="failed", last_error="job gone", claimed_until=None)
             return
-        if d.event not in job.webhook.get("events", EVENTS):
-            return
-        if d.body is None:
-            if (
-                d.event in ("logs", "output")
-                and time.monotonic() - self._last_sent.get((job.id, d.event), 0) < THROTTLE_S
-            ):
-                return  # a later event (or completed) carries the newer state
+        body: str | None = row.body
+        if body is None:
             rendered = self._render(job)
             if rendered is None:
+                self._store.update_delivery(row.id, state="failed", last_error="nothing to render")
                 return
-            d.body = json.dumps(rendered).encode()
-            self._last_sent[(job.id, d.event)] = time.monotonic()
-            if d.event == "completed":
-                self._last_sent.pop((job.id, "logs"), None)
-                self._last_sent.pop((job.id, "output"), None)
+            body = json.dumps(rendered)
+            self._store.update_delivery(row.id, body=body)
         url = job.webhook["url"]
         try:
             check_webhook_url(url, param="webhook", allow_private=self._allow_private)
-            headers = {"content-type": "application/json", "webhook-id": d.msg_id}
-            secret = self._secret_for(job)
-            if secret:
-                ts = int(time.time())
-                headers |= {"webhook-timestamp": str(ts), "webhook-signature": sign(secret, d.msg_id, ts, d.body)}
-            resp = client.post(url, content=d.body, headers=headers)
-            if resp.status_code < 300:
-                return
-            reason = f"HTTP {resp.status_code}"
         except InvalidInput as exc:
             log.warning("webhook for job %s not sent: %s", job.id, exc.message)
+            self._store.update_delivery(row.id, state="failed", last_error=exc.message, claimed_until=None)
             return
+        data = body.encode()
+        headers = {"content-type": "application/json", "webhook-id": row.msg_id}
+        secret = self._secret_for(job)
+        if secret:
+            ts = int(time.time())
+            headers |= {"webhook-timestamp": str(ts), "webhook-signature": sign(secret, row.msg_id, ts, data)}
+        try:
+            resp = self._client.post(url, content=data, headers=headers)
+            if resp.status_code < 300:
+                self._store.update_delivery(row.id, state="delivered", attempts=row.attempts + 1, claimed_until=None)
+                return
+            reason = f"HTTP {resp.status_code}"
         except httpx.HTTPError as exc:
             reason = type(exc).__name__
-        d.attempt += 1
-        if d.attempt >= self._max_attempts:
-            log.warning("webhook for job %s (%s) gave up after %d attempts: %s", job.id, d.event, d.attempt, reason)
+        attempts = row.attempts + 1
+        if attempts >= self._max_attempts:
+            log.warning("webhook %s for job %s (%s) gave up after %d tries: %s", row.msg_id, job.id, row.event,
+                        attempts, reason)  # fmt: skip
+            self._store.update_delivery(
+                row.id, state="failed", attempts=attempts, last_error=reason, claimed_until=None
+            )
             return
-        d.due = time.monotonic() + self._retry_base_s * 2 ** (d.attempt - 1)
-        self._push(d)
+        due = time.time() + self._retry_base_s * 2 ** (attempts - 1)
+        self._store.update_delivery(row.id, attempts=attempts, last_error=reason, due_at=due, claimed_until=None)

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import InvalidInput, NotFound
 from ..images import fit_megapixel
-from ..jobs import Job, Status
+from ..job import Job, Status
 from ..webhooks import check_webhook_url
 from .deps import Services, ServicesDep, XKeyOwnerDep, idempotency_key
 from .errors import read_json
@@ -115,14 +115,18 @@ async def _create(endpoint: str, request: Request, services: Services, owner: st
     )
     webhook = None
     if body.webhook_url:
-        check_webhook_url(body.webhook_url, param="webhook_url", allow_private=services.settings.allow_private_urls)
+        await services.jobs.run(
+            check_webhook_url, body.webhook_url, param="webhook_url", allow_private=services.settings.allow_private_urls
+        )
         webhook = {"url": body.webhook_url, "events": ["completed"], "secret": body.webhook_secret}
-    inputs.save(services.storage)
+    await services.jobs.run(inputs.save, services.storage)
     echo = {
         "endpoint": endpoint,
         "input": elide_inline_images(body.model_dump(exclude_unset=True, exclude={"webhook_secret"})),
     }
-    job = services.jobs.submit(owner, "bfl", spec, echo, idempotency_key=idempotency_key(request), webhook=webhook)
+    job = await services.jobs.submit(
+        owner, "bfl", spec, echo, idempotency_key=idempotency_key(request), webhook=webhook
+    )
     polling_url = f"{services.settings.base_url}/v1/get_result?id={job.id}"
     mp = round(width * height / 1_000_000, 2)
     response: dict[str, Any] = {
@@ -195,7 +199,7 @@ def render_webhook(services: Services, job: Job) -> dict[str, Any]:
 @router.get("/get_result")
 async def get_result(services: ServicesDep, owner: XKeyOwnerDep, id: str = "") -> Any:
     try:
-        job: Job | None = services.jobs.get(id, owner, dialect="bfl")
+        job: Job | None = await services.jobs.get(id, owner, dialect="bfl")
     except NotFound:
         job = None
     if job is None:

@@ -8,12 +8,13 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from ..auth import Authenticator, bearer_token
-from ..dispatch import Dispatcher
-from ..jobs import Job, JobService
+from ..job import Job
+from ..jobs import JobService
 from ..models import ModelRegistry
 from ..settings import Settings
 from ..storage import LocalStorage
 from ..store import Store
+from ..worker import Dispatcher
 
 
 @dataclass

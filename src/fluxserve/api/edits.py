@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import FormData
 
 from ..errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
-from ..images import MAX_IMAGE_BYTES, MAX_MASK_BYTES, decode_image, fit_megapixel, mask_from_alpha
+from ..images import MAX_IMAGE_BYTES, MAX_MASK_BYTES, decode_image_async, fit_megapixel, mask_from_alpha
 from ..models import ModelSpec
 from ..spec import parse_size
 from .deps import OwnerDep, Services, ServicesDep
@@ -74,10 +74,10 @@ async def edit_image(request: Request, services: ServicesDep, owner: OwnerDep) -
         )
     if len(uploads) > MAX_IMAGES:
         raise InvalidInput(f"At most {MAX_IMAGES} images; got {len(uploads)}.", param="image", code="too_many_images")
-    images = [decode_image(await read_upload(u, param="image"), param="image") for u in uploads]
+    images = [await decode_image_async(await read_upload(u, param="image"), param="image") for u in uploads]
     mask = None
     if form.get("mask") is not None:
-        mask_rgba = decode_image(
+        mask_rgba = await decode_image_async(
             await read_upload(form.get("mask"), param="mask", max_bytes=MAX_MASK_BYTES),
             param="mask",
             max_bytes=MAX_MASK_BYTES,
@@ -118,7 +118,7 @@ async def _run(
         mask=inputs.mask_key,
         **overrides,
     )
-    inputs.save(services.storage)
+    await services.jobs.run(inputs.save, services.storage)
     echo = {**body.model_dump(exclude_none=True), **echo}
     return await run_and_render(request, services, owner, spec, echo, body.response_format, body.quality)
 
@@ -134,7 +134,7 @@ async def image_variation(request: Request, services: ServicesDep, owner: OwnerD
     upload = form.get("image") or form.get("image[]")
     if upload is None:
         raise InvalidInput("Missing required parameter 'image' (one file).", param="image")
-    image = decode_image(await read_upload(upload, param="image"), param="image")
+    image = await decode_image_async(await read_upload(upload, param="image"), param="image")
     model = services.registry.get(body.model or "flux-dev")
     if model.kind != "text2img":
         raise InvalidInput(f"Variations need a text-to-image model such as flux-dev; got {model.name}.", param="model")

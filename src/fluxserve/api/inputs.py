@@ -10,7 +10,7 @@ from PIL import Image
 from starlette.datastructures import UploadFile
 
 from ..errors import InvalidInput, PayloadTooLarge
-from ..images import MAX_IMAGE_BYTES, decode_base64, decode_image, fetch_image_bytes, fit_megapixel
+from ..images import MAX_IMAGE_BYTES, decode_base64, decode_image_async, fetch_image_bytes, fit_megapixel
 from ..models import ModelSpec
 from ..spec import aspect_ratio_size
 from ..storage import Storage
@@ -36,7 +36,7 @@ async def image_from_value(value: str, services: Services, *, param: str) -> Ima
         data = await fetch_image_bytes(value, param=param, allow_private=services.settings.allow_private_urls)
     else:
         data = decode_base64(value, param=param)
-    return decode_image(data, param=param)
+    return await decode_image_async(data, param=param)
 
 
 @dataclass

@@ -15,7 +15,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ClientDisconnected, GenerationFailed
-from ..jobs import Job, Status
+from ..job import Job, Status
 from ..spec import GenerationSpec, parse_size
 from .deps import OwnerDep, Services, ServicesDep, idempotency_key
 from .errors import read_json
@@ -69,17 +69,36 @@ async def create_image(request: Request, services: ServicesDep, owner: OwnerDep)
     echo = body.model_dump(exclude_none=True)
     if body.stream:
         spec = replace(spec, partial_images=body.partial_images or 0)
-        job = services.jobs.submit(owner, "openai", spec, echo, idempotency_key=idempotency_key(request))
+        job = await services.jobs.submit(owner, "openai", spec, echo, idempotency_key=idempotency_key(request))
         return StreamingResponse(
-            _stream_events(services, job, owner, body.quality or "auto"),
+            _stream_events(
+                services, job, owner, body.quality or "auto", cancel_on_disconnect=idempotency_key(request) is None
+            ),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )
     return await run_and_render(request, services, owner, spec, echo, body.response_format, body.quality)
 
 
-async def _stream_events(services: Services, job: Job, owner: str, quality: str) -> AsyncIterator[bytes]:
-    """OpenAI image streaming: partial_image events with previews, then completed (always b64_json)."""
+async def _stream_events(
+    services: Services, job: Job, owner: str, quality: str, *, cancel_on_disconnect: bool
+) -> AsyncIterator[bytes]:
+    """OpenAI image streaming: partial_image events with previews, then completed (always b64_json).
+
+    A client that goes away mid-stream cancels its job, as the synchronous call does (unless the job is
+    shared through an Idempotency-Key). The server cancels this generator then, so nothing here may await.
+    """
+    ended = False
+    try:
+        async for chunk in _stream_job(services, job, owner, quality):
+            yield chunk
+        ended = True
+    finally:
+        if not ended and cancel_on_disconnect:
+            services.jobs.cancel_soon(job.id, owner)
+
+
+async def _stream_job(services: Services, job: Job, owner: str, quality: str) -> AsyncIterator[bytes]:
     spec = job.spec
     common = {"background": "opaque", "output_format": spec.output_format, "quality": quality,
               "size": f"{spec.width}x{spec.height}", "created_at": int(job.created_at)}  # fmt: skip
@@ -87,14 +106,14 @@ async def _stream_events(services: Services, job: Job, owner: str, quality: str)
     async for current in services.jobs.watch(job.id, owner):
         for index, key in enumerate(current.previews[sent:], start=sent):
             event = {"type": "image_generation.partial_image", "partial_image_index": index}
-            yield _sse(event | common, services.storage.open(key).read_bytes())
+            yield _sse(event | common, await services.jobs.run(services.storage.open(key).read_bytes))
         sent = len(current.previews)
         if current.status is Status.SUCCEEDED:
             for out in current.outputs:
                 usage = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
                          "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}}  # fmt: skip
                 event = {"type": "image_generation.completed", "usage": usage}
-                yield _sse(event | common, services.storage.open(out.key).read_bytes())
+                yield _sse(event | common, await services.jobs.run(services.storage.open(out.key).read_bytes))
         elif current.status.is_terminal:
             message = current.error or f"The image generation ended as {current.status.value}."
             yield _sse(
@@ -144,13 +163,13 @@ async def run_and_render(
 ) -> Response:
     """The synchronous OpenAI call: a job like any other, waited on, rendered as an images response."""
     key = idempotency_key(request)
-    job = services.jobs.submit(owner, "openai", spec, echo, idempotency_key=key)
+    job = await services.jobs.submit(owner, "openai", spec, echo, idempotency_key=key)
     while not job.status.is_terminal:
         job = await services.jobs.wait(job.id, owner, timeout=1.0)
         # A client that gave up (a closed chat tab, a timeout) frees the GPU. A job shared through an
         # Idempotency-Key may have another waiter, so it runs on.
         if not job.status.is_terminal and key is None and await request.is_disconnected():
-            services.jobs.cancel(job.id, owner)
+            await services.jobs.cancel(job.id, owner)
             raise ClientDisconnected("The client closed the connection before the images were ready.")
     if job.status is not Status.SUCCEEDED:
         raise GenerationFailed(job.error or f"The image generation ended as {job.status.value}.")
@@ -162,7 +181,8 @@ async def run_and_render(
         "quality": quality or "auto",
         "size": f"{spec.width}x{spec.height}",
     }
-    return _images_response(services, job, body, response_format or "url")
+    # Reading and base64-encoding the images is work for a thread, not the event loop.
+    return await services.jobs.run(_images_response, services, job, body, response_format or "url")
 
 
 def _images_response(services: Services, job: Job, body: dict[str, Any], response_format: str) -> Response:

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import InvalidInput, NotFound
-from ..jobs import Job, Status
+from ..job import Job, Status
 from ..spec import ASPECT_RATIOS
 from ..webhooks import EVENTS, check_webhook_url, owner_secret
 from .deps import OwnerDep, Services, ServicesDep, idempotency_key
@@ -198,19 +198,21 @@ async def _create(request: Request, services: Services, owner: str, name: str, b
     deadline = time.time() + parse_duration(cancel_after, param="Cancel-After") if cancel_after else None
     webhook = None
     if body.webhook:
-        check_webhook_url(body.webhook, param="webhook", allow_private=services.settings.allow_private_urls)
+        await services.jobs.run(
+            check_webhook_url, body.webhook, param="webhook", allow_private=services.settings.allow_private_urls
+        )
         events: list[str] = list(body.webhook_events_filter) if body.webhook_events_filter else list(EVENTS)
         webhook = {"url": body.webhook, "events": events}
-    inputs.save(services.storage)
+    await services.jobs.run(inputs.save, services.storage)
     echo = {"model": f"{OWNER}/{name}", "input": elide_inline_images(body.input), "list_output": list_output}
-    job = services.jobs.submit(
+    job = await services.jobs.submit(
         owner, "replicate", spec, echo,
         idempotency_key=idempotency_key(request), deadline=deadline, webhook=webhook,
     )  # fmt: skip
     if wait_s is not None:
         job = await services.jobs.wait(job.id, owner, timeout=wait_s)
     else:
-        job = services.jobs.get(job.id, owner)
+        job = await services.jobs.get(job.id, owner)
     return JSONResponse(render(services, job), status_code=201)
 
 
@@ -282,25 +284,24 @@ async def create_prediction(request: Request, services: ServicesDep, owner: Owne
     return await _create(request, services, owner, name, body)
 
 
-def _replicate_job(services: Services, job_id: str, owner: str) -> Job:
-    return services.jobs.get(job_id, owner, dialect="replicate")
+async def _replicate_job(services: Services, job_id: str, owner: str) -> Job:
+    return await services.jobs.get(job_id, owner, dialect="replicate")
 
 
 @router.get("/predictions/{job_id}")
 async def get_prediction(job_id: str, services: ServicesDep, owner: OwnerDep) -> dict[str, Any]:
-    return render(services, _replicate_job(services, job_id, owner))
+    return render(services, await _replicate_job(services, job_id, owner))
 
 
 @router.post("/predictions/{job_id}/cancel")
 async def cancel_prediction(job_id: str, services: ServicesDep, owner: OwnerDep) -> dict[str, Any]:
-    _replicate_job(services, job_id, owner)
-    return render(services, services.jobs.cancel(job_id, owner))
+    return render(services, await services.jobs.cancel(job_id, owner, dialect="replicate"))
 
 
 @router.get("/predictions")
 async def list_predictions(services: ServicesDep, owner: OwnerDep, cursor: str | None = None) -> dict[str, Any]:
     before = _decode_cursor(cursor) if cursor else None
-    jobs = services.store.list_jobs(owner, "replicate", before=before, limit=PAGE_SIZE + 1)
+    jobs = await services.jobs.list(owner, "replicate", before=before, limit=PAGE_SIZE + 1)
     page, more = jobs[:PAGE_SIZE], len(jobs) > PAGE_SIZE
     next_url = None
     if more:
@@ -326,7 +327,7 @@ async def webhook_secret(services: ServicesDep, owner: OwnerDep) -> dict[str, st
 @router.get("/predictions/{job_id}/stream")
 async def stream_prediction(job_id: str, services: ServicesDep, owner: OwnerDep) -> StreamingResponse:
     """SSE: `logs` lines as steps finish, `output` per file URL, then `error` and/or `done`."""
-    _replicate_job(services, job_id, owner)
+    await _replicate_job(services, job_id, owner)
 
     async def events() -> AsyncIterator[str]:
         sent_logs = 0

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import InvalidInput
-from ..jobs import Job, Status
+from ..job import Job, Status
 from .deps import OwnerDep, ServicesDep, idempotency_key
 from .errors import read_json
 from .inputs import elide_inline_images, image_and_size
@@ -85,15 +85,15 @@ async def generate(request: Request, services: ServicesDep, owner: OwnerDep) -> 
             "seed": "input.seed",
         },
     )
-    inputs.save(services.storage)
+    await services.jobs.run(inputs.save, services.storage)
     echo = {"model": body.model, "input": elide_inline_images(inp.model_dump(exclude_unset=True))}
-    job = services.jobs.submit(owner, "vmodel", spec, echo, idempotency_key=idempotency_key(request))
+    job = await services.jobs.submit(owner, "vmodel", spec, echo, idempotency_key=idempotency_key(request))
     return {"id": job.id}
 
 
 @router.get("/feed/{job_id}")
 async def feed(job_id: str, services: ServicesDep, owner: OwnerDep) -> dict[str, Any]:
-    job = services.jobs.get(job_id, owner, dialect="vmodel")
+    job = await services.jobs.get(job_id, owner, dialect="vmodel")
     return render(job, services.output_urls(job) if job.status is Status.SUCCEEDED else None)
 
 

@@ -1,0 +1,127 @@
+"""Job, Status, Output and job events: plain data, no store, no I/O."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from .spec import GenerationSpec
+
+_ID_ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
+
+
+def new_job_id() -> str:
+    """26 random base32 characters (130 bits), the shape of the seed's ids."""
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(26))
+
+
+class Status(StrEnum):
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+    ABORTED = "aborted"  # its Cancel-After deadline passed before it started
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (Status.SUCCEEDED, Status.FAILED, Status.CANCELED, Status.ABORTED)
+
+    @property
+    def public(self) -> str:
+        """The lifecycle name the seed and Replicate use (queued jobs are 'starting')."""
+        return "starting" if self is Status.QUEUED else self.value
+
+
+class EventKind(StrEnum):
+    """One row in job_events per transition; watchers and webhooks read these."""
+
+    SUBMITTED = "submitted"
+    STARTED = "started"
+    PROGRESS = "progress"
+    PREVIEW = "preview"
+    CANCEL_REQUESTED = "cancel_requested"
+    REQUEUED = "requeued"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+    ABORTED = "aborted"
+
+    @property
+    def is_ending(self) -> bool:
+        return self in (EventKind.SUCCEEDED, EventKind.FAILED, EventKind.CANCELED, EventKind.ABORTED)
+
+
+# Replicate's webhook event names, the only ones with deliveries, for each transition.
+WEBHOOK_EVENTS: dict[EventKind, tuple[str, ...]] = {
+    EventKind.STARTED: ("start",),
+    EventKind.PROGRESS: ("logs",),
+    EventKind.SUCCEEDED: ("output", "completed"),
+    EventKind.FAILED: ("completed",),
+    EventKind.CANCELED: ("completed",),
+    EventKind.ABORTED: ("completed",),
+}
+ALL_WEBHOOK_EVENTS = ("start", "output", "logs", "completed")
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    id: int
+    job_id: str
+    attempt: int
+    kind: EventKind
+    payload: dict[str, Any]
+    at: float
+
+
+@dataclass(frozen=True)
+class Output:
+    key: str
+    seed: int
+    width: int
+    height: int
+    format: str
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    owner: str
+    dialect: str
+    spec: GenerationSpec
+    request: dict[str, Any]
+    status: Status = Status.QUEUED
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    completed_at: float | None = None
+    attempts: int = 0  # the fencing token: the claim that may write this job's result
+    worker_id: str | None = None
+    lease_expires_at: float | None = None
+    cancel_requested: bool = False
+    progress_done: int = 0
+    progress_total: int = 0
+    outputs: tuple[Output, ...] = ()
+    error: str | None = None
+    queue_position: int | None = None
+    deadline: float | None = None
+    webhook: dict[str, Any] | None = None  # {"url", "events", "secret"?}
+    idempotency_key: str | None = None
+    fingerprint: str | None = None
+    previews: tuple[str, ...] = ()  # storage keys of in-progress previews, oldest first
+
+    @property
+    def progress(self) -> float:
+        if self.status is Status.SUCCEEDED:
+            return 1.0
+        return self.progress_done / self.progress_total if self.progress_total else 0.0
+
+    def log_lines(self) -> list[str]:
+        """Progress as log lines, for dialects (Replicate) that report it as logs."""
+        lines = [f"Using seed: {self.spec.seed}"]
+        if self.started_at is not None:
+            lines.append(f"Running {self.spec.model} at {self.spec.width}x{self.spec.height}, {self.spec.steps} steps")
+        lines += [f"step {i}/{self.progress_total}" for i in range(1, self.progress_done + 1)]
+        return lines

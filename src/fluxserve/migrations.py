@@ -1,0 +1,94 @@
+"""Numbered schema migrations, applied by `fluxserve db upgrade` (and by `serve` on embedded SQLite).
+
+A small table of numbered steps rather than Alembic: the schema is SQLAlchemy Core, every step so far
+is additive, and the same code must run on SQLite and PostgreSQL without shipping an Alembic
+environment in the wheel. Each step checks what exists, so a database made before versioning
+(tables created by `create_all`, columns added ad hoc) upgrades to the same shape as a new one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from sqlalchemy import Column, Float, Integer, MetaData, String, Table, inspect, select, text
+from sqlalchemy.engine import Connection, Engine
+
+from . import store
+
+_versions = MetaData()
+schema_migrations = Table(
+    "schema_migrations",
+    _versions,
+    Column("version", Integer, primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("applied_at", Float, nullable=False),
+)
+
+
+def _add_missing_columns(conn: Connection, table: Table) -> None:
+    have = {c["name"] for c in inspect(conn).get_columns(table.name)}
+    for col in table.columns:
+        if col.name in have:
+            continue
+        ddl = col.type.compile(dialect=conn.dialect)
+        default = " NOT NULL DEFAULT '[]'" if col.name in ("previews", "outputs") else ""
+        conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {col.name} {ddl}{default}"))
+
+
+def _baseline(conn: Connection) -> None:
+    store.metadata.create_all(conn, tables=[store.jobs, store.api_keys])
+    _add_missing_columns(conn, store.jobs)
+
+
+def _leases_events_outbox(conn: Connection) -> None:
+    _add_missing_columns(conn, store.jobs)  # worker_id, lease_expires_at
+    store.metadata.create_all(conn, tables=[store.job_events, store.webhook_deliveries])
+
+
+MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
+    (1, "jobs and api keys", _baseline),
+    (2, "worker leases, job events, webhook outbox", _leases_events_outbox),
+]
+LATEST = MIGRATIONS[-1][0]
+
+
+def current_version(engine: Engine) -> int:
+    with engine.connect() as conn:
+        if not inspect(conn).has_table(schema_migrations.name):
+            return 0
+        value = conn.execute(select(schema_migrations.c.version).order_by(schema_migrations.c.version.desc())).first()
+    return int(value[0]) if value else 0
+
+
+def upgrade(engine: Engine) -> list[str]:
+    """Apply the missing steps, each in its own transaction; returns what was applied."""
+    _versions.create_all(engine)
+    applied = []
+    for version, name, step in MIGRATIONS:
+        with engine.begin() as conn:
+            done = conn.execute(select(schema_migrations.c.version).where(schema_migrations.c.version == version))
+            if done.first() is not None:
+                continue
+            step(conn)
+            conn.execute(schema_migrations.insert().values(version=version, name=name, applied_at=time.time()))
+        applied.append(f"{version}: {name}")
+    return applied
+
+
+class SchemaOutOfDate(RuntimeError):
+    pass
+
+
+def open_store(url: str, *, upgrade_embedded: bool = True) -> store.Store:
+    """A Store whose schema is current: embedded SQLite is upgraded in place, others must be upgraded first."""
+    st = store.Store(url)
+    if st.is_sqlite and upgrade_embedded:
+        upgrade(st.engine)
+    elif current_version(st.engine) < LATEST:
+        st.close()
+        raise SchemaOutOfDate(
+            f"The database schema is at version {current_version(st.engine)}, this fluxserve needs {LATEST}: "
+            "run `fluxserve db upgrade --database ...` first."
+        )
+    return st

@@ -1,0 +1,466 @@
+"""DeviceWorker: the one loop that owns a device's pipelines. WorkerPool: one per device, one face to the app.
+
+A worker claims a job under a lease (JobService), renews the lease from a heartbeat thread, runs
+the engine, stores the images and completes the job with a fenced write. It outlives every error
+of a job, the store and the storage: store errors are retried with backoff while ``/health`` says
+``degraded``, and the job is ended or given back, never left processing.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal, Protocol, TypeVar
+
+from PIL import Image, UnidentifiedImageError
+
+from .engine.base import Cancelled, Engine, EngineRequest
+from .errors import FluxServeError, OutOfMemory, StoreUnavailable
+from .job import Job, Output
+from .jobs import JobService
+from .models import ModelRegistry
+from .outputs import EXTENSIONS, encode_image
+from .storage import Storage
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+WorkerState = Literal["loading", "ready", "error", "stopped"]
+STORE_RETRY_MAX_S = 5.0
+STORAGE_FAILED = "The server could not store the image"
+
+
+class Dispatcher(Protocol):
+    """What the app uses of its workers."""
+
+    @property
+    def state(self) -> WorkerState: ...
+    @property
+    def load_error(self) -> str | None: ...
+    @property
+    def degraded(self) -> str | None: ...
+
+    def start(self) -> None: ...
+    def wake(self) -> None: ...
+    def stop(self, timeout: float = 10.0) -> None: ...
+    def loaded_models(self) -> list[str]: ...
+    def engine_info(self) -> dict[str, Any]: ...
+
+
+class _ShuttingDown(Exception):
+    pass
+
+
+def new_worker_id(device: str) -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{device}:{secrets.token_hex(3)}"
+
+
+class DeviceWorker:
+    """The only caller of its engine: pipelines are never called concurrently."""
+
+    def __init__(
+        self,
+        jobs: JobService,
+        storage: Storage,
+        engine: Engine,
+        registry: ModelRegistry,
+        *,
+        max_batch: int = 1,
+        batch_max_pixels: int = 320 * 320,
+        png_compress_level: int = 1,
+        maintenance_s: float = 1.0,
+    ) -> None:
+        self._jobs = jobs
+        self._storage = storage
+        self._engine = engine
+        self._registry = registry
+        self._max_batch = max_batch
+        self._png_level = png_compress_level
+        self._batch_max_pixels = batch_max_pixels
+        self._maintenance_s = maintenance_s
+        self.worker_id = new_worker_id(str(getattr(engine, "device", "cpu")))
+        # On an accelerator, encoding and writing the images runs beside the next job's denoising: a
+        # 1024x1024 PNG takes a good part of a schnell image's time. At most two batches wait for it.
+        # On CPU the encoder would take cores from torch's threads (measured: 0.85x throughput at
+        # 1024x1024 on 2 cores), so there it runs inline.
+        self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fluxserve-encode")
+        self._overlap_encoding = False
+        self._encode_slots = threading.Semaphore(2)
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._heartbeat_stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._heartbeat: threading.Thread | None = None
+        # Jobs this worker holds a lease on (the running batch and batches waiting for the encoder).
+        self._held: dict[str, Job] = {}
+        self._lost: set[str] = set()
+        self._held_lock = threading.Lock()
+        self._last_maintenance = 0.0
+        self.state: WorkerState = "loading"
+        self.load_error: str | None = None
+        self.degraded: str | None = None
+        # In a pool, a worker whose models failed to load leaves jobs to the healthy ones.
+        self.others_healthy: Callable[[], bool] = lambda: False
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="fluxserve-worker", daemon=True)
+        self._thread.start()
+        self._heartbeat = threading.Thread(target=self._renew_leases, name="fluxserve-heartbeat", daemon=True)
+        self._heartbeat.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def begin_stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.begin_stop()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._encoder.shutdown(wait=True)  # generated images are written before the store closes
+        self._heartbeat_stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout)
+        self.state = "stopped"
+
+    def loaded_models(self) -> list[str]:
+        return self._engine.loaded_models() if self.state == "ready" else []
+
+    def engine_info(self) -> dict[str, Any]:
+        info = getattr(self._engine, "info", None)
+        return info() if info is not None and self.state == "ready" else {}
+
+    # -- the loop -------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._engine.load()
+            self._overlap_encoding = not str(getattr(self._engine, "device", "cpu")).startswith("cpu")
+            self.state = "ready"
+        except Exception as exc:  # a bad weights path must not kill the server: health shows it, jobs fail
+            log.exception("loading models failed")
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            self.state = "error"
+        backoff = 0.25
+        while not self._stopping.is_set():
+            try:
+                job = self._next_job()
+            except StoreUnavailable as exc:
+                self._degrade(exc.message)
+                self._wake.wait(backoff)
+                backoff = min(backoff * 2, STORE_RETRY_MAX_S)
+                continue
+            except Exception:  # the loop must outlive anything a job or the store throws
+                log.exception("worker loop error")
+                self._wake.wait(1.0)
+                continue
+            self._recovered()
+            backoff = 0.25
+            if job is None:
+                self._wake.wait(timeout=self._maintenance_s)
+                self._wake.clear()
+                continue
+            self._run_batch(self._batch_for(job))
+
+    def _next_job(self) -> Job | None:
+        now = time.monotonic()
+        if now - self._last_maintenance >= self._maintenance_s:
+            self._last_maintenance = now
+            self._jobs.expire()
+        if self.state == "error" and self.others_healthy():
+            return None
+        return self._jobs.claim(self.worker_id)
+
+    def _degrade(self, reason: str) -> None:
+        if self.degraded is None:
+            log.warning("worker %s degraded: %s", self.worker_id, reason)
+        self.degraded = reason
+
+    def _recovered(self) -> None:
+        if self.degraded is not None:
+            log.warning("worker %s recovered from: %s", self.worker_id, self.degraded)
+        self.degraded = None
+
+    def _store(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """A store write the job's outcome depends on: retried with backoff until it is made.
+
+        Gives up only when stopping; the job's lease then runs out and another claim re-runs it.
+        """
+        backoff = 0.25
+        while True:
+            try:
+                result = fn(*args, **kwargs)
+                self._recovered()
+                return result
+            except StoreUnavailable as exc:
+                self._degrade(exc.message)
+                if self._stopping.wait(backoff):
+                    raise
+                backoff = min(backoff * 2, STORE_RETRY_MAX_S)
+
+    def _renew_leases(self) -> None:
+        """Heartbeat: leases stay fresh through long steps, model loads and image encoding."""
+        interval = max(0.05, self._jobs.lease_s / 4)
+        while not self._heartbeat_stop.wait(interval):
+            with self._held_lock:
+                held = list(self._held.values())
+            if not held:
+                continue
+            try:
+                kept = self._jobs.renew(held, self.worker_id)
+            except StoreUnavailable as exc:
+                self._degrade(exc.message)
+                continue
+            with self._held_lock:
+                lost = ({j.id for j in held} - kept) & set(self._held)  # finished meanwhile is not lost
+                self._lost |= lost
+            for job_id in lost:
+                log.warning("worker %s lost its lease on job %s", self.worker_id, job_id)
+
+    def _hold(self, batch: list[Job]) -> None:
+        with self._held_lock:
+            self._held.update((j.id, j) for j in batch)
+
+    def _release(self, job: Job) -> None:
+        with self._held_lock:
+            self._held.pop(job.id, None)
+            self._lost.discard(job.id)
+
+    # -- one batch --------------------------------------------------------------
+
+    def _batch_for(self, job: Job) -> list[Job]:
+        """The claimed job plus compatible queued ones, never waiting for more to arrive."""
+        spec = job.spec
+        small = spec.width * spec.height <= self._batch_max_pixels
+        if not small or self._max_batch <= spec.num_images or spec.task != "text2img":
+            return [job]
+        try:
+            return [job, *self._jobs.claim_compatible(job, self.worker_id, self._max_batch)]
+        except StoreUnavailable:
+            return [job]
+
+    def _end(self, job: Job, outcome: Callable[[Job], bool]) -> None:
+        """Write a job's end (fenced); a refused write means another claim owns it now."""
+        try:
+            if not self._store(outcome, job):
+                log.warning("job %s: result not recorded, the claim was taken from worker %s", job.id, self.worker_id)
+        finally:
+            self._release(job)
+
+    def _run_batch(self, batch: list[Job]) -> None:
+        self._hold(batch)
+        if self.state == "error":
+            self._fail(batch, f"The model failed to load: {self.load_error}")
+            return
+        dropped: set[str] = set()  # canceled, past their deadline or no longer this worker's
+
+        def on_step(done: int, total: int, previews: list[Image.Image] | None) -> None:
+            if self._stopping.is_set():
+                raise _ShuttingDown
+            self._drop_stopped(batch, dropped)
+            if len(dropped) == len(batch):
+                raise Cancelled
+            offset = 0
+            for job in batch:
+                if job.id not in dropped:
+                    self._report_progress(job, done, total, previews, offset, dropped)
+                offset += job.spec.num_images
+
+        try:
+            self._drop_stopped(batch, dropped)
+            if len(dropped) == len(batch):
+                raise Cancelled
+            requests = [
+                EngineRequest(
+                    job.spec,
+                    images=[self._load_input(key) for key in job.spec.images],
+                    mask=self._load_input(job.spec.mask) if job.spec.mask else None,
+                )
+                for job in batch
+            ]
+            results = self._engine.generate(requests, on_step)
+            self._encode_slots.acquire()
+            # Once stopping, the encoder may already be shut down: finish here.
+            if self._overlap_encoding and not self._stopping.is_set():
+                self._encoder.submit(self._finish_batch, batch, results, dropped)
+            else:
+                self._finish_batch(batch, results, dropped)
+        except Cancelled:
+            for job in batch:
+                self._end_dropped(job)
+        except _ShuttingDown:
+            # A clean stop is not the job's fault: give the attempt back and run it after restart.
+            for job in batch:
+                self._end(job, lambda j: self._jobs.requeue(j, "shutdown", give_back_attempt=True))
+            log.info("jobs %s re-queued by shutdown", [j.id for j in batch])
+        except OutOfMemory as exc:
+            if len(batch) > 1:
+                # Batching is ours, not the clients': each job gets its own try at its own size.
+                log.warning("batch of %d jobs ran out of memory; running them one by one", len(batch))
+                for job in batch:
+                    self._run_batch([job])
+                return
+            self._fail(batch, exc.message)
+        except (OSError, UnidentifiedImageError) as exc:  # an input file gone or unreadable
+            log.exception("jobs %s: reading inputs failed", [j.id for j in batch])
+            self._fail(batch, f"The server could not read the input images: {exc}")
+        except FluxServeError as exc:
+            self._fail(batch, exc.message)
+        except Exception as exc:  # the worker must outlive any one job
+            log.exception("jobs %s failed", [j.id for j in batch])
+            self._fail(batch, f"Generation failed: {type(exc).__name__}: {exc}")
+
+    def _fail(self, batch: list[Job], message: str) -> None:
+        for job in batch:
+            self._end(job, lambda j: self._jobs.fail(j, message))
+
+    def _drop_stopped(self, batch: list[Job], dropped: set[str]) -> None:
+        """Jobs to stop working on: canceled, past their Cancel-After deadline, or whose lease was lost."""
+        with self._held_lock:
+            dropped |= self._lost & {j.id for j in batch}
+        for job in batch:
+            if job.id in dropped:
+                continue
+            try:
+                canceled = self._jobs.is_cancel_requested(job.id)
+            except StoreUnavailable as exc:  # unknown for now: run on, look again next step
+                self._degrade(exc.message)
+                continue
+            if canceled or (job.deadline is not None and time.time() > job.deadline):
+                dropped.add(job.id)
+
+    def _end_dropped(self, job: Job) -> None:
+        with self._held_lock:
+            lost = job.id in self._lost
+        if lost:
+            self._release(job)
+        else:
+            self._end(job, self._jobs.finish_canceled)
+
+    def _report_progress(
+        self,
+        job: Job,
+        done: int,
+        total: int,
+        previews: list[Image.Image] | None,
+        offset: int,
+        dropped: set[str],
+    ) -> None:
+        """Progress is best effort: while the store is unavailable the job runs on without it."""
+        try:
+            for i, preview in enumerate((previews or [])[offset : offset + job.spec.num_images]):
+                key = f"{job.id}/preview-{done}-{i}.png"
+                buf = io.BytesIO()
+                preview.save(buf, format="PNG", compress_level=1)
+                self._storage.put(key, buf.getvalue())
+                self._jobs.add_preview(job, key)
+            if not self._jobs.progress(job, done, total):
+                with self._held_lock:
+                    self._lost.add(job.id)
+                dropped.add(job.id)
+        except StoreUnavailable as exc:
+            self._degrade(exc.message)
+        except OSError as exc:  # a preview that could not be written is skipped, the image is not
+            log.warning("job %s: preview not stored: %s", job.id, exc)
+
+    def _finish_batch(self, batch: list[Job], results: list[list[Image.Image]], dropped: set[str]) -> None:
+        """Each job's images encoded, stored and the job completed (on the encoder thread on a GPU)."""
+        try:
+            for job, images in zip(batch, results, strict=True):
+                if job.id in dropped:  # dropped mid-batch: the others' call ran on, its images are not kept
+                    self._end_dropped(job)
+                    continue
+                try:
+                    outputs = self._save_outputs(job, images)
+                except OSError as exc:  # disk full, permissions: this job fails, the worker goes on
+                    log.error("job %s: storing the images failed: %s", job.id, exc)
+                    self._fail([job], f"{STORAGE_FAILED} ({exc.strerror or type(exc).__name__}).")
+                    continue
+                except Exception as exc:
+                    log.exception("job %s: encoding the images failed", job.id)
+                    self._fail([job], f"{STORAGE_FAILED}: {type(exc).__name__}: {exc}")
+                    continue
+                self._end(job, lambda j, o=outputs: self._jobs.complete(j, o))  # type: ignore[misc]
+        except StoreUnavailable:
+            log.warning("stopping with jobs %s unrecorded; their leases will expire", [j.id for j in batch])
+            for job in batch:
+                self._release(job)
+        finally:
+            self._encode_slots.release()
+
+    def _load_input(self, key: str) -> Image.Image:
+        with Image.open(self._storage.open(key)) as img:
+            img.load()
+            return img
+
+    def _save_outputs(self, job: Job, images: list[Image.Image]) -> list[Output]:
+        spec = job.spec
+        model = self._registry.get(spec.model)
+        outputs = []
+        for i, (image, seed) in enumerate(zip(images, spec.image_seeds(), strict=True)):
+            key = f"{job.id}/out-{i}.{EXTENSIONS[spec.output_format]}"
+            meta: dict[str, object] = {"prompt": spec.prompt, "seed": seed, "model": model.label, "steps": spec.steps}
+            if spec.guidance is not None:
+                meta["guidance"] = spec.guidance
+            data = encode_image(image, spec.output_format, spec.quality, meta, png_compress_level=self._png_level)
+            self._storage.put(key, data)
+            outputs.append(Output(key, seed, image.width, image.height, spec.output_format))
+        return outputs
+
+
+class WorkerPool:
+    """One DeviceWorker per device, all claiming from the same queue; one Dispatcher to the app."""
+
+    def __init__(self, workers: Sequence[DeviceWorker]) -> None:
+        self.workers = list(workers)
+        for w in self.workers:
+            w.others_healthy = lambda w=w: any(o.state in ("loading", "ready") for o in self.workers if o is not w)  # type: ignore[misc]
+
+    @property
+    def state(self) -> WorkerState:
+        states = [w.state for w in self.workers]
+        if "ready" in states and "loading" not in states:
+            return "ready"
+        if "loading" in states:
+            return "loading"
+        return "error" if "error" in states else "stopped"
+
+    @property
+    def load_error(self) -> str | None:
+        errors = [f"{i}: {w.load_error}" for i, w in enumerate(self.workers) if w.load_error]
+        return "; ".join(errors) or None
+
+    @property
+    def degraded(self) -> str | None:
+        reasons = sorted({w.degraded for w in self.workers if w.degraded})
+        return "; ".join(reasons) or None
+
+    def start(self) -> None:
+        for w in self.workers:
+            w.start()
+
+    def wake(self) -> None:
+        for w in self.workers:
+            w.wake()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for w in self.workers:
+            w.begin_stop()
+        for w in self.workers:
+            w.stop(timeout)
+
+    def loaded_models(self) -> list[str]:
+        return sorted({m for w in self.workers for m in w.loaded_models()})
+
+    def engine_info(self) -> dict[str, Any]:
+        infos = [w.engine_info() | {"state": w.state} for w in self.workers]
+        return infos[0] if len(infos) == 1 else {"workers": infos}
