@@ -103,7 +103,7 @@ def test_cancel_one_job_of_a_batch(settings: Settings) -> None:
             assert time.time() < deadline
             time.sleep(0.02)
         services: Services = client.app.state.services  # type: ignore[attr-defined]
-        services.jobs.cancel(drop, owner="env_" + hash_key(API_KEY)[:12])
+        services.jobs.cancel_sync(drop, owner="env_" + hash_key(API_KEY)[:12])
         assert _wait_feed(client, keep)["status"] == "succeeded"
         dropped = _wait_feed(client, drop)
         assert dropped["status"] == "failed" and dropped["error"] == "canceled" and dropped["output"] is None
@@ -175,7 +175,7 @@ def test_a_worker_that_failed_to_load_leaves_jobs_to_the_others(settings: Settin
 
 
 def test_encoding_runs_beside_the_next_generation(settings: Settings, monkeypatch: Any) -> None:
-    import fluxserve.dispatch as dispatch
+    import fluxserve.worker as dispatch
 
     real_encode = dispatch.encode_image
     calls_at: list[float] = []

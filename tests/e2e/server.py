@@ -33,8 +33,12 @@ class RemoteServer:
         demo_model: Path | None = None,
         port: int | None = None,
         extra_args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+        wrap: tuple[str, ...] = (),
     ) -> None:
         self.extra_args = extra_args
+        self.extra_env = env or {}
+        self.wrap = wrap  # a command the server runs under (unshare for a private tmpfs)
         self.data_dir = data_dir
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -53,6 +57,8 @@ class RemoteServer:
             env["FLUXSERVE_API_KEY"] = self.api_key
         cmd = [FLUXSERVE, "serve", "--demo", "--host", "127.0.0.1", "--port", str(self.port)]
         cmd += ["--data-dir", str(self.data_dir), *self.extra_args]
+        env |= self.extra_env
+        cmd = [*self.wrap, *cmd]
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + timeout
