@@ -25,7 +25,8 @@ def start_server(data_dir: Path, port: int, *extra: str) -> subprocess.Popen[byt
     env = {**os.environ, "FLUXSERVE_API_KEY": KEY, "HF_HUB_OFFLINE": "1"}
     exe = str(Path(sys.executable).with_name("fluxserve"))
     cmd = [exe, "serve", "--demo", "--port", str(port), "--data-dir", str(data_dir), *extra]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = open(data_dir.parent / "server.log", "wb")  # noqa: SIM115 - the process owns it
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 300
     while time.time() < deadline:
         try:

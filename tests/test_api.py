@@ -11,9 +11,9 @@ from PIL import Image
 
 from fluxserve.app import create_app
 from fluxserve.auth import create_key
+from fluxserve.migrations import open_store
 from fluxserve.models import ModelRegistry
 from fluxserve.settings import Settings
-from fluxserve.migrations import open_store
 from tests.conftest import AUTH
 from tests.fakes import FakeEngine
 

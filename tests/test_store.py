@@ -42,7 +42,7 @@ def test_claim_order_complete_and_events(tmp_path: Path) -> None:
     assert claimed is not None and claimed.id == a.id
     assert claimed.status is Status.PROCESSING and claimed.attempts == 1 and claimed.worker_id == "w1"
     assert claimed.lease_expires_at is not None and claimed.lease_expires_at > time.time()
-    assert jobs.progress(claimed, 2, 4)
+    assert jobs.progress([claimed], 2, 4)[0] is not None
     assert jobs.complete(claimed, [Output(f"{a.id}/out-0.png", 1, 256, 256, "png")])
     got = jobs.get_sync(a.id, "o")
     assert got.status is Status.SUCCEEDED and got.progress_done == 2 and got.outputs[0].seed == 1
@@ -63,7 +63,7 @@ def test_a_worker_whose_lease_was_taken_cannot_complete_or_fail(tmp_path: Path) 
     fresh = jobs.claim("w2")
     assert fresh is not None and fresh.attempts == 2 and fresh.worker_id == "w2"
     out = [Output(f"{job.id}/out-0.png", 1, 256, 256, "png")]
-    assert not jobs.progress(stale, 1, 4)
+    assert jobs.progress([stale], 1, 4) == [None]
     assert not jobs.complete(stale, out)
     assert not jobs.fail(stale, "boom")
     assert not jobs.requeue(stale, "shutdown", give_back_attempt=True)
@@ -147,7 +147,7 @@ def test_webhook_deliveries_are_written_with_the_transition_and_throttled(tmp_pa
     claimed = jobs.claim("w1")
     assert claimed is not None
     for step in range(1, 5):
-        jobs.progress(claimed, step, 4)
+        jobs.progress([claimed], step, 4)
     jobs.complete(claimed, [])
     rows = jobs.store.deliveries(job.id)
     # One pending logs delivery carries every step (it renders when sent); no output event was asked for.

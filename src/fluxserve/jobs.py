@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 from .errors import Conflict, NotFound
 from .job import EventKind, Job, Output, Status, new_job_id
 from .spec import GenerationSpec
-from .store import Store, outputs_json
+from .store import Fence, Store, outputs_json
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -34,7 +34,7 @@ POLL_S = 0.5  # how often a watcher looks for events written by other processes
 
 
 class JobService:
-    def __init__(self, store: Store, *, max_attempts: int = 2, lease_s: float = 20.0, threads: int = 32) -> None:
+    def __init__(self, store: Store, *, max_attempts: int = 2, lease_s: float = 20.0, threads: int = 4) -> None:
         self.store = store
         self.max_attempts = max_attempts
         self.lease_s = lease_s
@@ -119,28 +119,26 @@ class JobService:
 
     def claim(self, worker_id: str, models: set[str] | None = None) -> Job | None:
         """The oldest queued job this worker serves, now processing under its lease."""
-        for candidate in self.store.queued(limit=16):
-            if models is not None and candidate.spec.model not in models:
-                continue
-            job = self.store.claim(candidate.id, worker_id, self.lease_s)
-            if job is not None:
-                return self._changed(job, EventKind.STARTED)
-        return None
+        ids = [job_id for job_id, model, _ in self.store.queued(limit=16) if models is None or model in models]
+        claimed = self.store.claim(ids, worker_id, self.lease_s, first_only=True) if ids else []
+        for job in claimed:
+            self._changed(job, EventKind.STARTED)
+        return claimed[0] if claimed else None
 
     def claim_compatible(self, first: Job, worker_id: str, max_images: int) -> list[Job]:
         """Queued jobs that can share ``first``'s pipeline call, oldest first, up to max_images in all."""
         key = first.spec.batch_key()
         budget = max_images - first.spec.num_images
-        claimed: list[Job] = []
-        for candidate in self.store.queued(limit=64, model=first.spec.model):
+        ids: list[str] = []
+        for job_id, _, spec in self.store.queued(limit=64, model=first.spec.model):
             if budget <= 0:
                 break
-            if candidate.spec.batch_key() != key or candidate.spec.num_images > budget:
-                continue
-            job = self.store.claim(candidate.id, worker_id, self.lease_s)
-            if job is not None:
-                budget -= job.spec.num_images
-                claimed.append(self._changed(job, EventKind.STARTED) or job)
+            if spec.batch_key() == key and spec.num_images <= budget:
+                budget -= spec.num_images
+                ids.append(job_id)
+        claimed = self.store.claim(ids, worker_id, self.lease_s, first_only=False) if ids else []
+        for job in claimed:
+            self._changed(job, EventKind.STARTED)
         return claimed
 
     def _fenced(
@@ -165,10 +163,17 @@ class JobService:
             kind,
         )
 
-    def progress(self, job: Job, done: int, total: int) -> bool:
-        """False: this claim is no longer the job's (lease lost), so its worker must stop."""
+    def progress(self, batch: list[Job], done: int, total: int) -> list[Job | None]:
+        """Step ``done`` of ``total`` for each job of a batch, in one transaction. A job comes back as it is
+        now (its ``cancel_requested`` is fresh), or None where this claim is no longer the job's (lease lost)."""
+        fences = [Fence(j.id, j.attempts, j.worker_id) for j in batch]
         values = {"progress_done": done, "progress_total": total}
-        return self._fenced(job, EventKind.PROGRESS, values, {"step": done, "total": total}) is not None
+        payload = {"step": done, "total": total}
+        now = self.store.transition_many(fences, EventKind.PROGRESS, expect=[Status.PROCESSING], values=values,
+                                         payload=payload)  # fmt: skip
+        for job in now:
+            self._changed(job, EventKind.PROGRESS)
+        return now
 
     def add_preview(self, job: Job, key: str) -> bool:
         def values(current: Job) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -114,6 +115,18 @@ webhook_deliveries = Table(
     Column("created_at", Float, nullable=False),
     Index("ix_webhook_deliveries_state_due", "state", "due_at"),
 )
+
+Values = dict[str, Any] | Callable[[Job], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Fence:
+    """Which claim may change a job: its id, and when given, the attempt number and the worker holding it."""
+
+    job_id: str
+    attempt: int | None = None
+    worker_id: str | None = None
+
 
 THROTTLE_S = 0.5  # Replicate sends logs and output events at most this often per job
 
@@ -242,12 +255,14 @@ class Store:
             ).all()
         return [_to_job(r) for r in rows]
 
-    def queued(self, limit: int, model: str | None = None) -> list[Job]:
-        query = select(jobs).where(jobs.c.status == Status.QUEUED.value)
+    def queued(self, limit: int, model: str | None = None) -> list[tuple[str, str, GenerationSpec]]:
+        """(id, model, spec) of the oldest queued jobs: what a worker needs to choose, without whole rows."""
+        query = select(jobs.c.id, jobs.c.model, jobs.c.spec).where(jobs.c.status == Status.QUEUED.value)
         if model is not None:
             query = query.where(jobs.c.model == model)
         with self._read() as conn:
-            return [_to_job(r) for r in conn.execute(query.order_by(jobs.c.created_at).limit(limit))]
+            rows = conn.execute(query.order_by(jobs.c.created_at).limit(limit)).all()
+        return [(r.id, r.model, GenerationSpec.from_dict(json.loads(r.spec))) for r in rows]
 
     # jobs: writes (JobService only) ----------------------------------------
 
@@ -269,7 +284,7 @@ class Store:
         kind: EventKind,
         *,
         expect: Iterable[Status],
-        values: dict[str, Any] | Callable[[Job], dict[str, Any]],
+        values: Values,
         attempt: int | None = None,
         worker_id: str | None = None,
         payload: dict[str, Any] | None = None,
@@ -279,24 +294,18 @@ class Store:
 
         The event row and any webhook deliveries are written in the same transaction. None: refused.
         """
-        cond = [jobs.c.id == job_id, jobs.c.status.in_([s.value for s in expect])]
-        if attempt is not None:
-            cond.append(jobs.c.attempts == attempt)
-        if worker_id is not None:
-            cond.append(jobs.c.worker_id == worker_id)
-        if lease_before is not None:  # only if the lease is still expired (its worker may have renewed it)
-            cond.append(jobs.c.lease_expires_at < lease_before)
+        fence = Fence(job_id, attempt, worker_id)
         with self._write() as conn:
-            if callable(values):  # computed from the row as it is inside this transaction
-                row = conn.execute(select(jobs).where(and_(*cond))).first()
-                if row is None:
-                    return None
-                values = values(_to_job(row))
-            if conn.execute(update(jobs).where(and_(*cond)).values(**values)).rowcount != 1:
-                return None
-            job = _to_job(conn.execute(select(jobs).where(jobs.c.id == job_id)).one())
-            _append_event(conn, job, kind, payload or {})
-        return job
+            return _transition(conn, fence, kind, list(expect), values, payload or {}, lease_before)
+
+    def transition_many(
+        self, fences: list[Fence], kind: EventKind, *, expect: Iterable[Status], values: Values,
+        payload: dict[str, Any] | None = None,
+    ) -> list[Job | None]:  # fmt: skip
+        """The same transition for several jobs (a batch) in one transaction."""
+        statuses = list(expect)
+        with self._write() as conn:
+            return [_transition(conn, f, kind, statuses, values, payload or {}, None) for f in fences]
 
     def request_cancel(self, job_id: str) -> Job | None:
         """Flag a job for cancellation; a queued one is canceled at once. None: it had already ended."""
@@ -317,22 +326,27 @@ class Store:
             _append_event(conn, job, EventKind.CANCELED if canceled else EventKind.CANCEL_REQUESTED, {})
         return job
 
-    def claim(self, job_id: str, worker_id: str, lease_s: float) -> Job | None:
+    def claim(self, job_ids: list[str], worker_id: str, lease_s: float, *, first_only: bool) -> list[Job]:
+        """Claim these queued jobs in order, in one transaction: the first that is still queued, or all that are."""
         now = time.time()
-        return self.transition(
-            job_id,
-            EventKind.STARTED,
-            expect=[Status.QUEUED],
-            values={
-                "status": Status.PROCESSING.value,
-                "attempts": jobs.c.attempts + 1,
-                "started_at": now,
-                "progress_done": 0,
-                "worker_id": worker_id,
-                "lease_expires_at": now + lease_s,
-            },
-            payload={"worker": worker_id},
-        )
+        values = {
+            "status": Status.PROCESSING.value,
+            "attempts": jobs.c.attempts + 1,
+            "started_at": now,
+            "progress_done": 0,
+            "worker_id": worker_id,
+            "lease_expires_at": now + lease_s,
+        }
+        claimed: list[Job] = []
+        with self._write() as conn:
+            for job_id in job_ids:
+                fence = Fence(job_id, None, None)
+                job = _transition(conn, fence, EventKind.STARTED, [Status.QUEUED], values, {"worker": worker_id}, None)
+                if job is not None:
+                    claimed.append(job)
+                    if first_only:
+                        break
+        return claimed
 
     def renew(self, job_ids: list[str], worker_id: str, lease_s: float) -> set[str]:
         """Extend the leases this worker still holds; returns the ids it holds."""
@@ -422,6 +436,34 @@ class Store:
                 )
                 .values(revoked_at=time.time())
             ).rowcount
+
+
+def _transition(
+    conn: Connection,
+    fence: Fence,
+    kind: EventKind,
+    expect: list[Status],
+    values: Values,
+    payload: dict[str, Any],
+    lease_before: float | None,
+) -> Job | None:
+    cond = [jobs.c.id == fence.job_id, jobs.c.status.in_([s.value for s in expect])]
+    if fence.attempt is not None:
+        cond.append(jobs.c.attempts == fence.attempt)
+    if fence.worker_id is not None:
+        cond.append(jobs.c.worker_id == fence.worker_id)
+    if lease_before is not None:  # only if the lease is still expired (its worker may have renewed it)
+        cond.append(jobs.c.lease_expires_at < lease_before)
+    if callable(values):  # computed from the row as it is inside this transaction
+        row = conn.execute(select(jobs).where(and_(*cond))).first()
+        if row is None:
+            return None
+        values = values(_to_job(row))
+    if conn.execute(update(jobs).where(and_(*cond)).values(**values)).rowcount != 1:
+        return None
+    job = _to_job(conn.execute(select(jobs).where(jobs.c.id == fence.job_id)).one())
+    _append_event(conn, job, kind, payload)
+    return job
 
 
 def _reason(exc: DBAPIError) -> str:

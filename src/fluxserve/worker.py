@@ -76,7 +76,9 @@ class DeviceWorker:
         batch_max_pixels: int = 320 * 320,
         png_compress_level: int = 1,
         maintenance_s: float = 1.0,
+        nice: int = 10,
     ) -> None:
+        self._nice = nice
         self._jobs = jobs
         self._storage = storage
         self._engine = engine
@@ -142,6 +144,7 @@ class DeviceWorker:
     # -- the loop -------------------------------------------------------------
 
     def _run(self) -> None:
+        self._lower_priority()
         try:
             self._engine.load()
             self._overlap_encoding = not str(getattr(self._engine, "device", "cpu")).startswith("cpu")
@@ -170,6 +173,16 @@ class DeviceWorker:
                 self._wake.clear()
                 continue
             self._run_batch(self._batch_for(job))
+
+    def _lower_priority(self) -> None:
+        """Requests are answered before images are computed: this thread (and the torch threads it
+        starts, which inherit it) runs at a lower CPU priority than the event loop. Only under CPU
+        contention does it change anything; measured with bench/load_accept.py."""
+        if self._nice and hasattr(os, "setpriority"):
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self._nice)
+            except OSError as exc:
+                log.info("could not lower the worker's priority: %s", exc)
 
     def _next_job(self) -> Job | None:
         now = time.monotonic()
@@ -266,14 +279,10 @@ class DeviceWorker:
         def on_step(done: int, total: int, previews: list[Image.Image] | None) -> None:
             if self._stopping.is_set():
                 raise _ShuttingDown
-            self._drop_stopped(batch, dropped)
+            self._save_previews(batch, done, previews or [], dropped)
+            self._report_progress(batch, done, total, dropped)
             if len(dropped) == len(batch):
                 raise Cancelled
-            offset = 0
-            for job in batch:
-                if job.id not in dropped:
-                    self._report_progress(job, done, total, previews, offset, dropped)
-                offset += job.spec.num_images
 
         try:
             self._drop_stopped(batch, dropped)
@@ -324,18 +333,14 @@ class DeviceWorker:
             self._end(job, lambda j: self._jobs.fail(j, message))
 
     def _drop_stopped(self, batch: list[Job], dropped: set[str]) -> None:
-        """Jobs to stop working on: canceled, past their Cancel-After deadline, or whose lease was lost."""
+        """Jobs to stop working on: canceled, past their Cancel-After deadline, or whose lease was lost.
+
+        ``batch`` holds the jobs as last read (claim, then each step's progress write)."""
+        now = time.time()
         with self._held_lock:
             dropped |= self._lost & {j.id for j in batch}
         for job in batch:
-            if job.id in dropped:
-                continue
-            try:
-                canceled = self._jobs.is_cancel_requested(job.id)
-            except StoreUnavailable as exc:  # unknown for now: run on, look again next step
-                self._degrade(exc.message)
-                continue
-            if canceled or (job.deadline is not None and time.time() > job.deadline):
+            if job.cancel_requested or (job.deadline is not None and now > job.deadline):
                 dropped.add(job.id)
 
     def _end_dropped(self, job: Job) -> None:
@@ -346,31 +351,42 @@ class DeviceWorker:
         else:
             self._end(job, self._jobs.finish_canceled)
 
-    def _report_progress(
-        self,
-        job: Job,
-        done: int,
-        total: int,
-        previews: list[Image.Image] | None,
-        offset: int,
-        dropped: set[str],
-    ) -> None:
-        """Progress is best effort: while the store is unavailable the job runs on without it."""
+    def _report_progress(self, batch: list[Job], done: int, total: int, dropped: set[str]) -> None:
+        """One write for the batch's progress, which also reads back cancellations and lost claims.
+
+        Best effort: while the store is unavailable the jobs run on, and the next step tries again."""
+        live = [j for j in batch if j.id not in dropped]
         try:
-            for i, preview in enumerate((previews or [])[offset : offset + job.spec.num_images]):
+            current = self._jobs.progress(live, done, total)
+        except StoreUnavailable as exc:
+            self._degrade(exc.message)
+            current = list(live)
+        for job, now in zip(live, current, strict=True):
+            if now is None:
+                with self._held_lock:
+                    self._lost.add(job.id)
+        self._drop_stopped([now for now in current if now is not None], dropped)
+        with self._held_lock:
+            dropped |= self._lost & {j.id for j in batch}
+
+    def _save_previews(self, batch: list[Job], done: int, previews: list[Image.Image], dropped: set[str]) -> None:
+        offset = 0
+        for job in batch:
+            mine = previews[offset : offset + job.spec.num_images]
+            offset += job.spec.num_images
+            if job.id in dropped:
+                continue
+            for i, preview in enumerate(mine):
                 key = f"{job.id}/preview-{done}-{i}.png"
                 buf = io.BytesIO()
                 preview.save(buf, format="PNG", compress_level=1)
-                self._storage.put(key, buf.getvalue())
-                self._jobs.add_preview(job, key)
-            if not self._jobs.progress(job, done, total):
-                with self._held_lock:
-                    self._lost.add(job.id)
-                dropped.add(job.id)
-        except StoreUnavailable as exc:
-            self._degrade(exc.message)
-        except OSError as exc:  # a preview that could not be written is skipped, the image is not
-            log.warning("job %s: preview not stored: %s", job.id, exc)
+                try:
+                    self._storage.put(key, buf.getvalue())
+                    self._jobs.add_preview(job, key)
+                except StoreUnavailable as exc:
+                    self._degrade(exc.message)
+                except OSError as exc:  # a preview that could not be written is skipped, the image is not
+                    log.warning("job %s: preview not stored: %s", job.id, exc)
 
     def _finish_batch(self, batch: list[Job], results: list[list[Image.Image]], dropped: set[str]) -> None:
         """Each job's images encoded, stored and the job completed (on the encoder thread on a GPU)."""
