@@ -23,6 +23,9 @@ class FakeEngine:
     def load(self) -> None:
         pass
 
+    def info(self) -> dict[str, str]:
+        return {"device": self.device}
+
     def loaded_models(self) -> list[str]:
         return ["fake"]
 

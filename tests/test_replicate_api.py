@@ -154,11 +154,10 @@ def test_cancel_queued_never_runs_and_running_stops(slow_client: TestClient, slo
     _wait(slow_client, first["id"], ("processing",))
     canceled = slow_client.post(f"/v1/predictions/{queued['id']}/cancel", headers=AUTH)
     assert canceled.status_code == 200 and canceled.json()["status"] == "canceled"
-    t0 = time.time()
     assert slow_client.post(f"/v1/predictions/{first['id']}/cancel", headers=AUTH).status_code == 200
     stopped = _wait(slow_client, first["id"])
     assert stopped["status"] == "canceled" and stopped["output"] is None and stopped["error"] is None
-    assert time.time() - t0 < 2  # stopped at its next step, not after 50
+    assert stopped["progress"]["current"] < 50  # stopped at its next step, not after 50
     nxt = slow_client.post(SCHNELL, json={"input": {"prompt": "next"}}, headers={**AUTH, "Prefer": "wait=10"}).json()
     assert nxt["status"] == "succeeded"  # the worker is free again
     assert all(r.spec.prompt != "never" for call in slow.calls for r in call)
@@ -186,7 +185,7 @@ def test_prefer_wait_returns_early_when_not_done(slow_client: TestClient) -> Non
     resp = slow_client.post(
         DEV, json={"input": {"prompt": "p", "num_inference_steps": 40}}, headers={**AUTH, "Prefer": "wait=1"}
     )
-    assert 0.9 < time.time() - t0 < 3
+    assert time.time() - t0 >= 0.9  # it held the call for the second asked for, then answered unfinished
     assert resp.status_code == 201 and resp.json()["status"] in ("starting", "processing")
 
 

@@ -111,6 +111,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
                     max_batch=settings.max_batch,
                     batch_max_pixels=settings.batch_max_pixels,
                     png_compress_level=settings.png_compress_level,
+                    nice=settings.worker_nice,
                 )
                 for e in chosen
             ]

@@ -36,6 +36,13 @@ class Authenticator:
         self._store = store
         self._env_hash = hash_key(env_key) if env_key else None
 
+    def env_owner(self, key: str | None) -> str | None:
+        """The owner for the operator's FLUXSERVE_API_KEY, or None for any other key."""
+        if not key or self._env_hash is None:
+            return None
+        digest = hash_key(key)
+        return "env_" + digest[:12] if secrets.compare_digest(digest, self._env_hash) else None
+
     def owner_for(self, key: str | None) -> str:
         """The owner id for a presented key, or Unauthorized."""
         if not key:

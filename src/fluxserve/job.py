@@ -15,7 +15,9 @@ _ID_ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
 
 def new_job_id() -> str:
     """26 random base32 characters (130 bits), the shape of the seed's ids."""
-    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(26))
+    # One read of the system's randomness rather than one per character (secrets.choice).
+    n = int.from_bytes(secrets.token_bytes(17))
+    return "".join(_ID_ALPHABET[(n >> (5 * i)) & 31] for i in range(26))
 
 
 class Status(StrEnum):

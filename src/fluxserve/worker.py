@@ -76,7 +76,7 @@ class DeviceWorker:
         batch_max_pixels: int = 320 * 320,
         png_compress_level: int = 1,
         maintenance_s: float = 1.0,
-        nice: int = 10,
+        nice: int = 0,
     ) -> None:
         self._nice = nice
         self._jobs = jobs
@@ -87,7 +87,7 @@ class DeviceWorker:
         self._png_level = png_compress_level
         self._batch_max_pixels = batch_max_pixels
         self._maintenance_s = maintenance_s
-        self.worker_id = new_worker_id(str(getattr(engine, "device", "cpu")))
+        self.worker_id = new_worker_id(engine.device)
         # On an accelerator, encoding and writing the images runs beside the next job's denoising: a
         # 1024x1024 PNG takes a good part of a schnell image's time. At most two batches wait for it.
         # On CPU the encoder would take cores from torch's threads (measured: 0.85x throughput at
@@ -138,8 +138,7 @@ class DeviceWorker:
         return self._engine.loaded_models() if self.state == "ready" else []
 
     def engine_info(self) -> dict[str, Any]:
-        info = getattr(self._engine, "info", None)
-        return info() if info is not None and self.state == "ready" else {}
+        return self._engine.info() if self.state == "ready" else {}
 
     # -- the loop -------------------------------------------------------------
 
@@ -147,7 +146,7 @@ class DeviceWorker:
         self._lower_priority()
         try:
             self._engine.load()
-            self._overlap_encoding = not str(getattr(self._engine, "device", "cpu")).startswith("cpu")
+            self._overlap_encoding = not self._engine.device.startswith("cpu")
             self.state = "ready"
         except Exception as exc:  # a bad weights path must not kill the server: health shows it, jobs fail
             log.exception("loading models failed")
@@ -175,9 +174,8 @@ class DeviceWorker:
             self._run_batch(self._batch_for(job))
 
     def _lower_priority(self) -> None:
-        """Requests are answered before images are computed: this thread (and the torch threads it
-        starts, which inherit it) runs at a lower CPU priority than the event loop. Only under CPU
-        contention does it change anything; measured with bench/load_accept.py."""
+        """FLUXSERVE_WORKER_NICE: this thread and the torch threads it starts (they inherit it) yield the
+        CPU to the HTTP server when both want it. Off by default; see the setting for what it costs."""
         if self._nice and hasattr(os, "setpriority"):
             try:
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self._nice)

@@ -53,11 +53,10 @@ def test_create_wait_cancel_list(client: replicate.Client) -> None:
         time.sleep(0.1)
     queued.cancel()
     long.cancel()
-    t0 = time.time()
     long.wait()
     queued.reload()
     assert long.status == "canceled" and queued.status == "canceled" and queued.started_at is None
-    assert time.time() - t0 < 10
+    assert "step 50/50" not in (long.logs or "")  # stopped at its next step, not after all 50
     after = client.models.predictions.create(model="black-forest-labs/flux-schnell", input={"prompt": "after"})
     after.wait()
     assert after.status == "succeeded"  # the cancel freed the worker

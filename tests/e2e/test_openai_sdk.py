@@ -70,12 +70,10 @@ def test_models_list(client: openai.OpenAI) -> None:
 
 
 def test_client_that_gives_up_frees_the_worker(server: RemoteServer) -> None:
-    import time
 
     body = {"model": "flux-dev", "prompt": "a long one", "size": "2048x2048", "steps": 50}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.url}/v1/images/generations", json=body, headers=server.headers, timeout=1.5)
-    t0 = time.time()
     resp = httpx.post(
         f"{server.url}/vmodel/generate",
         json={"model": "flux-schnell", "input": {"prompt": "next", "megapixels": "0.25"}},
@@ -83,5 +81,12 @@ def test_client_that_gives_up_frees_the_worker(server: RemoteServer) -> None:
     )
     feed = server.wait_feed(resp.json()["id"])
     assert feed["status"] == "succeeded"
-    # 50 steps at 2048x2048 take far longer than 5 s here; the abandoned job was canceled instead.
-    assert time.time() - t0 < 5, time.time() - t0
+    # The abandoned job was canceled, not run to the end of its 50 steps.
+    import sqlite3
+
+    db = sqlite3.connect(server.data_dir / "fluxserve.db")
+    status, done = db.execute(
+        "SELECT status, progress_done FROM jobs WHERE dialect = 'openai' AND spec LIKE '%a long one%'"
+    ).fetchone()
+    db.close()
+    assert status == "canceled" and done < 50, (status, done)

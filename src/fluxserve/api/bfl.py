@@ -119,7 +119,7 @@ async def _create(endpoint: str, request: Request, services: Services, owner: st
             check_webhook_url, body.webhook_url, param="webhook_url", allow_private=services.settings.allow_private_urls
         )
         webhook = {"url": body.webhook_url, "events": ["completed"], "secret": body.webhook_secret}
-    await services.jobs.run(inputs.save, services.storage)
+    await inputs.store(services)
     echo = {
         "endpoint": endpoint,
         "input": elide_inline_images(body.model_dump(exclude_unset=True, exclude={"webhook_secret"})),

@@ -37,18 +37,24 @@ def get_services(request: Request) -> Services:
     return services
 
 
-def require_owner(request: Request) -> str:
-    return get_services(request).auth.owner_for(bearer_token(request.headers.get("authorization")))
+async def _owner_for(request: Request, key: str | None) -> str:
+    services = get_services(request)
+    # The operator's key needs no database read; stored keys are looked up off the event loop.
+    owner = services.auth.env_owner(key)
+    return owner if owner is not None else await services.jobs.run(services.auth.owner_for, key)
+
+
+async def require_owner(request: Request) -> str:
+    return await _owner_for(request, bearer_token(request.headers.get("authorization")))
 
 
 def idempotency_key(request: Request) -> str | None:
     return request.headers.get("idempotency-key")
 
 
-def require_owner_xkey(request: Request) -> str:
+async def require_owner_xkey(request: Request) -> str:
     """BFL clients send the key as x-key; a Bearer header is accepted too."""
-    key = request.headers.get("x-key") or bearer_token(request.headers.get("authorization"))
-    return get_services(request).auth.owner_for(key)
+    return await _owner_for(request, request.headers.get("x-key") or bearer_token(request.headers.get("authorization")))
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]

@@ -118,7 +118,7 @@ async def _run(
         mask=inputs.mask_key,
         **overrides,
     )
-    await services.jobs.run(inputs.save, services.storage)
+    await inputs.store(services)
     echo = {**body.model_dump(exclude_none=True), **echo}
     return await run_and_render(request, services, owner, spec, echo, body.response_format, body.quality)
 

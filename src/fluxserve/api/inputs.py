@@ -55,6 +55,11 @@ class Inputs:
     def mask_key(self) -> str | None:
         return f"{self.prefix}/mask.png" if self.mask is not None else None
 
+    async def store(self, services: Services) -> None:
+        """save() off the event loop (PNG encoding and file writes); nothing to do without images."""
+        if self.images or self.mask is not None:
+            await services.jobs.run(self.save, services.storage)
+
     def save(self, storage: Storage) -> None:
         """Inputs live in storage, not the job row, so a re-queued job still has them after a restart."""
         for key, img in zip(self.keys, self.images, strict=True):

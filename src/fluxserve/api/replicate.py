@@ -203,7 +203,7 @@ async def _create(request: Request, services: Services, owner: str, name: str, b
         )
         events: list[str] = list(body.webhook_events_filter) if body.webhook_events_filter else list(EVENTS)
         webhook = {"url": body.webhook, "events": events}
-    await services.jobs.run(inputs.save, services.storage)
+    await inputs.store(services)
     echo = {"model": f"{OWNER}/{name}", "input": elide_inline_images(body.input), "list_output": list_output}
     job = await services.jobs.submit(
         owner, "replicate", spec, echo,

@@ -85,7 +85,7 @@ async def generate(request: Request, services: ServicesDep, owner: OwnerDep) -> 
             "seed": "input.seed",
         },
     )
-    await services.jobs.run(inputs.save, services.storage)
+    await inputs.store(services)
     echo = {"model": body.model, "input": elide_inline_images(inp.model_dump(exclude_unset=True))}
     job = await services.jobs.submit(owner, "vmodel", spec, echo, idempotency_key=idempotency_key(request))
     return {"id": job.id}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from PIL.Image import Image
 
@@ -27,10 +27,16 @@ class EngineRequest:
 
 
 class Engine(Protocol):
+    device: str  # where it runs once loaded ("cpu", "cuda:0", ...)
+
     def load(self) -> None:
         """Load every model's weights; called once by the worker before it takes jobs."""
 
     def loaded_models(self) -> list[str]: ...
+
+    def info(self) -> dict[str, Any]:
+        """What /health shows of the engine (device, dtype, speed modes)."""
+        ...
 
     def generate(self, requests: Sequence[EngineRequest], on_step: OnStep) -> list[list[Image]]:
         """One pipeline call for requests sharing ``spec.batch_key()``; returns each one's images in order."""
