@@ -2,7 +2,6 @@
 
 import base64
 import io
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,16 +15,14 @@ from fluxserve.models import ModelRegistry
 from fluxserve.settings import Settings
 from tests.conftest import AUTH
 from tests.fakes import FakeEngine
+from tests.polling import wait_for
 
 
 def _wait_feed(client: TestClient, job_id: str, headers: dict[str, str] = AUTH) -> dict[str, Any]:
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        body = client.get(f"/vmodel/feed/{job_id}", headers=headers).json()
-        if body["status"] in ("succeeded", "failed"):
-            return body
-        time.sleep(0.02)
-    raise AssertionError(f"job {job_id} did not finish: {body}")
+    def feed() -> dict[str, Any]:
+        return client.get(f"/vmodel/feed/{job_id}", headers=headers).json()  # type: ignore[no-any-return]
+
+    return wait_for(feed, lambda body: body["status"] in ("succeeded", "failed"), interval=0.02)
 
 
 def test_b64_images_spliced_into_json_stay_valid_with_any_prompt(client: TestClient) -> None:

@@ -1,6 +1,5 @@
 """The real-weights path: TOML model config, local folders, hub ids under local_files_only."""
 
-import time
 from pathlib import Path
 
 from fastapi.testclient import TestClient
@@ -10,6 +9,7 @@ from fluxserve.engine.demo import demo_weights
 from fluxserve.models import ModelRegistry
 from fluxserve.settings import Settings
 from tests.conftest import API_KEY, AUTH
+from tests.polling import wait_for
 
 
 def _toml(tmp_path: Path, weights: dict[str, str]) -> Path:
@@ -19,13 +19,7 @@ def _toml(tmp_path: Path, weights: dict[str, str]) -> Path:
 
 
 def _wait_state(client: TestClient, timeout: float = 60) -> dict:  # type: ignore[type-arg]
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        body = client.get("/health").json()
-        if body["status"] != "loading":
-            return body  # type: ignore[no-any-return]
-        time.sleep(0.05)
-    raise AssertionError("still loading")
+    return wait_for(lambda: client.get("/health").json(), lambda body: body["status"] != "loading", timeout=timeout)
 
 
 def test_local_folder_from_model_config(tmp_path: Path, demo_model_dir: Path) -> None:

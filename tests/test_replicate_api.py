@@ -15,6 +15,7 @@ from fluxserve.settings import Settings
 from tests.conftest import AUTH
 from tests.fakes import FakeEngine
 from tests.images_util import png_bytes
+from tests.polling import wait_for
 from tests.webhook_receiver import Received, webhook_receiver
 
 SCHNELL = "/v1/models/black-forest-labs/flux-schnell/predictions"
@@ -28,13 +29,7 @@ def _get(client: TestClient, pid: str) -> dict[str, Any]:
 def _wait(
     client: TestClient, pid: str, statuses: tuple[str, ...] = ("succeeded", "failed", "canceled", "aborted")
 ) -> dict[str, Any]:
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        body = _get(client, pid)
-        if body["status"] in statuses:
-            return body
-        time.sleep(0.02)
-    raise AssertionError(body)
+    return wait_for(lambda: _get(client, pid), lambda body: body["status"] in statuses, interval=0.02)
 
 
 @pytest.fixture

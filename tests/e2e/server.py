@@ -15,6 +15,8 @@ from typing import Any
 
 import httpx
 
+from tests.polling import wait_for
+
 FLUXSERVE = str(Path(sys.executable).with_name("fluxserve"))
 
 
@@ -96,12 +98,11 @@ class RemoteServer:
 
     def wait_feed(self, job_id: str, timeout: float = 120) -> dict[str, Any]:
         """Poll the relay task API until the job is terminal."""
-        deadline = time.time() + timeout
-        while True:
-            feed: dict[str, Any] = httpx.get(f"{self.url}/vmodel/feed/{job_id}", headers=self.headers).json()
-            if feed["status"] in ("succeeded", "failed") or time.time() > deadline:
-                return feed
-            time.sleep(0.2)
+
+        def feed() -> dict[str, Any]:
+            return httpx.get(f"{self.url}/vmodel/feed/{job_id}", headers=self.headers).json()  # type: ignore[no-any-return]
+
+        return wait_for(feed, lambda body: body["status"] in ("succeeded", "failed"), timeout=timeout, interval=0.2)
 
     @property
     def headers(self) -> dict[str, str]:

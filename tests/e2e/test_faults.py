@@ -113,6 +113,32 @@ def test_a_full_disk_fails_the_job_clearly_and_the_next_one_succeeds(tmp_path: P
         assert _health(srv)["status"] == "ready"
 
 
+def test_a_full_disk_under_the_database_degrades_then_recovers(tmp_path: Path, demo_model_dir: Path) -> None:
+    db_dir = tmp_path / "db"
+    db_dir.mkdir()
+    mount = 'mount -t tmpfs -o size=8m fluxserve-test "$0" && exec "$@"'
+    wrap = ("unshare", "-m", "--propagation", "private", "sh", "-c", mount, str(db_dir))
+    args = ("--database", f"sqlite:///{db_dir / 'fluxserve.db'}")
+    with RemoteServer(tmp_path / "data", api_key=KEY, demo_model=demo_model_dir, wrap=wrap, extra_args=args) as srv:
+        assert srv.proc is not None
+        seen_by_server = Path(f"/proc/{srv.proc.pid}/root") / str(db_dir).lstrip("/")
+        job = _submit(srv, {"prompt": "no room for the database", "num_inference_steps": 50})
+        _running(srv, job)
+        filler = seen_by_server / "filler"
+        with pytest.raises(OSError), filler.open("wb") as f:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        degraded = wait_for(lambda: _health(srv), lambda h: h["status"] == "degraded", timeout=30)
+        assert "full" in degraded["reason"], degraded
+        assert _get(srv, job)["status"] == "processing"  # reads go on; the job is neither lost nor failed
+        filler.unlink()
+        assert _ended(srv, job)["status"] == "succeeded"
+        after = _submit(srv, {"prompt": "after", "num_inference_steps": 2})
+        assert _ended(srv, after)["status"] == "succeeded"
+        assert wait_for(lambda: _health(srv), lambda h: h["status"] == "ready", timeout=30)["status"] == "ready"
+
+
 @contextmanager
 def _receiver(fail_first: int = 0, delay_s: float = 0.0) -> Iterator[tuple[str, list[dict[str, Any]]]]:
     """Records every try (id, time, answer); the first ``fail_first`` tries of each webhook-id get a 500."""

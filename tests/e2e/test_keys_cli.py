@@ -116,3 +116,12 @@ def test_bad_serve_flags_exit_2_with_one_clear_line(tmp_path: Path) -> None:
         assert out.returncode == 2, (args, out.stderr)
         assert expected in out.stderr and "Traceback" not in out.stderr, out.stderr
     assert not (tmp_path / "data").exists()  # refused before anything was created
+
+
+def test_db_upgrade_applies_missing_steps_once(tmp_path: Path) -> None:
+    data = ("--data-dir", str(tmp_path / "data"))
+    first = _cli("db", "upgrade", *data)
+    assert first.returncode == 0, first.stderr
+    assert "applied 1: jobs and api keys" in first.stdout and "applied 2:" in first.stdout
+    again = _cli("db", "upgrade", *data)
+    assert again.returncode == 0 and "applied" not in again.stdout and "schema at version 2" in again.stdout

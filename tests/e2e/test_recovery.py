@@ -1,12 +1,12 @@
 """kill -9 with jobs queued and one running: after a restart every accepted job succeeds."""
 
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from tests.e2e.server import RemoteServer
+from tests.polling import wait_for
 
 KEY = "fs-recovery-key"
 # A dead server's jobs come back when their lease runs out: short here, 20 s by default.
@@ -25,23 +25,11 @@ def _submit(srv: RemoteServer, inp: dict[str, Any]) -> str:
 
 
 def _wait_running(srv: RemoteServer, job_id: str) -> None:
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        feed = _feed(srv, job_id)
-        if feed["status"] == "processing" and feed["progress"]["step"] >= 1:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"job never started: {feed}")
+    wait_for(lambda: _feed(srv, job_id), lambda f: f["status"] == "processing" and f["progress"]["step"] >= 1)
 
 
 def _wait_terminal(srv: RemoteServer, job_id: str, timeout: float = 180) -> dict[str, Any]:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        feed = _feed(srv, job_id)
-        if feed["status"] in ("succeeded", "failed"):
-            return feed
-        time.sleep(0.2)
-    raise AssertionError(f"job stuck: {feed}")
+    return wait_for(lambda: _feed(srv, job_id), lambda f: f["status"] in ("succeeded", "failed"), timeout=timeout)
 
 
 def test_kill9_loses_no_job(tmp_path: Path, demo_model_dir: Path) -> None:
