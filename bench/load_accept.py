@@ -12,6 +12,8 @@ import argparse
 import asyncio
 import json
 import multiprocessing
+import os
+import resource
 import statistics
 import tempfile
 import time
@@ -56,7 +58,16 @@ def _probe_health(url: str, out: Queue[float], stop: Event) -> None:
             time.sleep(0.1)
 
 
-async def _burst(url: str, clients: int, deadline_s: float) -> dict[str, float | int]:
+def _cpu_s(pid: int | None) -> float:
+    """CPU seconds (user + system) used so far by a process (None: this one)."""
+    if pid is None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _burst(url: str, clients: int, deadline_s: float, server_pid: int | None = None) -> dict[str, float | int]:
     limits = httpx.Limits(max_connections=clients + 10, max_keepalive_connections=clients + 10)
     timeout = httpx.Timeout(deadline_s)
     async with httpx.AsyncClient(base_url=url, headers={"x-key": KEY}, limits=limits, timeout=timeout) as http:
@@ -68,7 +79,13 @@ async def _burst(url: str, clients: int, deadline_s: float) -> dict[str, float |
         prober.start()
         deadline = time.time() + deadline_s
         t0 = time.perf_counter()
-        await asyncio.gather(*(_client(http, accept, ok, deadline) for _ in range(clients)))
+        cpu0 = (_cpu_s(None), _cpu_s(server_pid) if server_pid else 0.0)
+        creates = [asyncio.create_task(_client(http, accept, ok, deadline)) for _ in range(clients)]
+        while len(accept) < clients and not all(t.done() for t in creates):
+            await asyncio.sleep(0.01)
+        burst_s = time.perf_counter() - t0
+        cpu1 = (_cpu_s(None), _cpu_s(server_pid) if server_pid else 0.0)
+        await asyncio.gather(*creates)
         total = time.perf_counter() - t0
         stop.set()
         prober.join(35)
@@ -85,6 +102,10 @@ async def _burst(url: str, clients: int, deadline_s: float) -> dict[str, float |
         "health_probes": len(health),
         "succeeded": sum(ok),
         "all_done_s": round(total, 1),
+        # Where the 2 cores went until the last create was answered (the server's includes its worker).
+        "burst_s": round(burst_s, 2),
+        "burst_cpu_client_s": round(cpu1[0] - cpu0[0], 2),
+        "burst_cpu_server_s": round(cpu1[1] - cpu0[1], 2),
     }
 
 
@@ -97,7 +118,7 @@ def main() -> None:
         port = free_port()
         proc = start_server(Path(tmp) / "data", port)
         try:
-            result = asyncio.run(_burst(f"http://127.0.0.1:{port}", args.clients, args.deadline))
+            result = asyncio.run(_burst(f"http://127.0.0.1:{port}", args.clients, args.deadline, proc.pid))
         finally:
             stop_server(proc)
     print(json.dumps(result, indent=2))

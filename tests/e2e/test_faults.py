@@ -72,7 +72,7 @@ def test_a_database_locked_for_75s_during_a_job_leaves_the_worker_alive(tmp_path
             assert "locked" in degraded["reason"], degraded
             # A create while the lock is held is a prompt, retryable 503 in the dialect's shape, not a hang.
             refused = _create(srv, {"prompt": "during the lock"})
-            assert refused.status_code == 503, refused.text
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "2", refused.text
             assert refused.json()["status"] == 503 and "database" in refused.json()["detail"]
             slowest = 0.0
             while time.monotonic() - locked_at < 75:

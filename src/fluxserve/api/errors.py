@@ -71,6 +71,7 @@ _TITLES = {
     415: "Unsupported media type",
     422: "Input validation failed",
     500: "Internal server error",
+    503: "Service unavailable",
 }
 
 _RENDERERS: dict[str, Callable[[FluxServeError], JSONResponse]] = {
@@ -98,7 +99,10 @@ def render_error(request: Request, exc: FluxServeError) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(FluxServeError)
     async def _fluxserve(request: Request, exc: FluxServeError) -> JSONResponse:
-        return render_error(request, exc)
+        response = render_error(request, exc)
+        if exc.status_code == 503:  # the database is busy: clients (the SDKs among them) retry after this
+            response.headers["Retry-After"] = "2"
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
