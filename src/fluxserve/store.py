@@ -128,6 +128,17 @@ class Fence:
     worker_id: str | None = None
 
 
+class _NoLock:
+    """Servers with row locks (PostgreSQL) need no process-wide write lock."""
+
+    def acquire(self, timeout: float = -1) -> bool:
+        return True
+
+    def release(self) -> None:
+        pass
+
+
+BUSY_S = 5.0  # how long a write waits for a locked database before it is StoreUnavailable
 THROTTLE_S = 0.5  # Replicate sends logs and output events at most this often per job
 
 
@@ -136,7 +147,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
     # Writers in this process queue on a lock (below); this only waits for other processes.
-    cur.execute("PRAGMA busy_timeout=5000")
+    cur.execute(f"PRAGMA busy_timeout={int(BUSY_S * 1000)}")
     cur.close()
 
 
@@ -147,29 +158,33 @@ class Store:
         if url.startswith("sqlite:///"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
             self.engine: Engine = create_engine(
-                url, connect_args={"check_same_thread": False, "timeout": 5}, pool_size=20, max_overflow=20
+                url, connect_args={"check_same_thread": False, "timeout": BUSY_S}, pool_size=20, max_overflow=20
             )
             event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
             self.engine = create_engine(url, pool_pre_ping=True)
         # SQLite has one writer: threads of this process take turns here instead of in SQLite's
         # busy handler, which sleeps in steps of up to 100 ms.
-        self._write_lock: contextlib.AbstractContextManager[Any] = (
-            threading.Lock() if self.is_sqlite else contextlib.nullcontext()
-        )
+        self._write_lock = threading.Lock() if self.is_sqlite else _NoLock()
 
     def close(self) -> None:
         self.engine.dispose()
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[Connection]:
+        # Bounded like SQLite's own busy wait, so a write queued behind one stuck on a locked file
+        # gives up after BUSY_S too rather than after twice that.
+        if not self._write_lock.acquire(timeout=BUSY_S):
+            raise StoreUnavailable(f"The database is unavailable: database is locked (waited {BUSY_S:g} s)")
         try:
-            with self._write_lock, self.engine.begin() as conn:
+            with self.engine.begin() as conn:
                 yield conn
         except IntegrityError:
             raise
         except DBAPIError as exc:
             raise StoreUnavailable(f"The database is unavailable: {_reason(exc)}") from exc
+        finally:
+            self._write_lock.release()
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[Connection]:

@@ -71,7 +71,9 @@ def test_a_database_locked_for_75s_during_a_job_leaves_the_worker_alive(tmp_path
             degraded = wait_for(lambda: _health(srv), lambda h: h["status"] == "degraded", timeout=30)
             assert "locked" in degraded["reason"], degraded
             # A create while the lock is held is a prompt, retryable 503 in the dialect's shape, not a hang.
+            t0 = time.monotonic()
             refused = _create(srv, {"prompt": "during the lock"})
+            refused_after = time.monotonic() - t0
             assert refused.status_code == 503 and refused.headers["retry-after"] == "2", refused.text
             assert refused.json()["status"] == 503 and "database" in refused.json()["detail"]
             slowest = 0.0
@@ -79,6 +81,7 @@ def test_a_database_locked_for_75s_during_a_job_leaves_the_worker_alive(tmp_path
                 slowest = max(slowest, _health(srv)["_took"])
                 time.sleep(1)
             assert slowest < 1.0, slowest
+            print(f"held lock: create refused with 503 after {refused_after:.2f} s; slowest /health {slowest:.3f} s")
         finally:
             holder.execute("ROLLBACK")
             holder.close()
