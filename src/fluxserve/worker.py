@@ -171,7 +171,10 @@ class DeviceWorker:
                 self._wake.wait(timeout=self._maintenance_s)
                 self._wake.clear()
                 continue
-            self._run_batch(self._batch_for(job))
+            try:
+                self._run_batch(self._batch_for(job))
+            except StoreUnavailable:  # only when stopping: the jobs' leases run out and they run again
+                log.warning("worker %s stopped before it could record its jobs' results", self.worker_id)
 
     def _lower_priority(self) -> None:
         """FLUXSERVE_WORKER_NICE: this thread and the torch threads it starts (they inherit it) yield the
