@@ -21,7 +21,7 @@ from .api.errors import install_error_handlers
 from .auth import Authenticator
 from .engine.base import Engine
 from .errors import StoreUnavailable
-from .job import Job
+from .job import EventKind, Job
 from .jobs import JobService
 from .migrations import open_store
 from .models import ModelRegistry
@@ -127,7 +127,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
             allow_private=settings.allow_private_urls,
             retry_base_s=settings.webhook_retry_base_s,
         )
-        jobs.on_change(lambda job, kind: workers.wake() if kind.value in ("submitted", "requeued") else None)
+        jobs.on_change(lambda job, kind: workers.wake() if kind in (EventKind.SUBMITTED, EventKind.REQUEUED) else None)
         jobs.on_change(webhooks.wake)
         webhooks.start()
         workers.start()

@@ -49,10 +49,10 @@ class Authenticator:
             raise Unauthorized(
                 "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.", code="missing_api_key"
             )
-        digest = hash_key(key)
-        if self._env_hash is not None and secrets.compare_digest(digest, self._env_hash):
-            return "env_" + digest[:12]
-        row = self._store.find_key(digest)
+        owner = self.env_owner(key)
+        if owner is not None:
+            return owner
+        row = self._store.find_key(hash_key(key))
         if row is None:
             raise Unauthorized("Incorrect API key provided.")
         return str(row.id)

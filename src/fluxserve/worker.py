@@ -362,13 +362,12 @@ class DeviceWorker:
         except StoreUnavailable as exc:
             self._degrade(exc.message)
             current = list(live)
-        for job, now in zip(live, current, strict=True):
-            if now is None:
-                with self._held_lock:
-                    self._lost.add(job.id)
+        lost = {job.id for job, now in zip(live, current, strict=True) if now is None}
+        if lost:
+            with self._held_lock:
+                self._lost |= lost
+            dropped |= lost
         self._drop_stopped([now for now in current if now is not None], dropped)
-        with self._held_lock:
-            dropped |= self._lost & {j.id for j in batch}
 
     def _save_previews(self, batch: list[Job], done: int, previews: list[Image.Image], dropped: set[str]) -> None:
         offset = 0
