@@ -122,8 +122,8 @@ def build_pipeline(tiny: bool, guidance: bool, device: str, dtype: Any) -> Any:
     return pipe
 
 
-def timed_run(call: Any, steps: int, sync: Any) -> tuple[float, float]:
-    """(end-to-end seconds, median seconds per denoising step) for one call(callback)."""
+def timed_run(call: Any, steps: int, sync: Any) -> tuple[float, float, float, float]:
+    """(end to end, median step, before the first step ends, after the last) in seconds for one call."""
     marks: list[float] = []
 
     def callback(_pipe: Any, _i: int, _t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
@@ -137,7 +137,8 @@ def timed_run(call: Any, steps: int, sync: Any) -> tuple[float, float]:
     sync()
     end = time.perf_counter()
     gaps = [b - a for a, b in zip([start, *marks[:-1]], marks, strict=True)][1:] or [end - start]
-    return end - start, statistics.median(gaps)
+    step = statistics.median(gaps)
+    return end - start, step, (marks[0] - start) if marks else 0.0, (end - marks[-1]) if marks else 0.0
 
 
 SPEED_MODES = {
@@ -191,6 +192,9 @@ def measure(mode: str, pipe: Any, registry: Any, spec: Any, device: str, args: A
         "end_to_end_s": round(statistics.median(r[0] for r in runs), 4),
         "step_s": round(step, 5),
         "warmup_s": round(warmup_s, 2),
+        # Text encoders + first step, and VAE decode + conversion to PIL: where end to end goes beyond steps.
+        "until_first_step_s": round(statistics.median(r[2] for r in runs), 4),
+        "after_last_step_s": round(statistics.median(r[3] for r in runs), 4),
         "tflops": round(TFLOP_PER_STEP_1024 * (spec.width / 1024) ** 4 / step, 1) if not args.tiny else None,
         "peak_vram_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
     }
@@ -224,7 +228,14 @@ def main() -> None:
         prompt="a photo of a lighthouse at dusk", width=size, height=size, steps=steps, seed=1
     )
     rows: list[dict[str, Any]] = []
+    machine = torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or 'CPU'} (tiny smoke run)"
+    report = {"machine": machine, "torch": torch.__version__, "variant": args.variant, "size": size, "steps": steps}
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"gpu_fullsize_{args.variant}{'_tiny' if args.tiny else ''}"
+    built = time.perf_counter()
     pipe = build_pipeline(args.tiny, guidance=args.variant == "dev", device=device, dtype=dtype)
+    print(f"pipeline built in {time.perf_counter() - built:.1f} s", flush=True)
+    touched = False  # whether a speed mode has changed the pipeline (fp8 then needs a fresh one)
 
     for mode in args.modes:
         if mode == "compile+fp8":
@@ -233,28 +244,21 @@ def main() -> None:
             except RuntimeError as exc:
                 rows.append({"mode": mode, "skipped": str(exc)})
                 continue
-            # A fresh bf16 pipeline to quantize: drop the compiled one and its graphs first, or both
-            # copies (2 x 34 GB) would sit in VRAM.
-            del pipe
-            gc.collect()
-            torch._dynamo.reset()
-            torch.cuda.empty_cache()
-            pipe = build_pipeline(args.tiny, guidance=args.variant == "dev", device=device, dtype=dtype)
+            if touched:
+                # A fresh bf16 pipeline to quantize: drop the compiled one and its graphs first, or both
+                # copies (2 x 34 GB) would sit in VRAM.
+                del pipe
+                gc.collect()
+                torch._dynamo.reset()
+                torch.cuda.empty_cache()
+                pipe = build_pipeline(args.tiny, guidance=args.variant == "dev", device=device, dtype=dtype)
+        touched = touched or mode in SPEED_MODES
         rows.append(measure(mode, pipe, registry, spec, device, args, sync))
         print(json.dumps(rows[-1]), flush=True)
+        # Written after every mode: a run cut short by a time limit keeps what it measured.
+        (args.out / f"{stem}.json").write_text(json.dumps({**report, "rows": rows}, indent=2))
 
-    machine = torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or 'CPU'} (tiny smoke run)"
-    report = {
-        "machine": machine,
-        "torch": torch.__version__,
-        "variant": args.variant,
-        "size": size,
-        "steps": steps,
-        "rows": rows,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"gpu_fullsize_{args.variant}{'_tiny' if args.tiny else ''}"
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    (args.out / f"{stem}.json").write_text(json.dumps({**report, "rows": rows}, indent=2))
     plain = next((r for r in rows if r["mode"] == "plain" and "end_to_end_s" in r), None)
     lines = [
         f"{machine}, torch {torch.__version__}, FLUX.1-{args.variant} architecture, {size}x{size}, {steps} steps",

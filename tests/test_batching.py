@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from fastapi.testclient import TestClient
 
 from fluxserve.api.deps import Services
@@ -122,12 +123,15 @@ def test_batched_images_match_lone_ones(demo_model_dir: Path) -> None:
     assert diff <= 2  # same seed, same prompt: the same image, batched or not (float reordering aside)
 
 
-def test_default_batches_only_small_images(settings: Settings) -> None:
+@pytest.mark.parametrize(("device", "big_batched"), [("cpu", False), ("cuda:0", True)])
+def test_default_batches_only_small_images(settings: Settings, device: str, big_batched: bool) -> None:
     engine = FakeEngine(step_s=0.05)
-    with TestClient(create_app(settings, engine=engine)) as client:  # defaults: max_batch 8, up to 320x320
+    engine.device = device
+    # Defaults: max_batch 8, up to 320x320 on CPU and 512x512 on a GPU.
+    with TestClient(create_app(settings, engine=engine)) as client:
         _submit(client, "flux-dev", "blocker", num_inference_steps=10)
         assert engine.started.wait(5)
-        big = [_submit(client, "flux-schnell", f"big{i}") for i in range(2)]  # 512x512: one call each
+        big = [_submit(client, "flux-schnell", f"big{i}") for i in range(2)]  # 512x512
         xkey = {"x-key": API_KEY}
         small = [
             client.post("/v1/flux-dev", json={"prompt": f"s{i}", "width": 256, "height": 256}, headers=xkey).json()[
@@ -141,12 +145,8 @@ def test_default_batches_only_small_images(settings: Settings) -> None:
         while client.get(f"/v1/get_result?id={small[-1]}", headers=xkey).json()["status"] != "Ready":
             assert time.time() < deadline
             time.sleep(0.02)
-        assert [[r.spec.prompt for r in c] for c in engine.calls] == [
-            ["blocker"],
-            ["big0"],
-            ["big1"],
-            ["s0", "s1", "s2"],
-        ]
+        big_calls = [["big0", "big1"]] if big_batched else [["big0"], ["big1"]]
+        assert [[r.spec.prompt for r in c] for c in engine.calls] == [["blocker"], *big_calls, ["s0", "s1", "s2"]]
 
 
 def test_one_worker_per_device_share_the_queue(settings: Settings) -> None:

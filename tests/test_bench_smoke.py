@@ -33,3 +33,10 @@ def test_cpu_benchmarks_small_form(tmp_path: Path) -> None:
     single = tmp_path / "single.json"
     _run("http_vs_diffusers.py", "--reps", "1", "--size", "256", "--json", str(single))
     assert json.loads(single.read_text())["ratio"] > 0
+
+
+def test_gpu_server_benchmark_tiny_cpu_form(tmp_path: Path) -> None:
+    _run("gpu_server.py", "--tiny", "--reps", "1", "--clients", "2", "--per-client", "1", "--out", str(tmp_path))
+    report = json.loads((tmp_path / "gpu_server_tiny.json").read_text())
+    assert report["sequential"]["ratio"] > 0
+    assert report["concurrent"]["batching_on"]["images"] == 2 == report["concurrent"]["batching_off"]["images"]

@@ -101,7 +101,7 @@ def serve(
     cors_origins: Annotated[str | None, typer.Option(help="Allowed browser origins, comma-separated.")] = None,
     max_batch: Annotated[int | None, typer.Option(help="Largest batch of compatible jobs per pipeline call.")] = None,
     batch_max_pixels: Annotated[
-        int | None, typer.Option(help="Only images up to this many pixels are batched [default 320*320].")
+        int | None, typer.Option(help="Batch images up to this many pixels [512*512 on CUDA, else 320*320].")
     ] = None,
     database: Annotated[str | None, typer.Option(help="SQLAlchemy URL [default: SQLite in the data dir].")] = None,
     device: Annotated[

@@ -31,10 +31,9 @@ class Settings(BaseSettings):
     model_config_file: Path | None = Field(default=None, validation_alias="FLUXSERVE_MODEL_CONFIG")
     allow_private_urls: bool = False
     cors_origins: list[str] = ["*"]
-    # Batching measured on the 2-core CPU (bench/cpu_throughput.py): 1.46x throughput at 256x256,
-    # 0.81x at 1024x1024; plain diffusers' own batches are 0.87x at 512x512. So only small images batch.
     max_batch: int = Field(default=8, ge=1, le=64)
-    batch_max_pixels: int = Field(default=320 * 320, ge=0)
+    # None: by device (worker.default_batch_max_pixels); a number overrides it everywhere.
+    batch_max_pixels: int | None = Field(default=None, ge=0)
     # zlib level for PNG outputs (lossless at any level). Measured on a 1024x1024 photo-like image
     # (2-core CPU): level 6 (Pillow's default) 349 ms and 1.71 MB, level 1 166 ms and 1.96 MB.
     png_compress_level: int = Field(default=1, ge=0, le=9)

@@ -5,8 +5,8 @@
   kernels only, except sage (8-bit QK), which auto never picks.
 - compile: ``torch.compile`` of the transformer's repeated blocks (regional: seconds, not
   minutes), with a persistent inductor cache; warmed up at start. It also fuses each attention's
-  Q, K and V projections into one matmul and keeps the VAE channels-last (same maths; pixels may
-  differ by float rounding, as compiled kernels do).
+  Q, K and V projections into one matmul (same maths; pixels may differ by float rounding, as
+  compiled kernels do).
 - quantize fp8: torchao float8 weights and activations with per-row scales (lossy; needs compute
   capability 8.9+).
 - first-block cache: skips the remaining blocks when the first block's residual barely
@@ -171,12 +171,9 @@ def apply(pipe: Any, opts: SpeedOptions, device: str, placement: str = "none") -
     # Offload hooks are attached to the existing layers; fused layers would be new ones without them.
     if (opts.compile or opts.quantize != "none") and placement == "none":
         # Fused before fp8 so the fused weight is what is quantized.
+        # The VAE stays as it is: channels-last and fused VAE attention made the 1024x1024 decode
+        # slower on an H100 (0.18 s after the last step vs 0.11 s eager; bench/gpu_fullsize.py).
         fuse_qkv(transformer)
-        if opts.compile:
-            import torch
-
-            pipe.vae.fuse_qkv_projections()
-            pipe.vae.to(memory_format=torch.channels_last)
     if opts.quantize == "fp8":
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
