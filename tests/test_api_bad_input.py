@@ -140,3 +140,29 @@ def test_unknown_route_and_method_are_json(client: TestClient) -> None:
 def test_feed_of_unknown_id_is_404(client: TestClient) -> None:
     resp = client.get("/vmodel/feed/doesnotexist", headers=AUTH)
     assert resp.status_code == 404 and resp.json()["error"]["param"] == "id"
+
+
+PREDICT = "/v1/models/black-forest-labs/flux-schnell/predictions"
+
+
+def test_header_and_query_values_that_used_to_give_500(client: TestClient) -> None:
+    for cancel_after in ("999999999h", "99999999999999999999s", "169h"):
+        resp = client.post(PREDICT, json={"input": {"prompt": "p"}}, headers={**AUTH, "Cancel-After": cancel_after})
+        assert resp.status_code == 422 and "at most 168h" in resp.json()["detail"], resp.text
+    assert client.post(PREDICT, json={"input": {"prompt": "p"}}, headers={**AUTH, "Cancel-After": "168h"}).is_success
+    # Nothing half-made: the list renders, and holds only the accepted prediction.
+    listed = client.get("/v1/predictions", headers=AUTH)
+    assert listed.status_code == 200 and len(listed.json()["results"]) == 1
+    resp = client.post(PREDICT, json={"input": {"prompt": "p"}}, headers={**AUTH, "Prefer": "wait="})
+    assert resp.status_code == 422 and "Prefer" in resp.json()["detail"]
+    for cursor in ("WzFlNDAwLCAiYSJd", "WzEsIDJd", "W3RydWUsICJhIl0="):  # [1e400, "a"], [1, 2], [true, "a"]
+        resp = client.get("/v1/predictions", params={"cursor": cursor}, headers=AUTH)
+        assert resp.status_code == 422 and "cursor" in resp.json()["detail"], resp.text
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "http://example.com:99999/hook"])
+def test_unparseable_webhook_urls_are_4xx_in_each_dialect(client: TestClient, url: str) -> None:
+    rep = client.post(PREDICT, json={"input": {"prompt": "p"}, "webhook": url}, headers=AUTH)
+    assert rep.status_code == 422 and "webhook" in rep.json()["detail"], rep.text
+    bfl = client.post("/v1/flux-dev", json={"prompt": "p", "webhook_url": url}, headers=AUTH)
+    assert bfl.status_code == 422 and "webhook_url" in bfl.text, bfl.text

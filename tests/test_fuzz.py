@@ -1,5 +1,7 @@
 """Property test: whatever JSON a client sends to a create route, the answer is never a 5xx."""
 
+import base64
+import json
 from typing import Any
 
 import pytest
@@ -51,5 +53,53 @@ def test_no_input_makes_a_server_error(client: TestClient, path: str, shape: Any
         assert resp.headers["content-type"].startswith(
             ("application/json", "application/problem+json", "text/event-stream")
         )
+
+    check()
+
+
+# Header values a client can send: printable latin-1, as HTTP allows.
+header_text = st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"), max_size=40)
+durations = st.builds(
+    lambda n, u: f"{n}{u}",
+    st.integers(0, 10**25) | st.floats(0, 1e30),
+    st.sampled_from(["ns", "ms", "s", "m", "h", ""]),
+)
+HEADER_ROUTES = [path for path, _ in ROUTES] + ["/v1/images/edits"]
+
+
+@pytest.mark.parametrize("path", HEADER_ROUTES)
+def test_no_header_makes_a_server_error(client: TestClient, path: str) -> None:
+    """Prefer, Cancel-After and Idempotency-Key as sent, on every create route (and the list after)."""
+    auth = {**AUTH, "x-key": API_KEY}
+    body = {"prompt": "p"}
+    shape = dict(ROUTES).get(path, lambda b: b)
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(prefer=header_text | st.builds("wait={}".format, header_text), cancel_after=header_text | durations,
+           idem=header_text)  # fmt: skip
+    def check(prefer: str, cancel_after: str, idem: str) -> None:
+        headers = {**auth, "Prefer": prefer, "Cancel-After": cancel_after, "Idempotency-Key": idem}
+        encoded = {k: v.encode("latin-1") for k, v in headers.items()}
+        if path.endswith("/edits"):
+            resp = client.post(path, data=body, files={"image": ("a.png", b"not a png")}, headers=encoded)
+        else:
+            resp = client.post(path, json=shape(body), headers=encoded)
+        assert resp.status_code < 500, (headers, resp.text)
+
+    check()
+    # Whatever was accepted still renders.
+    assert client.get("/v1/predictions", headers=auth).status_code == 200
+
+
+def _cursor(value: Any) -> str:
+    return base64.urlsafe_b64encode(json.dumps(value).encode()).decode()
+
+
+def test_no_cursor_makes_a_server_error(client: TestClient) -> None:
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(cursor=st.text(max_size=40) | st.builds(_cursor, json_values))
+    def check(cursor: str) -> None:
+        resp = client.get("/v1/predictions", params={"cursor": cursor}, headers=AUTH)
+        assert resp.status_code in (200, 422), (cursor, resp.text)
 
     check()

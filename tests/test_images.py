@@ -1,6 +1,7 @@
 """Image decoding and URL rules, unit level."""
 
 import asyncio
+import ipaddress
 
 import httpx
 import pytest
@@ -8,6 +9,7 @@ from PIL import Image
 
 from fluxserve.errors import InvalidInput
 from fluxserve.images import compose_references, decode_image, fetch_image_bytes, fit_megapixel, mask_from_alpha
+from fluxserve.netguard import is_public
 from tests.images_util import bomb_png, encoded, png_bytes
 
 
@@ -56,12 +58,21 @@ def test_mask_semantics_and_size() -> None:
 @pytest.mark.parametrize(
     "url",
     ["http://127.0.0.1/x.png", "http://169.254.169.254/latest/meta-data", "http://10.0.0.1/", "http://[::1]/",
-     "file:///etc/passwd", "ftp://example.com/a.png", "http://localhost:1/a.png", "http://0.0.0.0/"],
+     "file:///etc/passwd", "ftp://example.com/a.png", "http://localhost:1/a.png", "http://0.0.0.0/",
+     # IPv6 forms that carry a private IPv4 address: NAT64, 6to4, IPv4-compatible, IPv4-mapped.
+     "http://[64:ff9b::7f00:1]/", "http://[64:ff9b:1::a00:1]/", "http://[2002:a9fe:a9fe::]/", "http://[::127.0.0.1]/",
+     "http://[::ffff:10.0.0.1]/", "http://[::1/", "http://example.com:99999/"],
 )  # fmt: skip
 def test_private_and_non_http_urls_refused(url: str) -> None:
     with pytest.raises(InvalidInput) as err:
         asyncio.run(fetch_image_bytes(url, param="input_image", allow_private=False))
     assert err.value.code == "invalid_image_url"
+
+
+def test_ipv6_forms_embedding_public_ipv4_stay_public() -> None:
+    assert is_public(ipaddress.ip_address("64:ff9b::808:808")) and is_public(ipaddress.ip_address("2002:808:808::1"))
+    assert is_public(ipaddress.ip_address("2001:4860:4860::8888"))
+    assert not is_public(ipaddress.ip_address("2002:7f00:1::")) and not is_public(ipaddress.ip_address("::"))
 
 
 def test_data_urls() -> None:

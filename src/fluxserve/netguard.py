@@ -9,10 +9,41 @@ from urllib.parse import urlsplit
 
 from .errors import InvalidInput
 
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+
+
+def embedded_ipv4(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one carries and that a router may forward to: mapped (::ffff:a.b.c.d),
+    IPv4-compatible (::a.b.c.d, RFC 4291), 6to4 (2002::/16, RFC 3056), NAT64 (RFC 6052), Teredo."""
+    if addr.version == 4:
+        return None
+    assert isinstance(addr, ipaddress.IPv6Address)
+    if addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    if addr.sixtofour is not None:
+        return addr.sixtofour
+    if addr.teredo is not None:
+        return addr.teredo[1]
+    if any(addr in net for net in _NAT64) or (int(addr) >> 32 == 0 and int(addr) > 1):
+        return ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+    return None
+
+
+def is_public(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Global unicast, and so is any IPv4 address it embeds."""
+    if not addr.is_global or addr.is_multicast:
+        return False
+    inner = embedded_ipv4(addr)
+    return inner is None or (inner.is_global and not inner.is_multicast)
+
 
 def check_public_url(url: str, *, param: str, allow_private: bool, code: str) -> None:
     """http(s) only; every address the host resolves to must be global (not loopback, private, link-local...)."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:  # "http://[::1", a port out of range
+        raise InvalidInput(f"{param} is not a valid URL ({exc}).", param=param, code=code) from exc
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidInput(
             f"{param} must be an http(s) URL; got scheme {parts.scheme!r}."
@@ -24,12 +55,11 @@ def check_public_url(url: str, *, param: str, allow_private: bool, code: str) ->
     if allow_private:
         return
     try:
-        infos = socket.getaddrinfo(parts.hostname, parts.port or 443, type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(parts.hostname, port or 443, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
         raise InvalidInput(f"{param}: cannot resolve host {parts.hostname!r}.", param=param, code=code) from exc
     for info in infos:
-        addr = ipaddress.ip_address(str(info[4][0]).split("%")[0])
-        if not addr.is_global or addr.is_multicast:
+        if not is_public(ipaddress.ip_address(str(info[4][0]).split("%")[0])):
             raise InvalidInput(
                 f"{param}: {parts.hostname!r} resolves to a private, loopback or link-local address, "
                 "which this server does not connect to.",
@@ -46,7 +76,7 @@ def check_peer(response: Any, *, param: str) -> None:
     if not peer:
         return  # not a socket (tests' mock transports)
     addr = ipaddress.ip_address(str(peer[0]).split("%")[0])
-    if not addr.is_global or addr.is_multicast:
+    if not is_public(addr):
         raise InvalidInput(
             f"{param}: the connection went to a private address ({addr}), which this server does not fetch from.",
             param=param,

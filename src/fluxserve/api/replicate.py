@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 import time
 from collections.abc import AsyncIterator
@@ -147,6 +148,9 @@ _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
+MAX_DURATION_S = 7 * 24 * 3600  # a deadline beyond a week means nothing to a queue; huge ones overflow dates
+
+
 def parse_duration(value: str, *, param: str) -> float:
     """Go-style durations as Replicate takes them: '30s', '5m', '1h30m', '1.5s', '500ms'."""
     text = value.strip()
@@ -156,6 +160,8 @@ def parse_duration(value: str, *, param: str) -> float:
     seconds = sum(float(n) * _UNITS[u] for n, u in parts)
     if seconds <= 0:
         raise InvalidInput(f"{param} must be positive.", param=param)
+    if seconds > MAX_DURATION_S:
+        raise InvalidInput(f"{param} must be at most {MAX_DURATION_S // 3600}h; got {value!r}.", param=param)
     return seconds
 
 
@@ -164,10 +170,10 @@ def parse_prefer_wait(header: str | None) -> float | None:
     if not header:
         return None
     for pref in (p.strip() for p in header.split(",")):
-        name, _, value = pref.partition("=")
+        name, equals, value = pref.partition("=")
         if name.strip().lower() != "wait":
             continue
-        if not value:
+        if not equals:
             return 60.0
         if not value.strip().isdigit() or not 1 <= int(value) <= 60:
             raise InvalidInput(
@@ -314,7 +320,11 @@ async def list_predictions(services: ServicesDep, owner: OwnerDep, cursor: str |
 def _decode_cursor(cursor: str) -> tuple[float, str]:
     try:
         created, job_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-        return float(created), str(job_id)
+        if isinstance(created, bool) or not isinstance(created, int | float) or not isinstance(job_id, str):
+            raise TypeError("not a (created, id) pair")
+        if not math.isfinite(created):
+            raise ValueError("created is not finite")
+        return float(created), job_id
     except (ValueError, TypeError) as exc:
         raise InvalidInput("cursor is not a cursor this server handed out.", param="cursor") from exc
 
