@@ -53,6 +53,41 @@ def test_claim_order_complete_and_events(tmp_path: Path) -> None:
     assert all(e.attempt == (0 if e.kind is EventKind.SUBMITTED else 1) for e in events)
 
 
+def test_keys_take_turns_and_positions_follow_the_claim_order(tmp_path: Path) -> None:
+    jobs = _service(tmp_path)
+    flood = [_submit(jobs, "a") for _ in range(30)]
+    b1 = _submit(jobs, "b")
+    # Before anything runs, b's job is second: after a's oldest, ahead of a's 29 others.
+    assert jobs.get_sync(b1.id, "b").queue_position == 2
+    assert jobs.get_sync(flood[1].id, "a").queue_position == 3
+    running = jobs.claim("w1")
+    assert running is not None and running.id == flood[0].id
+    # a has a job running, so b's turn comes first.
+    assert jobs.get_sync(b1.id, "b").queue_position == 1
+    c1, c2 = _submit(jobs, "c"), _submit(jobs, "c")
+    # Every position a client reads is the place the job is then claimed in.
+    expected = {j.id: jobs.get_sync(j.id, j.owner).queue_position for j in [*flood[1:], b1, c1, c2]}
+    order: list[str] = []
+    while (job := jobs.claim(f"w{len(order)}")) is not None:
+        order.append(job.owner)
+        assert expected[job.id] == len(order), (job.owner, expected[job.id], len(order))
+    # Turns: b and c (never served) before a's second job; c's second after a's second.
+    assert order[:5] == ["b", "c", "a", "c", "a"] and order.count("a") == 29
+
+
+def test_fair_order_keeps_batches_and_model_filters(tmp_path: Path) -> None:
+    jobs = _service(tmp_path)
+    for _ in range(3):
+        _submit(jobs, "a")
+    b = _submit(jobs, "b")
+    lead = jobs.claim("w1")
+    assert lead is not None and lead.owner == "a"
+    # Companions for the batch come in fair order too: b's job before a's later ones.
+    companions = jobs.claim_compatible(lead, "w1", max_images=3)
+    assert [j.owner for j in companions] == ["b", "a"] and companions[0].id == b.id
+    assert jobs.claim("w2", models={"flux-schnell"}) is None  # only flux-dev jobs are queued
+
+
 def test_a_worker_whose_lease_was_taken_cannot_complete_or_fail(tmp_path: Path) -> None:
     jobs = _service(tmp_path, lease_s=0.2)
     job = _submit(jobs)

@@ -118,19 +118,19 @@ class JobService:
         return existing
 
     def claim(self, worker_id: str, models: set[str] | None = None) -> Job | None:
-        """The oldest queued job this worker serves, now processing under its lease."""
-        ids = [job_id for job_id, model, _ in self.store.queued(limit=16) if models is None or model in models]
+        """The next queued job this worker serves (keys take turns), now processing under its lease."""
+        ids = [job_id for job_id, _, _ in self.store.queued(limit=16, models=models)]
         claimed = self.store.claim(ids, worker_id, self.lease_s, first_only=True) if ids else []
         for job in claimed:
             self._changed(job, EventKind.STARTED)
         return claimed[0] if claimed else None
 
     def claim_compatible(self, first: Job, worker_id: str, max_images: int) -> list[Job]:
-        """Queued jobs that can share ``first``'s pipeline call, oldest first, up to max_images in all."""
+        """Queued jobs that can share ``first``'s pipeline call, in fair order, up to max_images in all."""
         key = first.spec.batch_key()
         budget = max_images - first.spec.num_images
         ids: list[str] = []
-        for job_id, _, spec in self.store.queued(limit=64, model=first.spec.model):
+        for job_id, _, spec in self.store.queued(limit=64, models=[first.spec.model]):
             if budget <= 0:
                 break
             if spec.batch_key() == key and spec.num_images <= budget:

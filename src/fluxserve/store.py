@@ -11,7 +11,7 @@ import json
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,6 +151,38 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+
+def _fair_queue(models: Collection[str] | None) -> Any:
+    """Queued jobs with their turn: the job's place among its owner's queued jobs plus the owner's
+    running ones. Ordered by turn, then age, keys take turns: a key that floods the queue delays
+    another key's job by about one job per busy worker, and positions come from the same order.
+    One SQL query (window function), so it holds with any number of API nodes and workers."""
+    running = (
+        select(jobs.c.owner, func.count().label("n"))
+        .where(jobs.c.status == Status.PROCESSING.value)
+        .group_by(jobs.c.owner)
+        .subquery()
+    )
+    place = func.row_number().over(partition_by=jobs.c.owner, order_by=(jobs.c.created_at, jobs.c.id))
+    query = (
+        select(
+            jobs.c.id,
+            jobs.c.model,
+            jobs.c.spec,
+            jobs.c.created_at,
+            (place + func.coalesce(running.c.n, 0)).label("turn"),
+        )
+        .select_from(jobs.outerjoin(running, running.c.owner == jobs.c.owner))
+        .where(jobs.c.status == Status.QUEUED.value)
+    )
+    if models is not None:
+        query = query.where(jobs.c.model.in_(list(models)))
+    return query.subquery()
+
+
+def _fair_order(q: Any) -> tuple[Any, ...]:
+    return (q.c.turn, q.c.created_at, q.c.id)
+
 class Store:
     def __init__(self, url: str) -> None:
         self.url = url
@@ -227,11 +259,19 @@ class Store:
             return int(conn.execute(select(func.count()).where(jobs.c.status == Status.QUEUED.value)).scalar_one())
 
     def queue_position(self, job: Job) -> int:
-        """1 = next to run."""
+        """1 = next to run, in the order workers claim (``_fair_queue``)."""
+        q = _fair_queue(None)
         with self._read() as conn:
+            mine = conn.execute(select(q.c.turn, q.c.created_at).where(q.c.id == job.id)).first()
+            if mine is None:
+                return 1  # claimed or ended since it was read
             ahead = conn.execute(
                 select(func.count()).where(
-                    and_(jobs.c.status == Status.QUEUED.value, jobs.c.created_at < job.created_at)
+                    or_(
+                        q.c.turn < mine.turn,
+                        and_(q.c.turn == mine.turn, q.c.created_at < mine.created_at),
+                        and_(q.c.turn == mine.turn, q.c.created_at == mine.created_at, q.c.id < job.id),
+                    )
                 )
             ).scalar_one()
         return int(ahead) + 1
@@ -270,13 +310,11 @@ class Store:
             ).all()
         return [_to_job(r) for r in rows]
 
-    def queued(self, limit: int, model: str | None = None) -> list[tuple[str, str, GenerationSpec]]:
-        """(id, model, spec) of the oldest queued jobs: what a worker needs to choose, without whole rows."""
-        query = select(jobs.c.id, jobs.c.model, jobs.c.spec).where(jobs.c.status == Status.QUEUED.value)
-        if model is not None:
-            query = query.where(jobs.c.model == model)
+    def queued(self, limit: int, models: Collection[str] | None = None) -> list[tuple[str, str, GenerationSpec]]:
+        """(id, model, spec) of the next queued jobs in fair order: what a worker needs to choose, without rows."""
+        q = _fair_queue(models)
         with self._read() as conn:
-            rows = conn.execute(query.order_by(jobs.c.created_at).limit(limit)).all()
+            rows = conn.execute(select(q.c.id, q.c.model, q.c.spec).order_by(*_fair_order(q)).limit(limit)).all()
         return [(r.id, r.model, GenerationSpec.from_dict(json.loads(r.spec))) for r in rows]
 
     # jobs: writes (JobService only) ----------------------------------------
