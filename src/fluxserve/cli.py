@@ -37,6 +37,23 @@ def _settings(**overrides: Any) -> Settings:
         raise typer.Exit(2) from None
 
 
+ENGINE_PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "safetensors")
+
+
+def _check_engine_installed() -> None:
+    """Without the engine extra, serve would start and sit in `error`: say what to install instead."""
+    import importlib.util
+
+    missing = [name for name in ENGINE_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        typer.echo(
+            f"fluxserve: serve needs the engine ({', '.join(missing)} not installed): install a torch build "
+            "for your machine, then: pip install 'fluxserve[engine]'",
+            err=True,
+        )
+        raise typer.Exit(2)
+
+
 def _check_fp8(settings: Settings) -> None:
     """Refuse fp8 on hardware without fp8 kernels before the server starts, not after it loads."""
     from .app import devices
@@ -142,6 +159,7 @@ def serve(
         offload=offload,
         vae_tiling=vae_tiling,
     )
+    _check_engine_installed()
     if settings.quantize == "fp8":
         _check_fp8(settings)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

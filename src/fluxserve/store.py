@@ -151,7 +151,6 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-
 def _fair_queue(models: Collection[str] | None) -> Any:
     """Queued jobs with their turn: the job's place among its owner's queued jobs plus the owner's
     running ones. Ordered by turn, then age, keys take turns: a key that floods the queue delays
@@ -182,6 +181,7 @@ def _fair_queue(models: Collection[str] | None) -> Any:
 
 def _fair_order(q: Any) -> tuple[Any, ...]:
     return (q.c.turn, q.c.created_at, q.c.id)
+
 
 class Store:
     def __init__(self, url: str) -> None:

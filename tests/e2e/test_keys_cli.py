@@ -3,6 +3,7 @@
 import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -116,6 +117,22 @@ def test_bad_serve_flags_exit_2_with_one_clear_line(tmp_path: Path) -> None:
         assert out.returncode == 2, (args, out.stderr)
         assert expected in out.stderr and "Traceback" not in out.stderr, out.stderr
     assert not (tmp_path / "data").exists()  # refused before anything was created
+
+
+def test_serve_without_the_engine_extra_says_what_to_install(tmp_path: Path) -> None:
+    # A real serve process on an install where diffusers cannot be found (find_spec is what the check uses).
+    hide = (
+        "import importlib.util as u, sys; real = u.find_spec; "
+        "u.find_spec = lambda n, *a: None if n == 'diffusers' else real(n, *a); "
+        f"sys.argv = ['fluxserve', 'serve', '--data-dir', {str(tmp_path / 'data')!r}]; "
+        "from fluxserve.cli import main; main()"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLUXSERVE_")}
+    out = subprocess.run([sys.executable, "-c", hide], capture_output=True, text=True, timeout=60, env=env, check=False)
+    assert out.returncode == 2, out.stderr
+    assert "diffusers not installed" in out.stderr and "pip install 'fluxserve[engine]'" in out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "data").exists()
 
 
 def test_db_upgrade_applies_missing_steps_once(tmp_path: Path) -> None:
