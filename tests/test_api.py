@@ -2,6 +2,7 @@
 
 import base64
 import io
+import random
 from pathlib import Path
 from typing import Any
 
@@ -201,6 +202,45 @@ def test_idempotency_on_every_create_route(client: TestClient) -> None:
         assert first.status_code == second.status_code == other.status_code == 200, (method, first.text)
         # The replay is the same job (same id, or for OpenAI's images the same output files); another key is not.
         assert _job_of(first) == _job_of(second) != _job_of(other)
+
+
+def test_idempotency_covers_the_image_bytes(client: TestClient) -> None:
+    """Same key, same fields, another image: a 409 in each dialect, never the first job's result."""
+    from tests.images_util import png_bytes
+
+    red, blue = png_bytes(color=(200, 30, 30)), png_bytes(color=(30, 30, 200))
+    big = Image.frombytes("RGB", (400, 400), random.Random(1).randbytes(400 * 400 * 3))  # too big to echo
+    buf = io.BytesIO()
+    big.save(buf, format="PNG")
+    big_url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    big.putpixel((200, 200), (0, 0, 0))
+    buf = io.BytesIO()
+    big.save(buf, format="PNG")
+    big_url2 = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    assert big_url[:60] == big_url2[:60] and len(big_url) > 256 * 1024
+
+    def edits(img: bytes) -> dict[str, Any]:
+        return {"data": {"prompt": "same"}, "files": {"image": ("a.png", img)}}
+
+    def bfl(url: str) -> dict[str, Any]:
+        return {"json": {"prompt": "same", "input_image": url}}
+
+    def replicate(url: str) -> dict[str, Any]:
+        return {"json": {"input": {"prompt": "same", "image": url}}}
+
+    cases = [
+        ("/v1/images/edits", edits(red), edits(blue)),
+        ("/v1/flux-kontext-pro", bfl(big_url), bfl(big_url2)),
+        ("/v1/models/black-forest-labs/flux-dev/predictions", replicate(big_url), replicate(big_url2)),
+    ]
+    for i, (path, first_kw, second_kw) in enumerate(cases):
+        headers = {**AUTH, "x-key": AUTH["Authorization"].split()[1], "Idempotency-Key": f"img-{i}"}
+        first = client.post(path, headers=headers, **first_kw)
+        assert first.status_code in (200, 201), (path, first.text)
+        same = client.post(path, headers=headers, **first_kw)
+        assert _job_of(same) == _job_of(first), path
+        other = client.post(path, headers=headers, **second_kw)
+        assert other.status_code == 409, (path, other.status_code, other.text[:200])
 
 
 def _job_of(resp: Any) -> object:

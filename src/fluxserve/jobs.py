@@ -82,11 +82,14 @@ class JobService:
         idempotency_key: str | None = None,
         deadline: float | None = None,
         webhook: dict[str, Any] | None = None,
+        input_digest: str | None = None,
     ) -> Job:
-        """Queue a job. The same Idempotency-Key with the same request returns the first job; another is a 409."""
+        """Queue a job. The same Idempotency-Key with the same request (and input images, by digest)
+        returns the first job; another is a 409."""
         fingerprint = None
         if idempotency_key is not None:
-            fingerprint = hashlib.sha256(json.dumps([dialect, request], sort_keys=True).encode()).hexdigest()
+            signed = [dialect, request, *([input_digest] if input_digest else [])]
+            fingerprint = hashlib.sha256(json.dumps(signed, sort_keys=True).encode()).hexdigest()
             existing = self.store.find_idempotent(owner, idempotency_key)
             if existing is not None:
                 return self._replay(existing, fingerprint)

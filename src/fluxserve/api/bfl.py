@@ -119,13 +119,13 @@ async def _create(endpoint: str, request: Request, services: Services, owner: st
             check_webhook_url, body.webhook_url, param="webhook_url", allow_private=services.settings.allow_private_urls
         )
         webhook = {"url": body.webhook_url, "events": ["completed"], "secret": body.webhook_secret}
-    await inputs.store(services)
+    digest = await inputs.store(services)
     echo = {
         "endpoint": endpoint,
         "input": elide_inline_images(body.model_dump(exclude_unset=True, exclude={"webhook_secret"})),
     }
     job = await services.jobs.submit(
-        owner, "bfl", spec, echo, idempotency_key=idempotency_key(request), webhook=webhook
+        owner, "bfl", spec, echo, idempotency_key=idempotency_key(request), webhook=webhook, input_digest=digest
     )
     polling_url = f"{services.settings.base_url}/v1/get_result?id={job.id}"
     mp = round(width * height / 1_000_000, 2)

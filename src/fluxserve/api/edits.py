@@ -118,9 +118,11 @@ async def _run(
         mask=inputs.mask_key,
         **overrides,
     )
-    await inputs.store(services)
+    digest = await inputs.store(services)
     echo = {**body.model_dump(exclude_none=True), **echo}
-    return await run_and_render(request, services, owner, spec, echo, body.response_format, body.quality)
+    return await run_and_render(
+        request, services, owner, spec, echo, body.response_format, body.quality, input_digest=digest
+    )
 
 
 def _check_prompt_given(body: EditForm) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import secrets
 from dataclasses import dataclass, field
@@ -55,17 +56,26 @@ class Inputs:
     def mask_key(self) -> str | None:
         return f"{self.prefix}/mask.png" if self.mask is not None else None
 
-    async def store(self, services: Services) -> None:
-        """save() off the event loop (PNG encoding and file writes); nothing to do without images."""
+    async def store(self, services: Services) -> str | None:
+        """save() off the event loop (PNG encoding and file writes); None without images."""
         if self.images or self.mask is not None:
-            await services.jobs.run(self.save, services.storage)
+            return await services.jobs.run(self.save, services.storage)
+        return None
 
-    def save(self, storage: Storage) -> None:
-        """Inputs live in storage, not the job row, so a re-queued job still has them after a restart."""
-        for key, img in zip(self.keys, self.images, strict=True):
-            storage.put(key, _png(img))
+    def save(self, storage: Storage) -> str:
+        """Inputs live in storage, not the job row, so a re-queued job still has them after a restart.
+
+        Returns a digest of every stored byte: an Idempotency-Key replay with other images is a 409,
+        not the first job's result (the job row holds URLs and elided data: URLs, not pixels)."""
+        digest = hashlib.sha256()
+        stored = list(zip(self.keys, self.images, strict=True))
         if self.mask is not None and self.mask_key is not None:
-            storage.put(self.mask_key, _png(self.mask))
+            stored.append((self.mask_key, self.mask))
+        for key, img in stored:
+            data = _png(img)
+            storage.put(key, data)
+            digest.update(key.rsplit("/", 1)[-1].encode() + hashlib.sha256(data).digest())
+        return digest.hexdigest()
 
 
 def _png(img: Image.Image) -> bytes:

@@ -160,10 +160,12 @@ async def run_and_render(
     echo: dict[str, Any],
     response_format: str | None,
     quality: str | None,
+    *,
+    input_digest: str | None = None,
 ) -> Response:
     """The synchronous OpenAI call: a job like any other, waited on, rendered as an images response."""
     key = idempotency_key(request)
-    job = await services.jobs.submit(owner, "openai", spec, echo, idempotency_key=key)
+    job = await services.jobs.submit(owner, "openai", spec, echo, idempotency_key=key, input_digest=input_digest)
     while not job.status.is_terminal:
         job = await services.jobs.wait(job.id, owner, timeout=1.0)
         # A client that gave up (a closed chat tab, a timeout) frees the GPU. A job shared through an

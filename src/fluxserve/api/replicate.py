@@ -209,11 +209,11 @@ async def _create(request: Request, services: Services, owner: str, name: str, b
         )
         events: list[str] = list(body.webhook_events_filter) if body.webhook_events_filter else list(EVENTS)
         webhook = {"url": body.webhook, "events": events}
-    await inputs.store(services)
+    digest = await inputs.store(services)
     echo = {"model": f"{OWNER}/{name}", "input": elide_inline_images(body.input), "list_output": list_output}
     job = await services.jobs.submit(
         owner, "replicate", spec, echo,
-        idempotency_key=idempotency_key(request), deadline=deadline, webhook=webhook,
+        idempotency_key=idempotency_key(request), deadline=deadline, webhook=webhook, input_digest=digest,
     )  # fmt: skip
     if wait_s is not None:
         job = await services.jobs.wait(job.id, owner, timeout=wait_s)

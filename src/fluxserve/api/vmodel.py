@@ -85,9 +85,11 @@ async def generate(request: Request, services: ServicesDep, owner: OwnerDep) -> 
             "seed": "input.seed",
         },
     )
-    await inputs.store(services)
+    digest = await inputs.store(services)
     echo = {"model": body.model, "input": elide_inline_images(inp.model_dump(exclude_unset=True))}
-    job = await services.jobs.submit(owner, "vmodel", spec, echo, idempotency_key=idempotency_key(request))
+    job = await services.jobs.submit(
+        owner, "vmodel", spec, echo, idempotency_key=idempotency_key(request), input_digest=digest
+    )
     return {"id": job.id}
 
 
