@@ -215,15 +215,25 @@ def test_migrations_are_numbered_idempotent_and_upgrade_an_old_database(tmp_path
         " progress_done INTEGER NOT NULL, progress_total INTEGER NOT NULL, outputs TEXT NOT NULL, error TEXT,"
         " cancel_requested BOOLEAN NOT NULL)"
     )
+    old.execute(
+        "CREATE TABLE api_keys (id VARCHAR(16) PRIMARY KEY, name VARCHAR(128) NOT NULL, key_hash VARCHAR(64) NOT NULL"
+        " UNIQUE, prefix VARCHAR(16) NOT NULL, created_at FLOAT NOT NULL, revoked_at FLOAT)"
+    )
     old.commit()
     old.close()
     store = Store(f"sqlite:///{path}")
     assert current_version(store.engine) == 0
-    assert upgrade(store.engine) == ["1: jobs and api keys", "2: worker leases, job events, webhook outbox"]
+    assert upgrade(store.engine) == [
+        "1: jobs and api keys",
+        "2: worker leases, job events, webhook outbox",
+        "3: per-key limits",
+    ]
     assert upgrade(store.engine) == []
     assert current_version(store.engine) == LATEST
     columns = {c["name"] for c in inspect(store.engine).get_columns("jobs")}
-    assert {"previews", "webhook", "worker_id", "lease_expires_at"} <= columns
+    assert {"previews", "webhook", "worker_id", "lease_expires_at", "images"} <= columns
+    key_columns = {c["name"] for c in inspect(store.engine).get_columns("api_keys")}
+    assert {"max_queued", "rpm", "images_per_day"} <= key_columns
     jobs = JobService(store)
     assert _submit(jobs).status is Status.QUEUED
 

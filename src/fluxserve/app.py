@@ -18,11 +18,13 @@ from . import __version__
 from .api import bfl, edits, files, openai, replicate, vmodel
 from .api.deps import Services
 from .api.errors import install_error_handlers
+from .api.ratelimit import RateLimitHeaders
 from .auth import Authenticator
 from .engine.base import Engine
 from .errors import StoreUnavailable
 from .job import EventKind, Job
 from .jobs import JobService
+from .limits import Limits
 from .migrations import open_store
 from .models import ModelRegistry
 from .settings import Settings
@@ -99,7 +101,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
         registry = build_registry(settings)
         secret = load_or_create_secret(settings.data_dir / "secret.key")
         storage = LocalStorage(settings.outputs_dir, secret, settings.base_url, settings.url_ttl_s)
-        jobs = JobService(store, max_attempts=settings.max_attempts, lease_s=settings.lease_s)
+        defaults = Limits(settings.max_queued_per_key, settings.rpm_per_key, settings.images_per_day_per_key)
+        jobs = JobService(store, max_attempts=settings.max_attempts, lease_s=settings.lease_s, limits=defaults)
         chosen = engines or ([engine] if engine else [build_engine(settings, registry, d) for d in devices(settings)])
         workers = WorkerPool(
             [
@@ -147,6 +150,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
         allow_headers=["*"],
         expose_headers=["*"],
     )
+    app.add_middleware(RateLimitHeaders)
     install_error_handlers(app)
     app.include_router(openai.router)
     app.include_router(edits.router)

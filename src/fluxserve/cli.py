@@ -174,28 +174,68 @@ def serve(
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
 
 
+MaxQueued = Annotated[
+    int | None, typer.Option("--max-queued", min=0, help="Jobs queued or running at once (0: no limit).")
+]
+Rpm = Annotated[int | None, typer.Option("--rpm", min=0, help="Creates per minute (0: no limit).")]
+ImagesPerDay = Annotated[int | None, typer.Option("--images-per-day", min=0, help="Images per UTC day (0: no limit).")]
+
+
 @keys_app.command("create")
 def keys_create(
     name: Annotated[str, typer.Option("--name", help="A label for the key.")],
+    max_queued: MaxQueued = None,
+    rpm: Rpm = None,
+    images_per_day: ImagesPerDay = None,
     data_dir: DataDir = None,
     database: Annotated[str | None, typer.Option()] = None,
 ) -> None:
-    """Create a key and print it alone on stdout (it is stored hashed: save it now)."""
+    """Create a key and print it alone on stdout (it is stored hashed: save it now).
+    Limits not given follow the server's defaults (FLUXSERVE_*_PER_KEY)."""
     from .auth import create_key
+    from .limits import Limits
 
     store = _store(data_dir, database)
     new = create_key(store, name)
+    store.set_key_limits(new.id, Limits(max_queued, rpm, images_per_day))
     store.close()
     typer.echo(new.key)
 
 
+@keys_app.command("update")
+def keys_update(
+    key: Annotated[str, typer.Argument(help="Key id or name.")],
+    max_queued: MaxQueued = None,
+    rpm: Rpm = None,
+    images_per_day: ImagesPerDay = None,
+    data_dir: DataDir = None,
+    database: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Change a key's limits; they hold at once on every node sharing the database."""
+    from .limits import Limits
+
+    limits = Limits(max_queued, rpm, images_per_day)
+    if not any(v is not None for v in vars(limits).values()):
+        typer.echo("Nothing to change: give --max-queued, --rpm or --images-per-day.", err=True)
+        raise typer.Exit(2)
+    store = _store(data_dir, database)
+    n = store.set_key_limits(key, limits)
+    store.close()
+    if n == 0:
+        typer.echo(f"No active key with id or name {key!r}.", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"Updated {n} key(s).", err=True)
+
+
 @keys_app.command("list")
 def keys_list(data_dir: DataDir = None, database: Annotated[str | None, typer.Option()] = None) -> None:
-    """List keys (id, name, prefix, state)."""
+    """List keys (id, name, prefix, state, limits; '-' follows the server default, 0 is no limit)."""
     store = _store(data_dir, database)
     for row in store.list_keys():
         state = "revoked" if row.revoked_at else "active"
-        typer.echo(f"{row.id}\t{row.name}\t{row.prefix}...\t{state}")
+        names = ("max_queued", "rpm", "images_per_day")
+        limits = " ".join(f"{n}={'-' if getattr(row, n) is None else getattr(row, n)}" for n in names)
+        typer.echo(f"{row.id}\t{row.name}\t{row.prefix}...\t{state}\t{limits}")
     store.close()
 
 

@@ -65,6 +65,19 @@ class Conflict(FluxServeError):
     type = "invalid_request_error"
 
 
+class RateLimited(FluxServeError):
+    """A per-key limit (fluxserve.limits) refused a create; it names the limit and when to retry."""
+
+    status_code = 429
+    code = "rate_limit_exceeded"
+    type = "requests"
+
+    def __init__(self, message: str, *, retry_after: int, headers: dict[str, str]) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.headers = headers
+
+
 class ClientDisconnected(FluxServeError):
     """The client went away while waiting; nobody reads this response."""
 

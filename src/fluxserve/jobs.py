@@ -24,6 +24,8 @@ from typing import Any, TypeVar
 
 from .errors import Conflict, NotFound
 from .job import EventKind, Job, Output, Status, new_job_id
+from .limits import Limits
+from .limits import note as note_rate_headers
 from .spec import GenerationSpec
 from .store import Fence, Store, outputs_json
 
@@ -34,8 +36,17 @@ POLL_S = 0.5  # how often a watcher looks for events written by other processes
 
 
 class JobService:
-    def __init__(self, store: Store, *, max_attempts: int = 2, lease_s: float = 20.0, threads: int = 4) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        max_attempts: int = 2,
+        lease_s: float = 20.0,
+        threads: int = 4,
+        limits: Limits | None = None,
+    ) -> None:
         self.store = store
+        self.limits = limits  # the server's per-key defaults; keys may override them
         self.max_attempts = max_attempts
         self.lease_s = lease_s
         # Store calls from request handlers run here, never on the event loop.
@@ -72,7 +83,10 @@ class JobService:
                 log.exception("job change callback failed")
         return job
 
-    def submit_sync(
+    def submit_sync(self, *args: Any, **kwargs: Any) -> Job:
+        return self._submit(*args, **kwargs)[0]
+
+    def _submit(
         self,
         owner: str,
         dialect: str,
@@ -83,7 +97,7 @@ class JobService:
         deadline: float | None = None,
         webhook: dict[str, Any] | None = None,
         input_digest: str | None = None,
-    ) -> Job:
+    ) -> tuple[Job, dict[str, str]]:
         """Queue a job. The same Idempotency-Key with the same request (and input images, by digest)
         returns the first job; another is a 409."""
         fingerprint = None
@@ -92,7 +106,7 @@ class JobService:
             fingerprint = hashlib.sha256(json.dumps(signed, sort_keys=True).encode()).hexdigest()
             existing = self.store.find_idempotent(owner, idempotency_key)
             if existing is not None:
-                return self._replay(existing, fingerprint)
+                return self._replay(existing, fingerprint), {}
         job = Job(
             id=new_job_id(),
             owner=owner,
@@ -105,12 +119,13 @@ class JobService:
             fingerprint=fingerprint,
             progress_total=spec.steps,
         )
-        if not self.store.insert_job(job):  # a concurrent request with the same key won the insert
+        headers = self.store.insert_job(job, self.limits)
+        if headers is None:  # a concurrent request with the same key won the insert
             existing = self.store.find_idempotent(owner, idempotency_key or "")
             assert existing is not None
-            return self._replay(existing, fingerprint)
+            return self._replay(existing, fingerprint), {}
         self._changed(job, EventKind.SUBMITTED)
-        return job
+        return job, headers
 
     @staticmethod
     def _replay(existing: Job, fingerprint: str | None) -> Job:
@@ -267,7 +282,11 @@ class JobService:
         self._pool.submit(cancel)
 
     async def submit(self, *args: Any, **kwargs: Any) -> Job:
-        return await self.run(self.submit_sync, *args, **kwargs)
+        """submit_sync off the loop; an admitted create's x-ratelimit-* headers go to the response."""
+
+        job, headers = await self.run(self._submit, *args, **kwargs)
+        note_rate_headers(headers)
+        return job
 
     async def get(self, job_id: str, owner: str, dialect: str | None = None) -> Job:
         return await self.run(self.get_sync, job_id, owner, dialect)

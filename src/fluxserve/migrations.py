@@ -46,9 +46,17 @@ def _leases_events_outbox(conn: Connection) -> None:
     store.metadata.create_all(conn, tables=[store.job_events, store.webhook_deliveries])
 
 
+def _key_limits(conn: Connection) -> None:
+    _add_missing_columns(conn, store.jobs)  # images
+    _add_missing_columns(conn, store.api_keys)  # max_queued, rpm, images_per_day
+    # Per-key counts (limits, usage) read a key's recent jobs.
+    conn.execute(text("CREATE INDEX IF NOT EXISTS ix_jobs_owner_created_at ON jobs (owner, created_at)"))
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "jobs and api keys", _baseline),
     (2, "worker leases, job events, webhook outbox", _leases_events_outbox),
+    (3, "per-key limits", _key_limits),
 ]
 LATEST = MIGRATIONS[-1][0]
 

@@ -31,6 +31,10 @@ class Settings(BaseSettings):
     model_config_file: Path | None = Field(default=None, validation_alias="FLUXSERVE_MODEL_CONFIG")
     allow_private_urls: bool = False
     cors_origins: list[str] = ["*"]
+    # Per-key limits (fluxserve.limits), defaults for keys without their own; 0 means no limit.
+    max_queued_per_key: int = Field(default=1000, ge=0)
+    rpm_per_key: int = Field(default=0, ge=0)
+    images_per_day_per_key: int = Field(default=0, ge=0)
     max_batch: int = Field(default=8, ge=1, le=64)
     # None: by device (worker.default_batch_max_pixels); a number overrides it everywhere.
     batch_max_pixels: int | None = Field(default=None, ge=0)

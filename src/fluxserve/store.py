@@ -41,6 +41,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from .errors import StoreUnavailable
 from .job import WEBHOOK_EVENTS, EventKind, Job, JobEvent, Output, Status
+from .limits import Limits, Usage, admit, day_start
 from .spec import GenerationSpec
 
 metadata = MetaData()
@@ -71,6 +72,7 @@ jobs = Table(
     Column("previews", Text, nullable=False, default="[]"),
     Column("worker_id", String(128)),
     Column("lease_expires_at", Float),
+    Column("images", Integer),  # images asked for (per-key daily limits and usage)
     UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency"),
 )
 
@@ -83,6 +85,10 @@ api_keys = Table(
     Column("prefix", String(16), nullable=False),
     Column("created_at", Float, nullable=False),
     Column("revoked_at", Float),
+    # Per-key limits (fluxserve.limits): NULL takes the server's default, 0 means none.
+    Column("max_queued", Integer),
+    Column("rpm", Integer),
+    Column("images_per_day", Integer),
 )
 
 job_events = Table(
@@ -319,17 +325,46 @@ class Store:
 
     # jobs: writes (JobService only) ----------------------------------------
 
-    def insert_job(self, job: Job) -> bool:
-        """False when another job already holds this owner's idempotency key."""
+    def insert_job(self, job: Job, limits: Limits | None = None) -> dict[str, str] | None:
+        """The job inserted: its rate-limit headers (RateLimited past a limit), or None when another
+        job already holds this owner's idempotency key. Limits are counted in the same transaction."""
         try:
             with self._write() as conn:
+                headers = {}
+                if limits is not None:
+                    effective = limits.over(self._key_limits(conn, job.owner))
+                    if effective.any:
+                        usage = self._usage(conn, job.owner, job.created_at)
+                        headers = admit(effective, usage, job.spec.num_images, job.created_at)
                 conn.execute(jobs.insert().values(**_job_row(job)))
                 _append_event(conn, job, EventKind.SUBMITTED, {})
         except IntegrityError:
             if job.idempotency_key is None:
                 raise
-            return False
-        return True
+            return None
+        return headers
+
+    @staticmethod
+    def _key_limits(conn: Connection, owner: str) -> Limits:
+        row = conn.execute(
+            select(api_keys.c.max_queued, api_keys.c.rpm, api_keys.c.images_per_day).where(api_keys.c.id == owner)
+        ).first()
+        return Limits(row.max_queued, row.rpm, row.images_per_day) if row else Limits()
+
+    @staticmethod
+    def _usage(conn: Connection, owner: str, now: float) -> Usage:
+        mine = jobs.c.owner == owner
+        active = select(func.count()).where(
+            and_(mine, jobs.c.status.in_([Status.QUEUED.value, Status.PROCESSING.value]))
+        )
+        minute = select(func.count(), func.min(jobs.c.created_at)).where(and_(mine, jobs.c.created_at >= now - 60))
+        today = select(func.coalesce(func.sum(func.coalesce(jobs.c.images, 1)), 0)).where(
+            and_(mine, jobs.c.created_at >= day_start(now))
+        )
+        in_minute, oldest = conn.execute(minute).one()
+        return Usage(
+            int(conn.execute(active).scalar_one()), int(in_minute), oldest, int(conn.execute(today).scalar_one())
+        )
 
     def transition(
         self,
@@ -478,6 +513,22 @@ class Store:
         with self._read() as conn:
             return int(conn.execute(select(func.count()).select_from(api_keys)).scalar_one())
 
+    def set_key_limits(self, id_or_name: str, limits: Limits) -> int:
+        """Set the given limits (None leaves one as it is) on the active key(s) with this id or name."""
+        values = {k: v for k, v in vars(limits).items() if v is not None}
+        if not values:
+            return 0
+        with self._write() as conn:
+            return conn.execute(
+                update(api_keys)
+                .where(
+                    and_(
+                        (api_keys.c.id == id_or_name) | (api_keys.c.name == id_or_name), api_keys.c.revoked_at.is_(None)
+                    )
+                )
+                .values(**values)
+            ).rowcount
+
     def revoke_key(self, id_or_name: str) -> int:
         with self._write() as conn:
             return conn.execute(
@@ -594,6 +645,7 @@ def _job_row(job: Job) -> dict[str, Any]:
         "idempotency_key": job.idempotency_key,
         "fingerprint": job.fingerprint,
         "previews": "[]",
+        "images": job.spec.num_images,
     }
 
 

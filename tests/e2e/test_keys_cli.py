@@ -59,6 +59,20 @@ def test_keys_create_list_revoke(tmp_path: Path, demo_model_dir: Path) -> None:
         srv.stop()
 
 
+def test_keys_limits_create_update_list(tmp_path: Path) -> None:
+    data = ("--data-dir", str(tmp_path / "data"))
+    assert _cli("keys", "create", "--name", "team", "--rpm", "30", *data).returncode == 0
+    listed = _cli("keys", "list", *data).stdout
+    assert "max_queued=- rpm=30 images_per_day=-" in listed
+    assert _cli("keys", "update", "team", "--images-per-day", "500", "--max-queued", "0", *data).returncode == 0
+    assert "max_queued=0 rpm=30 images_per_day=500" in _cli("keys", "list", *data).stdout
+    nothing = _cli("keys", "update", "team", *data)
+    assert nothing.returncode == 2 and "Nothing to change" in nothing.stderr
+    assert _cli("keys", "update", "nobody", "--rpm", "1", *data).returncode == 1
+    negative = _cli("keys", "update", "team", "--rpm", "-1", *data)
+    assert negative.returncode == 2 and "Traceback" not in negative.stderr
+
+
 def test_data_dir_from_environment(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLUXSERVE_")}
     env["FLUXSERVE_DATA_DIR"] = str(tmp_path / "envdata")
@@ -140,5 +154,6 @@ def test_db_upgrade_applies_missing_steps_once(tmp_path: Path) -> None:
     first = _cli("db", "upgrade", *data)
     assert first.returncode == 0, first.stderr
     assert "applied 1: jobs and api keys" in first.stdout and "applied 2:" in first.stdout
+    assert "applied 3: per-key limits" in first.stdout
     again = _cli("db", "upgrade", *data)
-    assert again.returncode == 0 and "applied" not in again.stdout and "schema at version 2" in again.stdout
+    assert again.returncode == 0 and "applied" not in again.stdout and "schema at version 3" in again.stdout

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import FluxServeError, InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from ..errors import FluxServeError, InvalidInput, PayloadTooLarge, RateLimited, UnsupportedMediaType
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ _TITLES = {
     409: "Conflict",
     413: "Payload too large",
     415: "Unsupported media type",
+    429: "Too many requests",
     422: "Input validation failed",
     500: "Internal server error",
     503: "Service unavailable",
@@ -102,6 +103,8 @@ def install_error_handlers(app: FastAPI) -> None:
         response = render_error(request, exc)
         if exc.status_code == 503:  # the database is busy: clients (the SDKs among them) retry after this
             response.headers["Retry-After"] = "2"
+        if isinstance(exc, RateLimited):
+            response.headers.update({**exc.headers, "Retry-After": str(exc.retry_after)})
         return response
 
     @app.exception_handler(RequestValidationError)
