@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -25,6 +25,7 @@ from .errors import StoreUnavailable
 from .job import EventKind, Job
 from .jobs import JobService
 from .limits import Limits
+from .metrics import Metrics, RequestCounter
 from .migrations import open_store
 from .models import ModelRegistry
 from .settings import Settings
@@ -123,6 +124,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
             settings, store, storage, registry, jobs, workers, Authenticator(store, settings.api_key), secret
         )
         app.state.services = services
+        app.state.metrics = Metrics(store, lambda: workers.state, settings.metrics_token or settings.api_key)
         webhooks = WebhookSender(
             store,
             render=lambda job: render_for_webhook(services, job),
@@ -151,6 +153,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
         expose_headers=["*"],
     )
     app.add_middleware(RateLimitHeaders)
+    app.add_middleware(RequestCounter, metrics=lambda: getattr(app.state, "metrics", None))
     install_error_handlers(app)
     app.include_router(openai.router)
     app.include_router(edits.router)
@@ -164,6 +167,13 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
     @app.get("/", include_in_schema=False)
     async def playground() -> FileResponse:
         return FileResponse(web_dir / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics(request: Request) -> Response:
+        registry: Metrics = app.state.metrics
+        registry.check_access(request.client.host if request.client else None, request.headers.get("authorization"))
+        body, content_type = await app.state.services.jobs.run(registry.render)  # reads the store: off the loop
+        return Response(body, media_type=content_type)
 
     @app.get("/health")
     async def health() -> JSONResponse:

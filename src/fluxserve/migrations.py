@@ -47,7 +47,7 @@ def _leases_events_outbox(conn: Connection) -> None:
 
 
 def _key_limits(conn: Connection) -> None:
-    _add_missing_columns(conn, store.jobs)  # images
+    _add_missing_columns(conn, store.jobs)  # images, megapixels
     _add_missing_columns(conn, store.api_keys)  # max_queued, rpm, images_per_day
     # Per-key counts (limits, usage) read a key's recent jobs.
     conn.execute(text("CREATE INDEX IF NOT EXISTS ix_jobs_owner_created_at ON jobs (owner, created_at)"))
@@ -56,7 +56,7 @@ def _key_limits(conn: Connection) -> None:
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "jobs and api keys", _baseline),
     (2, "worker leases, job events, webhook outbox", _leases_events_outbox),
-    (3, "per-key limits", _key_limits),
+    (3, "per-key limits, image counts", _key_limits),
 ]
 LATEST = MIGRATIONS[-1][0]
 

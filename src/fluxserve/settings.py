@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     model_config_file: Path | None = Field(default=None, validation_alias="FLUXSERVE_MODEL_CONFIG")
     allow_private_urls: bool = False
     cors_origins: list[str] = ["*"]
+    # /metrics answers loopback, and elsewhere this bearer token (or api_key when this is unset).
+    metrics_token: str | None = None
     # Per-key limits (fluxserve.limits), defaults for keys without their own; 0 means no limit.
     max_queued_per_key: int = Field(default=1000, ge=0)
     rpm_per_key: int = Field(default=0, ge=0)

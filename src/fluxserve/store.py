@@ -72,7 +72,8 @@ jobs = Table(
     Column("previews", Text, nullable=False, default="[]"),
     Column("worker_id", String(128)),
     Column("lease_expires_at", Float),
-    Column("images", Integer),  # images asked for (per-key daily limits and usage)
+    Column("images", Integer),  # images asked for (per-key daily limits, usage, metrics)
+    Column("megapixels", Float),  # images x width x height / 1e6
     UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency"),
 )
 
@@ -513,6 +514,26 @@ class Store:
         with self._read() as conn:
             return int(conn.execute(select(func.count()).select_from(api_keys)).scalar_one())
 
+    def metrics(self) -> dict[str, list[tuple[Any, ...]]]:
+        """Aggregates for /metrics, from the tables every node shares (one read, grouped in SQL)."""
+        ended = jobs.c.status.in_([s.value for s in Status if s.is_terminal])
+        queries = {
+            "jobs": select(jobs.c.model, jobs.c.status, func.count()).group_by(jobs.c.model, jobs.c.status),
+            "output": select(
+                jobs.c.model, func.sum(func.coalesce(jobs.c.images, 1)), func.sum(func.coalesce(jobs.c.megapixels, 0))
+            )
+            .where(jobs.c.status == Status.SUCCEEDED.value)
+            .group_by(jobs.c.model),
+            "stages": select(
+                func.sum(jobs.c.started_at - jobs.c.created_at),
+                func.sum(jobs.c.completed_at - jobs.c.started_at),
+                func.count(),
+            ).where(and_(ended, jobs.c.started_at.is_not(None), jobs.c.completed_at.is_not(None))),
+            "webhooks": select(webhook_deliveries.c.state, func.count()).group_by(webhook_deliveries.c.state),
+        }
+        with self._read() as conn:
+            return {name: [tuple(row) for row in conn.execute(q)] for name, q in queries.items()}
+
     def set_key_limits(self, id_or_name: str, limits: Limits) -> int:
         """Set the given limits (None leaves one as it is) on the active key(s) with this id or name."""
         values = {k: v for k, v in vars(limits).items() if v is not None}
@@ -646,6 +667,7 @@ def _job_row(job: Job) -> dict[str, Any]:
         "fingerprint": job.fingerprint,
         "previews": "[]",
         "images": job.spec.num_images,
+        "megapixels": job.spec.num_images * job.spec.width * job.spec.height / 1e6,
     }
 
 

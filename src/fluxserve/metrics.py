@@ -1,0 +1,126 @@
+"""GET /metrics in Prometheus text format (prometheus-client), one registry per app.
+
+Job, output and webhook figures are read from the database at scrape time, so every node reports
+the same totals however many API nodes and workers share it (no per-process counters as truth).
+HTTP requests and the worker state are this process's own, labelled as such by the scrape target.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import Forbidden
+from .job import Status
+from .store import Store
+
+WORKER_STATES = ("loading", "ready", "error", "stopped")
+
+
+class StoreCollector(Collector):
+    def __init__(self, store: Store, worker_state: Callable[[], str]) -> None:
+        self._store = store
+        self._worker_state = worker_state
+
+    def collect(self) -> Iterator[Metric]:
+        data = self._store.metrics()
+        queued = GaugeMetricFamily("fluxserve_queue_depth", "Jobs waiting for a worker, per model.", labels=["model"])
+        jobs = GaugeMetricFamily(
+            "fluxserve_jobs", "Jobs in the database by model and status (ended ones until retention).",
+            labels=["model", "status"],
+        )  # fmt: skip
+        for model, status, n in data["jobs"]:
+            jobs.add_metric([model, status], n)
+            if status == Status.QUEUED.value:
+                queued.add_metric([model], n)
+        images = CounterMetricFamily("fluxserve_images_generated", "Images of succeeded jobs.", labels=["model"])
+        mp = CounterMetricFamily("fluxserve_megapixels_generated", "Megapixels of succeeded jobs.", labels=["model"])
+        for model, n_images, megapixels in data["output"]:
+            images.add_metric([model], n_images or 0)
+            mp.add_metric([model], megapixels or 0.0)
+        stage = CounterMetricFamily(
+            "fluxserve_job_stage_seconds", "Seconds ended jobs spent per stage (queued, running: claim to end).",
+            labels=["stage"],
+        )  # fmt: skip
+        ended = CounterMetricFamily("fluxserve_jobs_timed", "Ended jobs counted in fluxserve_job_stage_seconds.")
+        for queued_s, running_s, n in data["stages"]:
+            stage.add_metric(["queued"], queued_s or 0.0)
+            stage.add_metric(["running"], running_s or 0.0)
+            ended.add_metric([], n)
+        hooks = GaugeMetricFamily("fluxserve_webhook_deliveries", "Webhook deliveries by state.", labels=["state"])
+        for state, n in data["webhooks"]:
+            hooks.add_metric([state], n)
+        worker = GaugeMetricFamily("fluxserve_worker_state", "This process's workers' state.", labels=["state"])
+        current = self._worker_state()
+        for state in WORKER_STATES:
+            worker.add_metric([state], 1.0 if state == current else 0.0)
+        yield from (queued, jobs, images, mp, stage, ended, hooks, worker)
+
+
+class Metrics:
+    """The app's registry, its HTTP request counter and the scrape."""
+
+    def __init__(self, store: Store, worker_state: Callable[[], str], token: str | None) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(StoreCollector(store, worker_state))
+        self.requests = Counter(
+            "fluxserve_http_requests", "HTTP requests by route and status.", ["route", "method", "status"],
+            registry=self.registry,
+        )  # fmt: skip
+        self._token = token
+
+    def check_access(self, client_host: str | None, authorization: str | None) -> None:
+        """Open on loopback; elsewhere only with the operator's metrics token (or the operator API key)."""
+        if client_host is not None and _is_loopback(client_host):
+            return
+        presented = (authorization or "").partition(" ")[2].strip()
+        if self._token and presented and secrets.compare_digest(presented, self._token):
+            return
+        raise Forbidden(
+            "/metrics is open on loopback only; elsewhere send 'Authorization: Bearer <FLUXSERVE_METRICS_TOKEN>'.",
+            code="metrics_forbidden",
+        )
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class RequestCounter:
+    """Counts each response by its route template (not the raw path: ids would explode the labels)."""
+
+    def __init__(self, app: ASGIApp, metrics: Callable[[], Metrics | None]) -> None:
+        self.app = app
+        self._metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status: dict[str, Any] = {}
+
+        async def record(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record)
+        finally:
+            metrics = self._metrics()
+            if metrics is not None:
+                route = getattr(scope.get("route"), "path", None) or "unmatched"
+                metrics.requests.labels(route, scope["method"], str(status.get("code", 500))).inc()

@@ -1,0 +1,72 @@
+"""GET /metrics: Prometheus text from the shared database and this process; loopback or token only."""
+
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from fluxserve.app import create_app
+from fluxserve.settings import Settings
+from tests.conftest import AUTH
+from tests.fakes import FakeEngine
+from tests.polling import wait_for
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_metrics_count_jobs_images_and_requests_across_nodes(settings: Settings) -> None:
+    loopback = ("127.0.0.1", 50000)
+    with (
+        TestClient(create_app(settings, engine=FakeEngine()), client=loopback) as node_a,
+        TestClient(create_app(settings, engine=FakeEngine()), client=loopback) as node_b,
+    ):
+        for n in (1, 3):
+            resp = node_a.post("/v1/images/generations", json={"prompt": "p", "size": "256x512", "n": n}, headers=AUTH)
+            assert resp.status_code == 200
+        assert node_a.post("/v1/images/generations", json={"prompt": ""}, headers=AUTH).status_code == 400
+        # Node B never served a request, yet reports the jobs node A ran: the figures come from the database.
+        text = node_b.get("/metrics").text
+        got = _samples(text)
+        assert got[("fluxserve_jobs", (("model", "flux"), ("status", "succeeded")))] == 2
+        assert got[("fluxserve_images_generated_total", (("model", "flux"),))] == 4
+        assert abs(got[("fluxserve_megapixels_generated_total", (("model", "flux"),))] - 4 * 256 * 512 / 1e6) < 1e-9
+        assert got[("fluxserve_jobs_timed_total", ())] == 2
+        assert got[("fluxserve_job_stage_seconds_total", (("stage", "running"),))] > 0
+        assert got[("fluxserve_worker_state", (("state", "ready"),))] == 1
+        # HTTP requests are per process, by route template and status.
+        counted = _samples(node_a.get("/metrics").text)
+        route = (("method", "POST"), ("route", "/v1/images/generations"))
+        assert counted[("fluxserve_http_requests_total", (*route, ("status", "200")))] == 2
+        assert counted[("fluxserve_http_requests_total", (*route, ("status", "400")))] == 1
+        assert ("fluxserve_http_requests_total", (*route, ("status", "200"))) not in got
+
+
+def test_queue_depth_per_model(settings: Settings) -> None:
+    engine = FakeEngine(step_s=0.3)
+    with TestClient(create_app(settings, engine=engine), client=("::1", 1)) as client:
+        for _ in range(3):
+            assert client.post("/v1/flux-dev", json={"prompt": "q", "steps": 10}, headers=AUTH).status_code == 200
+        wait_for(lambda: engine.started.is_set(), bool, timeout=5)
+        got = _samples(client.get("/metrics").text)
+        assert got[("fluxserve_queue_depth", (("model", "flux-dev"),))] == 2
+
+
+def test_metrics_need_loopback_or_the_token(settings: Settings, tmp_path: Path) -> None:
+    remote = ("203.0.113.7", 40000)
+    with TestClient(create_app(settings, engine=FakeEngine()), client=remote) as client:
+        refused = client.get("/metrics")
+        assert refused.status_code == 403 and "loopback" in refused.json()["error"]["message"]
+        assert client.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 403
+        # Without FLUXSERVE_METRICS_TOKEN, the operator's FLUXSERVE_API_KEY opens it.
+        assert client.get("/metrics", headers=AUTH).status_code == 200
+    token = settings.model_copy(update={"metrics_token": "scrape-me", "data_dir": tmp_path / "other"})
+    with TestClient(create_app(token, engine=FakeEngine()), client=remote) as client:
+        assert client.get("/metrics", headers=AUTH).status_code == 403
+        ok = client.get("/metrics", headers={"Authorization": "Bearer scrape-me"})
+        assert ok.status_code == 200 and ok.headers["content-type"].startswith("text/plain")
