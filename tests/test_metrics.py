@@ -70,3 +70,30 @@ def test_metrics_need_loopback_or_the_token(settings: Settings, tmp_path: Path) 
         assert client.get("/metrics", headers=AUTH).status_code == 403
         ok = client.get("/metrics", headers={"Authorization": "Bearer scrape-me"})
         assert ok.status_code == 200 and ok.headers["content-type"].startswith("text/plain")
+
+
+def test_usage_per_key_model_and_day(settings: Settings) -> None:
+    from fluxserve.auth import create_key
+    from fluxserve.migrations import open_store
+    from fluxserve.usage import usage
+
+    store = open_store(settings.database)
+    other = create_key(store, "team-b")
+    store.close()
+    other_auth = {"Authorization": f"Bearer {other.key}"}
+    with TestClient(create_app(settings, engine=FakeEngine())) as client:
+        for n in (2, 1):
+            body = {"prompt": "u", "size": "512x512", "n": n}
+            assert client.post("/v1/images/generations", json=body, headers=AUTH).status_code == 200
+        assert client.post("/v1/images/generations", json={"prompt": "u", "model": "flux-schnell"},
+                           headers=other_auth).status_code == 200  # fmt: skip
+        mine = client.get("/v1/usage", headers=AUTH).json()
+        assert [(r["model"], r["jobs"], r["images"]) for r in mine["data"]] == [("flux", 2, 3)]
+        assert mine["data"][0]["megapixels"] == round(3 * 512 * 512 / 1e6, 3) and mine["data"][0]["worker_seconds"] > 0
+        assert [r["model"] for r in client.get("/v1/usage", headers=other_auth).json()["data"]] == ["flux-schnell"]
+        bad = client.get("/v1/usage", params={"since": "yesterday"}, headers=AUTH)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "since"
+        assert client.get("/v1/usage", params={"since": "2999-01-01"}, headers=AUTH).json()["data"] == []
+        store = client.app.state.services.store  # type: ignore[attr-defined]
+        rows = {(r.key, r.model): r for r in usage(store, 0)}
+        assert set(rows) == {("FLUXSERVE_API_KEY", "flux"), ("team-b", "flux-schnell")}

@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from . import __version__
-from .api import bfl, edits, files, openai, replicate, vmodel
+from .api import bfl, edits, files, openai, replicate, usage, vmodel
 from .api.deps import Services
 from .api.errors import install_error_handlers
 from .api.ratelimit import RateLimitHeaders
@@ -161,6 +161,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
     app.include_router(replicate.router)
     app.include_router(bfl.router)
     app.include_router(files.router)
+    app.include_router(usage.router)
     web_dir = Path(__file__).parent / "web"
     app.mount("/web", StaticFiles(directory=web_dir), name="web")
 

@@ -227,6 +227,45 @@ def keys_update(
     typer.echo(f"Updated {n} key(s).", err=True)
 
 
+@app.command("usage")
+def usage_report(
+    key: Annotated[str | None, typer.Option("--key", help="Only this key (id or name).")] = None,
+    since: Annotated[str | None, typer.Option(help="From this UTC day, YYYY-MM-DD [default: today].")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
+    data_dir: DataDir = None,
+    database: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Usage per key, model and UTC day: jobs, images, megapixels, worker seconds."""
+    import json
+
+    from .errors import InvalidInput
+    from .usage import parse_since, usage
+
+    try:
+        start = parse_since(since, param="--since")
+    except InvalidInput as exc:
+        typer.echo(f"fluxserve: {exc.message}", err=True)
+        raise typer.Exit(2) from None
+    store = _store(data_dir, database)
+    owner = None
+    if key is not None:
+        match = [row.id for row in store.list_keys() if key in (row.id, row.name)]
+        if not match:
+            typer.echo(f"No key with id or name {key!r}.", err=True)
+            raise typer.Exit(1)
+        owner = match[0]
+    rows = usage(store, start, owner)
+    store.close()
+    if as_json:
+        for row in rows:
+            typer.echo(json.dumps(row.to_dict()))
+        return
+    typer.echo(f"{'day':<10}  {'key':<20}  {'model':<20}  {'jobs':>6}  {'images':>7}  {'MP':>9}  {'worker s':>9}")
+    for r in rows:
+        typer.echo(f"{r.day:<10}  {r.key[:20]:<20}  {r.model[:20]:<20}  {r.jobs:>6}  {r.images:>7}  "
+                   f"{r.megapixels:>9.2f}  {r.worker_seconds:>9.1f}")  # fmt: skip
+
+
 @keys_app.command("list")
 def keys_list(data_dir: DataDir = None, database: Annotated[str | None, typer.Option()] = None) -> None:
     """List keys (id, name, prefix, state, limits; '-' follows the server default, 0 is no limit)."""

@@ -514,6 +514,15 @@ class Store:
         with self._read() as conn:
             return int(conn.execute(select(func.count()).select_from(api_keys)).scalar_one())
 
+    def job_usage(self, since: float, owner: str | None = None) -> list[Row[Any]]:
+        """The columns usage is computed from, for jobs created since then (one key's, or all)."""
+        cols = [jobs.c[n] for n in ("owner", "model", "status", "created_at", "started_at", "completed_at")]
+        query = select(*cols, jobs.c.images, jobs.c.megapixels).where(jobs.c.created_at >= since)
+        if owner is not None:
+            query = query.where(jobs.c.owner == owner)
+        with self._read() as conn:
+            return list(conn.execute(query))
+
     def metrics(self) -> dict[str, list[tuple[Any, ...]]]:
         """Aggregates for /metrics, from the tables every node shares (one read, grouped in SQL)."""
         ended = jobs.c.status.in_([s.value for s in Status if s.is_terminal])

@@ -1,5 +1,6 @@
 """The key CLI contract scripts rely on, against the real server."""
 
+import json
 import os
 import re
 import subprocess
@@ -71,6 +72,27 @@ def test_keys_limits_create_update_list(tmp_path: Path) -> None:
     assert _cli("keys", "update", "nobody", "--rpm", "1", *data).returncode == 1
     negative = _cli("keys", "update", "team", "--rpm", "-1", *data)
     assert negative.returncode == 2 and "Traceback" not in negative.stderr
+
+
+def test_usage_command_table_and_json(tmp_path: Path, demo_model_dir: Path) -> None:
+    data = tmp_path / "data"
+    key = _cli("keys", "create", "--name", "team", "--data-dir", str(data)).stdout.strip()
+    srv = RemoteServer(data, api_key=None, demo_model=demo_model_dir).start()
+    try:
+        body = {"prompt": "u", "size": "256x256", "n": 2, "steps": 1}
+        resp = httpx.post(f"{srv.url}/v1/images/generations", json=body, headers={"Authorization": f"Bearer {key}"},
+                          timeout=120)  # fmt: skip
+        assert resp.status_code == 200, resp.text
+    finally:
+        srv.stop()
+    table = _cli("usage", "--data-dir", str(data))
+    assert table.returncode == 0 and "team" in table.stdout and "flux" in table.stdout, table.stderr
+    lines = _cli("usage", "--key", "team", "--json", "--data-dir", str(data)).stdout.splitlines()
+    [row] = [json.loads(line) for line in lines]
+    assert row["key"] == "team" and row["jobs"] == 1 and row["images"] == 2 and row["megapixels"] == 0.131
+    assert _cli("usage", "--key", "nobody", "--data-dir", str(data)).returncode == 1
+    bad = _cli("usage", "--since", "last week", "--data-dir", str(data))
+    assert bad.returncode == 2 and "YYYY-MM-DD" in bad.stderr
 
 
 def test_data_dir_from_environment(tmp_path: Path) -> None:

@@ -1,0 +1,20 @@
+"""GET /v1/usage: the calling key's own usage per model and UTC day."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from ..usage import parse_since, usage
+from .deps import OwnerDep, ServicesDep
+
+router = APIRouter(prefix="/v1")
+
+
+@router.get("/usage")
+async def own_usage(services: ServicesDep, owner: OwnerDep, since: str | None = None) -> dict[str, Any]:
+    start = parse_since(since)
+    rows = await services.jobs.run(usage, services.store, start, owner)
+    return {"object": "list", "since": start, "data": [{k: v for k, v in r.to_dict().items() if k != "key"}
+                                                        for r in rows]}  # fmt: skip
