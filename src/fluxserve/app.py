@@ -28,6 +28,7 @@ from .limits import Limits
 from .metrics import Metrics, RequestCounter
 from .migrations import open_store
 from .models import ModelRegistry
+from .retention import RetentionSweeper
 from .settings import Settings
 from .storage import LocalStorage, load_or_create_secret
 from .webhooks import WebhookSender, owner_secret
@@ -134,11 +135,14 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
         )
         jobs.on_change(lambda job, kind: workers.wake() if kind in (EventKind.SUBMITTED, EventKind.REQUEUED) else None)
         jobs.on_change(webhooks.wake)
+        sweeper = RetentionSweeper(store, storage, settings.retention_s, settings.retention_sweep_s)
         webhooks.start()
         workers.start()
+        sweeper.start()
         try:
             yield
         finally:
+            sweeper.stop()
             workers.stop()
             webhooks.stop()
             jobs.close()

@@ -59,6 +59,12 @@ class NotFound(FluxServeError):
     type = "invalid_request_error"
 
 
+class Gone(FluxServeError):
+    status_code = 410
+    code = "file_expired"
+    type = "invalid_request_error"
+
+
 class Conflict(FluxServeError):
     status_code = 409
     code = "idempotency_conflict"

@@ -108,6 +108,7 @@ class Job:
     outputs: tuple[Output, ...] = ()
     error: str | None = None
     queue_position: int | None = None
+    files_expired_at: float | None = None  # its images and inputs were deleted (retention)
     deadline: float | None = None
     webhook: dict[str, Any] | None = None  # {"url", "events", "secret"?}
     idempotency_key: str | None = None

@@ -53,10 +53,15 @@ def _key_limits(conn: Connection) -> None:
     conn.execute(text("CREATE INDEX IF NOT EXISTS ix_jobs_owner_created_at ON jobs (owner, created_at)"))
 
 
+def _retention(conn: Connection) -> None:
+    _add_missing_columns(conn, store.jobs)  # files_expired_at
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "jobs and api keys", _baseline),
     (2, "worker leases, job events, webhook outbox", _leases_events_outbox),
     (3, "per-key limits, image counts", _key_limits),
+    (4, "file retention", _retention),
 ]
 LATEST = MIGRATIONS[-1][0]
 

@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     model_config_file: Path | None = Field(default=None, validation_alias="FLUXSERVE_MODEL_CONFIG")
     allow_private_urls: bool = False
     cors_origins: list[str] = ["*"]
+    # Images, inputs and previews are deleted this long after their job ended ('7d', '36h'; 0 keeps them).
+    retention: str = "7d"
+    retention_sweep_s: float = Field(default=60.0, gt=0)
     # /metrics answers loopback, and elsewhere this bearer token (or api_key when this is unset).
     metrics_token: str | None = None
     # Per-key limits (fluxserve.limits), defaults for keys without their own; 0 means no limit.
@@ -91,6 +94,20 @@ class Settings(BaseSettings):
 
         parse_cache(v)
         return v
+
+    @field_validator("retention", mode="before")
+    @classmethod
+    def _check_retention(cls, v: Any) -> str:
+        from .retention import parse_retention
+
+        parse_retention(v)
+        return str(v)
+
+    @property
+    def retention_s(self) -> float:
+        from .retention import parse_retention
+
+        return parse_retention(self.retention)
 
     @classmethod
     def settings_customise_sources(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import os
 import re
 import secrets
+import shutil
 import time
 from pathlib import Path
 from typing import Protocol
@@ -32,6 +34,8 @@ class Storage(Protocol):
     def open(self, key: str) -> Path: ...
     def url(self, key: str) -> str: ...
     def delete(self, key: str) -> None: ...
+    def stale_input_folders(self, before: float) -> list[str]: ...
+    def delete_folder(self, prefix: str) -> None: ...
 
 
 def valid_key(key: str) -> bool:
@@ -44,7 +48,7 @@ class LocalStorage:
         self._secret = secret
         self._base_url = base_url.rstrip("/")
         self._ttl_s = ttl_s
-        root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def _path(self, key: str) -> Path:
         if not valid_key(key):
@@ -53,16 +57,33 @@ class LocalStorage:
 
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-        tmp.write_bytes(data)
+        # Owner-only: images reach clients through signed URLs, never through the file system.
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
 
     def open(self, key: str) -> Path:
         return self._path(key)
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        """Idempotent; an emptied folder goes too."""
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        if path.parent != self.root:
+            with contextlib.suppress(OSError):  # not empty, or already gone: both fine
+                path.parent.rmdir()
+
+    def stale_input_folders(self, before: float) -> list[str]:
+        """inputs/<id> folders last written before then (candidates for the orphan sweep)."""
+        inputs = self.root / "inputs"
+        if not inputs.is_dir():
+            return []
+        return [f"inputs/{d.name}" for d in inputs.iterdir() if d.is_dir() and d.stat().st_mtime < before]
+
+    def delete_folder(self, prefix: str) -> None:
+        shutil.rmtree(self._path(prefix), ignore_errors=True)
 
     def sign(self, key: str, expires: int) -> str:
         return hmac.new(self._secret, f"{key}:{expires}".encode(), hashlib.sha256).hexdigest()

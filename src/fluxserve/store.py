@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import re
 import secrets
 import threading
 import time
@@ -74,6 +76,7 @@ jobs = Table(
     Column("lease_expires_at", Float),
     Column("images", Integer),  # images asked for (per-key daily limits, usage, metrics)
     Column("megapixels", Float),  # images x width x height / 1e6
+    Column("files_expired_at", Float),  # outputs, inputs and previews deleted (retention)
     UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency"),
 )
 
@@ -190,12 +193,20 @@ def _fair_order(q: Any) -> tuple[Any, ...]:
     return (q.c.turn, q.c.created_at, q.c.id)
 
 
+def _private_file(path: Path) -> None:
+    """The database holds key hashes and webhook secrets: owner-only (SQLite gives its -wal and -shm
+    files the main file's mode)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    os.chmod(path, 0o600)
+
+
 class Store:
     def __init__(self, url: str) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         if url.startswith("sqlite:///"):
-            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            _private_file(Path(url.removeprefix("sqlite:///")))
             self.engine: Engine = create_engine(
                 url, connect_args={"check_same_thread": False, "timeout": BUSY_S}, pool_size=20, max_overflow=20
             )
@@ -514,6 +525,45 @@ class Store:
         with self._read() as conn:
             return int(conn.execute(select(func.count()).select_from(api_keys)).scalar_one())
 
+    # retention ------------------------------------------------------------------
+
+    def expirable(self, cutoff: float, limit: int) -> list[Job]:
+        """Ended jobs whose files outlived the retention period and are not yet deleted."""
+        ended = jobs.c.status.in_([s.value for s in Status if s.is_terminal])
+        query = select(jobs).where(
+            and_(
+                ended,
+                jobs.c.files_expired_at.is_(None),
+                func.coalesce(jobs.c.completed_at, jobs.c.created_at) < cutoff,
+            )
+        )
+        with self._read() as conn:
+            return [_to_job(r) for r in conn.execute(query.order_by(jobs.c.created_at).limit(limit))]
+
+    def mark_files_expired(self, job_id: str, now: float) -> bool:
+        """Once per job whichever node swept it; its events and sent webhooks go with its files."""
+        with self._write() as conn:
+            done = conn.execute(
+                update(jobs).where(and_(jobs.c.id == job_id, jobs.c.files_expired_at.is_(None)))
+                .values(files_expired_at=now)
+            ).rowcount  # fmt: skip
+            if done:
+                conn.execute(job_events.delete().where(job_events.c.job_id == job_id))
+                conn.execute(
+                    webhook_deliveries.delete().where(
+                        and_(webhook_deliveries.c.job_id == job_id, webhook_deliveries.c.state != "pending")
+                    )
+                )
+        return bool(done)
+
+    def references_input(self, prefix: str) -> bool:
+        """Whether a job whose files are kept names this inputs/<hex> folder (the spec holds the keys)."""
+        if not re.fullmatch(r"inputs/[0-9a-f]+", prefix):  # no LIKE wildcards in what is matched
+            raise ValueError(f"not an input folder: {prefix!r}")
+        query = select(jobs.c.id).where(and_(jobs.c.files_expired_at.is_(None), jobs.c.spec.like(f'%"{prefix}/%')))
+        with self._read() as conn:
+            return conn.execute(query.limit(1)).first() is not None
+
     def job_usage(self, since: float, owner: str | None = None) -> list[Row[Any]]:
         """The columns usage is computed from, for jobs created since then (one key's, or all)."""
         cols = [jobs.c[n] for n in ("owner", "model", "status", "created_at", "started_at", "completed_at")]
@@ -708,4 +758,5 @@ def _to_job(row: Row[Any]) -> Job:
         idempotency_key=row.idempotency_key,
         fingerprint=row.fingerprint,
         previews=tuple(json.loads(row.previews or "[]")),
+        files_expired_at=row.files_expired_at,
     )

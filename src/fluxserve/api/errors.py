@@ -67,6 +67,7 @@ _TITLES = {
     401: "Unauthenticated",
     404: "Not found",
     409: "Conflict",
+    410: "Gone",
     413: "Payload too large",
     415: "Unsupported media type",
     429: "Too many requests",

@@ -7,7 +7,7 @@ import mimetypes
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
-from ..errors import Forbidden, NotFound
+from ..errors import Forbidden, Gone, NotFound
 from ..storage import valid_key
 from .deps import ServicesDep
 
@@ -22,6 +22,12 @@ async def get_file(key: str, services: ServicesDep, expires: int = 0, sig: str =
         raise Forbidden("This file URL is invalid or has expired; fetch the job again for a fresh URL.")
     path = services.storage.open(key)
     if not path.is_file():
+        job = await services.jobs.run(services.store.get_job, key.split("/", 1)[0])
+        if job is not None and job.files_expired_at is not None:
+            raise Gone(
+                f"This file was deleted after the server's retention period ({services.settings.retention}); "
+                "the job's record remains."
+            )
         raise NotFound("No such file.", param="key")
     media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     return FileResponse(path, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})

@@ -1,0 +1,83 @@
+"""Deleting images, inputs and previews after FLUXSERVE_RETENTION; the job rows stay, marked expired.
+
+Safe with several nodes: file deletes are idempotent and each job is marked once by a conditional
+update, so nodes sweeping at the same time at worst delete the same file twice. Input folders
+that no kept job names (a request refused after its images were stored) are removed once they are
+older than the retention period plus an hour.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+
+from .storage import Storage
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+ORPHAN_GRACE_S = 3600.0
+
+
+def parse_retention(value: str | int | float) -> float:
+    """'7d', '36h', '90m', '3600s' or plain seconds; 0 keeps files forever."""
+    text = str(value).strip().lower()
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd]?)", text)
+    if not match:
+        raise ValueError(f"retention must be a duration such as 7d, 36h or 0 (keep forever); got {value!r}")
+    return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+
+
+def sweep(
+    store: Store, storage: Storage, retention_s: float, now: float | None = None, limit: int = 200
+) -> tuple[int, int]:
+    """One pass: (jobs whose files were deleted, orphaned input folders removed)."""
+    if retention_s <= 0:
+        return 0, 0
+    now = time.time() if now is None else now
+    expired = 0
+    for job in store.expirable(now - retention_s, limit):
+        keys = [o.key for o in job.outputs] + list(job.previews) + list(job.spec.images)
+        if job.spec.mask:
+            keys.append(job.spec.mask)
+        for key in keys:
+            storage.delete(key)
+        expired += store.mark_files_expired(job.id, now)
+    orphans = 0
+    for folder in storage.stale_input_folders(now - retention_s - ORPHAN_GRACE_S):
+        if re.fullmatch(r"inputs/[0-9a-f]+", folder) and not store.references_input(folder):
+            storage.delete_folder(folder)
+            orphans += 1
+    return expired, orphans
+
+
+class RetentionSweeper:
+    """A daemon thread per node sweeping every ``interval_s``; errors are logged and retried next time."""
+
+    def __init__(self, store: Store, storage: Storage, retention_s: float, interval_s: float = 60.0) -> None:
+        self._store, self._storage = store, storage
+        self._retention_s, self._interval_s = retention_s, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fluxserve-retention", daemon=True)
+
+    def start(self) -> None:
+        if self._retention_s > 0:
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            try:
+                expired, orphans = sweep(self._store, self._storage, self._retention_s)
+            except Exception:  # a locked database, a full disk: the next pass tries again
+                log.exception("retention sweep failed")
+                continue
+            if expired or orphans:
+                log.info("retention: deleted the files of %d jobs and %d orphaned input folders", expired, orphans)
