@@ -25,6 +25,7 @@ from .errors import StoreUnavailable
 from .job import EventKind, Job
 from .jobs import JobService
 from .limits import Limits
+from .logs import RequestLog
 from .metrics import Metrics, RequestCounter
 from .migrations import open_store
 from .models import ModelRegistry
@@ -157,6 +158,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
         expose_headers=["*"],
     )
     app.add_middleware(RateLimitHeaders)
+    app.add_middleware(RequestLog)
     app.add_middleware(RequestCounter, metrics=lambda: getattr(app.state, "metrics", None))
     install_error_handlers(app)
     app.include_router(openai.router)

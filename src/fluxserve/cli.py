@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -138,6 +137,7 @@ def serve(
 
     from .app import create_app
     from .auth import create_key
+    from .logs import configure as configure_logging
 
     settings = _settings(
         demo=demo,
@@ -162,7 +162,7 @@ def serve(
     _check_engine_installed()
     if settings.quantize == "fp8":
         _check_fp8(settings)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_format)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     store = _open_store(settings.database)
     if not settings.api_key and store.count_keys() == 0:
@@ -171,7 +171,11 @@ def serve(
     store.close()
     if settings.demo:
         typer.echo("Demo mode: every model name is served by the demo model (random weights, images are noise).")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    # fluxserve logs each request itself (with its id, without query strings, which carry URL signatures).
+    uvicorn.run(
+        create_app(settings), host=settings.host, port=settings.port, log_level="info", access_log=False,
+        log_config=None,
+    )  # fmt: skip
 
 
 MaxQueued = Annotated[

@@ -71,6 +71,12 @@ class JobService:
     def _changed(self, job: Job | None, kind: EventKind) -> Job | None:
         if job is None:
             return None
+        if kind is not EventKind.PROGRESS and kind is not EventKind.PREVIEW:  # one line per transition, not step
+            log.info(
+                "job %s %s model=%s attempt=%d", job.id, kind.value, job.spec.model, job.attempts,
+                extra={"job_id": job.id, "event": kind.value, "model": job.spec.model, "status": job.status.value,
+                       "attempt": job.attempts, "owner": job.owner, "worker": job.worker_id},
+            )  # fmt: skip
         with self._lock:
             waiters = list(self._waiters.get(job.id, []))
         for loop, ev in waiters:

@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     # Images, inputs and previews are deleted this long after their job ended ('7d', '36h'; 0 keeps them).
     retention: str = "7d"
     retention_sweep_s: float = Field(default=60.0, gt=0)
+    log_format: Literal["text", "json"] = "text"
     # /metrics answers loopback, and elsewhere this bearer token (or api_key when this is unset).
     metrics_token: str | None = None
     # Per-key limits (fluxserve.limits), defaults for keys without their own; 0 means no limit.
