@@ -1,9 +1,13 @@
 """Every bad input gets a 4xx in the OpenAI envelope that names the field; never a 500."""
 
+import io
+import json
+import time
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from tests.conftest import AUTH
 
@@ -166,3 +170,36 @@ def test_unparseable_webhook_urls_are_4xx_in_each_dialect(client: TestClient, ur
     assert rep.status_code == 422 and "webhook" in rep.json()["detail"], rep.text
     bfl = client.post("/v1/flux-dev", json={"prompt": "p", "webhook_url": url}, headers=AUTH)
     assert bfl.status_code == 422 and "webhook_url" in bfl.text, bfl.text
+
+
+def test_bodies_are_bounded_while_they_stream(client: TestClient) -> None:
+    big = b'{"prompt": "' + b"x" * (2 * 1024 * 1024) + b'"}'
+    json_type = {**AUTH, "content-type": "application/json"}
+    declared = client.post(GEN, content=big, headers=json_type)
+    _assert_error(declared, 413, "body", "1048576 bytes")
+    chunked = client.post(GEN, content=(big[i : i + 65536] for i in range(0, len(big), 65536)), headers=json_type)
+    _assert_error(chunked, 413, "body", "1048576 bytes")
+    # An image route takes more, up to 100 MB (tests/e2e/test_abuse.py shows a real upload cut short).
+    multipart = {**AUTH, "content-type": "multipart/form-data; boundary=abc"}
+    upload = (b"x" * 65536 for _ in range(200 * 16))
+    _assert_error(client.post("/v1/images/edits", content=upload, headers=multipart), 413, "body", "104857600")
+
+
+def test_a_pixel_bomb_request_is_refused_from_the_headers(client: TestClient) -> None:
+    buf = io.BytesIO()
+    Image.new("L", (4000, 4000)).save(buf, format="PNG")  # 16 MP of one colour: about 16 KB
+    bombs = [("image[]", (f"{i}.png", buf.getvalue(), "image/png")) for i in range(16)]
+    start = time.perf_counter()
+    resp = client.post("/v1/images/edits", data={"prompt": "p"}, files=bombs, headers=AUTH)
+    _assert_error(resp, 400, "image", "64 megapixels in all", "256.0")
+    assert time.perf_counter() - start < 3  # refused before 256 MP were decoded
+
+
+def test_unknown_fields_are_ignored_by_name_not_stored(client: TestClient) -> None:
+    resp = client.post(GEN, json={"prompt": "p", "size": "256x256", "future_option": "y" * 500_000}, headers=AUTH)
+    assert resp.status_code == 200
+    store = client.app.state.services.store  # type: ignore[attr-defined]
+    [job] = store.list_jobs(client.app.state.services.auth.env_owner(AUTH["Authorization"].split()[1]), "openai",  # type: ignore[attr-defined]
+                            before=None, limit=5)  # fmt: skip
+    assert job.request["ignored_fields"] == ["future_option"] and "future_option" not in job.request
+    assert len(json.dumps(job.request)) < 1000

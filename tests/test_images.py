@@ -112,7 +112,9 @@ def test_redirect_from_public_to_private_is_refused(monkeypatch: pytest.MonkeyPa
     hops: list[str] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
-        hops.append(str(request.url))
+        # Sent to the address that was checked, under the name it was asked for.
+        assert request.url.host == "93.184.216.34" and request.extensions["sni_hostname"] == "images.example"
+        hops.append(f"{request.url.scheme}://{request.headers['host']}{request.url.path}")
         if request.url.path == "/ok.png":
             return httpx.Response(200, content=png_bytes())
         return httpx.Response(302, headers={"location": "http://169.254.169.254/latest/meta-data"})
@@ -122,9 +124,42 @@ def test_redirect_from_public_to_private_is_refused(monkeypatch: pytest.MonkeyPa
         fetch_image_bytes("https://images.example/ok.png", param="x", allow_private=False, transport=transport)
     )
     assert fetched == png_bytes()
-    with pytest.raises(InvalidInput, match="private"):
+    with pytest.raises(InvalidInput, match="only connects to public"):
         asyncio.run(fetch_image_bytes("https://images.example/r", param="x", allow_private=False, transport=transport))
     assert hops[-1] == "https://images.example/r"  # the private hop was never requested
+
+
+def test_the_request_goes_to_the_address_that_was_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A name that answers public, then loopback (DNS rebinding): resolved once, sent to the public one."""
+    import socket
+
+    answers = iter(["93.184.216.34", "127.0.0.1", "127.0.0.1"])
+    calls: list[str] = []
+
+    def rebinding_dns(name: str, *args: object, **kw: object):  # type: ignore[no-untyped-def]
+        calls.append(name)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (next(answers), 443))]
+
+    monkeypatch.setattr("fluxserve.netguard.socket.getaddrinfo", rebinding_dns)
+    seen: list[tuple[str, str, str]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((request.url.host, request.headers["host"], request.extensions["sni_hostname"]))
+        return httpx.Response(200, content=png_bytes())
+
+    got = asyncio.run(fetch_image_bytes("https://rebind.example:8443/a.png", param="x", allow_private=False,
+                                        transport=httpx.MockTransport(handler)))  # fmt: skip
+    assert got == png_bytes() and calls == ["rebind.example"]
+    assert seen == [("93.184.216.34", "rebind.example:8443", "rebind.example")]
+
+
+def test_every_refusal_reads_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    messages = set()
+    for url in ("http://127.0.0.1:22/", "http://10.0.0.1:6379/", "http://no-such-host.invalid/", "http://[::1]:80/"):
+        with pytest.raises(InvalidInput) as err:
+            asyncio.run(fetch_image_bytes(url, param="x", allow_private=False))
+        messages.add(err.value.message)
+    assert messages == {"x: this server only connects to public http(s) addresses; the URL was refused."}
 
 
 def test_dns_rebinding_is_caught_at_connect_time(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -141,6 +176,37 @@ def test_dns_rebinding_is_caught_at_connect_time(monkeypatch: pytest.MonkeyPatch
                 request.url = request.url.copy_with(host="127.0.0.1", port=int(port))
                 return await super().handle_async_request(request)
 
-        with pytest.raises(InvalidInput, match="private address"):
+        with pytest.raises(InvalidInput, match="only connects to public http"):
             asyncio.run(fetch_image_bytes("http://rebind.example/cat.png", param="x", allow_private=False,
                                           transport=Loopback()))  # fmt: skip
+
+
+def test_a_trickling_url_is_cut_at_the_total_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each byte arrives before any read timeout, but the whole fetch has one deadline."""
+    import time
+    from http.server import BaseHTTPRequestHandler
+
+    from tests.image_server import serve_loopback
+
+    class Trickle(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            for _ in range(1000):
+                try:
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                except OSError:
+                    return
+                time.sleep(0.2)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    monkeypatch.setattr("fluxserve.images.FETCH_TIMEOUT_S", 1.0)
+    with serve_loopback(Trickle) as base:
+        start = time.monotonic()
+        with pytest.raises(InvalidInput, match="took longer than 1 s"):
+            asyncio.run(fetch_image_bytes(f"{base}/slow.png", param="x", allow_private=True))
+        assert time.monotonic() - start < 3

@@ -16,6 +16,7 @@ from fastapi.staticfiles import StaticFiles
 
 from . import __version__
 from .api import bfl, edits, files, openai, replicate, usage, vmodel
+from .api.bodylimit import BodyLimit
 from .api.deps import Services
 from .api.errors import install_error_handlers
 from .api.ratelimit import RateLimitHeaders
@@ -150,6 +151,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
             store.close()
 
     app = FastAPI(title="fluxserve", version=__version__, lifespan=lifespan)
+    app.add_middleware(BodyLimit, idle_s=settings.body_idle_timeout_s)  # inside CORS: browsers read its 413s
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origins,

@@ -41,6 +41,11 @@ class UnsupportedMediaType(InvalidInput):
     code = "unsupported_media_type"
 
 
+class RequestTimeout(InvalidInput):
+    status_code = 408
+    code = "request_timeout"
+
+
 class Unauthorized(FluxServeError):
     status_code = 401
     code = "invalid_api_key"

@@ -14,7 +14,7 @@ import httpx
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InvalidInput, PayloadTooLarge
-from .netguard import check_peer, check_public_url
+from .netguard import check_peer, pin_public_url
 
 MAX_IMAGE_BYTES = 50 * 1024 * 1024
 MAX_MASK_BYTES = 4 * 1024 * 1024
@@ -25,9 +25,35 @@ FETCH_TIMEOUT_S = 15.0
 MAX_REDIRECTS = 5
 
 
-async def decode_image_async(data: bytes, **kwargs: Any) -> Image.Image:
-    """decode_image off the event loop: decoding a large image takes tens of milliseconds."""
-    return await asyncio.to_thread(decode_image, data, **kwargs)
+MAX_REQUEST_PIXELS = 64_000_000  # all of one request's images together (16 uploads of 4 MP)
+
+
+def check_pixel_budget(blobs: list[bytes], *, param: str) -> None:
+    """Refuse a request whose images together declare more than MAX_REQUEST_PIXELS, from their
+    headers alone: sixteen 40-megapixel one-colour PNGs are 600 KB to send but 2.5 GB decoded."""
+    total = 0
+    for data in blobs:
+        try:
+            with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as img:
+                total += img.size[0] * img.size[1]
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            continue  # decode_image names what is wrong with this one
+    if total > MAX_REQUEST_PIXELS:
+        raise InvalidInput(
+            f"{param}: the images of one request may have {MAX_REQUEST_PIXELS // 1_000_000} megapixels in all; "
+            f"these have {total / 1e6:.1f}.",
+            param=param,
+            code="image_too_large",
+        )
+
+
+async def decode_image_async(data: bytes, *, slots: asyncio.Semaphore | None = None, **kwargs: Any) -> Image.Image:
+    """decode_image off the event loop (a large image takes tens of milliseconds); with ``slots``, at
+    most that many at once, so a burst of big uploads can't hold many decoded copies in memory."""
+    if slots is None:
+        return await asyncio.to_thread(decode_image, data, **kwargs)
+    async with slots:
+        return await asyncio.to_thread(decode_image, data, **kwargs)
 
 
 def decode_image(data: bytes, *, param: str, max_bytes: int = MAX_IMAGE_BYTES, keep_alpha: bool = False) -> Image.Image:
@@ -104,14 +130,29 @@ async def fetch_image_bytes(
     """A data: URL, or an http(s) URL fetched with a timeout and a size cap; every redirect hop re-checked."""
     if url.startswith("data:"):
         return decode_data_url(url, param=param)
+    try:
+        # One deadline for the whole fetch, redirects and a trickling body included.
+        async with asyncio.timeout(FETCH_TIMEOUT_S):
+            return await _fetch(url, param=param, allow_private=allow_private, max_bytes=max_bytes, transport=transport)
+    except TimeoutError as exc:
+        raise InvalidInput(
+            f"{param}: fetching the URL took longer than {FETCH_TIMEOUT_S:g} s.", param=param, code="invalid_image_url"
+        ) from exc
+
+
+async def _fetch(
+    url: str, *, param: str, allow_private: bool, max_bytes: int, transport: httpx.AsyncBaseTransport | None
+) -> bytes:
     async with httpx.AsyncClient(timeout=FETCH_TIMEOUT_S, follow_redirects=False, transport=transport) as client:
         for _ in range(MAX_REDIRECTS + 1):
             # getaddrinfo blocks: off the event loop.
-            await asyncio.to_thread(
-                check_public_url, url, param=param, allow_private=allow_private, code="invalid_image_url"
+            pinned = await asyncio.to_thread(
+                pin_public_url, url, param=param, allow_private=allow_private, code="invalid_image_url"
             )
             try:
-                async with client.stream("GET", url) as resp:
+                async with client.stream(
+                    "GET", pinned.url, headers=pinned.headers, extensions=pinned.extensions
+                ) as resp:
                     if not allow_private:
                         check_peer(resp, param=param)
                     if resp.is_redirect and "location" in resp.headers:

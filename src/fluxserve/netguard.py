@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
+
+import httpx
 
 from .errors import InvalidInput
 
@@ -37,8 +40,41 @@ def is_public(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return inner is None or (inner.is_global and not inner.is_multicast)
 
 
-def check_public_url(url: str, *, param: str, allow_private: bool, code: str) -> None:
-    """http(s) only; every address the host resolves to must be global (not loopback, private, link-local...)."""
+@dataclass(frozen=True)
+class Pinned:
+    """A request to send to the address that was checked, not to whatever the name resolves to next:
+    the URL's host is that address, Host and TLS SNI (so certificate checks) keep the name."""
+
+    url: str
+    headers: dict[str, str] = field(default_factory=dict)
+    extensions: dict[str, Any] = field(default_factory=dict)
+
+
+def refused(param: str, code: str) -> InvalidInput:
+    """One message for every refused destination: private, unresolvable or odd, nothing to probe with."""
+    return InvalidInput(
+        f"{param}: this server only connects to public http(s) addresses; the URL was refused.",
+        param=param,
+        code=code,
+    )
+
+
+def pin_public_url(url: str, *, param: str, allow_private: bool, code: str) -> Pinned:
+    """Resolve once, check every address, and aim the request at the first one (DNS rebinding can't
+    swap in a private address between the check and the connection)."""
+    addresses = check_public_url(url, param=param, allow_private=allow_private, code=code)
+    target = httpx.URL(url)
+    host = target.host
+    if allow_private or host in addresses:  # allowed anywhere, or already a checked address
+        return Pinned(url)
+    address = addresses[0]
+    authority = host if target.port is None else f"{host}:{target.port}"
+    return Pinned(str(target.copy_with(host=address)), {"Host": authority}, {"sni_hostname": host})
+
+
+def check_public_url(url: str, *, param: str, allow_private: bool, code: str) -> list[str]:
+    """http(s) only; every address the host resolves to must be global (not loopback, private,
+    link-local...). Returns those addresses (none are looked up when private ones are allowed)."""
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -53,19 +89,15 @@ def check_public_url(url: str, *, param: str, allow_private: bool, code: str) ->
             code=code,
         )
     if allow_private:
-        return
+        return []
     try:
         infos = socket.getaddrinfo(parts.hostname, port or 443, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
-        raise InvalidInput(f"{param}: cannot resolve host {parts.hostname!r}.", param=param, code=code) from exc
-    for info in infos:
-        if not is_public(ipaddress.ip_address(str(info[4][0]).split("%")[0])):
-            raise InvalidInput(
-                f"{param}: {parts.hostname!r} resolves to a private, loopback or link-local address, "
-                "which this server does not connect to.",
-                param=param,
-                code=code,
-            )
+        raise refused(param, code) from exc
+    addresses = [str(info[4][0]).split("%")[0] for info in infos]
+    if not addresses or not all(is_public(ipaddress.ip_address(a)) for a in addresses):
+        raise refused(param, code)
+    return addresses
 
 
 def check_peer(response: Any, *, param: str) -> None:
@@ -77,8 +109,4 @@ def check_peer(response: Any, *, param: str) -> None:
         return  # not a socket (tests' mock transports)
     addr = ipaddress.ip_address(str(peer[0]).split("%")[0])
     if not is_public(addr):
-        raise InvalidInput(
-            f"{param}: the connection went to a private address ({addr}), which this server does not fetch from.",
-            param=param,
-            code="invalid_image_url",
-        )
+        raise refused(param, "invalid_image_url")

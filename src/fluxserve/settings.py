@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     retention: str = "7d"
     retention_sweep_s: float = Field(default=60.0, gt=0)
     log_format: Literal["text", "json"] = "text"
+    body_idle_timeout_s: float = Field(default=30.0, gt=0)  # a request body that stalls this long: 408
     # /metrics answers loopback, and elsewhere this bearer token (or api_key when this is unset).
     metrics_token: str | None = None
     # Per-key limits (fluxserve.limits), defaults for keys without their own; 0 means no limit.

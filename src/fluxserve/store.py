@@ -596,30 +596,15 @@ class Store:
     def set_key_limits(self, id_or_name: str, limits: Limits) -> int:
         """Set the given limits (None leaves one as it is) on the active key(s) with this id or name."""
         values = {k: v for k, v in vars(limits).items() if v is not None}
-        if not values:
-            return 0
-        with self._write() as conn:
-            return conn.execute(
-                update(api_keys)
-                .where(
-                    and_(
-                        (api_keys.c.id == id_or_name) | (api_keys.c.name == id_or_name), api_keys.c.revoked_at.is_(None)
-                    )
-                )
-                .values(**values)
-            ).rowcount
+        return self._update_active_key(id_or_name, values) if values else 0
 
     def revoke_key(self, id_or_name: str) -> int:
+        return self._update_active_key(id_or_name, {"revoked_at": time.time()})
+
+    def _update_active_key(self, id_or_name: str, values: dict[str, Any]) -> int:
+        active = and_((api_keys.c.id == id_or_name) | (api_keys.c.name == id_or_name), api_keys.c.revoked_at.is_(None))
         with self._write() as conn:
-            return conn.execute(
-                update(api_keys)
-                .where(
-                    and_(
-                        (api_keys.c.id == id_or_name) | (api_keys.c.name == id_or_name), api_keys.c.revoked_at.is_(None)
-                    )
-                )
-                .values(revoked_at=time.time())
-            ).rowcount
+            return conn.execute(update(api_keys).where(active).values(**values)).rowcount
 
 
 def _transition(

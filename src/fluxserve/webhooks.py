@@ -24,7 +24,7 @@ import httpx
 
 from .errors import InvalidInput, StoreUnavailable
 from .job import ALL_WEBHOOK_EVENTS, Job
-from .netguard import check_public_url
+from .netguard import check_public_url, pin_public_url
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,9 @@ class WebhookSender:
             self._store.update_delivery(row.id, body=body)
         url = job.webhook["url"]
         try:
-            check_webhook_url(url, param="webhook", allow_private=self._allow_private)
+            # Resolved and checked now, sent to that address: a name that re-resolves to a private
+            # address after the create (DNS rebinding) reaches nothing.
+            pinned = pin_public_url(url, param="webhook", allow_private=self._allow_private, code="invalid_webhook_url")
         except InvalidInput as exc:
             log.warning("webhook for job %s not sent: %s", job.id, exc.message)
             self._store.update_delivery(row.id, state="failed", last_error=exc.message, claimed_until=None)
@@ -168,7 +170,9 @@ class WebhookSender:
             ts = int(time.time())
             headers |= {"webhook-timestamp": str(ts), "webhook-signature": sign(secret, row.msg_id, ts, data)}
         try:
-            resp = self._client.post(url, content=data, headers=headers)
+            resp = self._client.post(
+                pinned.url, content=data, headers={**headers, **pinned.headers}, extensions=pinned.extensions
+            )
             if resp.status_code < 300:
                 self._store.update_delivery(row.id, state="delivered", attempts=row.attempts + 1, claimed_until=None)
                 return

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -27,6 +28,8 @@ class Services:
     dispatcher: Dispatcher
     auth: Authenticator
     secret: bytes  # the server secret: signs file URLs, derives webhook secrets
+    # Image decodes at once across requests: each can hold up to 40 MP (160 MB) while it runs.
+    decode_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
 
     def output_urls(self, job: Job) -> list[str]:
         return [self.storage.url(o.key) for o in job.outputs]

@@ -8,21 +8,20 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import FormData
 
-from ..errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
-from ..images import MAX_IMAGE_BYTES, MAX_MASK_BYTES, decode_image_async, fit_megapixel, mask_from_alpha
+from ..errors import InvalidInput, UnsupportedMediaType
+from ..images import MAX_MASK_BYTES, check_pixel_budget, decode_image_async, fit_megapixel, mask_from_alpha
 from ..models import ModelSpec
 from ..spec import parse_size
 from .deps import OwnerDep, Services, ServicesDep
 from .errors import from_validation_errors
 from .inputs import Inputs, read_upload
-from .openai import run_and_render
+from .openai import known_fields, run_and_render
 
 router = APIRouter(prefix="/v1")
 
 MAX_IMAGES = 16
 # img2img strength for variations: keeps composition and palette, redraws detail.
 VARIATION_STRENGTH = 0.7
-_MAX_BODY = (MAX_IMAGES + 1) * MAX_IMAGE_BYTES + 1024 * 1024
 
 
 class EditForm(BaseModel):
@@ -50,8 +49,6 @@ async def _read_form(request: Request) -> tuple[FormData, EditForm]:
         raise UnsupportedMediaType(
             f"Content-Type must be multipart/form-data; got {ctype or 'none'!r}.", param="Content-Type"
         )
-    if int(request.headers.get("content-length") or 0) > _MAX_BODY:
-        raise PayloadTooLarge(f"The request body is larger than {_MAX_BODY} bytes.", param="body")
     form = await request.form(max_files=MAX_IMAGES + 8, max_fields=200)
     fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
     try:
@@ -74,7 +71,9 @@ async def edit_image(request: Request, services: ServicesDep, owner: OwnerDep) -
         )
     if len(uploads) > MAX_IMAGES:
         raise InvalidInput(f"At most {MAX_IMAGES} images; got {len(uploads)}.", param="image", code="too_many_images")
-    images = [await decode_image_async(await read_upload(u, param="image"), param="image") for u in uploads]
+    blobs = [await read_upload(u, param="image") for u in uploads]
+    check_pixel_budget(blobs, param="image")
+    images = [await decode_image_async(blob, param="image", slots=services.decode_slots) for blob in blobs]
     mask = None
     if form.get("mask") is not None:
         mask_rgba = await decode_image_async(
@@ -119,7 +118,7 @@ async def _run(
         **overrides,
     )
     digest = await inputs.store(services)
-    echo = {**body.model_dump(exclude_none=True), **echo}
+    echo = {**known_fields(body), **echo}
     return await run_and_render(
         request, services, owner, spec, echo, body.response_format, body.quality, input_digest=digest
     )
@@ -136,7 +135,8 @@ async def image_variation(request: Request, services: ServicesDep, owner: OwnerD
     upload = form.get("image") or form.get("image[]")
     if upload is None:
         raise InvalidInput("Missing required parameter 'image' (one file).", param="image")
-    image = await decode_image_async(await read_upload(upload, param="image"), param="image")
+    upload_bytes = await read_upload(upload, param="image")
+    image = await decode_image_async(upload_bytes, param="image", slots=services.decode_slots)
     model = services.registry.get(body.model or "flux-dev")
     if model.kind != "text2img":
         raise InvalidInput(f"Variations need a text-to-image model such as flux-dev; got {model.name}.", param="model")

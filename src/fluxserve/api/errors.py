@@ -66,6 +66,7 @@ def _render_bfl(exc: FluxServeError) -> JSONResponse:
 _TITLES = {
     401: "Unauthenticated",
     404: "Not found",
+    408: "Request timeout",
     409: "Conflict",
     410: "Gone",
     413: "Payload too large",

@@ -37,7 +37,7 @@ async def image_from_value(value: str, services: Services, *, param: str) -> Ima
         data = await fetch_image_bytes(value, param=param, allow_private=services.settings.allow_private_urls)
     else:
         data = decode_base64(value, param=param)
-    return await decode_image_async(data, param=param)
+    return await decode_image_async(data, param=param, slots=services.decode_slots)
 
 
 @dataclass

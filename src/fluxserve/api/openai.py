@@ -25,6 +25,16 @@ router = APIRouter(prefix="/v1")
 DEFAULT_MODEL = "flux"
 
 
+def known_fields(body: BaseModel) -> dict[str, Any]:
+    """What a job row keeps of a request: the fields this server reads, and only the names of the
+    unknown ones it ignored (their values could be megabytes)."""
+    extra = body.model_extra or {}
+    echo = body.model_dump(exclude_none=True, exclude=set(extra))
+    if extra:
+        echo["ignored_fields"] = sorted(name[:64] for name in extra)[:20]
+    return echo
+
+
 class ImageGenerationRequest(BaseModel):
     # Unknown GPT-image fields are accepted and ignored, as OpenAI-compatible servers do.
     model_config = ConfigDict(extra="allow", strict=True)
@@ -66,7 +76,7 @@ async def create_image(request: Request, services: ServicesDep, owner: OwnerDep)
         output_format=fmt,
         quality=max(1, body.output_compression if body.output_compression is not None else 100),
     )
-    echo = body.model_dump(exclude_none=True)
+    echo = known_fields(body)
     if body.stream:
         spec = replace(spec, partial_images=body.partial_images or 0)
         job = await services.jobs.submit(owner, "openai", spec, echo, idempotency_key=idempotency_key(request))

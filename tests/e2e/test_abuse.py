@@ -1,0 +1,62 @@
+"""Hostile clients against the real server process: an endless upload is cut off, not read to the end."""
+
+import select
+import socket
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.e2e.server import RemoteServer
+
+KEY = "fs-abuse-test-key-0123456789"
+
+
+def test_an_endless_chunked_upload_gets_413_after_the_limit(tmp_path: Path, demo_model_dir: Path) -> None:
+    srv = RemoteServer(tmp_path / "data", api_key=KEY, demo_model=demo_model_dir).start()
+    try:
+        sock = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+        sock.sendall(
+            b"POST /v1/images/edits HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
+            + b"\r\nContent-Type: multipart/form-data; boundary=abc\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )  # fmt: skip
+        chunk = b"%x\r\n%s\r\n" % (65536, b"x" * 65536)
+        sent, start = 0, time.monotonic()
+        while sent < 1024**3 and time.monotonic() - start < 60:
+            if select.select([sock], [], [], 0)[0]:
+                break  # the server answered mid-upload
+            try:
+                sock.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += 65536
+        head = sock.recv(4096)
+        sock.close()
+        assert head.startswith(b"HTTP/1.1 413"), head[:200]
+        assert b"104857600" in head  # the limit is named
+        assert sent < 200 * 1024 * 1024, sent  # stopped near 100 MB, not read to 1 GB
+    finally:
+        srv.stop()
+
+
+def test_a_stalled_body_gets_408_and_the_server_stays_responsive(tmp_path: Path, demo_model_dir: Path) -> None:
+    srv = RemoteServer(tmp_path / "data", api_key=KEY, demo_model=demo_model_dir,
+                       env={"FLUXSERVE_BODY_IDLE_TIMEOUT_S": "1"}).start()  # fmt: skip
+    try:
+        stalled = []
+        for _ in range(20):  # slow clients that promise a body and never send it
+            sock = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+            sock.sendall(
+                b"POST /v1/flux-dev HTTP/1.1\r\nHost: x\r\nx-key: " + KEY.encode()
+                + b"\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"prompt\""
+            )  # fmt: skip
+            stalled.append(sock)
+        start = time.monotonic()
+        assert httpx.get(f"{srv.url}/health", timeout=5).status_code == 200  # others are served meanwhile
+        heads = [sock.recv(4096) for sock in stalled]
+        assert all(h.startswith(b"HTTP/1.1 408") and b"stopped arriving for 1 s" in h for h in heads), heads[0]
+        assert time.monotonic() - start < 5
+        for sock in stalled:
+            sock.close()
+    finally:
+        srv.stop()
