@@ -2,6 +2,7 @@
 
 import base64
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -131,5 +132,22 @@ def test_webhook_with_secret(settings: Settings, fake_engine: FakeEngine) -> Non
         ).json()
         assert body["status"] == "Pending" and body["webhook_url"] == url
         assert got.event.wait(10)
+        # Stored sealed, never in clear: not in the row, not anywhere in the database file.
+        stored = client.app.state.services.store.get_job(body["id"]).webhook["secret"]  # type: ignore[attr-defined]
+        assert stored.startswith("sealed:v1:") and secret not in stored
+    assert secret.encode() not in Path(local.database.removeprefix("sqlite:///")).read_bytes()
     assert got.bad_signatures == 0
     assert got.deliveries[0]["body"]["status"] == "Ready" and got.deliveries[0]["body"]["id"] == body["id"]
+
+
+def test_sealed_secrets_round_trip_and_resist_another_key() -> None:
+    from cryptography.exceptions import InvalidTag
+
+    from fluxserve.sealed import seal, unseal
+
+    sealed = seal(b"k" * 32, "whsec_abc")
+    assert sealed != seal(b"k" * 32, "whsec_abc")  # a fresh nonce each time
+    assert unseal(b"k" * 32, sealed) == "whsec_abc"
+    assert unseal(b"k" * 32, "whsec_stored_before_sealing") == "whsec_stored_before_sealing"
+    with pytest.raises(InvalidTag):
+        unseal(b"x" * 32, sealed)

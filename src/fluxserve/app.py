@@ -31,6 +31,7 @@ from .metrics import Metrics, RequestCounter
 from .migrations import open_store
 from .models import ModelRegistry
 from .retention import RetentionSweeper
+from .sealed import unseal
 from .settings import Settings
 from .storage import LocalStorage, load_or_create_secret
 from .webhooks import WebhookSender, owner_secret
@@ -93,7 +94,8 @@ def render_for_webhook(services: Services, job: Job) -> dict[str, Any] | None:
 
 def webhook_secret_for(services: Services, job: Job) -> str | None:
     if job.dialect == "bfl":
-        return (job.webhook or {}).get("secret")
+        sealed = (job.webhook or {}).get("secret")
+        return unseal(services.secret, sealed) if sealed else None
     return owner_secret(services.secret, job.owner)
 
 

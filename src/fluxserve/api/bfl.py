@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import InvalidInput, NotFound
 from ..images import fit_megapixel
 from ..job import Job, Status
+from ..sealed import seal
 from ..webhooks import check_webhook_url
 from .deps import Services, ServicesDep, XKeyOwnerDep, idempotency_key
 from .errors import read_json
@@ -118,7 +119,8 @@ async def _create(endpoint: str, request: Request, services: Services, owner: st
         await services.jobs.run(
             check_webhook_url, body.webhook_url, param="webhook_url", allow_private=services.settings.allow_private_urls
         )
-        webhook = {"url": body.webhook_url, "events": ["completed"], "secret": body.webhook_secret}
+        secret = seal(services.secret, body.webhook_secret) if body.webhook_secret else None
+        webhook = {"url": body.webhook_url, "events": ["completed"], "secret": secret}
     digest = await inputs.store(services)
     echo = {
         "endpoint": endpoint,
