@@ -137,6 +137,7 @@ def serve(
 
     from .app import create_app
     from .auth import create_key
+    from .http_protocol import header_deadline_protocol
     from .logs import configure as configure_logging
 
     settings = _settings(
@@ -174,7 +175,7 @@ def serve(
     # fluxserve logs each request itself (with its id, without query strings, which carry URL signatures).
     uvicorn.run(
         create_app(settings), host=settings.host, port=settings.port, log_level="info", access_log=False,
-        log_config=None,
+        log_config=None, http=header_deadline_protocol(settings.header_timeout_s),
     )  # fmt: skip
 
 

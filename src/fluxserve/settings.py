@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     retention: str = "7d"
     retention_sweep_s: float = Field(default=60.0, gt=0)
     log_format: Literal["text", "json"] = "text"
+    header_timeout_s: float = Field(default=10.0, gt=0)  # request headers not complete by then: 408
     body_idle_timeout_s: float = Field(default=30.0, gt=0)  # a request body that stalls this long: 408
     # /metrics answers loopback, and elsewhere this bearer token (or api_key when this is unset).
     metrics_token: str | None = None

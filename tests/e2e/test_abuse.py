@@ -70,3 +70,35 @@ def test_a_stalled_body_gets_408_and_the_server_stays_responsive(tmp_path: Path,
             sock.close()
     finally:
         srv.stop()
+
+
+def test_slow_headers_get_408_and_the_server_stays_responsive(tmp_path: Path, demo_model_dir: Path) -> None:
+    srv = RemoteServer(tmp_path / "data", api_key=KEY, demo_model=demo_model_dir,
+                       env={"FLUXSERVE_HEADER_TIMEOUT_S": "1"}).start()  # fmt: skip
+    try:
+        slow = []
+        for i in range(20):  # half send a few header bytes and stop, half send nothing at all
+            sock = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+            if i % 2:
+                sock.sendall(b"POST /v1/flux-dev HTTP/1.1\r\nHost: x\r\nx-ke")
+            slow.append(sock)
+        start = time.monotonic()
+        assert httpx.get(f"{srv.url}/health", timeout=5).status_code == 200
+        answers = [_read_until_closed(sock) for sock in slow]
+        assert all(a.startswith(b"HTTP/1.1 408") for a in answers), answers[0]
+        assert time.monotonic() - start < 5
+        # A normal keep-alive client is unaffected: two requests on one connection, 1.5 s apart.
+        with httpx.Client(base_url=srv.url) as http:
+            assert http.get("/health").status_code == 200
+            time.sleep(1.5)
+            assert http.get("/health").status_code == 200
+    finally:
+        srv.stop()
+
+
+def _read_until_closed(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(4096):
+        data += chunk
+    sock.close()
+    return data
