@@ -38,6 +38,7 @@ def test_metrics_count_jobs_images_and_requests_across_nodes(settings: Settings)
         assert abs(got[("fluxserve_megapixels_generated_total", (("model", "flux"),))] - 4 * 256 * 512 / 1e6) < 1e-9
         assert got[("fluxserve_jobs_timed_total", ())] == 2
         assert got[("fluxserve_job_stage_seconds_total", (("stage", "running"),))] > 0
+        assert got[("fluxserve_job_stage_seconds_total", (("stage", "encoding"),))] > 0  # PNGs were written
         assert got[("fluxserve_worker_state", (("state", "ready"),))] == 1
         # HTTP requests are per process, by route template and status.
         counted = _samples(node_a.get("/metrics").text)

@@ -227,12 +227,13 @@ def test_migrations_are_numbered_idempotent_and_upgrade_an_old_database(tmp_path
         "1: jobs and api keys",
         "2: worker leases, job events, webhook outbox",
         "3: per-key limits, image counts",
-        "4: file retention",
+        "4: file retention, encoding time",
     ]
     assert upgrade(store.engine) == []
     assert current_version(store.engine) == LATEST
     columns = {c["name"] for c in inspect(store.engine).get_columns("jobs")}
-    added = {"previews", "webhook", "worker_id", "lease_expires_at", "images", "megapixels", "files_expired_at"}
+    added = {"previews", "webhook", "worker_id", "lease_expires_at", "images", "megapixels", "files_expired_at",
+             "encode_s"}  # fmt: skip
     assert added <= columns
     key_columns = {c["name"] for c in inspect(store.engine).get_columns("api_keys")}
     assert {"max_queued", "rpm", "images_per_day"} <= key_columns

@@ -205,8 +205,10 @@ class JobService:
 
         return self._fenced(job, EventKind.PREVIEW, values, {"key": key}) is not None
 
-    def complete(self, job: Job, outputs: list[Output]) -> bool:
-        values = {"status": Status.SUCCEEDED.value, "completed_at": time.time(), "outputs": outputs_json(outputs)}
+    def complete(self, job: Job, outputs: list[Output], *, encode_s: float | None = None) -> bool:
+        """``encode_s``: the time spent encoding and storing its images (the metrics' encoding stage)."""
+        values = {"status": Status.SUCCEEDED.value, "completed_at": time.time(), "outputs": outputs_json(outputs),
+                  "encode_s": encode_s}  # fmt: skip
         return self._fenced(job, EventKind.SUCCEEDED, values, {"outputs": [o.key for o in outputs]}) is not None
 
     def fail(self, job: Job, error: str, *, lease_before: float | None = None) -> bool:

@@ -46,13 +46,14 @@ class StoreCollector(Collector):
             images.add_metric([model], n_images or 0)
             mp.add_metric([model], megapixels or 0.0)
         stage = CounterMetricFamily(
-            "fluxserve_job_stage_seconds", "Seconds ended jobs spent per stage (queued, running: claim to end).",
+            "fluxserve_job_stage_seconds", "Seconds ended jobs spent queued, running (encoding aside) and encoding.",
             labels=["stage"],
         )  # fmt: skip
         ended = CounterMetricFamily("fluxserve_jobs_timed", "Ended jobs counted in fluxserve_job_stage_seconds.")
-        for queued_s, running_s, n in data["stages"]:
+        for queued_s, running_s, encoding_s, n in data["stages"]:
             stage.add_metric(["queued"], queued_s or 0.0)
             stage.add_metric(["running"], running_s or 0.0)
+            stage.add_metric(["encoding"], encoding_s or 0.0)
             ended.add_metric([], n)
         hooks = GaugeMetricFamily("fluxserve_webhook_deliveries", "Webhook deliveries by state.", labels=["state"])
         for state, n in data["webhooks"]:

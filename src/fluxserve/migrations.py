@@ -54,14 +54,14 @@ def _key_limits(conn: Connection) -> None:
 
 
 def _retention(conn: Connection) -> None:
-    _add_missing_columns(conn, store.jobs)  # files_expired_at
+    _add_missing_columns(conn, store.jobs)  # files_expired_at, encode_s
 
 
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "jobs and api keys", _baseline),
     (2, "worker leases, job events, webhook outbox", _leases_events_outbox),
     (3, "per-key limits, image counts", _key_limits),
-    (4, "file retention", _retention),
+    (4, "file retention, encoding time", _retention),
 ]
 LATEST = MIGRATIONS[-1][0]
 

@@ -77,6 +77,7 @@ jobs = Table(
     Column("images", Integer),  # images asked for (per-key daily limits, usage, metrics)
     Column("megapixels", Float),  # images x width x height / 1e6
     Column("files_expired_at", Float),  # outputs, inputs and previews deleted (retention)
+    Column("encode_s", Float),  # seconds spent encoding and storing its images (metrics)
     UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency"),
 )
 
@@ -585,7 +586,8 @@ class Store:
             .group_by(jobs.c.model),
             "stages": select(
                 func.sum(jobs.c.started_at - jobs.c.created_at),
-                func.sum(jobs.c.completed_at - jobs.c.started_at),
+                func.sum(jobs.c.completed_at - jobs.c.started_at - func.coalesce(jobs.c.encode_s, 0)),
+                func.sum(func.coalesce(jobs.c.encode_s, 0)),
                 func.count(),
             ).where(and_(ended, jobs.c.started_at.is_not(None), jobs.c.completed_at.is_not(None))),
             "webhooks": select(webhook_deliveries.c.state, func.count()).group_by(webhook_deliveries.c.state),

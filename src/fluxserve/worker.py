@@ -407,7 +407,9 @@ class DeviceWorker:
                     self._end_dropped(job)
                     continue
                 try:
+                    encode_start = time.monotonic()
                     outputs = self._save_outputs(job, images)
+                    encode_s = time.monotonic() - encode_start
                 except OSError as exc:  # disk full, permissions: this job fails, the worker goes on
                     log.error("job %s: storing the images failed: %s", job.id, exc)
                     self._fail([job], f"{STORAGE_FAILED} ({exc.strerror or type(exc).__name__}).")
@@ -416,7 +418,7 @@ class DeviceWorker:
                     log.exception("job %s: encoding the images failed", job.id)
                     self._fail([job], f"{STORAGE_FAILED}: {type(exc).__name__}: {exc}")
                     continue
-                self._end(job, lambda j, o=outputs: self._jobs.complete(j, o))  # type: ignore[misc]
+                self._end(job, lambda j, o=outputs, e=encode_s: self._jobs.complete(j, o, encode_s=e))  # type: ignore[misc]
         except StoreUnavailable:
             log.warning("stopping with jobs %s unrecorded; their leases will expire", [j.id for j in batch])
             for job in batch:
