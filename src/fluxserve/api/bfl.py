@@ -15,7 +15,7 @@ from ..job import Job, Status
 from ..sealed import seal
 from ..webhooks import check_webhook_url
 from .deps import Services, ServicesDep, XKeyOwnerDep, idempotency_key
-from .errors import read_json
+from .errors import json_body, read_json
 from .inputs import elide_inline_images, image_and_size
 
 router = APIRouter(prefix="/v1")
@@ -148,7 +148,7 @@ def _router_for(endpoint: str) -> None:
         return await _create(endpoint, request, services, owner)
 
     create.__name__ = f"create_{endpoint.replace('-', '_').replace('.', '_')}"
-    router.add_api_route(f"/{endpoint}", create, methods=["POST"])
+    router.add_api_route(f"/{endpoint}", create, methods=["POST"], openapi_extra=json_body(ENDPOINTS[endpoint][1]))
 
 
 for _endpoint in ENDPOINTS:

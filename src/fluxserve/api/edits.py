@@ -61,7 +61,15 @@ def _size(body: EditForm, first: tuple[int, int]) -> tuple[int, int]:
     return parse_size(body.size) if body.size and body.size != "auto" else fit_megapixel(*first)
 
 
-@router.post("/images/edits")
+def _multipart(*files: str) -> dict[str, Any]:
+    """openapi_extra for a form the route parses itself: EditForm's fields plus the file parts."""
+    schema = EditForm.model_json_schema()
+    schema["properties"] |= {name: {"type": "string", "format": "binary"} for name in files}
+    schema["required"] = [files[0]]
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+
+
+@router.post("/images/edits", openapi_extra=_multipart("image", "mask"))
 async def edit_image(request: Request, services: ServicesDep, owner: OwnerDep) -> Response:
     form, body = await _read_form(request)
     uploads = form.getlist("image") + form.getlist("image[]")
@@ -129,7 +137,7 @@ def _check_prompt_given(body: EditForm) -> None:
         raise InvalidInput("Missing required parameter 'prompt'.", param="prompt", code="missing_required_parameter")
 
 
-@router.post("/images/variations")
+@router.post("/images/variations", openapi_extra=_multipart("image"))
 async def image_variation(request: Request, services: ServicesDep, owner: OwnerDep) -> Response:
     form, body = await _read_form(request)
     upload = form.get("image") or form.get("image[]")

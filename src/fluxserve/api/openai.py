@@ -18,7 +18,7 @@ from ..errors import ClientDisconnected, GenerationFailed
 from ..job import Job, Status
 from ..spec import GenerationSpec, parse_size
 from .deps import OwnerDep, Services, ServicesDep, idempotency_key
-from .errors import read_json
+from .errors import json_body, read_json
 
 router = APIRouter(prefix="/v1")
 
@@ -59,7 +59,7 @@ class ImageGenerationRequest(BaseModel):
     guidance: float | None = None
 
 
-@router.post("/images/generations")
+@router.post("/images/generations", openapi_extra=json_body(ImageGenerationRequest))
 async def create_image(request: Request, services: ServicesDep, owner: OwnerDep) -> Any:
     body = await read_json(request, ImageGenerationRequest)
     model = services.registry.get(body.model or DEFAULT_MODEL)

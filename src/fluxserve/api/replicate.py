@@ -20,7 +20,7 @@ from ..job import Job, Status
 from ..spec import ASPECT_RATIOS
 from ..webhooks import EVENTS, check_webhook_url, owner_secret
 from .deps import OwnerDep, Services, ServicesDep, idempotency_key
-from .errors import read_json
+from .errors import json_body, read_json
 from .inputs import Inputs, elide_inline_images, image_and_size
 
 router = APIRouter(prefix="/v1")
@@ -91,6 +91,14 @@ MODELS: dict[str, tuple[str, type[_Input], bool]] = {
     "flux-kontext-max": ("flux-kontext-max", KontextInput, False),
 }
 _FORMATS = {"jpg": "jpeg", "png": "png", "webp": "webp"}
+
+
+class ModelPredictionRequest(BaseModel):
+    """The body of /v1/models/{owner}/{name}/predictions as documented (the input is per model)."""
+
+    input: dict[str, Any]
+    webhook: str | None = None
+    webhook_events_filter: list[Literal["start", "output", "logs", "completed"]] | None = None
 
 
 class PredictionRequest(BaseModel):
@@ -265,7 +273,7 @@ async def _spec(services: Services, model: Any, inp: _Input) -> tuple[Any, Input
     return spec, inputs
 
 
-@router.post("/models/{owner_name}/{name}/predictions")
+@router.post("/models/{owner_name}/{name}/predictions", openapi_extra=json_body(ModelPredictionRequest))
 async def create_model_prediction(
     owner_name: str, name: str, request: Request, services: ServicesDep, owner: OwnerDep
 ) -> Any:
@@ -275,7 +283,7 @@ async def create_model_prediction(
     return await _create(request, services, owner, name, body)
 
 
-@router.post("/predictions")
+@router.post("/predictions", openapi_extra=json_body(PredictionRequest))
 async def create_prediction(request: Request, services: ServicesDep, owner: OwnerDep) -> Any:
     body = await read_json(request, PredictionRequest)
     if not body.version:

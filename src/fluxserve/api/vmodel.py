@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import InvalidInput
 from ..job import Job, Status
 from .deps import OwnerDep, ServicesDep, idempotency_key
-from .errors import read_json
+from .errors import json_body, read_json
 from .inputs import elide_inline_images, image_and_size
 
 router = APIRouter(prefix="/vmodel")
@@ -46,7 +46,7 @@ class VmodelRequest(BaseModel):
     input: VmodelInput
 
 
-@router.post("/generate")
+@router.post("/generate", openapi_extra=json_body(VmodelRequest))
 async def generate(request: Request, services: ServicesDep, owner: OwnerDep) -> dict[str, str]:
     body = await read_json(request, VmodelRequest)
     model = services.registry.get(body.model)
