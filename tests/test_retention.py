@@ -87,7 +87,7 @@ def test_files_and_database_are_owner_only(client: TestClient, settings: Setting
     db = Path(settings.database.removeprefix("sqlite:///"))
     assert stat.S_IMODE(db.stat().st_mode) == 0o600
     outputs = settings.outputs_dir
-    assert stat.S_IMODE(outputs.stat().st_mode) == 0o700
+    assert stat.S_IMODE(outputs.stat().st_mode) == 0o700 == stat.S_IMODE(settings.data_dir.stat().st_mode)
     images = [p for p in outputs.rglob("*") if p.is_file()]
     assert images and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in images)
 

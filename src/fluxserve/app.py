@@ -102,7 +102,7 @@ def webhook_secret_for(services: Services, job: Job) -> str | None:
 def create_app(settings: Settings, *, engine: Engine | None = None, engines: list[Engine] | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         store = open_store(settings.database)
         registry = build_registry(settings)
         secret = load_or_create_secret(settings.data_dir / "secret.key")

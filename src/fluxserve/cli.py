@@ -164,7 +164,7 @@ def serve(
     if settings.quantize == "fp8":
         _check_fp8(settings)
     configure_logging(settings.log_format)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # keys, secrets, images: owner-only
     store = _open_store(settings.database)
     if not settings.api_key and store.count_keys() == 0:
         key = create_key(store, "default")
