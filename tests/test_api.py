@@ -259,3 +259,37 @@ def test_a_job_is_read_only_through_its_own_dialect(client: TestClient) -> None:
     bfl = client.post("/v1/flux-dev", json={"prompt": "p"}, headers={"x-key": AUTH["Authorization"].split()[1]}).json()
     assert client.get(f"/vmodel/feed/{bfl['id']}", headers=AUTH).status_code == 404
     assert client.get(f"/v1/predictions/{bfl['id']}", headers=AUTH).status_code == 404
+
+
+def test_no_input_files_are_left_by_refused_or_replayed_creates(settings: Settings, client: TestClient) -> None:
+    """Inputs are stored for a valid request; a 409, a 429 or an idempotent replay deletes its copies at once."""
+    from fluxserve.auth import create_key
+    from fluxserve.limits import Limits
+    from fluxserve.migrations import open_store
+    from tests.images_util import png_bytes
+
+    inputs_dir = settings.outputs_dir / "inputs"
+
+    def folders() -> int:
+        return len(list(inputs_dir.iterdir())) if inputs_dir.is_dir() else 0
+
+    url = "data:image/png;base64," + base64.b64encode(png_bytes((96, 64))).decode()
+    other = "data:image/png;base64," + base64.b64encode(png_bytes((96, 64), (1, 2, 3))).decode()
+    headers = {**AUTH, "Idempotency-Key": "inputs-once"}
+    body = {"input": {"prompt": "p", "image": url}}
+    path = "/v1/models/black-forest-labs/flux-dev/predictions"
+    assert client.post(path, json=body, headers=headers).status_code == 201
+    assert folders() == 1
+    assert client.post(path, json=body, headers=headers).status_code == 201  # replay: same job, no new copy
+    assert folders() == 1
+    conflict = client.post(path, json={"input": {"prompt": "p", "image": other}}, headers=headers)
+    assert conflict.status_code == 409 and folders() == 1
+    store = open_store(settings.database)
+    limited = create_key(store, "limited")
+    store.set_key_limits(limited.id, Limits(rpm=1))
+    store.close()
+    bearer = {"Authorization": f"Bearer {limited.key}"}
+    assert client.post(path, json=body, headers=bearer).status_code == 201
+    assert folders() == 2
+    assert client.post(path, json=body, headers=bearer).status_code == 429
+    assert folders() == 2

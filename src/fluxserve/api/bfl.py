@@ -14,9 +14,9 @@ from ..images import fit_megapixel
 from ..job import Job, Status
 from ..sealed import seal
 from ..webhooks import check_webhook_url
-from .deps import Services, ServicesDep, XKeyOwnerDep, idempotency_key
+from .deps import Services, ServicesDep, XKeyOwnerDep
 from .errors import json_body, read_json
-from .inputs import elide_inline_images, image_and_size
+from .inputs import elide_inline_images, image_and_size, submit
 
 router = APIRouter(prefix="/v1")
 
@@ -121,14 +121,11 @@ async def _create(endpoint: str, request: Request, services: Services, owner: st
         )
         secret = seal(services.secret, body.webhook_secret) if body.webhook_secret else None
         webhook = {"url": body.webhook_url, "events": ["completed"], "secret": secret}
-    digest = await inputs.store(services)
     echo = {
         "endpoint": endpoint,
         "input": elide_inline_images(body.model_dump(exclude_unset=True, exclude={"webhook_secret"})),
     }
-    job = await services.jobs.submit(
-        owner, "bfl", spec, echo, idempotency_key=idempotency_key(request), webhook=webhook, input_digest=digest
-    )
+    job = await submit(services, request, owner, "bfl", spec, echo, inputs, webhook=webhook)
     polling_url = f"{services.settings.base_url}/v1/get_result?id={job.id}"
     mp = round(width * height / 1_000_000, 2)
     response: dict[str, Any] = {

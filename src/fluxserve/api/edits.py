@@ -125,11 +125,8 @@ async def _run(
         mask=inputs.mask_key,
         **overrides,
     )
-    digest = await inputs.store(services)
     echo = {**known_fields(body), **echo}
-    return await run_and_render(
-        request, services, owner, spec, echo, body.response_format, body.quality, input_digest=digest
-    )
+    return await run_and_render(request, services, owner, spec, echo, body.response_format, body.quality, inputs)
 
 
 def _check_prompt_given(body: EditForm) -> None:

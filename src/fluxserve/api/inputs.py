@@ -6,16 +6,19 @@ import hashlib
 import io
 import secrets
 from dataclasses import dataclass, field
+from typing import Any
 
 from PIL import Image
 from starlette.datastructures import UploadFile
+from starlette.requests import Request
 
 from ..errors import InvalidInput, PayloadTooLarge
 from ..images import MAX_IMAGE_BYTES, decode_base64, decode_image_async, fetch_image_bytes, fit_megapixel
+from ..job import Job
 from ..models import ModelSpec
-from ..spec import aspect_ratio_size
+from ..spec import GenerationSpec, aspect_ratio_size
 from ..storage import Storage
-from .deps import Services
+from .deps import Services, idempotency_key
 
 
 async def read_upload(value: object, *, param: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
@@ -76,6 +79,38 @@ class Inputs:
             storage.put(key, data)
             digest.update(key.rsplit("/", 1)[-1].encode() + hashlib.sha256(data).digest())
         return digest.hexdigest()
+
+    async def discard(self, services: Services) -> None:
+        """Stored inputs no job uses (the create was refused, or replayed an earlier job) go at once."""
+        if self.images or self.mask is not None:
+            await services.jobs.run(services.storage.delete_folder, self.prefix)
+
+
+async def submit(
+    services: Services,
+    request: Request,
+    owner: str,
+    dialect: str,
+    spec: GenerationSpec,
+    echo: dict[str, Any],
+    inputs: Inputs | None = None,
+    **job: Any,
+) -> Job:
+    """The one submit path of every dialect: the validated request's inputs stored, then the job
+    queued under the request's Idempotency-Key. Inputs are stored first so no worker can claim a job
+    whose images aren't there yet; if no job ends up using them, they are deleted before answering."""
+    digest = await inputs.store(services) if inputs is not None else None
+    try:
+        queued = await services.jobs.submit(
+            owner, dialect, spec, echo, idempotency_key=idempotency_key(request), input_digest=digest, **job
+        )
+    except Exception:
+        if inputs is not None:
+            await inputs.discard(services)
+        raise
+    if inputs is not None and queued.spec.images != inputs.keys:  # a replay: the first job has its own copies
+        await inputs.discard(services)
+    return queued
 
 
 def _png(img: Image.Image) -> bytes:

@@ -19,6 +19,7 @@ from ..job import Job, Status
 from ..spec import GenerationSpec, parse_size
 from .deps import OwnerDep, Services, ServicesDep, idempotency_key
 from .errors import json_body, read_json
+from .inputs import Inputs, submit
 
 router = APIRouter(prefix="/v1")
 
@@ -79,7 +80,7 @@ async def create_image(request: Request, services: ServicesDep, owner: OwnerDep)
     echo = known_fields(body)
     if body.stream:
         spec = replace(spec, partial_images=body.partial_images or 0)
-        job = await services.jobs.submit(owner, "openai", spec, echo, idempotency_key=idempotency_key(request))
+        job = await submit(services, request, owner, "openai", spec, echo)
         return StreamingResponse(
             _stream_events(
                 services, job, owner, body.quality or "auto", cancel_on_disconnect=idempotency_key(request) is None
@@ -170,12 +171,11 @@ async def run_and_render(
     echo: dict[str, Any],
     response_format: str | None,
     quality: str | None,
-    *,
-    input_digest: str | None = None,
+    inputs: Inputs | None = None,
 ) -> Response:
     """The synchronous OpenAI call: a job like any other, waited on, rendered as an images response."""
     key = idempotency_key(request)
-    job = await services.jobs.submit(owner, "openai", spec, echo, idempotency_key=key, input_digest=input_digest)
+    job = await submit(services, request, owner, "openai", spec, echo, inputs)
     while not job.status.is_terminal:
         job = await services.jobs.wait(job.id, owner, timeout=1.0)
         # A client that gave up (a closed chat tab, a timeout) frees the GPU. A job shared through an

@@ -19,9 +19,9 @@ from ..errors import InvalidInput, NotFound
 from ..job import Job, Status
 from ..spec import ASPECT_RATIOS
 from ..webhooks import EVENTS, check_webhook_url, owner_secret
-from .deps import OwnerDep, Services, ServicesDep, idempotency_key
+from .deps import OwnerDep, Services, ServicesDep
 from .errors import json_body, read_json
-from .inputs import Inputs, elide_inline_images, image_and_size
+from .inputs import Inputs, elide_inline_images, image_and_size, submit
 
 router = APIRouter(prefix="/v1")
 
@@ -217,12 +217,8 @@ async def _create(request: Request, services: Services, owner: str, name: str, b
         )
         events: list[str] = list(body.webhook_events_filter) if body.webhook_events_filter else list(EVENTS)
         webhook = {"url": body.webhook, "events": events}
-    digest = await inputs.store(services)
     echo = {"model": f"{OWNER}/{name}", "input": elide_inline_images(body.input), "list_output": list_output}
-    job = await services.jobs.submit(
-        owner, "replicate", spec, echo,
-        idempotency_key=idempotency_key(request), deadline=deadline, webhook=webhook, input_digest=digest,
-    )  # fmt: skip
+    job = await submit(services, request, owner, "replicate", spec, echo, inputs, deadline=deadline, webhook=webhook)
     if wait_s is not None:
         job = await services.jobs.wait(job.id, owner, timeout=wait_s)
     else:

@@ -9,9 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import InvalidInput
 from ..job import Job, Status
-from .deps import OwnerDep, ServicesDep, idempotency_key
+from .deps import OwnerDep, ServicesDep
 from .errors import json_body, read_json
-from .inputs import elide_inline_images, image_and_size
+from .inputs import elide_inline_images, image_and_size, submit
 
 router = APIRouter(prefix="/vmodel")
 
@@ -85,11 +85,8 @@ async def generate(request: Request, services: ServicesDep, owner: OwnerDep) -> 
             "seed": "input.seed",
         },
     )
-    digest = await inputs.store(services)
     echo = {"model": body.model, "input": elide_inline_images(inp.model_dump(exclude_unset=True))}
-    job = await services.jobs.submit(
-        owner, "vmodel", spec, echo, idempotency_key=idempotency_key(request), input_digest=digest
-    )
+    job = await submit(services, request, owner, "vmodel", spec, echo, inputs)
     return {"id": job.id}
 
 
