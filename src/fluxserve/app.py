@@ -27,7 +27,7 @@ from .job import EventKind, Job
 from .jobs import JobService
 from .limits import Limits
 from .logs import RequestLog
-from .metrics import Metrics, RequestCounter
+from .metrics import Metrics
 from .migrations import open_store
 from .models import ModelRegistry
 from .retention import RetentionSweeper
@@ -99,6 +99,12 @@ def webhook_secret_for(services: Services, job: Job) -> str | None:
     return owner_secret(services.secret, job.owner)
 
 
+def _count(app: FastAPI, route: str, method: str, status: int) -> None:
+    metrics: Metrics | None = getattr(app.state, "metrics", None)  # None before the lifespan started
+    if metrics is not None:
+        metrics.count_request(route, method, status)
+
+
 def create_app(settings: Settings, *, engine: Engine | None = None, engines: list[Engine] | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -162,8 +168,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
         expose_headers=["*"],
     )
     app.add_middleware(RateLimitHeaders)
-    app.add_middleware(RequestLog)
-    app.add_middleware(RequestCounter, metrics=lambda: getattr(app.state, "metrics", None))
+    app.add_middleware(RequestLog, on_done=lambda *request: _count(app, *request))
     install_error_handlers(app)
     app.include_router(openai.router)
     app.include_router(edits.router)

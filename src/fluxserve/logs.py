@@ -12,6 +12,7 @@ import logging
 import re
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -47,10 +48,12 @@ def configure(fmt: str) -> None:
 
 
 class RequestLog:
-    """Pure ASGI: the request id on the way in, one line (route template, status, ms) on the way out."""
+    """Pure ASGI: the request id on the way in, one line (route template, status, ms) on the way out,
+    and the same facts to ``on_done`` (the metrics' request counter)."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, on_done: Callable[[str, str, int], None] | None = None) -> None:
         self.app = app
+        self._on_done = on_done
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -71,7 +74,10 @@ class RequestLog:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            # The route template, not the raw path: ids would explode metric labels and bloat logs.
             route = getattr(scope.get("route"), "path", None) or "unmatched"
+            if self._on_done is not None:
+                self._on_done(route, scope["method"], status["code"])
             ms = round((time.perf_counter() - start) * 1000, 1)
             request_log.info(
                 "%s %s %d %.1fms id=%s", scope["method"], route, status["code"], ms, request_id,

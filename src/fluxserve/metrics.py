@@ -10,12 +10,10 @@ from __future__ import annotations
 import ipaddress
 import secrets
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import Forbidden
 from .job import Status
@@ -89,6 +87,9 @@ class Metrics:
             code="metrics_forbidden",
         )
 
+    def count_request(self, route: str, method: str, status: int) -> None:
+        self.requests.labels(route, method, str(status)).inc()
+
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
@@ -98,30 +99,3 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-class RequestCounter:
-    """Counts each response by its route template (not the raw path: ids would explode the labels)."""
-
-    def __init__(self, app: ASGIApp, metrics: Callable[[], Metrics | None]) -> None:
-        self.app = app
-        self._metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status: dict[str, Any] = {}
-
-        async def record(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, record)
-        finally:
-            metrics = self._metrics()
-            if metrics is not None:
-                route = getattr(scope.get("route"), "path", None) or "unmatched"
-                metrics.requests.labels(route, scope["method"], str(status.get("code", 500))).inc()

@@ -1,8 +1,10 @@
 """Request bodies bounded while they stream in, in size (413) and in time (408), in the dialect's shape.
 
-Routes that take images (multipart uploads, data: URLs, base64) may send up to IMAGE_BODY_BYTES;
-every other body is JSON of at most JSON_BODY_BYTES. A declared Content-Length over the limit is
-refused before a byte is read; a chunked body is cut off as soon as it passes the limit.
+Multipart uploads may send up to UPLOAD_BODY_BYTES, JSON routes that take images as data: URLs or
+base64 up to IMAGE_JSON_BODY_BYTES (one 50 MB image, base64-encoded, plus fields), every other body
+is JSON of at most JSON_BODY_BYTES. This is the one body limit; handlers don't count again. A
+declared Content-Length over it is refused before a byte is read; a chunked body is cut off as
+soon as it passes it.
 """
 
 from __future__ import annotations
@@ -16,21 +18,25 @@ from ..errors import PayloadTooLarge, RequestTimeout
 from .errors import render_error
 
 JSON_BODY_BYTES = 1024 * 1024
-IMAGE_BODY_BYTES = 100 * 1024 * 1024
-_IMAGE_ROUTES = ("/v1/images/edits", "/v1/images/variations", "/vmodel/generate", "/v1/predictions", "/v1/flux-")
+IMAGE_JSON_BODY_BYTES = 70 * 1024 * 1024
+UPLOAD_BODY_BYTES = 100 * 1024 * 1024
+_UPLOAD_ROUTES = ("/v1/images/edits", "/v1/images/variations")
+_IMAGE_JSON_ROUTES = ("/vmodel/generate", "/v1/predictions", "/v1/flux-")
+_KINDS = {JSON_BODY_BYTES: "JSON without images", IMAGE_JSON_BODY_BYTES: "JSON with images",
+          UPLOAD_BODY_BYTES: "uploads"}  # fmt: skip
 
 
 def body_limit(path: str) -> int:
-    if path.startswith(_IMAGE_ROUTES) or (path.startswith("/v1/models/") and path.endswith("/predictions")):
-        return IMAGE_BODY_BYTES
+    if path.startswith(_UPLOAD_ROUTES):
+        return UPLOAD_BODY_BYTES
+    if path.startswith(_IMAGE_JSON_ROUTES) or (path.startswith("/v1/models/") and path.endswith("/predictions")):
+        return IMAGE_JSON_BODY_BYTES
     return JSON_BODY_BYTES
 
 
 def _too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(
-        f"The request body is larger than this route's limit of {limit} bytes "
-        f"({'JSON without images' if limit == JSON_BODY_BYTES else 'with images'}).",
-        param="body",
+        f"The request body is larger than this route's limit of {limit} bytes ({_KINDS[limit]}).", param="body"
     )
 
 

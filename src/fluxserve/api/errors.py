@@ -13,12 +13,11 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import FluxServeError, InvalidInput, PayloadTooLarge, RateLimited, UnsupportedMediaType
+from ..errors import FluxServeError, InvalidInput, RateLimited, UnsupportedMediaType
 
 log = logging.getLogger(__name__)
 
 # Room for a 50 MB image as base64 in a JSON field (data: URLs, BFL input_image).
-MAX_JSON_BODY = 70 * 1024 * 1024
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -187,11 +186,7 @@ async def read_json(request: Request, model: type[M], *, prefix: str = "") -> M:
         raise UnsupportedMediaType(
             f"Content-Type must be application/json; got {ctype or 'none'!r}.", param="Content-Type"
         )
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_JSON_BODY:
-            raise PayloadTooLarge(f"The request body is larger than {MAX_JSON_BODY} bytes.", param="body")
+    body = await request.body()  # bounded while it streams in by api/bodylimit.py, per route
     try:
         data = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
