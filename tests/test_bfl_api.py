@@ -39,7 +39,12 @@ def test_flux_dev_submit_and_poll(client: TestClient, fake_engine: FakeEngine) -
     sample = client.get(result["result"]["sample"].removeprefix("http://127.0.0.1:8123"))
     assert sample.status_code == 200 and sample.headers["content-type"] == "image/jpeg"  # BFL's default format
     spec = fake_engine.last_spec
-    assert (spec.width, spec.height, spec.steps, spec.guidance) == (1024, 768, 10, 3.0)
+    assert (spec.width, spec.height, spec.steps, spec.guidance) == (
+        1024,
+        768,
+        10,
+        3.5,
+    )  # flux-dev's guidance from the registry
 
 
 def test_every_endpoint(client: TestClient, fake_engine: FakeEngine) -> None:
@@ -69,10 +74,10 @@ def test_kontext_inputs_base64_and_aspect(client: TestClient, fake_engine: FakeE
     ("endpoint", "body", "loc"),
     [
         ("flux-dev", {"prompt": "p", "width": 1000}, ["body", "width"]),
-        ("flux-dev", {"prompt": "p", "width": 1472}, ["body", "width"]),
+        ("flux-dev", {"prompt": "p", "width": 2064}, ["body", "width"]),
         ("flux-dev", {"prompt": "p", "height": 128}, ["body", "height"]),
         ("flux-dev", {"prompt": "p", "steps": 0}, ["body", "steps"]),
-        ("flux-dev", {"prompt": "p", "guidance": 6}, ["body", "guidance"]),
+        ("flux-dev", {"prompt": "p", "guidance": 11}, ["body", "guidance"]),
         ("flux-dev", {"prompt": "p", "safety_tolerance": 7}, ["body", "safety_tolerance"]),
         ("flux-dev", {"prompt": "p", "output_format": "gif"}, ["body", "output_format"]),
         ("flux-dev", {"prompt": "p", "colour": 1}, ["body", "colour"]),

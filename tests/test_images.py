@@ -8,8 +8,9 @@ import pytest
 from PIL import Image
 
 from fluxserve.errors import InvalidInput
-from fluxserve.images import compose_references, decode_image, fetch_image_bytes, fit_megapixel, mask_from_alpha
+from fluxserve.images import compose_references, decode_image, fetch_image_bytes, mask_from_alpha
 from fluxserve.netguard import is_public
+from fluxserve.spec import fit_megapixel
 from tests.images_util import bomb_png, encoded, png_bytes
 
 

@@ -81,7 +81,12 @@ def test_version_form_and_custom_size(client: TestClient, fake_engine: FakeEngin
     resp = client.post("/v1/predictions", json=body, headers={**AUTH, "Prefer": "wait=30"})
     assert resp.status_code == 201 and resp.json()["status"] == "succeeded"
     spec = fake_engine.last_spec
-    assert (spec.width, spec.height, spec.steps, spec.guidance) == (1440, 256, 25, 3)
+    assert (spec.width, spec.height, spec.steps, spec.guidance) == (
+        1440,
+        256,
+        40,
+        3.5,
+    )  # flux-pro's defaults from the registry
 
 
 @pytest.mark.parametrize(
@@ -111,7 +116,7 @@ def test_bad_requests_per_model(client: TestClient) -> None:
     pro = "/v1/models/black-forest-labs/flux-pro/predictions"
     for inp, field in [({"prompt": "p", "width": 1000, "aspect_ratio": "custom", "height": 512}, "input.width"),
                        ({"prompt": "p", "aspect_ratio": "custom"}, "input.width"),
-                       ({"prompt": "p", "guidance": 6}, "input.guidance"),
+                       ({"prompt": "p", "guidance": 11}, "input.guidance"),
                        ({"prompt": "p", "image_prompt": "http://x"}, "input.image_prompt")]:  # fmt: skip
         resp = client.post(pro, json={"input": inp}, headers=AUTH)
         assert resp.status_code == 422 and resp.json()["invalid_fields"][0]["field"] == field, resp.text

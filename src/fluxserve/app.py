@@ -42,9 +42,11 @@ log = logging.getLogger(__name__)
 
 def build_registry(settings: Settings) -> ModelRegistry:
     if settings.demo:
-        return ModelRegistry.demo(settings.demo_model_dir)
-    registry = ModelRegistry.from_toml(settings.model_config_file) if settings.model_config_file else None
-    return (registry or ModelRegistry.default()).label_demo_weights()
+        registry = ModelRegistry.demo(settings.demo_model_dir)
+    else:
+        configured = ModelRegistry.from_toml(settings.model_config_file) if settings.model_config_file else None
+        registry = (configured or ModelRegistry.default()).label_demo_weights()
+    return registry.only(settings.models) if settings.models else registry
 
 
 def devices(settings: Settings) -> list[str]:

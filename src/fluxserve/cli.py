@@ -115,6 +115,9 @@ def serve(
     ] = None,
     allow_private_urls: Annotated[bool | None, typer.Option("--allow-private-urls")] = None,
     cors_origins: Annotated[str | None, typer.Option(help="Allowed browser origins, comma-separated.")] = None,
+    models: Annotated[
+        str | None, typer.Option(help="Model names to serve, comma-separated [default: all configured].")
+    ] = None,
     max_batch: Annotated[int | None, typer.Option(help="Largest batch of compatible jobs per pipeline call.")] = None,
     batch_max_pixels: Annotated[
         int | None, typer.Option(help="Batch images up to this many pixels [512*512 on CUDA, else 320*320].")
@@ -149,6 +152,7 @@ def serve(
         model_config_file=model_config,
         allow_private_urls=allow_private_urls,
         cors_origins=cors_origins,
+        models=models,
         max_batch=max_batch,
         batch_max_pixels=batch_max_pixels,
         database_url=database,

@@ -199,18 +199,6 @@ def mask_from_alpha(mask: Image.Image, size: tuple[int, int], *, param: str = "m
     return alpha.point(lambda a: 255 if a == 0 else 0)
 
 
-def fit_megapixel(width: int, height: int, target: int = 1024 * 1024) -> tuple[int, int]:
-    """The input's aspect ratio at about one megapixel, sides multiples of 16 within 256-2048."""
-    ratio = width / height
-    w = (target * ratio) ** 0.5
-    h = w / ratio
-
-    def clamp16(x: float) -> int:
-        return max(256, min(2048, round(x / 16) * 16))
-
-    return clamp16(w), clamp16(h)
-
-
 def compose_references(images: list[Image.Image], height: int = 1024) -> Image.Image:
     """Several Kontext references as one canvas, side by side at a common height.
 

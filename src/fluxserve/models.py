@@ -9,10 +9,28 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import InvalidInput
-from .spec import MAX_SEED, GenerationSpec, OutputFormat, Task, check_prompt, check_size
+from .spec import (
+    MAX_PIXELS,
+    MAX_SEED,
+    MAX_SIDE,
+    MIN_SIDE,
+    SIDE_MULTIPLE,
+    GenerationSpec,
+    OutputFormat,
+    Task,
+    check_prompt,
+    check_size,
+)
 
-PipelineKind = Literal["text2img", "kontext", "fill"]
+# text2img: FLUX.1 (img2img too); kontext: FLUX.1 Kontext; fill: FLUX.1 Fill;
+# flux2: any FLUX.2 pipeline (dev, klein, klein KV), references passed natively.
+PipelineKind = Literal["text2img", "kontext", "fill", "flux2"]
 DEFAULT_STRENGTH = 0.8  # Replicate flux-dev's prompt_strength default
+# FLUX.1 Kontext sees several references as one side-by-side canvas; past this the canvas is mush.
+KONTEXT_MAX_IMAGES = 16
+# FLUX.2's image processor refuses references smaller than this or longer than 8:1.
+FLUX2_MIN_REFERENCE_SIDE = 64
+FLUX2_MAX_REFERENCE_ASPECT = 8
 
 
 @dataclass(frozen=True)
@@ -22,14 +40,76 @@ class ModelSpec:
     kind: PipelineKind = "text2img"
     default_steps: int = 28
     max_steps: int = 50
-    default_guidance: float | None = 3.5
+    default_guidance: float | None = 3.5  # None: the model takes no guidance (schnell, distilled klein)
+    min_guidance: float = 0.0
+    max_guidance: float = 10.0
+    max_images: int | None = None  # reference images per request; None: what the kind allows
     max_sequence_length: int = 512
+    min_side: int = MIN_SIDE
+    max_side: int = MAX_SIDE
+    side_multiple: int = SIDE_MULTIPLE
+    max_pixels: int = MAX_PIXELS
+    license: str = ""
+    pipeline: str = ""  # a diffusers class for kind flux2; empty: the one model_index.json names
     description: str = ""
     demo: bool = False
 
     @property
     def label(self) -> str:
         return f"{self.name} (demo model: random weights, output is noise)" if self.demo else self.name
+
+    @property
+    def takes_references(self) -> bool:
+        """Input images are references to edit from (not an init image to redraw)."""
+        return self.kind in ("kontext", "flux2")
+
+    @property
+    def image_limit(self) -> int:
+        if self.max_images is not None:
+            return self.max_images
+        return {"kontext": KONTEXT_MAX_IMAGES, "flux2": 4}.get(self.kind, 1)
+
+    def facts(self) -> dict[str, Any]:
+        """What a client may send this model: /v1/models and the playground show it."""
+        guidance = None
+        if self.default_guidance is not None:
+            guidance = {"default": self.default_guidance, "min": self.min_guidance, "max": self.max_guidance}
+        inputs = {"text2img": ["prompt", "image"], "kontext": ["prompt", "images"], "fill": ["prompt", "image", "mask"],
+                  "flux2": ["prompt", "images"]}[self.kind]  # fmt: skip
+        return {
+            "kind": self.kind,
+            "steps": {"default": self.default_steps, "min": 1, "max": self.max_steps},
+            "guidance": guidance,
+            "max_images": self.image_limit,
+            "inputs": inputs,
+            "size": {
+                "min_side": self.min_side,
+                "max_side": self.max_side,
+                "multiple": self.side_multiple,
+                "max_pixels": self.max_pixels,
+            },
+            "license": self.license or None,
+        }
+
+    def check_image_count(self, count: int, *, param: str) -> None:
+        if count > self.image_limit:
+            raise InvalidInput(
+                f"{self.name} takes at most {self.image_limit} input image(s); got {count}.",
+                param=param,
+                code="too_many_images",
+            )
+
+    def check_reference(self, size: tuple[int, int], *, param: str) -> None:
+        """FLUX.2's image processor refuses tiny and very long references: say so before anything runs."""
+        w, h = size
+        if self.kind == "flux2" and (
+            min(w, h) < FLUX2_MIN_REFERENCE_SIDE or max(w, h) > FLUX2_MAX_REFERENCE_ASPECT * min(w, h)
+        ):
+            raise InvalidInput(
+                f"{param} is {w}x{h}; {self.name} needs reference images at least {FLUX2_MIN_REFERENCE_SIDE} px "
+                f"a side and no longer than {FLUX2_MAX_REFERENCE_ASPECT}:1.",
+                param=param,
+            )
 
     def make_spec(
         self,
@@ -53,6 +133,7 @@ class ModelSpec:
         names = {"prompt": "prompt", "size": "size", "steps": "steps", "guidance": "guidance", "seed": "seed",
                  "image": "image", "mask": "mask", "strength": "strength"}  # fmt: skip
         names.update(params or {})
+        names.setdefault("height", names["size"])
         if not (allow_empty_prompt and prompt == ""):
             check_prompt(prompt, param=names["prompt"])
         task = self._task(images, mask, names)
@@ -60,16 +141,23 @@ class ModelSpec:
             raise InvalidInput(f"{names['strength']} must be between 0 and 1; got {strength}.", param=names["strength"])
         if task == "img2img" and strength is None:
             strength = DEFAULT_STRENGTH
-        check_size(width, height, param=names["size"])
+        check_size(
+            width, height, param=names["size"], height_param=names["height"], min_side=self.min_side,
+            max_side=self.max_side, multiple=self.side_multiple, max_pixels=self.max_pixels,
+        )  # fmt: skip
         steps = self.default_steps if steps is None else steps
         if not 1 <= steps <= self.max_steps:
             raise InvalidInput(
                 f"{names['steps']} must be between 1 and {self.max_steps} for {self.name}; got {steps}.",
                 param=names["steps"],
             )
-        if guidance is not None and not 0 <= guidance <= 100:
+        # A model without guidance ignores it (clients send it to every model); one with it checks it.
+        in_range = guidance is None or self.min_guidance <= guidance <= self.max_guidance
+        if self.default_guidance is not None and not in_range:
             raise InvalidInput(
-                f"{names['guidance']} must be between 0 and 100; got {guidance}.", param=names["guidance"]
+                f"{names['guidance']} must be between {self.min_guidance:g} and {self.max_guidance:g} "
+                f"for {self.name}; got {guidance:g}.",
+                param=names["guidance"],
             )
         if seed is not None and not 0 <= seed <= MAX_SEED:
             raise InvalidInput(f"{names['seed']} must be between 0 and {MAX_SEED}; got {seed}.", param=names["seed"])
@@ -93,6 +181,11 @@ class ModelSpec:
         )
 
     def _task(self, images: tuple[str, ...], mask: str | None, names: dict[str, str]) -> Task:
+        if self.kind == "flux2":
+            if mask is not None:
+                raise InvalidInput(f"{self.name} does not take a mask; use flux-fill.", param=names["mask"])
+            self.check_image_count(len(images), param=names["image"])
+            return "references" if images else "text2img"
         if self.kind == "fill":
             if len(images) != 1 or mask is None:
                 raise InvalidInput(f"{self.name} needs one image and a mask.", param=names["mask"])
@@ -100,6 +193,7 @@ class ModelSpec:
         if mask is not None:
             raise InvalidInput(f"A mask needs the model flux-fill; {self.name} does not take one.", param=names["mask"])
         if self.kind == "kontext":
+            self.check_image_count(len(images), param=names["image"])
             return "kontext"
         if len(images) > 1:
             raise InvalidInput(f"{self.name} takes one input image; got {len(images)}.", param=names["image"])
@@ -110,21 +204,52 @@ _SCHNELL = "black-forest-labs/FLUX.1-schnell"
 _DEV = "black-forest-labs/FLUX.1-dev"
 _KONTEXT = "black-forest-labs/FLUX.1-Kontext-dev"
 _FILL = "black-forest-labs/FLUX.1-Fill-dev"
+_FLUX2_DEV = "black-forest-labs/FLUX.2-dev"
+_NC = "FLUX [dev] Non-Commercial"
+
+
+def _klein(name: str, weights: str, license: str, pipeline: str = "") -> ModelSpec:
+    """Step-distilled klein: 4 steps, and diffusers ignores guidance for it (its signature defaults,
+    50 steps / guidance 4, are the Base model's), so none is offered."""
+    return ModelSpec(name, weights, kind="flux2", default_steps=4, max_steps=8, default_guidance=None, max_images=4,
+                     license=license, pipeline=pipeline)  # fmt: skip
+
+
+def _flux2_dev(name: str, steps: int, max_images: int, guidance: float = 4.0, min_guidance: float = 1.0) -> ModelSpec:
+    """FLUX.2 [dev] also serves the hosted names that have no open weights, as FLUX.1-dev serves flux-pro."""
+    return ModelSpec(name, _FLUX2_DEV, kind="flux2", default_steps=steps, default_guidance=guidance,
+                     min_guidance=min_guidance, max_images=max_images, license=_NC)  # fmt: skip
+
 
 DEFAULT_MODELS: tuple[ModelSpec, ...] = (
-    ModelSpec("flux", _SCHNELL, default_steps=4, max_steps=4, default_guidance=None, max_sequence_length=256),
-    ModelSpec("flux-schnell", _SCHNELL, default_steps=4, max_steps=4, default_guidance=None, max_sequence_length=256),
-    ModelSpec("flux-dev", _DEV, default_steps=28, max_steps=50, default_guidance=3.5),
+    ModelSpec("flux", _SCHNELL, default_steps=4, max_steps=4, default_guidance=None, max_sequence_length=256,
+              license="Apache-2.0"),
+    ModelSpec("flux-schnell", _SCHNELL, default_steps=4, max_steps=4, default_guidance=None, max_sequence_length=256,
+              license="Apache-2.0"),
+    ModelSpec("flux-dev", _DEV, default_steps=28, max_steps=50, default_guidance=3.5, license=_NC),
     # No open pro weights exist: flux-pro is FLUX.1-dev with more steps.
-    ModelSpec("flux-pro", _DEV, default_steps=40, max_steps=50, default_guidance=3.5),
+    ModelSpec("flux-pro", _DEV, default_steps=40, max_steps=50, default_guidance=3.5, license=_NC),
     # Kontext max is the same open weights as pro, run for more steps.
-    ModelSpec("flux-kontext-pro", _KONTEXT, kind="kontext", default_steps=28, default_guidance=2.5),
-    ModelSpec("flux-kontext-max", _KONTEXT, kind="kontext", default_steps=40, default_guidance=2.5),
-    ModelSpec("flux-fill", _FILL, kind="fill", default_steps=28, default_guidance=30.0),
-)
+    ModelSpec("flux-kontext-pro", _KONTEXT, kind="kontext", default_steps=28, default_guidance=2.5, license=_NC),
+    ModelSpec("flux-kontext-max", _KONTEXT, kind="kontext", default_steps=40, default_guidance=2.5, license=_NC),
+    ModelSpec("flux-fill", _FILL, kind="fill", default_steps=28, default_guidance=30.0, max_guidance=100.0,
+              license=_NC),
+    _klein("flux-2-klein-4b", "black-forest-labs/FLUX.2-klein-4B", "Apache-2.0"),
+    _klein("flux-2-klein-9b", "black-forest-labs/FLUX.2-klein-9B", _NC),
+    # The KV-cache variant (Flux2KleinKVPipeline): reference tokens' keys and values computed once.
+    _klein("flux-2-klein-9b-kv", "black-forest-labs/FLUX.2-klein-9b-kv", _NC, pipeline="Flux2KleinKVPipeline"),
+    # BFL's API takes 8 references for pro/flex/max and recommends at most 6 for [dev].
+    _flux2_dev("flux-2-dev", steps=28, max_images=6),
+    _flux2_dev("flux-2-pro", steps=28, max_images=8),
+    # flex is the hosted FLUX.2 whose steps and guidance clients set (Replicate: 30 / 4.5, 1.5-10).
+    _flux2_dev("flux-2-flex", steps=30, max_images=8, guidance=4.5, min_guidance=1.5),
+    _flux2_dev("flux-2-max", steps=40, max_images=8),
+)  # fmt: skip
 
-_OVERRIDABLE = {"weights", "kind", "default_steps", "max_steps", "default_guidance", "max_sequence_length",
-                "description", "enabled"}  # fmt: skip
+_OVERRIDABLE = {"weights", "kind", "default_steps", "max_steps", "default_guidance", "min_guidance", "max_guidance",
+                "max_images", "max_sequence_length", "min_side", "max_side", "side_multiple", "max_pixels", "license",
+                "pipeline", "description", "enabled"}  # fmt: skip
+_KINDS = ("text2img", "kontext", "fill", "flux2")
 
 
 class ModelRegistry:
@@ -150,6 +275,13 @@ class ModelRegistry:
                 code="model_not_found",
             )
         return self._models[name]
+
+    def only(self, names: list[str]) -> ModelRegistry:
+        """The names an operator chose to serve (``--models``); an unknown name is a start-up error."""
+        unknown = [n for n in names if n not in self._models]
+        if unknown:
+            raise ValueError(f"--models names unknown models {unknown}; configured: {', '.join(self._models)}")
+        return ModelRegistry([self._models[n] for n in dict.fromkeys(names)])
 
     def label_demo_weights(self) -> ModelRegistry:
         """A name whose weights are a demo-model folder is labelled demo, however it got there."""
@@ -180,6 +312,8 @@ class ModelRegistry:
                     f"{path}: [models.{name}] has unknown keys {sorted(unknown)}; allowed: {sorted(_OVERRIDABLE)}"
                 )
             fields = dict(table)
+            if fields.get("kind", "text2img") not in _KINDS:
+                raise ValueError(f"{path}: [models.{name}] kind must be one of {', '.join(_KINDS)}")
             if "steps" in fields:
                 fields["default_steps"] = fields.pop("steps")
             if "guidance" in fields:

@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     model_config_file: Path | None = Field(default=None, validation_alias="FLUXSERVE_MODEL_CONFIG")
     allow_private_urls: bool = False
     cors_origins: list[str] = ["*"]
+    # The model names to serve (and load); empty: every name the registry has.
+    models: list[str] = []
     # Images, inputs and previews are deleted this long after their job ended ('7d', '36h'; 0 keeps them).
     retention: str = "7d"
     retention_sweep_s: float = Field(default=60.0, gt=0)
@@ -71,7 +73,7 @@ class Settings(BaseSettings):
     # Only for loading weights: hub ids resolve from the local cache, never the network.
     offline: bool = Field(default_factory=lambda: os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"))
 
-    @field_validator("cors_origins", "warmup_sizes", mode="before")
+    @field_validator("cors_origins", "warmup_sizes", "models", mode="before")
     @classmethod
     def _split_origins(cls, v: Any) -> Any:
         if isinstance(v, str) and not v.startswith("["):

@@ -9,8 +9,9 @@ from typing import Any, Literal
 from .errors import InvalidInput
 
 OutputFormat = Literal["png", "jpeg", "webp"]
-# text2img: prompt only; img2img: one init image + strength; kontext: reference images; fill: image + mask.
-Task = Literal["text2img", "img2img", "kontext", "fill"]
+# text2img: prompt only; img2img: one init image + strength; kontext: reference images on one canvas
+# (FLUX.1 Kontext); references: reference images each in its own slot (FLUX.2); fill: image + mask.
+Task = Literal["text2img", "img2img", "kontext", "references", "fill"]
 
 MIN_SIDE = 256
 MAX_SIDE = 2048
@@ -33,7 +34,9 @@ ASPECT_RATIOS: dict[str, tuple[int, int]] = {
     "5:4": (1088, 896),
     "4:5": (896, 1088),
 }
-MEGAPIXELS = ("1", "0.25")
+# Output sizes by megapixels, as the hosted APIs name them (Replicate's megapixels, resolution,
+# output_megapixels): the aspect ratio's table size scaled to about this many pixels.
+MEGAPIXELS: dict[str, float] = {"0.25": 0.25, "0.5": 0.5, "1": 1.0, "2": 2.0, "4": 4.0}
 
 _SIZE_RE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 SIZE_RULE = (
@@ -42,17 +45,36 @@ SIZE_RULE = (
 )
 
 
-def check_size(width: int, height: int, *, param: str = "size") -> tuple[int, int]:
-    """Reject sizes FLUX can't make exactly; never round."""
+def check_size(
+    width: int,
+    height: int,
+    *,
+    param: str = "size",
+    height_param: str | None = None,
+    min_side: int = MIN_SIDE,
+    max_side: int = MAX_SIDE,
+    multiple: int = SIDE_MULTIPLE,
+    max_pixels: int = MAX_PIXELS,
+) -> tuple[int, int]:
+    """Reject sizes FLUX can't make exactly; never round. The limits are the model's (models.py)."""
     ok = (
-        MIN_SIDE <= width <= MAX_SIDE
-        and MIN_SIDE <= height <= MAX_SIDE
-        and width % SIDE_MULTIPLE == 0
-        and height % SIDE_MULTIPLE == 0
-        and width * height <= MAX_PIXELS
+        min_side <= width <= max_side
+        and min_side <= height <= max_side
+        and width % multiple == 0
+        and height % multiple == 0
+        and width * height <= max_pixels
     )
     if not ok:
-        raise InvalidInput(f"Invalid size {width}x{height}: {param} must be {SIZE_RULE}.", param=param)
+        width_ok = min_side <= width <= max_side and width % multiple == 0
+        if height_param is not None and width_ok and width * height <= max_pixels:
+            param = height_param  # only the height is wrong: name that field
+        rule = SIZE_RULE
+        if (min_side, max_side, multiple, max_pixels) != (MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE, MAX_PIXELS):
+            rule = (
+                f"'WxH' with both sides multiples of {multiple} between {min_side} and {max_side} "
+                f"and at most {max_pixels / 2**20:g} megapixels"
+            )
+        raise InvalidInput(f"Invalid size {width}x{height}: {param} must be {rule}.", param=param)
     return width, height
 
 
@@ -71,11 +93,25 @@ def aspect_ratio_size(aspect_ratio: str, megapixels: str = "1", *, param: str = 
         allowed = ", ".join(ASPECT_RATIOS)
         raise InvalidInput(f"Invalid {param} {aspect_ratio!r}: allowed values are {allowed}.", param=param)
     if megapixels not in MEGAPIXELS:
-        raise InvalidInput(f"Invalid megapixels {megapixels!r}: allowed values are '1', '0.25'.", param="megapixels")
+        allowed = ", ".join(f"'{m}'" for m in MEGAPIXELS)
+        raise InvalidInput(f"Invalid megapixels {megapixels!r}: allowed values are {allowed}.", param="megapixels")
     width, height = ASPECT_RATIOS[aspect_ratio]
     if megapixels == "0.25":
-        width, height = _round16(width / 2), _round16(height / 2)
+        return _round16(width / 2), _round16(height / 2)
+    if megapixels != "1":
+        return fit_megapixel(width, height, target=round(MEGAPIXELS[megapixels] * 1024 * 1024))
     return width, height
+
+
+def fit_megapixel(width: int, height: int, target: int = 1024 * 1024) -> tuple[int, int]:
+    """The aspect ratio width:height at about ``target`` pixels, sides multiples of 16 within
+    256-2048: scaled down (or up) as a whole to fit, so the ratio holds as far as 16 px allow."""
+    ratio = width / height
+    w = (target * ratio) ** 0.5
+    h = w / ratio
+    scale = min(1.0, MAX_SIDE / max(w, h), (MAX_PIXELS / (w * h)) ** 0.5)
+    scale = max(scale, MIN_SIDE / min(w, h))
+    return (max(MIN_SIDE, min(MAX_SIDE, _round16(w * scale))), max(MIN_SIDE, min(MAX_SIDE, _round16(h * scale))))
 
 
 def _round16(x: float) -> int:

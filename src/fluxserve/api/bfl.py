@@ -7,12 +7,12 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from ..errors import InvalidInput, NotFound
-from ..images import fit_megapixel
 from ..job import Job, Status
 from ..sealed import seal
+from ..spec import fit_megapixel
 from ..webhooks import check_webhook_url
 from .deps import Services, ServicesDep, XKeyOwnerDep
 from .errors import json_body, read_json
@@ -33,20 +33,20 @@ class _Common(BaseModel):
     webhook_secret: str | None = None
 
 
+# Field names and wire formats are BFL's; steps, guidance and size limits are the model's
+# (ModelSpec.make_spec), so an operator's TOML defaults reach this dialect too.
 class Pro11Inputs(_Common):
-    width: int = Field(default=1024, ge=256, le=1440, multiple_of=32)
-    height: int = Field(default=768, ge=256, le=1440, multiple_of=32)
+    width: int = 1024
+    height: int = 768
     image_prompt: str | None = None
 
 
 class DevInputs(Pro11Inputs):
-    steps: int | None = Field(default=28, ge=1, le=50)
-    guidance: float | None = Field(default=3.0, ge=1.5, le=5)
+    steps: int | None = None
+    guidance: float | None = None
 
 
 class ProInputs(DevInputs):
-    steps: int | None = Field(default=40, ge=1, le=50)
-    guidance: float | None = Field(default=2.5, ge=1.5, le=5)
     interval: float = Field(default=2, ge=1, le=4)
 
 
@@ -59,12 +59,45 @@ class KontextInputs(_Common):
     output_format: Literal["jpeg", "png", "webp"] | None = "png"
 
 
+class _Flux2Base(_Common):
+    # 0 or absent: the first reference's aspect ratio at about 1 MP, or 1024x1024 without one.
+    width: int | None = None
+    height: int | None = None
+
+
+def _flux2_schema(name: str, references: int, base: type[_Flux2Base] = _Flux2Base) -> type[_Flux2Base]:
+    """input_image, input_image_2 ... input_image_N, as BFL documents each FLUX.2 endpoint."""
+    fields: dict[str, Any] = {_image_field(i): (str | None, None) for i in range(1, references + 1)}
+    return create_model(name, __base__=base, **fields)
+
+
+def _image_field(i: int) -> str:
+    return "input_image" if i == 1 else f"input_image_{i}"
+
+
+class _FlexBase(_Flux2Base):
+    steps: int | None = None
+    guidance: float | None = None
+
+
+Flux2ProInputs = _flux2_schema("Flux2ProInputs", 8)
+Flux2FlexInputs = _flux2_schema("Flux2FlexInputs", 8, _FlexBase)
+Flux2KleinInputs = _flux2_schema("Flux2KleinInputs", 4)
+
 ENDPOINTS: dict[str, tuple[str, type[_Common]]] = {
     "flux-dev": ("flux-dev", DevInputs),
     "flux-pro": ("flux-pro", ProInputs),
     "flux-pro-1.1": ("flux-pro", Pro11Inputs),
     "flux-kontext-pro": ("flux-kontext-pro", KontextInputs),
     "flux-kontext-max": ("flux-kontext-max", KontextInputs),
+    "flux-2-pro": ("flux-2-pro", Flux2ProInputs),
+    "flux-2-pro-preview": ("flux-2-pro", Flux2ProInputs),
+    "flux-2-max": ("flux-2-max", Flux2ProInputs),
+    "flux-2-flex": ("flux-2-flex", Flux2FlexInputs),
+    "flux-2-klein-4b": ("flux-2-klein-4b", Flux2KleinInputs),
+    "flux-2-klein-9b": ("flux-2-klein-9b", Flux2KleinInputs),
+    # BFL's "latest klein 9B, with KV caching".
+    "flux-2-klein-9b-preview": ("flux-2-klein-9b-kv", Flux2KleinInputs),
 }
 _RATIO = re.compile(r"^(\d{1,3}):(\d{1,3})$")
 
@@ -96,6 +129,18 @@ async def _create(endpoint: str, request: Request, services: Services, owner: st
             inputs, width, height = await image_and_size(
                 services, model, values, aspect_ratio="match_input_image" if values else "1:1", aspect_explicit=False
             )
+    elif isinstance(body, _Flux2Base):
+        count = sum(1 for name in type(body).model_fields if name.startswith("input_image"))
+        values = [(_image_field(i), getattr(body, _image_field(i))) for i in range(1, count + 1)]
+        values = [(n, v) for n, v in values if v]
+        inputs, width, height = await image_and_size(
+            services, model, values, aspect_ratio="match_input_image" if values else "1:1", aspect_explicit=False
+        )
+        if body.width or body.height:
+            if not (body.width and body.height):
+                missing = "height" if body.width else "width"
+                raise InvalidInput(f"Send width and height together; {missing} is missing.", param=missing)
+            width, height = body.width, body.height
     else:
         assert isinstance(body, Pro11Inputs)
         if body.image_prompt:
@@ -112,7 +157,7 @@ async def _create(endpoint: str, request: Request, services: Services, owner: st
         output_format=body.output_format or "jpeg",
         quality=95,
         images=inputs.keys,
-        params={"size": "width"},
+        params={"size": "width", "height": "height"},
     )
     webhook = None
     if body.webhook_url:

@@ -9,9 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import FormData
 
 from ..errors import InvalidInput, UnsupportedMediaType
-from ..images import MAX_MASK_BYTES, check_pixel_budget, decode_image_async, fit_megapixel, mask_from_alpha
+from ..images import MAX_MASK_BYTES, check_pixel_budget, decode_image_async, mask_from_alpha
 from ..models import ModelSpec
-from ..spec import parse_size
+from ..spec import fit_megapixel, parse_size
 from .deps import OwnerDep, Services, ServicesDep
 from .errors import from_validation_errors
 from .inputs import Inputs, read_upload
@@ -79,9 +79,14 @@ async def edit_image(request: Request, services: ServicesDep, owner: OwnerDep) -
         )
     if len(uploads) > MAX_IMAGES:
         raise InvalidInput(f"At most {MAX_IMAGES} images; got {len(uploads)}.", param="image", code="too_many_images")
+    model = services.registry.get(body.model or ("flux-fill" if form.get("mask") is not None else "flux-kontext-pro"))
+    if model.takes_references:
+        model.check_image_count(len(uploads), param="image")
     blobs = [await read_upload(u, param="image") for u in uploads]
     check_pixel_budget(blobs, param="image")
     images = [await decode_image_async(blob, param="image", slots=services.decode_slots) for blob in blobs]
+    for image in images:
+        model.check_reference(image.size, param="image")
     mask = None
     if form.get("mask") is not None:
         mask_rgba = await decode_image_async(
@@ -91,7 +96,6 @@ async def edit_image(request: Request, services: ServicesDep, owner: OwnerDep) -
             keep_alpha=True,
         )
         mask = mask_from_alpha(mask_rgba, images[0].size)
-    model = services.registry.get(body.model or ("flux-fill" if mask is not None else "flux-kontext-pro"))
     width, height = _size(body, images[0].size)
     _check_prompt_given(body)
     inputs = Inputs(images[:1] if mask is not None else images, mask)

@@ -13,10 +13,10 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from ..errors import InvalidInput, PayloadTooLarge
-from ..images import MAX_IMAGE_BYTES, decode_base64, decode_image_async, fetch_image_bytes, fit_megapixel
+from ..images import MAX_IMAGE_BYTES, decode_base64, decode_image_async, fetch_image_bytes
 from ..job import Job
 from ..models import ModelSpec
-from ..spec import GenerationSpec, aspect_ratio_size
+from ..spec import GenerationSpec, aspect_ratio_size, fit_megapixel
 from ..storage import Storage
 from .deps import Services, idempotency_key
 
@@ -143,12 +143,17 @@ async def image_and_size(
 ) -> tuple[Inputs, int, int]:
     """Task-API image inputs ([(param, value)]) and the output size they imply.
 
-    An image-to-image model keeps the input's aspect ratio; Kontext does unless an aspect
-    ratio is asked for; 'match_input_image' asks for it explicitly.
+    An image-to-image model keeps the input's aspect ratio; a reference model (Kontext, FLUX.2)
+    keeps the first reference's unless an aspect ratio is asked for; 'match_input_image' asks
+    for it explicitly.
     """
+    if len(values) > model.image_limit:  # before fetching anything; names the first field past the limit
+        model.check_image_count(len(values), param=values[model.image_limit][0])
     inputs = Inputs([await image_from_value(value, services, param=param) for param, value in values])
+    for (param, _), image in zip(values, inputs.images, strict=True):
+        model.check_reference(image.size, param=param)
     match_input = aspect_ratio == "match_input_image" or (
-        bool(inputs.images) and (model.kind != "kontext" or not aspect_explicit)
+        bool(inputs.images) and (not model.takes_references or not aspect_explicit)
     )
     if not match_input:
         width, height = aspect_ratio_size(aspect_ratio, megapixels, param=aspect_param)

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import InvalidInput, NotFound
 from ..job import Job, Status
-from ..spec import ASPECT_RATIOS
+from ..spec import ASPECT_RATIOS, fit_megapixel
 from ..webhooks import EVENTS, check_webhook_url, owner_secret
 from .deps import OwnerDep, Services, ServicesDep
 from .errors import json_body, read_json
@@ -38,10 +38,12 @@ class _Input(BaseModel):
     seed: int | None = None
 
 
+# Field names and wire formats are Replicate's; defaults and ranges of steps, guidance and sizes are the
+# model's (ModelSpec.make_spec checks them), so an operator's TOML reaches this dialect too.
 class SchnellInput(_Input):
     aspect_ratio: AspectRatio = "1:1"
     num_outputs: int = Field(default=1, ge=1, le=4)
-    num_inference_steps: int = Field(default=4, ge=1, le=4)
+    num_inference_steps: int | None = None
     output_format: Literal["webp", "jpg", "png"] = "webp"
     output_quality: int = Field(default=80, ge=0, le=100)
     disable_safety_checker: bool = False
@@ -50,16 +52,15 @@ class SchnellInput(_Input):
 
 
 class DevInput(SchnellInput):
-    num_inference_steps: int = Field(default=28, ge=1, le=50)
-    guidance: float = Field(default=3.5, ge=0, le=10)
+    guidance: float | None = None
     image: str | None = None
     prompt_strength: float = Field(default=0.8, ge=0, le=1)
 
 
 class Pro11Input(_Input):
     aspect_ratio: AspectRatio | Literal["custom"] = "1:1"
-    width: int | None = Field(default=None, ge=256, le=1440, multiple_of=32)
-    height: int | None = Field(default=None, ge=256, le=1440, multiple_of=32)
+    width: int | None = None
+    height: int | None = None
     safety_tolerance: int = Field(default=2, ge=1, le=6)
     prompt_upsampling: bool = False
     output_format: Literal["webp", "jpg", "png"] = "webp"
@@ -68,8 +69,8 @@ class Pro11Input(_Input):
 
 
 class ProInput(Pro11Input):
-    steps: int = Field(default=25, ge=1, le=50)
-    guidance: float = Field(default=3, ge=2, le=5)
+    steps: int | None = None
+    guidance: float | None = None
     interval: float = Field(default=2, ge=1, le=4)
 
 
@@ -81,6 +82,44 @@ class KontextInput(_Input):
     output_format: Literal["jpg", "png"] = "png"
 
 
+Flux2Aspect = AspectRatio | Literal["match_input_image", "custom"]
+
+
+class Flux2Input(_Input):
+    """black-forest-labs/flux-2-{dev,pro,max}: references in ``input_images``, one output URI."""
+
+    input_images: list[str] = Field(default_factory=list)
+    aspect_ratio: Flux2Aspect = "1:1"
+    resolution: Literal["0.5 MP", "1 MP", "2 MP", "4 MP", "match_input_image"] = "1 MP"
+    width: int | None = None
+    height: int | None = None
+    safety_tolerance: int = Field(default=2, ge=1, le=5)
+    output_format: Literal["webp", "jpg", "png"] = "webp"
+    output_quality: int = Field(default=80, ge=0, le=100)
+    go_fast: bool = True  # accepted (flux-2-dev); the default mode is already the exact one
+    disable_safety_checker: bool = False
+
+
+class Flux2FlexInput(Flux2Input):
+    """flux-2-flex: the FLUX.2 whose steps and guidance clients set."""
+
+    steps: int | None = None
+    guidance: float | None = None
+    prompt_upsampling: bool = True  # accepted; there is no prompt upsampler here
+
+
+class KleinInput(_Input):
+    """black-forest-labs/flux-2-klein-*: references in ``images``, an array of output URIs."""
+
+    images: list[str] = Field(default_factory=list)
+    aspect_ratio: AspectRatio | Literal["match_input_image"] = "1:1"
+    output_megapixels: Literal["0.25", "0.5", "1", "2", "4"] = "1"
+    output_format: Literal["webp", "jpg", "png"] = "jpg"
+    output_quality: int = Field(default=95, ge=0, le=100)
+    go_fast: bool = False
+    disable_safety_checker: bool = False
+
+
 # Replicate model name -> (fluxserve model, input schema, output is a list?)
 MODELS: dict[str, tuple[str, type[_Input], bool]] = {
     "flux-schnell": ("flux-schnell", SchnellInput, True),
@@ -89,6 +128,12 @@ MODELS: dict[str, tuple[str, type[_Input], bool]] = {
     "flux-1.1-pro": ("flux-pro", Pro11Input, False),
     "flux-kontext-pro": ("flux-kontext-pro", KontextInput, False),
     "flux-kontext-max": ("flux-kontext-max", KontextInput, False),
+    "flux-2-dev": ("flux-2-dev", Flux2Input, False),
+    "flux-2-pro": ("flux-2-pro", Flux2Input, False),
+    "flux-2-max": ("flux-2-max", Flux2Input, False),
+    "flux-2-flex": ("flux-2-flex", Flux2FlexInput, False),
+    "flux-2-klein-4b": ("flux-2-klein-4b", KleinInput, True),
+    "flux-2-klein-9b": ("flux-2-klein-9b", KleinInput, True),
 }
 _FORMATS = {"jpg": "jpeg", "png": "png", "webp": "webp"}
 
@@ -226,7 +271,45 @@ async def _create(request: Request, services: Services, owner: str, name: str, b
     return JSONResponse(render(services, job), status_code=201)
 
 
+def _refs_field(inp: Flux2Input | KleinInput) -> str:
+    return "images" if isinstance(inp, KleinInput) else "input_images"
+
+
+async def _flux2_inputs(services: Services, model: Any, inp: Flux2Input | KleinInput) -> tuple[Inputs, int, int]:
+    """FLUX.2's sizes: an aspect ratio at a resolution, the first reference's, or custom width/height."""
+    refs = inp.images if isinstance(inp, KleinInput) else inp.input_images
+    values = [(f"input.{_refs_field(inp)}[{i}]", v) for i, v in enumerate(refs)]
+    megapixels: str = "1"
+    if isinstance(inp, KleinInput):
+        megapixels = inp.output_megapixels
+    elif inp.resolution != "match_input_image":
+        megapixels = inp.resolution.split()[0]
+    if inp.aspect_ratio == "custom":
+        assert isinstance(inp, Flux2Input)
+        if inp.width is None or inp.height is None:
+            raise InvalidInput("aspect_ratio 'custom' needs input.width and input.height.", param="input.width")
+        inputs, _, _ = await image_and_size(services, model, values, aspect_ratio="1:1", aspect_explicit=True)
+        return inputs, inp.width, inp.height
+    inputs, width, height = await image_and_size(
+        services, model, values, aspect_ratio=inp.aspect_ratio, aspect_explicit=True, megapixels=megapixels,
+        aspect_param="input.aspect_ratio",
+    )  # fmt: skip
+    if isinstance(inp, Flux2Input) and inp.resolution == "match_input_image" and inputs.images:
+        width, height = fit_megapixel(*inputs.images[0].size, target=inputs.images[0].width * inputs.images[0].height)
+    return inputs, width, height
+
+
 async def _spec(services: Services, model: Any, inp: _Input) -> tuple[Any, Inputs]:
+    if isinstance(inp, Flux2Input | KleinInput):
+        inputs, width, height = await _flux2_inputs(services, model, inp)
+        spec = model.make_spec(
+            prompt=inp.prompt, width=width, height=height, num_images=1, steps=getattr(inp, "steps", None),
+            guidance=getattr(inp, "guidance", None), seed=inp.seed, output_format=_FORMATS[inp.output_format],
+            quality=max(1, inp.output_quality), images=inputs.keys,
+            params={"prompt": "input.prompt", "steps": "input.steps", "guidance": "input.guidance",
+                    "seed": "input.seed", "size": "input.width", "image": f"input.{_refs_field(inp)}"},
+        )  # fmt: skip
+        return spec, inputs
     values: list[tuple[str, str]] = []
     if isinstance(inp, DevInput) and inp.image:
         values = [("input.image", inp.image)]

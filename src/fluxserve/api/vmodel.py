@@ -27,12 +27,15 @@ class VmodelInput(BaseModel):
     output_format: Literal["jpg", "png", "webp"] = "webp"
     output_quality: int = Field(default=80, ge=1, le=100)
     seed: int | None = None
+    # Defaults and ranges are the model's (GET /v1/models): checked in ModelSpec.make_spec.
     num_inference_steps: int | None = None
-    guidance: float | None = Field(default=None, ge=0, le=10)
+    guidance: float | None = None
     megapixels: Literal["1", "0.25"] = "1"
-    # Image inputs: `image` (flux-dev img2img, with prompt_strength) or `input_image` (Kontext); URL or data: URL.
+    # Image inputs: `image` (flux-dev img2img, with prompt_strength), `input_image` (Kontext) or
+    # `input_images` (several references: Kontext, FLUX.2); URL, data: URL or base64.
     image: str | None = None
     input_image: str | None = None
+    input_images: list[str] | None = Field(default=None, min_length=1)
     prompt_strength: float | None = Field(default=None, ge=0, le=1)
     # Replicate's flux-schnell fields, accepted so its clients work unchanged.
     go_fast: bool | None = None
@@ -51,14 +54,23 @@ async def generate(request: Request, services: ServicesDep, owner: OwnerDep) -> 
     body = await read_json(request, VmodelRequest)
     model = services.registry.get(body.model)
     inp = body.input
-    if inp.image is not None and inp.input_image is not None:
-        raise InvalidInput("Send one of input.image and input.input_image, not both.", param="input.image")
-    param = "input.image" if inp.image is not None else "input.input_image"
-    value = inp.image if inp.image is not None else inp.input_image
+    given = [name for name in ("image", "input_image", "input_images") if getattr(inp, name) is not None]
+    if len(given) > 1:
+        raise InvalidInput(
+            f"Send one of input.image, input.input_image and input.input_images; got {', '.join(given)}.",
+            param=f"input.{given[1]}",
+        )
+    if inp.input_images is not None:
+        values = [(f"input.input_images[{i}]", v) for i, v in enumerate(inp.input_images)]
+    elif given:
+        values = [(f"input.{given[0]}", getattr(inp, given[0]))]
+    else:
+        values = []
+    param = values[0][0].split("[")[0] if values else "input.image"
     inputs, width, height = await image_and_size(
         services,
         model,
-        [(param, value)] if value is not None else [],
+        values,
         aspect_ratio=inp.aspect_ratio,
         aspect_explicit="aspect_ratio" in inp.model_fields_set,
         megapixels=inp.megapixels,

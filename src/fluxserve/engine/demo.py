@@ -12,11 +12,19 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 DEMO_MARKER = "fluxserve-demo.json"
-DEMO_VERSION = 2
+DEMO_VERSION = 3
 # One diffusers folder per pipeline kind; text2img's also serves img2img via from_pipe.
-DEMO_FOLDERS = {"text2img": "flux", "kontext": "kontext", "fill": "fill"}
+# flux2 is FLUX.2 [klein] geometry: 32 latent channels, a Qwen3 text encoder, native references.
+DEMO_FOLDERS = {"text2img": "flux", "kontext": "kontext", "fill": "fill", "flux2": "flux2"}
+# Qwen's chat format, as the real klein tokenizer has it: the pipeline renders the prompt through it.
+_QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and not enable_thinking %}"
+    "<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
 
 # Byte-level alphabet as in GPT-2/CLIP: every unicode prompt tokenizes without <unk>.
 _PRINTABLE = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
@@ -146,6 +154,7 @@ def build_demo_model(path: Path) -> Path:
         # FLUX.1-Fill's transformer also takes the masked image (64) and the 8x8-packed mask (256).
         "fill": FluxFillPipeline(scheduler=scheduler(), transformer=transformer(in_channels=384), **shared),
     }
+    pipes["flux2"] = _flux2_klein()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=path.parent))
     try:
@@ -161,3 +170,67 @@ def build_demo_model(path: Path) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp)
     return path
+
+
+def _flux2_klein() -> Any:
+    """FLUX.2 [klein]: the real pipeline class and component classes, tiny widths."""
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+    from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+    vocab = {ch: i for i, ch in enumerate(_byte_alphabet())}
+    for tok in specials:
+        vocab[tok] = len(vocab)
+    tokenizer = Qwen2TokenizerFast(
+        vocab=vocab, merges=[], model_max_length=512, chat_template=_QWEN_CHAT_TEMPLATE,
+        additional_special_tokens=specials[1:], pad_token="<|endoftext|>", eos_token="<|im_end|>",
+    )  # fmt: skip
+    hidden = 16
+    text_encoder = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=len(vocab),
+            hidden_size=hidden,
+            intermediate_size=32,
+            num_hidden_layers=27,  # the pipeline stacks hidden states 9, 18 and 27, as for the real 4B
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+            pad_token_id=vocab["<|endoftext|>"],
+            eos_token_id=vocab["<|im_end|>"],
+        )
+    )
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=128,  # 32 latent channels x 2x2 patches, as real FLUX.2
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=3 * hidden,
+        axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=False,
+    )
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(8, 8, 8, 8),  # x8, then the 2x2 patchify: 16 px per token, as real
+        layers_per_block=1,
+        latent_channels=32,
+        norm_num_groups=4,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        mid_block_add_attention=False,
+        sample_size=256,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, time_shift_type="exponential"
+    )
+    return Flux2KleinPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer,
+        is_distilled=True,
+    )  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -17,6 +18,30 @@ from .speed import SpeedOptions, apply, place, resolve_attention
 log = logging.getLogger(__name__)
 
 _PIPELINE_CLASSES = {"text2img": "FluxPipeline", "kontext": "FluxKontextPipeline", "fill": "FluxFillPipeline"}
+# kind "flux2" takes the class the weights name in model_index.json, if it is one of these.
+FLUX2_PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline", "Flux2KleinKVPipeline")
+# FLUX.2 [dev]'s prompt processor (PixtralProcessor) imports torchvision; klein's Qwen tokenizer does not.
+_NEEDS_TORCHVISION = ("Flux2Pipeline",)
+
+
+def pipeline_class_name(weights: str, kind: str, *, local_files_only: bool, pipeline: str = "") -> str:
+    """The diffusers class for the weights, checked before any weights are read."""
+    if kind != "flux2":
+        return _PIPELINE_CLASSES[kind]
+    from diffusers import DiffusionPipeline
+
+    name = pipeline or str(DiffusionPipeline.load_config(weights, local_files_only=local_files_only).get("_class_name"))
+    if name not in FLUX2_PIPELINES:
+        raise RuntimeError(f"kind 'flux2' needs FLUX.2 weights ({', '.join(FLUX2_PIPELINES)}); {weights} is a {name}")
+    if name in _NEEDS_TORCHVISION:
+        try:
+            import torchvision  # noqa: F401
+        except Exception as exc:  # ImportError, or a torchvision built for another torch (RuntimeError)
+            raise RuntimeError(
+                f"{weights} ({name}) needs torchvision for its prompt processor, and it did not import ({exc}); "
+                "install the torchvision build that matches your torch: pip install 'fluxserve[flux2-dev]'"
+            ) from exc
+    return name
 
 
 def pick_device(requested: str) -> str:
@@ -32,7 +57,13 @@ def pick_device(requested: str) -> str:
 
 
 def load_pipeline(
-    weights: str, kind: str, *, device: str, local_files_only: bool, speed: SpeedOptions | None = None
+    weights: str,
+    kind: str,
+    *,
+    device: str,
+    local_files_only: bool,
+    speed: SpeedOptions | None = None,
+    pipeline: str = "",
 ) -> Any:
     """The one loading path for real weights and the demo model alike."""
     import diffusers
@@ -42,7 +73,7 @@ def load_pipeline(
     diffusers_logging.disable_progress_bar()
     # bf16 is FLUX's native precision on accelerators; CPUs are slow and inexact in bf16.
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    cls = getattr(diffusers, _PIPELINE_CLASSES[kind])
+    cls = getattr(diffusers, pipeline_class_name(weights, kind, local_files_only=local_files_only, pipeline=pipeline))
     pipe = cls.from_pretrained(weights, dtype=dtype, local_files_only=local_files_only)
     speed = speed or SpeedOptions()
     pipe.fluxserve_offload = place(pipe, speed, device)
@@ -74,10 +105,10 @@ class DiffusersEngine:
         if self.before_load is not None:
             self.before_load()
         self.device = pick_device(self._device_request)
-        loaded: dict[tuple[str, str], Any] = {}
+        loaded: dict[tuple[str, str, str], Any] = {}
         for model in self._registry:
             # Names that share weights (flux-dev / flux-pro, kontext pro / max) share one loaded pipeline.
-            key = (model.weights, model.kind)
+            key = (model.weights, model.kind, model.pipeline)
             if key not in loaded:
                 log.info("loading %s (%s) for %s on %s", model.weights, model.kind, model.name, self.device)
                 try:
@@ -87,6 +118,7 @@ class DiffusersEngine:
                         device=self.device,
                         local_files_only=self._local_files_only,
                         speed=self.speed,
+                        pipeline=model.pipeline,
                     )
                 except Exception as exc:
                     offline = (
@@ -112,7 +144,7 @@ class DiffusersEngine:
                 images: list[Image] = []
                 mask = None
                 # Kontext with a reference image runs twice the tokens of one without: warm the shape edits use.
-                if model.kind in ("fill", "kontext"):
+                if model.kind in ("fill", "kontext", "flux2"):
                     images = [PILImage.new("RGB", (width, height), (128, 128, 128))]
                 if model.kind == "fill":
                     mask = PILImage.new("L", (width, height), 255)
@@ -179,8 +211,11 @@ class DiffusersEngine:
             return tensors
 
         kwargs: dict[str, Any] = {}
-        if first.guidance is not None:
-            kwargs["guidance_scale"] = first.guidance
+        if _takes(pipe, "guidance_scale"):  # klein KV takes no guidance at all
+            if first.guidance is not None:
+                kwargs["guidance_scale"] = first.guidance
+            elif model.kind == "flux2":
+                kwargs["guidance_scale"] = 1.0  # distilled klein: diffusers' default 4.0 only logs a warning
         inputs = requests[0]
         if first.task == "img2img":
             kwargs.update(image=inputs.images[0], strength=first.strength)
@@ -188,6 +223,9 @@ class DiffusersEngine:
             if inputs.images:
                 kwargs["image"] = compose_references(inputs.images)
             kwargs["max_area"] = first.width * first.height  # keeps the requested size exactly
+        elif first.task == "references":
+            # Each reference in its own position slot; the pipeline scales any above 1 MP down itself.
+            kwargs["image"] = list(inputs.images)
         elif first.task == "fill":
             kwargs.update(image=inputs.images[0], mask_image=inputs.mask)
         try:
@@ -216,10 +254,30 @@ class DiffusersEngine:
         return out
 
 
+def _takes(pipe: Any, argument: str) -> bool:
+    return argument in inspect.signature(pipe.__call__).parameters
+
+
 def _decode_preview(pipe: Any, latents: Any, height: int, width: int) -> list[Image]:
     """The latents after a step, decoded by the pipeline's own VAE (a few per request at most)."""
-    unpacked = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
-    unpacked = unpacked / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+    if hasattr(pipe.vae, "bn"):
+        unpacked = _flux2_latents(pipe, latents, height, width)
+    else:
+        unpacked = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+        unpacked = unpacked / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
     decoded = pipe.vae.decode(unpacked.to(pipe.vae.dtype), return_dict=False)[0]
     images: list[Image] = pipe.image_processor.postprocess(decoded, output_type="pil")
     return images
+
+
+def _flux2_latents(pipe: Any, latents: Any, height: int, width: int) -> Any:
+    """FLUX.2's packed tokens (B, h*w, 128) back to VAE latents, as the pipeline does after the last step:
+    un-normalise with the VAE's batch-norm statistics, then undo the 2x2 patchify."""
+    import torch
+
+    h, w = height // (pipe.vae_scale_factor * 2), width // (pipe.vae_scale_factor * 2)
+    x = latents.reshape(latents.shape[0], h, w, latents.shape[-1]).permute(0, 3, 1, 2)
+    bn = pipe.vae.bn
+    std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + pipe.vae.config.batch_norm_eps)
+    x = x * std.to(x.dtype) + bn.running_mean.view(1, -1, 1, 1).to(x.dtype)
+    return pipe._unpatchify_latents(x)
