@@ -119,18 +119,47 @@ class _Pipe:
     vae = _Params(0.17)
 
 
+class _Flux2Dev:
+    """FLUX.2 [dev] in bf16: a 32.2 B transformer and Mistral-Small-3.2-24B (with its vision tower)."""
+
+    transformer = _Params(60.0)
+    text_encoder = _Params(44.7)
+    vae = _Params(0.16)
+
+
+class _Klein4B:
+    """FLUX.2 [klein] 4B in bf16: a 3.88 B transformer and Qwen3-4B."""
+
+    transformer = _Params(7.2)
+    text_encoder = _Params(7.5)
+    vae = _Params(0.16)
+
+
 @pytest.mark.parametrize(
-    ("free_gib", "mode"),
-    [(79, "none"), (40, "none"), (36, "model"), (24, "group"), (12, "group")],
+    ("pipe", "free_gib", "mode"),
+    [
+        (_Pipe, 79, "none"),
+        (_Pipe, 40, "none"),
+        (_Pipe, 36, "model"),
+        (_Pipe, 24, "group"),
+        (_Pipe, 12, "group"),
+        # FLUX.2 [dev] does not fit an 80 GB H100 whole (BFL says the same): the transformer alone does.
+        (_Flux2Dev, 79, "model"),
+        (_Flux2Dev, 139, "none"),  # H200
+        (_Flux2Dev, 47, "group"),
+        (_Klein4B, 23, "none"),  # a 24 GB consumer card holds klein 4B whole
+        (_Klein4B, 15, "model"),
+        (_Klein4B, 8, "group"),
+    ],
 )
 def test_auto_offload_picks_from_free_device_memory(
-    free_gib: float, mode: str, monkeypatch: pytest.MonkeyPatch
+    pipe: type, free_gib: float, mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from fluxserve.engine import speed
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(free_gib * 2**30), 80 * 2**30))
-    assert speed._auto_offload(_Pipe(), "cuda:0") == mode
-    assert speed._auto_offload(_Pipe(), "cpu") == "none"
+    assert speed._auto_offload(pipe(), "cuda:0") == mode
+    assert speed._auto_offload(pipe(), "cpu") == "none"
 
 
 def test_compile_mode_warms_up_fuses_and_keeps_pixels_close(
@@ -162,8 +191,8 @@ def test_compile_mode_warms_up_fuses_and_keeps_pixels_close(
 def test_warm_up_covers_the_shapes_requests_use(monkeypatch: pytest.MonkeyPatch) -> None:
     registry = ModelRegistry.default()
     engine = DiffusersEngine(registry, device="cpu", speed=SpeedOptions(compile=True, warmup_sizes=((1024, 1024),)))
-    pipes = {"text2img": object(), "kontext": object(), "fill": object()}
-    engine._pipes = {m.name: pipes[m.kind] for m in registry}
+    pipes: dict[tuple[str, str, str], object] = {}
+    engine._pipes = {m.name: pipes.setdefault((m.weights, m.kind, m.pipeline), object()) for m in registry}
     seen: list[tuple[str, str, int, bool, tuple[int, int]]] = []
 
     def record(requests: list[EngineRequest], on_step: object) -> list[list[object]]:
@@ -175,9 +204,10 @@ def test_warm_up_covers_the_shapes_requests_use(monkeypatch: pytest.MonkeyPatch)
     engine._warm_up()
     # Each loaded pipeline once (names sharing weights share it), in the shape its requests have.
     by_task = {task: (n_images, has_mask, size) for _model, task, n_images, has_mask, size in seen}
-    assert len(seen) == 3
+    assert len(seen) == len(pipes) == 8  # FLUX.1 schnell, dev, Kontext, Fill; FLUX.2 klein 4B, 9B, 9B-KV, dev
     assert by_task == {
         "text2img": (0, False, (1024, 1024)),
         "kontext": (1, False, (1024, 1024)),
         "fill": (1, True, (1024, 1024)),
+        "references": (1, False, (1024, 1024)),
     }

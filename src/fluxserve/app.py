@@ -15,15 +15,16 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from . import __version__
-from .api import bfl, edits, files, openai, replicate, usage, vmodel
+from .api import files, usage
 from .api.bodylimit import BodyLimit
 from .api.deps import Services
+from .api.dialects import DIALECTS, render_error, render_for_webhook, webhook_secret_for
 from .api.errors import install_error_handlers
 from .api.ratelimit import RateLimitHeaders
 from .auth import Authenticator
 from .engine.base import Engine
 from .errors import StoreUnavailable
-from .job import EventKind, Job
+from .job import EventKind
 from .jobs import JobService
 from .limits import Limits
 from .logs import RequestLog
@@ -31,10 +32,9 @@ from .metrics import Metrics
 from .migrations import open_store
 from .models import ModelRegistry
 from .retention import RetentionSweeper
-from .sealed import unseal
 from .settings import Settings
 from .storage import LocalStorage, load_or_create_secret
-from .webhooks import WebhookSender, owner_secret
+from .webhooks import WebhookSender
 from .worker import DeviceWorker, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -83,22 +83,6 @@ def build_engine(settings: Settings, registry: ModelRegistry, device: str | None
         demo_dir = settings.demo_model_dir
         engine.before_load = lambda: build_demo_model(demo_dir)
     return engine
-
-
-def render_for_webhook(services: Services, job: Job) -> dict[str, Any] | None:
-    """Each dialect's webhook body is its own job rendering."""
-    if job.dialect == "replicate":
-        return replicate.render(services, job)
-    if job.dialect == "bfl":
-        return bfl.render_webhook(services, job)
-    return None
-
-
-def webhook_secret_for(services: Services, job: Job) -> str | None:
-    if job.dialect == "bfl":
-        sealed = (job.webhook or {}).get("secret")
-        return unseal(services.secret, sealed) if sealed else None
-    return owner_secret(services.secret, job.owner)
 
 
 def _count(app: FastAPI, route: str, method: str, status: int) -> None:
@@ -171,12 +155,10 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
     )
     app.add_middleware(RateLimitHeaders)
     app.add_middleware(RequestLog, on_done=lambda *request: _count(app, *request))
-    install_error_handlers(app)
-    app.include_router(openai.router)
-    app.include_router(edits.router)
-    app.include_router(vmodel.router)
-    app.include_router(replicate.router)
-    app.include_router(bfl.router)
+    install_error_handlers(app, render_error)
+    for dialect in DIALECTS:
+        for router in dialect.routers:
+            app.include_router(router)
     app.include_router(files.router)
     app.include_router(usage.router)
     web_dir = Path(__file__).parent / "web"

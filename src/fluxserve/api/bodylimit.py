@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import PayloadTooLarge, RequestTimeout
-from .errors import render_error
+from .dialects import render_error
 
 JSON_BODY_BYTES = 1024 * 1024
 IMAGE_JSON_BODY_BYTES = 70 * 1024 * 1024

@@ -34,11 +34,11 @@ def _details(exc: FluxServeError) -> list[dict[str, object]]:
     return [{"loc": loc, "msg": exc.message, "type": exc.code}]
 
 
-def _render_openai(exc: FluxServeError) -> JSONResponse:
+def render_openai(exc: FluxServeError) -> JSONResponse:
     return openai_error(exc.status_code, exc.message, exc.type, exc.param, exc.code)
 
 
-def _render_replicate(exc: FluxServeError) -> JSONResponse:
+def render_replicate(exc: FluxServeError) -> JSONResponse:
     """RFC 7807 problem details, as Replicate answers; bad input is a 422 there."""
     status = 422 if exc.status_code == 400 else exc.status_code
     body: dict[str, object] = {
@@ -55,7 +55,7 @@ def _render_replicate(exc: FluxServeError) -> JSONResponse:
     return JSONResponse(body, status_code=status, media_type="application/problem+json")
 
 
-def _render_bfl(exc: FluxServeError) -> JSONResponse:
+def render_bfl(exc: FluxServeError) -> JSONResponse:
     """BFL (FastAPI underneath): 422 {"detail": [{loc, msg, type}]} for bad input, {"detail": "..."} otherwise."""
     if exc.status_code in (400, 422):
         return JSONResponse({"detail": _details(exc)}, status_code=422)
@@ -76,29 +76,10 @@ _TITLES = {
     503: "Service unavailable",
 }
 
-_RENDERERS: dict[str, Callable[[FluxServeError], JSONResponse]] = {
-    "openai": _render_openai,
-    "replicate": _render_replicate,
-    "bfl": _render_bfl,
-}
 
+def install_error_handlers(app: FastAPI, render_error: Callable[[Request, FluxServeError], JSONResponse]) -> None:
+    """``render_error`` picks the envelope by path (api/dialects.py)."""
 
-def dialect_for_path(path: str) -> str:
-    """Which API a path belongs to, so its errors come back in that API's shape."""
-    if path.startswith(("/v1/predictions", "/v1/webhooks")) or (
-        path.startswith("/v1/models/") and path.rstrip("/").endswith("/predictions")
-    ):
-        return "replicate"
-    if path.startswith(("/v1/flux-", "/v1/get_result")):
-        return "bfl"
-    return "openai"
-
-
-def render_error(request: Request, exc: FluxServeError) -> JSONResponse:
-    return _RENDERERS[dialect_for_path(request.url.path)](exc)
-
-
-def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(FluxServeError)
     async def _fluxserve(request: Request, exc: FluxServeError) -> JSONResponse:
         response = render_error(request, exc)

@@ -222,6 +222,7 @@ async def list_models(services: ServicesDep, _owner: OwnerDep) -> dict[str, Any]
                 "owned_by": "fluxserve-demo" if m.demo else "fluxserve",
                 "description": m.label,
                 "demo": m.demo,
+                **m.facts(),  # defaults and limits every dialect applies: clients and the playground read them
             }
             for m in services.registry
         ],

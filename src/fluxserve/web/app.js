@@ -3,7 +3,7 @@ import { History } from "/web/history.js";
 
 const $ = (id) => document.getElementById(id);
 const KEYS = { endpoint: "fluxserve.endpoint", key: "fluxserve.apiKey" };
-const NO_GUIDANCE = new Set(["flux", "flux-schnell"]);
+// Steps, guidance and reference limits come from each model's entry in /v1/models (the server's registry).
 const OPENAI_SIZES = { "1:1": "1024x1024", "16:9": "1792x1024", "9:16": "1024x1792" };
 const state = { models: [], fluxserve: true, attachments: [], pending: 0 };
 const history = new History();
@@ -100,10 +100,38 @@ function fillModels() {
   updateControls();
 }
 
+function facts(id) {
+  return state.models.find((m) => m.id === id) || {};
+}
+
+function takesReferences(id) {
+  return (facts(id).inputs || []).includes("images");
+}
+
+// The model an edit runs on: the chosen one if it takes references, else Kontext (the seed's edit model).
+function editModel(id) {
+  if (takesReferences(id)) return id;
+  return state.models.some((m) => m.id === "flux-kontext-pro") ? "flux-kontext-pro" : (state.models.find((m) => takesReferences(m.id)) || {}).id;
+}
+
 function updateControls() {
-  const model = $("model").value;
-  document.querySelector(".guidance").hidden = NO_GUIDANCE.has(model);
-  $("steps").max = NO_GUIDANCE.has(model) ? 4 : 50;
+  const f = facts($("model").value);
+  const guidance = f.guidance || null;
+  document.querySelector(".guidance").hidden = !guidance;
+  if (guidance) {
+    Object.assign($("guidance"), { min: guidance.min, max: guidance.max, placeholder: `default ${guidance.default}` });
+  }
+  if (f.steps) Object.assign($("steps"), { max: f.steps.max, placeholder: `default ${f.steps.default}` });
+  updateAttachNote();
+}
+
+function updateAttachNote() {
+  const note = $("attach-note");
+  if (!note) return;
+  const model = state.attachments.length ? editModel($("model").value) : null;
+  const limit = model ? facts(model).max_images : null;
+  note.textContent = model ? `Edit with ${model}${limit ? ` (up to ${limit} images)` : ""}` : "";
+  note.classList.toggle("over", Boolean(limit && state.attachments.length > limit));
 }
 
 function readControls() {
@@ -115,7 +143,7 @@ function readControls() {
     n: Math.min(4, Math.max(1, num("count") || 1)),
     seed: num("seed"),
     steps: num("steps"),
-    guidance: NO_GUIDANCE.has($("model").value) ? null : num("guidance"),
+    guidance: facts($("model").value).guidance ? num("guidance") : null,
     format: $("format").value,
   };
 }
@@ -147,6 +175,7 @@ function renderAttachments() {
     chip.append(img, remove);
     box.append(chip);
   });
+  updateAttachNote();
 }
 
 // --- turns -----------------------------------------------------------------------
@@ -341,7 +370,7 @@ async function runSync(turn, view) {
   let resp;
   view.progress(0, 0, "Generating…");
   if (turn.refs.length) {
-    const model = c.model.includes("kontext") ? c.model : "flux-kontext-pro";
+    const model = editModel(c.model);
     turn.request = { model };
     const form = new FormData();
     form.append("model", model);
@@ -350,6 +379,8 @@ async function runSync(turn, view) {
     form.append("output_format", fmt);
     form.append("response_format", "b64_json");
     if (c.seed !== null) form.append("seed", String(c.seed));
+    if (c.steps) form.append("steps", String(c.steps));
+    if (c.guidance !== null && facts(model).guidance) form.append("guidance", String(c.guidance));
     turn.refs.forEach((blob, i) => form.append("image[]", blob, `image-${i + 1}.png`));
     resp = await api("/v1/images/edits", { method: "POST", body: form });
   } else {
@@ -380,7 +411,7 @@ async function send() {
     refs: [...state.attachments],
     created: Date.now(),
   };
-  if (turn.refs.length && !turn.controls.model.includes("kontext")) turn.controls.model = "flux-kontext-pro";
+  if (turn.refs.length) turn.controls.model = editModel(turn.controls.model);
   $("prompt").value = "";
   state.attachments = [];
   renderAttachments();
