@@ -98,6 +98,9 @@ def test_replicate_flux2_models(client: TestClient, fake_engine: FakeEngine) -> 
                                                 "aspect_ratio": "match_input_image"})  # fmt: skip
     assert resp.status_code == 201 and isinstance(resp.json()["output"], list), resp.text
     assert (fake_engine.last_spec.width, fake_engine.last_spec.height) == (1248, 832)
+    resp = _predict(client, "flux-2-klein-4b", {"prompt": "p", "images": [_data_url()], "output_megapixels": "2",
+                                                "aspect_ratio": "match_input_image"})  # fmt: skip
+    assert resp.status_code == 201 and (fake_engine.last_spec.width, fake_engine.last_spec.height) == (1776, 1184)
     resp = _predict(client, "flux-2-flex", {"prompt": "p", "steps": 12, "guidance": 2, "aspect_ratio": "16:9",
                                             "resolution": "2 MP"})  # fmt: skip
     assert resp.status_code == 201, resp.text

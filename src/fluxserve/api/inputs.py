@@ -16,7 +16,7 @@ from ..errors import InvalidInput, PayloadTooLarge
 from ..images import MAX_IMAGE_BYTES, decode_base64, decode_image_async, fetch_image_bytes
 from ..job import Job
 from ..models import ModelSpec
-from ..spec import GenerationSpec, aspect_ratio_size, fit_megapixel
+from ..spec import MEGAPIXELS, GenerationSpec, aspect_ratio_size, fit_megapixel
 from ..storage import Storage
 from .deps import Services, idempotency_key
 
@@ -160,6 +160,5 @@ async def image_and_size(
     elif not inputs.images:
         raise InvalidInput(f"{aspect_param} 'match_input_image' needs an input image.", param=aspect_param)
     else:
-        target = 1024 * 1024 if megapixels == "1" else 512 * 512
-        width, height = fit_megapixel(*inputs.images[0].size, target=target)
+        width, height = fit_megapixel(*inputs.images[0].size, target=round(MEGAPIXELS[megapixels] * 1024 * 1024))
     return inputs, width, height
