@@ -62,8 +62,8 @@ def test_replicate_and_bfl_flux2_on_the_real_engine(server: RemoteServer) -> Non
     [url] = resp.json()["output"]
     assert Image.open(io.BytesIO(httpx.get(url, timeout=30).content)).size == (720, 368)
     xkey = {"x-key": server.api_key}
-    created = httpx.post(f"{server.url}/v1/flux-2-klein-9b-preview",
-                         json={"prompt": "p", "input_image": ref, "width": 256, "height": 256}, headers=xkey).json()  # fmt: skip
+    body = {"prompt": "p", "input_image": ref, "width": 256, "height": 256}
+    created = httpx.post(f"{server.url}/v1/flux-2-klein-9b-preview", json=body, headers=xkey).json()
     for _ in range(300):
         result = httpx.get(created["polling_url"], headers=xkey).json()
         if result["status"] != "Pending":
