@@ -1,6 +1,7 @@
 """FLUX.2 on the demo model's klein folder, through the real diffusers FLUX.2 pipelines, on CPU."""
 
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from PIL import Image
 from fluxserve.engine.base import Cancelled, EngineRequest
 from fluxserve.engine.demo import demo_weights
 from fluxserve.engine.flux import DiffusersEngine, pipeline_class_name
+from fluxserve.engine.speed import SpeedOptions
 from fluxserve.models import ModelRegistry
 
 FLUX2 = [m.name for m in ModelRegistry.default() if m.kind == "flux2"]
@@ -119,3 +121,43 @@ def test_kv_and_dev_names_generate(engine: DiffusersEngine) -> None:
     for model in ("flux-2-klein-9b-kv", "flux-2-dev", "flux-2-flex"):
         [[img]] = engine.generate([_req(model=model, images=[_ref((90, 90, 90))], steps=2)], lambda d, t, p: None)
         assert img.size == (256, 256), model
+
+
+def _klein_engine(demo: Path, speed: SpeedOptions) -> DiffusersEngine:
+    eng = DiffusersEngine(ModelRegistry.demo(demo).only(["flux-2-klein-4b"]), device="cpu", local_files_only=True,
+                          speed=speed)  # fmt: skip
+    eng.load()
+    return eng
+
+
+def test_default_mode_is_plain_diffusers_pixel_for_pixel(engine: DiffusersEngine, demo_model_dir: Path) -> None:
+    import torch
+    from diffusers import Flux2KleinPipeline
+
+    ref = _ref((40, 160, 90))
+    [[ours]] = engine.generate([_req(images=[ref])], lambda d, t, p: None)
+    pipe = Flux2KleinPipeline.from_pretrained(demo_weights(demo_model_dir, "flux2"), dtype=torch.float32,
+                                              local_files_only=True)  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    plain = pipe(prompt=["a red apple"], image=[ref], height=256, width=256, num_inference_steps=4,
+                 guidance_scale=1.0, generator=[torch.Generator("cpu").manual_seed(7)]).images[0]  # fmt: skip
+    assert np.array_equal(np.asarray(ours), np.asarray(plain))
+
+
+def test_compile_and_cache_modes_on_flux2(demo_model_dir: Path, engine: DiffusersEngine) -> None:
+    [[eager]] = engine.generate([_req(images=[_ref((1, 2, 3))])], lambda d, t, p: None)
+    compiled = _klein_engine(demo_model_dir, SpeedOptions(compile=True, warmup_sizes=((256, 256),)))
+    [[fast]] = compiled.generate([_req(images=[_ref((1, 2, 3))])], lambda d, t, p: None)
+    diff = np.abs(np.asarray(fast, dtype=np.int16) - np.asarray(eager, dtype=np.int16))
+    assert diff.max() <= 8 and diff.mean() < 0.5
+    # diffusers' First-Block-Cache hook fails on FLUX.2's blocks: it is left off there, not crashed into.
+    cached = _klein_engine(demo_model_dir, SpeedOptions(first_block_cache=0.5))
+    [[same]] = cached.generate([_req(images=[_ref((1, 2, 3))])], lambda d, t, p: None)
+    assert np.array_equal(np.asarray(same), np.asarray(eager))
+
+
+def test_flux2_dev_without_torchvision_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "Flux2Pipeline"}))
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # as on a machine without it: import fails
+    with pytest.raises(RuntimeError, match=r"needs torchvision.*fluxserve\[flux2-dev\]"):
+        pipeline_class_name(str(tmp_path), "flux2", local_files_only=True)

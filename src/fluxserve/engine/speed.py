@@ -142,6 +142,8 @@ def _auto_offload(pipe: Any, device: str) -> Offload:
     return "group"
 
 
+# diffusers 0.42's First-Block-Cache hook subtracts a list from a tensor on FLUX.2's blocks.
+_NO_FIRST_BLOCK_CACHE = ("Flux2Transformer2DModel",)
 _UNFUSED = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
 
 
@@ -179,7 +181,10 @@ def apply(pipe: Any, opts: SpeedOptions, device: str, placement: str = "none") -
 
         # Per-row scales: finer than one scale per tensor, and the layout H100's fp8 kernels favour.
         quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
-    if opts.first_block_cache is not None:
+    if opts.first_block_cache is not None and type(transformer).__name__ in _NO_FIRST_BLOCK_CACHE:
+        log.warning("First-Block-Cache is not applied to %s: diffusers' hook fails on its blocks (0.42)",
+                    type(transformer).__name__)  # fmt: skip
+    elif opts.first_block_cache is not None:
         from diffusers import FirstBlockCacheConfig
 
         transformer.enable_cache(FirstBlockCacheConfig(threshold=opts.first_block_cache))
