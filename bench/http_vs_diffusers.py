@@ -1,10 +1,13 @@
 """fluxserve over HTTP vs a plain diffusers call, same request, same machine, same run.
 
     python bench/http_vs_diffusers.py [--reps 7] [--size 1024] [--steps 4]
+    python bench/http_vs_diffusers.py --model flux-2-klein-4b --refs 3 --size 512
 
-Plain side: FluxPipeline loaded from the demo model folder, pipe(...) + PNG encode.
-fluxserve side: `fluxserve serve --demo` as a subprocess, POST /v1/images/generations
-with response_format=b64_json (the client ends up holding the same PNG bytes).
+Plain side: the model's diffusers pipeline (FluxPipeline, or Flux2KleinPipeline for a FLUX.2
+name) loaded from the demo model folder, pipe(...) + PNG encode.
+fluxserve side: `fluxserve serve --demo --models MODEL` as a subprocess, POST
+/v1/images/generations (or /v1/images/edits with --refs reference images) with
+response_format=b64_json (the client ends up holding the same PNG bytes).
 Runs alternate so drift hits both sides alike; prints medians and their ratio.
 Never part of the test suite's pass/fail.
 """
@@ -31,26 +34,39 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--model", default="flux-schnell", choices=["flux-schnell", "flux-2-klein-4b"])
+    ap.add_argument("--refs", type=int, default=0, help="reference images (an edit; FLUX.2 only)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
 
+    import diffusers
     import torch
-    from diffusers import FluxPipeline
+    from PIL import Image
 
     from fluxserve.engine.demo import build_demo_model, demo_weights
 
+    flux2 = args.model.startswith("flux-2")
+    if args.refs and not flux2:
+        raise SystemExit("--refs needs a FLUX.2 model")
+    refs = [Image.new("RGB", (384, 256), (40 * i, 120, 200 - 40 * i)) for i in range(args.refs)]
     tmp = Path(tempfile.mkdtemp(prefix="fluxserve-bench-"))
     try:
         demo = build_demo_model(tmp / "data" / "demo-model")
-        pipe = FluxPipeline.from_pretrained(demo_weights(demo, "text2img"), dtype=torch.float32, local_files_only=True)
+        cls = diffusers.Flux2KleinPipeline if flux2 else diffusers.FluxPipeline
+        folder = demo_weights(demo, "flux2" if flux2 else "text2img")
+        pipe = cls.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
         pipe.set_progress_bar_config(disable=True)
+        # The same call fluxserve makes: klein is distilled (guidance 1), FLUX.2 encodes 512 tokens.
+        extra = {"guidance_scale": 1.0, "max_sequence_length": 512} if flux2 else {"max_sequence_length": 256}
+        if refs:
+            extra["image"] = refs
         port = free_port()
-        server = start_server(tmp / "data", port)
+        server = start_server(tmp / "data", port, "--models", args.model)
         http = httpx.Client(
             base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {KEY}"}, timeout=300
         )
         body = {
-            "model": "flux-schnell",
+            "model": args.model,
             "prompt": "a white siamese cat",
             "size": f"{args.size}x{args.size}",
             "steps": args.steps,
@@ -67,14 +83,24 @@ def main() -> None:
                     width=args.size,
                     num_inference_steps=args.steps,
                     generator=torch.Generator().manual_seed(1),
-                    max_sequence_length=256,
+                    **extra,
                 ).images[0]
             img.save(io.BytesIO(), format="PNG")
             return time.perf_counter() - t
 
+        ref_files = []
+        for i, ref in enumerate(refs):
+            buf = io.BytesIO()
+            ref.save(buf, format="PNG")
+            ref_files.append(("image[]", (f"{i}.png", buf.getvalue(), "image/png")))
+
         def served() -> float:
             t = time.perf_counter()
-            resp = http.post("/v1/images/generations", json=body)
+            if ref_files:
+                form = {k: str(v) for k, v in body.items()}
+                resp = http.post("/v1/images/edits", data=form, files=ref_files)
+            else:
+                resp = http.post("/v1/images/generations", json=body)
             resp.raise_for_status()
             return time.perf_counter() - t
 
@@ -89,7 +115,8 @@ def main() -> None:
 
     result = {
         "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, device cpu",
-        "request": f"{args.size}x{args.size}, {args.steps} steps, demo model, n=1, png",
+        "request": f"{args.model}, {args.size}x{args.size}, {args.steps} steps, {args.refs} references, demo model, "
+        "n=1, png",
         "reps": args.reps,
         "plain_diffusers_median_s": round(statistics.median(plain_s), 4),
         "fluxserve_http_median_s": round(statistics.median(served_s), 4),

@@ -103,6 +103,20 @@ def aspect_ratio_size(aspect_ratio: str, megapixels: str = "1", *, param: str = 
     return width, height
 
 
+_RATIO_RE = re.compile(r"^(\d{1,3}):(\d{1,3})$")
+
+
+def ratio_size(aspect: str, *, param: str = "aspect_ratio") -> tuple[int, int]:
+    """A free-form 'W:H' between 21:9 and 9:21 (BFL's Kontext), at about 1 MP."""
+    m = _RATIO_RE.match(aspect)
+    if not m or int(m.group(1)) == 0 or int(m.group(2)) == 0:
+        raise InvalidInput(f"{param} must look like '16:9'; got {aspect!r}.", param=param)
+    w, h = int(m.group(1)), int(m.group(2))
+    if not 9 / 21 - 1e-9 <= w / h <= 21 / 9 + 1e-9:
+        raise InvalidInput(f"{param} must be between 21:9 and 9:21; got {aspect!r}.", param=param)
+    return fit_megapixel(w, h)
+
+
 def fit_megapixel(width: int, height: int, target: int = 1024 * 1024) -> tuple[int, int]:
     """The aspect ratio width:height at about ``target`` pixels, sides multiples of 16 within
     256-2048: scaled down (or up) as a whole to fit, so the ratio holds as far as 16 px allow."""

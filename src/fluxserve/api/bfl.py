@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
@@ -12,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from ..errors import InvalidInput, NotFound
 from ..job import Job, Status
 from ..sealed import seal
-from ..spec import fit_megapixel
+from ..spec import ratio_size
 from ..webhooks import check_webhook_url
 from .deps import Services, ServicesDep, XKeyOwnerDep
 from .errors import json_body, read_json
@@ -99,17 +98,6 @@ ENDPOINTS: dict[str, tuple[str, type[_Common]]] = {
     # BFL's "latest klein 9B, with KV caching".
     "flux-2-klein-9b-preview": ("flux-2-klein-9b-kv", Flux2KleinInputs),
 }
-_RATIO = re.compile(r"^(\d{1,3}):(\d{1,3})$")
-
-
-def _kontext_size(aspect: str) -> tuple[int, int]:
-    m = _RATIO.match(aspect)
-    if not m or int(m.group(1)) == 0 or int(m.group(2)) == 0:
-        raise InvalidInput(f"aspect_ratio must look like '16:9'; got {aspect!r}.", param="aspect_ratio")
-    w, h = int(m.group(1)), int(m.group(2))
-    if not 9 / 21 - 1e-9 <= w / h <= 21 / 9 + 1e-9:
-        raise InvalidInput(f"aspect_ratio must be between 21:9 and 9:21; got {aspect!r}.", param="aspect_ratio")
-    return fit_megapixel(w, h)
 
 
 async def _create(endpoint: str, request: Request, services: Services, owner: str) -> dict[str, Any]:
@@ -123,7 +111,7 @@ async def _create(endpoint: str, request: Request, services: Services, owner: st
         names = ("input_image", "input_image_2", "input_image_3", "input_image_4")
         values = [(n, getattr(body, n)) for n in names if getattr(body, n)]
         if body.aspect_ratio:
-            width, height = _kontext_size(body.aspect_ratio)
+            width, height = ratio_size(body.aspect_ratio)
             inputs, _, _ = await image_and_size(services, model, values, aspect_ratio="1:1", aspect_explicit=True)
         else:
             inputs, width, height = await image_and_size(
