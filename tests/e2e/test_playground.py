@@ -155,3 +155,30 @@ def test_served_offline(server: RemoteServer) -> None:
     for asset in ("app.js", "history.js", "style.css"):
         body = httpx.get(f"{server.url}/web/{asset}").text
         assert "https://" not in body and "http://" not in body.replace("http://127.0.0.1:8000", "")
+
+
+def test_controls_follow_the_model_registry_and_flux2_edits_natively(
+    page: Page, server: RemoteServer, tmp_path: Path
+) -> None:
+    _connect(page, server)
+    expect(page.locator("#conn-status")).to_contain_text("Connected")
+    page.select_option("#model", "flux-dev")
+    expect(page.locator(".guidance")).to_be_visible()
+    expect(page.locator("#guidance")).to_have_attribute("placeholder", "default 3.5")
+    expect(page.locator("#steps")).to_have_attribute("max", "50")
+    page.select_option("#model", "flux-2-klein-4b")
+    expect(page.locator(".guidance")).to_be_hidden()  # distilled klein takes no guidance
+    expect(page.locator("#steps")).to_have_attribute("max", "8")
+    expect(page.locator("#steps")).to_have_attribute("placeholder", "default 4")
+    pictures = []
+    for i, color in enumerate([(220, 180, 40), (40, 160, 220)]):
+        pictures.append(tmp_path / f"ref-{i}.png")
+        pictures[-1].write_bytes(png_bytes((384, 256), color))
+    page.set_input_files("#file", [str(p) for p in pictures])
+    expect(page.locator("#attach-note")).to_have_text("Edit with flux-2-klein-4b (up to 4 images)")
+    page.fill("#prompt", "both objects on one table")
+    page.click("#send")
+    expect(page.locator(".turn figure").first).to_be_visible(timeout=120_000)
+    expect(page.locator(".turn .refs img")).to_have_count(2)
+    expect(page.locator(".turn .meta").first).to_contain_text("flux-2-klein-4b")
+    _shot(page, "playground-flux2-edit")
