@@ -35,3 +35,10 @@ def fake_engine() -> FakeEngine:
 def client(settings: Settings, fake_engine: FakeEngine) -> Iterator[TestClient]:
     with TestClient(create_app(settings, engine=fake_engine)) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def lora_dir(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.loras_util import build_lora_dir
+
+    return build_lora_dir(demo_model_dir, tmp_path_factory.mktemp("loras"))

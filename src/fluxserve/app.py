@@ -16,6 +16,7 @@ from fastapi.staticfiles import StaticFiles
 
 from . import __version__
 from .api import files, usage
+from .api import loras as lora_routes
 from .api.bodylimit import BodyLimit
 from .api.deps import Services
 from .api.dialects import DIALECTS, render_error, render_for_webhook, webhook_secret_for
@@ -28,6 +29,7 @@ from .job import EventKind
 from .jobs import JobService
 from .limits import Limits
 from .logs import RequestLog
+from .loras import LoraLibrary
 from .metrics import Metrics
 from .migrations import open_store
 from .models import ModelRegistry
@@ -75,7 +77,11 @@ def build_engine(settings: Settings, registry: ModelRegistry, device: str | None
         warmup_sizes=tuple(parse_size(s, param="warmup_sizes") for s in settings.warmup_sizes),
     )
     engine = DiffusersEngine(
-        registry, device=device or settings.device, local_files_only=settings.offline or settings.demo, speed=speed
+        registry,
+        device=device or settings.device,
+        local_files_only=settings.offline or settings.demo,
+        speed=speed,
+        lora_slots=settings.lora_slots,
     )
     if settings.demo:
         from .engine.demo import build_demo_model
@@ -117,8 +123,24 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
                 for e in chosen
             ]
         )
+        lora_library = LoraLibrary(
+            settings.lora_dir,
+            settings.lora_cache_dir,
+            cache_bytes=int(settings.lora_cache_gb * 1024**3),
+            max_bytes=settings.lora_max_mb * 1024**2,
+            offline=settings.offline or settings.demo,
+            allow_private=settings.allow_private_urls,
+        )
         services = Services(
-            settings, store, storage, registry, jobs, workers, Authenticator(store, settings.api_key), secret
+            settings,
+            store,
+            storage,
+            registry,
+            jobs,
+            workers,
+            Authenticator(store, settings.api_key),
+            secret,
+            lora_library,
         )
         app.state.services = services
         app.state.metrics = Metrics(store, lambda: workers.state, settings.metrics_token or settings.api_key)
@@ -161,6 +183,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
             app.include_router(router)
     app.include_router(files.router)
     app.include_router(usage.router)
+    app.include_router(lora_routes.router)
     web_dir = Path(__file__).parent / "web"
     app.mount("/web", StaticFiles(directory=web_dir), name="web")
 

@@ -118,6 +118,10 @@ def serve(
     models: Annotated[
         str | None, typer.Option(help="Model names to serve, comma-separated [default: all configured].")
     ] = None,
+    lora_dir: Annotated[
+        Path | None, typer.Option("--lora-dir", help="Folder of LoRA adapters requests may name.")
+    ] = None,
+    lora_slots: Annotated[int | None, typer.Option(help="LoRA adapters kept loaded per pipeline [4].")] = None,
     max_batch: Annotated[int | None, typer.Option(help="Largest batch of compatible jobs per pipeline call.")] = None,
     batch_max_pixels: Annotated[
         int | None, typer.Option(help="Batch images up to this many pixels [512*512 on CUDA, else 320*320].")
@@ -153,6 +157,8 @@ def serve(
         allow_private_urls=allow_private_urls,
         cors_origins=cors_origins,
         models=models,
+        lora_dir=lora_dir,
+        lora_slots=lora_slots,
         max_batch=max_batch,
         batch_max_pixels=batch_max_pixels,
         database_url=database,

@@ -7,6 +7,7 @@ import base64
 import binascii
 import io
 import warnings
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urljoin
 
@@ -130,25 +131,52 @@ async def fetch_image_bytes(
     """A data: URL, or an http(s) URL fetched with a timeout and a size cap; every redirect hop re-checked."""
     if url.startswith("data:"):
         return decode_data_url(url, param=param)
+    body = bytearray()
+    await fetch_url(url, body.extend, param=param, allow_private=allow_private, max_bytes=max_bytes,
+                    transport=transport)  # fmt: skip
+    return bytes(body)
+
+
+async def fetch_url(
+    url: str,
+    sink: Callable[[bytes], object],
+    *,
+    param: str,
+    allow_private: bool,
+    max_bytes: int,
+    timeout_s: float = FETCH_TIMEOUT_S,
+    what: str = "the image",
+    code: str = "invalid_image_url",
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> None:
+    """An http(s) URL's body, chunk by chunk into ``sink``: public addresses only (each redirect hop
+    re-checked, the checked address is the one connected to), a size cap, one deadline for it all."""
     try:
         # One deadline for the whole fetch, redirects and a trickling body included.
-        async with asyncio.timeout(FETCH_TIMEOUT_S):
-            return await _fetch(url, param=param, allow_private=allow_private, max_bytes=max_bytes, transport=transport)
+        async with asyncio.timeout(timeout_s):
+            await _fetch(url, sink, param=param, allow_private=allow_private, max_bytes=max_bytes, what=what,
+                         code=code, transport=transport)  # fmt: skip
     except TimeoutError as exc:
         raise InvalidInput(
-            f"{param}: fetching the URL took longer than {FETCH_TIMEOUT_S:g} s.", param=param, code="invalid_image_url"
+            f"{param}: fetching the URL took longer than {timeout_s:g} s.", param=param, code=code
         ) from exc
 
 
 async def _fetch(
-    url: str, *, param: str, allow_private: bool, max_bytes: int, transport: httpx.AsyncBaseTransport | None
-) -> bytes:
+    url: str,
+    sink: Callable[[bytes], object],
+    *,
+    param: str,
+    allow_private: bool,
+    max_bytes: int,
+    what: str,
+    code: str,
+    transport: httpx.AsyncBaseTransport | None,
+) -> None:
     async with httpx.AsyncClient(timeout=FETCH_TIMEOUT_S, follow_redirects=False, transport=transport) as client:
         for _ in range(MAX_REDIRECTS + 1):
             # getaddrinfo blocks: off the event loop.
-            pinned = await asyncio.to_thread(
-                pin_public_url, url, param=param, allow_private=allow_private, code="invalid_image_url"
-            )
+            pinned = await asyncio.to_thread(pin_public_url, url, param=param, allow_private=allow_private, code=code)
             try:
                 async with client.stream(
                     "GET", pinned.url, headers=pinned.headers, extensions=pinned.extensions
@@ -160,25 +188,24 @@ async def _fetch(
                         continue
                     if resp.status_code != 200:
                         raise InvalidInput(
-                            f"{param}: fetching the URL returned HTTP {resp.status_code}.",
-                            param=param,
-                            code="invalid_image_url",
+                            f"{param}: fetching the URL returned HTTP {resp.status_code}.", param=param, code=code
                         )
-                    body = bytearray()
+                    size = 0
                     async for chunk in resp.aiter_bytes():
-                        body += chunk
-                        if len(body) > max_bytes:
+                        size += len(chunk)
+                        if size > max_bytes:
                             raise PayloadTooLarge(
-                                f"{param}: the image at the URL is larger than {max_bytes} bytes.",
+                                f"{param}: {what} at the URL is larger than {max_bytes} bytes.",
                                 param=param,
-                                code="image_too_large",
+                                code="image_too_large" if code == "invalid_image_url" else "file_too_large",
                             )
-                    return bytes(body)
+                        sink(chunk)
+                    return
             except httpx.HTTPError as exc:
                 raise InvalidInput(
-                    f"{param}: could not fetch the URL ({type(exc).__name__}).", param=param, code="invalid_image_url"
+                    f"{param}: could not fetch the URL ({type(exc).__name__}).", param=param, code=code
                 ) from exc
-    raise InvalidInput(f"{param}: more than {MAX_REDIRECTS} redirects.", param=param, code="invalid_image_url")
+    raise InvalidInput(f"{param}: more than {MAX_REDIRECTS} redirects.", param=param, code=code)
 
 
 def mask_from_alpha(mask: Image.Image, size: tuple[int, int], *, param: str = "mask") -> Image.Image:

@@ -124,6 +124,7 @@ class Job:
     def log_lines(self) -> list[str]:
         """Progress as log lines, for dialects (Replicate) that report it as logs."""
         lines = [f"Using seed: {self.spec.seed}"]
+        lines += [f"Using LoRA {a.source} (sha256 {a.digest[:12]}) at scale {a.scale:g}" for a in self.spec.loras]
         if self.started_at is not None:
             lines.append(f"Running {self.spec.model} at {self.spec.width}x{self.spec.height}, {self.spec.steps} steps")
         lines += [f"step {i}/{self.progress_total}" for i in range(1, self.progress_done + 1)]

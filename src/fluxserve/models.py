@@ -15,6 +15,7 @@ from .spec import (
     MAX_SIDE,
     MIN_SIDE,
     SIDE_MULTIPLE,
+    Adapter,
     GenerationSpec,
     OutputFormat,
     Task,
@@ -128,6 +129,7 @@ class ModelSpec:
         strength: float | None = None,
         params: dict[str, str] | None = None,
         allow_empty_prompt: bool = False,
+        loras: tuple[Adapter, ...] = (),
     ) -> GenerationSpec:
         """Validate a request against this model's limits. ``params`` maps our names to the dialect's."""
         names = {"prompt": "prompt", "size": "size", "steps": "steps", "guidance": "guidance", "seed": "seed",
@@ -178,6 +180,7 @@ class ModelSpec:
             images=images,
             mask=mask,
             strength=strength if task == "img2img" else None,
+            loras=loras,
         )
 
     def _task(self, images: tuple[str, ...], mask: str | None, names: dict[str, str]) -> Task:

@@ -33,6 +33,11 @@ class Settings(BaseSettings):
     cors_origins: list[str] = ["*"]
     # The model names to serve (and load); empty: every name the registry has.
     models: list[str] = []
+    # LoRA adapters: a folder requests name files in; fetched ones cached by content hash (LRU).
+    lora_dir: Path | None = None
+    lora_cache_gb: float = Field(default=10.0, gt=0)
+    lora_max_mb: int = Field(default=2048, ge=1)  # one fetched adapter
+    lora_slots: int = Field(default=4, ge=1, le=64)  # adapters kept loaded per pipeline
     # Images, inputs and previews are deleted this long after their job ended ('7d', '36h'; 0 keeps them).
     retention: str = "7d"
     retention_sweep_s: float = Field(default=60.0, gt=0)
@@ -136,6 +141,10 @@ class Settings(BaseSettings):
     @property
     def outputs_dir(self) -> Path:
         return self.data_dir / "outputs"
+
+    @property
+    def lora_cache_dir(self) -> Path:
+        return self.data_dir / "lora-cache"
 
     @property
     def demo_model_dir(self) -> Path:

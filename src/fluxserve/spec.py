@@ -149,6 +149,21 @@ def check_prompt(prompt: str, *, param: str = "prompt") -> str:
 
 
 @dataclass(frozen=True)
+class Adapter:
+    """A LoRA a request asked for, resolved to a local safetensors file (fluxserve.loras)."""
+
+    source: str  # as the request named it: a file in the LoRA folder, a hub id, a URL
+    digest: str  # sha256 of the file: one adapter whatever name or URL it came by
+    path: str
+    scale: float
+
+    @property
+    def name(self) -> str:
+        """Its adapter name in the pipeline (diffusers wants an identifier)."""
+        return f"lora_{self.digest[:16]}"
+
+
+@dataclass(frozen=True)
 class GenerationSpec:
     """One request, in engine terms. ``seed`` is the first image's; image i uses seed + i."""
 
@@ -167,6 +182,7 @@ class GenerationSpec:
     mask: str | None = None  # storage key of the repaint mask (white = repaint)
     strength: float | None = None
     partial_images: int = 0  # previews of the image in progress (OpenAI streaming), 0-3
+    loras: tuple[Adapter, ...] = ()  # active for this request only, with these scales
 
     def image_seeds(self) -> list[int]:
         return [(self.seed + i) % (MAX_SEED + 1) for i in range(self.num_images)]
@@ -181,11 +197,12 @@ class GenerationSpec:
     def batch_key(self) -> tuple[Any, ...]:
         """Specs with the same key can share one pipeline call."""
         return (self.model, self.task, self.width, self.height, self.steps, self.guidance, self.images, self.mask,
-                self.strength, self.partial_images)  # fmt: skip
+                self.strength, self.partial_images, tuple((a.digest, a.scale) for a in self.loras))  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationSpec:
-        return cls(**{**data, "images": tuple(data.get("images", ()))})
+        loras = tuple(Adapter(**a) for a in data.get("loras", ()))
+        return cls(**{**data, "images": tuple(data.get("images", ())), "loras": loras})

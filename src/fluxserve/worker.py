@@ -440,6 +440,8 @@ class DeviceWorker:
             meta: dict[str, object] = {"prompt": spec.prompt, "seed": seed, "model": model.label, "steps": spec.steps}
             if spec.guidance is not None:
                 meta["guidance"] = spec.guidance
+            if spec.loras:  # what the image was made with: each adapter as asked for, its file's hash, its scale
+                meta["loras"] = [{"source": a.source, "sha256": a.digest, "scale": a.scale} for a in spec.loras]
             data = encode_image(image, spec.output_format, spec.quality, meta, png_compress_level=self._png_level)
             self._storage.put(key, data)
             outputs.append(Output(key, seed, image.width, image.height, spec.output_format))

@@ -11,6 +11,7 @@ from fastapi import Depends, Request
 from ..auth import Authenticator, bearer_token
 from ..job import Job
 from ..jobs import JobService
+from ..loras import LoraLibrary
 from ..models import ModelRegistry
 from ..settings import Settings
 from ..storage import LocalStorage
@@ -28,6 +29,7 @@ class Services:
     dispatcher: Dispatcher
     auth: Authenticator
     secret: bytes  # the server secret: signs file URLs, derives webhook secrets
+    loras: LoraLibrary
     # Image decodes at once across requests: each can hold up to 40 MP (160 MB) while it runs.
     decode_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
 

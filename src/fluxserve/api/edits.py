@@ -5,19 +5,21 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from starlette.datastructures import FormData
 
 from ..errors import InvalidInput, UnsupportedMediaType
 from ..images import MAX_MASK_BYTES, check_pixel_budget, decode_image_async, mask_from_alpha
+from ..loras import LoraRequest
 from ..models import ModelSpec
 from ..spec import fit_megapixel, parse_size
 from .deps import OwnerDep, Services, ServicesDep
 from .errors import from_validation_errors
-from .inputs import Inputs, read_upload
+from .inputs import Inputs, LoraItem, lora_items, read_upload, resolve_loras
 from .openai import known_fields, run_and_render
 
 router = APIRouter(prefix="/v1")
+_LORA_LIST = TypeAdapter(list[LoraItem])
 
 MAX_IMAGES = 16
 # img2img strength for variations: keeps composition and palette, redraws detail.
@@ -40,6 +42,7 @@ class EditForm(BaseModel):
     steps: int | None = None
     guidance: float | None = None
     strength: float | None = None
+    loras: str | None = None  # JSON, as in generations: [{"path": ..., "scale": ...}]
 
 
 async def _read_form(request: Request) -> tuple[FormData, EditForm]:
@@ -115,6 +118,7 @@ async def _run(
     **overrides: Any,
 ) -> Response:
     """Validate the form into a spec, store the inputs only then, and run it as a synchronous OpenAI call."""
+    loras = await resolve_loras(services, model, _form_loras(body), param="loras")
     spec = model.make_spec(
         prompt=body.prompt,
         width=size[0],
@@ -127,10 +131,23 @@ async def _run(
         quality=max(1, body.output_compression if body.output_compression is not None else 100),
         images=inputs.keys,
         mask=inputs.mask_key,
+        loras=loras,
         **overrides,
     )
     echo = {**known_fields(body), **echo}
     return await run_and_render(request, services, owner, spec, echo, body.response_format, body.quality, inputs)
+
+
+def _form_loras(body: EditForm) -> list[LoraRequest]:
+    if not body.loras:
+        return []
+    try:
+        items = _LORA_LIST.validate_json(body.loras)
+    except ValidationError as exc:
+        raise InvalidInput(
+            'loras must be a JSON list of {"path": NAME, "scale": NUMBER} objects.', param="loras"
+        ) from exc
+    return lora_items(items)
 
 
 def _check_prompt_given(body: EditForm) -> None:

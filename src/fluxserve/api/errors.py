@@ -110,7 +110,14 @@ def from_validation_errors(errors: list[Any], prefix: str = "") -> InvalidInput:
     """Pydantic errors -> one InvalidInput naming the first bad field (others in the message)."""
 
     def name(err: Any) -> str:
-        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "header")]
+        loc = [str(p) for p in err.get("loc", ())]
+        if loc and loc[0] in (
+            "body",
+            "query",
+            "path",
+            "header",
+        ):  # FastAPI's where, not a field (a field may be "path")
+            loc = loc[1:]
         return prefix + ".".join(loc) if loc else prefix.rstrip(".") or "body"
 
     def describe(err: Any) -> str:

@@ -9,14 +9,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
+from pydantic import BaseModel, ConfigDict
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from ..errors import InvalidInput, PayloadTooLarge
 from ..images import MAX_IMAGE_BYTES, decode_base64, decode_image_async, fetch_image_bytes
 from ..job import Job
+from ..loras import LoraRequest, check_requests
 from ..models import ModelSpec
-from ..spec import MEGAPIXELS, GenerationSpec, aspect_ratio_size, fit_megapixel
+from ..spec import MEGAPIXELS, Adapter, GenerationSpec, aspect_ratio_size, fit_megapixel
 from ..storage import Storage
 from .deps import Services, idempotency_key
 
@@ -84,6 +86,29 @@ class Inputs:
         """Stored inputs no job uses (the create was refused, or replayed an earlier job) go at once."""
         if self.images or self.mask is not None:
             await services.jobs.run(services.storage.delete_folder, self.prefix)
+
+
+class LoraItem(BaseModel):
+    """One adapter in the OpenAI extension field ``loras`` (fal's shape): a name, hub id or URL, and a scale."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    path: str
+    scale: float = 1.0
+
+
+def lora_items(items: list[LoraItem] | None, *, param: str = "loras") -> list[LoraRequest]:
+    return [
+        LoraRequest(i.path, i.scale, f"{param}[{n}].path", f"{param}[{n}].scale") for n, i in enumerate(items or [])
+    ]
+
+
+async def resolve_loras(
+    services: Services, model: ModelSpec, requests: list[LoraRequest], *, param: str
+) -> tuple[Adapter, ...]:
+    """The request's adapters as local safetensors files that fit the model, or a 4xx naming the field."""
+    check_requests(requests, param=param)
+    return await services.loras.resolve(requests, model) if requests else ()
 
 
 async def submit(

@@ -19,7 +19,7 @@ from ..job import Job, Status
 from ..spec import GenerationSpec, parse_size
 from .deps import OwnerDep, Services, ServicesDep, idempotency_key
 from .errors import json_body, read_json
-from .inputs import Inputs, submit
+from .inputs import Inputs, LoraItem, lora_items, resolve_loras, submit
 
 router = APIRouter(prefix="/v1")
 
@@ -58,6 +58,7 @@ class ImageGenerationRequest(BaseModel):
     seed: int | None = None
     steps: int | None = None
     guidance: float | None = None
+    loras: list[LoraItem] | None = None  # LoRA adapters for this request: [{"path", "scale"}]
 
 
 @router.post("/images/generations", openapi_extra=json_body(ImageGenerationRequest))
@@ -66,6 +67,7 @@ async def create_image(request: Request, services: ServicesDep, owner: OwnerDep)
     model = services.registry.get(body.model or DEFAULT_MODEL)
     width, height = parse_size(body.size)
     fmt = body.output_format or "png"
+    loras = await resolve_loras(services, model, lora_items(body.loras), param="loras")
     spec = model.make_spec(
         prompt=body.prompt,
         width=width,
@@ -76,6 +78,7 @@ async def create_image(request: Request, services: ServicesDep, owner: OwnerDep)
         seed=body.seed,
         output_format=fmt,
         quality=max(1, body.output_compression if body.output_compression is not None else 100),
+        loras=loras,
     )
     echo = known_fields(body)
     if body.stream:

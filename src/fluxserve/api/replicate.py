@@ -17,11 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import InvalidInput, NotFound
 from ..job import Job, Status
+from ..loras import LoraRequest
 from ..spec import ASPECT_RATIOS, fit_megapixel
 from ..webhooks import EVENTS, check_webhook_url, owner_secret
 from .deps import OwnerDep, Services, ServicesDep
 from .errors import json_body, read_json
-from .inputs import Inputs, elide_inline_images, image_and_size, submit
+from .inputs import Inputs, elide_inline_images, image_and_size, resolve_loras, submit
 
 router = APIRouter(prefix="/v1")
 
@@ -74,6 +75,28 @@ class ProInput(Pro11Input):
     interval: float = Field(default=2, ge=1, le=4)
 
 
+class _LoraFields(BaseModel):
+    """Replicate's LoRA fields (flux-dev-lora, flux-schnell-lora): an adapter and an optional second one."""
+
+    lora_weights: str | None = None
+    lora_scale: float = 1.0
+    extra_lora: str | None = None
+    extra_lora_scale: float = 1.0
+
+    def lora_requests(self) -> list[LoraRequest]:
+        pairs = [("lora_weights", "lora_scale"), ("extra_lora", "extra_lora_scale")]
+        return [LoraRequest(getattr(self, w), getattr(self, sc), f"input.{w}", f"input.{sc}")
+                for w, sc in pairs if getattr(self, w) is not None]  # fmt: skip
+
+
+class SchnellLoraInput(SchnellInput, _LoraFields):
+    pass
+
+
+class DevLoraInput(DevInput, _LoraFields):
+    pass
+
+
 class KontextInput(_Input):
     input_image: str | None = None
     aspect_ratio: AspectRatio | Literal["match_input_image"] = "match_input_image"
@@ -85,7 +108,7 @@ class KontextInput(_Input):
 Flux2Aspect = AspectRatio | Literal["match_input_image", "custom"]
 
 
-class Flux2Input(_Input):
+class Flux2Input(_Input, _LoraFields):
     """black-forest-labs/flux-2-{dev,pro,max}: references in ``input_images``, one output URI."""
 
     input_images: list[str] = Field(default_factory=list)
@@ -108,7 +131,7 @@ class Flux2FlexInput(Flux2Input):
     prompt_upsampling: bool = True  # accepted; there is no prompt upsampler here
 
 
-class KleinInput(_Input):
+class KleinInput(_Input, _LoraFields):
     """black-forest-labs/flux-2-klein-*: references in ``images``, an array of output URIs."""
 
     images: list[str] = Field(default_factory=list)
@@ -124,6 +147,8 @@ class KleinInput(_Input):
 MODELS: dict[str, tuple[str, type[_Input], bool]] = {
     "flux-schnell": ("flux-schnell", SchnellInput, True),
     "flux-dev": ("flux-dev", DevInput, True),
+    "flux-schnell-lora": ("flux-schnell", SchnellLoraInput, True),
+    "flux-dev-lora": ("flux-dev", DevLoraInput, True),
     "flux-pro": ("flux-pro", ProInput, False),
     "flux-1.1-pro": ("flux-pro", Pro11Input, False),
     "flux-kontext-pro": ("flux-kontext-pro", KontextInput, False),
@@ -300,12 +325,14 @@ async def _flux2_inputs(services: Services, model: Any, inp: Flux2Input | KleinI
 
 
 async def _spec(services: Services, model: Any, inp: _Input) -> tuple[Any, Inputs]:
+    requests = inp.lora_requests() if isinstance(inp, _LoraFields) else []
+    loras = await resolve_loras(services, model, requests, param="input.lora_weights")
     if isinstance(inp, Flux2Input | KleinInput):
         inputs, width, height = await _flux2_inputs(services, model, inp)
         spec = model.make_spec(
             prompt=inp.prompt, width=width, height=height, num_images=1, steps=getattr(inp, "steps", None),
             guidance=getattr(inp, "guidance", None), seed=inp.seed, output_format=_FORMATS[inp.output_format],
-            quality=max(1, inp.output_quality), images=inputs.keys,
+            quality=max(1, inp.output_quality), images=inputs.keys, loras=loras,
             params={"prompt": "input.prompt", "steps": "input.steps", "guidance": "input.guidance",
                     "seed": "input.seed", "size": "input.width", "image": f"input.{_refs_field(inp)}"},
         )  # fmt: skip
@@ -346,6 +373,7 @@ async def _spec(services: Services, model: Any, inp: _Input) -> tuple[Any, Input
         quality=max(1, getattr(inp, "output_quality", 100)),
         images=inputs.keys,
         strength=getattr(inp, "prompt_strength", None) if values else None,
+        loras=loras,
         params={"prompt": "input.prompt", "steps": "input.num_inference_steps", "guidance": "input.guidance",
                 "seed": "input.seed", "size": "input.width", "strength": "input.prompt_strength"},
     )  # fmt: skip

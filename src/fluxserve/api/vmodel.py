@@ -9,9 +9,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import InvalidInput
 from ..job import Job, Status
+from ..loras import LoraRequest
 from .deps import OwnerDep, ServicesDep
 from .errors import json_body, read_json
-from .inputs import elide_inline_images, image_and_size, submit
+from .inputs import elide_inline_images, image_and_size, resolve_loras, submit
 
 router = APIRouter(prefix="/vmodel")
 
@@ -37,6 +38,9 @@ class VmodelInput(BaseModel):
     input_image: str | None = None
     input_images: list[str] | None = Field(default=None, min_length=1)
     prompt_strength: float | None = Field(default=None, ge=0, le=1)
+    # A LoRA adapter (a LoRA-folder name, hub id or https URL) and its scale, as Replicate's *-lora models.
+    lora_weights: str | None = None
+    lora_scale: float = 1.0
     # Replicate's flux-schnell fields, accepted so its clients work unchanged.
     go_fast: bool | None = None
     disable_safety_checker: bool | None = None
@@ -76,6 +80,10 @@ async def generate(request: Request, services: ServicesDep, owner: OwnerDep) -> 
         megapixels=inp.megapixels,
         aspect_param="input.aspect_ratio",
     )
+    lora = []
+    if inp.lora_weights is not None:
+        lora = [LoraRequest(inp.lora_weights, inp.lora_scale, "input.lora_weights", "input.lora_scale")]
+    loras = await resolve_loras(services, model, lora, param="input.lora_weights")
     spec = model.make_spec(
         prompt=inp.prompt,
         width=width,
@@ -88,6 +96,7 @@ async def generate(request: Request, services: ServicesDep, owner: OwnerDep) -> 
         quality=inp.output_quality,
         images=inputs.keys,
         strength=inp.prompt_strength,
+        loras=loras,
         params={
             "image": param,
             "strength": "input.prompt_strength",

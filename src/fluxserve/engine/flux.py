@@ -13,6 +13,7 @@ from ..errors import OutOfMemory
 from ..images import compose_references
 from ..models import ModelRegistry
 from .base import Cancelled, EngineRequest, OnStep
+from .lora import AdapterSlots
 from .speed import SpeedOptions, apply, place, resolve_attention
 
 log = logging.getLogger(__name__)
@@ -90,8 +91,11 @@ class DiffusersEngine:
         device: str = "auto",
         local_files_only: bool = False,
         speed: SpeedOptions | None = None,
+        lora_slots: int = 4,
     ) -> None:
         self.speed = speed or SpeedOptions()
+        self.lora_slots = lora_slots
+        self._adapters: dict[int, AdapterSlots] = {}  # by id() of the transformer the adapters live in
         self._registry = registry
         self._device_request = device
         self._local_files_only = local_files_only
@@ -172,6 +176,13 @@ class DiffusersEngine:
         self.device = str(pipe.device)
         self._pipes[model_name] = pipe
 
+    def adapter_slots(self, pipe: Any) -> AdapterSlots:
+        """img2img's pipeline shares the text-to-image transformer, and so its adapters."""
+        key = id(pipe.transformer)
+        if key not in self._adapters:
+            self._adapters[key] = AdapterSlots(self.lora_slots)
+        return self._adapters[key]
+
     def _pipeline(self, model_name: str, task: str) -> Any:
         pipe = self._pipes[model_name]
         if task != "img2img":
@@ -228,7 +239,9 @@ class DiffusersEngine:
             kwargs["image"] = list(inputs.images)
         elif first.task == "fill":
             kwargs.update(image=inputs.images[0], mask_image=inputs.mask)
+        adapters = self.adapter_slots(pipe)
         try:
+            adapters.activate(pipe, first.loras)
             with torch.inference_mode():
                 result = pipe(
                     prompt=prompts,
@@ -246,6 +259,9 @@ class DiffusersEngine:
             raise OutOfMemory(
                 f"Out of device memory at {first.width}x{first.height} x{len(prompts)}; try a smaller size or n."
             ) from exc
+        finally:
+            if first.loras:  # the next call, with or without adapters, starts from the base model
+                pipe.disable_lora()
         images: list[Image] = list(result.images)
         out: list[list[Image]] = []
         for r in requests:

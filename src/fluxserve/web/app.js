@@ -5,7 +5,7 @@ const $ = (id) => document.getElementById(id);
 const KEYS = { endpoint: "fluxserve.endpoint", key: "fluxserve.apiKey" };
 // Steps, guidance and reference limits come from each model's entry in /v1/models (the server's registry).
 const OPENAI_SIZES = { "1:1": "1024x1024", "16:9": "1792x1024", "9:16": "1024x1792" };
-const state = { models: [], fluxserve: true, attachments: [], pending: 0 };
+const state = { models: [], loras: [], fluxserve: true, attachments: [], pending: 0 };
 const history = new History();
 
 function settings() {
@@ -78,6 +78,7 @@ async function connect() {
     state.models = body.data || [];
     state.fluxserve = state.models.some((m) => String(m.owned_by || "").startsWith("fluxserve"));
     fillModels();
+    await loadLoras();
     showBanner("");
     setStatus(`Connected: ${state.models.length} models${state.models.some((m) => m.demo) ? " (demo)" : ""}`, true);
     openSettings(false);
@@ -97,6 +98,25 @@ function fillModels() {
   }
   if ([...select.options].some((o) => o.value === previous)) select.value = previous;
   else if ([...select.options].some((o) => o.value === "flux-schnell")) select.value = "flux-schnell";
+  updateControls();
+}
+
+// The adapters in the server's LoRA folder (GET /v1/loras); other servers have none to offer.
+async function loadLoras() {
+  state.loras = [];
+  if (state.fluxserve) {
+    try {
+      state.loras = (await (await api("/v1/loras")).json()).data || [];
+    } catch {
+      state.loras = [];
+    }
+  }
+  const select = $("lora");
+  const previous = select.value;
+  select.replaceChildren(new Option("none", ""));
+  for (const l of state.loras) select.append(new Option(l.family ? `${l.name} (${l.family})` : l.name, l.name));
+  if ([...select.options].some((o) => o.value === previous)) select.value = previous;
+  for (const label of document.querySelectorAll(".lora")) label.hidden = state.loras.length === 0;
   updateControls();
 }
 
@@ -122,6 +142,14 @@ function updateControls() {
     Object.assign($("guidance"), { min: guidance.min, max: guidance.max, placeholder: `default ${guidance.default}` });
   }
   if (f.steps) Object.assign($("steps"), { max: f.steps.max, placeholder: `default ${f.steps.default}` });
+  // Only adapters trained for the chosen model's generation are offered.
+  const family = f.kind === "flux2" ? "FLUX.2" : "FLUX.1";
+  for (const opt of $("lora").options) {
+    const l = state.loras.find((x) => x.name === opt.value);
+    opt.disabled = Boolean(l && l.family && l.family !== family);
+  }
+  if ($("lora").selectedOptions[0]?.disabled) $("lora").value = "";
+  $("lora-scale").disabled = !$("lora").value;
   updateAttachNote();
 }
 
@@ -145,6 +173,8 @@ function readControls() {
     steps: num("steps"),
     guidance: facts($("model").value).guidance ? num("guidance") : null,
     format: $("format").value,
+    lora: $("lora").value || null,
+    loraScale: num("lora-scale") ?? 1,
   };
 }
 
@@ -190,6 +220,7 @@ function el(tag, className, text) {
 function describe(turn) {
   const c = turn.controls;
   const parts = [turn.refs.length ? `edit of ${turn.refs.length} image(s)` : c.aspect, c.model, `${c.n} image(s)`];
+  if (c.lora) parts.push(`LoRA ${c.lora} × ${c.loraScale}`);
   if (c.steps) parts.push(`${c.steps} steps`);
   if (c.guidance !== null && c.guidance !== undefined) parts.push(`guidance ${c.guidance}`);
   parts.push(c.seed === null ? "random seed" : `seed ${c.seed}`, c.format);
@@ -319,7 +350,9 @@ function curlFor(turn) {
   const auth = `-H "Authorization: Bearer $FLUXSERVE_API_KEY"`;
   if (turn.refs.length) {
     const files = turn.refs.map((_, i) => `-F "image[]=@image-${i + 1}.png"`).join(" ");
-    return `curl -X POST ${endpoint}/v1/images/edits ${auth} -F model=${turn.request.model} -F n=${turn.controls.n} ${files} -F prompt=${shellQuote(turn.prompt)}`;
+    const c = turn.controls;
+    const lora = c.lora ? ` -F ${shellQuote(`loras=${JSON.stringify([{ path: c.lora, scale: c.loraScale }])}`)}` : "";
+    return `curl -X POST ${endpoint}/v1/images/edits ${auth} -F model=${turn.request.model} -F n=${c.n} ${files}${lora} -F prompt=${shellQuote(turn.prompt)}`;
   }
   const path = turn.request.input ? "/vmodel/generate" : "/v1/images/generations";
   return `curl ${endpoint}${path} ${auth} -H "Content-Type: application/json" -d ${shellQuote(JSON.stringify(turn.request))}`;
@@ -342,6 +375,7 @@ async function runTask(turn, view) {
   if (c.seed !== null) input.seed = c.seed;
   if (c.steps) input.num_inference_steps = c.steps;
   if (c.guidance !== null) input.guidance = c.guidance;
+  if (c.lora) Object.assign(input, { lora_weights: c.lora, lora_scale: c.loraScale });
   turn.request = { model: c.model, input };
   const created = await (await api("/vmodel/generate", {
     method: "POST",
@@ -381,10 +415,12 @@ async function runSync(turn, view) {
     if (c.seed !== null) form.append("seed", String(c.seed));
     if (c.steps) form.append("steps", String(c.steps));
     if (c.guidance !== null && facts(model).guidance) form.append("guidance", String(c.guidance));
+    if (c.lora) form.append("loras", JSON.stringify([{ path: c.lora, scale: c.loraScale }]));
     turn.refs.forEach((blob, i) => form.append("image[]", blob, `image-${i + 1}.png`));
     resp = await api("/v1/images/edits", { method: "POST", body: form });
   } else {
     turn.request = { model: c.model, prompt: turn.prompt, n: c.n, size: OPENAI_SIZES[c.aspect] || "1024x1024", response_format: "b64_json" };
+    if (c.lora) turn.request.loras = [{ path: c.lora, scale: c.loraScale }];
     resp = await api("/v1/images/generations", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
@@ -453,6 +489,7 @@ function init() {
     connect();
   };
   $("model").onchange = updateControls;
+  $("lora").onchange = updateControls;
   $("prompt-form").onsubmit = (e) => {
     e.preventDefault();
     send();
