@@ -234,3 +234,40 @@ def _flux2_klein() -> Any:
         scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer,
         is_distilled=True,
     )  # fmt: skip
+
+
+# LoRA targets as diffusers' own tests pick them; FLUX.2's single blocks fuse QKV and the MLP.
+DEMO_LORA_TARGETS = {
+    "text2img": ["to_q", "to_k", "to_v", "to_out.0", "proj_mlp"],
+    "flux2": ["to_q", "to_k", "to_v", "to_out.0", "to_qkv_mlp_proj"],
+}
+
+
+def build_demo_lora(demo_root: Path, kind: str, out: Path, *, seed: int, rank: int = 4,
+                    targets: list[str] | None = None) -> Path:  # fmt: skip
+    """A random LoRA for a demo transformer, saved as diffusers-format safetensors at ``out``
+    (scaled up so the demo's one-block transformer visibly moves). Offline, like the demo model."""
+    import diffusers
+    import torch
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    folder = demo_weights(demo_root, kind)
+    cls = diffusers.Flux2KleinPipeline if kind == "flux2" else diffusers.FluxPipeline
+    pipe = cls.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+    torch.manual_seed(seed)
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets or DEMO_LORA_TARGETS[kind],
+                        init_lora_weights=False)  # fmt: skip
+    pipe.transformer.add_adapter(config)
+    with torch.no_grad():
+        for name, param in pipe.transformer.named_parameters():
+            if "lora_" in name:
+                param.mul_(3.0)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".lora-", dir=out.parent))
+    try:
+        cls.save_lora_weights(tmp, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer),
+                              safe_serialization=True)  # fmt: skip
+        os.replace(tmp / "pytorch_lora_weights.safetensors", out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
