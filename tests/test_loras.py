@@ -251,3 +251,18 @@ def test_batches_group_only_the_same_adapters_and_jobs_keep_them(lora_dir: Path,
     assert len({plain.batch_key(), styled.batch_key(), other_scale.batch_key()}) == 3
     assert styled.batch_key() == make(prompt="r", width=512, height=512, seed=9, loras=(a,)).batch_key()
     assert GenerationSpec.from_dict(styled.to_dict()) == styled  # as the job row stores it
+
+
+def test_compiled_servers_take_adapters_only_through_hot_swap_slots(
+    lora_dir: Path, tmp_path: Path, fake_engine: FakeEngine
+) -> None:
+    body = {"model": "flux-2-klein-4b", "prompt": "p", "loras": [{"path": "klein-style"}]}
+    for rank, status, code in [(0, 400, "loras_unavailable"), (4, 400, "invalid_lora"), (8, 200, None)]:
+        settings = Settings(data_dir=tmp_path / f"d{rank}", api_key=API_KEY, lora_dir=lora_dir, compile=True,
+                            lora_max_rank=rank)  # fmt: skip
+        with TestClient(create_app(settings, engine=fake_engine)) as client:
+            resp = client.post("/v1/images/generations", json={**body, "loras": [{"path": "characters/klein-hero"}]},
+                               headers=AUTH)  # fmt: skip
+            assert resp.status_code == status, resp.text
+            if code:
+                assert resp.json()["error"]["code"] == code and resp.json()["error"]["param"] == "loras[0].path"

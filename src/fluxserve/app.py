@@ -75,6 +75,7 @@ def build_engine(settings: Settings, registry: ModelRegistry, device: str | None
         vae_tiling=settings.vae_tiling,
         compile_cache_dir=settings.data_dir / "compile-cache",
         warmup_sizes=tuple(parse_size(s, param="warmup_sizes") for s in settings.warmup_sizes),
+        lora_hotswap_rank=settings.lora_max_rank,
     )
     engine = DiffusersEngine(
         registry,
@@ -130,6 +131,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
             max_bytes=settings.lora_max_mb * 1024**2,
             offline=settings.offline or settings.demo,
             allow_private=settings.allow_private_urls,
+            # Compiled pipelines take adapters only through hot-swap slots of this rank.
+            max_rank=settings.lora_max_rank if settings.compile else None,
         )
         services = Services(
             settings,

@@ -122,6 +122,9 @@ def serve(
         Path | None, typer.Option("--lora-dir", help="Folder of LoRA adapters requests may name.")
     ] = None,
     lora_slots: Annotated[int | None, typer.Option(help="LoRA adapters kept loaded per pipeline [4].")] = None,
+    lora_max_rank: Annotated[
+        int | None, typer.Option(help="With --compile: LoRA hot-swap slots of this rank [0: no adapters].")
+    ] = None,
     max_batch: Annotated[int | None, typer.Option(help="Largest batch of compatible jobs per pipeline call.")] = None,
     batch_max_pixels: Annotated[
         int | None, typer.Option(help="Batch images up to this many pixels [512*512 on CUDA, else 320*320].")
@@ -159,6 +162,7 @@ def serve(
         models=models,
         lora_dir=lora_dir,
         lora_slots=lora_slots,
+        lora_max_rank=lora_max_rank,
         max_batch=max_batch,
         batch_max_pixels=batch_max_pixels,
         database_url=database,

@@ -114,7 +114,9 @@ class LoraLibrary:
         max_bytes: int,
         offline: bool,
         allow_private: bool,
+        max_rank: int | None = None,
     ) -> None:
+        self.max_rank = max_rank  # None: any rank; 0: adapters are off (--compile without hot-swap slots)
         self.lora_dir = lora_dir.resolve() if lora_dir else None
         self.cache_dir = cache_dir
         self.cache_bytes = cache_bytes
@@ -140,6 +142,13 @@ class LoraLibrary:
         return out
 
     async def resolve(self, requests: list[LoraRequest], model: ModelSpec) -> tuple[Adapter, ...]:
+        if requests and self.max_rank == 0:
+            raise InvalidInput(
+                "This server compiles its models (--compile) without LoRA hot-swap slots, so it takes no adapters; "
+                "its operator can start it with --lora-max-rank.",
+                param=requests[0].param,
+                code="loras_unavailable",
+            )
         adapters = []
         for r in requests:
             path = await self._locate(r)
@@ -233,7 +242,8 @@ class LoraLibrary:
                 code="invalid_lora",
             )
         try:
-            names = list(read_header(path))
+            header = read_header(path)
+            names = list(header)
         except (ValueError, UnicodeDecodeError, OSError) as exc:
             raise InvalidInput(
                 f"{r.param}: {r.source!r} is not a safetensors file ({exc}); only .safetensors adapters are loaded.",
@@ -249,6 +259,15 @@ class LoraLibrary:
                 f"{_FAMILY_NAMES[serves]} model.",
                 param=r.param,
                 code="lora_model_mismatch",
+            )
+        rank = max((min(v.get("shape") or [0]) for k, v in header.items() if "lora_A" in k or "lora_down" in k),
+                   default=0)  # fmt: skip
+        if self.max_rank and rank > self.max_rank:
+            raise InvalidInput(
+                f"{r.param}: {r.source!r} has rank {rank}; this server's hot-swap slots take rank {self.max_rank} "
+                "at most (--lora-max-rank).",
+                param=r.param,
+                code="invalid_lora",
             )
         if path.parent == self.cache_dir:
             path.touch()  # used: the last to be evicted

@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     lora_cache_gb: float = Field(default=10.0, gt=0)
     lora_max_mb: int = Field(default=2048, ge=1)  # one fetched adapter
     lora_slots: int = Field(default=4, ge=1, le=64)  # adapters kept loaded per pipeline
+    # Under --compile, adapters go into hot-swap slots of this rank (0: no adapters with --compile).
+    lora_max_rank: int = Field(default=0, ge=0, le=1024)
     # Images, inputs and previews are deleted this long after their job ended ('7d', '36h'; 0 keeps them).
     retention: str = "7d"
     retention_sweep_s: float = Field(default=60.0, gt=0)

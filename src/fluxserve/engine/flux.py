@@ -9,11 +9,11 @@ from typing import Any
 
 from PIL.Image import Image
 
-from ..errors import OutOfMemory
+from ..errors import GenerationFailed, OutOfMemory
 from ..images import compose_references
 from ..models import ModelRegistry
 from .base import Cancelled, EngineRequest, OnStep
-from .lora import AdapterSlots
+from .lora import AdapterSlots, HotswapSlots
 from .speed import SpeedOptions, apply, place, resolve_attention
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ def load_pipeline(
     local_files_only: bool,
     speed: SpeedOptions | None = None,
     pipeline: str = "",
+    lora_slots: int = 4,
 ) -> Any:
     """The one loading path for real weights and the demo model alike."""
     import diffusers
@@ -78,6 +79,9 @@ def load_pipeline(
     pipe = cls.from_pretrained(weights, dtype=dtype, local_files_only=local_files_only)
     speed = speed or SpeedOptions()
     pipe.fluxserve_offload = place(pipe, speed, device)
+    if speed.compile and speed.lora_hotswap_rank:
+        # Before compiling: the slots' LoRA layers are part of the graph from the first call.
+        pipe.fluxserve_adapters = HotswapSlots(pipe, rank=speed.lora_hotswap_rank, cached=lora_slots)
     apply(pipe, speed, device, placement=pipe.fluxserve_offload)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -95,7 +99,7 @@ class DiffusersEngine:
     ) -> None:
         self.speed = speed or SpeedOptions()
         self.lora_slots = lora_slots
-        self._adapters: dict[int, AdapterSlots] = {}  # by id() of the transformer the adapters live in
+        self._adapters: dict[int, AdapterSlots | HotswapSlots] = {}  # by id() of the transformer the adapters live in
         self._registry = registry
         self._device_request = device
         self._local_files_only = local_files_only
@@ -123,6 +127,7 @@ class DiffusersEngine:
                         local_files_only=self._local_files_only,
                         speed=self.speed,
                         pipeline=model.pipeline,
+                        lora_slots=self.lora_slots,
                     )
                 except Exception as exc:
                     offline = (
@@ -144,18 +149,17 @@ class DiffusersEngine:
             if id(self._pipes[model.name]) in seen:
                 continue
             seen.add(id(self._pipes[model.name]))
-            for width, height in self.speed.warmup_sizes:
-                images: list[Image] = []
-                mask = None
-                # Kontext with a reference image runs twice the tokens of one without: warm the shape edits use.
-                if model.kind in ("fill", "kontext", "flux2"):
-                    images = [PILImage.new("RGB", (width, height), (128, 128, 128))]
-                if model.kind == "fill":
-                    mask = PILImage.new("L", (width, height), 255)
+            gray = PILImage.new("RGB", (64, 64), (128, 128, 128))
+            # Kontext with a reference image runs twice the tokens of one without: warm the shape edits use.
+            # FLUX.2 serves text-to-image and edits alike: both shapes (one reference; more compile on first use).
+            references = {"fill": [1], "kontext": [1], "flux2": [0, 1]}.get(model.kind, [0])
+            for (width, height), count in ((size, n) for size in self.speed.warmup_sizes for n in references):
+                images = [gray.resize((width, height))] * count
+                mask = PILImage.new("L", (width, height), 255) if model.kind == "fill" else None
                 keys = tuple(f"warmup/{i}.png" for i in range(len(images)))
                 spec = model.make_spec(prompt="warm-up", width=width, height=height, steps=2, seed=0, images=keys,
                                        mask="warmup/mask.png" if mask else None)  # fmt: skip
-                log.info("warming up %s at %dx%d", model.name, width, height)
+                log.info("warming up %s at %dx%d with %d reference(s)", model.name, width, height, count)
                 self.generate([EngineRequest(spec, images=images, mask=mask)], lambda d, t, p: None)
 
     def info(self) -> dict[str, Any]:
@@ -176,11 +180,14 @@ class DiffusersEngine:
         self.device = str(pipe.device)
         self._pipes[model_name] = pipe
 
-    def adapter_slots(self, pipe: Any) -> AdapterSlots:
+    def adapter_slots(self, pipe: Any) -> AdapterSlots | HotswapSlots:
         """img2img's pipeline shares the text-to-image transformer, and so its adapters."""
         key = id(pipe.transformer)
         if key not in self._adapters:
-            self._adapters[key] = AdapterSlots(self.lora_slots)
+            hotswap = getattr(pipe, "fluxserve_adapters", None)
+            if self.speed.compile and hotswap is None:
+                raise GenerationFailed("LoRA adapters under --compile need hot-swap slots: start with --lora-max-rank.")
+            self._adapters[key] = hotswap or AdapterSlots(self.lora_slots)
         return self._adapters[key]
 
     def _pipeline(self, model_name: str, task: str) -> Any:
@@ -239,9 +246,11 @@ class DiffusersEngine:
             kwargs["image"] = list(inputs.images)
         elif first.task == "fill":
             kwargs.update(image=inputs.images[0], mask_image=inputs.mask)
-        adapters = self.adapter_slots(pipe)
+        hotswap = getattr(pipe, "fluxserve_adapters", None)
+        adapters = self.adapter_slots(pipe) if first.loras or hotswap else None
         try:
-            adapters.activate(pipe, first.loras)
+            if adapters is not None:
+                adapters.activate(pipe, first.loras)
             with torch.inference_mode():
                 result = pipe(
                     prompt=prompts,
@@ -260,7 +269,7 @@ class DiffusersEngine:
                 f"Out of device memory at {first.width}x{first.height} x{len(prompts)}; try a smaller size or n."
             ) from exc
         finally:
-            if first.loras:  # the next call, with or without adapters, starts from the base model
+            if first.loras and hotswap is None:  # the next call, with or without adapters, starts from the base
                 pipe.disable_lora()
         images: list[Image] = list(result.images)
         out: list[list[Image]] = []

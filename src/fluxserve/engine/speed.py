@@ -40,6 +40,8 @@ class SpeedOptions:
     vae_tiling: bool = False
     compile_cache_dir: Path | None = None
     warmup_sizes: tuple[tuple[int, int], ...] = ((1024, 1024),)
+    # Under compile: LoRA hot-swap slots of this rank, prepared before compiling (0: no adapters).
+    lora_hotswap_rank: int = 0
 
     @property
     def lossy(self) -> list[str]:
@@ -171,7 +173,8 @@ def apply(pipe: Any, opts: SpeedOptions, device: str, placement: str = "none") -
         transformer.set_attention_backend(backend)
     log.info("attention backend: %s", backend)
     # Offload hooks are attached to the existing layers; fused layers would be new ones without them.
-    if (opts.compile or opts.quantize != "none") and placement == "none":
+    # LoRA layers wrap to_q/to_k/to_v: fusing them would drop the adapters (hot-swap slots need them).
+    if (opts.compile or opts.quantize != "none") and placement == "none" and not opts.lora_hotswap_rank:
         # Fused before fp8 so the fused weight is what is quantized.
         # The VAE stays as it is: channels-last and fused VAE attention made the 1024x1024 decode
         # slower on an H100 (0.18 s after the last step vs 0.11 s eager; bench/gpu_fullsize.py).
