@@ -78,7 +78,7 @@ def main() -> None:
             t = time.perf_counter()
             with torch.inference_mode():
                 img = pipe(
-                    "a white siamese cat",
+                    prompt="a white siamese cat",
                     height=args.size,
                     width=args.size,
                     num_inference_steps=args.steps,
