@@ -56,11 +56,7 @@ class AdapterSlots:
         pipe.set_adapters(list(scales), adapter_weights=list(scales.values()))
 
     def _load(self, pipe: Any, adapter: Adapter) -> None:
-        if not Path(adapter.path).is_file():
-            raise GenerationFailed(
-                f"The LoRA adapter {adapter.source!r} is no longer on this server (its cache was evicted); "
-                "send the request again."
-            )
+        _check_present(adapter)
         try:
             pipe.load_lora_weights(adapter.path, adapter_name=adapter.name)
         except (ValueError, RuntimeError, KeyError) as exc:  # shapes or keys that do not fit this model
@@ -147,11 +143,7 @@ class HotswapSlots:
         if adapter.digest in self._tensors:
             self._tensors.move_to_end(adapter.digest)
             return self._tensors[adapter.digest]
-        if not Path(adapter.path).is_file():
-            raise GenerationFailed(
-                f"The LoRA adapter {adapter.source!r} is no longer on this server (its cache was evicted); "
-                "send the request again."
-            )
+        _check_present(adapter)
         from safetensors.torch import load_file
 
         self._tensors[adapter.digest] = load_file(adapter.path)
@@ -159,3 +151,11 @@ class HotswapSlots:
         while len(self._tensors) > self.cached:
             self._tensors.popitem(last=False)
         return self._tensors[adapter.digest]
+
+
+def _check_present(adapter: Adapter) -> None:
+    if not Path(adapter.path).is_file():
+        raise GenerationFailed(
+            f"The LoRA adapter {adapter.source!r} is no longer on this server (its cache was evicted); "
+            "send the request again."
+        )
