@@ -144,13 +144,14 @@ async def fetch_url(
     param: str,
     allow_private: bool,
     max_bytes: int,
-    timeout_s: float = FETCH_TIMEOUT_S,
+    timeout_s: float | None = None,  # None: FETCH_TIMEOUT_S, read when called
     what: str = "the image",
     code: str = "invalid_image_url",
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> None:
     """An http(s) URL's body, chunk by chunk into ``sink``: public addresses only (each redirect hop
     re-checked, the checked address is the one connected to), a size cap, one deadline for it all."""
+    timeout_s = FETCH_TIMEOUT_S if timeout_s is None else timeout_s
     try:
         # One deadline for the whole fetch, redirects and a trickling body included.
         async with asyncio.timeout(timeout_s):
