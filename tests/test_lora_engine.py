@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from fluxserve.engine.base import EngineRequest
 from fluxserve.engine.flux import DiffusersEngine
@@ -110,8 +111,15 @@ def test_the_least_recently_used_adapter_leaves_when_slots_are_full(
 
 def test_flux1_adapters_on_flux_dev(engine: DiffusersEngine, library: LoraLibrary) -> None:
     base = _run(engine, model="flux-dev")
-    styled = _run(engine, _adapters(library, "flux-dev", ("flux1-style", 1.0)), model="flux-dev")
+    flux1 = _adapters(library, "flux-dev", ("flux1-style", 1.0))
+    styled = _run(engine, flux1, model="flux-dev")
     assert np.abs(styled - base).mean() > 1
+    assert np.array_equal(_run(engine, model="flux-dev"), base)
+    # img2img shares the text-to-image transformer: its adapters come and go with the same slots.
+    init = Image.new("RGB", (256, 256), (120, 60, 30))
+    spec = ModelRegistry.default().get("flux-dev").make_spec(prompt="a lighthouse", width=256, height=256, seed=5,
+                                                             steps=3, images=("in/0.png",), loras=flux1)  # fmt: skip
+    engine.generate([EngineRequest(spec, images=[init])], lambda d, t, p: None)
     assert np.array_equal(_run(engine, model="flux-dev"), base)
 
 

@@ -1,5 +1,6 @@
 """Hostile clients against the real server process: an endless upload is cut off, not read to the end."""
 
+import contextlib
 import select
 import socket
 import time
@@ -15,8 +16,10 @@ KEY = "fs-abuse-test-key-0123456789"
 def _read_answer(sock: socket.socket) -> bytes:
     """The head and the JSON body after it (they may come in separate reads)."""
     data = b""
-    while not data.rstrip().endswith(b"}") and (chunk := sock.recv(4096)):
-        data += chunk
+    # The server may close while the client is still sending: what arrived before the reset is the answer.
+    with contextlib.suppress(ConnectionResetError):
+        while not data.rstrip().endswith(b"}") and (chunk := sock.recv(4096)):
+            data += chunk
     return data
 
 
@@ -40,7 +43,7 @@ def test_an_endless_chunked_upload_gets_413_after_the_limit(tmp_path: Path, demo
             except (BrokenPipeError, ConnectionResetError):
                 break
             sent += 65536
-        head = _read_response(sock)
+        head = _read_answer(sock)
         sock.close()
         assert head.startswith(b"HTTP/1.1 413"), head[:200]
         assert b"104857600" in head  # the limit is named
@@ -102,25 +105,3 @@ def _read_until_closed(sock: socket.socket) -> bytes:
         data += chunk
     sock.close()
     return data
-
-
-def _read_response(sock: socket.socket) -> bytes:
-    """Headers and the whole body: one recv() may end after the headers."""
-    data = b""
-    while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < _content_length(data):
-        try:
-            more = sock.recv(65536)
-        except (ConnectionResetError, TimeoutError):
-            break
-        if not more:
-            break
-        data += more
-    return data
-
-
-def _content_length(data: bytes) -> int:
-    for line in data.split(b"\r\n\r\n", 1)[0].split(b"\r\n"):
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            return int(value)
-    return 0

@@ -81,7 +81,8 @@ def load_pipeline(
     pipe.fluxserve_offload = place(pipe, speed, device)
     if speed.compile and speed.lora_hotswap_rank:
         # Before compiling: the slots' LoRA layers are part of the graph from the first call.
-        pipe.fluxserve_adapters = HotswapSlots(pipe, rank=speed.lora_hotswap_rank, cached=lora_slots)
+        # Kept on the transformer: img2img's pipeline (from_pipe) shares it, and so its slots.
+        pipe.transformer.fluxserve_hotswap = HotswapSlots(pipe, rank=speed.lora_hotswap_rank, cached=lora_slots)
     apply(pipe, speed, device, placement=pipe.fluxserve_offload)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -184,7 +185,7 @@ class DiffusersEngine:
         """img2img's pipeline shares the text-to-image transformer, and so its adapters."""
         key = id(pipe.transformer)
         if key not in self._adapters:
-            hotswap = getattr(pipe, "fluxserve_adapters", None)
+            hotswap = getattr(pipe.transformer, "fluxserve_hotswap", None)
             if self.speed.compile and hotswap is None:
                 raise GenerationFailed("LoRA adapters under --compile need hot-swap slots: start with --lora-max-rank.")
             self._adapters[key] = hotswap or AdapterSlots(self.lora_slots)
@@ -246,8 +247,9 @@ class DiffusersEngine:
             kwargs["image"] = list(inputs.images)
         elif first.task == "fill":
             kwargs.update(image=inputs.images[0], mask_image=inputs.mask)
-        hotswap = getattr(pipe, "fluxserve_adapters", None)
-        adapters = self.adapter_slots(pipe) if first.loras or hotswap else None
+        # Hot-swap slots always take part (unused ones are zeroed); plain slots only when asked for.
+        uses_slots = first.loras or hasattr(pipe.transformer, "fluxserve_hotswap")
+        adapters = self.adapter_slots(pipe) if uses_slots else None
         try:
             if adapters is not None:
                 adapters.activate(pipe, first.loras)
@@ -269,8 +271,8 @@ class DiffusersEngine:
                 f"Out of device memory at {first.width}x{first.height} x{len(prompts)}; try a smaller size or n."
             ) from exc
         finally:
-            if first.loras and hotswap is None:  # the next call, with or without adapters, starts from the base
-                pipe.disable_lora()
+            if adapters is not None:
+                adapters.deactivate(pipe)
         images: list[Image] = list(result.images)
         out: list[list[Image]] = []
         for r in requests:

@@ -32,10 +32,6 @@ class AdapterSlots:
         return list(self._resident)
 
     def activate(self, pipe: Any, adapters: Sequence[Adapter]) -> None:
-        if not adapters:
-            if self._resident:
-                pipe.disable_lora()
-            return
         if len({a.digest for a in adapters}) > self.slots:
             raise GenerationFailed(f"This request names more adapters than the {self.slots} LoRA slots.")
         wanted = {a.name for a in adapters}
@@ -54,6 +50,11 @@ class AdapterSlots:
         for a in adapters:
             scales[a.name] = scales.get(a.name, 0.0) + a.scale
         pipe.set_adapters(list(scales), adapter_weights=list(scales.values()))
+
+    def deactivate(self, pipe: Any) -> None:
+        """After each call: the next one, with or without adapters, starts from the base model."""
+        if self._resident:
+            pipe.disable_lora()
 
     def _load(self, pipe: Any, adapter: Adapter) -> None:
         _check_present(adapter)
@@ -138,6 +139,9 @@ class HotswapSlots:
                     f"(rank at most {self.rank}, linear layers of the blocks only): {exc}"
                 ) from exc
             self._filled[i] = new
+
+    def deactivate(self, pipe: Any) -> None:
+        """Nothing: the slots stay in the compiled graph; the next call zeroes the ones it does not use."""
 
     def _adapter_tensors(self, adapter: Adapter) -> dict[str, Any]:
         if adapter.digest in self._tensors:
