@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from fluxserve.app import create_app
-from fluxserve.errors import InvalidInput
+from fluxserve.errors import InvalidInput, StoreUnavailable
 from fluxserve.loras import LoraLibrary, LoraRequest
 from fluxserve.models import ModelRegistry
 from fluxserve.settings import Settings
@@ -106,6 +106,12 @@ def test_urls_are_fetched_once_per_content_and_the_cache_evicts_the_least_recent
         small = _library(None, tmp_path / "s", allow_private=True, max_bytes=1000)  # type: ignore[arg-type]
         with pytest.raises(InvalidInput, match="larger than 1000 bytes"):
             _resolve(small, f"{base}/klein-style.safetensors")
+        # An unwritable cache (a full disk takes the same path): 503, the request was fine.
+        (tmp_path / "blocked").write_text("a file where the cache folder should be")
+        unwritable = LoraLibrary(None, tmp_path / "blocked" / "cache", cache_bytes=10**9, max_bytes=10**8,
+                                 offline=True, allow_private=True)  # fmt: skip
+        with pytest.raises(StoreUnavailable, match="could not store the adapter"):
+            _resolve(unwritable, f"{base}/klein-style.safetensors")
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".fetch-")]
 
 

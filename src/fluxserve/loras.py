@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidInput
+from .errors import InvalidInput, StoreUnavailable
 from .images import fetch_url
 from .models import ModelSpec
 from .spec import Adapter
@@ -203,6 +203,14 @@ class LoraLibrary:
         return _weights_in(Path(folder), r)
 
     async def _fetch(self, url: str, r: LoraRequest) -> Path:
+        try:
+            return await self._fetch_to_cache(url, r)
+        except OSError as exc:  # a full disk or an unwritable cache is the server's trouble, not the request's
+            raise StoreUnavailable(
+                f"The server could not store the adapter ({exc.strerror or exc}); try again later."
+            ) from exc
+
+    async def _fetch_to_cache(self, url: str, r: LoraRequest) -> Path:
         self.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = self.cache_dir / f".fetch-{secrets.token_hex(8)}"
         digest = hashlib.sha256()
