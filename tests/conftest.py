@@ -21,9 +21,17 @@ def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_demo_model(tmp_path_factory.mktemp("demo") / "demo-model")
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--on-postgres", action="store_true", help="run the app-level tests on PostgreSQL + procrastinate")
+
+
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    return Settings(data_dir=tmp_path / "data", api_key=API_KEY, port=8123)
+def settings(tmp_path: Path, request: pytest.FixtureRequest) -> Settings:
+    extra = {}
+    if request.config.getoption("--on-postgres"):
+        # The same tests, with procrastinate dispatching to this process's queue worker.
+        extra = {"database_url": request.getfixturevalue("pg_url"), "lease_s": 2.0, "shutdown_grace_s": 2.0}
+    return Settings(data_dir=tmp_path / "data", api_key=API_KEY, port=8123, **extra)
 
 
 @pytest.fixture
@@ -42,3 +50,28 @@ def lora_dir(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     from tests.loras_util import build_lora_dir
 
     return build_lora_dir(demo_model_dir, tmp_path_factory.mktemp("loras"))
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """A PostgreSQL server for this test session (tests/pg.py); a test that needs one fails without it."""
+    from tests.pg import cluster
+
+    with cluster() as base:
+        yield base
+
+
+@pytest.fixture
+def pg_url(pg_server: str) -> str:
+    """A fresh database on it, its schema applied as `fluxserve db upgrade` does."""
+    from fluxserve.migrations import upgrade
+    from fluxserve.store import Store
+    from tests.pg import new_database
+
+    url = new_database(pg_server)
+    store = Store(url)
+    try:
+        upgrade(store.engine)
+    finally:
+        store.close()
+    return url

@@ -145,7 +145,7 @@ def test_queue_position_and_progress_while_waiting(settings: Settings) -> None:
 
 
 def test_health_needs_no_key_and_reports_models(client: TestClient) -> None:
-    body = client.get("/health").json()
+    body = wait_for(lambda: client.get("/health").json(), lambda b: b["status"] != "loading", timeout=10)
     assert body["status"] == "ready" and body["models"] == ["fake"] and body["queue_depth"] == 0
 
 

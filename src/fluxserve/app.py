@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -35,9 +36,11 @@ from .migrations import open_store
 from .models import ModelRegistry
 from .retention import RetentionSweeper
 from .settings import Settings
-from .storage import LocalStorage, load_or_create_secret
+from .queue.listen import listen
+from .storage import build_storage, load_or_create_secret
+from .store import Store
 from .webhooks import WebhookSender
-from .worker import DeviceWorker, WorkerPool
+from .worker import DeviceWorker, Dispatcher, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +95,47 @@ def build_engine(settings: Settings, registry: ModelRegistry, device: str | None
     return engine
 
 
+def server_secret(settings: Settings, store: Store) -> bytes:
+    """FLUXSERVE_SECRET (hex, or any string, hashed), else on a shared database the one kept there (every
+    node signs alike), else the data dir's secret.key."""
+    if settings.secret:
+        try:
+            return bytes.fromhex(settings.secret)
+        except ValueError:
+            return hashlib.sha256(settings.secret.encode()).digest()
+    if not store.is_sqlite:
+        return store.shared_secret()
+    return load_or_create_secret(settings.data_dir / "secret.key")
+
+
+def _queue_dispatch(
+    settings: Settings, store: Store, jobs: JobService, registry: ModelRegistry,
+    device_workers: Callable[..., list[DeviceWorker]],
+) -> tuple[Dispatcher, list[asyncio.Task[None]]]:  # fmt: skip
+    """PostgreSQL: procrastinate dispatches; this node runs its own queue workers unless --api-only, and the
+    stall sweep (one node at a time) either way."""
+    from .queue.cluster import ClusterView, LocalQueueWorkers
+    from .queue.pg import PgQueue
+    from .queue.runner import Timing, sweep_forever
+
+    queue = PgQueue(store)
+    store.queue = queue
+    timing = Timing(settings.lease_s, settings.shutdown_grace_s)
+    local = None
+    if not settings.api_only:
+        models = list(registry.names)
+        local = LocalQueueWorkers(settings.database, jobs, queue, device_workers(overlap_encoding=False), models,
+                                  timing)  # fmt: skip
+    view = ClusterView(store, timing, local)
+
+    async def refresh_forever() -> None:
+        while True:
+            await asyncio.to_thread(view.refresh)
+            await asyncio.sleep(timing.heartbeat_s)
+
+    return view, [asyncio.create_task(refresh_forever()), asyncio.create_task(sweep_forever(jobs, queue, timing))]
+
+
 def _count(app: FastAPI, route: str, method: str, status: int) -> None:
     metrics: Metrics | None = getattr(app.state, "metrics", None)  # None before the lifespan started
     if metrics is not None:
@@ -104,26 +148,25 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
         settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         store = open_store(settings.database)
         registry = build_registry(settings)
-        secret = load_or_create_secret(settings.data_dir / "secret.key")
-        storage = LocalStorage(settings.outputs_dir, secret, settings.base_url, settings.url_ttl_s)
+        secret = server_secret(settings, store)
+        storage = build_storage(settings.storage, settings.outputs_dir, secret, settings.base_url,
+                                settings.url_ttl_s, settings.s3_endpoint_url)  # fmt: skip
         defaults = Limits(settings.max_queued_per_key, settings.rpm_per_key, settings.images_per_day_per_key)
         jobs = JobService(store, max_attempts=settings.max_attempts, lease_s=settings.lease_s, limits=defaults)
-        chosen = engines or ([engine] if engine else [build_engine(settings, registry, d) for d in devices(settings)])
-        workers = WorkerPool(
-            [
-                DeviceWorker(
-                    jobs,
-                    storage,
-                    e,
-                    registry,
-                    max_batch=settings.max_batch,
-                    batch_max_pixels=settings.batch_max_pixels,
-                    png_compress_level=settings.png_compress_level,
-                    nice=settings.worker_nice,
-                )
-                for e in chosen
-            ]
-        )
+
+        def device_workers(**kw: Any) -> list[DeviceWorker]:
+            chosen = engines or ([engine] if engine else [build_engine(settings, registry, d) for d in devices(settings)])
+            return [DeviceWorker(jobs, storage, e, registry, max_batch=settings.max_batch,
+                                 batch_max_pixels=settings.batch_max_pixels,
+                                 png_compress_level=settings.png_compress_level, nice=settings.worker_nice, **kw)
+                    for e in chosen]  # fmt: skip
+
+        background: list[asyncio.Task[None]] = []
+        workers: Dispatcher
+        if settings.on_postgres:
+            workers, background = _queue_dispatch(settings, store, jobs, registry, device_workers)
+        else:
+            workers = WorkerPool(device_workers())
         lora_library = LoraLibrary(
             settings.lora_dir,
             settings.lora_cache_dir,
@@ -156,6 +199,13 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
         )
         jobs.on_change(lambda job, kind: workers.wake() if kind in (EventKind.SUBMITTED, EventKind.REQUEUED) else None)
         jobs.on_change(webhooks.wake)
+        if settings.on_postgres:  # changes committed by other nodes wake this node's waiters and sender
+
+            def on_notify(job_id: str, _event: str) -> None:
+                jobs.wake(job_id)
+                webhooks.wake()
+
+            background.append(asyncio.create_task(listen(settings.database, on_notify)))
         sweeper = RetentionSweeper(store, storage, settings.retention_s, settings.retention_sweep_s)
         webhooks.start()
         workers.start()
@@ -163,6 +213,9 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
         try:
             yield
         finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             sweeper.stop()
             workers.stop()
             webhooks.stop()

@@ -77,17 +77,21 @@ class JobService:
                 extra={"job_id": job.id, "event": kind.value, "model": job.spec.model, "status": job.status.value,
                        "attempt": job.attempts, "owner": job.owner, "worker": job.worker_id},
             )  # fmt: skip
-        with self._lock:
-            waiters = list(self._waiters.get(job.id, []))
-        for loop, ev in waiters:
-            with contextlib.suppress(RuntimeError):  # that watcher's loop has closed
-                loop.call_soon_threadsafe(ev.set)
+        self.wake(job.id)
         for callback in self._on_change:
             try:
                 callback(job, kind)
             except Exception:
                 log.exception("job change callback failed")
         return job
+
+    def wake(self, job_id: str) -> None:
+        """Watchers of this job look now; called on each change here and on each NOTIFY from another node."""
+        with self._lock:
+            waiters = list(self._waiters.get(job_id, []))
+        for loop, ev in waiters:
+            with contextlib.suppress(RuntimeError):  # that watcher's loop has closed
+                loop.call_soon_threadsafe(ev.set)
 
     def submit_sync(self, *args: Any, **kwargs: Any) -> Job:
         return self._submit(*args, **kwargs)[0]
@@ -149,7 +153,16 @@ class JobService:
             self._changed(job, EventKind.STARTED)
         return claimed[0] if claimed else None
 
-    def claim_compatible(self, first: Job, worker_id: str, max_images: int) -> list[Job]:
+    def claim_id(self, job_id: str, worker_id: str) -> Job | None:
+        """This queued job (its queue entry was fetched), now processing under this worker's lease."""
+        claimed = self.store.claim([job_id], worker_id, self.lease_s, first_only=True)
+        for job in claimed:
+            self._changed(job, EventKind.STARTED)
+        return claimed[0] if claimed else None
+
+    def claim_compatible(
+        self, first: Job, worker_id: str, max_images: int, lock: Callable[[Any, list[str]], list[str]] | None = None
+    ) -> list[Job]:
         """Queued jobs that can share ``first``'s pipeline call, in fair order, up to max_images in all."""
         key = first.spec.batch_key()
         budget = max_images - first.spec.num_images
@@ -160,7 +173,7 @@ class JobService:
             if spec.batch_key() == key and spec.num_images <= budget:
                 budget -= spec.num_images
                 ids.append(job_id)
-        claimed = self.store.claim(ids, worker_id, self.lease_s, first_only=False) if ids else []
+        claimed = self.store.claim(ids, worker_id, self.lease_s, first_only=False, lock=lock) if ids else []
         for job in claimed:
             self._changed(job, EventKind.STARTED)
         return claimed

@@ -57,11 +57,17 @@ def _retention(conn: Connection) -> None:
     _add_missing_columns(conn, store.jobs)  # files_expired_at, encode_s
 
 
+def _scale_out(conn: Connection) -> None:
+    _add_missing_columns(conn, store.jobs)  # pc_job_id: the job's procrastinate row (PostgreSQL)
+    store.metadata.create_all(conn, tables=[store.server_secrets, store.workers])
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "jobs and api keys", _baseline),
     (2, "worker leases, job events, webhook outbox", _leases_events_outbox),
     (3, "per-key limits, image counts", _key_limits),
     (4, "file retention, encoding time", _retention),
+    (5, "queue rows, shared secret, worker registry", _scale_out),
 ]
 LATEST = MIGRATIONS[-1][0]
 
@@ -75,7 +81,30 @@ def current_version(engine: Engine) -> int:
 
 
 def upgrade(engine: Engine) -> list[str]:
-    """Apply the missing steps, each in its own transaction; returns what was applied."""
+    """Apply the missing steps, each in its own transaction; returns what was applied.
+
+    On PostgreSQL, nodes that upgrade at once take turns on an advisory lock, and procrastinate's
+    schema is applied too (once: its own apply is not idempotent)."""
+    if engine.dialect.name != "postgresql":
+        return _upgrade(engine)
+    with engine.connect() as lock:
+        lock.execute(text("SELECT pg_advisory_lock(:k)"), {"k": UPGRADE_LOCK})
+        try:
+            applied = _upgrade(engine)
+            from .queue.pg import apply_queue_schema
+
+            if apply_queue_schema(engine):
+                applied.append("procrastinate 3.10 schema")
+            return applied
+        finally:
+            lock.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": UPGRADE_LOCK})
+            lock.commit()
+
+
+UPGRADE_LOCK = 0x666C7578  # "flux": one upgrade at a time per database
+
+
+def _upgrade(engine: Engine) -> list[str]:
     _versions.create_all(engine)
     applied = []
     for version, name, step in MIGRATIONS:
@@ -93,12 +122,19 @@ class SchemaOutOfDate(RuntimeError):
     pass
 
 
+def _queue_ready(st: store.Store) -> bool:
+    if st.engine.dialect.name != "postgresql":
+        return True
+    with st.engine.connect() as conn:
+        return conn.execute(text("SELECT to_regclass('procrastinate_jobs')")).scalar() is not None
+
+
 def open_store(url: str, *, upgrade_embedded: bool = True) -> store.Store:
     """A Store whose schema is current: embedded SQLite is upgraded in place, others must be upgraded first."""
     st = store.Store(url)
     if st.is_sqlite and upgrade_embedded:
         upgrade(st.engine)
-    elif current_version(st.engine) < LATEST:
+    elif current_version(st.engine) < LATEST or not _queue_ready(st):
         st.close()
         raise SchemaOutOfDate(
             f"The database schema is at version {current_version(st.engine)}, this fluxserve needs {LATEST}: "

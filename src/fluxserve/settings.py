@@ -59,6 +59,14 @@ class Settings(BaseSettings):
     # (2-core CPU): level 6 (Pillow's default) 349 ms and 1.71 MB, level 1 166 ms and 1.96 MB.
     png_compress_level: int = Field(default=1, ge=0, le=9)
     database_url: str | None = None
+    # Past one machine (PostgreSQL): serve without workers (API nodes); where images live; the secret
+    # every node signs URLs and derives webhook secrets with (else one kept in the database).
+    api_only: bool = False
+    storage: str | None = None  # file:///path (default: DATA_DIR/outputs) or s3://bucket/prefix
+    s3_endpoint_url: str | None = None  # S3-compatible servers; the AWS_* variables give keys and region
+    secret: str | None = None
+    # SIGTERM to a worker: the running job may finish within this long, then it is given back.
+    shutdown_grace_s: float = Field(default=60.0, ge=0)
     device: str = "auto"
     url_ttl_s: int = Field(default=3600, ge=60)
     max_attempts: int = Field(default=2, ge=1)
@@ -138,7 +146,16 @@ class Settings(BaseSettings):
 
     @property
     def database(self) -> str:
-        return self.database_url or f"sqlite:///{self.data_dir / 'fluxserve.db'}"
+        """SQLAlchemy URL; a plain postgresql:// one gets psycopg 3 (the driver procrastinate uses)."""
+        url = self.database_url or f"sqlite:///{self.data_dir / 'fluxserve.db'}"
+        for plain in ("postgresql://", "postgres://"):
+            if url.startswith(plain):
+                return "postgresql+psycopg://" + url.removeprefix(plain)
+        return url
+
+    @property
+    def on_postgres(self) -> bool:
+        return self.database.startswith("postgresql")
 
     @property
     def outputs_dir(self) -> Path:

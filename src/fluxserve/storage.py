@@ -31,7 +31,7 @@ def load_or_create_secret(path: Path) -> bytes:
 
 class Storage(Protocol):
     def put(self, key: str, data: bytes) -> None: ...
-    def open(self, key: str) -> Path: ...
+    def read(self, key: str) -> bytes: ...
     def url(self, key: str) -> str: ...
     def delete(self, key: str) -> None: ...
     def stale_input_folders(self, before: float) -> list[str]: ...
@@ -67,6 +67,9 @@ class LocalStorage:
     def open(self, key: str) -> Path:
         return self._path(key)
 
+    def read(self, key: str) -> bytes:
+        return self._path(key).read_bytes()
+
     def delete(self, key: str) -> None:
         """Idempotent; an emptied folder goes too."""
         path = self._path(key)
@@ -96,3 +99,17 @@ class LocalStorage:
     def url(self, key: str) -> str:
         expires = int(time.time()) + self._ttl_s
         return f"{self._base_url}/files/{quote(key)}?expires={expires}&sig={self.sign(key, expires)}"
+
+
+def build_storage(spec: str | None, default_root: Path, secret: bytes, base_url: str, ttl_s: int,
+                  endpoint_url: str | None = None) -> Storage:  # fmt: skip
+    """--storage: file:///path (or none: the data dir's outputs folder) or s3://bucket/prefix."""
+    if spec is None or spec.startswith("file://"):
+        root = Path(spec.removeprefix("file://")) if spec else default_root
+        return LocalStorage(root, secret, base_url, ttl_s)
+    if spec.startswith("s3://"):
+        from .objectstore import S3Storage
+
+        bucket, _, prefix = spec.removeprefix("s3://").partition("/")
+        return S3Storage.from_env(bucket, prefix.strip("/"), ttl_s, endpoint_url)
+    raise ValueError(f"storage must be file:///path or s3://bucket/prefix; got {spec!r}")

@@ -16,10 +16,11 @@ import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     Float,
@@ -78,6 +79,7 @@ jobs = Table(
     Column("megapixels", Float),  # images x width x height / 1e6
     Column("files_expired_at", Float),  # outputs, inputs and previews deleted (retention)
     Column("encode_s", Float),  # seconds spent encoding and storing its images (metrics)
+    Column("pc_job_id", BigInteger),  # its procrastinate queue row (PostgreSQL); NULL on SQLite
     UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency"),
 )
 
@@ -127,7 +129,40 @@ webhook_deliveries = Table(
     Index("ix_webhook_deliveries_state_due", "state", "due_at"),
 )
 
+# One secret for every node: signs file URLs and derives webhook secrets.
+server_secrets = Table(
+    "server_secrets",
+    metadata,
+    Column("name", String(32), primary_key=True),
+    Column("value", String(128), nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+# GPU workers as seen through the database (/health on any node lists them).
+workers = Table(
+    "fluxserve_workers",
+    metadata,
+    Column("id", String(160), primary_key=True),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("device", String(64), nullable=False),
+    Column("models", Text, nullable=False),  # JSON list
+    Column("state", String(16), nullable=False),
+    Column("error", Text),
+    Column("current_job", String(32)),
+    Column("started_at", Float, nullable=False),
+    Column("last_seen", Float, nullable=False),
+)
+
 Values = dict[str, Any] | Callable[[Job], dict[str, Any]]
+
+
+class QueueHooks(Protocol):
+    """What the store asks of the PostgreSQL queue (fluxserve.queue.pg), inside its own transactions."""
+
+    def deferred(self, conn: Connection, job: Job) -> None: ...
+    def cancel(self, conn: Connection, job_id: str) -> None: ...
+    def position(self, conn: Connection, job_id: str) -> int | None: ...
 
 
 @dataclass(frozen=True)
@@ -217,6 +252,8 @@ class Store:
         # SQLite has one writer: threads of this process take turns here instead of in SQLite's
         # busy handler, which sleeps in steps of up to 100 ms.
         self._write_lock = threading.Lock() if self.is_sqlite else _NoLock()
+        # Set on PostgreSQL when procrastinate dispatches the jobs (fluxserve.queue.pg).
+        self.queue: QueueHooks | None = None
 
     def close(self) -> None:
         self.engine.dispose()
@@ -236,6 +273,10 @@ class Store:
             raise StoreUnavailable(f"The database is unavailable: {_reason(exc)}") from exc
         finally:
             self._write_lock.release()
+
+    def transaction(self) -> contextlib.AbstractContextManager[Connection]:
+        """A write transaction for the queue's own statements (fluxserve.queue.pg)."""
+        return self._write()
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[Connection]:
@@ -278,9 +319,11 @@ class Store:
             return int(conn.execute(select(func.count()).where(jobs.c.status == Status.QUEUED.value)).scalar_one())
 
     def queue_position(self, job: Job) -> int:
-        """1 = next to run, in the order workers claim (``_fair_queue``)."""
+        """1 = next to run, in the order workers claim (``_fair_queue``, or procrastinate's fetch order)."""
         q = _fair_queue(None)
         with self._read() as conn:
+            if self.queue is not None:
+                return self.queue.position(conn, job.id) or 1
             mine = conn.execute(select(q.c.turn, q.c.created_at).where(q.c.id == job.id)).first()
             if mine is None:
                 return 1  # claimed or ended since it was read
@@ -351,6 +394,8 @@ class Store:
                         headers = admit(effective, usage, job.spec.num_images, job.created_at)
                 conn.execute(jobs.insert().values(**_job_row(job)))
                 _append_event(conn, job, EventKind.SUBMITTED, {})
+                if self.queue is not None:  # its queue entry commits with it, or neither does
+                    self.queue.deferred(conn, job)
         except IntegrityError:
             if job.idempotency_key is None:
                 raise
@@ -425,10 +470,17 @@ class Store:
             ).rowcount
             job = _to_job(conn.execute(select(jobs).where(jobs.c.id == job_id)).one())
             _append_event(conn, job, EventKind.CANCELED if canceled else EventKind.CANCEL_REQUESTED, {})
+            if self.queue is not None:
+                self.queue.cancel(conn, job_id)
         return job
 
-    def claim(self, job_ids: list[str], worker_id: str, lease_s: float, *, first_only: bool) -> list[Job]:
-        """Claim these queued jobs in order, in one transaction: the first that is still queued, or all that are."""
+    def claim(
+        self, job_ids: list[str], worker_id: str, lease_s: float, *, first_only: bool,
+        lock: Callable[[Connection, list[str]], list[str]] | None = None,
+    ) -> list[Job]:  # fmt: skip
+        """Claim these queued jobs in order, in one transaction: the first that is still queued, or all that are.
+
+        ``lock`` narrows the ids inside the transaction first (the queue's rows, ``SKIP LOCKED``)."""
         now = time.time()
         values = {
             "status": Status.PROCESSING.value,
@@ -440,6 +492,8 @@ class Store:
         }
         claimed: list[Job] = []
         with self._write() as conn:
+            if lock is not None:
+                job_ids = lock(conn, job_ids)
             for job_id in job_ids:
                 fence = Fence(job_id, None, None)
                 job = _transition(conn, fence, EventKind.STARTED, [Status.QUEUED], values, {"worker": worker_id}, None)
@@ -503,6 +557,24 @@ class Store:
                     .order_by(webhook_deliveries.c.id)
                 )
             )
+
+    # the shared secret ----------------------------------------------------------
+
+    def shared_secret(self) -> bytes:
+        """The one server secret of every node on this database, made by whichever node asks first."""
+        query = select(server_secrets.c.value).where(server_secrets.c.name == "server")
+        with self._read() as conn:
+            value = conn.execute(query).scalar()
+        if value is None:
+            try:
+                with self._write() as conn:
+                    conn.execute(server_secrets.insert().values(name="server", value=secrets.token_hex(32),
+                                                                created_at=time.time()))  # fmt: skip
+            except IntegrityError:
+                pass  # another node made it first: read theirs
+            with self._read() as conn:
+                value = conn.execute(query).scalar_one()
+        return bytes.fromhex(value)
 
     # api keys ---------------------------------------------------------------
 
@@ -641,6 +713,9 @@ def _reason(exc: DBAPIError) -> str:
     return str(exc.orig).splitlines()[0] if exc.orig is not None else type(exc).__name__
 
 
+NOTIFY_CHANNEL = "fluxserve_job"
+
+
 def _append_event(conn: Connection, job: Job, kind: EventKind, payload: dict[str, Any]) -> None:
     now = time.time()
     conn.execute(
@@ -648,6 +723,8 @@ def _append_event(conn: Connection, job: Job, kind: EventKind, payload: dict[str
             job_id=job.id, attempt=job.attempts, kind=kind.value, payload=json.dumps(payload), at=now
         )
     )
+    if conn.dialect.name == "postgresql":  # delivered at commit: a listener that re-reads sees this row
+        conn.execute(select(func.pg_notify(NOTIFY_CHANNEL, f"{job.id}:{kind.value}")))
     if job.webhook:
         _enqueue_webhooks(conn, job, kind, now)
 

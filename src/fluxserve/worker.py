@@ -87,8 +87,11 @@ class DeviceWorker:
         png_compress_level: int = 1,
         maintenance_s: float = 1.0,
         nice: int = 0,
+        overlap_encoding: bool = True,
     ) -> None:
         self._nice = nice
+        # A queue task (fluxserve.queue.runner) must not return before its images are stored.
+        self._may_overlap = overlap_encoding
         self._jobs = jobs
         self._storage = storage
         self._engine = engine
@@ -120,15 +123,25 @@ class DeviceWorker:
         self.degraded: str | None = None
         # In a pool, a worker whose models failed to load leaves jobs to the healthy ones.
         self.others_healthy: Callable[[], bool] = lambda: False
+        # Asked at each step when a queue runs this worker: "user" (cancel) or "shutdown" stops the batch.
+        self.abort_check: Callable[[], str | None] = lambda: None
+        self.current_job: str | None = None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="fluxserve-worker", daemon=True)
         self._thread.start()
+        self.start_heartbeat()
+
+    def start_heartbeat(self) -> None:
         self._heartbeat = threading.Thread(target=self._renew_leases, name="fluxserve-heartbeat", daemon=True)
         self._heartbeat.start()
 
     def wake(self) -> None:
         self._wake.set()
+
+    @property
+    def device(self) -> str:
+        return self._engine.device
 
     def begin_stop(self) -> None:
         self._stopping.set()
@@ -152,16 +165,35 @@ class DeviceWorker:
 
     # -- the loop -------------------------------------------------------------
 
-    def _run(self) -> None:
-        self._lower_priority()
+    def load(self) -> bool:
         try:
             self._engine.load()
-            self._overlap_encoding = not self._engine.device.startswith("cpu")
+            self._overlap_encoding = self._may_overlap and not self._engine.device.startswith("cpu")
             self.state = "ready"
         except Exception as exc:  # a bad weights path must not kill the server: health shows it, jobs fail
             log.exception("loading models failed")
             self.load_error = f"{type(exc).__name__}: {exc}"
             self.state = "error"
+        return self.state == "ready"
+
+    def run_claimed(self, job_id: str, lock: Callable[[Any, list[str]], list[str]] | None = None) -> list[Job]:
+        """Run this queued job (a queue fetched its entry) with compatible ones ``lock`` lets it take.
+
+        Returns the batch as claimed, lead first; empty when the job was no longer queued."""
+        job = self._store(self._jobs.claim_id, job_id, self.worker_id)
+        if job is None:
+            return []
+        batch = self._batch_for(job, lock)
+        self.current_job = job.id
+        try:
+            self._run_batch(batch)
+        finally:
+            self.current_job = None
+        return batch
+
+    def _run(self) -> None:
+        self._lower_priority()
+        self.load()
         backoff = 0.25
         while not self._stopping.is_set():
             try:
@@ -261,7 +293,7 @@ class DeviceWorker:
 
     # -- one batch --------------------------------------------------------------
 
-    def _batch_for(self, job: Job) -> list[Job]:
+    def _batch_for(self, job: Job, lock: Callable[[Any, list[str]], list[str]] | None = None) -> list[Job]:
         """The claimed job plus compatible queued ones, never waiting for more to arrive."""
         spec = job.spec
         cap = self._batch_max_pixels
@@ -269,7 +301,7 @@ class DeviceWorker:
         if not small or self._max_batch <= spec.num_images or spec.task != "text2img":
             return [job]
         try:
-            return [job, *self._jobs.claim_compatible(job, self.worker_id, self._max_batch)]
+            return [job, *self._jobs.claim_compatible(job, self.worker_id, self._max_batch, lock)]
         except StoreUnavailable:
             return [job]
 
@@ -289,8 +321,11 @@ class DeviceWorker:
         dropped: set[str] = set()  # canceled, past their deadline or no longer this worker's
 
         def on_step(done: int, total: int, previews: list[Image.Image] | None) -> None:
-            if self._stopping.is_set():
+            abort = self.abort_check()
+            if self._stopping.is_set() or abort == "shutdown":
                 raise _ShuttingDown
+            if abort == "user":  # the lead's queue entry was aborted; members' flags come with progress
+                dropped.add(batch[0].id)
             self._save_previews(batch, done, previews or [], dropped)
             self._report_progress(batch, done, total, dropped)
             if len(dropped) == len(batch):
@@ -427,7 +462,7 @@ class DeviceWorker:
             self._encode_slots.release()
 
     def _load_input(self, key: str) -> Image.Image:
-        with Image.open(self._storage.open(key)) as img:
+        with Image.open(io.BytesIO(self._storage.read(key))) as img:
             img.load()
             return img
 

@@ -14,7 +14,7 @@ from ..jobs import JobService
 from ..loras import LoraLibrary
 from ..models import ModelRegistry
 from ..settings import Settings
-from ..storage import LocalStorage
+from ..storage import Storage
 from ..store import Store
 from ..worker import Dispatcher
 
@@ -23,7 +23,7 @@ from ..worker import Dispatcher
 class Services:
     settings: Settings
     store: Store
-    storage: LocalStorage
+    storage: Storage
     registry: ModelRegistry
     jobs: JobService
     dispatcher: Dispatcher

@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
 from ..errors import Forbidden, Gone, NotFound
-from ..storage import valid_key
+from ..storage import LocalStorage, valid_key
 from .deps import ServicesDep
 
 router = APIRouter()
@@ -16,11 +16,12 @@ router = APIRouter()
 
 @router.get("/files/{key:path}")
 async def get_file(key: str, services: ServicesDep, expires: int = 0, sig: str = "") -> FileResponse:
-    if not valid_key(key):
+    storage = services.storage
+    if not valid_key(key) or not isinstance(storage, LocalStorage):  # object stores hand out their own URLs
         raise NotFound("No such file.", param="key")
-    if not services.storage.verify(key, expires, sig):
+    if not storage.verify(key, expires, sig):
         raise Forbidden("This file URL is invalid or has expired; fetch the job again for a fresh URL.")
-    path = services.storage.open(key)
+    path = storage.open(key)
     if not path.is_file():
         job = await services.jobs.run(services.store.get_job, key.split("/", 1)[0])
         if job is not None and job.files_expired_at is not None:

@@ -120,14 +120,14 @@ async def _stream_job(services: Services, job: Job, owner: str, quality: str) ->
     async for current in services.jobs.watch(job.id, owner):
         for index, key in enumerate(current.previews[sent:], start=sent):
             event = {"type": "image_generation.partial_image", "partial_image_index": index}
-            yield _sse(event | common, await services.jobs.run(services.storage.open(key).read_bytes))
+            yield _sse(event | common, await services.jobs.run(services.storage.read, key))
         sent = len(current.previews)
         if current.status is Status.SUCCEEDED:
             for out in current.outputs:
                 usage = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
                          "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}}  # fmt: skip
                 event = {"type": "image_generation.completed", "usage": usage}
-                yield _sse(event | common, await services.jobs.run(services.storage.open(out.key).read_bytes))
+                yield _sse(event | common, await services.jobs.run(services.storage.read, out.key))
         elif current.status.is_terminal:
             message = current.error or f"The image generation ended as {current.status.value}."
             yield _sse(
@@ -205,7 +205,7 @@ def _images_response(services: Services, job: Job, body: dict[str, Any], respons
     for out in job.outputs:
         item: dict[str, Any] = {"revised_prompt": job.spec.prompt, "seed": out.seed}
         if response_format == "b64_json":
-            item["b64_json"] = images.add(services.storage.open(out.key).read_bytes())
+            item["b64_json"] = images.add(services.storage.read(out.key))
         else:
             item["url"] = services.storage.url(out.key)
         body["data"].append(item)

@@ -1,0 +1,103 @@
+"""S3-compatible object storage (obstore): every node reads every job's inputs, previews and outputs;
+clients get the store's presigned GETs, which expire after FLUXSERVE_URL_TTL_S (SigV4 caps it at 7 days).
+
+Keys, region and session token come from the usual AWS_* variables; FLUXSERVE_S3_ENDPOINT_URL points it
+at an S3-compatible server (MinIO, R2, ...). Presigned URLs embed that endpoint's host: set it to the
+address clients reach.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from typing import Any
+
+from .storage import valid_key
+
+SIGV4_MAX_S = 7 * 24 * 3600
+
+
+class S3Storage:
+    def __init__(self, store: Any, ttl_s: int) -> None:
+        self._store = store  # an obstore store: S3Store here, MemoryStore in unit tests
+        self._ttl = dt.timedelta(seconds=min(ttl_s, SIGV4_MAX_S))
+
+    @classmethod
+    def from_env(cls, bucket: str, prefix: str, ttl_s: int, endpoint_url: str | None) -> S3Storage:
+        from obstore.store import S3Store
+
+        config: dict[str, Any] = {}
+        if endpoint_url:  # path-style, as S3-compatible servers expect
+            config = {"endpoint": endpoint_url, "virtual_hosted_style_request": False}
+        client = {"allow_http": bool(endpoint_url and endpoint_url.startswith("http://"))}
+        store = S3Store(bucket, prefix=prefix or None, client_options=client, **config)  # AWS_* from the environment
+        return cls(store, ttl_s)
+
+    @staticmethod
+    def _key(key: str) -> str:
+        if not valid_key(key):
+            raise ValueError(f"invalid storage key {key!r}")
+        return key
+
+    def put(self, key: str, data: bytes) -> None:
+        """Whole objects only: a reader never sees half an image (and a re-run overwrites the same key)."""
+        import obstore
+
+        content_type = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}.get(key.rsplit(".", 1)[-1])
+        attributes = {"Content-Type": content_type} if content_type else None
+        try:
+            obstore.put(self._store, self._key(key), data, attributes=attributes)
+        except Exception as exc:  # obstore raises its own classes: callers handle OSError (job fails, 503)
+            raise OSError(f"object store: {exc}") from exc
+
+    def read(self, key: str) -> bytes:
+        import obstore
+
+        try:
+            return bytes(obstore.get(self._store, self._key(key)).bytes())
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            raise OSError(f"object store: {exc}") from exc
+
+    def url(self, key: str) -> str:
+        import obstore
+
+        return str(obstore.sign(self._store, "GET", self._key(key), self._ttl))
+
+    def delete(self, key: str) -> None:
+        import obstore
+
+        try:
+            obstore.delete(self._store, self._key(key))
+        except FileNotFoundError:
+            pass  # idempotent, as the local store is
+
+    def stale_input_folders(self, before: float) -> list[str]:
+        """inputs/<id> prefixes whose newest object is older than then (the orphan sweep)."""
+        import obstore
+
+        newest: dict[str, float] = {}
+        for chunk in obstore.list(self._store, prefix="inputs/"):
+            for meta in chunk:
+                parts = str(meta["path"]).split("/")
+                if len(parts) >= 3:
+                    folder = "/".join(parts[:2])
+                    newest[folder] = max(newest.get(folder, 0.0), meta["last_modified"].timestamp())
+        return [f for f, t in newest.items() if t < before]
+
+    def delete_folder(self, prefix: str) -> None:
+        import obstore
+
+        for chunk in obstore.list(self._store, prefix=self._key(prefix) + "/"):
+            for meta in chunk:
+                self.delete(str(meta["path"]))
+
+
+def expires_in(url: str) -> float:
+    """Seconds a presigned URL has left (X-Amz-Date + X-Amz-Expires), for tests and diagnostics."""
+    from urllib.parse import parse_qs, urlsplit
+
+    q = parse_qs(urlsplit(url).query)
+    signed = dt.datetime.strptime(q["X-Amz-Date"][0], "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.UTC)
+    return signed.timestamp() + int(q["X-Amz-Expires"][0]) - time.time()

@@ -1,0 +1,208 @@
+"""The PostgreSQL queue: procrastinate rows beside our jobs table, written in the same transactions.
+
+Our ``jobs`` row stays the truth for clients and is fenced by attempt; procrastinate's row is the
+dispatch and liveness layer: a queue per model (workers fetch only the models they serve), ``SKIP
+LOCKED`` fetches, heartbeats, abort. Fairness between keys is carried into procrastinate's fetch order
+as the priority: minus the key's active jobs when the job was created, so a key that floods the queue
+waits behind a newcomer's first job (the embedded queue computes the same turns in SQL).
+
+Only the ``connection=`` forms of procrastinate's sync API are used here, on an App that is never
+opened (an async-opened connector refuses sync calls; workers open their own in runner.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import and_, func, select, text, update
+from sqlalchemy.engine import Connection, Engine
+
+from ..job import Status
+from ..store import Store, jobs
+
+log = logging.getLogger(__name__)
+
+TASK = "fluxserve.generate"
+SWEEP_LOCK = 0x666C7879  # one stall sweep at a time across nodes
+# Our terminal statuses as procrastinate's end states.
+END_STATES = {Status.SUCCEEDED: "succeeded", Status.FAILED: "failed", Status.CANCELED: "aborted",
+              Status.ABORTED: "aborted"}  # fmt: skip
+
+
+def libpq_url(url: str) -> str:
+    """SQLAlchemy's postgresql+psycopg:// URL as libpq takes it."""
+    scheme, rest = url.split("://", 1)
+    return f"postgresql://{rest}" if scheme.startswith("postgres") else url
+
+
+def queue_name(model: str) -> str:
+    return f"model:{model}"
+
+
+def apply_queue_schema(engine: Engine) -> bool:
+    """procrastinate's schema, once (its apply is not idempotent). Called under the upgrade lock."""
+    from procrastinate.schema import SchemaManager
+
+    with engine.begin() as conn:
+        if conn.execute(text("SELECT to_regclass('procrastinate_jobs')")).scalar() is not None:
+            return False
+        conn.connection.driver_connection.execute(SchemaManager.get_schema())
+    return True
+
+
+def _app(url: str) -> Any:
+    import procrastinate
+
+    return procrastinate.App(connector=procrastinate.SyncPsycopgConnector(conninfo=libpq_url(url)))
+
+
+class PgQueue:
+    """The store's queue hooks (store.QueueHooks) plus what workers and sweepers do to queue rows."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.app = _app(store.url)
+
+    # -- inside the store's transactions ---------------------------------------
+
+    def deferred(self, conn: Connection, job: Any) -> None:
+        active = conn.execute(
+            select(func.count()).where(
+                and_(jobs.c.owner == job.owner, jobs.c.status.in_([Status.QUEUED.value, Status.PROCESSING.value]))
+            )
+        ).scalar_one()
+        self._defer(conn, job.id, job.spec.model, -int(active))
+
+    def _defer(self, conn: Connection, job_id: str, model: str, priority: int) -> None:
+        deferrer = self.app.configure_task(
+            TASK, connection=conn.connection.driver_connection, queue=queue_name(model), priority=priority
+        )
+        pc_id = deferrer.defer(job_id=job_id)
+        conn.execute(update(jobs).where(jobs.c.id == job_id).values(pc_job_id=pc_id))
+
+    def cancel(self, conn: Connection, job_id: str) -> None:
+        """A queued entry is cancelled (never fetched); a running one gets abort_requested (NOTIFY to its worker)."""
+        pc_id = conn.execute(select(jobs.c.pc_job_id).where(jobs.c.id == job_id)).scalar()
+        if pc_id is not None:
+            self.app.job_manager.cancel_job_by_id(pc_id, abort=True, connection=conn.connection.driver_connection)
+
+    def position(self, conn: Connection, job_id: str) -> int | None:
+        """1 = fetched next in its model's queue, in procrastinate's order (priority, then id)."""
+        ahead = conn.execute(
+            text(
+                "SELECT count(o.id) FROM jobs j JOIN procrastinate_jobs m ON m.id = j.pc_job_id "
+                "JOIN procrastinate_jobs o ON o.queue_name = m.queue_name AND o.status = 'todo' "
+                "AND (o.priority > m.priority OR (o.priority = m.priority AND o.id < m.id)) "
+                "WHERE j.id = :id AND m.status = 'todo'"
+            ),
+            {"id": job_id},
+        ).scalar()
+        return None if ahead is None else int(ahead) + 1
+
+    # -- batches: members claimed by the lead's worker ----------------------------
+
+    def member_lock(self, pc_worker_id: int | None) -> Callable[[Connection, list[str]], list[str]]:
+        """For Store.claim: lock the candidates' queue rows that are still to do (SKIP LOCKED: two workers
+        never take the same job) and mark them doing under the lead's worker, as procrastinate's fetch does."""
+
+        def lock(conn: Connection, ids: list[str]) -> list[str]:
+            rows = conn.execute(
+                text(
+                    "SELECT j.id, p.id AS pc FROM procrastinate_jobs p JOIN jobs j ON j.pc_job_id = p.id "
+                    "WHERE j.id = ANY(:ids) AND j.status = 'queued' AND p.status = 'todo' AND p.lock IS NULL "
+                    "AND (p.scheduled_at IS NULL OR p.scheduled_at <= now()) FOR UPDATE OF p SKIP LOCKED"
+                ),
+                {"ids": ids},
+            ).all()
+            got = {r.id: r.pc for r in rows}
+            if got:
+                conn.execute(
+                    text("UPDATE procrastinate_jobs SET status = 'doing', worker_id = :w WHERE id = ANY(:pcs)"),
+                    {"w": pc_worker_id, "pcs": list(got.values())},
+                )
+            return [i for i in ids if i in got]
+
+        return lock
+
+    def settle(self, job_ids: list[str]) -> None:
+        """Close the queue rows of batch members the lead's task ran: ended jobs end there too, a job given
+        back (shutdown, lost lease) goes back to do."""
+        if not job_ids:
+            return
+        with self.store.transaction() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT j.id, j.status, p.id AS pc, p.queue_name FROM jobs j "
+                    "JOIN procrastinate_jobs p ON p.id = j.pc_job_id WHERE j.id = ANY(:ids) AND p.status = 'doing' "
+                    "FOR UPDATE OF p"
+                ),
+                {"ids": job_ids},
+            ).all()
+            for row in rows:
+                self._settle_row(conn, row.pc, Status(row.status), row.queue_name)
+
+    @staticmethod
+    def _settle_row(conn: Connection, pc_id: int, status: Status | None, queue: str) -> None:
+        if status is Status.QUEUED:
+            conn.execute(text("SELECT procrastinate_retry_job_v2(:id, now(), NULL, NULL, NULL)"), {"id": pc_id})
+            # procrastinate notifies on insert only: wake its workers on this queue as its trigger would.
+            payload = json.dumps({"type": "job_inserted", "job_id": pc_id})
+            conn.execute(select(func.pg_notify(f"procrastinate_queue_v1#{queue}", payload)))
+            conn.execute(select(func.pg_notify("procrastinate_any_queue_v1", payload)))
+        elif status is None or status.is_terminal:
+            end = END_STATES.get(status, "failed") if status is not None else "failed"
+            conn.execute(text("SELECT procrastinate_finish_job_v1(:id, CAST(:s AS procrastinate_job_status), false)"),
+                         {"id": pc_id, "s": end})  # fmt: skip
+        # processing: the job's lease decides (it ends, or it expires and is re-queued)
+
+    # -- the stall sweep (any node; one at a time) -------------------------------
+
+    def sweep(self, stalled_s: float) -> dict[str, int]:
+        """Queue rows of workers whose heartbeat stopped go back to do (or end, where our job ended), and a
+        queued job whose queue row is gone gets a new one. Our rows' leases were expired first (JobService)."""
+        counts = {"retried": 0, "closed": 0, "redeferred": 0}
+        with self.store.transaction() as conn:
+            if not conn.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": SWEEP_LOCK}).scalar():
+                return counts
+            # procrastinate's select_stalled_jobs_by_heartbeat, joined to our rows, locked.
+            stalled = conn.execute(
+                text(
+                    "SELECT p.id AS pc, p.queue_name, j.status FROM procrastinate_jobs p "
+                    "LEFT JOIN procrastinate_workers w ON w.id = p.worker_id "
+                    "LEFT JOIN jobs j ON j.pc_job_id = p.id "
+                    "WHERE p.status = 'doing' AND p.task_name = :task "
+                    "AND (p.worker_id IS NULL OR w.last_heartbeat < now() - make_interval(secs => :s)) "
+                    "FOR UPDATE OF p SKIP LOCKED"
+                ),
+                {"task": TASK, "s": stalled_s},
+            ).all()
+            for row in stalled:
+                status = Status(row.status) if row.status else None
+                if status is Status.PROCESSING:
+                    continue
+                self._settle_row(conn, row.pc, status, row.queue_name)
+                counts["retried" if status is Status.QUEUED else "closed"] += 1
+            orphans = conn.execute(
+                text(
+                    "SELECT j.id, j.model FROM jobs j LEFT JOIN procrastinate_jobs p ON p.id = j.pc_job_id "
+                    "WHERE j.status = 'queued' AND (p.id IS NULL OR p.status NOT IN ('todo', 'doing')) "
+                    "FOR UPDATE OF j SKIP LOCKED"
+                )
+            ).all()
+            for row in orphans:
+                self._defer(conn, row.id, row.model, 0)
+                counts["redeferred"] += 1
+        if any(counts.values()):
+            log.warning("queue sweep: %s", counts)
+        return counts
+
+
+def queue_depths(conn: Connection) -> dict[str, int]:
+    """Queued jobs per model, as the queues hold them."""
+    rows = conn.execute(
+        text("SELECT queue_name, count(*) FROM procrastinate_jobs WHERE status = 'todo' GROUP BY queue_name")
+    ).all()
+    return {name.removeprefix("model:"): int(n) for name, n in rows if name.startswith("model:")}

@@ -1,0 +1,204 @@
+"""GPU workers fed by procrastinate: `fluxserve worker`, and `serve` on PostgreSQL without --api-only.
+
+One procrastinate worker per device (concurrency 1: the device's DeviceWorker is the only caller of its
+pipelines), fetching from the queues of the models it loaded, after they loaded: a worker that fails to
+load fetches nothing, so its models' jobs wait for a healthy one. The task claims our job row (the fence
+is its attempt), takes compatible queued jobs into a batch (SKIP LOCKED on their queue rows), runs them,
+and settles the batch's queue rows. A job given back (shutdown, lost lease) raises Requeue, which the
+retry strategy turns into "to do, now".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import delete
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from ..errors import StoreUnavailable
+from ..job import Status
+from ..jobs import JobService
+from ..store import Store, workers
+from ..worker import DeviceWorker
+from .pg import TASK, PgQueue, libpq_url, queue_name
+
+log = logging.getLogger(__name__)
+
+# Connections a worker process holds: procrastinate's pool (fetch, heartbeat, finish) up to POOL_MAX,
+# its LISTEN connection, and our SQLAlchemy pool (POOL_SIZE) for job rows and the registry.
+POOL_MAX = 3
+
+
+class Requeue(Exception):
+    """The job went back to the queue (clean shutdown, or its lease was taken): its queue row too."""
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Liveness: leases are renewed every lease_s / 4, and a worker silent for lease_s is stalled."""
+
+    lease_s: float
+    grace_s: float  # SIGTERM: how long the running job may take to finish
+
+    @property
+    def heartbeat_s(self) -> float:
+        return max(0.1, self.lease_s / 4)
+
+
+def worker_app(url: str) -> Any:
+    """A procrastinate App with our task, for running workers (opened async; sync calls use pg.PgQueue's)."""
+    import procrastinate
+    from procrastinate.exceptions import JobAborted
+    from procrastinate.job_context import AbortReason, JobContext
+    from procrastinate.retry import BaseRetryStrategy, RetryDecision
+
+    class RequeueAtOnce(BaseRetryStrategy):
+        def get_retry_decision(self, *, exception: BaseException, job: Any) -> RetryDecision | None:
+            return RetryDecision(retry_in={"seconds": 0}) if isinstance(exception, Requeue) else None
+
+    app = procrastinate.App(
+        connector=procrastinate.PsycopgConnector(conninfo=libpq_url(url), min_size=1, max_size=POOL_MAX)
+    )
+
+    def generate(context: JobContext, job_id: str) -> None:
+        device: DeviceWorker = context.additional_context["device_worker"]
+        queue: PgQueue = context.additional_context["queue"]
+
+        def abort() -> str | None:
+            if not context.should_abort():
+                return None
+            return "shutdown" if context.abort_reason() == AbortReason.SHUTDOWN else "user"
+
+        device.abort_check = abort
+        batch = device.run_claimed(job_id, queue.member_lock(context.job.worker_id))
+        queue.settle([j.id for j in batch[1:]])
+        lead = queue.store.get_job(job_id)
+        if lead is not None and lead.status is Status.QUEUED:
+            raise Requeue(job_id)
+        if lead is not None and lead.status is Status.CANCELED:
+            raise JobAborted(job_id)
+
+    app.task(name=TASK, pass_context=True, retry=RequeueAtOnce())(generate)
+    return app
+
+
+class Registry:
+    """This process's rows in fluxserve_workers: what /health on every node shows."""
+
+    def __init__(self, store: Store, devices: Sequence[DeviceWorker], models: list[str]) -> None:
+        self.store = store
+        self.devices = devices
+        self.models = models
+        self.started = time.time()
+
+    def beat(self) -> None:
+        now = time.time()
+        with self.store.transaction() as conn:
+            for d in self.devices:
+                row = {"host": socket.gethostname(), "pid": os.getpid(), "device": d.device,
+                       "models": json.dumps(self.models), "state": d.state, "error": d.load_error,
+                       "current_job": d.current_job, "last_seen": now}  # fmt: skip
+                stmt = pg_insert(workers).values(id=d.worker_id, started_at=self.started, **row)
+                conn.execute(stmt.on_conflict_do_update(index_elements=[workers.c.id], set_=row))
+
+    def leave(self) -> None:
+        with self.store.transaction() as conn:
+            conn.execute(delete(workers).where(workers.c.id.in_([d.worker_id for d in self.devices])))
+
+
+async def sweep_forever(jobs: JobService, queue: PgQueue, timing: Timing) -> None:
+    """Expired leases and Cancel-After deadlines (JobService.expire), then stalled queue rows; on every node,
+    one sweep at a time (advisory lock)."""
+    while True:
+        await asyncio.sleep(timing.heartbeat_s)
+        try:
+            await asyncio.to_thread(jobs.expire)
+            await asyncio.to_thread(queue.sweep, timing.lease_s)
+        except StoreUnavailable as exc:
+            log.warning("queue sweep skipped: %s", exc.message)
+        except Exception:  # the sweeper outlives any one bad row
+            log.exception("queue sweep failed")
+
+
+async def run_devices(
+    url: str, jobs: JobService, queue: PgQueue, devices: Sequence[DeviceWorker], models: list[str], timing: Timing,
+    stop: asyncio.Event, stop_now: asyncio.Event,
+) -> int:  # fmt: skip
+    """Load, then fetch until ``stop`` (finish the running job within grace_s; past it, or on ``stop_now``,
+    give it back). Returns the exit status: 1 when no device loaded."""
+    registry = Registry(jobs.store, devices, models)
+    beats = asyncio.create_task(_beat_forever(registry, timing))  # "loading" shows on /health meanwhile
+    loaded = await asyncio.gather(*(asyncio.to_thread(d.load) for d in devices))
+    try:
+        ready = [d for d, ok in zip(devices, loaded, strict=True) if ok]
+        if not ready:
+            log.error("no device loaded its models; this worker takes no jobs")
+            return 1
+        for d in ready:
+            d.start_heartbeat()
+        app = worker_app(url)
+        async with app.open_async():
+            runs = [
+                asyncio.create_task(
+                    app.run_worker_async(
+                        queues=[queue_name(m) for m in models], name=d.worker_id, concurrency=1, wait=True,
+                        install_signal_handlers=False, listen_notify=True, delete_jobs="never",
+                        update_heartbeat_interval=timing.heartbeat_s, stalled_worker_timeout=timing.lease_s,
+                        fetch_job_polling_interval=max(1.0, timing.lease_s / 4), abort_job_polling_interval=1.0,
+                        shutdown_graceful_timeout=timing.grace_s, additional_context={"device_worker": d, "queue": queue},
+                    )  # fmt: skip
+                )
+                for d in ready
+            ]
+            sweeper = asyncio.create_task(sweep_forever(jobs, queue, timing))
+            await stop.wait()
+            log.info("stopping: the running job may finish within %.0f s, queued jobs stay queued", timing.grace_s)
+            sweeper.cancel()
+            for run in runs:
+                run.cancel()  # procrastinate's graceful stop: no new fetches, the running job finishes
+
+            async def give_back() -> None:
+                await stop_now.wait()
+                for d in ready:
+                    d.begin_stop()  # the next step raises: the job is re-queued, its attempt given back
+
+            hurry = asyncio.create_task(give_back())
+            await asyncio.gather(*runs, return_exceptions=True)
+            hurry.cancel()
+        return 0
+    finally:
+        beats.cancel()
+        for d in devices:
+            d.stop(timeout=5)
+        with contextlib.suppress(StoreUnavailable):
+            await asyncio.to_thread(registry.leave)
+
+
+async def _beat_forever(registry: Registry, timing: Timing) -> None:
+    while True:
+        try:
+            await asyncio.to_thread(registry.beat)
+        except StoreUnavailable as exc:
+            log.warning("worker registry: %s", exc.message)
+        await asyncio.sleep(timing.heartbeat_s)
+
+
+def install_stop_signals(stop: asyncio.Event, stop_now: asyncio.Event) -> None:
+    """SIGTERM/SIGINT once: graceful stop; twice: give the running job back now."""
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        (stop_now if stop.is_set() else stop).set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
