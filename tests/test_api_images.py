@@ -154,7 +154,9 @@ def test_vmodel_data_url_inputs(client: TestClient, fake_engine: FakeEngine) -> 
 
 @pytest.fixture
 def private_client(settings: Settings, fake_engine: FakeEngine) -> Iterator[TestClient]:
-    private = settings.model_copy(update={"allow_private_urls": True, "data_dir": settings.data_dir / "private"})
+    # Its own SQLite database; on PostgreSQL a second node on the same database, which shares the storage.
+    own = {"data_dir": settings.data_dir / "private"} if not settings.on_postgres else {}
+    private = settings.model_copy(update={"allow_private_urls": True, **own})
     with TestClient(create_app(private, engine=fake_engine)) as c:
         yield c
 

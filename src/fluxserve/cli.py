@@ -141,8 +141,12 @@ def serve(
     cache: Annotated[str | None, typer.Option(help="first-block[=THRESHOLD]: First-Block-Cache (lossy).")] = None,
     offload: Annotated[str | None, typer.Option(help="auto, none, model, group.")] = None,
     vae_tiling: Annotated[bool | None, typer.Option("--vae-tiling", help="Decode large images in tiles.")] = None,
+    api_only: Annotated[
+        bool | None, typer.Option("--api-only", help="PostgreSQL: no workers here (`fluxserve worker` runs them).")
+    ] = None,
+    storage: Annotated[str | None, typer.Option(help="file:///path [data dir] or s3://bucket/prefix.")] = None,
 ) -> None:
-    """Start the HTTP server with its in-process worker."""
+    """Start the HTTP server (with its own workers, unless --api-only)."""
     import uvicorn
 
     from .app import create_app
@@ -173,8 +177,14 @@ def serve(
         cache=cache,
         offload=offload,
         vae_tiling=vae_tiling,
+        api_only=api_only,
+        storage=storage,
     )
-    _check_engine_installed()
+    if settings.api_only and not settings.on_postgres:
+        typer.echo("fluxserve: --api-only needs a shared PostgreSQL database (--database postgresql://...)", err=True)
+        raise typer.Exit(2)
+    if not settings.api_only:
+        _check_engine_installed()
     if settings.quantize == "fp8":
         _check_fp8(settings)
     configure_logging(settings.log_format)
@@ -191,6 +201,76 @@ def serve(
         create_app(settings), host=settings.host, port=settings.port, log_level="info", access_log=False,
         log_config=None, http=header_deadline_protocol(settings.header_timeout_s),
     )  # fmt: skip
+
+
+@app.command()
+def worker(
+    database: Annotated[str, typer.Option(help="The shared PostgreSQL database (postgresql://...).")],
+    storage: Annotated[str | None, typer.Option(help="file:///path or s3://bucket/prefix, as the API nodes.")] = None,
+    device: Annotated[str | None, typer.Option(help="cuda:0, cpu, ...; cuda:0,cuda:1 or all: a worker each.")] = None,
+    models: Annotated[str | None, typer.Option(help="Model names to serve [default: all configured].")] = None,
+    demo: Annotated[bool | None, typer.Option("--demo", help="Serve every model name with the demo model.")] = None,
+    data_dir: DataDir = None,
+    model_config: Annotated[Path | None, typer.Option("--model-config", help="TOML file of model names.")] = None,
+    max_batch: Annotated[int | None, typer.Option(help="Largest batch of compatible jobs per pipeline call.")] = None,
+    compile: Annotated[bool | None, typer.Option("--compile", help="torch.compile (warm-up before fetching).")] = None,
+    quantize: Annotated[str | None, typer.Option(help="none or fp8.")] = None,
+    offload: Annotated[str | None, typer.Option(help="auto, none, model, group.")] = None,
+    lora_dir: Annotated[Path | None, typer.Option("--lora-dir", help="Folder of LoRA adapters.")] = None,
+) -> None:
+    """A GPU worker: loads its models, then runs the jobs queued for them, from any API node.
+
+    SIGTERM: the running job may finish (FLUXSERVE_SHUTDOWN_GRACE_S), queued ones stay; a second
+    SIGTERM gives the running job back to the queue now."""
+    import asyncio
+
+    from .app import build_engine, build_registry, devices, server_secret
+    from .jobs import JobService
+    from .logs import configure as configure_logging
+    from .queue.pg import PgQueue
+    from .queue.runner import Timing, install_stop_signals, run_devices
+    from .storage import build_storage
+    from .worker import DeviceWorker
+
+    settings = _settings(database_url=database, storage=storage, device=device, models=models, demo=demo,
+                         data_dir=data_dir, model_config_file=model_config, max_batch=max_batch, compile=compile,
+                         quantize=quantize, offload=offload, lora_dir=lora_dir)  # fmt: skip
+    if not settings.on_postgres:
+        typer.echo("fluxserve: worker needs the shared PostgreSQL database (--database postgresql://...)", err=True)
+        raise typer.Exit(2)
+    _check_engine_installed()
+    if settings.quantize == "fp8":
+        _check_fp8(settings)
+    configure_logging(settings.log_format)
+    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # demo model, compile cache, LoRA cache
+    store = _open_store(settings.database)
+    queue = PgQueue(store)
+    store.queue = queue
+    registry = build_registry(settings)
+    secret = server_secret(settings, store)
+    files = build_storage(settings.storage, settings.outputs_dir, secret, settings.base_url, settings.url_ttl_s,
+                          settings.s3_endpoint_url)  # fmt: skip
+    jobs = JobService(store, max_attempts=settings.max_attempts, lease_s=settings.lease_s)
+    workers = [
+        DeviceWorker(jobs, files, build_engine(settings, registry, d), registry, max_batch=settings.max_batch,
+                     batch_max_pixels=settings.batch_max_pixels, png_compress_level=settings.png_compress_level,
+                     nice=settings.worker_nice, overlap_encoding=False)
+        for d in devices(settings)
+    ]  # fmt: skip
+    timing = Timing(settings.lease_s, settings.shutdown_grace_s)
+
+    async def main() -> int:
+        stop, stop_now = asyncio.Event(), asyncio.Event()
+        install_stop_signals(stop, stop_now)
+        return await run_devices(settings.database, jobs, queue, workers, list(registry.names), timing, stop,
+                                 stop_now)  # fmt: skip
+
+    try:
+        code = asyncio.run(main())
+    finally:
+        jobs.close()
+        store.close()
+    raise typer.Exit(code)
 
 
 MaxQueued = Annotated[

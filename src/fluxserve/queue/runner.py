@@ -106,7 +106,7 @@ class Registry:
         with self.store.transaction() as conn:
             for d in self.devices:
                 row = {"host": socket.gethostname(), "pid": os.getpid(), "device": d.device,
-                       "models": json.dumps(self.models), "state": d.state, "error": d.load_error,
+                       "models": json.dumps(d.loaded_models() or self.models), "state": d.state, "error": d.load_error,
                        "current_job": d.current_job, "last_seen": now}  # fmt: skip
                 stmt = pg_insert(workers).values(id=d.worker_id, started_at=self.started, **row)
                 conn.execute(stmt.on_conflict_do_update(index_elements=[workers.c.id], set_=row))
