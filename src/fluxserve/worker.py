@@ -100,7 +100,7 @@ class DeviceWorker:
         self._png_level = png_compress_level
         self._batch_max_pixels = batch_max_pixels
         self._maintenance_s = maintenance_s
-        self.worker_id = new_worker_id(engine.device)
+        self.worker_id = new_worker_id(getattr(engine, "device_request", engine.device))
         # On an accelerator, encoding and writing the images runs beside the next job's denoising: a
         # 1024x1024 PNG takes a good part of a schnell image's time. At most two batches wait for it.
         # On CPU the encoder would take cores from torch's threads (measured: 0.85x throughput at

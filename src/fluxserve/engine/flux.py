@@ -107,6 +107,7 @@ class DiffusersEngine:
         self._pipes: dict[str, Any] = {}
         self._img2img: dict[str, Any] = {}
         self.device = "unloaded"
+        self.device_request = device  # what the operator asked for: names the worker before loading
         # Work that must happen before weights load, off the request path (building the demo model).
         self.before_load: Callable[[], object] | None = None
 
