@@ -75,3 +75,12 @@ def pg_url(pg_server: str) -> str:
     finally:
         store.close()
     return url
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[object]:
+    """A local S3-compatible server that checks presigned signatures and expiry (tests/s3.py)."""
+    from tests.s3 import ministack
+
+    with ministack() as server:
+        yield server

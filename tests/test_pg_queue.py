@@ -37,10 +37,13 @@ def _submit(jobs: JobService, owner: str = "o", model: str = "flux-dev", **kwarg
     return jobs.submit_sync(owner, "vmodel", _spec(model), {"x": 1}, **kwargs)  # type: ignore[arg-type]
 
 
+PC = "jobs j JOIN procrastinate_jobs p ON p.id = j.pc_job_id"
+
+
 def _pc(jobs: JobService, job_id: str) -> tuple[str, str, int]:
     with jobs.store.transaction() as conn:
         row = conn.execute(
-            text("SELECT p.status, p.queue_name, p.priority FROM jobs j JOIN procrastinate_jobs p ON p.id = j.pc_job_id "
+            text(f"SELECT p.status, p.queue_name, p.priority FROM {PC} "
                  "WHERE j.id = :id"), {"id": job_id},
         ).one()  # fmt: skip
     return str(row.status), str(row.queue_name), int(row.priority)
@@ -51,7 +54,9 @@ def _count(jobs: JobService, table: str) -> int:
         return int(conn.execute(text(f"SELECT count(*) FROM {table}")).scalar_one())
 
 
-def test_a_job_and_its_queue_entry_commit_together_or_not_at_all(jobs: JobService, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_job_and_its_queue_entry_commit_together_or_not_at_all(
+    jobs: JobService, monkeypatch: pytest.MonkeyPatch
+) -> None:
     job = _submit(jobs, idempotency_key="k1")
     assert _pc(jobs, job.id) == ("todo", "model:flux-dev", -1)
     # A replay (same key, same request) is the same job, with no second queue entry.
@@ -97,7 +102,7 @@ def test_cancel_of_a_queued_job_cancels_its_entry_and_of_a_running_one_asks_to_a
     assert jobs.claim_id(running.id, "w1") is not None
     assert jobs.cancel_sync(running.id, "o").cancel_requested
     with jobs.store.transaction() as conn:
-        abort = conn.execute(text("SELECT p.abort_requested FROM jobs j JOIN procrastinate_jobs p ON p.id = j.pc_job_id "
+        abort = conn.execute(text(f"SELECT p.abort_requested FROM {PC} "
                                   "WHERE j.id = :id"), {"id": running.id}).scalar()  # fmt: skip
     assert abort is True
 
@@ -148,8 +153,8 @@ def test_the_sweep_gives_back_a_dead_workers_jobs_and_redefers_orphans(jobs: Job
     dead, orphan = _submit(jobs), _submit(jobs)
     with jobs.store.transaction() as conn:
         # A worker that registered, fetched one job, then stopped beating.
-        worker = conn.execute(text("INSERT INTO procrastinate_workers (last_heartbeat) VALUES (now() - interval '1 hour') "
-                                   "RETURNING id")).scalar()  # fmt: skip
+        stale = "INSERT INTO procrastinate_workers (last_heartbeat) VALUES (now() - interval '1 hour') RETURNING id"
+        worker = conn.execute(text(stale)).scalar()
         conn.execute(text("UPDATE procrastinate_jobs p SET status = 'doing', worker_id = :w FROM jobs j "
                           "WHERE j.pc_job_id = p.id AND j.id = :id"), {"w": worker, "id": dead.id})  # fmt: skip
         # A queued job whose entry ended (a task that returned after its lease was taken).

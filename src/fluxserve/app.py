@@ -34,9 +34,9 @@ from .loras import LoraLibrary
 from .metrics import Metrics
 from .migrations import open_store
 from .models import ModelRegistry
+from .queue.listen import listen
 from .retention import RetentionSweeper
 from .settings import Settings
-from .queue.listen import listen
 from .storage import build_storage, load_or_create_secret
 from .store import Store
 from .webhooks import WebhookSender
@@ -155,7 +155,9 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
         jobs = JobService(store, max_attempts=settings.max_attempts, lease_s=settings.lease_s, limits=defaults)
 
         def device_workers(**kw: Any) -> list[DeviceWorker]:
-            chosen = engines or ([engine] if engine else [build_engine(settings, registry, d) for d in devices(settings)])
+            chosen = engines or (
+                [engine] if engine else [build_engine(settings, registry, d) for d in devices(settings)]
+            )
             return [DeviceWorker(jobs, storage, e, registry, max_batch=settings.max_batch,
                                  batch_max_pixels=settings.batch_max_pixels,
                                  png_compress_level=settings.png_compress_level, nice=settings.worker_nice, **kw)

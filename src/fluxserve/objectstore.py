@@ -8,6 +8,7 @@ address clients reach.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import time
 from typing import Any
@@ -29,7 +30,7 @@ class S3Storage:
         config: dict[str, Any] = {}
         if endpoint_url:  # path-style, as S3-compatible servers expect
             config = {"endpoint": endpoint_url, "virtual_hosted_style_request": False}
-        client = {"allow_http": bool(endpoint_url and endpoint_url.startswith("http://"))}
+        client: Any = {"allow_http": bool(endpoint_url and endpoint_url.startswith("http://"))}
         store = S3Store(bucket, prefix=prefix or None, client_options=client, **config)  # AWS_* from the environment
         return cls(store, ttl_s)
 
@@ -45,16 +46,18 @@ class S3Storage:
 
         content_type = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}.get(key.rsplit(".", 1)[-1])
         attributes = {"Content-Type": content_type} if content_type else None
+        path = self._key(key)
         try:
-            obstore.put(self._store, self._key(key), data, attributes=attributes)
+            obstore.put(self._store, path, data, attributes=attributes)
         except Exception as exc:  # obstore raises its own classes: callers handle OSError (job fails, 503)
             raise OSError(f"object store: {exc}") from exc
 
     def read(self, key: str) -> bytes:
         import obstore
 
+        path = self._key(key)
         try:
-            return bytes(obstore.get(self._store, self._key(key)).bytes())
+            return bytes(obstore.get(self._store, path).bytes())
         except FileNotFoundError:
             raise
         except Exception as exc:
@@ -68,10 +71,8 @@ class S3Storage:
     def delete(self, key: str) -> None:
         import obstore
 
-        try:
+        with contextlib.suppress(FileNotFoundError):  # idempotent, as the local store is
             obstore.delete(self._store, self._key(key))
-        except FileNotFoundError:
-            pass  # idempotent, as the local store is
 
     def stale_input_folders(self, before: float) -> list[str]:
         """inputs/<id> prefixes whose newest object is older than then (the orphan sweep)."""

@@ -36,7 +36,9 @@ def _predict(api: RemoteServer, i: int, **extra: Any) -> str:
 
 
 def _rows(db: str) -> dict[str, tuple[str, int, str | None]]:
-    return {str(r[0]): (str(r[1]), int(r[2]), r[3]) for r in sql(db, "SELECT id, status, attempts, worker_id FROM jobs")}  # type: ignore[misc]
+    return {
+        str(r[0]): (str(r[1]), int(r[2]), r[3]) for r in sql(db, "SELECT id, status, attempts, worker_id FROM jobs")
+    }  # type: ignore[misc]
 
 
 def _running_on(db: str, pid: int) -> str | None:
@@ -106,9 +108,13 @@ def test_chaos_kill_cancel_sigterm_every_job_ends_once(
     assert sql(db, "SELECT count(*) FROM procrastinate_jobs WHERE status IN ('todo', 'doing')") == [(0,)]
     # The killed worker's job was found stalled and given back to the queue within two lease periods (plus
     # one sweep); a worker took it as soon as one was free.
-    events = {(str(k), int(a)): float(at) for k, a, at in sql(db, "SELECT kind, attempt, at FROM job_events "
-                                                                  "WHERE job_id = %s", killed)}  # type: ignore[arg-type]
+    events = {
+        (str(k), int(a)): float(at)
+        for k, a, at in sql(db, "SELECT kind, attempt, at FROM job_events WHERE job_id = %s", killed)
+    }  # type: ignore[arg-type]
     found_s, restarted_s = events["requeued", 1] - killed_at, events["started", 2] - killed_at
-    print(f"chaos: 20 jobs in {elapsed:.1f} s; the killed worker's job was re-queued {found_s:.2f} s after the "
-          f"kill and re-started {restarted_s:.2f} s after it")
+    print(
+        f"chaos: 20 jobs in {elapsed:.1f} s; the killed worker's job was re-queued {found_s:.2f} s after the "
+        f"kill and re-started {restarted_s:.2f} s after it"
+    )
     assert found_s < 2 * LEASE_S + 1.0

@@ -47,9 +47,17 @@ class ClusterView:
             return
         now = time.time()
         self.workers = [
-            {"id": r.id, "host": r.host, "pid": r.pid, "device": r.device, "models": json.loads(r.models),
-             "state": r.state, "error": r.error, "current_job": r.current_job,
-             "last_heartbeat_s_ago": round(now - r.last_seen, 2)}  # fmt: skip
+            {
+                "id": r.id,
+                "host": r.host,
+                "pid": r.pid,
+                "device": r.device,
+                "models": json.loads(r.models),
+                "state": r.state,
+                "error": r.error,
+                "current_job": r.current_job,
+                "last_heartbeat_s_ago": round(now - r.last_seen, 2),
+            }
             for r in rows
         ]
 

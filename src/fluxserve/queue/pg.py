@@ -49,7 +49,8 @@ def apply_queue_schema(engine: Engine) -> bool:
     with engine.begin() as conn:
         if conn.execute(text("SELECT to_regclass('procrastinate_jobs')")).scalar() is not None:
             return False
-        conn.connection.driver_connection.execute(SchemaManager.get_schema())
+        raw: Any = conn.connection.driver_connection
+        raw.execute(SchemaManager.get_schema())
     return True
 
 

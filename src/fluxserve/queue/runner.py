@@ -151,12 +151,20 @@ async def run_devices(
             runs = [
                 asyncio.create_task(
                     app.run_worker_async(
-                        queues=[queue_name(m) for m in models], name=d.worker_id, concurrency=1, wait=True,
-                        install_signal_handlers=False, listen_notify=True, delete_jobs="never",
-                        update_heartbeat_interval=timing.heartbeat_s, stalled_worker_timeout=timing.lease_s,
-                        fetch_job_polling_interval=max(1.0, timing.lease_s / 4), abort_job_polling_interval=1.0,
-                        shutdown_graceful_timeout=timing.grace_s, additional_context={"device_worker": d, "queue": queue},
-                    )  # fmt: skip
+                        queues=[queue_name(m) for m in models],
+                        name=d.worker_id,
+                        concurrency=1,
+                        wait=True,
+                        install_signal_handlers=False,
+                        listen_notify=True,
+                        delete_jobs="never",
+                        update_heartbeat_interval=timing.heartbeat_s,
+                        stalled_worker_timeout=timing.lease_s,
+                        fetch_job_polling_interval=max(1.0, timing.lease_s / 4),
+                        abort_job_polling_interval=1.0,
+                        shutdown_graceful_timeout=timing.grace_s,
+                        additional_context={"device_worker": d, "queue": queue},
+                    )
                 )
                 for d in ready
             ]

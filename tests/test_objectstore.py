@@ -1,0 +1,83 @@
+"""Object storage: the protocol on obstore's in-memory store, then a real S3-compatible server that checks
+presigned signatures and expiry, then the app serving every dialect's images from it."""
+
+from __future__ import annotations
+
+import base64
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from obstore.store import MemoryStore
+
+from fluxserve.app import create_app
+from fluxserve.objectstore import S3Storage, expires_in
+from fluxserve.settings import Settings
+from tests.conftest import AUTH
+from tests.fakes import FakeEngine
+from tests.s3 import S3Server
+
+
+def test_the_storage_protocol_on_an_in_memory_store() -> None:
+    st = S3Storage(MemoryStore(), ttl_s=3600)
+    st.put("job1/out-0.png", b"png bytes")
+    st.put("job1/out-0.png", b"png bytes, again")  # a re-run overwrites its fixed key
+    assert st.read("job1/out-0.png") == b"png bytes, again"
+    st.put("inputs/aa/0.png", b"a")
+    st.put("inputs/bb/0.png", b"b")
+    assert sorted(st.stale_input_folders(time.time() + 60)) == ["inputs/aa", "inputs/bb"]
+    assert st.stale_input_folders(time.time() - 60) == []
+    st.delete_folder("inputs/aa")
+    assert st.stale_input_folders(time.time() + 60) == ["inputs/bb"]
+    st.delete("job1/out-0.png")
+    st.delete("job1/out-0.png")  # idempotent
+    with pytest.raises(FileNotFoundError):
+        st.read("job1/out-0.png")
+    for bad in ("../etc/passwd", "a/../b", "/abs", ""):
+        with pytest.raises(ValueError):
+            st.put(bad, b"x")
+
+
+def test_presigned_urls_are_checked_and_expire(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    bucket = s3_server.bucket()
+    st = S3Storage.from_env(bucket, "prefix", 3600, s3_server.endpoint)
+    st.put("job/out-0.png", b"\x89PNG not really")
+    url = st.url("job/out-0.png")
+    assert 3590 < expires_in(url) <= 3600
+    got = httpx.get(url, timeout=10)
+    assert got.status_code == 200 and got.content == b"\x89PNG not really"
+    assert got.headers["content-type"] == "image/png"
+    assert httpx.get(url.replace("X-Amz-Signature=", "X-Amz-Signature=0"), timeout=10).status_code == 403
+    assert httpx.get(url.replace("out-0.png", "out-1.png"), timeout=10).status_code == 403  # another key
+    short = S3Storage.from_env(bucket, "prefix", 1, s3_server.endpoint).url("job/out-0.png")
+    assert httpx.get(short, timeout=10).status_code == 200
+    time.sleep(2.2)
+    assert httpx.get(short, timeout=10).status_code == 403  # expired
+
+
+def test_the_app_stores_and_hands_out_images_through_s3(
+    s3_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    settings = Settings(data_dir=tmp_path / "data", api_key="test-key-0123456789", storage=f"s3://{s3_server.bucket()}/fs",
+                        s3_endpoint_url=s3_server.endpoint)  # fmt: skip
+    with TestClient(create_app(settings, engine=FakeEngine())) as client:
+        body = {"model": "flux-schnell", "prompt": "p", "size": "256x256"}
+        url = client.post("/v1/images/generations", json=body, headers=AUTH).json()["data"][0]["url"]
+        assert url.startswith(s3_server.endpoint) and "X-Amz-Signature" in url
+        image = httpx.get(url, timeout=10)
+        assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
+        b64 = client.post("/v1/images/generations", json=body | {"response_format": "b64_json"}, headers=AUTH)
+        assert base64.b64decode(b64.json()["data"][0]["b64_json"]).startswith(b"\x89PNG")
+        # An edit: the input goes to the object store, the worker reads it back from there.
+        edit = client.post("/v1/images/edits", data={"model": "flux-kontext-pro", "prompt": "p"},
+                           files={"image": ("in.png", image.content, "image/png")}, headers=AUTH)  # fmt: skip
+        assert edit.status_code == 200, edit.text
+        # Object stores hand out their own URLs: the local /files route has nothing to serve.
+        key = url.split("/fs/", 1)[1].split("?", 1)[0]
+        assert client.get(f"/files/{key}?expires=9999999999&sig=x").status_code == 404
