@@ -77,8 +77,10 @@ class ClusterView:
 
     @property
     def load_error(self) -> str | None:
-        errors = [f"{w['id']}: {w['error']}" for w in self.workers if w["error"]]
-        return "; ".join(errors) or None
+        errors = {w["id"]: w["error"] for w in self.workers if w["error"]}
+        if self._local is not None:  # this node's own, before the registry's next refresh
+            errors |= self._local.load_errors()
+        return "; ".join(f"{worker}: {error}" for worker, error in sorted(errors.items())) or None
 
     def start(self) -> None:
         if self._local is not None:
@@ -122,6 +124,9 @@ class LocalQueueWorkers:
 
     def loaded_models(self) -> list[str]:
         return sorted({m for d in self._devices for m in d.loaded_models()})
+
+    def load_errors(self) -> dict[str, str]:
+        return {d.worker_id: d.load_error for d in self._devices if d.load_error}
 
     @property
     def state(self) -> WorkerState:
