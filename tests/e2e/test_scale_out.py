@@ -118,3 +118,103 @@ def test_chaos_kill_cancel_sigterm_every_job_ends_once(
         f"kill and re-started {restarted_s:.2f} s after it"
     )
     assert found_s < 2 * LEASE_S + 1.0
+
+
+def _openai(api: RemoteServer, key: str, timeout: float = 120) -> httpx.Response:
+    body = {"model": "flux-dev", "prompt": "wait for me", "size": "512x512", "seed": 7}
+    return httpx.post(f"{api.url}/v1/images/generations", json=body, timeout=timeout,
+                      headers=AUTH | {"Idempotency-Key": key})  # fmt: skip
+
+
+def test_api_nodes_share_jobs_webhooks_and_idempotency_keys(
+    tmp_path: Path, cluster_dirs: tuple[str, Path], demo_model_dir: Path
+) -> None:
+    import threading
+
+    from tests.webhook_receiver import Received, webhook_receiver
+
+    db, storage = cluster_dirs
+    private = {"FLUXSERVE_ALLOW_PRIVATE_URLS": "1"}
+    got = Received()
+    with (
+        api_node(tmp_path / "a", db, storage, KEY, **private) as a,
+        api_node(tmp_path / "b", db, storage, KEY, **private) as b,
+        RemoteWorker(tmp_path / "w", db, storage, demo_model_dir, models="flux-dev"),
+        webhook_receiver(got) as hook,
+    ):
+        # Webhooks: written by the worker's transitions, sent by whichever API node claims each delivery.
+        resp = httpx.post(
+            f"{a.url}/v1/models/black-forest-labs/flux-dev/predictions", headers=AUTH, timeout=30,
+            json={"input": JOB | {"num_inference_steps": 4}, "webhook": hook,
+                  "webhook_events_filter": ["start", "output", "logs", "completed"]},
+        )  # fmt: skip
+        assert resp.status_code == 201, resp.text
+        hooked = resp.json()["id"]
+        wait_for(lambda: [d["body"]["status"] for d in got.deliveries], lambda s: "succeeded" in s, timeout=60)
+
+        # A client waits on node A for a synchronous image; node A is SIGKILLed meanwhile.
+        first: list[BaseException | httpx.Response] = []
+        waiting = threading.Thread(target=lambda: first.append(_catch(lambda: _openai(a, "same-key"))))
+        waiting.start()
+        job_id = wait_for(lambda: sql(db, "SELECT id, status FROM jobs WHERE idempotency_key = 'same-key'"),
+                          lambda r: bool(r) and r[0][1] == "processing", timeout=60)[0][0]  # fmt: skip
+        a.kill9()
+        waiting.join(30)
+        assert first and isinstance(first[0], httpx.HTTPError)  # the client saw its connection drop
+        # Its retry on node B, with the same key, waits for the same job, which went on running.
+        retry = _openai(b, "same-key")
+        assert retry.status_code == 200, retry.text
+        assert f"/files/{job_id}/out-0.png" in retry.json()["data"][0]["url"]
+        assert sql(db, "SELECT count(*) FROM jobs WHERE idempotency_key = 'same-key'") == [(1,)]
+        assert httpx.get(retry.json()["data"][0]["url"], timeout=10).status_code == 200  # node B serves A's job
+
+    # Each outbox row was delivered once, whichever node sent it, in the order the job's transitions wrote
+    # them; the completed event is the last.
+    outbox = sql(db, "SELECT msg_id, event, state FROM webhook_deliveries WHERE job_id = %s ORDER BY id", hooked)
+    received = [d["headers"]["webhook-id"] for d in got.deliveries if d["body"]["id"] == hooked]
+    assert received == [m for m, _, _ in outbox], (received, outbox)
+    assert {state for _, _, state in outbox} == {"delivered"} and outbox[-1][1] == "completed"
+    assert got.deliveries[-1]["body"]["status"] == "succeeded"
+
+
+def _catch(fn: Any) -> Any:
+    try:
+        return fn()
+    except httpx.HTTPError as exc:
+        return exc
+
+
+def test_workers_take_only_their_models_and_a_second_sigterm_gives_the_job_back(
+    tmp_path: Path, cluster_dirs: tuple[str, Path], demo_model_dir: Path
+) -> None:
+    db, storage = cluster_dirs
+    with api_node(tmp_path / "api", db, storage, KEY) as api:
+        dev_only = RemoteWorker(tmp_path / "w1", db, storage, demo_model_dir, models="flux-dev",
+                                env={"FLUXSERVE_SHUTDOWN_GRACE_S": "60"}).start()  # fmt: skip
+        both = RemoteWorker(tmp_path / "w2", db, storage, demo_model_dir, models="flux-dev,flux-schnell")
+        try:
+            resp = httpx.post(f"{api.url}/v1/models/black-forest-labs/flux-schnell/predictions", headers=AUTH,
+                              json={"input": {"prompt": "schnell", "megapixels": "0.25"}}, timeout=30)  # fmt: skip
+            schnell = resp.json()["id"]
+            slow = _predict(api, 1, num_inference_steps=50)
+            wait_for(lambda: sql(db, "SELECT status, progress_done FROM jobs WHERE id = %s", slow)[0],
+                     lambda r: r[0] == "processing" and int(r[1]) >= 1, timeout=60)  # fmt: skip
+            health = httpx.get(f"{api.url}/health", timeout=10).json()
+            assert health["engine"]["queues"] == {"flux-schnell": 1}, health
+            assert [w["models"] for w in health["engine"]["workers"]] == [["flux-dev"]]
+            assert health["engine"]["workers"][0]["current_job"] == slow
+            assert sql(db, "SELECT status FROM jobs WHERE id = %s", schnell) == [("queued",)]  # not its model
+
+            dev_only.signal(signal.SIGTERM)
+            time.sleep(0.5)
+            dev_only.signal(signal.SIGTERM)  # twice: give the running job back now, not in 60 s
+            assert dev_only.wait(30) == 0, dev_only.log()[-3000:]
+            assert sql(db, "SELECT status, attempts FROM jobs WHERE id = %s", slow) == [("queued", 0)]
+
+            both.start()
+            rows = wait_for(lambda: sql(db, "SELECT status, attempts FROM jobs ORDER BY id"),
+                            lambda r: all(s == "succeeded" for s, _ in r), timeout=120)  # fmt: skip
+            assert sorted(int(a) for _, a in rows) == [1, 1]  # the given-back job kept its attempt
+        finally:
+            dev_only.stop()
+            both.stop()
