@@ -188,6 +188,14 @@ def test_webhook_deliveries_are_written_with_the_transition_and_throttled(tmp_pa
     # One pending logs delivery carries every step (it renders when sent); no output event was asked for.
     assert [r.event for r in rows] == ["start", "logs", "completed"]
     assert len({r.msg_id for r in rows}) == 3 and all(r.receiver == "https://example.com:443" for r in rows)
+    # In order per job, whichever sender asks: a later delivery waits for the earlier ones to be done.
+    until = time.time() + 60
+    assert not jobs.store.claim_delivery(rows[1].id, until)
+    assert jobs.store.claim_delivery(rows[0].id, until)
+    assert not jobs.store.claim_delivery(rows[0].id, until)  # claimed once
+    assert not jobs.store.claim_delivery(rows[1].id, until)  # the first is in flight
+    jobs.store.update_delivery(rows[0].id, state="delivered", claimed_until=None)
+    assert jobs.store.claim_delivery(rows[1].id, until)
 
 
 def test_a_locked_database_is_store_unavailable_not_a_crash(tmp_path: Path) -> None:
@@ -228,12 +236,13 @@ def test_migrations_are_numbered_idempotent_and_upgrade_an_old_database(tmp_path
         "2: worker leases, job events, webhook outbox",
         "3: per-key limits, image counts",
         "4: file retention, encoding time",
+        "5: queue rows, shared secret, worker registry",
     ]
     assert upgrade(store.engine) == []
     assert current_version(store.engine) == LATEST
     columns = {c["name"] for c in inspect(store.engine).get_columns("jobs")}
     added = {"previews", "webhook", "worker_id", "lease_expires_at", "images", "megapixels", "files_expired_at",
-             "encode_s"}  # fmt: skip
+             "encode_s", "pc_job_id"}  # fmt: skip
     assert added <= columns
     key_columns = {c["name"] for c in inspect(store.engine).get_columns("api_keys")}
     assert {"max_queued", "rpm", "images_per_day"} <= key_columns

@@ -532,17 +532,20 @@ class Store:
             )
 
     def claim_delivery(self, delivery_id: int, until: float) -> bool:
+        """Claim a due delivery for one send. Only a job's oldest pending delivery can be claimed, so a job's
+        events reach its receiver in order whichever node sends them (a retrying one holds the later ones)."""
         now = time.time()
         free = or_(webhook_deliveries.c.claimed_until.is_(None), webhook_deliveries.c.claimed_until < now)
+        earlier = webhook_deliveries.alias("earlier")
+        first = ~(
+            select(earlier.c.id)
+            .where(and_(earlier.c.job_id == webhook_deliveries.c.job_id, earlier.c.state == "pending",
+                        earlier.c.id < webhook_deliveries.c.id))  # fmt: skip
+            .exists()
+        )
+        mine = and_(webhook_deliveries.c.id == delivery_id, webhook_deliveries.c.state == "pending", free, first)
         with self._write() as conn:
-            return (
-                conn.execute(
-                    update(webhook_deliveries)
-                    .where(and_(webhook_deliveries.c.id == delivery_id, webhook_deliveries.c.state == "pending", free))
-                    .values(claimed_until=until)
-                ).rowcount
-                == 1
-            )
+            return conn.execute(update(webhook_deliveries).where(mine).values(claimed_until=until)).rowcount == 1
 
     def update_delivery(self, delivery_id: int, **values: Any) -> None:
         with self._write() as conn:
