@@ -51,7 +51,7 @@ def _worker_side(url: str, inbox: Any, outbox: Any) -> None:
 
 def _pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
 def _summary(ms: list[float]) -> dict[str, float]:
@@ -149,9 +149,10 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
+    from tests.pg import cluster, new_database
+
     from fluxserve.migrations import upgrade
     from fluxserve.store import Store
-    from tests.pg import cluster, new_database
 
     with cluster() as base:
         url = new_database(base)

@@ -67,13 +67,13 @@ def _check_fp8(settings: Settings) -> None:
             raise typer.Exit(2) from None
 
 
-def _open_store(url: str) -> Any:
+def _open_store(url: str, **pool: Any) -> Any:
     """The store, its schema current (embedded SQLite is upgraded in place; others need `db upgrade`)."""
     from .errors import StoreUnavailable
     from .migrations import SchemaOutOfDate, open_store
 
     try:
-        return open_store(url)
+        return open_store(url, **pool)
     except (SchemaOutOfDate, StoreUnavailable) as exc:
         typer.echo(f"fluxserve: database: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -185,6 +185,9 @@ def serve(
         raise typer.Exit(2)
     if not settings.api_only:
         _check_engine_installed()
+    elif not (settings.storage or "").startswith("s3://"):
+        typer.echo(f"Storage is the folder {settings.storage or settings.outputs_dir}: every API node and worker "
+                   "must see this same folder (or use --storage s3://bucket/prefix).")  # fmt: skip
     if settings.quantize == "fp8":
         _check_fp8(settings)
     configure_logging(settings.log_format)
@@ -228,7 +231,7 @@ def worker(
     from .jobs import JobService
     from .logs import configure as configure_logging
     from .queue.pg import PgQueue
-    from .queue.runner import Timing, install_stop_signals, run_devices
+    from .queue.runner import WORKER_POOL, Timing, install_stop_signals, run_devices
     from .storage import build_storage
     from .worker import DeviceWorker
 
@@ -243,7 +246,7 @@ def worker(
         _check_fp8(settings)
     configure_logging(settings.log_format)
     settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # demo model, compile cache, LoRA cache
-    store = _open_store(settings.database)
+    store = _open_store(settings.database, role="worker", pool_size=WORKER_POOL, pool_overflow=0)
     queue = PgQueue(store)
     store.queue = queue
     registry = build_registry(settings)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 from sqlalchemy import Column, Float, Integer, MetaData, String, Table, inspect, select, text
 from sqlalchemy.engine import Connection, Engine
@@ -129,9 +130,11 @@ def _queue_ready(st: store.Store) -> bool:
         return conn.execute(text("SELECT to_regclass('procrastinate_jobs')")).scalar() is not None
 
 
-def open_store(url: str, *, upgrade_embedded: bool = True) -> store.Store:
-    """A Store whose schema is current: embedded SQLite is upgraded in place, others must be upgraded first."""
-    st = store.Store(url)
+def open_store(url: str, *, upgrade_embedded: bool = True, **pool: Any) -> store.Store:
+    """A Store whose schema is current: embedded SQLite is upgraded in place, others must be upgraded first.
+
+    ``pool``: Store's role and pool sizes."""
+    st = store.Store(url, **pool)
     if st.is_sqlite and upgrade_embedded:
         upgrade(st.engine)
     elif current_version(st.engine) < LATEST or not _queue_ready(st):

@@ -41,6 +41,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from .errors import StoreUnavailable
 from .job import WEBHOOK_EVENTS, EventKind, Job, JobEvent, Output, Status
@@ -237,9 +238,23 @@ def _private_file(path: Path) -> None:
     os.chmod(path, 0o600)
 
 
+# Connections one process holds on a database server (SQLite has none): POOL_SIZE kept, POOL_OVERFLOW more
+# at busy moments; threads beyond that wait for one. README "Beyond one machine" adds them up per node.
+POOL_SIZE = 5
+POOL_OVERFLOW = 5
+POOL_WAIT_S = 10.0  # a thread that waits longer for a connection gets StoreUnavailable (503), not a hang
+
+
+def application_name(role: str) -> str:
+    """How this process's connections show in pg_stat_activity: the role and the pid."""
+    return f"fluxserve-{role}:{os.getpid()}"
+
+
 class Store:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, role: str = "api", pool_size: int = POOL_SIZE,
+                 pool_overflow: int = POOL_OVERFLOW) -> None:  # fmt: skip
         self.url = url
+        self.role = role
         self.is_sqlite = url.startswith("sqlite")
         if url.startswith("sqlite:///"):
             _private_file(Path(url.removeprefix("sqlite:///")))
@@ -248,7 +263,10 @@ class Store:
             )
             event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
-            self.engine = create_engine(url, pool_pre_ping=True)
+            self.engine = create_engine(
+                url, pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_overflow, pool_timeout=POOL_WAIT_S,
+                connect_args={"application_name": application_name(role)},
+            )  # fmt: skip
         # SQLite has one writer: threads of this process take turns here instead of in SQLite's
         # busy handler, which sleeps in steps of up to 100 ms.
         self._write_lock = threading.Lock() if self.is_sqlite else _NoLock()
@@ -271,6 +289,8 @@ class Store:
             raise
         except DBAPIError as exc:
             raise StoreUnavailable(f"The database is unavailable: {_reason(exc)}") from exc
+        except PoolTimeout as exc:
+            raise StoreUnavailable(f"The database is busy: no connection free within {POOL_WAIT_S:g} s") from exc
         finally:
             self._write_lock.release()
 
@@ -285,6 +305,8 @@ class Store:
                 yield conn
         except DBAPIError as exc:
             raise StoreUnavailable(f"The database is unavailable: {_reason(exc)}") from exc
+        except PoolTimeout as exc:
+            raise StoreUnavailable(f"The database is busy: no connection free within {POOL_WAIT_S:g} s") from exc
 
     def ping(self) -> None:
         with self._read() as conn:
@@ -539,8 +561,13 @@ class Store:
         earlier = webhook_deliveries.alias("earlier")
         first = ~(
             select(earlier.c.id)
-            .where(and_(earlier.c.job_id == webhook_deliveries.c.job_id, earlier.c.state == "pending",
-                        earlier.c.id < webhook_deliveries.c.id))  # fmt: skip
+            .where(
+                and_(
+                    earlier.c.job_id == webhook_deliveries.c.job_id,
+                    earlier.c.state == "pending",
+                    earlier.c.id < webhook_deliveries.c.id,
+                )
+            )
             .exists()
         )
         mine = and_(webhook_deliveries.c.id == delivery_id, webhook_deliveries.c.state == "pending", free, first)

@@ -48,9 +48,50 @@ def _running_on(db: str, pid: int) -> str | None:
     return None
 
 
+class ConnectionCounter:
+    """Samples pg_stat_activity: the most connections each fluxserve process held at once (by pid)."""
+
+    def __init__(self, db: str) -> None:
+        import threading
+
+        self.db = db
+        self.most: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            now: dict[str, int] = {}
+            for name, n in sql(self.db, "SELECT application_name, count(*) FROM pg_stat_activity "
+                                        "WHERE application_name LIKE 'fluxserve-%%' GROUP BY 1"):  # fmt: skip
+                pid = str(name).rsplit(":", 1)[1]
+                now[pid] = now.get(pid, 0) + int(n)  # type: ignore[call-overload]
+            for pid, n in now.items():
+                self.most[pid] = max(self.most.get(pid, 0), n)
+
+    def __enter__(self) -> ConnectionCounter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
 @pytest.fixture
-def cluster_dirs(tmp_path: Path, pg_url: str) -> Iterator[tuple[str, Path]]:
-    yield pg_url, tmp_path / "storage"
+def cluster_dirs(tmp_path: Path, pg_server: str) -> Iterator[tuple[str, Path]]:
+    """A fresh database made ready as an operator does: `fluxserve db upgrade`, twice (it is idempotent)."""
+    import subprocess
+
+    from tests.e2e.server import FLUXSERVE
+    from tests.pg import new_database
+
+    db = new_database(pg_server).replace("postgresql+psycopg://", "postgresql://")  # as users write it
+    first = subprocess.run([FLUXSERVE, "db", "upgrade", "--database", db], capture_output=True, text=True, timeout=60)
+    again = subprocess.run([FLUXSERVE, "db", "upgrade", "--database", db], capture_output=True, text=True, timeout=60)
+    assert first.returncode == 0 and "applied procrastinate 3.10 schema" in first.stdout, first.stdout + first.stderr
+    assert again.returncode == 0 and "applied" not in again.stdout and "schema at version" in again.stdout
+    yield db, tmp_path / "storage"
 
 
 def test_chaos_kill_cancel_sigterm_every_job_ends_once(
@@ -58,7 +99,7 @@ def test_chaos_kill_cancel_sigterm_every_job_ends_once(
 ) -> None:
     db, storage = cluster_dirs
     started = time.monotonic()
-    with api_node(tmp_path / "api", db, storage, KEY) as api:
+    with api_node(tmp_path / "api", db, storage, KEY) as api, ConnectionCounter(db) as connections:
         w1 = RemoteWorker(tmp_path / "w1", db, storage, demo_model_dir, models="flux-dev").start()
         w2 = RemoteWorker(tmp_path / "w2", db, storage, demo_model_dir, models="flux-dev").start()
         w3 = RemoteWorker(tmp_path / "w3", db, storage, demo_model_dir, models="flux-dev")
@@ -104,6 +145,9 @@ def test_chaos_kill_cancel_sigterm_every_job_ends_once(
     for job_id in ids:
         files = sorted(p.name for p in (storage / job_id).glob("out-*"))
         assert files == (["out-0.webp"] if job_id != running else []), (job_id, files)
+    # The cancel stopped the running job at its next step: at most one more progress write after it.
+    kinds = [str(k) for (k,) in sql(db, "SELECT kind FROM job_events WHERE job_id = %s ORDER BY id", running)]
+    assert kinds[kinds.index("cancel_requested") :].count("progress") <= 1, kinds
     # Nothing left running in either table.
     assert sql(db, "SELECT count(*) FROM procrastinate_jobs WHERE status IN ('todo', 'doing')") == [(0,)]
     # The killed worker's job was found stalled and given back to the queue within two lease periods (plus
@@ -118,6 +162,15 @@ def test_chaos_kill_cancel_sigterm_every_job_ends_once(
         f"kill and re-started {restarted_s:.2f} s after it"
     )
     assert found_s < 2 * LEASE_S + 1.0
+    # Connections stay within what README's "Beyond one machine" tells operators to plan for.
+    from fluxserve.queue.runner import POOL_MAX, WORKER_POOL
+    from fluxserve.store import POOL_OVERFLOW, POOL_SIZE
+
+    api_pid = str(api.proc.pid) if api.proc else ""
+    worker_most = {pid: n for pid, n in connections.most.items() if pid != api_pid}
+    print(f"chaos: most connections held: API node {connections.most.get(api_pid)}, workers {worker_most}")
+    assert connections.most.get(api_pid, 0) <= POOL_SIZE + POOL_OVERFLOW + 1
+    assert worker_most and max(worker_most.values()) <= WORKER_POOL + POOL_MAX + 1
 
 
 def _openai(api: RemoteServer, key: str, timeout: float = 120) -> httpx.Response:

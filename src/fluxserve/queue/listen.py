@@ -26,7 +26,7 @@ async def listen(url: str, on_change: Callable[[str, str], None], ready: asyncio
     backoff = 0.1
     while True:
         try:
-            async with await psycopg.AsyncConnection.connect(libpq_url(url), autocommit=True) as conn:
+            async with await psycopg.AsyncConnection.connect(libpq_url(url, "listen"), autocommit=True) as conn:
                 await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
                 backoff = 0.1
                 if ready is not None:

@@ -21,7 +21,7 @@ from sqlalchemy import and_, func, select, text, update
 from sqlalchemy.engine import Connection, Engine
 
 from ..job import Status
-from ..store import Store, jobs
+from ..store import Store, application_name, jobs
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +32,14 @@ END_STATES = {Status.SUCCEEDED: "succeeded", Status.FAILED: "failed", Status.CAN
               Status.ABORTED: "aborted"}  # fmt: skip
 
 
-def libpq_url(url: str) -> str:
-    """SQLAlchemy's postgresql+psycopg:// URL as libpq takes it."""
+def libpq_url(url: str, role: str | None = None) -> str:
+    """SQLAlchemy's postgresql+psycopg:// URL as libpq takes it; with a role, its connections are named
+    (store.application_name) so pg_stat_activity shows which process holds what."""
     scheme, rest = url.split("://", 1)
-    return f"postgresql://{rest}" if scheme.startswith("postgres") else url
+    plain = f"postgresql://{rest}" if scheme.startswith("postgres") else url
+    if role is None:
+        return plain
+    return f"{plain}{'&' if '?' in plain else '?'}application_name={application_name(role)}"
 
 
 def queue_name(model: str) -> str:
@@ -55,6 +59,7 @@ def apply_queue_schema(engine: Engine) -> bool:
 
 
 def _app(url: str) -> Any:
+    """Never opened: every call passes the store's connection, so it holds none of its own."""
     import procrastinate
 
     return procrastinate.App(connector=procrastinate.SyncPsycopgConnector(conninfo=libpq_url(url)))

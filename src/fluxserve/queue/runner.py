@@ -34,9 +34,11 @@ from .pg import TASK, PgQueue, libpq_url, queue_name
 
 log = logging.getLogger(__name__)
 
-# Connections a worker process holds: procrastinate's pool (fetch, heartbeat, finish) up to POOL_MAX,
-# its LISTEN connection, and our SQLAlchemy pool (POOL_SIZE) for job rows and the registry.
+# Connections a worker process holds: procrastinate's pool (fetch, heartbeat, finish) up to POOL_MAX, its
+# LISTEN connection, and our pool for job rows, leases, the registry and sweeps (WORKER_POOL, no overflow:
+# its threads are the task, the lease heartbeat, the registry beat and the sweep).
 POOL_MAX = 3
+WORKER_POOL = 4
 
 
 class Requeue(Exception):
@@ -67,7 +69,7 @@ def worker_app(url: str) -> Any:
             return RetryDecision(retry_in={"seconds": 0}) if isinstance(exception, Requeue) else None
 
     app = procrastinate.App(
-        connector=procrastinate.PsycopgConnector(conninfo=libpq_url(url), min_size=1, max_size=POOL_MAX)
+        connector=procrastinate.PsycopgConnector(conninfo=libpq_url(url, "worker"), min_size=1, max_size=POOL_MAX)
     )
 
     def generate(context: JobContext, job_id: str) -> None:
