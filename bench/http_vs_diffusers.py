@@ -50,6 +50,7 @@ def main() -> None:
         raise SystemExit("--refs needs a FLUX.2 model")
     refs = [Image.new("RGB", (384, 256), (40 * i, 120, 200 - 40 * i)) for i in range(args.refs)]
     tmp = Path(tempfile.mkdtemp(prefix="fluxserve-bench-"))
+    server = None
     try:
         demo = build_demo_model(tmp / "data" / "demo-model")
         cls = diffusers.Flux2KleinPipeline if flux2 else diffusers.FluxPipeline
@@ -109,8 +110,9 @@ def main() -> None:
         for _ in range(args.reps):
             plain_s.append(plain())
             served_s.append(served())
-        stop_server(server)
     finally:
+        if server is not None:  # also when a request failed: no server left running
+            stop_server(server)
         shutil.rmtree(tmp, ignore_errors=True)
 
     result = {
