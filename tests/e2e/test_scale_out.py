@@ -252,10 +252,15 @@ def test_workers_take_only_their_models_and_a_second_sigterm_gives_the_job_back(
             slow = _predict(api, 1, num_inference_steps=50)
             wait_for(lambda: sql(db, "SELECT status, progress_done FROM jobs WHERE id = %s", slow)[0],
                      lambda r: r[0] == "processing" and int(r[1]) >= 1, timeout=60)  # fmt: skip
-            health = httpx.get(f"{api.url}/health", timeout=10).json()
+            # /health reads the registry in the background (every quarter lease): it catches up within one.
+            health = wait_for(
+                lambda: httpx.get(f"{api.url}/health", timeout=10).json(),
+                lambda h: [w["current_job"] for w in h["engine"]["workers"]] == [slow],
+                timeout=10,
+            )
+            assert health["status"] == "ready" and health["models"] == ["flux-dev"], health
             assert health["engine"]["queues"] == {"flux-schnell": 1}, health
             assert [w["models"] for w in health["engine"]["workers"]] == [["flux-dev"]]
-            assert health["engine"]["workers"][0]["current_job"] == slow
             assert sql(db, "SELECT status FROM jobs WHERE id = %s", schnell) == [("queued",)]  # not its model
 
             dev_only.signal(signal.SIGTERM)

@@ -141,6 +141,8 @@ async def run_devices(
     registry = Registry(jobs.store, devices, models)
     beats = asyncio.create_task(_beat_forever(registry, timing))  # "loading" shows on /health meanwhile
     loaded = await asyncio.gather(*(asyncio.to_thread(d.load) for d in devices))
+    with contextlib.suppress(StoreUnavailable):  # ready (or failed) shows now, not at the next beat
+        await asyncio.to_thread(registry.beat)
     try:
         ready = [d for d, ok in zip(devices, loaded, strict=True) if ok]
         if not ready:
