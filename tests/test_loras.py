@@ -272,3 +272,31 @@ def test_compiled_servers_take_adapters_only_through_hot_swap_slots(
             assert resp.status_code == status, resp.text
             if code:
                 assert resp.json()["error"]["code"] == code and resp.json()["error"]["param"] == "loras[0].path"
+
+
+def test_a_worker_on_another_machine_fetches_the_adapter_an_api_node_checked(lora_dir: Path, tmp_path: Path) -> None:
+    body = {"data": (lora_dir / "klein-style.safetensors").read_bytes()}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body["data"])
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    api = _library(None, tmp_path / "api", allow_private=True)  # type: ignore[arg-type]
+    worker = _library(None, tmp_path / "worker", allow_private=True)  # type: ignore[arg-type]
+    with serve_loopback(Handler) as base:
+        [checked] = _resolve(api, f"{base}/style.safetensors", scale=0.7)
+        assert worker.localize((checked,), KLEIN) == (checked,)  # the same machine: the file is there
+        Path(checked.path).unlink()  # another machine: its cache does not have the API node's file
+        [here] = worker.localize((checked,), KLEIN)
+        assert here.digest == checked.digest and here.scale == 0.7 and Path(here.path).is_file()
+        assert Path(here.path).parent == tmp_path / "worker" / "cache"
+        # The URL now serves another file: the job's adapter is not silently swapped.
+        body["data"] = (lora_dir / "characters/klein-hero/pytorch_lora_weights.safetensors").read_bytes()
+        Path(here.path).unlink()
+        with pytest.raises(InvalidInput, match="changed since the job was accepted"):
+            worker.localize((checked,), KLEIN)

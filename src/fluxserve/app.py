@@ -95,6 +95,19 @@ def build_engine(settings: Settings, registry: ModelRegistry, device: str | None
     return engine
 
 
+def build_lora_library(settings: Settings) -> LoraLibrary:
+    return LoraLibrary(
+        settings.lora_dir,
+        settings.lora_cache_dir,
+        cache_bytes=int(settings.lora_cache_gb * 1024**3),
+        max_bytes=settings.lora_max_mb * 1024**2,
+        offline=settings.offline or settings.demo,
+        allow_private=settings.allow_private_urls,
+        # Compiled pipelines take adapters only through hot-swap slots of this rank.
+        max_rank=settings.lora_max_rank if settings.compile else None,
+    )
+
+
 def server_secret(settings: Settings, store: Store) -> bytes:
     """FLUXSERVE_SECRET (hex, or any string, hashed), else on a shared database the one kept there (every
     node signs alike), else the data dir's secret.key."""
@@ -153,6 +166,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
                                 settings.url_ttl_s, settings.s3_endpoint_url)  # fmt: skip
         defaults = Limits(settings.max_queued_per_key, settings.rpm_per_key, settings.images_per_day_per_key)
         jobs = JobService(store, max_attempts=settings.max_attempts, lease_s=settings.lease_s, limits=defaults)
+        lora_library = build_lora_library(settings)
 
         def device_workers(**kw: Any) -> list[DeviceWorker]:
             chosen = engines or (
@@ -160,7 +174,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
             )
             return [DeviceWorker(jobs, storage, e, registry, max_batch=settings.max_batch,
                                  batch_max_pixels=settings.batch_max_pixels,
-                                 png_compress_level=settings.png_compress_level, nice=settings.worker_nice, **kw)
+                                 png_compress_level=settings.png_compress_level, nice=settings.worker_nice,
+                                 loras=lora_library, **kw)
                     for e in chosen]  # fmt: skip
 
         background: list[asyncio.Task[None]] = []
@@ -169,16 +184,6 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
             workers, background = _queue_dispatch(settings, store, jobs, registry, device_workers)
         else:
             workers = WorkerPool(device_workers())
-        lora_library = LoraLibrary(
-            settings.lora_dir,
-            settings.lora_cache_dir,
-            cache_bytes=int(settings.lora_cache_gb * 1024**3),
-            max_bytes=settings.lora_max_mb * 1024**2,
-            offline=settings.offline or settings.demo,
-            allow_private=settings.allow_private_urls,
-            # Compiled pipelines take adapters only through hot-swap slots of this rank.
-            max_rank=settings.lora_max_rank if settings.compile else None,
-        )
         services = Services(
             settings,
             store,
@@ -203,9 +208,10 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
         jobs.on_change(webhooks.wake)
         if settings.on_postgres:  # changes committed by other nodes wake this node's waiters and sender
 
-            def on_notify(job_id: str, _event: str) -> None:
+            def on_notify(job_id: str, event: str) -> None:
                 jobs.wake(job_id)
-                webhooks.wake()
+                if event not in (EventKind.PROGRESS.value, EventKind.PREVIEW.value):  # steps: the sender's poll
+                    webhooks.wake()
 
             background.append(asyncio.create_task(listen(settings.database, on_notify)))
         sweeper = RetentionSweeper(store, storage, settings.retention_s, settings.retention_sweep_s)

@@ -227,7 +227,7 @@ def worker(
     SIGTERM gives the running job back to the queue now."""
     import asyncio
 
-    from .app import build_engine, build_registry, devices, server_secret
+    from .app import build_engine, build_lora_library, build_registry, devices, server_secret
     from .jobs import JobService
     from .logs import configure as configure_logging
     from .queue.pg import PgQueue
@@ -254,10 +254,11 @@ def worker(
     files = build_storage(settings.storage, settings.outputs_dir, secret, settings.base_url, settings.url_ttl_s,
                           settings.s3_endpoint_url)  # fmt: skip
     jobs = JobService(store, max_attempts=settings.max_attempts, lease_s=settings.lease_s)
+    loras = build_lora_library(settings)
     workers = [
         DeviceWorker(jobs, files, build_engine(settings, registry, d), registry, max_batch=settings.max_batch,
                      batch_max_pixels=settings.batch_max_pixels, png_compress_level=settings.png_compress_level,
-                     nice=settings.worker_nice, overlap_encoding=False)
+                     nice=settings.worker_nice, overlap_encoding=False, loras=loras)
         for d in devices(settings)
     ]  # fmt: skip
     timing = Timing(settings.lease_s, settings.shutdown_grace_s)

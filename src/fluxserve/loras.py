@@ -156,6 +156,21 @@ class LoraLibrary:
             adapters.append(Adapter(source=r.source, digest=digest, path=str(path), scale=float(r.scale)))
         return tuple(adapters)
 
+    def localize(self, adapters: tuple[Adapter, ...], model: ModelSpec) -> tuple[Adapter, ...]:
+        """On a worker: adapters whose file is not on this machine (the API node that checked them fetched
+        it into its own cache) fetched again here, from the same source; the content must be the same file."""
+        out = []
+        for a in adapters:
+            if Path(a.path).is_file():
+                out.append(a)
+                continue
+            request = LoraRequest(source=a.source, scale=a.scale, param="loras")
+            (here,) = asyncio.run(self.resolve([request], model))
+            if here.digest != a.digest:
+                raise InvalidInput(f"The adapter at {a.source!r} changed since the job was accepted.", param="loras")
+            out.append(here)
+        return tuple(out)
+
     async def _locate(self, r: LoraRequest) -> Path:
         source = r.source.strip()
         hub = _HUB_URL.match(source)

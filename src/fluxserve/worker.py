@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any, Literal, Protocol, TypeVar
 
 from PIL import Image, UnidentifiedImageError
@@ -25,8 +26,10 @@ from .engine.base import Cancelled, Engine, EngineRequest
 from .errors import FluxServeError, OutOfMemory, StoreUnavailable
 from .job import Job, Output
 from .jobs import JobService
+from .loras import LoraLibrary
 from .models import ModelRegistry
 from .outputs import EXTENSIONS, encode_image
+from .spec import GenerationSpec
 from .storage import Storage
 
 log = logging.getLogger(__name__)
@@ -88,7 +91,10 @@ class DeviceWorker:
         maintenance_s: float = 1.0,
         nice: int = 0,
         overlap_encoding: bool = True,
+        loras: LoraLibrary | None = None,
     ) -> None:
+        # Adapters an API node on another machine fetched are fetched again here (LoraLibrary.localize).
+        self._loras = loras
         self._nice = nice
         # A queue task (fluxserve.queue.runner) must not return before its images are stored.
         self._may_overlap = overlap_encoding
@@ -337,7 +343,7 @@ class DeviceWorker:
                 raise Cancelled
             requests = [
                 EngineRequest(
-                    job.spec,
+                    self._local_adapters(job.spec),
                     images=[self._load_input(key) for key in job.spec.images],
                     mask=self._load_input(job.spec.mask) if job.spec.mask else None,
                 )
@@ -374,6 +380,11 @@ class DeviceWorker:
         except Exception as exc:  # the worker must outlive any one job
             log.exception("jobs %s failed", [j.id for j in batch])
             self._fail(batch, f"Generation failed: {type(exc).__name__}: {exc}")
+
+    def _local_adapters(self, spec: GenerationSpec) -> GenerationSpec:
+        if not spec.loras or self._loras is None:
+            return spec
+        return replace(spec, loras=self._loras.localize(spec.loras, self._registry.get(spec.model)))
 
     def _fail(self, batch: list[Job], message: str) -> None:
         for job in batch:

@@ -112,7 +112,7 @@ class LocalQueueWorkers:
         timing: Timing,
     ) -> None:  # fmt: skip
         self._run: Callable[[asyncio.Event, asyncio.Event], Any] = lambda stop, now: run_devices(
-            url, jobs, queue, devices, models, timing, stop, now
+            url, jobs, queue, devices, models, timing, stop, now, sweep=False
         )
         self._devices = devices
         self._grace_s = timing.grace_s

@@ -134,7 +134,7 @@ async def sweep_forever(jobs: JobService, queue: PgQueue, timing: Timing) -> Non
 
 async def run_devices(
     url: str, jobs: JobService, queue: PgQueue, devices: Sequence[DeviceWorker], models: list[str], timing: Timing,
-    stop: asyncio.Event, stop_now: asyncio.Event,
+    stop: asyncio.Event, stop_now: asyncio.Event, *, sweep: bool = True,
 ) -> int:  # fmt: skip
     """Load, then fetch until ``stop`` (finish the running job within grace_s; past it, or on ``stop_now``,
     give it back). Returns the exit status: 1 when no device loaded."""
@@ -172,10 +172,12 @@ async def run_devices(
                 )
                 for d in ready
             ]
-            sweeper = asyncio.create_task(sweep_forever(jobs, queue, timing))
+            # `serve` runs its sweep beside the API; a worker process runs its own.
+            sweeper = asyncio.create_task(sweep_forever(jobs, queue, timing)) if sweep else None
             await stop.wait()
             log.info("stopping: the running job may finish within %.0f s, queued jobs stay queued", timing.grace_s)
-            sweeper.cancel()
+            if sweeper is not None:
+                sweeper.cancel()
             for run in runs:
                 run.cancel()  # procrastinate's graceful stop: no new fetches, the running job finishes
 
