@@ -107,6 +107,13 @@ def test_cancel_of_a_queued_job_cancels_its_entry_and_of_a_running_one_asks_to_a
     assert abort is True
 
 
+def test_a_queued_job_past_its_deadline_leaves_the_queue(jobs: JobService) -> None:
+    job = _submit(jobs, deadline=time.time() - 1)
+    assert jobs.expire() == (1, 0, 0)
+    assert jobs.store.get_job(job.id).status is Status.ABORTED  # type: ignore[union-attr]
+    assert _pc(jobs, job.id)[0] == "cancelled"
+
+
 def test_two_workers_claiming_batches_at_once_never_share_a_job(jobs: JobService) -> None:
     queue = jobs.store.queue
     assert isinstance(queue, PgQueue)

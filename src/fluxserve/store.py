@@ -464,7 +464,10 @@ class Store:
         """
         fence = Fence(job_id, attempt, worker_id)
         with self._write() as conn:
-            return _transition(conn, fence, kind, list(expect), values, payload or {}, lease_before)
+            job = _transition(conn, fence, kind, list(expect), values, payload or {}, lease_before)
+            if job is not None and kind is EventKind.ABORTED and self.queue is not None:
+                self.queue.cancel(conn, job_id)  # past its Cancel-After while queued: no worker fetches it
+            return job
 
     def transition_many(
         self, fences: list[Fence], kind: EventKind, *, expect: Iterable[Status], values: Values,
