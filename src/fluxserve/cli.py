@@ -208,10 +208,12 @@ def serve(
 
 @app.command()
 def worker(
-    database: Annotated[str, typer.Option(help="The shared PostgreSQL database (postgresql://...).")],
+    database: Annotated[
+        str | None, typer.Option(help="The shared PostgreSQL database, postgresql://... [env FLUXSERVE_DATABASE_URL].")
+    ] = None,
     storage: Annotated[str | None, typer.Option(help="file:///path or s3://bucket/prefix, as the API nodes.")] = None,
     device: Annotated[str | None, typer.Option(help="cuda:0, cpu, ...; cuda:0,cuda:1 or all: a worker each.")] = None,
-    models: Annotated[str | None, typer.Option(help="Model names to serve [default: all configured].")] = None,
+    models: Annotated[str | None, typer.Option(help="Model names to serve, comma-separated (default: all).")] = None,
     demo: Annotated[bool | None, typer.Option("--demo", help="Serve every model name with the demo model.")] = None,
     data_dir: DataDir = None,
     model_config: Annotated[Path | None, typer.Option("--model-config", help="TOML file of model names.")] = None,
