@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import inspect
 import io
 import warnings
 from collections.abc import Callable
@@ -200,7 +201,9 @@ async def _fetch(
                                 param=param,
                                 code="image_too_large" if code == "invalid_image_url" else "file_too_large",
                             )
-                        sink(chunk)
+                        written = sink(chunk)
+                        if inspect.isawaitable(written):  # a sink that writes to disk does it off the loop
+                            await written
                     return
             except httpx.HTTPError as exc:
                 raise InvalidInput(

@@ -102,6 +102,9 @@ def _family_of(model: ModelSpec) -> str:
 _FAMILY_NAMES = {"flux1": "FLUX.1", "flux2": "FLUX.2"}
 
 
+WRITE_BYTES = 4 * 1024 * 1024  # a fetched adapter goes to disk in pieces this size
+
+
 class LoraLibrary:
     """Resolves requested adapters to local files; keeps fetched ones in a size-capped LRU cache."""
 
@@ -229,15 +232,20 @@ class LoraLibrary:
         self.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = self.cache_dir / f".fetch-{secrets.token_hex(8)}"
         digest = hashlib.sha256()
+        pending = bytearray()
         try:
             with open(tmp, "wb") as f:
-
-                def sink(chunk: bytes) -> None:
-                    f.write(chunk)
+                # Written off the event loop, a few MB at a time: a slow disk delays this fetch, not the server.
+                async def sink(chunk: bytes) -> None:
                     digest.update(chunk)
+                    pending.extend(chunk)
+                    if len(pending) >= WRITE_BYTES:
+                        await asyncio.to_thread(f.write, bytes(pending))
+                        pending.clear()
 
                 await fetch_url(url, sink, param=r.param, allow_private=self.allow_private, max_bytes=self.max_bytes,
                                 timeout_s=FETCH_TIMEOUT_S, what="the adapter", code="invalid_lora_url")  # fmt: skip
+                await asyncio.to_thread(f.write, bytes(pending))
             final = self.cache_dir / f"{digest.hexdigest()}{SUFFIX}"
             os.replace(tmp, final)
         finally:
