@@ -195,6 +195,8 @@ def test_api_nodes_share_jobs_webhooks_and_idempotency_keys(
         RemoteWorker(tmp_path / "w", db, storage, demo_model_dir, models="flux-dev"),
         webhook_receiver(got) as hook,
     ):
+        # An API node is light: no torch in its address space.
+        assert a.proc is not None and "libtorch" not in Path(f"/proc/{a.proc.pid}/maps").read_text()
         # Webhooks: written by the worker's transitions, sent by whichever API node claims each delivery.
         resp = httpx.post(
             f"{a.url}/v1/models/black-forest-labs/flux-dev/predictions", headers=AUTH, timeout=30,
