@@ -37,7 +37,7 @@ from .models import ModelRegistry
 from .queue.listen import listen
 from .retention import RetentionSweeper
 from .settings import Settings
-from .storage import build_storage, load_or_create_secret
+from .storage import Storage, build_storage, load_or_create_secret
 from .store import Store
 from .webhooks import WebhookSender
 from .worker import DeviceWorker, Dispatcher, WorkerPool
@@ -93,6 +93,18 @@ def build_engine(settings: Settings, registry: ModelRegistry, device: str | None
         demo_dir = settings.demo_model_dir
         engine.before_load = lambda: build_demo_model(demo_dir)
     return engine
+
+
+def build_device_workers(
+    settings: Settings, jobs: JobService, storage: Storage, registry: ModelRegistry, loras: LoraLibrary,
+    engines: list[Engine] | None = None, **kw: Any,
+) -> list[DeviceWorker]:  # fmt: skip
+    """One DeviceWorker per device (`serve` and `worker` alike); ``engines`` replace the devices' (tests)."""
+    chosen = engines or [build_engine(settings, registry, d) for d in devices(settings)]
+    return [DeviceWorker(jobs, storage, e, registry, max_batch=settings.max_batch,
+                         batch_max_pixels=settings.batch_max_pixels, png_compress_level=settings.png_compress_level,
+                         nice=settings.worker_nice, loras=loras, **kw)
+            for e in chosen]  # fmt: skip
 
 
 def build_lora_library(settings: Settings) -> LoraLibrary:
@@ -169,14 +181,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
         lora_library = build_lora_library(settings)
 
         def device_workers(**kw: Any) -> list[DeviceWorker]:
-            chosen = engines or (
-                [engine] if engine else [build_engine(settings, registry, d) for d in devices(settings)]
-            )
-            return [DeviceWorker(jobs, storage, e, registry, max_batch=settings.max_batch,
-                                 batch_max_pixels=settings.batch_max_pixels,
-                                 png_compress_level=settings.png_compress_level, nice=settings.worker_nice,
-                                 loras=lora_library, **kw)
-                    for e in chosen]  # fmt: skip
+            chosen = engines or ([engine] if engine else None)
+            return build_device_workers(settings, jobs, storage, registry, lora_library, chosen, **kw)
 
         background: list[asyncio.Task[None]] = []
         workers: Dispatcher

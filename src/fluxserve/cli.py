@@ -229,13 +229,12 @@ def worker(
     SIGTERM gives the running job back to the queue now."""
     import asyncio
 
-    from .app import build_engine, build_lora_library, build_registry, devices, server_secret
+    from .app import build_device_workers, build_lora_library, build_registry, server_secret
     from .jobs import JobService
     from .logs import configure as configure_logging
     from .queue.pg import PgQueue
     from .queue.runner import WORKER_POOL, Timing, install_stop_signals, run_devices
     from .storage import build_storage
-    from .worker import DeviceWorker
 
     settings = _settings(database_url=database, storage=storage, device=device, models=models, demo=demo,
                          data_dir=data_dir, model_config_file=model_config, max_batch=max_batch, compile=compile,
@@ -257,12 +256,7 @@ def worker(
                           settings.s3_endpoint_url)  # fmt: skip
     jobs = JobService(store, max_attempts=settings.max_attempts, lease_s=settings.lease_s)
     loras = build_lora_library(settings)
-    workers = [
-        DeviceWorker(jobs, files, build_engine(settings, registry, d), registry, max_batch=settings.max_batch,
-                     batch_max_pixels=settings.batch_max_pixels, png_compress_level=settings.png_compress_level,
-                     nice=settings.worker_nice, overlap_encoding=False, loras=loras)
-        for d in devices(settings)
-    ]  # fmt: skip
+    workers = build_device_workers(settings, jobs, files, registry, loras, overlap_encoding=False)
     timing = Timing(settings.lease_s, settings.shutdown_grace_s)
 
     async def main() -> int:
