@@ -115,7 +115,14 @@ def test_chaos_kill_cancel_sigterm_every_job_ends_once(
             w3.start()
 
             # 2. Cancel a job while it runs, through the API node.
-            running = wait_for(lambda: _running_on(db, w2.pid), lambda j: j is not None and j != killed, timeout=60)
+            # Early in its 12 steps, so the cancel cannot lose the race with the job's end.
+            def early_on_w2() -> str | None:
+                job = _running_on(db, w2.pid)
+                if job is None or job == killed:
+                    return None
+                return job if int(sql(db, "SELECT progress_done FROM jobs WHERE id = %s", job)[0][0]) <= 4 else None  # type: ignore[call-overload]
+
+            running = wait_for(early_on_w2, lambda j: j is not None, timeout=60, interval=0.02)
             assert running is not None
             resp = httpx.post(f"{api.url}/v1/predictions/{running}/cancel", headers=AUTH, timeout=10)
             assert resp.status_code == 200, resp.text
@@ -257,7 +264,7 @@ def test_workers_take_only_their_models_and_a_second_sigterm_gives_the_job_back(
             # /health reads the registry in the background (every quarter lease): it catches up within one.
             health = wait_for(
                 lambda: httpx.get(f"{api.url}/health", timeout=10).json(),
-                lambda h: [w["current_job"] for w in h["engine"]["workers"]] == [slow],
+                lambda h: h["status"] == "ready" and [w["current_job"] for w in h["engine"]["workers"]] == [slow],
                 timeout=10,
             )
             assert health["status"] == "ready" and health["models"] == ["flux-dev"], health
