@@ -13,6 +13,7 @@ from fluxserve.job import EventKind, Job, Output, Status, new_job_id
 from fluxserve.jobs import JobService
 from fluxserve.migrations import LATEST, current_version, open_store, upgrade
 from fluxserve.models import ModelRegistry
+from fluxserve.api.replicate import WEBHOOKS as REPLICATE_WEBHOOKS
 from fluxserve.store import Store
 
 
@@ -177,6 +178,7 @@ def test_other_owner_sees_nothing(tmp_path: Path) -> None:
 
 def test_webhook_deliveries_are_written_with_the_transition_and_throttled(tmp_path: Path) -> None:
     jobs = _service(tmp_path)
+    jobs.store.webhook_rules = {"vmodel": REPLICATE_WEBHOOKS}  # the dialects' rules, as app.build_core sets them
     webhook = {"url": "https://example.com/hook", "events": ["start", "logs", "completed"]}
     job = _submit(jobs, webhook=webhook)
     claimed = jobs.claim("w1")
@@ -237,6 +239,7 @@ def test_migrations_are_numbered_idempotent_and_upgrade_an_old_database(tmp_path
         "3: per-key limits, image counts",
         "4: file retention, encoding time",
         "5: queue rows, shared secret, worker registry",
+        "6: fair priority",
     ]
     assert upgrade(store.engine) == []
     assert current_version(store.engine) == LATEST

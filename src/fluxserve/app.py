@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from .api import files, usage
 from .api import loras as lora_routes
 from .api.bodylimit import BodyLimit
 from .api.deps import Services
-from .api.dialects import DIALECTS, render_error, render_for_webhook, webhook_secret_for
+from .api.dialects import DIALECTS, render_error, render_for_webhook, webhook_rules, webhook_secret_for
 from .api.errors import install_error_handlers
 from .api.ratelimit import RateLimitHeaders
 from .auth import Authenticator
@@ -34,13 +35,15 @@ from .loras import LoraLibrary
 from .metrics import Metrics
 from .migrations import open_store
 from .models import ModelRegistry
+from .queue import build as build_queue
+from .queue.base import Queue
 from .queue.listen import listen
 from .retention import RetentionSweeper
 from .settings import Settings
 from .storage import Storage, build_storage, load_or_create_secret
 from .store import Store
 from .webhooks import WebhookSender
-from .worker import DeviceWorker, Dispatcher, WorkerPool
+from .worker import DeviceWorker
 
 log = logging.getLogger(__name__)
 
@@ -96,15 +99,31 @@ def build_engine(settings: Settings, registry: ModelRegistry, device: str | None
 
 
 def build_device_workers(
-    settings: Settings, jobs: JobService, storage: Storage, registry: ModelRegistry, loras: LoraLibrary,
-    engines: list[Engine] | None = None, **kw: Any,
-) -> list[DeviceWorker]:  # fmt: skip
+    settings: Settings,
+    jobs: JobService,
+    storage: Storage,
+    registry: ModelRegistry,
+    loras: LoraLibrary,
+    engines: list[Engine] | None = None,
+    **kw: Any,
+) -> list[DeviceWorker]:
     """One DeviceWorker per device (`serve` and `worker` alike); ``engines`` replace the devices' (tests)."""
     chosen = engines or [build_engine(settings, registry, d) for d in devices(settings)]
-    return [DeviceWorker(jobs, storage, e, registry, max_batch=settings.max_batch,
-                         batch_max_pixels=settings.batch_max_pixels, png_compress_level=settings.png_compress_level,
-                         nice=settings.worker_nice, loras=loras, **kw)
-            for e in chosen]  # fmt: skip
+    return [
+        DeviceWorker(
+            jobs,
+            storage,
+            e,
+            registry,
+            max_batch=settings.max_batch,
+            batch_max_pixels=settings.batch_max_pixels,
+            png_compress_level=settings.png_compress_level,
+            nice=settings.worker_nice,
+            loras=loras,
+            **kw,
+        )
+        for e in chosen
+    ]
 
 
 def build_lora_library(settings: Settings) -> LoraLibrary:
@@ -120,6 +139,41 @@ def build_lora_library(settings: Settings) -> LoraLibrary:
     )
 
 
+@dataclass(frozen=True)
+class Core:
+    """What every process of a deployment builds alike (`serve`, `serve --api-only`, `worker`)."""
+
+    store: Store
+    registry: ModelRegistry
+    secret: bytes
+    storage: Storage
+    jobs: JobService
+    queue: Queue
+    loras: LoraLibrary
+
+    def device_workers(self, settings: Settings, engines: list[Engine] | None = None, **kw: Any) -> list[DeviceWorker]:
+        return build_device_workers(settings, self.jobs, self.storage, self.registry, self.loras, engines, **kw)
+
+    def close(self) -> None:
+        self.jobs.close()
+        self.store.close()
+
+
+def build_core(settings: Settings, store: Store) -> Core:
+    """The one wiring: registry, secret, storage, the job service and its queue (chosen here, once) over
+    an opened store, with the dialects' webhook rules."""
+    store.webhook_rules = webhook_rules()
+    registry = build_registry(settings)
+    secret = server_secret(settings, store)
+    storage = build_storage(
+        settings.storage, settings.outputs_dir, secret, settings.base_url, settings.url_ttl_s, settings.s3_endpoint_url
+    )
+    defaults = Limits(settings.max_queued_per_key, settings.rpm_per_key, settings.images_per_day_per_key)
+    jobs = JobService(store, max_attempts=settings.max_attempts, lease_s=settings.lease_s, limits=defaults)
+    queue = build_queue(settings, jobs)
+    return Core(store, registry, secret, storage, jobs, queue, build_lora_library(settings))
+
+
 def server_secret(settings: Settings, store: Store) -> bytes:
     """FLUXSERVE_SECRET (hex, or any string, hashed), else on a shared database the one kept there (every
     node signs alike), else the data dir's secret.key."""
@@ -133,34 +187,6 @@ def server_secret(settings: Settings, store: Store) -> bytes:
     return load_or_create_secret(settings.data_dir / "secret.key")
 
 
-def _queue_dispatch(
-    settings: Settings, store: Store, jobs: JobService, registry: ModelRegistry,
-    device_workers: Callable[..., list[DeviceWorker]],
-) -> tuple[Dispatcher, list[asyncio.Task[None]]]:  # fmt: skip
-    """PostgreSQL: procrastinate dispatches; this node runs its own queue workers unless --api-only, and the
-    stall sweep (one node at a time) either way."""
-    from .queue.cluster import ClusterView, LocalQueueWorkers
-    from .queue.pg import PgQueue
-    from .queue.runner import Timing, sweep_forever
-
-    queue = PgQueue(store)
-    store.queue = queue
-    timing = Timing(settings.lease_s, settings.shutdown_grace_s)
-    local = None
-    if not settings.api_only:
-        models = list(registry.names)
-        local = LocalQueueWorkers(settings.database, jobs, queue, device_workers(overlap_encoding=False), models,
-                                  timing)  # fmt: skip
-    view = ClusterView(store, timing, local)
-
-    async def refresh_forever() -> None:
-        while True:
-            await asyncio.to_thread(view.refresh)
-            await asyncio.sleep(timing.heartbeat_s)
-
-    return view, [asyncio.create_task(refresh_forever()), asyncio.create_task(sweep_forever(jobs, queue, timing))]
-
-
 def _count(app: FastAPI, route: str, method: str, status: int) -> None:
     metrics: Metrics | None = getattr(app.state, "metrics", None)  # None before the lifespan started
     if metrics is not None:
@@ -171,25 +197,16 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        store = open_store(settings.database)
-        registry = build_registry(settings)
-        secret = server_secret(settings, store)
-        storage = build_storage(settings.storage, settings.outputs_dir, secret, settings.base_url,
-                                settings.url_ttl_s, settings.s3_endpoint_url)  # fmt: skip
-        defaults = Limits(settings.max_queued_per_key, settings.rpm_per_key, settings.images_per_day_per_key)
-        jobs = JobService(store, max_attempts=settings.max_attempts, lease_s=settings.lease_s, limits=defaults)
-        lora_library = build_lora_library(settings)
-
-        def device_workers(**kw: Any) -> list[DeviceWorker]:
-            chosen = engines or ([engine] if engine else None)
-            return build_device_workers(settings, jobs, storage, registry, lora_library, chosen, **kw)
-
-        background: list[asyncio.Task[None]] = []
-        workers: Dispatcher
-        if settings.on_postgres:
-            workers, background = _queue_dispatch(settings, store, jobs, registry, device_workers)
-        else:
-            workers = WorkerPool(device_workers())
+        core = build_core(settings, open_store(settings.database))
+        store, registry, storage, jobs, queue = core.store, core.registry, core.storage, core.jobs, core.queue
+        # The queue's workers run on a thread (SQLite) or as this node's queue workers (PostgreSQL; their
+        # images are stored before the task returns, so no overlapped encoding); an API node runs none.
+        device_workers = None
+        if not settings.api_only:
+            overlap = {} if queue.name == "local" else {"overlap_encoding": False}
+            device_workers = core.device_workers(settings, engines or ([engine] if engine else None), **overlap)
+        workers = queue.dispatcher(device_workers)
+        background = [asyncio.create_task(loop) for loop in queue.background()]
         services = Services(
             settings,
             store,
@@ -198,8 +215,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
             jobs,
             workers,
             Authenticator(store, settings.api_key),
-            secret,
-            lora_library,
+            core.secret,
+            core.loras,
         )
         app.state.services = services
         app.state.metrics = Metrics(store, lambda: workers.state, settings.metrics_token or settings.api_key)
@@ -212,7 +229,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
         )
         jobs.on_change(lambda job, kind: workers.wake() if kind in (EventKind.SUBMITTED, EventKind.REQUEUED) else None)
         jobs.on_change(webhooks.wake)
-        if settings.on_postgres:  # changes committed by other nodes wake this node's waiters and sender
+        if queue.name == "postgres":  # changes committed by other nodes wake this node's waiters and sender
 
             def on_notify(job_id: str, event: str) -> None:
                 jobs.wake(job_id)
@@ -233,8 +250,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
             sweeper.stop()
             workers.stop()
             webhooks.stop()
-            jobs.close()
-            store.close()
+            core.close()
 
     app = FastAPI(title="fluxserve", version=__version__, lifespan=lifespan)
     app.add_middleware(BodyLimit, idle_s=settings.body_idle_timeout_s)  # inside CORS: browsers read its 413s

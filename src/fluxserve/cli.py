@@ -186,8 +186,10 @@ def serve(
     if not settings.api_only:
         _check_engine_installed()
     elif not (settings.storage or "").startswith("s3://"):
-        typer.echo(f"Storage is the folder {settings.storage or settings.outputs_dir}: every API node and worker "
-                   "must see this same folder (or use --storage s3://bucket/prefix).")  # fmt: skip
+        typer.echo(
+            f"Storage is the folder {settings.storage or settings.outputs_dir}: every API node and worker "
+            "must see this same folder (or use --storage s3://bucket/prefix)."
+        )
     if settings.quantize == "fp8":
         _check_fp8(settings)
     configure_logging(settings.log_format)
@@ -201,9 +203,14 @@ def serve(
         typer.echo("Demo mode: every model name is served by the demo model (random weights, images are noise).")
     # fluxserve logs each request itself (with its id, without query strings, which carry URL signatures).
     uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, log_level="info", access_log=False,
-        log_config=None, http=header_deadline_protocol(settings.header_timeout_s),
-    )  # fmt: skip
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        access_log=False,
+        log_config=None,
+        http=header_deadline_protocol(settings.header_timeout_s),
+    )
 
 
 @app.command()
@@ -229,16 +236,24 @@ def worker(
     SIGTERM gives the running job back to the queue now."""
     import asyncio
 
-    from .app import build_device_workers, build_lora_library, build_registry, server_secret
-    from .jobs import JobService
+    from .app import build_core
     from .logs import configure as configure_logging
-    from .queue.pg import PgQueue
-    from .queue.runner import WORKER_POOL, Timing, install_stop_signals, run_devices
-    from .storage import build_storage
+    from .queue.runner import WORKER_POOL, install_stop_signals
 
-    settings = _settings(database_url=database, storage=storage, device=device, models=models, demo=demo,
-                         data_dir=data_dir, model_config_file=model_config, max_batch=max_batch, compile=compile,
-                         quantize=quantize, offload=offload, lora_dir=lora_dir)  # fmt: skip
+    settings = _settings(
+        database_url=database,
+        storage=storage,
+        device=device,
+        models=models,
+        demo=demo,
+        data_dir=data_dir,
+        model_config_file=model_config,
+        max_batch=max_batch,
+        compile=compile,
+        quantize=quantize,
+        offload=offload,
+        lora_dir=lora_dir,
+    )
     if not settings.on_postgres:
         typer.echo("fluxserve: worker needs the shared PostgreSQL database (--database postgresql://...)", err=True)
         raise typer.Exit(2)
@@ -247,29 +262,19 @@ def worker(
         _check_fp8(settings)
     configure_logging(settings.log_format)
     settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # demo model, compile cache, LoRA cache
-    store = _open_store(settings.database, role="worker", pool_size=WORKER_POOL, pool_overflow=0)
-    queue = PgQueue(store)
-    store.queue = queue
-    registry = build_registry(settings)
-    secret = server_secret(settings, store)
-    files = build_storage(settings.storage, settings.outputs_dir, secret, settings.base_url, settings.url_ttl_s,
-                          settings.s3_endpoint_url)  # fmt: skip
-    jobs = JobService(store, max_attempts=settings.max_attempts, lease_s=settings.lease_s)
-    loras = build_lora_library(settings)
-    workers = build_device_workers(settings, jobs, files, registry, loras, overlap_encoding=False)
-    timing = Timing(settings.lease_s, settings.shutdown_grace_s)
+    core = build_core(settings, _open_store(settings.database, role="worker", pool_size=WORKER_POOL, pool_overflow=0))
+    # procrastinate's task returns only once the images are stored: no overlapped encoding.
+    workers = core.device_workers(settings, overlap_encoding=False)
 
     async def main() -> int:
         stop, stop_now = asyncio.Event(), asyncio.Event()
         install_stop_signals(stop, stop_now)
-        return await run_devices(settings.database, jobs, queue, workers, list(registry.names), timing, stop,
-                                 stop_now)  # fmt: skip
+        return await core.queue.run_workers(workers, stop, stop_now)
 
     try:
         code = asyncio.run(main())
     finally:
-        jobs.close()
-        store.close()
+        core.close()
     raise typer.Exit(code)
 
 
@@ -361,8 +366,10 @@ def usage_report(
         return
     typer.echo(f"{'day':<10}  {'key':<20}  {'model':<20}  {'jobs':>6}  {'images':>7}  {'MP':>9}  {'worker s':>9}")
     for r in rows:
-        typer.echo(f"{r.day:<10}  {r.key[:20]:<20}  {r.model[:20]:<20}  {r.jobs:>6}  {r.images:>7}  "
-                   f"{r.megapixels:>9.2f}  {r.worker_seconds:>9.1f}")  # fmt: skip
+        typer.echo(
+            f"{r.day:<10}  {r.key[:20]:<20}  {r.model[:20]:<20}  {r.jobs:>6}  {r.images:>7}  "
+            f"{r.megapixels:>9.2f}  {r.worker_seconds:>9.1f}"
+        )
 
 
 @keys_app.command("list")
@@ -423,10 +430,16 @@ def generate(
             raise typer.BadParameter(f"--format must be one of {', '.join(EXTENSIONS)}", param_hint="--format")
         width, height = parse_size(size, param="--size")
         spec = registry.get(model, param="--model").make_spec(
-            prompt=prompt, width=width, height=height, num_images=n, steps=steps, guidance=guidance, seed=seed,
+            prompt=prompt,
+            width=width,
+            height=height,
+            num_images=n,
+            steps=steps,
+            guidance=guidance,
+            seed=seed,
             output_format=output_format,  # type: ignore[arg-type]
             params={"size": "--size", "steps": "--steps", "guidance": "--guidance", "seed": "--seed"},
-        )  # fmt: skip
+        )
     except FluxServeError as exc:
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(2) from exc

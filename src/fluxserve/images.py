@@ -133,8 +133,9 @@ async def fetch_image_bytes(
     if url.startswith("data:"):
         return decode_data_url(url, param=param)
     body = bytearray()
-    await fetch_url(url, body.extend, param=param, allow_private=allow_private, max_bytes=max_bytes,
-                    transport=transport)  # fmt: skip
+    await fetch_url(
+        url, body.extend, param=param, allow_private=allow_private, max_bytes=max_bytes, transport=transport
+    )
     return bytes(body)
 
 
@@ -156,8 +157,16 @@ async def fetch_url(
     try:
         # One deadline for the whole fetch, redirects and a trickling body included.
         async with asyncio.timeout(timeout_s):
-            await _fetch(url, sink, param=param, allow_private=allow_private, max_bytes=max_bytes, what=what,
-                         code=code, transport=transport)  # fmt: skip
+            await _fetch(
+                url,
+                sink,
+                param=param,
+                allow_private=allow_private,
+                max_bytes=max_bytes,
+                what=what,
+                code=code,
+                transport=transport,
+            )
     except TimeoutError as exc:
         raise InvalidInput(
             f"{param}: fetching the URL took longer than {timeout_s:g} s.", param=param, code=code

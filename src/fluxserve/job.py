@@ -57,18 +57,6 @@ class EventKind(StrEnum):
         return self in (EventKind.SUCCEEDED, EventKind.FAILED, EventKind.CANCELED, EventKind.ABORTED)
 
 
-# Replicate's webhook event names, the only ones with deliveries, for each transition.
-WEBHOOK_EVENTS: dict[EventKind, tuple[str, ...]] = {
-    EventKind.STARTED: ("start",),
-    EventKind.PROGRESS: ("logs",),
-    EventKind.SUCCEEDED: ("output", "completed"),
-    EventKind.FAILED: ("completed",),
-    EventKind.CANCELED: ("completed",),
-    EventKind.ABORTED: ("completed",),
-}
-ALL_WEBHOOK_EVENTS = ("start", "output", "logs", "completed")
-
-
 @dataclass(frozen=True)
 class JobEvent:
     id: int

@@ -24,10 +24,10 @@ from typing import Any, TypeVar
 
 from .errors import Conflict, NotFound
 from .job import EventKind, Job, Output, Status, new_job_id
-from .limits import Limits
+from .limits import Limits, admit
 from .limits import note as note_rate_headers
 from .spec import GenerationSpec
-from .store import Fence, Store, outputs_json
+from .store import Fence, Store, key_limits, outputs_json, usage
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -73,10 +73,21 @@ class JobService:
             return None
         if kind is not EventKind.PROGRESS and kind is not EventKind.PREVIEW:  # one line per transition, not step
             log.info(
-                "job %s %s model=%s attempt=%d", job.id, kind.value, job.spec.model, job.attempts,
-                extra={"job_id": job.id, "event": kind.value, "model": job.spec.model, "status": job.status.value,
-                       "attempt": job.attempts, "owner": job.owner, "worker": job.worker_id},
-            )  # fmt: skip
+                "job %s %s model=%s attempt=%d",
+                job.id,
+                kind.value,
+                job.spec.model,
+                job.attempts,
+                extra={
+                    "job_id": job.id,
+                    "event": kind.value,
+                    "model": job.spec.model,
+                    "status": job.status.value,
+                    "attempt": job.attempts,
+                    "owner": job.owner,
+                    "worker": job.worker_id,
+                },
+            )
         self.wake(job.id)
         for callback in self._on_change:
             try:
@@ -129,13 +140,21 @@ class JobService:
             fingerprint=fingerprint,
             progress_total=spec.steps,
         )
-        headers = self.store.insert_job(job, self.limits)
+        headers = self.store.insert_job(job, self._admit if self.limits is not None else None)
         if headers is None:  # a concurrent request with the same key won the insert
             existing = self.store.find_idempotent(owner, idempotency_key or "")
             assert existing is not None
             return self._replay(existing, fingerprint), {}
         self._changed(job, EventKind.SUBMITTED)
         return job, headers
+
+    def _admit(self, conn: Any, job: Job) -> dict[str, str]:
+        """Per-key limits, counted inside the insert's transaction: RateLimited past one, else its headers."""
+        assert self.limits is not None
+        effective = self.limits.over(key_limits(conn, job.owner))
+        if not effective.any:
+            return {}
+        return admit(effective, usage(conn, job.owner, job.created_at), job.spec.num_images, job.created_at)
 
     @staticmethod
     def _replay(existing: Job, fingerprint: str | None) -> Job:
@@ -206,8 +225,9 @@ class JobService:
         fences = [Fence(j.id, j.attempts, j.worker_id) for j in batch]
         values = {"progress_done": done, "progress_total": total}
         payload = {"step": done, "total": total}
-        now = self.store.transition_many(fences, EventKind.PROGRESS, expect=[Status.PROCESSING], values=values,
-                                         payload=payload)  # fmt: skip
+        now = self.store.transition_many(
+            fences, EventKind.PROGRESS, expect=[Status.PROCESSING], values=values, payload=payload
+        )
         for job in now:
             self._changed(job, EventKind.PROGRESS)
         return now
@@ -220,8 +240,12 @@ class JobService:
 
     def complete(self, job: Job, outputs: list[Output], *, encode_s: float | None = None) -> bool:
         """``encode_s``: the time spent encoding and storing its images (the metrics' encoding stage)."""
-        values = {"status": Status.SUCCEEDED.value, "completed_at": time.time(), "outputs": outputs_json(outputs),
-                  "encode_s": encode_s}  # fmt: skip
+        values = {
+            "status": Status.SUCCEEDED.value,
+            "completed_at": time.time(),
+            "outputs": outputs_json(outputs),
+            "encode_s": encode_s,
+        }
         return self._fenced(job, EventKind.SUCCEEDED, values, {"outputs": [o.key for o in outputs]}) is not None
 
     def fail(self, job: Job, error: str, *, lease_before: float | None = None) -> bool:
@@ -234,8 +258,13 @@ class JobService:
 
     def requeue(self, job: Job, reason: str, *, give_back_attempt: bool, lease_before: float | None = None) -> bool:
         """Back to the queue: a clean shutdown gives the attempt back, a lost worker does not."""
-        values: dict[str, Any] = {"status": Status.QUEUED.value, "progress_done": 0, "previews": "[]",
-                                  "worker_id": None, "lease_expires_at": None}  # fmt: skip
+        values: dict[str, Any] = {
+            "status": Status.QUEUED.value,
+            "progress_done": 0,
+            "previews": "[]",
+            "worker_id": None,
+            "lease_expires_at": None,
+        }
         if give_back_attempt:
             values["attempts"] = job.attempts - 1
         return self._fenced(job, EventKind.REQUEUED, values, {"reason": reason}, lease_before) is not None
@@ -257,9 +286,12 @@ class JobService:
                 job.id,
                 EventKind.ABORTED,
                 expect=[Status.QUEUED],
-                values={"status": Status.ABORTED.value, "completed_at": now,
-                        "error": "The Cancel-After deadline passed before the job started."},
-            )  # fmt: skip
+                values={
+                    "status": Status.ABORTED.value,
+                    "completed_at": now,
+                    "error": "The Cancel-After deadline passed before the job started.",
+                },
+            )
             aborted += self._changed(done, EventKind.ABORTED) is not None
         for job in self.store.expired_leases(now):
             if job.attempts >= self.max_attempts:

@@ -57,8 +57,9 @@ def admit(limits: Limits, usage: Usage, images: int, now: float) -> dict[str, st
         if usage.last_minute + 1 > limits.rpm:
             refused.append((f"{limits.rpm} requests per minute", minute_reset))
     if limits.images_per_day:
-        headers |= _headers("images", limits.images_per_day, limits.images_per_day - usage.images_today - images,
-                            day_reset)  # fmt: skip
+        headers |= _headers(
+            "images", limits.images_per_day, limits.images_per_day - usage.images_today - images, day_reset
+        )
         if usage.images_today + images > limits.images_per_day:
             refused.append((f"{limits.images_per_day} images per day (UTC); {usage.images_today} used", day_reset))
     if limits.max_queued:
@@ -68,8 +69,9 @@ def admit(limits: Limits, usage: Usage, images: int, now: float) -> dict[str, st
     if refused:
         what = "; ".join(w for w, _ in refused)
         retry = max(s for _, s in refused)
-        raise RateLimited(f"Rate limit reached for this API key: {what}. Retry after {retry} s.",
-                          retry_after=retry, headers=headers)  # fmt: skip
+        raise RateLimited(
+            f"Rate limit reached for this API key: {what}. Retry after {retry} s.", retry_after=retry, headers=headers
+        )
     return headers
 
 

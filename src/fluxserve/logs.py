@@ -80,7 +80,17 @@ class RequestLog:
                 self._on_done(route, scope["method"], status["code"])
             ms = round((time.perf_counter() - start) * 1000, 1)
             request_log.info(
-                "%s %s %d %.1fms id=%s", scope["method"], route, status["code"], ms, request_id,
-                extra={"request_id": request_id, "method": scope["method"], "route": route,
-                       "status": status["code"], "ms": ms},
-            )  # fmt: skip
+                "%s %s %d %.1fms id=%s",
+                scope["method"],
+                route,
+                status["code"],
+                ms,
+                request_id,
+                extra={
+                    "request_id": request_id,
+                    "method": scope["method"],
+                    "route": route,
+                    "status": status["code"],
+                    "ms": ms,
+                },
+            )

@@ -140,8 +140,9 @@ class LoraLibrary:
             except (ValueError, UnicodeDecodeError, OSError):
                 continue  # not loadable: requests naming it get the reason
             rel = path.relative_to(self.lora_dir).as_posix()
-            out.append({"name": rel.removesuffix(SUFFIX), "file": rel, "size_bytes": path.stat().st_size,
-                        "family": fam})  # fmt: skip
+            out.append(
+                {"name": rel.removesuffix(SUFFIX), "file": rel, "size_bytes": path.stat().st_size, "family": fam}
+            )
         return out
 
     async def resolve(self, requests: list[LoraRequest], model: ModelSpec) -> tuple[Adapter, ...]:
@@ -243,8 +244,16 @@ class LoraLibrary:
                         await asyncio.to_thread(f.write, bytes(pending))
                         pending.clear()
 
-                await fetch_url(url, sink, param=r.param, allow_private=self.allow_private, max_bytes=self.max_bytes,
-                                timeout_s=FETCH_TIMEOUT_S, what="the adapter", code="invalid_lora_url")  # fmt: skip
+                await fetch_url(
+                    url,
+                    sink,
+                    param=r.param,
+                    allow_private=self.allow_private,
+                    max_bytes=self.max_bytes,
+                    timeout_s=FETCH_TIMEOUT_S,
+                    what="the adapter",
+                    code="invalid_lora_url",
+                )
                 await asyncio.to_thread(f.write, bytes(pending))
             final = self.cache_dir / f"{digest.hexdigest()}{SUFFIX}"
             os.replace(tmp, final)
@@ -291,8 +300,9 @@ class LoraLibrary:
                 param=r.param,
                 code="lora_model_mismatch",
             )
-        rank = max((min(v.get("shape") or [0]) for k, v in header.items() if "lora_A" in k or "lora_down" in k),
-                   default=0)  # fmt: skip
+        rank = max(
+            (min(v.get("shape") or [0]) for k, v in header.items() if "lora_A" in k or "lora_down" in k), default=0
+        )
         if self.max_rank and rank > self.max_rank:
             raise InvalidInput(
                 f"{r.param}: {r.source!r} has rank {rank}; this server's hot-swap slots take rank {self.max_rank} "

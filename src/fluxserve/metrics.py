@@ -31,9 +31,10 @@ class StoreCollector(Collector):
         data = self._store.metrics()
         queued = GaugeMetricFamily("fluxserve_queue_depth", "Jobs waiting for a worker, per model.", labels=["model"])
         jobs = GaugeMetricFamily(
-            "fluxserve_jobs", "Jobs in the database by model and status (ended ones until retention).",
+            "fluxserve_jobs",
+            "Jobs in the database by model and status (ended ones until retention).",
             labels=["model", "status"],
-        )  # fmt: skip
+        )
         for model, status, n in data["jobs"]:
             jobs.add_metric([model, status], n)
             if status == Status.QUEUED.value:
@@ -44,9 +45,10 @@ class StoreCollector(Collector):
             images.add_metric([model], n_images or 0)
             mp.add_metric([model], megapixels or 0.0)
         stage = CounterMetricFamily(
-            "fluxserve_job_stage_seconds", "Seconds ended jobs spent queued, running (encoding aside) and encoding.",
+            "fluxserve_job_stage_seconds",
+            "Seconds ended jobs spent queued, running (encoding aside) and encoding.",
             labels=["stage"],
-        )  # fmt: skip
+        )
         ended = CounterMetricFamily("fluxserve_jobs_timed", "Ended jobs counted in fluxserve_job_stage_seconds.")
         for queued_s, running_s, encoding_s, n in data["stages"]:
             stage.add_metric(["queued"], queued_s or 0.0)
@@ -70,9 +72,11 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(StoreCollector(store, worker_state))
         self.requests = Counter(
-            "fluxserve_http_requests", "HTTP requests by route and status.", ["route", "method", "status"],
+            "fluxserve_http_requests",
+            "HTTP requests by route and status.",
+            ["route", "method", "status"],
             registry=self.registry,
-        )  # fmt: skip
+        )
         self._token = token
 
     def check_access(self, client_host: str | None, authorization: str | None) -> None:

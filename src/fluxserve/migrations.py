@@ -63,12 +63,17 @@ def _scale_out(conn: Connection) -> None:
     store.metadata.create_all(conn, tables=[store.server_secrets, store.workers])
 
 
+def _fair_priority(conn: Connection) -> None:
+    _add_missing_columns(conn, store.jobs)  # priority: the one fairness rule of both queues
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "jobs and api keys", _baseline),
     (2, "worker leases, job events, webhook outbox", _leases_events_outbox),
     (3, "per-key limits, image counts", _key_limits),
     (4, "file retention, encoding time", _retention),
     (5, "queue rows, shared secret, worker registry", _scale_out),
+    (6, "fair priority", _fair_priority),
 ]
 LATEST = MIGRATIONS[-1][0]
 

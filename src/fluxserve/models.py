@@ -75,8 +75,12 @@ class ModelSpec:
         guidance = None
         if self.default_guidance is not None:
             guidance = {"default": self.default_guidance, "min": self.min_guidance, "max": self.max_guidance}
-        inputs = {"text2img": ["prompt", "image"], "kontext": ["prompt", "images"], "fill": ["prompt", "image", "mask"],
-                  "flux2": ["prompt", "images"]}[self.kind]  # fmt: skip
+        inputs = {
+            "text2img": ["prompt", "image"],
+            "kontext": ["prompt", "images"],
+            "fill": ["prompt", "image", "mask"],
+            "flux2": ["prompt", "images"],
+        }[self.kind]
         return {
             "kind": self.kind,
             "steps": {"default": self.default_steps, "min": 1, "max": self.max_steps},
@@ -132,8 +136,16 @@ class ModelSpec:
         loras: tuple[Adapter, ...] = (),
     ) -> GenerationSpec:
         """Validate a request against this model's limits. ``params`` maps our names to the dialect's."""
-        names = {"prompt": "prompt", "size": "size", "steps": "steps", "guidance": "guidance", "seed": "seed",
-                 "image": "image", "mask": "mask", "strength": "strength"}  # fmt: skip
+        names = {
+            "prompt": "prompt",
+            "size": "size",
+            "steps": "steps",
+            "guidance": "guidance",
+            "seed": "seed",
+            "image": "image",
+            "mask": "mask",
+            "strength": "strength",
+        }
         names.update(params or {})
         names.setdefault("height", names["size"])
         if not (allow_empty_prompt and prompt == ""):
@@ -144,9 +156,15 @@ class ModelSpec:
         if task == "img2img" and strength is None:
             strength = DEFAULT_STRENGTH
         check_size(
-            width, height, param=names["size"], height_param=names["height"], min_side=self.min_side,
-            max_side=self.max_side, multiple=self.side_multiple, max_pixels=self.max_pixels,
-        )  # fmt: skip
+            width,
+            height,
+            param=names["size"],
+            height_param=names["height"],
+            min_side=self.min_side,
+            max_side=self.max_side,
+            multiple=self.side_multiple,
+            max_pixels=self.max_pixels,
+        )
         steps = self.default_steps if steps is None else steps
         if not 1 <= steps <= self.max_steps:
             raise InvalidInput(
@@ -214,29 +232,61 @@ _NC = "FLUX [dev] Non-Commercial"
 def _klein(name: str, weights: str, license: str, pipeline: str = "") -> ModelSpec:
     """Step-distilled klein: 4 steps, and diffusers ignores guidance for it (its signature defaults,
     50 steps / guidance 4, are the Base model's), so none is offered."""
-    return ModelSpec(name, weights, kind="flux2", default_steps=4, max_steps=8, default_guidance=None, max_images=4,
-                     license=license, pipeline=pipeline)  # fmt: skip
+    return ModelSpec(
+        name,
+        weights,
+        kind="flux2",
+        default_steps=4,
+        max_steps=8,
+        default_guidance=None,
+        max_images=4,
+        license=license,
+        pipeline=pipeline,
+    )
 
 
 def _flux2_dev(name: str, steps: int, max_images: int, guidance: float = 4.0, min_guidance: float = 1.0) -> ModelSpec:
     """FLUX.2 [dev] also serves the hosted names that have no open weights, as FLUX.1-dev serves flux-pro."""
-    return ModelSpec(name, _FLUX2_DEV, kind="flux2", default_steps=steps, default_guidance=guidance,
-                     min_guidance=min_guidance, max_images=max_images, license=_NC)  # fmt: skip
+    return ModelSpec(
+        name,
+        _FLUX2_DEV,
+        kind="flux2",
+        default_steps=steps,
+        default_guidance=guidance,
+        min_guidance=min_guidance,
+        max_images=max_images,
+        license=_NC,
+    )
 
 
 DEFAULT_MODELS: tuple[ModelSpec, ...] = (
-    ModelSpec("flux", _SCHNELL, default_steps=4, max_steps=4, default_guidance=None, max_sequence_length=256,
-              license="Apache-2.0"),
-    ModelSpec("flux-schnell", _SCHNELL, default_steps=4, max_steps=4, default_guidance=None, max_sequence_length=256,
-              license="Apache-2.0"),
+    ModelSpec(
+        "flux",
+        _SCHNELL,
+        default_steps=4,
+        max_steps=4,
+        default_guidance=None,
+        max_sequence_length=256,
+        license="Apache-2.0",
+    ),
+    ModelSpec(
+        "flux-schnell",
+        _SCHNELL,
+        default_steps=4,
+        max_steps=4,
+        default_guidance=None,
+        max_sequence_length=256,
+        license="Apache-2.0",
+    ),
     ModelSpec("flux-dev", _DEV, default_steps=28, max_steps=50, default_guidance=3.5, license=_NC),
     # No open pro weights exist: flux-pro is FLUX.1-dev with more steps.
     ModelSpec("flux-pro", _DEV, default_steps=40, max_steps=50, default_guidance=3.5, license=_NC),
     # Kontext max is the same open weights as pro, run for more steps.
     ModelSpec("flux-kontext-pro", _KONTEXT, kind="kontext", default_steps=28, default_guidance=2.5, license=_NC),
     ModelSpec("flux-kontext-max", _KONTEXT, kind="kontext", default_steps=40, default_guidance=2.5, license=_NC),
-    ModelSpec("flux-fill", _FILL, kind="fill", default_steps=28, default_guidance=30.0, max_guidance=100.0,
-              license=_NC),
+    ModelSpec(
+        "flux-fill", _FILL, kind="fill", default_steps=28, default_guidance=30.0, max_guidance=100.0, license=_NC
+    ),
     _klein("flux-2-klein-4b", "black-forest-labs/FLUX.2-klein-4B", "Apache-2.0"),
     _klein("flux-2-klein-9b", "black-forest-labs/FLUX.2-klein-9B", _NC),
     # The KV-cache variant (Flux2KleinKVPipeline): reference tokens' keys and values computed once.
@@ -247,11 +297,27 @@ DEFAULT_MODELS: tuple[ModelSpec, ...] = (
     # flex is the hosted FLUX.2 whose steps and guidance clients set (Replicate: 30 / 4.5, 1.5-10).
     _flux2_dev("flux-2-flex", steps=30, max_images=8, guidance=4.5, min_guidance=1.5),
     _flux2_dev("flux-2-max", steps=40, max_images=8),
-)  # fmt: skip
+)
 
-_OVERRIDABLE = {"weights", "kind", "default_steps", "max_steps", "default_guidance", "min_guidance", "max_guidance",
-                "max_images", "max_sequence_length", "min_side", "max_side", "side_multiple", "max_pixels", "license",
-                "pipeline", "description", "enabled"}  # fmt: skip
+_OVERRIDABLE = {
+    "weights",
+    "kind",
+    "default_steps",
+    "max_steps",
+    "default_guidance",
+    "min_guidance",
+    "max_guidance",
+    "max_images",
+    "max_sequence_length",
+    "min_side",
+    "max_side",
+    "side_multiple",
+    "max_pixels",
+    "license",
+    "pipeline",
+    "description",
+    "enabled",
+}
 _KINDS = ("text2img", "kontext", "fill", "flux2")
 
 

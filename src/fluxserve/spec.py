@@ -196,8 +196,19 @@ class GenerationSpec:
 
     def batch_key(self) -> tuple[Any, ...]:
         """Specs with the same key can share one pipeline call."""
-        return (self.model, self.task, self.width, self.height, self.steps, self.guidance, self.images, self.mask,
-                self.strength, self.partial_images, tuple((a.digest, a.scale) for a in self.loras))  # fmt: skip
+        return (
+            self.model,
+            self.task,
+            self.width,
+            self.height,
+            self.steps,
+            self.guidance,
+            self.images,
+            self.mask,
+            self.strength,
+            self.partial_images,
+            tuple((a.digest, a.scale) for a in self.loras),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

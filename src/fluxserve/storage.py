@@ -101,8 +101,9 @@ class LocalStorage:
         return f"{self._base_url}/files/{quote(key)}?expires={expires}&sig={self.sign(key, expires)}"
 
 
-def build_storage(spec: str | None, default_root: Path, secret: bytes, base_url: str, ttl_s: int,
-                  endpoint_url: str | None = None) -> Storage:  # fmt: skip
+def build_storage(
+    spec: str | None, default_root: Path, secret: bytes, base_url: str, ttl_s: int, endpoint_url: str | None = None
+) -> Storage:
     """--storage: file:///path (or none: the data dir's outputs folder) or s3://bucket/prefix."""
     if spec is None or spec.startswith("file://"):
         root = Path(spec.removeprefix("file://")) if spec else default_root

@@ -1,9 +1,9 @@
 """Webhooks as a durable outbox: Standard Webhooks signatures, retries across restarts, per-receiver limits.
 
-Transitions write delivery rows in their own transaction (store.py). The sender claims due rows for
-a while (so a crashed sender's rows come back), renders a body at the first try and sends that same
-body with the same ``webhook-id`` on every retry. Sends run on a thread pool with at most
-``per_receiver`` at a time to one receiver, so a slow receiver only delays itself.
+Transitions write delivery rows in their own transaction (store/outbox.py, by the dialects' rules).
+The sender claims due rows for a while (so a crashed sender's rows come back), renders a body at
+the first try and sends that same body with the same ``webhook-id`` on every retry. Sends run on a
+thread pool with at most ``per_receiver`` at a time to one receiver, so a slow receiver only delays itself.
 """
 
 from __future__ import annotations
@@ -23,13 +23,11 @@ from typing import Any
 import httpx
 
 from .errors import InvalidInput, StoreUnavailable
-from .job import ALL_WEBHOOK_EVENTS, Job
+from .job import Job
 from .netguard import check_public_url, pin_public_url
 from .store import Store
 
 log = logging.getLogger(__name__)
-
-EVENTS = ALL_WEBHOOK_EVENTS
 
 
 def owner_secret(server_secret: bytes, owner: str) -> str:
@@ -181,8 +179,9 @@ class WebhookSender:
             reason = type(exc).__name__
         attempts = row.attempts + 1
         if attempts >= self._max_attempts:
-            log.warning("webhook %s for job %s (%s) gave up after %d tries: %s", row.msg_id, job.id, row.event,
-                        attempts, reason)  # fmt: skip
+            log.warning(
+                "webhook %s for job %s (%s) gave up after %d tries: %s", row.msg_id, job.id, row.event, attempts, reason
+            )
             self._store.update_delivery(
                 row.id, state="failed", attempts=attempts, last_error=reason, claimed_until=None
             )

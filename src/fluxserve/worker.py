@@ -1,9 +1,10 @@
-"""DeviceWorker: the one loop that owns a device's pipelines. WorkerPool: one per device, one face to the app.
+"""DeviceWorker: the only caller of a device's pipelines. It runs the jobs a queue hands it and knows no mode.
 
-A worker claims a job under a lease (JobService), renews the lease from a heartbeat thread, runs
-the engine, stores the images and completes the job with a fenced write. It outlives every error
-of a job, the store and the storage: store errors are retried with backoff while ``/health`` says
-``degraded``, and the job is ended or given back, never left processing.
+Handed a queued job's id (queue/local.py's loop or procrastinate's task), it claims the job under a
+lease (JobService), renews the lease from a heartbeat thread, runs the engine, stores the images and
+completes the job with a fenced write. It outlives every error of a job, the store and the storage:
+store errors are retried with backoff while ``/health`` says ``degraded``, and the job is ended or
+given back, never left processing.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from PIL import Image, UnidentifiedImageError
 
@@ -29,32 +30,15 @@ from .jobs import JobService
 from .loras import LoraLibrary
 from .models import ModelRegistry
 from .outputs import EXTENSIONS, encode_image
+from .queue.base import WorkerState
 from .spec import GenerationSpec
 from .storage import Storage
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-WorkerState = Literal["loading", "ready", "error", "stopped"]
 STORE_RETRY_MAX_S = 5.0
 STORAGE_FAILED = "The server could not store the image"
-
-
-class Dispatcher(Protocol):
-    """What the app uses of its workers."""
-
-    @property
-    def state(self) -> WorkerState: ...
-    @property
-    def load_error(self) -> str | None: ...
-    @property
-    def degraded(self) -> str | None: ...
-
-    def start(self) -> None: ...
-    def wake(self) -> None: ...
-    def stop(self, timeout: float = 10.0) -> None: ...
-    def loaded_models(self) -> list[str]: ...
-    def engine_info(self) -> dict[str, Any]: ...
 
 
 class _ShuttingDown(Exception):
@@ -75,8 +59,15 @@ def default_batch_max_pixels(device: str) -> int:
     return 512 * 512 if device.startswith("cuda") else 320 * 320
 
 
+# Asked at each step while a job runs: "user" (its queue entry was aborted), "shutdown", or None.
+AbortCheck = Callable[[], str | None]
+Lock = Callable[[Any, list[str]], list[str]]
+
+
 class DeviceWorker:
-    """The only caller of its engine: pipelines are never called concurrently."""
+    """The only caller of its engine: pipelines are never called concurrently (one slot)."""
+
+    concurrency = 1
 
     def __init__(
         self,
@@ -88,7 +79,6 @@ class DeviceWorker:
         max_batch: int = 1,
         batch_max_pixels: int | None = None,
         png_compress_level: int = 1,
-        maintenance_s: float = 1.0,
         nice: int = 0,
         overlap_encoding: bool = True,
         loras: LoraLibrary | None = None,
@@ -105,7 +95,6 @@ class DeviceWorker:
         self._max_batch = max_batch
         self._png_level = png_compress_level
         self._batch_max_pixels = batch_max_pixels
-        self._maintenance_s = maintenance_s
         self.worker_id = new_worker_id(getattr(engine, "device_request", engine.device))
         # On an accelerator, encoding and writing the images runs beside the next job's denoising: a
         # 1024x1024 PNG takes a good part of a schnell image's time. At most two batches wait for it.
@@ -114,54 +103,46 @@ class DeviceWorker:
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fluxserve-encode")
         self._overlap_encoding = False
         self._encode_slots = threading.Semaphore(2)
-        self._wake = threading.Event()
         self._stopping = threading.Event()
         self._heartbeat_stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._heartbeat: threading.Thread | None = None
         # Jobs this worker holds a lease on (the running batch and batches waiting for the encoder).
         self._held: dict[str, Job] = {}
         self._lost: set[str] = set()
         self._held_lock = threading.Lock()
-        self._last_maintenance = 0.0
         self.state: WorkerState = "loading"
         self.load_error: str | None = None
         self.degraded: str | None = None
-        # In a pool, a worker whose models failed to load leaves jobs to the healthy ones.
-        self.others_healthy: Callable[[], bool] = lambda: False
-        # Asked at each step when a queue runs this worker: "user" (cancel) or "shutdown" stops the batch.
-        self.abort_check: Callable[[], str | None] = lambda: None
+        self._abort: AbortCheck = lambda: None
         self.current_job: str | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="fluxserve-worker", daemon=True)
-        self._thread.start()
-        self.start_heartbeat()
 
     def start_heartbeat(self) -> None:
         self._heartbeat = threading.Thread(target=self._renew_leases, name="fluxserve-heartbeat", daemon=True)
         self._heartbeat.start()
 
-    def wake(self) -> None:
-        self._wake.set()
-
     @property
     def device(self) -> str:
         return self._engine.device
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
     def begin_stop(self) -> None:
+        """The running batch gives its jobs back at its next step; nothing new is run."""
         self._stopping.set()
-        self._wake.set()
 
     def stop(self, timeout: float = 10.0) -> None:
         self.begin_stop()
-        if self._thread is not None:
-            self._thread.join(timeout)
         self._encoder.shutdown(wait=True)  # generated images are written before the store closes
         self._heartbeat_stop.set()
         if self._heartbeat is not None:
             self._heartbeat.join(timeout)
         self.state = "stopped"
+
+    def models(self) -> list[str]:
+        """The names this worker serves (its registry, narrowed by --models)."""
+        return list(self._registry.names)
 
     def loaded_models(self) -> list[str]:
         return self._engine.loaded_models() if self.state == "ready" else []
@@ -182,8 +163,8 @@ class DeviceWorker:
             self.state = "error"
         return self.state == "ready"
 
-    def run_claimed(self, job_id: str, lock: Callable[[Any, list[str]], list[str]] | None = None) -> list[Job]:
-        """Run this queued job (a queue fetched its entry) with compatible ones ``lock`` lets it take.
+    def run_claimed(self, job_id: str, lock: Lock | None = None, abort: AbortCheck | None = None) -> list[Job]:
+        """Claim this queued job and run it with the compatible ones ``lock`` lets it take (a queue's rows).
 
         Returns the batch as claimed, lead first; empty when the job was no longer queued."""
         job = self._store(self._jobs.claim_id, job_id, self.worker_id)
@@ -191,63 +172,31 @@ class DeviceWorker:
             return []
         batch = self._batch_for(job, lock)
         self.current_job = job.id
+        self._abort = abort or (lambda: None)
         try:
             self._run_batch(batch)
+        except StoreUnavailable:  # only when stopping: the jobs' leases run out and they run again
+            log.warning("worker %s stopped before it could record its jobs' results", self.worker_id)
         finally:
             self.current_job = None
+            self._abort = lambda: None
         return batch
 
-    def _run(self) -> None:
-        self._lower_priority()
-        self.load()
-        backoff = 0.25
-        while not self._stopping.is_set():
-            try:
-                job = self._next_job()
-            except StoreUnavailable as exc:
-                self._degrade(exc.message)
-                self._wake.wait(backoff)
-                backoff = min(backoff * 2, STORE_RETRY_MAX_S)
-                continue
-            except Exception:  # the loop must outlive anything a job or the store throws
-                log.exception("worker loop error")
-                self._wake.wait(1.0)
-                continue
-            self._recovered()
-            backoff = 0.25
-            if job is None:
-                self._wake.wait(timeout=self._maintenance_s)
-                self._wake.clear()
-                continue
-            try:
-                self._run_batch(self._batch_for(job))
-            except StoreUnavailable:  # only when stopping: the jobs' leases run out and they run again
-                log.warning("worker %s stopped before it could record its jobs' results", self.worker_id)
-
-    def _lower_priority(self) -> None:
-        """FLUXSERVE_WORKER_NICE: this thread and the torch threads it starts (they inherit it) yield the
-        CPU to the HTTP server when both want it. Off by default; see the setting for what it costs."""
+    def lower_priority(self) -> None:
+        """FLUXSERVE_WORKER_NICE: the calling thread and the torch threads it starts (they inherit it) yield
+        the CPU to the HTTP server when both want it. Off by default; see the setting for what it costs."""
         if self._nice and hasattr(os, "setpriority"):
             try:
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self._nice)
             except OSError as exc:
                 log.info("could not lower the worker's priority: %s", exc)
 
-    def _next_job(self) -> Job | None:
-        now = time.monotonic()
-        if now - self._last_maintenance >= self._maintenance_s:
-            self._last_maintenance = now
-            self._jobs.expire()
-        if self.state == "error" and self.others_healthy():
-            return None
-        return self._jobs.claim(self.worker_id)
-
-    def _degrade(self, reason: str) -> None:
+    def degrade(self, reason: str) -> None:
         if self.degraded is None:
             log.warning("worker %s degraded: %s", self.worker_id, reason)
         self.degraded = reason
 
-    def _recovered(self) -> None:
+    def recovered(self) -> None:
         if self.degraded is not None:
             log.warning("worker %s recovered from: %s", self.worker_id, self.degraded)
         self.degraded = None
@@ -261,10 +210,10 @@ class DeviceWorker:
         while True:
             try:
                 result = fn(*args, **kwargs)
-                self._recovered()
+                self.recovered()
                 return result
             except StoreUnavailable as exc:
-                self._degrade(exc.message)
+                self.degrade(exc.message)
                 if self._stopping.wait(backoff):
                     raise
                 backoff = min(backoff * 2, STORE_RETRY_MAX_S)
@@ -280,7 +229,7 @@ class DeviceWorker:
             try:
                 kept = self._jobs.renew(held, self.worker_id)
             except StoreUnavailable as exc:
-                self._degrade(exc.message)
+                self.degrade(exc.message)
                 continue
             with self._held_lock:
                 lost = ({j.id for j in held} - kept) & set(self._held)  # finished meanwhile is not lost
@@ -327,7 +276,7 @@ class DeviceWorker:
         dropped: set[str] = set()  # canceled, past their deadline or no longer this worker's
 
         def on_step(done: int, total: int, previews: list[Image.Image] | None) -> None:
-            abort = self.abort_check()
+            abort = self._abort()
             if self._stopping.is_set() or abort == "shutdown":
                 raise _ShuttingDown
             if abort == "user":  # the lead's queue entry was aborted; members' flags come with progress
@@ -417,7 +366,7 @@ class DeviceWorker:
         try:
             current = self._jobs.progress(live, done, total)
         except StoreUnavailable as exc:
-            self._degrade(exc.message)
+            self.degrade(exc.message)
             current = list(live)
         lost = {job.id for job, now in zip(live, current, strict=True) if now is None}
         if lost:
@@ -441,7 +390,7 @@ class DeviceWorker:
                     self._storage.put(key, buf.getvalue())
                     self._jobs.add_preview(job, key)
                 except StoreUnavailable as exc:
-                    self._degrade(exc.message)
+                    self.degrade(exc.message)
                 except OSError as exc:  # a preview that could not be written is skipped, the image is not
                     log.warning("job %s: preview not stored: %s", job.id, exc)
 
@@ -492,52 +441,3 @@ class DeviceWorker:
             self._storage.put(key, data)
             outputs.append(Output(key, seed, image.width, image.height, spec.output_format))
         return outputs
-
-
-class WorkerPool:
-    """One DeviceWorker per device, all claiming from the same queue; one Dispatcher to the app."""
-
-    def __init__(self, workers: Sequence[DeviceWorker]) -> None:
-        self.workers = list(workers)
-        for w in self.workers:
-            w.others_healthy = lambda w=w: any(o.state in ("loading", "ready") for o in self.workers if o is not w)  # type: ignore[misc]
-
-    @property
-    def state(self) -> WorkerState:
-        states = [w.state for w in self.workers]
-        if "ready" in states and "loading" not in states:
-            return "ready"
-        if "loading" in states:
-            return "loading"
-        return "error" if "error" in states else "stopped"
-
-    @property
-    def load_error(self) -> str | None:
-        errors = [f"{i}: {w.load_error}" for i, w in enumerate(self.workers) if w.load_error]
-        return "; ".join(errors) or None
-
-    @property
-    def degraded(self) -> str | None:
-        reasons = sorted({w.degraded for w in self.workers if w.degraded})
-        return "; ".join(reasons) or None
-
-    def start(self) -> None:
-        for w in self.workers:
-            w.start()
-
-    def wake(self) -> None:
-        for w in self.workers:
-            w.wake()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        for w in self.workers:
-            w.begin_stop()
-        for w in self.workers:
-            w.stop(timeout)
-
-    def loaded_models(self) -> list[str]:
-        return sorted({m for w in self.workers for m in w.loaded_models()})
-
-    def engine_info(self) -> dict[str, Any]:
-        infos = [w.engine_info() | {"state": w.state} for w in self.workers]
-        return infos[0] if len(infos) == 1 else {"workers": infos}

@@ -9,14 +9,17 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from ..errors import InvalidInput, NotFound
-from ..job import Job, Status
+from ..job import EventKind, Job, Status
 from ..sealed import seal
 from ..spec import ratio_size
+from ..store import WebhookRules
 from ..webhooks import check_webhook_url
 from .deps import Services, ServicesDep, XKeyOwnerDep
 from .errors import json_body, read_json
 from .inputs import elide_inline_images, image_and_size, submit
 
+# BFL calls its webhook once, when the task ends.
+WEBHOOKS = WebhookRules(on={k: ("completed",) for k in EventKind if k.is_ending})
 router = APIRouter(prefix="/v1")
 
 

@@ -22,8 +22,11 @@ IMAGE_JSON_BODY_BYTES = 70 * 1024 * 1024
 UPLOAD_BODY_BYTES = 100 * 1024 * 1024
 _UPLOAD_ROUTES = ("/v1/images/edits", "/v1/images/variations")
 _IMAGE_JSON_ROUTES = ("/vmodel/generate", "/v1/predictions", "/v1/flux-")
-_KINDS = {JSON_BODY_BYTES: "JSON without images", IMAGE_JSON_BODY_BYTES: "JSON with images",
-          UPLOAD_BODY_BYTES: "uploads"}  # fmt: skip
+_KINDS = {
+    JSON_BODY_BYTES: "JSON without images",
+    IMAGE_JSON_BODY_BYTES: "JSON with images",
+    UPLOAD_BODY_BYTES: "uploads",
+}
 
 
 def body_limit(path: str) -> int:

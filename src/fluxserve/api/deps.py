@@ -13,10 +13,10 @@ from ..job import Job
 from ..jobs import JobService
 from ..loras import LoraLibrary
 from ..models import ModelRegistry
+from ..queue.base import Dispatcher
 from ..settings import Settings
 from ..storage import Storage
 from ..store import Store
-from ..worker import Dispatcher
 
 
 @dataclass

@@ -16,6 +16,7 @@ from starlette.requests import Request
 from ..errors import FluxServeError
 from ..job import Job
 from ..sealed import unseal
+from ..store import WebhookRules
 from ..webhooks import owner_secret
 from . import bfl, edits, openai, replicate, vmodel
 from .deps import Services
@@ -34,6 +35,8 @@ class Dialect:
     render_webhook: JobRenderer | None = None  # None: the dialect sends no webhooks
     # The key its webhooks are signed with; the default is the owner's Standard Webhooks secret.
     webhook_secret: Callable[[Services, Job], str | None] | None = None
+    # Which transitions send which webhook events (the job's subscription picks among their names).
+    webhook_rules: WebhookRules | None = None
 
 
 def _replicate_path(path: str) -> bool:
@@ -49,7 +52,14 @@ def _bfl_secret(services: Services, job: Job) -> str | None:
 
 
 DIALECTS: tuple[Dialect, ...] = (
-    Dialect("replicate", (replicate.router,), _replicate_path, render_replicate, replicate.render),
+    Dialect(
+        "replicate",
+        (replicate.router,),
+        _replicate_path,
+        render_replicate,
+        replicate.render,
+        webhook_rules=replicate.WEBHOOKS,
+    ),
     Dialect(
         "bfl",
         (bfl.router,),
@@ -57,6 +67,7 @@ DIALECTS: tuple[Dialect, ...] = (
         render_bfl,
         bfl.render_webhook,
         _bfl_secret,
+        webhook_rules=bfl.WEBHOOKS,
     ),
     # The seed's relay answers its task API's errors in OpenAI's envelope.
     Dialect("vmodel", (vmodel.router,), lambda path: path.startswith("/vmodel/"), render_openai),
@@ -78,6 +89,11 @@ def render_for_webhook(services: Services, job: Job) -> dict[str, Any] | None:
     """Each dialect's webhook body is its own job rendering."""
     dialect = _BY_NAME.get(job.dialect)
     return dialect.render_webhook(services, job) if dialect and dialect.render_webhook else None
+
+
+def webhook_rules() -> dict[str, WebhookRules]:
+    """For the store's outbox (app.build_core): each dialect's rules, by the Job.dialect it creates."""
+    return {d.name: d.webhook_rules for d in DIALECTS if d.webhook_rules is not None}
 
 
 def webhook_secret_for(services: Services, job: Job) -> str | None:

@@ -169,6 +169,14 @@ async def image_variation(request: Request, services: ServicesDep, owner: OwnerD
     width, height = _size(body, image.size)
     strength = VARIATION_STRENGTH if body.strength is None else body.strength
     return await _run(
-        request, services, owner, model, body, Inputs([image]), (width, height), {"images": 1},
-        strength=strength, allow_empty_prompt=True,
-    )  # fmt: skip
+        request,
+        services,
+        owner,
+        model,
+        body,
+        Inputs([image]),
+        (width, height),
+        {"images": 1},
+        strength=strength,
+        allow_empty_prompt=True,
+    )

@@ -114,8 +114,13 @@ async def _stream_events(
 
 async def _stream_job(services: Services, job: Job, owner: str, quality: str) -> AsyncIterator[bytes]:
     spec = job.spec
-    common = {"background": "opaque", "output_format": spec.output_format, "quality": quality,
-              "size": f"{spec.width}x{spec.height}", "created_at": int(job.created_at)}  # fmt: skip
+    common = {
+        "background": "opaque",
+        "output_format": spec.output_format,
+        "quality": quality,
+        "size": f"{spec.width}x{spec.height}",
+        "created_at": int(job.created_at),
+    }
     sent = 0
     async for current in services.jobs.watch(job.id, owner):
         for index, key in enumerate(current.previews[sent:], start=sent):
@@ -124,8 +129,12 @@ async def _stream_job(services: Services, job: Job, owner: str, quality: str) ->
         sent = len(current.previews)
         if current.status is Status.SUCCEEDED:
             for out in current.outputs:
-                usage = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
-                         "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}}  # fmt: skip
+                usage = {
+                    "input_tokens": 0,
+                    "output_tokens": 0,
+                    "total_tokens": 0,
+                    "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
+                }
                 event = {"type": "image_generation.completed", "usage": usage}
                 yield _sse(event | common, await services.jobs.run(services.storage.read, out.key))
         elif current.status.is_terminal:

@@ -16,10 +16,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import InvalidInput, NotFound
-from ..job import Job, Status
+from ..job import EventKind, Job, Status
 from ..loras import LoraRequest
 from ..spec import ASPECT_RATIOS, fit_megapixel
-from ..webhooks import EVENTS, check_webhook_url, owner_secret
+from ..store import WebhookRules
+from ..webhooks import check_webhook_url, owner_secret
 from .deps import OwnerDep, Services, ServicesDep
 from .errors import json_body, read_json
 from .inputs import Inputs, elide_inline_images, image_and_size, resolve_loras, submit
@@ -30,6 +31,20 @@ AspectRatio = Literal["1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", 
 assert set(AspectRatio.__args__) == set(ASPECT_RATIOS)  # type: ignore[attr-defined]
 PAGE_SIZE = 100
 OWNER = "black-forest-labs"
+
+# Replicate's webhook events for each transition; logs and output at most every 0.5 s per prediction.
+WEBHOOKS = WebhookRules(
+    on={
+        EventKind.STARTED: ("start",),
+        EventKind.PROGRESS: ("logs",),
+        EventKind.SUCCEEDED: ("output", "completed"),
+        EventKind.FAILED: ("completed",),
+        EventKind.CANCELED: ("completed",),
+        EventKind.ABORTED: ("completed",),
+    },
+    throttled=frozenset({"logs", "output"}),
+    throttle_s=0.5,
+)
 
 
 class _Input(BaseModel):
@@ -85,8 +100,11 @@ class _LoraFields(BaseModel):
 
     def lora_requests(self) -> list[LoraRequest]:
         pairs = [("lora_weights", "lora_scale"), ("extra_lora", "extra_lora_scale")]
-        return [LoraRequest(getattr(self, w), getattr(self, sc), f"input.{w}", f"input.{sc}")
-                for w, sc in pairs if getattr(self, w) is not None]  # fmt: skip
+        return [
+            LoraRequest(getattr(self, w), getattr(self, sc), f"input.{w}", f"input.{sc}")
+            for w, sc in pairs
+            if getattr(self, w) is not None
+        ]
 
 
 class SchnellLoraInput(SchnellInput, _LoraFields):
@@ -263,9 +281,11 @@ def parse_prefer_wait(header: str | None) -> float | None:
 
 async def _create(request: Request, services: Services, owner: str, name: str, body: PredictionRequest) -> Any:
     if name not in MODELS or MODELS[name][0] not in services.registry:
-        raise NotFound(f"Model {OWNER}/{name} is not served here; available: "
-                       + ", ".join(f"{OWNER}/{m}" for m, (n, _, _) in MODELS.items() if n in services.registry),
-                       param="model")  # fmt: skip
+        raise NotFound(
+            f"Model {OWNER}/{name} is not served here; available: "
+            + ", ".join(f"{OWNER}/{m}" for m, (n, _, _) in MODELS.items() if n in services.registry),
+            param="model",
+        )
     model_name, schema, list_output = MODELS[name]
     model = services.registry.get(model_name)
     from pydantic import ValidationError
@@ -285,7 +305,7 @@ async def _create(request: Request, services: Services, owner: str, name: str, b
         await services.jobs.run(
             check_webhook_url, body.webhook, param="webhook", allow_private=services.settings.allow_private_urls
         )
-        events: list[str] = list(body.webhook_events_filter) if body.webhook_events_filter else list(EVENTS)
+        events: list[str] = list(body.webhook_events_filter) if body.webhook_events_filter else list(WEBHOOKS.names)
         webhook = {"url": body.webhook, "events": events}
     echo = {"model": f"{OWNER}/{name}", "input": elide_inline_images(body.input), "list_output": list_output}
     job = await submit(services, request, owner, "replicate", spec, echo, inputs, deadline=deadline, webhook=webhook)
@@ -316,9 +336,14 @@ async def _flux2_inputs(services: Services, model: Any, inp: Flux2Input | KleinI
         inputs, _, _ = await image_and_size(services, model, values, aspect_ratio="1:1", aspect_explicit=True)
         return inputs, inp.width, inp.height
     inputs, width, height = await image_and_size(
-        services, model, values, aspect_ratio=inp.aspect_ratio, aspect_explicit=True, megapixels=megapixels,
+        services,
+        model,
+        values,
+        aspect_ratio=inp.aspect_ratio,
+        aspect_explicit=True,
+        megapixels=megapixels,
         aspect_param="input.aspect_ratio",
-    )  # fmt: skip
+    )
     if isinstance(inp, Flux2Input) and inp.resolution == "match_input_image" and inputs.images:
         width, height = fit_megapixel(*inputs.images[0].size, target=inputs.images[0].width * inputs.images[0].height)
     return inputs, width, height
@@ -330,12 +355,26 @@ async def _spec(services: Services, model: Any, inp: _Input) -> tuple[Any, Input
     if isinstance(inp, Flux2Input | KleinInput):
         inputs, width, height = await _flux2_inputs(services, model, inp)
         spec = model.make_spec(
-            prompt=inp.prompt, width=width, height=height, num_images=1, steps=getattr(inp, "steps", None),
-            guidance=getattr(inp, "guidance", None), seed=inp.seed, output_format=_FORMATS[inp.output_format],
-            quality=max(1, inp.output_quality), images=inputs.keys, loras=loras,
-            params={"prompt": "input.prompt", "steps": "input.steps", "guidance": "input.guidance",
-                    "seed": "input.seed", "size": "input.width", "image": f"input.{_refs_field(inp)}"},
-        )  # fmt: skip
+            prompt=inp.prompt,
+            width=width,
+            height=height,
+            num_images=1,
+            steps=getattr(inp, "steps", None),
+            guidance=getattr(inp, "guidance", None),
+            seed=inp.seed,
+            output_format=_FORMATS[inp.output_format],
+            quality=max(1, inp.output_quality),
+            images=inputs.keys,
+            loras=loras,
+            params={
+                "prompt": "input.prompt",
+                "steps": "input.steps",
+                "guidance": "input.guidance",
+                "seed": "input.seed",
+                "size": "input.width",
+                "image": f"input.{_refs_field(inp)}",
+            },
+        )
         return spec, inputs
     values: list[tuple[str, str]] = []
     if isinstance(inp, DevInput) and inp.image:
@@ -357,9 +396,14 @@ async def _spec(services: Services, model: Any, inp: _Input) -> tuple[Any, Input
         if aspect == "match_input_image" and not values:
             aspect = "1:1"  # Kontext without an input image generates from text
         inputs, width, height = await image_and_size(
-            services, model, values, aspect_ratio=aspect, aspect_explicit="aspect_ratio" in inp.model_fields_set,
-            megapixels=getattr(inp, "megapixels", "1"), aspect_param="input.aspect_ratio",
-        )  # fmt: skip
+            services,
+            model,
+            values,
+            aspect_ratio=aspect,
+            aspect_explicit="aspect_ratio" in inp.model_fields_set,
+            megapixels=getattr(inp, "megapixels", "1"),
+            aspect_param="input.aspect_ratio",
+        )
     steps = getattr(inp, "num_inference_steps", None) or getattr(inp, "steps", None)
     spec = model.make_spec(
         prompt=inp.prompt,
@@ -374,9 +418,15 @@ async def _spec(services: Services, model: Any, inp: _Input) -> tuple[Any, Input
         images=inputs.keys,
         strength=getattr(inp, "prompt_strength", None) if values else None,
         loras=loras,
-        params={"prompt": "input.prompt", "steps": "input.num_inference_steps", "guidance": "input.guidance",
-                "seed": "input.seed", "size": "input.width", "strength": "input.prompt_strength"},
-    )  # fmt: skip
+        params={
+            "prompt": "input.prompt",
+            "steps": "input.num_inference_steps",
+            "guidance": "input.guidance",
+            "seed": "input.seed",
+            "size": "input.width",
+            "strength": "input.prompt_strength",
+        },
+    )
     return spec, inputs
 
 

@@ -16,5 +16,8 @@ router = APIRouter(prefix="/v1")
 async def own_usage(services: ServicesDep, owner: OwnerDep, since: str | None = None) -> dict[str, Any]:
     start = parse_since(since)
     rows = await services.jobs.run(usage, services.store, start, owner)
-    return {"object": "list", "since": start, "data": [{k: v for k, v in r.to_dict().items() if k != "key"}
-                                                        for r in rows]}  # fmt: skip
+    return {
+        "object": "list",
+        "since": start,
+        "data": [{k: v for k, v in r.to_dict().items() if k != "key"} for r in rows],
+    }

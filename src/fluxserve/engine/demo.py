@@ -187,9 +187,14 @@ def _flux2_klein() -> Any:
     for tok in specials:
         vocab[tok] = len(vocab)
     tokenizer = Qwen2TokenizerFast(
-        vocab=vocab, merges=[], model_max_length=512, chat_template=_QWEN_CHAT_TEMPLATE,
-        additional_special_tokens=specials[1:], pad_token="<|endoftext|>", eos_token="<|im_end|>",
-    )  # fmt: skip
+        vocab=vocab,
+        merges=[],
+        model_max_length=512,
+        chat_template=_QWEN_CHAT_TEMPLATE,
+        additional_special_tokens=specials[1:],
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+    )
     hidden = 16
     text_encoder = Qwen3ForCausalLM(
         Qwen3Config(
@@ -231,9 +236,13 @@ def _flux2_klein() -> Any:
         shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, time_shift_type="exponential"
     )
     return Flux2KleinPipeline(
-        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
         is_distilled=True,
-    )  # fmt: skip
+    )
 
 
 # LoRA targets as diffusers' own tests pick them; FLUX.2's single blocks fuse QKV and the MLP.
@@ -243,8 +252,9 @@ DEMO_LORA_TARGETS = {
 }
 
 
-def build_demo_lora(demo_root: Path, kind: str, out: Path, *, seed: int, rank: int = 4,
-                    targets: list[str] | None = None) -> Path:  # fmt: skip
+def build_demo_lora(
+    demo_root: Path, kind: str, out: Path, *, seed: int, rank: int = 4, targets: list[str] | None = None
+) -> Path:
     """A random LoRA for a demo transformer, saved as diffusers-format safetensors at ``out``
     (scaled up so the demo's one-block transformer visibly moves). Offline, like the demo model."""
     import diffusers
@@ -255,8 +265,9 @@ def build_demo_lora(demo_root: Path, kind: str, out: Path, *, seed: int, rank: i
     cls = diffusers.Flux2KleinPipeline if kind == "flux2" else diffusers.FluxPipeline
     pipe = cls.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
     torch.manual_seed(seed)
-    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets or DEMO_LORA_TARGETS[kind],
-                        init_lora_weights=False)  # fmt: skip
+    config = LoraConfig(
+        r=rank, lora_alpha=rank, target_modules=targets or DEMO_LORA_TARGETS[kind], init_lora_weights=False
+    )
     pipe.transformer.add_adapter(config)
     with torch.no_grad():
         for name, param in pipe.transformer.named_parameters():
@@ -265,8 +276,9 @@ def build_demo_lora(demo_root: Path, kind: str, out: Path, *, seed: int, rank: i
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".lora-", dir=out.parent))
     try:
-        cls.save_lora_weights(tmp, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer),
-                              safe_serialization=True)  # fmt: skip
+        cls.save_lora_weights(
+            tmp, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer), safe_serialization=True
+        )
         os.replace(tmp / "pytorch_lora_weights.safetensors", out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -159,8 +159,15 @@ class DiffusersEngine:
                 images = [gray.resize((width, height))] * count
                 mask = PILImage.new("L", (width, height), 255) if model.kind == "fill" else None
                 keys = tuple(f"warmup/{i}.png" for i in range(len(images)))
-                spec = model.make_spec(prompt="warm-up", width=width, height=height, steps=2, seed=0, images=keys,
-                                       mask="warmup/mask.png" if mask else None)  # fmt: skip
+                spec = model.make_spec(
+                    prompt="warm-up",
+                    width=width,
+                    height=height,
+                    steps=2,
+                    seed=0,
+                    images=keys,
+                    mask="warmup/mask.png" if mask else None,
+                )
                 log.info("warming up %s at %dx%d with %d reference(s)", model.name, width, height, count)
                 self.generate([EngineRequest(spec, images=images, mask=mask)], lambda d, t, p: None)
 

@@ -84,8 +84,11 @@ class HotswapSlots:
         self.cached = cached
         self.loads = 0
         # Every linear layer of the blocks: the targets an adapter may have (before LoRA wraps them).
-        self._shapes = [(name, m.in_features, m.out_features) for name, m in pipe.transformer.named_modules()
-                        if isinstance(m, torch.nn.Linear) and "transformer_blocks." in name]  # fmt: skip
+        self._shapes = [
+            (name, m.in_features, m.out_features)
+            for name, m in pipe.transformer.named_modules()
+            if isinstance(m, torch.nn.Linear) and "transformer_blocks." in name
+        ]
         self.names = [f"slot{i}" for i in range(MAX_ADAPTERS)]
         pipe.enable_lora_hotswap(target_rank=rank)
         for name in self.names:
@@ -128,8 +131,10 @@ class HotswapSlots:
             else:
                 digest, scale = new
                 # lora_B (Kohya: lora_up) times the scale: the slot's own weight stays 1.
-                weights = {k: v * scale if ("lora_B" in k or "lora_up" in k) else v.clone()
-                           for k, v in self._adapter_tensors(by_digest[digest]).items()}  # fmt: skip
+                weights = {
+                    k: v * scale if ("lora_B" in k or "lora_up" in k) else v.clone()
+                    for k, v in self._adapter_tensors(by_digest[digest]).items()
+                }
             try:
                 pipe.load_lora_weights(weights, adapter_name=self.names[i], hotswap=True)
             except (ValueError, RuntimeError, KeyError) as exc:

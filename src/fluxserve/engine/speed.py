@@ -185,8 +185,10 @@ def apply(pipe: Any, opts: SpeedOptions, device: str, placement: str = "none") -
         # Per-row scales: finer than one scale per tensor, and the layout H100's fp8 kernels favour.
         quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
     if opts.first_block_cache is not None and type(transformer).__name__ in _NO_FIRST_BLOCK_CACHE:
-        log.warning("First-Block-Cache is not applied to %s: diffusers' hook fails on its blocks (0.42)",
-                    type(transformer).__name__)  # fmt: skip
+        log.warning(
+            "First-Block-Cache is not applied to %s: diffusers' hook fails on its blocks (0.42)",
+            type(transformer).__name__,
+        )
     elif opts.first_block_cache is not None:
         from diffusers import FirstBlockCacheConfig
 

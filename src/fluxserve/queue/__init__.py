@@ -1,2 +1,32 @@
-"""Dispatch: embedded (SQLite, worker threads claiming from the jobs table: worker.py) or procrastinate on
-PostgreSQL (pg.py: queue entries, stall sweeps; listen.py: cross-node wake-ups; runner.py: GPU workers)."""
+"""Where queued jobs wait and who runs them, behind one seam (base.py).
+
+local.py: the jobs table, worker threads in this process (SQLite, one box). pg.py: procrastinate on
+PostgreSQL (runner.py: its workers, `fluxserve worker`; cluster.py: /health over the workers registry;
+listen.py: other nodes' changes). fairness.py: the one order both fetch in. ``build`` chooses, once.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..jobs import JobService
+    from ..settings import Settings
+    from .base import Queue
+
+
+def build(settings: Settings, jobs: JobService) -> Queue:
+    """The queue of this database, set as its store's hooks: what `serve`, `serve --api-only` and `worker`
+    all call. Imports procrastinate only on PostgreSQL."""
+    queue: Queue
+    if settings.on_postgres:
+        from .pg import PgQueue
+        from .runner import Timing
+
+        queue = PgQueue(jobs.store, jobs, Timing(settings.lease_s, settings.shutdown_grace_s))
+    else:
+        from .local import LocalQueue
+
+        queue = LocalQueue(jobs)
+    jobs.store.queue = queue
+    return queue

@@ -16,7 +16,8 @@ from sqlalchemy import select
 from ..errors import StoreUnavailable
 from ..jobs import JobService
 from ..store import Store, workers
-from ..worker import DeviceWorker, WorkerState
+from ..worker import DeviceWorker
+from .base import WorkerState
 from .pg import PgQueue, queue_depths
 from .runner import Timing, run_devices
 
@@ -64,8 +65,8 @@ class ClusterView:
     @property
     def state(self) -> WorkerState:
         states = {w["state"] for w in self.workers}
-        if self._local is not None and self._local.state == "loading":
-            return "loading"
+        if self._local is not None and self._local.state in ("loading", "ready"):
+            return self._local.state  # this node's own, fresher than its rows' last refresh
         if "ready" in states:
             return "ready"
         if "loading" in states:
@@ -108,9 +109,14 @@ class LocalQueueWorkers:
     """`serve` on PostgreSQL: this process's devices as queue workers, on a thread with its own event loop."""
 
     def __init__(
-        self, url: str, jobs: JobService, queue: PgQueue, devices: Sequence[DeviceWorker], models: list[str],
+        self,
+        url: str,
+        jobs: JobService,
+        queue: PgQueue,
+        devices: Sequence[DeviceWorker],
+        models: list[str],
         timing: Timing,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self._run: Callable[[asyncio.Event, asyncio.Event], Any] = lambda stop, now: run_devices(
             url, jobs, queue, devices, models, timing, stop, now, sweep=False
         )

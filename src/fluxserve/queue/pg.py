@@ -2,9 +2,8 @@
 
 Our ``jobs`` row stays the truth for clients and is fenced by attempt; procrastinate's row is the
 dispatch and liveness layer: a queue per model (workers fetch only the models they serve), ``SKIP
-LOCKED`` fetches, heartbeats, abort. Fairness between keys is carried into procrastinate's fetch order
-as the priority: minus the key's active jobs when the job was created, so a key that floods the queue
-waits behind a newcomer's first job (the embedded queue computes the same turns in SQL).
+LOCKED`` fetches, heartbeats, abort. Fairness between keys (queue.fairness) is the job row's priority,
+handed to procrastinate, whose fetch is priority-first.
 
 Only the ``connection=`` forms of procrastinate's sync API are used here, on an App that is never
 opened (an async-opened connector refuses sync calls; workers open their own in runner.py).
@@ -12,24 +11,35 @@ opened (an async-opened connector refuses sync calls; workers open their own in 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, func, select, text, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.engine import Connection, Engine
 
-from ..job import Status
+from ..job import Job, Status
 from ..store import Store, application_name, jobs
+
+if TYPE_CHECKING:
+    from ..jobs import JobService
+    from ..worker import DeviceWorker
+    from .cluster import ClusterView
+    from .runner import Timing
 
 log = logging.getLogger(__name__)
 
 TASK = "fluxserve.generate"
 SWEEP_LOCK = 0x666C7879  # one stall sweep at a time across nodes
 # Our terminal statuses as procrastinate's end states.
-END_STATES = {Status.SUCCEEDED: "succeeded", Status.FAILED: "failed", Status.CANCELED: "aborted",
-              Status.ABORTED: "aborted"}  # fmt: skip
+END_STATES = {
+    Status.SUCCEEDED: "succeeded",
+    Status.FAILED: "failed",
+    Status.CANCELED: "aborted",
+    Status.ABORTED: "aborted",
+}
 
 
 def libpq_url(url: str, role: str | None = None) -> str:
@@ -66,21 +76,59 @@ def _app(url: str) -> Any:
 
 
 class PgQueue:
-    """The store's queue hooks (store.QueueHooks) plus what workers and sweepers do to queue rows."""
+    """The store's queue hooks (queue.base.QueueHooks) plus what workers and sweepers do to queue rows."""
 
-    def __init__(self, store: Store) -> None:
+    name = "postgres"
+
+    def __init__(self, store: Store, jobs: JobService | None = None, timing: Timing | None = None) -> None:
         self.store = store
         self.app = _app(store.url)
+        self.jobs = jobs
+        self.timing = timing
+
+    # -- the Queue seam (queue.base.Queue) ------------------------------------------
+
+    def _wired(self) -> tuple[JobService, Timing]:
+        assert self.jobs is not None and self.timing is not None, "built by queue.build"
+        return self.jobs, self.timing
+
+    def dispatcher(self, workers: Sequence[DeviceWorker] | None) -> ClusterView:
+        """The workers seen through the database, plus this node's own queue workers (`serve` without
+        --api-only), which run on a thread of their own."""
+        from .cluster import ClusterView, LocalQueueWorkers
+
+        jobs, timing = self._wired()
+        local = None
+        if workers:
+            local = LocalQueueWorkers(self.store.url, jobs, self, workers, _models(workers), timing)
+        self.view = ClusterView(self.store, timing, local)
+        return self.view
+
+    def background(self) -> list[Coroutine[Any, Any, None]]:
+        """The /health view's refresh and the stall sweep (one node at a time)."""
+        from .runner import sweep_forever
+
+        jobs, timing = self._wired()
+        view = self.view
+
+        async def refresh_forever() -> None:
+            while True:
+                await asyncio.to_thread(view.refresh)
+                await asyncio.sleep(timing.heartbeat_s)
+
+        return [refresh_forever(), sweep_forever(jobs, self, timing)]
+
+    async def run_workers(self, workers: Sequence[Any], stop: asyncio.Event, stop_now: asyncio.Event) -> int:
+        from .runner import run_devices
+
+        jobs, timing = self._wired()
+        return await run_devices(self.store.url, jobs, self, workers, _models(workers), timing, stop, stop_now)
 
     # -- inside the store's transactions ---------------------------------------
 
-    def deferred(self, conn: Connection, job: Any) -> None:
-        active = conn.execute(
-            select(func.count()).where(
-                and_(jobs.c.owner == job.owner, jobs.c.status.in_([Status.QUEUED.value, Status.PROCESSING.value]))
-            )
-        ).scalar_one()
-        self._defer(conn, job.id, job.spec.model, -int(active))
+    def deferred(self, conn: Connection, job: Job) -> None:
+        priority = conn.execute(select(jobs.c.priority).where(jobs.c.id == job.id)).scalar()
+        self._defer(conn, job.id, job.spec.model, int(priority or 0))
 
     def _defer(self, conn: Connection, job_id: str, model: str, priority: int) -> None:
         deferrer = self.app.configure_task(
@@ -160,8 +208,10 @@ class PgQueue:
             conn.execute(select(func.pg_notify("procrastinate_any_queue_v1", payload)))
         elif status is None or status.is_terminal:
             end = END_STATES.get(status, "failed") if status is not None else "failed"
-            conn.execute(text("SELECT procrastinate_finish_job_v1(:id, CAST(:s AS procrastinate_job_status), false)"),
-                         {"id": pc_id, "s": end})  # fmt: skip
+            conn.execute(
+                text("SELECT procrastinate_finish_job_v1(:id, CAST(:s AS procrastinate_job_status), false)"),
+                {"id": pc_id, "s": end},
+            )
         # processing: the job's lease decides (it ends, or it expires and is re-queued)
 
     # -- the stall sweep (any node; one at a time) -------------------------------
@@ -193,17 +243,22 @@ class PgQueue:
                 counts["retried" if status is Status.QUEUED else "closed"] += 1
             orphans = conn.execute(
                 text(
-                    "SELECT j.id, j.model FROM jobs j LEFT JOIN procrastinate_jobs p ON p.id = j.pc_job_id "
+                    "SELECT j.id, j.model, j.priority FROM jobs j LEFT JOIN procrastinate_jobs p ON p.id = j.pc_job_id "
                     "WHERE j.status = 'queued' AND (p.id IS NULL OR p.status NOT IN ('todo', 'doing')) "
                     "FOR UPDATE OF j SKIP LOCKED"
                 )
             ).all()
             for row in orphans:
-                self._defer(conn, row.id, row.model, 0)
+                self._defer(conn, row.id, row.model, int(row.priority or 0))
                 counts["redeferred"] += 1
         if any(counts.values()):
             log.warning("queue sweep: %s", counts)
         return counts
+
+
+def _models(workers: Sequence[Any]) -> list[str]:
+    """The queues these workers fetch from: every model they serve."""
+    return sorted({m for w in workers for m in w.models()})
 
 
 def queue_depths(conn: Connection) -> dict[str, int]:

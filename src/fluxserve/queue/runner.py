@@ -1,6 +1,6 @@
 """GPU workers fed by procrastinate: `fluxserve worker`, and `serve` on PostgreSQL without --api-only.
 
-One procrastinate worker per device (concurrency 1: the device's DeviceWorker is the only caller of its
+One procrastinate worker per device (its slot count: 1 for a DeviceWorker, the only caller of its
 pipelines), fetching from the queues of the models it loaded, after they loaded: a worker that fails to
 load fetches nothing, so its models' jobs wait for a healthy one. The task claims our job row (the fence
 is its attempt), takes compatible queued jobs into a batch (SKIP LOCKED on their queue rows), runs them,
@@ -81,8 +81,7 @@ def worker_app(url: str) -> Any:
                 return None
             return "shutdown" if context.abort_reason() == AbortReason.SHUTDOWN else "user"
 
-        device.abort_check = abort
-        batch = device.run_claimed(job_id, queue.member_lock(context.job.worker_id))
+        batch = device.run_claimed(job_id, queue.member_lock(context.job.worker_id), abort)
         queue.settle([j.id for j in batch[1:]])
         lead = queue.store.get_job(job_id)
         if lead is not None and lead.status is Status.QUEUED:
@@ -107,9 +106,16 @@ class Registry:
         now = time.time()
         with self.store.transaction() as conn:
             for d in self.devices:
-                row = {"host": socket.gethostname(), "pid": os.getpid(), "device": d.device,
-                       "models": json.dumps(d.loaded_models() or self.models), "state": d.state, "error": d.load_error,
-                       "current_job": d.current_job, "last_seen": now}  # fmt: skip
+                row = {
+                    "host": socket.gethostname(),
+                    "pid": os.getpid(),
+                    "device": d.device,
+                    "models": json.dumps(d.loaded_models() or self.models),
+                    "state": d.state,
+                    "error": d.load_error,
+                    "current_job": d.current_job,
+                    "last_seen": now,
+                }
                 stmt = pg_insert(workers).values(id=d.worker_id, started_at=self.started, **row)
                 conn.execute(stmt.on_conflict_do_update(index_elements=[workers.c.id], set_=row))
 
@@ -133,9 +139,17 @@ async def sweep_forever(jobs: JobService, queue: PgQueue, timing: Timing) -> Non
 
 
 async def run_devices(
-    url: str, jobs: JobService, queue: PgQueue, devices: Sequence[DeviceWorker], models: list[str], timing: Timing,
-    stop: asyncio.Event, stop_now: asyncio.Event, *, sweep: bool = True,
-) -> int:  # fmt: skip
+    url: str,
+    jobs: JobService,
+    queue: PgQueue,
+    devices: Sequence[DeviceWorker],
+    models: list[str],
+    timing: Timing,
+    stop: asyncio.Event,
+    stop_now: asyncio.Event,
+    *,
+    sweep: bool = True,
+) -> int:
     """Load, then fetch until ``stop`` (finish the running job within grace_s; past it, or on ``stop_now``,
     give it back). Returns the exit status: 1 when no device loaded."""
     registry = Registry(jobs.store, devices, models)
@@ -157,7 +171,7 @@ async def run_devices(
                     app.run_worker_async(
                         queues=[queue_name(m) for m in models],
                         name=d.worker_id,
-                        concurrency=1,
+                        concurrency=d.concurrency,
                         wait=True,
                         install_signal_handlers=False,
                         listen_notify=True,

@@ -1,0 +1,56 @@
+"""The one fairness rule between keys, for both queues.
+
+A job's priority is minus its owner's active (queued or running) jobs when it is submitted, itself
+included, fixed in its row. Both queues fetch by priority, then age: the embedded queue orders its
+claims by ``FETCH_ORDER``, and the PostgreSQL queue hands the same number to procrastinate, whose fetch
+is priority-first. A key that floods the queue waits behind a newcomer's first job; positions a client
+is told come from the same order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select
+from sqlalchemy.engine import Connection
+
+from ..job import Status
+from ..store.schema import jobs
+
+ACTIVE = (Status.QUEUED.value, Status.PROCESSING.value)
+
+
+def priority(conn: Connection, owner: str) -> int:
+    """Computed in the submit's transaction before its row is written; the new job counts itself."""
+    active = conn.execute(
+        select(func.count()).where(and_(jobs.c.owner == owner, jobs.c.status.in_(ACTIVE)))
+    ).scalar_one()
+    return -int(active) - 1
+
+
+def _priority() -> Any:
+    return func.coalesce(jobs.c.priority, 0)
+
+
+def fetch_order() -> tuple[Any, ...]:
+    return (_priority().desc(), jobs.c.created_at, jobs.c.id)
+
+
+def ahead_of(conn: Connection, job_id: str) -> int | None:
+    """Queued jobs fetched before this one (any model: one embedded queue); None once it is not queued."""
+    mine = conn.execute(
+        select(_priority().label("p"), jobs.c.created_at).where(
+            and_(jobs.c.id == job_id, jobs.c.status == Status.QUEUED.value)
+        )
+    ).first()
+    if mine is None:
+        return None
+    p = _priority()
+    earlier = or_(
+        p > mine.p,
+        and_(p == mine.p, jobs.c.created_at < mine.created_at),
+        and_(p == mine.p, jobs.c.created_at == mine.created_at, jobs.c.id < job_id),
+    )
+    return int(
+        conn.execute(select(func.count()).where(and_(jobs.c.status == Status.QUEUED.value, earlier))).scalar_one()
+    )

@@ -1,0 +1,55 @@
+"""The database, split along its tables: schema.py (tables), db.py (engine, pools, write lock, errors),
+jobs.py (job rows and fenced transitions), events.py (job_events, NOTIFY), outbox.py (webhook deliveries),
+keys.py (API keys, the shared secret), reports.py (usage, metrics, retention reads).
+
+``Store`` is all of them over one engine. Only JobService calls the methods that change a job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .db import BUSY_S, POOL_OVERFLOW, POOL_SIZE, POOL_WAIT_S, Database, application_name
+from .events import NOTIFY_CHANNEL, EventQueries
+from .jobs import Admission, Fence, JobQueries, outputs_json, to_job
+from .keys import KeyQueries, key_limits
+from .outbox import OutboxQueries, WebhookRules
+from .reports import Reports, usage
+from .schema import api_keys, job_events, jobs, metadata, server_secrets, webhook_deliveries, workers
+
+
+class Store(JobQueries, EventQueries, OutboxQueries, KeyQueries, Reports, Database):
+    def __init__(self, url: str, **pool: Any) -> None:
+        super().__init__(url, **pool)
+        from ..queue.local import LocalHooks
+
+        # The embedded queue until the wiring (queue.build) sets the PostgreSQL one.
+        self.queue: Any = LocalHooks()
+        # Which webhook events each dialect sends (api/dialects.py); a dialect without rules sends none.
+        self.webhook_rules: Mapping[str, WebhookRules] = {}
+
+
+__all__ = [
+    "BUSY_S",
+    "NOTIFY_CHANNEL",
+    "POOL_OVERFLOW",
+    "POOL_SIZE",
+    "POOL_WAIT_S",
+    "Admission",
+    "Fence",
+    "Store",
+    "WebhookRules",
+    "api_keys",
+    "application_name",
+    "job_events",
+    "jobs",
+    "key_limits",
+    "metadata",
+    "outputs_json",
+    "server_secrets",
+    "to_job",
+    "usage",
+    "webhook_deliveries",
+    "workers",
+]

@@ -1,0 +1,133 @@
+"""The database: engine, connection pools, write serialization on SQLite, and errors as StoreUnavailable.
+
+SQLite (WAL) by default, any SQLAlchemy URL otherwise. Every database error surfaces as
+StoreUnavailable, which callers retry (workers) or answer as 503 (the API).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, event, select
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+from ..errors import StoreUnavailable
+
+BUSY_S = 5.0  # how long a write waits for a locked database before it is StoreUnavailable
+
+# Connections one process holds on a database server (SQLite has none): POOL_SIZE kept, POOL_OVERFLOW more
+# at busy moments; threads beyond that wait for one. README "Beyond one machine" adds them up per node.
+POOL_SIZE = 5
+POOL_OVERFLOW = 5
+POOL_WAIT_S = 10.0  # a thread that waits longer for a connection gets StoreUnavailable (503), not a hang
+
+
+class _NoLock:
+    """Servers with row locks (PostgreSQL) need no process-wide write lock."""
+
+    def acquire(self, timeout: float = -1) -> bool:
+        return True
+
+    def release(self) -> None:
+        pass
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    # Writers in this process queue on a lock (below); this only waits for other processes.
+    cur.execute(f"PRAGMA busy_timeout={int(BUSY_S * 1000)}")
+    cur.close()
+
+
+def _private_file(path: Path) -> None:
+    """The database holds key hashes and webhook secrets: owner-only (SQLite gives its -wal and -shm
+    files the main file's mode)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    os.chmod(path, 0o600)
+
+
+def application_name(role: str) -> str:
+    """How this process's connections show in pg_stat_activity: the role and the pid."""
+    return f"fluxserve-{role}:{os.getpid()}"
+
+
+def reason(exc: DBAPIError) -> str:
+    return str(exc.orig).splitlines()[0] if exc.orig is not None else type(exc).__name__
+
+
+class Database:
+    """One engine per process and role; ``_write`` / ``_read`` are the only ways the table modules connect."""
+
+    def __init__(
+        self, url: str, *, role: str = "api", pool_size: int = POOL_SIZE, pool_overflow: int = POOL_OVERFLOW
+    ) -> None:
+        self.url = url
+        self.role = role
+        self.is_sqlite = url.startswith("sqlite")
+        if url.startswith("sqlite:///"):
+            _private_file(Path(url.removeprefix("sqlite:///")))
+            self.engine: Engine = create_engine(
+                url, connect_args={"check_same_thread": False, "timeout": BUSY_S}, pool_size=20, max_overflow=20
+            )
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        else:
+            self.engine = create_engine(
+                url,
+                pool_pre_ping=True,
+                pool_size=pool_size,
+                max_overflow=pool_overflow,
+                pool_timeout=POOL_WAIT_S,
+                connect_args={"application_name": application_name(role)},
+            )
+        # SQLite has one writer: threads of this process take turns here instead of in SQLite's
+        # busy handler, which sleeps in steps of up to 100 ms.
+        self._write_lock = threading.Lock() if self.is_sqlite else _NoLock()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Connection]:
+        # Bounded like SQLite's own busy wait, so a write queued behind one stuck on a locked file
+        # gives up after BUSY_S too rather than after twice that.
+        if not self._write_lock.acquire(timeout=BUSY_S):
+            raise StoreUnavailable(f"The database is unavailable: database is locked (waited {BUSY_S:g} s)")
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except IntegrityError:
+            raise
+        except DBAPIError as exc:
+            raise StoreUnavailable(f"The database is unavailable: {reason(exc)}") from exc
+        except PoolTimeout as exc:
+            raise StoreUnavailable(f"The database is busy: no connection free within {POOL_WAIT_S:g} s") from exc
+        finally:
+            self._write_lock.release()
+
+    def transaction(self) -> contextlib.AbstractContextManager[Connection]:
+        """A write transaction for statements of the queue's own (fluxserve.queue.pg)."""
+        return self._write()
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[Connection]:
+        try:
+            with self.engine.connect() as conn:
+                yield conn
+        except DBAPIError as exc:
+            raise StoreUnavailable(f"The database is unavailable: {reason(exc)}") from exc
+        except PoolTimeout as exc:
+            raise StoreUnavailable(f"The database is busy: no connection free within {POOL_WAIT_S:g} s") from exc
+
+    def ping(self) -> None:
+        with self._read() as conn:
+            conn.execute(select(1))

@@ -1,0 +1,50 @@
+"""job_events: one row per transition, what waiters, streams and other nodes read (plus NOTIFY on PostgreSQL)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy import and_, func, select
+from sqlalchemy.engine import Connection
+
+from ..job import EventKind, Job, JobEvent
+from .db import Database
+from .outbox import WebhookRules, enqueue_webhooks
+from .schema import job_events
+
+NOTIFY_CHANNEL = "fluxserve_job"
+
+
+def append_event(
+    conn: Connection, job: Job, kind: EventKind, payload: dict[str, Any], rules: Mapping[str, WebhookRules]
+) -> None:
+    """The event row, its NOTIFY, and the webhook deliveries the job's dialect sends for it."""
+    now = time.time()
+    conn.execute(
+        job_events.insert().values(
+            job_id=job.id, attempt=job.attempts, kind=kind.value, payload=json.dumps(payload), at=now
+        )
+    )
+    if conn.dialect.name == "postgresql":  # delivered at commit: a listener that re-reads sees this row
+        conn.execute(select(func.pg_notify(NOTIFY_CHANNEL, f"{job.id}:{kind.value}")))
+    if job.webhook and job.dialect in rules:
+        enqueue_webhooks(conn, job, kind, now, rules[job.dialect])
+
+
+class EventQueries(Database):
+    def last_event_id(self, job_id: str) -> int:
+        with self._read() as conn:
+            value = conn.execute(select(func.max(job_events.c.id)).where(job_events.c.job_id == job_id)).scalar()
+        return int(value or 0)
+
+    def events(self, job_id: str, after: int = 0) -> list[JobEvent]:
+        with self._read() as conn:
+            rows = conn.execute(
+                select(job_events)
+                .where(and_(job_events.c.job_id == job_id, job_events.c.id > after))
+                .order_by(job_events.c.id)
+            ).all()
+        return [JobEvent(r.id, r.job_id, r.attempt, EventKind(r.kind), json.loads(r.payload), r.at) for r in rows]

@@ -1,0 +1,306 @@
+"""The jobs table: reads, and the fenced writes only JobService makes."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import and_, select, update
+from sqlalchemy.engine import Connection, Row
+from sqlalchemy.exc import IntegrityError
+
+from ..job import EventKind, Job, Output, Status
+from ..spec import GenerationSpec
+from .db import Database
+from .events import append_event
+from .outbox import WebhookRules
+from .schema import jobs
+
+Values = dict[str, Any] | Callable[[Job], dict[str, Any]]
+# Run inside the insert's transaction before the row is written: a per-key admission that may refuse
+# (RateLimited) and returns the response's rate-limit headers.
+Admission = Callable[[Connection, Job], dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Fence:
+    """Which claim may change a job: its id, and when given, the attempt number and the worker holding it."""
+
+    job_id: str
+    attempt: int | None = None
+    worker_id: str | None = None
+
+
+class JobQueries(Database):
+    queue: Any  # queue.base.QueueHooks, set by Store
+    webhook_rules: Mapping[str, WebhookRules]
+
+    def get_job(self, job_id: str) -> Job | None:
+        with self._read() as conn:
+            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+        return to_job(row) if row else None
+
+    def find_idempotent(self, owner: str, key: str) -> Job | None:
+        with self._read() as conn:
+            row = conn.execute(select(jobs).where(and_(jobs.c.owner == owner, jobs.c.idempotency_key == key))).first()
+        return to_job(row) if row else None
+
+    def list_jobs(self, owner: str, dialect: str, *, before: tuple[float, str] | None, limit: int) -> list[Job]:
+        """Newest first; ``before`` is the (created_at, id) of the last row of the previous page."""
+        query = select(jobs).where(and_(jobs.c.owner == owner, jobs.c.dialect == dialect))
+        if before is not None:
+            created, job_id = before
+            query = query.where(
+                (jobs.c.created_at < created) | (and_(jobs.c.created_at == created, jobs.c.id < job_id))
+            )
+        query = query.order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit)
+        with self._read() as conn:
+            return [to_job(row) for row in conn.execute(query)]
+
+    def is_cancel_requested(self, job_id: str) -> bool:
+        with self._read() as conn:
+            return bool(conn.execute(select(jobs.c.cancel_requested).where(jobs.c.id == job_id)).scalar())
+
+    def expired_leases(self, now: float) -> list[Job]:
+        with self._read() as conn:
+            rows = conn.execute(
+                select(jobs).where(and_(jobs.c.status == Status.PROCESSING.value, jobs.c.lease_expires_at < now))
+            ).all()
+        return [to_job(r) for r in rows]
+
+    def past_deadline(self, now: float) -> list[Job]:
+        with self._read() as conn:
+            rows = conn.execute(
+                select(jobs).where(
+                    and_(jobs.c.status == Status.QUEUED.value, jobs.c.deadline.is_not(None), jobs.c.deadline <= now)
+                )
+            ).all()
+        return [to_job(r) for r in rows]
+
+    def queue_position(self, job: Job) -> int:
+        """1 = next to run, in the order the queue fetches (queue.fairness)."""
+        with self._read() as conn:
+            return self.queue.position(conn, job.id) or 1
+
+    def queued(self, limit: int, models: Collection[str] | None = None) -> list[tuple[str, str, GenerationSpec]]:
+        """(id, model, spec) of the next queued jobs in fair order: what a worker needs to choose, without rows."""
+        from ..queue.fairness import fetch_order
+
+        query = select(jobs.c.id, jobs.c.model, jobs.c.spec).where(jobs.c.status == Status.QUEUED.value)
+        if models is not None:
+            query = query.where(jobs.c.model.in_(list(models)))
+        with self._read() as conn:
+            rows = conn.execute(query.order_by(*fetch_order()).limit(limit)).all()
+        return [(r.id, r.model, GenerationSpec.from_dict(json.loads(r.spec))) for r in rows]
+
+    # writes (JobService only) ---------------------------------------------------
+
+    def insert_job(self, job: Job, admit: Admission | None = None) -> dict[str, str] | None:
+        """The job inserted with its fair priority: the admission's rate-limit headers, or None when
+        another job already holds this owner's idempotency key. ``admit`` counts in the same transaction."""
+        from ..queue.fairness import priority
+
+        try:
+            with self._write() as conn:
+                headers = admit(conn, job) if admit is not None else {}
+                conn.execute(jobs.insert().values(**job_row(job), priority=priority(conn, job.owner)))
+                append_event(conn, job, EventKind.SUBMITTED, {}, self.webhook_rules)
+                self.queue.deferred(conn, job)  # its queue entry commits with it, or neither does
+        except IntegrityError:
+            if job.idempotency_key is None:
+                raise
+            return None
+        return headers
+
+    def transition(
+        self,
+        job_id: str,
+        kind: EventKind,
+        *,
+        expect: Iterable[Status],
+        values: Values,
+        attempt: int | None = None,
+        worker_id: str | None = None,
+        payload: dict[str, Any] | None = None,
+        lease_before: float | None = None,
+    ) -> Job | None:
+        """Change one job if it is still in an expected status (and, when given, the same claim).
+
+        The event row and any webhook deliveries are written in the same transaction. None: refused.
+        """
+        fence = Fence(job_id, attempt, worker_id)
+        with self._write() as conn:
+            job = _transition(conn, fence, kind, list(expect), values, payload or {}, lease_before, self.webhook_rules)
+            if job is not None and kind is EventKind.ABORTED:
+                self.queue.cancel(conn, job_id)  # past its Cancel-After while queued: no worker fetches it
+            return job
+
+    def transition_many(
+        self,
+        fences: list[Fence],
+        kind: EventKind,
+        *,
+        expect: Iterable[Status],
+        values: Values,
+        payload: dict[str, Any] | None = None,
+    ) -> list[Job | None]:
+        """The same transition for several jobs (a batch) in one transaction."""
+        statuses = list(expect)
+        with self._write() as conn:
+            rules = self.webhook_rules
+            return [_transition(conn, f, kind, statuses, values, payload or {}, None, rules) for f in fences]
+
+    def request_cancel(self, job_id: str) -> Job | None:
+        """Flag a job for cancellation; a queued one is canceled at once. None: it had already ended."""
+        now = time.time()
+        live = [Status.QUEUED.value, Status.PROCESSING.value]
+        with self._write() as conn:
+            flagged = conn.execute(
+                update(jobs).where(and_(jobs.c.id == job_id, jobs.c.status.in_(live))).values(cancel_requested=True)
+            ).rowcount
+            if not flagged:
+                return None
+            canceled = conn.execute(
+                update(jobs)
+                .where(and_(jobs.c.id == job_id, jobs.c.status == Status.QUEUED.value))
+                .values(status=Status.CANCELED.value, completed_at=now, error="canceled")
+            ).rowcount
+            job = to_job(conn.execute(select(jobs).where(jobs.c.id == job_id)).one())
+            kind = EventKind.CANCELED if canceled else EventKind.CANCEL_REQUESTED
+            append_event(conn, job, kind, {}, self.webhook_rules)
+            self.queue.cancel(conn, job_id)
+        return job
+
+    def claim(
+        self,
+        job_ids: list[str],
+        worker_id: str,
+        lease_s: float,
+        *,
+        first_only: bool,
+        lock: Callable[[Connection, list[str]], list[str]] | None = None,
+    ) -> list[Job]:
+        """Claim these queued jobs in order, in one transaction: the first that is still queued, or all that are.
+
+        ``lock`` narrows the ids inside the transaction first (the queue's rows, ``SKIP LOCKED``)."""
+        now = time.time()
+        values = {
+            "status": Status.PROCESSING.value,
+            "attempts": jobs.c.attempts + 1,
+            "started_at": now,
+            "progress_done": 0,
+            "worker_id": worker_id,
+            "lease_expires_at": now + lease_s,
+        }
+        claimed: list[Job] = []
+        rules = self.webhook_rules
+        with self._write() as conn:
+            if lock is not None:
+                job_ids = lock(conn, job_ids)
+            for job_id in job_ids:
+                fence = Fence(job_id, None, None)
+                started = {"worker": worker_id}
+                job = _transition(conn, fence, EventKind.STARTED, [Status.QUEUED], values, started, None, rules)
+                if job is not None:
+                    claimed.append(job)
+                    if first_only:
+                        break
+        return claimed
+
+    def renew(self, job_ids: list[str], worker_id: str, lease_s: float) -> set[str]:
+        """Extend the leases this worker still holds; returns the ids it holds."""
+        if not job_ids:
+            return set()
+        held = and_(jobs.c.id.in_(job_ids), jobs.c.worker_id == worker_id, jobs.c.status == Status.PROCESSING.value)
+        with self._write() as conn:
+            conn.execute(update(jobs).where(held).values(lease_expires_at=time.time() + lease_s))
+            return {r.id for r in conn.execute(select(jobs.c.id).where(held))}
+
+
+def _transition(
+    conn: Connection,
+    fence: Fence,
+    kind: EventKind,
+    expect: list[Status],
+    values: Values,
+    payload: dict[str, Any],
+    lease_before: float | None,
+    rules: Mapping[str, WebhookRules],
+) -> Job | None:
+    cond = [jobs.c.id == fence.job_id, jobs.c.status.in_([s.value for s in expect])]
+    if fence.attempt is not None:
+        cond.append(jobs.c.attempts == fence.attempt)
+    if fence.worker_id is not None:
+        cond.append(jobs.c.worker_id == fence.worker_id)
+    if lease_before is not None:  # only if the lease is still expired (its worker may have renewed it)
+        cond.append(jobs.c.lease_expires_at < lease_before)
+    if callable(values):  # computed from the row as it is inside this transaction
+        row = conn.execute(select(jobs).where(and_(*cond))).first()
+        if row is None:
+            return None
+        values = values(to_job(row))
+    if conn.execute(update(jobs).where(and_(*cond)).values(**values)).rowcount != 1:
+        return None
+    job = to_job(conn.execute(select(jobs).where(jobs.c.id == fence.job_id)).one())
+    append_event(conn, job, kind, payload, rules)
+    return job
+
+
+def job_row(job: Job) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "owner": job.owner,
+        "dialect": job.dialect,
+        "model": job.spec.model,
+        "status": job.status.value,
+        "spec": json.dumps(job.spec.to_dict()),
+        "request": json.dumps(job.request),
+        "created_at": job.created_at,
+        "attempts": 0,
+        "progress_done": 0,
+        "progress_total": job.spec.steps,
+        "outputs": "[]",
+        "cancel_requested": False,
+        "deadline": job.deadline,
+        "webhook": json.dumps(job.webhook) if job.webhook else None,
+        "idempotency_key": job.idempotency_key,
+        "fingerprint": job.fingerprint,
+        "previews": "[]",
+        "images": job.spec.num_images,
+        "megapixels": job.spec.num_images * job.spec.width * job.spec.height / 1e6,
+    }
+
+
+def outputs_json(outputs: list[Output]) -> str:
+    return json.dumps([o.__dict__ for o in outputs])
+
+
+def to_job(row: Row[Any]) -> Job:
+    return Job(
+        id=row.id,
+        owner=row.owner,
+        dialect=row.dialect,
+        spec=GenerationSpec.from_dict(json.loads(row.spec)),
+        request=json.loads(row.request),
+        status=Status(row.status),
+        created_at=row.created_at,
+        started_at=row.started_at,
+        completed_at=row.completed_at,
+        attempts=row.attempts,
+        worker_id=row.worker_id,
+        lease_expires_at=row.lease_expires_at,
+        cancel_requested=bool(row.cancel_requested),
+        progress_done=row.progress_done,
+        progress_total=row.progress_total,
+        outputs=tuple(Output(**o) for o in json.loads(row.outputs)),
+        error=row.error,
+        deadline=row.deadline,
+        webhook=json.loads(row.webhook) if row.webhook else None,
+        idempotency_key=row.idempotency_key,
+        fingerprint=row.fingerprint,
+        previews=tuple(json.loads(row.previews or "[]")),
+        files_expired_at=row.files_expired_at,
+    )

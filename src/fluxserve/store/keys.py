@@ -1,0 +1,77 @@
+"""api_keys and the one server secret every node shares."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any
+
+from sqlalchemy import and_, func, select, update
+from sqlalchemy.engine import Connection, Row
+from sqlalchemy.exc import IntegrityError
+
+from ..limits import Limits
+from .db import Database
+from .schema import api_keys, server_secrets
+
+
+def key_limits(conn: Connection, owner: str) -> Limits:
+    """A key's own limits (None: the server's default), read inside the caller's transaction."""
+    row = conn.execute(
+        select(api_keys.c.max_queued, api_keys.c.rpm, api_keys.c.images_per_day).where(api_keys.c.id == owner)
+    ).first()
+    return Limits(row.max_queued, row.rpm, row.images_per_day) if row else Limits()
+
+
+class KeyQueries(Database):
+    def add_key(self, key_id: str, name: str, key_hash: str, prefix: str) -> None:
+        with self._write() as conn:
+            conn.execute(
+                api_keys.insert().values(id=key_id, name=name, key_hash=key_hash, prefix=prefix, created_at=time.time())
+            )
+
+    def find_key(self, key_hash: str) -> Row[Any] | None:
+        with self._read() as conn:
+            return conn.execute(
+                select(api_keys).where(and_(api_keys.c.key_hash == key_hash, api_keys.c.revoked_at.is_(None)))
+            ).first()
+
+    def list_keys(self) -> list[Row[Any]]:
+        with self._read() as conn:
+            return list(conn.execute(select(api_keys).order_by(api_keys.c.created_at)))
+
+    def count_keys(self) -> int:
+        with self._read() as conn:
+            return int(conn.execute(select(func.count()).select_from(api_keys)).scalar_one())
+
+    def set_key_limits(self, id_or_name: str, limits: Limits) -> int:
+        """Set the given limits (None leaves one as it is) on the active key(s) with this id or name."""
+        values = {k: v for k, v in vars(limits).items() if v is not None}
+        return self._update_active_key(id_or_name, values) if values else 0
+
+    def revoke_key(self, id_or_name: str) -> int:
+        return self._update_active_key(id_or_name, {"revoked_at": time.time()})
+
+    def _update_active_key(self, id_or_name: str, values: dict[str, Any]) -> int:
+        active = and_((api_keys.c.id == id_or_name) | (api_keys.c.name == id_or_name), api_keys.c.revoked_at.is_(None))
+        with self._write() as conn:
+            return conn.execute(update(api_keys).where(active).values(**values)).rowcount
+
+    def shared_secret(self) -> bytes:
+        """The one server secret of every node on this database, made by whichever node asks first."""
+        query = select(server_secrets.c.value).where(server_secrets.c.name == "server")
+        with self._read() as conn:
+            value = conn.execute(query).scalar()
+        if value is None:
+            try:
+                with self._write() as conn:
+                    conn.execute(
+                        server_secrets.insert().values(
+                            name="server", value=secrets.token_hex(32), created_at=time.time()
+                        )
+                    )
+            except IntegrityError:
+                pass  # another node made it first: read theirs
+            with self._read() as conn:
+                value = conn.execute(query).scalar_one()
+        return bytes.fromhex(value)
