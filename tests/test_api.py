@@ -293,3 +293,9 @@ def test_no_input_files_are_left_by_refused_or_replayed_creates(settings: Settin
     assert folders() == 2
     assert client.post(path, json=body, headers=bearer).status_code == 429
     assert folders() == 2
+
+
+def test_a_file_signature_with_non_ascii_characters_is_a_403(client: TestClient) -> None:
+    # Found by schemathesis: hmac.compare_digest raised on a non-ASCII str (a 500).
+    resp = client.get("/files/abc/out-0.png?expires=9999999999&sig=%F2%9B%A6%88u")
+    assert resp.status_code == 403 and resp.json()["error"]["code"] == "invalid_signature"

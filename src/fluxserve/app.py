@@ -21,7 +21,7 @@ from .api import files, usage
 from .api import loras as lora_routes
 from .api.bodylimit import BodyLimit
 from .api.deps import Services
-from .api.dialects import DIALECTS, render_error, render_for_webhook, webhook_rules, webhook_secret_for
+from .api.dialects import DIALECTS, body_limit_for, render_error, render_for_webhook, webhook_rules, webhook_secret_for
 from .api.errors import install_error_handlers
 from .api.ratelimit import RateLimitHeaders
 from .auth import Authenticator
@@ -253,7 +253,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
             core.close()
 
     app = FastAPI(title="fluxserve", version=__version__, lifespan=lifespan)
-    app.add_middleware(BodyLimit, idle_s=settings.body_idle_timeout_s)  # inside CORS: browsers read its 413s
+    # Inside CORS: browsers read its 413s.
+    app.add_middleware(BodyLimit, limit_for=body_limit_for, render=render_error, idle_s=settings.body_idle_timeout_s)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origins,

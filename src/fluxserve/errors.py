@@ -1,12 +1,13 @@
-"""The exception hierarchy. Each dialect renders these in its own envelope (api/errors.py)."""
+"""The exception hierarchy: what went wrong, in words and a machine code, with no HTTP in it.
+
+api/errors.py maps each class to a status and error type, and each dialect renders it in its own envelope.
+"""
 
 from __future__ import annotations
 
 
 class FluxServeError(Exception):
-    status_code = 500
     code = "server_error"
-    type = "server_error"
 
     def __init__(
         self,
@@ -26,62 +27,45 @@ class FluxServeError(Exception):
 
 
 class InvalidInput(FluxServeError):
-    status_code = 400
     code = "invalid_value"
-    type = "invalid_request_error"
 
 
 class PayloadTooLarge(InvalidInput):
-    status_code = 413
     code = "payload_too_large"
 
 
 class UnsupportedMediaType(InvalidInput):
-    status_code = 415
     code = "unsupported_media_type"
 
 
 class RequestTimeout(InvalidInput):
-    status_code = 408
     code = "request_timeout"
 
 
 class Unauthorized(FluxServeError):
-    status_code = 401
     code = "invalid_api_key"
-    type = "invalid_request_error"
 
 
 class Forbidden(FluxServeError):
-    status_code = 403
     code = "invalid_signature"
-    type = "invalid_request_error"
 
 
 class NotFound(FluxServeError):
-    status_code = 404
     code = "not_found"
-    type = "invalid_request_error"
 
 
 class Gone(FluxServeError):
-    status_code = 410
     code = "file_expired"
-    type = "invalid_request_error"
 
 
 class Conflict(FluxServeError):
-    status_code = 409
     code = "idempotency_conflict"
-    type = "invalid_request_error"
 
 
 class RateLimited(FluxServeError):
     """A per-key limit (fluxserve.limits) refused a create; it names the limit and when to retry."""
 
-    status_code = 429
     code = "rate_limit_exceeded"
-    type = "requests"
 
     def __init__(self, message: str, *, retry_after: int, headers: dict[str, str]) -> None:
         super().__init__(message)
@@ -92,15 +76,11 @@ class RateLimited(FluxServeError):
 class ClientDisconnected(FluxServeError):
     """The client went away while waiting; nobody reads this response."""
 
-    status_code = 499
     code = "client_closed_request"
-    type = "invalid_request_error"
 
 
 class GenerationFailed(FluxServeError):
-    status_code = 500
     code = "generation_failed"
-    type = "server_error"
 
 
 class OutOfMemory(GenerationFailed):
@@ -110,9 +90,7 @@ class OutOfMemory(GenerationFailed):
 class StoreUnavailable(FluxServeError):
     """The database could not be reached or written (locked, disk full, connection lost); retry later."""
 
-    status_code = 503
     code = "store_unavailable"
-    type = "server_error"
 
 
 class LeaseLost(FluxServeError):

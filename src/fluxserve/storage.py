@@ -94,7 +94,8 @@ class LocalStorage:
     def verify(self, key: str, expires: int, signature: str) -> bool:
         if expires < time.time():
             return False
-        return hmac.compare_digest(self.sign(key, expires), signature)
+        # As bytes: compare_digest refuses str with non-ASCII characters, which anyone can put in a URL.
+        return hmac.compare_digest(self.sign(key, expires).encode(), signature.encode("utf-8", "surrogateescape"))
 
     def url(self, key: str) -> str:
         expires = int(time.time()) + self._ttl_s

@@ -1,40 +1,31 @@
 """Request bodies bounded while they stream in, in size (413) and in time (408), in the dialect's shape.
 
-Multipart uploads may send up to UPLOAD_BODY_BYTES, JSON routes that take images as data: URLs or
-base64 up to IMAGE_JSON_BODY_BYTES (one 50 MB image, base64-encoded, plus fields), every other body
-is JSON of at most JSON_BODY_BYTES. This is the one body limit; handlers don't count again. A
-declared Content-Length over it is refused before a byte is read; a chunked body is cut off as
-soon as it passes it.
+Each dialect's record (api/dialects.py) says which of its routes take what: multipart uploads up to
+UPLOAD_BODY_BYTES, JSON with images as data: URLs or base64 up to IMAGE_JSON_BODY_BYTES (one 50 MB
+image, base64-encoded, plus fields), any other body JSON of at most JSON_BODY_BYTES. This is the one
+body limit; handlers don't count again. A declared Content-Length over it is refused before a byte is
+read; a chunked body is cut off as soon as it passes it.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import PayloadTooLarge, RequestTimeout
-from .dialects import render_error
+from ..errors import FluxServeError, PayloadTooLarge, RequestTimeout
 
 JSON_BODY_BYTES = 1024 * 1024
 IMAGE_JSON_BODY_BYTES = 70 * 1024 * 1024
 UPLOAD_BODY_BYTES = 100 * 1024 * 1024
-_UPLOAD_ROUTES = ("/v1/images/edits", "/v1/images/variations")
-_IMAGE_JSON_ROUTES = ("/vmodel/generate", "/v1/predictions", "/v1/flux-")
 _KINDS = {
     JSON_BODY_BYTES: "JSON without images",
     IMAGE_JSON_BODY_BYTES: "JSON with images",
     UPLOAD_BODY_BYTES: "uploads",
 }
-
-
-def body_limit(path: str) -> int:
-    if path.startswith(_UPLOAD_ROUTES):
-        return UPLOAD_BODY_BYTES
-    if path.startswith(_IMAGE_JSON_ROUTES) or (path.startswith("/v1/models/") and path.endswith("/predictions")):
-        return IMAGE_JSON_BODY_BYTES
-    return JSON_BODY_BYTES
 
 
 def _too_large(limit: int) -> PayloadTooLarge:
@@ -43,19 +34,32 @@ def _too_large(limit: int) -> PayloadTooLarge:
     )
 
 
+def json_only(path: str) -> int:
+    return JSON_BODY_BYTES
+
+
 class BodyLimit:
-    def __init__(self, app: ASGIApp, idle_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        limit_for: Callable[[str], int],
+        render: Callable[[Request, FluxServeError], Response],
+        idle_s: float = 30.0,
+    ) -> None:
         self.app = app
+        self.limit_for = limit_for  # the route's dialect's rule
+        self.render = render
         self.idle_s = idle_s  # a body that stops arriving this long is a 408, not a held connection
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
             return
-        limit = body_limit(scope["path"])
+        limit = self.limit_for(scope["path"])
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            await render_error(Request(scope), _too_large(limit))(scope, receive, send)
+            await self.render(Request(scope), _too_large(limit))(scope, receive, send)
             return
         seen = 0
 

@@ -19,6 +19,7 @@ from ..sealed import unseal
 from ..store import WebhookRules
 from ..webhooks import owner_secret
 from . import bfl, edits, openai, replicate, vmodel
+from .bodylimit import IMAGE_JSON_BODY_BYTES, JSON_BODY_BYTES, UPLOAD_BODY_BYTES, json_only
 from .deps import Services
 from .errors import render_bfl, render_openai, render_replicate
 
@@ -37,12 +38,30 @@ class Dialect:
     webhook_secret: Callable[[Services, Job], str | None] | None = None
     # Which transitions send which webhook events (the job's subscription picks among their names).
     webhook_rules: WebhookRules | None = None
+    # The body limit of each of its routes (api/bodylimit.py), by path.
+    body_limit: Callable[[str], int] = json_only
 
 
 def _replicate_path(path: str) -> bool:
     return path.startswith(("/v1/predictions", "/v1/webhooks")) or (
         path.startswith("/v1/models/") and path.rstrip("/").endswith("/predictions")
     )
+
+
+def _replicate_body(path: str) -> int:
+    return (
+        IMAGE_JSON_BODY_BYTES
+        if path.startswith("/v1/predictions") or path.endswith("/predictions")
+        else JSON_BODY_BYTES
+    )
+
+
+def _openai_body(path: str) -> int:
+    return UPLOAD_BODY_BYTES if path.startswith(("/v1/images/edits", "/v1/images/variations")) else JSON_BODY_BYTES
+
+
+def _images_at(prefix: str) -> Callable[[str], int]:
+    return lambda path: IMAGE_JSON_BODY_BYTES if path.startswith(prefix) else JSON_BODY_BYTES
 
 
 def _bfl_secret(services: Services, job: Job) -> str | None:
@@ -59,6 +78,7 @@ DIALECTS: tuple[Dialect, ...] = (
         render_replicate,
         replicate.render,
         webhook_rules=replicate.WEBHOOKS,
+        body_limit=_replicate_body,
     ),
     Dialect(
         "bfl",
@@ -68,17 +88,28 @@ DIALECTS: tuple[Dialect, ...] = (
         bfl.render_webhook,
         _bfl_secret,
         webhook_rules=bfl.WEBHOOKS,
+        body_limit=_images_at("/v1/flux-"),
     ),
     # The seed's relay answers its task API's errors in OpenAI's envelope.
-    Dialect("vmodel", (vmodel.router,), lambda path: path.startswith("/vmodel/"), render_openai),
+    Dialect(
+        "vmodel",
+        (vmodel.router,),
+        lambda path: path.startswith("/vmodel/"),
+        render_openai,
+        body_limit=_images_at("/vmodel/generate"),
+    ),
     # Last: every other path (the playground, files, usage, /health) answers in OpenAI's envelope.
-    Dialect("openai", (openai.router, edits.router), lambda path: True, render_openai),
+    Dialect("openai", (openai.router, edits.router), lambda path: True, render_openai, body_limit=_openai_body),
 )
 _BY_NAME = {d.name: d for d in DIALECTS}
 
 
 def dialect_for_path(path: str) -> Dialect:
     return next(d for d in DIALECTS if d.owns_path(path))
+
+
+def body_limit_for(path: str) -> int:
+    return dialect_for_path(path).body_limit(path)
 
 
 def render_error(request: Request, exc: FluxServeError) -> JSONResponse:

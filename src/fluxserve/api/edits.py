@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from starlette.datastructures import FormData
 
 from ..errors import InvalidInput, UnsupportedMediaType
@@ -16,7 +16,7 @@ from ..spec import fit_megapixel, parse_size
 from .deps import OwnerDep, Services, ServicesDep
 from .errors import from_validation_errors
 from .inputs import Inputs, LoraItem, lora_items, read_upload, resolve_loras
-from .openai import known_fields, run_and_render
+from .openai import ImageFields, known_fields, run_and_render
 
 router = APIRouter(prefix="/v1")
 _LORA_LIST = TypeAdapter(list[LoraItem])
@@ -26,7 +26,7 @@ MAX_IMAGES = 16
 VARIATION_STRENGTH = 0.7
 
 
-class EditForm(BaseModel):
+class EditForm(ImageFields):
     # Multipart fields arrive as strings: lax parsing turns "2" into 2. Unknown fields are ignored.
     model_config = ConfigDict(extra="allow")
 
@@ -35,12 +35,7 @@ class EditForm(BaseModel):
     n: int = Field(default=1, ge=1, le=10)
     size: str | None = None
     response_format: Literal["url", "b64_json"] | None = None
-    output_format: Literal["png", "jpeg", "webp"] | None = None
-    output_compression: int | None = Field(default=None, ge=0, le=100)
     quality: Literal["auto", "low", "medium", "high", "standard", "hd"] | None = None
-    seed: int | None = None
-    steps: int | None = None
-    guidance: float | None = None
     strength: float | None = None
     loras: str | None = None  # JSON, as in generations: [{"path": ..., "scale": ...}]
 
@@ -119,21 +114,7 @@ async def _run(
 ) -> Response:
     """Validate the form into a spec, store the inputs only then, and run it as a synchronous OpenAI call."""
     loras = await resolve_loras(services, model, _form_loras(body), param="loras")
-    spec = model.make_spec(
-        prompt=body.prompt,
-        width=size[0],
-        height=size[1],
-        num_images=body.n,
-        steps=body.steps,
-        guidance=body.guidance,
-        seed=body.seed,
-        output_format=body.output_format or "png",
-        quality=max(1, body.output_compression if body.output_compression is not None else 100),
-        images=inputs.keys,
-        mask=inputs.mask_key,
-        loras=loras,
-        **overrides,
-    )
+    spec = body.make_spec(model, *size, loras, images=inputs.keys, mask=inputs.mask_key, **overrides)
     echo = {**known_fields(body), **echo}
     return await run_and_render(request, services, owner, spec, echo, body.response_format, body.quality, inputs)
 

@@ -13,12 +13,63 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import FluxServeError, InvalidInput, RateLimited, UnsupportedMediaType
+from ..errors import (
+    ClientDisconnected,
+    Conflict,
+    FluxServeError,
+    Forbidden,
+    GenerationFailed,
+    Gone,
+    InvalidInput,
+    NotFound,
+    PayloadTooLarge,
+    RateLimited,
+    RequestTimeout,
+    StoreUnavailable,
+    Unauthorized,
+    UnsupportedMediaType,
+)
 
 log = logging.getLogger(__name__)
 
 # Room for a 50 MB image as base64 in a JSON field (data: URLs, BFL input_image).
 M = TypeVar("M", bound=BaseModel)
+
+
+class HttpError(FluxServeError):
+    """A status Starlette decided (an unmatched route: 404, a wrong method: 405), rendered like ours."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message, code="not_found" if status == 404 else "http_error")
+        self.status = status
+
+
+# Each core exception's HTTP status and OpenAI error type; the nearest class in an exception's MRO wins.
+_HTTP: dict[type[FluxServeError], tuple[int, str]] = {
+    InvalidInput: (400, "invalid_request_error"),
+    PayloadTooLarge: (413, "invalid_request_error"),
+    UnsupportedMediaType: (415, "invalid_request_error"),
+    RequestTimeout: (408, "invalid_request_error"),
+    Unauthorized: (401, "invalid_request_error"),
+    Forbidden: (403, "invalid_request_error"),
+    NotFound: (404, "invalid_request_error"),
+    Gone: (410, "invalid_request_error"),
+    Conflict: (409, "invalid_request_error"),
+    RateLimited: (429, "requests"),
+    ClientDisconnected: (499, "invalid_request_error"),
+    GenerationFailed: (500, "server_error"),
+    StoreUnavailable: (503, "server_error"),
+}
+
+
+def http_status(exc: FluxServeError) -> tuple[int, str]:
+    """(status, OpenAI error type) of an exception."""
+    if isinstance(exc, HttpError):
+        return exc.status, "invalid_request_error" if exc.status < 500 else "server_error"
+    for cls in type(exc).__mro__:
+        if cls in _HTTP:
+            return _HTTP[cls]
+    return 500, "server_error"
 
 
 def openai_error(status: int, message: str, type_: str, param: str | None, code: str | None) -> JSONResponse:
@@ -35,12 +86,14 @@ def _details(exc: FluxServeError) -> list[dict[str, object]]:
 
 
 def render_openai(exc: FluxServeError) -> JSONResponse:
-    return openai_error(exc.status_code, exc.message, exc.type, exc.param, exc.code)
+    status, type_ = http_status(exc)
+    return openai_error(status, exc.message, type_, exc.param, exc.code)
 
 
 def render_replicate(exc: FluxServeError) -> JSONResponse:
     """RFC 7807 problem details, as Replicate answers; bad input is a 422 there."""
-    status = 422 if exc.status_code == 400 else exc.status_code
+    status, _ = http_status(exc)
+    status = 422 if status == 400 else status
     body: dict[str, object] = {
         "type": exc.code,
         "title": _TITLES.get(status, "Error"),
@@ -57,9 +110,10 @@ def render_replicate(exc: FluxServeError) -> JSONResponse:
 
 def render_bfl(exc: FluxServeError) -> JSONResponse:
     """BFL (FastAPI underneath): 422 {"detail": [{loc, msg, type}]} for bad input, {"detail": "..."} otherwise."""
-    if exc.status_code in (400, 422):
+    status, _ = http_status(exc)
+    if status in (400, 422):
         return JSONResponse({"detail": _details(exc)}, status_code=422)
-    return JSONResponse({"detail": exc.message}, status_code=exc.status_code)
+    return JSONResponse({"detail": exc.message}, status_code=status)
 
 
 _TITLES = {
@@ -83,7 +137,7 @@ def install_error_handlers(app: FastAPI, render_error: Callable[[Request, FluxSe
     @app.exception_handler(FluxServeError)
     async def _fluxserve(request: Request, exc: FluxServeError) -> JSONResponse:
         response = render_error(request, exc)
-        if exc.status_code == 503:  # the database is busy: clients (the SDKs among them) retry after this
+        if isinstance(exc, StoreUnavailable):  # the database is busy: clients (the SDKs among them) retry after this
             response.headers["Retry-After"] = "2"
         if isinstance(exc, RateLimited):
             response.headers.update({**exc.headers, "Retry-After": str(exc.retry_after)})
@@ -95,10 +149,7 @@ def install_error_handlers(app: FastAPI, render_error: Callable[[Request, FluxSe
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        err = FluxServeError(str(exc.detail), code="not_found" if exc.status_code == 404 else "http_error")
-        err.status_code = exc.status_code
-        err.type = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return render_error(request, err)
+        return render_error(request, HttpError(str(exc.detail), exc.status_code))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

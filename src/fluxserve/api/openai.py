@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ClientDisconnected, GenerationFailed
 from ..job import Job, Status
-from ..spec import GenerationSpec, parse_size
+from ..models import ModelSpec
+from ..spec import Adapter, GenerationSpec, parse_size
 from .deps import OwnerDep, Services, ServicesDep, idempotency_key
 from .errors import json_body, read_json
 from .inputs import Inputs, LoraItem, lora_items, resolve_loras, submit
@@ -36,17 +37,43 @@ def known_fields(body: BaseModel) -> dict[str, Any]:
     return echo
 
 
-class ImageGenerationRequest(BaseModel):
+class ImageFields(BaseModel):
+    """What generations and edits both take, and the spec they make of it."""
+
+    prompt: str
+    n: int | None = Field(default=None, ge=1, le=10)
+    output_format: Literal["png", "jpeg", "webp"] | None = None
+    output_compression: int | None = Field(default=None, ge=0, le=100)
+    # fluxserve extensions
+    seed: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+
+    def make_spec(
+        self, model: ModelSpec, width: int, height: int, loras: tuple[Adapter, ...], **extra: Any
+    ) -> GenerationSpec:
+        return model.make_spec(
+            prompt=self.prompt,
+            width=width,
+            height=height,
+            num_images=self.n or 1,
+            steps=self.steps,
+            guidance=self.guidance,
+            seed=self.seed,
+            output_format=self.output_format or "png",
+            quality=max(1, self.output_compression if self.output_compression is not None else 100),
+            loras=loras,
+            **extra,
+        )
+
+
+class ImageGenerationRequest(ImageFields):
     # Unknown GPT-image fields are accepted and ignored, as OpenAI-compatible servers do.
     model_config = ConfigDict(extra="allow", strict=True)
 
-    prompt: str
     model: str | None = None
-    n: int | None = Field(default=None, ge=1, le=10)
     size: str | None = None
     response_format: Literal["url", "b64_json"] | None = None
-    output_format: Literal["png", "jpeg", "webp"] | None = None
-    output_compression: int | None = Field(default=None, ge=0, le=100)
     quality: Literal["auto", "low", "medium", "high", "standard", "hd"] | None = None
     style: Literal["vivid", "natural"] | None = None
     background: Literal["auto", "opaque"] | None = None
@@ -55,31 +82,19 @@ class ImageGenerationRequest(BaseModel):
     stream: bool | None = None
     partial_images: int | None = Field(default=None, ge=0, le=3)
     # fluxserve extensions
-    seed: int | None = None
-    steps: int | None = None
-    guidance: float | None = None
     loras: list[LoraItem] | None = None  # LoRA adapters for this request: [{"path", "scale"}]
+
+    async def to_spec(self, services: Services, model: ModelSpec) -> GenerationSpec:
+        width, height = parse_size(self.size)
+        loras = await resolve_loras(services, model, lora_items(self.loras), param="loras")
+        return self.make_spec(model, width, height, loras)
 
 
 @router.post("/images/generations", openapi_extra=json_body(ImageGenerationRequest))
 async def create_image(request: Request, services: ServicesDep, owner: OwnerDep) -> Any:
     body = await read_json(request, ImageGenerationRequest)
     model = services.registry.get(body.model or DEFAULT_MODEL)
-    width, height = parse_size(body.size)
-    fmt = body.output_format or "png"
-    loras = await resolve_loras(services, model, lora_items(body.loras), param="loras")
-    spec = model.make_spec(
-        prompt=body.prompt,
-        width=width,
-        height=height,
-        num_images=body.n or 1,
-        steps=body.steps,
-        guidance=body.guidance,
-        seed=body.seed,
-        output_format=fmt,
-        quality=max(1, body.output_compression if body.output_compression is not None else 100),
-        loras=loras,
-    )
+    spec = await body.to_spec(services, model)
     echo = known_fields(body)
     if body.stream:
         spec = replace(spec, partial_images=body.partial_images or 0)

@@ -10,9 +10,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import InvalidInput
 from ..job import Job, Status
 from ..loras import LoraRequest
-from .deps import OwnerDep, ServicesDep
+from ..models import ModelSpec
+from ..spec import GenerationSpec
+from .deps import OwnerDep, Services, ServicesDep
 from .errors import json_body, read_json
-from .inputs import elide_inline_images, image_and_size, resolve_loras, submit
+from .inputs import Inputs, elide_inline_images, image_and_size, resolve_loras, submit
 
 router = APIRouter(prefix="/vmodel")
 
@@ -45,6 +47,58 @@ class VmodelInput(BaseModel):
     go_fast: bool | None = None
     disable_safety_checker: bool | None = None
 
+    async def to_spec(self, services: Services, model: ModelSpec) -> tuple[GenerationSpec, Inputs]:
+        """The spec and the decoded input images (stored only once the job is admitted)."""
+        given = [name for name in ("image", "input_image", "input_images") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise InvalidInput(
+                f"Send one of input.image, input.input_image and input.input_images; got {', '.join(given)}.",
+                param=f"input.{given[1]}",
+            )
+        if self.input_images is not None:
+            values = [(f"input.input_images[{i}]", v) for i, v in enumerate(self.input_images)]
+        elif given:
+            values = [(f"input.{given[0]}", getattr(self, given[0]))]
+        else:
+            values = []
+        param = values[0][0].split("[")[0] if values else "input.image"
+        inputs, width, height = await image_and_size(
+            services,
+            model,
+            values,
+            aspect_ratio=self.aspect_ratio,
+            aspect_explicit="aspect_ratio" in self.model_fields_set,
+            megapixels=self.megapixels,
+            aspect_param="input.aspect_ratio",
+        )
+        lora = []
+        if self.lora_weights is not None:
+            lora = [LoraRequest(self.lora_weights, self.lora_scale, "input.lora_weights", "input.lora_scale")]
+        loras = await resolve_loras(services, model, lora, param="input.lora_weights")
+        spec = model.make_spec(
+            prompt=self.prompt,
+            width=width,
+            height=height,
+            num_images=self.num_outputs,
+            steps=self.num_inference_steps,
+            guidance=self.guidance,
+            seed=self.seed,
+            output_format=_FORMATS[self.output_format],  # type: ignore[arg-type]
+            quality=self.output_quality,
+            images=inputs.keys,
+            strength=self.prompt_strength,
+            loras=loras,
+            params={
+                "image": param,
+                "strength": "input.prompt_strength",
+                "prompt": "input.prompt",
+                "steps": "input.num_inference_steps",
+                "guidance": "input.guidance",
+                "seed": "input.seed",
+            },
+        )
+        return spec, inputs
+
 
 class VmodelRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -58,54 +112,7 @@ async def generate(request: Request, services: ServicesDep, owner: OwnerDep) -> 
     body = await read_json(request, VmodelRequest)
     model = services.registry.get(body.model)
     inp = body.input
-    given = [name for name in ("image", "input_image", "input_images") if getattr(inp, name) is not None]
-    if len(given) > 1:
-        raise InvalidInput(
-            f"Send one of input.image, input.input_image and input.input_images; got {', '.join(given)}.",
-            param=f"input.{given[1]}",
-        )
-    if inp.input_images is not None:
-        values = [(f"input.input_images[{i}]", v) for i, v in enumerate(inp.input_images)]
-    elif given:
-        values = [(f"input.{given[0]}", getattr(inp, given[0]))]
-    else:
-        values = []
-    param = values[0][0].split("[")[0] if values else "input.image"
-    inputs, width, height = await image_and_size(
-        services,
-        model,
-        values,
-        aspect_ratio=inp.aspect_ratio,
-        aspect_explicit="aspect_ratio" in inp.model_fields_set,
-        megapixels=inp.megapixels,
-        aspect_param="input.aspect_ratio",
-    )
-    lora = []
-    if inp.lora_weights is not None:
-        lora = [LoraRequest(inp.lora_weights, inp.lora_scale, "input.lora_weights", "input.lora_scale")]
-    loras = await resolve_loras(services, model, lora, param="input.lora_weights")
-    spec = model.make_spec(
-        prompt=inp.prompt,
-        width=width,
-        height=height,
-        num_images=inp.num_outputs,
-        steps=inp.num_inference_steps,
-        guidance=inp.guidance,
-        seed=inp.seed,
-        output_format=_FORMATS[inp.output_format],  # type: ignore[arg-type]
-        quality=inp.output_quality,
-        images=inputs.keys,
-        strength=inp.prompt_strength,
-        loras=loras,
-        params={
-            "image": param,
-            "strength": "input.prompt_strength",
-            "prompt": "input.prompt",
-            "steps": "input.num_inference_steps",
-            "guidance": "input.guidance",
-            "seed": "input.seed",
-        },
-    )
+    spec, inputs = await inp.to_spec(services, model)
     echo = {"model": body.model, "input": elide_inline_images(inp.model_dump(exclude_unset=True))}
     job = await submit(services, request, owner, "vmodel", spec, echo, inputs)
     return {"id": job.id}

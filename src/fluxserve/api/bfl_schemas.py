@@ -1,0 +1,159 @@
+"""BFL's request schemas, each turning itself into a GenerationSpec (``to_spec``).
+
+Field names and wire formats are BFL's; steps, guidance and size limits are the model's
+(ModelSpec.make_spec), so an operator's TOML defaults reach this dialect too.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from ..errors import InvalidInput
+from ..models import ModelSpec
+from ..spec import GenerationSpec, ratio_size
+from .deps import Services
+from .inputs import Inputs, image_and_size
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str
+    seed: int | None = None
+    prompt_upsampling: bool = False  # accepted; there is no prompt upsampler here
+    safety_tolerance: int = Field(default=2, ge=0, le=6)  # accepted; no moderation model runs here
+    output_format: Literal["jpeg", "png", "webp"] | None = "jpeg"
+    webhook_url: str | None = Field(default=None, min_length=1, max_length=2083)
+    webhook_secret: str | None = None
+
+    async def _sized_inputs(self, services: Services, model: ModelSpec) -> tuple[Inputs, int, int]:
+        raise NotImplementedError
+
+    def _steps_guidance(self) -> tuple[int | None, float | None]:
+        return None, None
+
+    async def to_spec(self, services: Services, model: ModelSpec) -> tuple[GenerationSpec, Inputs]:
+        """The spec and the decoded input images (stored only once the job is admitted)."""
+        inputs, width, height = await self._sized_inputs(services, model)
+        steps, guidance = self._steps_guidance()
+        spec = model.make_spec(
+            prompt=self.prompt,
+            width=width,
+            height=height,
+            steps=steps,
+            guidance=guidance,
+            seed=self.seed,
+            output_format=self.output_format or "jpeg",
+            quality=95,
+            images=inputs.keys,
+            params={"size": "width", "height": "height"},
+        )
+        return spec, inputs
+
+
+class Pro11Inputs(_Common):
+    width: int = 1024
+    height: int = 768
+    image_prompt: str | None = None
+
+    async def _sized_inputs(self, services: Services, model: ModelSpec) -> tuple[Inputs, int, int]:
+        if self.image_prompt:
+            raise InvalidInput("image_prompt (Redux) is not supported by this server.", param="image_prompt")
+        inputs, _, _ = await image_and_size(services, model, [], aspect_ratio="1:1", aspect_explicit=True)
+        return inputs, self.width, self.height
+
+
+class DevInputs(Pro11Inputs):
+    steps: int | None = None
+    guidance: float | None = None
+
+    def _steps_guidance(self) -> tuple[int | None, float | None]:
+        return self.steps, self.guidance
+
+
+class ProInputs(DevInputs):
+    interval: float = Field(default=2, ge=1, le=4)
+
+
+class KontextInputs(_Common):
+    input_image: str | None = None
+    input_image_2: str | None = None
+    input_image_3: str | None = None
+    input_image_4: str | None = None
+    aspect_ratio: str | None = None
+    output_format: Literal["jpeg", "png", "webp"] | None = "png"
+
+    async def _sized_inputs(self, services: Services, model: ModelSpec) -> tuple[Inputs, int, int]:
+        names = ("input_image", "input_image_2", "input_image_3", "input_image_4")
+        values = [(n, v) for n, v in zip(names, self._images(), strict=True) if v]
+        if self.aspect_ratio:
+            width, height = ratio_size(self.aspect_ratio)
+            inputs, _, _ = await image_and_size(services, model, values, aspect_ratio="1:1", aspect_explicit=True)
+            return inputs, width, height
+        aspect = "match_input_image" if values else "1:1"
+        return await image_and_size(services, model, values, aspect_ratio=aspect, aspect_explicit=False)
+
+    def _images(self) -> tuple[str | None, ...]:
+        return self.input_image, self.input_image_2, self.input_image_3, self.input_image_4
+
+
+class _Flux2Base(_Common):
+    # 0 or absent: the first reference's aspect ratio at about 1 MP, or 1024x1024 without one.
+    width: int | None = None
+    height: int | None = None
+
+    async def _sized_inputs(self, services: Services, model: ModelSpec) -> tuple[Inputs, int, int]:
+        count = sum(1 for name in type(self).model_fields if name.startswith("input_image"))
+        named = [(image_field(i), getattr(self, image_field(i))) for i in range(1, count + 1)]
+        values = [(n, v) for n, v in named if v]
+        aspect = "match_input_image" if values else "1:1"
+        inputs, width, height = await image_and_size(
+            services, model, values, aspect_ratio=aspect, aspect_explicit=False
+        )
+        if self.width or self.height:
+            if not (self.width and self.height):
+                missing = "height" if self.width else "width"
+                raise InvalidInput(f"Send width and height together; {missing} is missing.", param=missing)
+            width, height = self.width, self.height
+        return inputs, width, height
+
+
+def _flux2_schema(name: str, references: int, base: type[_Flux2Base] = _Flux2Base) -> type[_Flux2Base]:
+    """input_image, input_image_2 ... input_image_N, as BFL documents each FLUX.2 endpoint."""
+    fields: dict[str, Any] = {image_field(i): (str | None, None) for i in range(1, references + 1)}
+    return create_model(name, __base__=base, **fields)
+
+
+def image_field(i: int) -> str:
+    return "input_image" if i == 1 else f"input_image_{i}"
+
+
+class _FlexBase(_Flux2Base):
+    steps: int | None = None
+    guidance: float | None = None
+
+    def _steps_guidance(self) -> tuple[int | None, float | None]:
+        return self.steps, self.guidance
+
+
+Flux2ProInputs = _flux2_schema("Flux2ProInputs", 8)
+Flux2FlexInputs = _flux2_schema("Flux2FlexInputs", 8, _FlexBase)
+Flux2KleinInputs = _flux2_schema("Flux2KleinInputs", 4)
+
+ENDPOINTS: dict[str, tuple[str, type[_Common]]] = {
+    "flux-dev": ("flux-dev", DevInputs),
+    "flux-pro": ("flux-pro", ProInputs),
+    "flux-pro-1.1": ("flux-pro", Pro11Inputs),
+    "flux-kontext-pro": ("flux-kontext-pro", KontextInputs),
+    "flux-kontext-max": ("flux-kontext-max", KontextInputs),
+    "flux-2-pro": ("flux-2-pro", Flux2ProInputs),
+    "flux-2-pro-preview": ("flux-2-pro", Flux2ProInputs),
+    "flux-2-max": ("flux-2-max", Flux2ProInputs),
+    "flux-2-flex": ("flux-2-flex", Flux2FlexInputs),
+    "flux-2-klein-4b": ("flux-2-klein-4b", Flux2KleinInputs),
+    "flux-2-klein-9b": ("flux-2-klein-9b", Flux2KleinInputs),
+    # BFL's "latest klein 9B, with KV caching".
+    "flux-2-klein-9b-preview": ("flux-2-klein-9b-kv", Flux2KleinInputs),
+}
