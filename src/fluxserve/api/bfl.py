@@ -9,12 +9,13 @@ from fastapi.responses import JSONResponse
 
 from ..errors import NotFound
 from ..job import EventKind, Job, Status
-from ..sealed import seal
+from ..sealed import seal, unseal
 from ..store import WebhookRules
 from ..webhooks import check_webhook_url
 from .bfl_schemas import ENDPOINTS
 from .deps import Services, ServicesDep, XKeyOwnerDep
-from .errors import json_body, read_json
+from .dialect import Dialect, images_at
+from .errors import json_body, read_json, render_bfl
 from .inputs import elide_inline_images, submit
 
 # BFL calls its webhook once, when the task ends.
@@ -119,3 +120,21 @@ async def get_result(services: ServicesDep, owner: XKeyOwnerDep, id: str = "") -
     if job is None:
         return JSONResponse({"id": id, "status": "Task not found", "result": None, "progress": None}, status_code=404)
     return render(services, job)
+
+
+def _webhook_secret(services: Services, job: Job) -> str | None:
+    """BFL clients send their own secret per request; it is kept sealed in the job row."""
+    sealed = (job.webhook or {}).get("secret")
+    return unseal(services.secret, sealed) if sealed else None
+
+
+DIALECT = Dialect(
+    "bfl",
+    (router,),
+    lambda path: path.startswith(("/v1/flux-", "/v1/get_result")),
+    render_bfl,
+    render_webhook,
+    _webhook_secret,
+    webhook_rules=WEBHOOKS,
+    body_limit=images_at("/v1/flux-"),
+)

@@ -16,7 +16,8 @@ from ..spec import fit_megapixel, parse_size
 from .deps import OwnerDep, Services, ServicesDep
 from .errors import from_validation_errors
 from .inputs import Inputs, LoraItem, lora_items, read_upload, resolve_loras
-from .openai import ImageFields, known_fields, run_and_render
+from .openai_render import run_and_render
+from .openai_schemas import ImageFields, known_fields
 
 router = APIRouter(prefix="/v1")
 _LORA_LIST = TypeAdapter(list[LoraItem])

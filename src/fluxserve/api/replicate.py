@@ -18,8 +18,10 @@ from ..errors import InvalidInput, NotFound
 from ..job import EventKind, Job, Status
 from ..store import WebhookRules
 from ..webhooks import check_webhook_url, owner_secret
+from .bodylimit import IMAGE_JSON_BODY_BYTES, JSON_BODY_BYTES
 from .deps import OwnerDep, Services, ServicesDep
-from .errors import json_body, read_json
+from .dialect import Dialect
+from .errors import json_body, read_json, render_replicate
 from .inputs import elide_inline_images, submit
 from .replicate_schemas import MODELS, ModelPredictionRequest, PredictionRequest
 
@@ -257,3 +259,19 @@ async def stream_prediction(job_id: str, services: ServicesDep, owner: OwnerDep)
 def _sse(event: str, data: str) -> str:
     lines = "".join(f"data: {line}\n" for line in data.split("\n"))
     return f"event: {event}\n{lines}\n"
+
+
+def _owns(path: str) -> bool:
+    return path.startswith(("/v1/predictions", "/v1/webhooks")) or (
+        path.startswith("/v1/models/") and path.rstrip("/").endswith("/predictions")
+    )
+
+
+def _body_limit(path: str) -> int:
+    creates = path.startswith("/v1/predictions") or path.endswith("/predictions")
+    return IMAGE_JSON_BODY_BYTES if creates else JSON_BODY_BYTES
+
+
+DIALECT = Dialect(
+    "replicate", (router,), _owns, render_replicate, render, webhook_rules=WEBHOOKS, body_limit=_body_limit
+)

@@ -13,7 +13,8 @@ from ..loras import LoraRequest
 from ..models import ModelSpec
 from ..spec import GenerationSpec
 from .deps import OwnerDep, Services, ServicesDep
-from .errors import json_body, read_json
+from .dialect import Dialect, images_at
+from .errors import json_body, read_json, render_openai
 from .inputs import Inputs, elide_inline_images, image_and_size, resolve_loras, submit
 
 router = APIRouter(prefix="/vmodel")
@@ -141,3 +142,13 @@ def render(job: Job, urls: list[str] | None) -> dict[str, Any]:
         "started_at": job.started_at,
         "completed_at": job.completed_at,
     }
+
+
+# The seed's relay answers its task API's errors in OpenAI's envelope.
+DIALECT = Dialect(
+    "vmodel",
+    (router,),
+    lambda path: path.startswith("/vmodel/"),
+    render_openai,
+    body_limit=images_at("/vmodel/generate"),
+)

@@ -1,0 +1,145 @@
+"""OpenAI Images responses of a job: the synchronous images body (url or b64_json) and the SSE stream."""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from ..errors import ClientDisconnected, GenerationFailed
+from ..job import Job, Status
+from ..spec import GenerationSpec
+from .deps import Services, idempotency_key
+from .inputs import Inputs, submit
+
+
+async def stream_events(
+    services: Services, job: Job, owner: str, quality: str, *, cancel_on_disconnect: bool
+) -> AsyncIterator[bytes]:
+    """OpenAI image streaming: partial_image events with previews, then completed (always b64_json).
+
+    A client that goes away mid-stream cancels its job, as the synchronous call does (unless the job is
+    shared through an Idempotency-Key). The server cancels this generator then, so nothing here may await.
+    """
+    ended = False
+    try:
+        async for chunk in _stream_job(services, job, owner, quality):
+            yield chunk
+        ended = True
+    finally:
+        if not ended and cancel_on_disconnect:
+            services.jobs.cancel_soon(job.id, owner)
+
+
+async def _stream_job(services: Services, job: Job, owner: str, quality: str) -> AsyncIterator[bytes]:
+    spec = job.spec
+    common = {
+        "background": "opaque",
+        "output_format": spec.output_format,
+        "quality": quality,
+        "size": f"{spec.width}x{spec.height}",
+        "created_at": int(job.created_at),
+    }
+    sent = 0
+    async for current in services.jobs.watch(job.id, owner):
+        for index, key in enumerate(current.previews[sent:], start=sent):
+            event = {"type": "image_generation.partial_image", "partial_image_index": index}
+            yield _sse(event | common, await services.jobs.run(services.storage.read, key))
+        sent = len(current.previews)
+        if current.status is Status.SUCCEEDED:
+            for out in current.outputs:
+                usage = {
+                    "input_tokens": 0,
+                    "output_tokens": 0,
+                    "total_tokens": 0,
+                    "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
+                }
+                event = {"type": "image_generation.completed", "usage": usage}
+                yield _sse(event | common, await services.jobs.run(services.storage.read, out.key))
+        elif current.status.is_terminal:
+            message = current.error or f"The image generation ended as {current.status.value}."
+            yield _sse(
+                {"type": "error", "error": {"message": message, "type": "server_error", "code": "generation_failed"}}
+            )
+
+
+def _sse(event: dict[str, Any], image: bytes | None = None) -> bytes:
+    """One event; ``image`` becomes its b64_json."""
+    images = _Base64Images()
+    if image is not None:
+        event = {"b64_json": images.add(image)} | event
+    return f"event: {event['type']}\ndata: ".encode() + images.dumps(event) + b"\n\n"
+
+
+class _Base64Images:
+    """JSON with base64 images spliced in as bytes.
+
+    A 1024x1024 PNG is 4.8 MB of base64; passing it through json.dumps costs tens of ms (it scans the
+    string for characters to escape, and base64 has none), more than the rest of the request. ``add``
+    returns a placeholder to put in the body, with an unguessable marker no prompt can contain.
+    """
+
+    def __init__(self) -> None:
+        self._marker = secrets.token_hex(16)
+        self._images: list[bytes] = []
+
+    def add(self, image: bytes) -> str:
+        self._images.append(image)
+        return f"{self._marker}-{len(self._images) - 1}"
+
+    def dumps(self, body: Any) -> bytes:
+        out = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        for i, image in enumerate(self._images):
+            out = out.replace(f'"{self._marker}-{i}"'.encode(), b'"' + base64.b64encode(image) + b'"', 1)
+        return out
+
+
+async def run_and_render(
+    request: Request,
+    services: Services,
+    owner: str,
+    spec: GenerationSpec,
+    echo: dict[str, Any],
+    response_format: str | None,
+    quality: str | None,
+    inputs: Inputs | None = None,
+) -> Response:
+    """The synchronous OpenAI call: a job like any other, waited on, rendered as an images response."""
+    key = idempotency_key(request)
+    job = await submit(services, request, owner, "openai", spec, echo, inputs)
+    while not job.status.is_terminal:
+        job = await services.jobs.wait(job.id, owner, timeout=1.0)
+        # A client that gave up (a closed chat tab, a timeout) frees the GPU. A job shared through an
+        # Idempotency-Key may have another waiter, so it runs on.
+        if not job.status.is_terminal and key is None and await request.is_disconnected():
+            await services.jobs.cancel(job.id, owner)
+            raise ClientDisconnected("The client closed the connection before the images were ready.")
+    if job.status is not Status.SUCCEEDED:
+        raise GenerationFailed(job.error or f"The image generation ended as {job.status.value}.")
+    body = {
+        "created": int(job.created_at),
+        "data": [],
+        "background": "opaque",
+        "output_format": spec.output_format,
+        "quality": quality or "auto",
+        "size": f"{spec.width}x{spec.height}",
+    }
+    # Reading and base64-encoding the images is work for a thread, not the event loop.
+    return await services.jobs.run(_images_response, services, job, body, response_format or "url")
+
+
+def _images_response(services: Services, job: Job, body: dict[str, Any], response_format: str) -> Response:
+    images = _Base64Images()
+    for out in job.outputs:
+        item: dict[str, Any] = {"revised_prompt": job.spec.prompt, "seed": out.seed}
+        if response_format == "b64_json":
+            item["b64_json"] = images.add(services.storage.read(out.key))
+        else:
+            item["url"] = services.storage.url(out.key)
+        body["data"].append(item)
+    return Response(images.dumps(body), media_type="application/json")

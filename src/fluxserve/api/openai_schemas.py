@@ -1,0 +1,77 @@
+"""The OpenAI Images request schemas: generations' JSON and the fields edits share, and their specs."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..models import ModelSpec
+from ..spec import Adapter, GenerationSpec, parse_size
+from .deps import Services
+from .inputs import LoraItem, lora_items, resolve_loras
+
+DEFAULT_MODEL = "flux"
+
+
+def known_fields(body: BaseModel) -> dict[str, Any]:
+    """What a job row keeps of a request: the fields this server reads, and only the names of the
+    unknown ones it ignored (their values could be megabytes)."""
+    extra = body.model_extra or {}
+    echo = body.model_dump(exclude_none=True, exclude=set(extra))
+    if extra:
+        echo["ignored_fields"] = sorted(name[:64] for name in extra)[:20]
+    return echo
+
+
+class ImageFields(BaseModel):
+    """What generations and edits both take, and the spec they make of it."""
+
+    prompt: str
+    n: int | None = Field(default=None, ge=1, le=10)
+    output_format: Literal["png", "jpeg", "webp"] | None = None
+    output_compression: int | None = Field(default=None, ge=0, le=100)
+    # fluxserve extensions
+    seed: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+
+    def make_spec(
+        self, model: ModelSpec, width: int, height: int, loras: tuple[Adapter, ...], **extra: Any
+    ) -> GenerationSpec:
+        return model.make_spec(
+            prompt=self.prompt,
+            width=width,
+            height=height,
+            num_images=self.n or 1,
+            steps=self.steps,
+            guidance=self.guidance,
+            seed=self.seed,
+            output_format=self.output_format or "png",
+            quality=max(1, self.output_compression if self.output_compression is not None else 100),
+            loras=loras,
+            **extra,
+        )
+
+
+class ImageGenerationRequest(ImageFields):
+    # Unknown GPT-image fields are accepted and ignored, as OpenAI-compatible servers do.
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    model: str | None = None
+    size: str | None = None
+    response_format: Literal["url", "b64_json"] | None = None
+    quality: Literal["auto", "low", "medium", "high", "standard", "hd"] | None = None
+    style: Literal["vivid", "natural"] | None = None
+    background: Literal["auto", "opaque"] | None = None
+    moderation: Literal["low", "auto"] | None = None
+    user: str | None = None
+    stream: bool | None = None
+    partial_images: int | None = Field(default=None, ge=0, le=3)
+    # fluxserve extensions
+    loras: list[LoraItem] | None = None  # LoRA adapters for this request: [{"path", "scale"}]
+
+    async def to_spec(self, services: Services, model: ModelSpec) -> GenerationSpec:
+        width, height = parse_size(self.size)
+        loras = await resolve_loras(services, model, lora_items(self.loras), param="loras")
+        return self.make_spec(model, width, height, loras)
