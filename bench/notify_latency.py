@@ -3,7 +3,7 @@ picks up a new job.
 
     python bench/notify_latency.py [--jobs 200] [--pickups 30] [--json out.json]
 
-Starts a throwaway PostgreSQL (tests/pg.py; or FLUXSERVE_TEST_DATABASE_URL) on loopback.
+Starts a throwaway PostgreSQL (tests/support/pg.py; or FLUXSERVE_TEST_DATABASE_URL) on loopback.
   completion notice: this process is the API node (JobService + the LISTEN task, as `serve` wires them)
     with a waiter on each job; a second process is the worker, which claims and completes the job and
     reports when its commit returned. Latency = waiter woke with the terminal job - worker's commit. Run
@@ -149,7 +149,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
-    from tests.pg import cluster, new_database
+    from tests.support.pg import cluster, new_database
 
     from fluxserve.migrations import upgrade
     from fluxserve.store import Store

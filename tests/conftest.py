@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 
 from fluxserve.app import create_app
 from fluxserve.settings import Settings
-from tests.fakes import FakeEngine
+from tests.support.fakes import FakeEngine
 
 API_KEY = "test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -47,15 +47,15 @@ def client(settings: Settings, fake_engine: FakeEngine) -> Iterator[TestClient]:
 
 @pytest.fixture(scope="session")
 def lora_dir(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.loras_util import build_lora_dir
+    from tests.support.loras_util import build_lora_dir
 
     return build_lora_dir(demo_model_dir, tmp_path_factory.mktemp("loras"))
 
 
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[str]:
-    """A PostgreSQL server for this test session (tests/pg.py); a test that needs one fails without it."""
-    from tests.pg import cluster
+    """A PostgreSQL server for this test session (tests/support/pg.py); a test that needs one fails without it."""
+    from tests.support.pg import cluster
 
     with cluster() as base:
         yield base
@@ -66,7 +66,7 @@ def pg_url(pg_server: str) -> str:
     """A fresh database on it, its schema applied as `fluxserve db upgrade` does."""
     from fluxserve.migrations import upgrade
     from fluxserve.store import Store
-    from tests.pg import new_database
+    from tests.support.pg import new_database
 
     url = new_database(pg_server)
     store = Store(url)
@@ -79,8 +79,8 @@ def pg_url(pg_server: str) -> str:
 
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[object]:
-    """A local S3-compatible server that checks presigned signatures and expiry (tests/s3.py)."""
-    from tests.s3 import ministack
+    """A local S3-compatible server that checks presigned signatures and expiry (tests/support/s3.py)."""
+    from tests.support.s3 import ministack
 
     with ministack() as server:
         yield server

@@ -142,10 +142,10 @@ def open_store(url: str, *, upgrade_embedded: bool = True, **pool: Any) -> store
     st = store.Store(url, **pool)
     if st.is_sqlite and upgrade_embedded:
         upgrade(st.engine)
-    elif current_version(st.engine) < LATEST or not _queue_ready(st):
-        st.close()
+    elif (version := current_version(st.engine)) < LATEST or not _queue_ready(st):
+        st.close()  # after every read: a read past close() would open a connection nobody closes
         raise SchemaOutOfDate(
-            f"The database schema is at version {current_version(st.engine)}, this fluxserve needs {LATEST}: "
+            f"The database schema is at version {version}, this fluxserve needs {LATEST}: "
             "run `fluxserve db upgrade --database ...` first."
         )
     return st

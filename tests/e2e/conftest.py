@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.server import RemoteServer
+from tests.support.server import RemoteServer
 
 E2E_KEY = "fs-e2e-test-key"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.e2e.server import RemoteServer
+from tests.support.server import RemoteServer
 
 KEY = "fs-abuse-test-key-0123456789"
 

@@ -11,8 +11,8 @@ import replicate
 from PIL import Image
 from replicate.exceptions import ReplicateError
 
-from tests.e2e.server import RemoteServer
-from tests.images_util import png_bytes
+from tests.support.images_util import png_bytes
+from tests.support.server import RemoteServer
 
 
 @pytest.fixture(scope="module")

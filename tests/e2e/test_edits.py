@@ -11,9 +11,9 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.e2e.server import RemoteServer
-from tests.image_server import image_server
-from tests.images_util import bomb_png, mask_png, png_bytes
+from tests.support.image_server import image_server
+from tests.support.images_util import bomb_png, mask_png, png_bytes
+from tests.support.server import RemoteServer
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,9 @@ import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from tests.e2e.server import RemoteServer
-from tests.image_server import serve_loopback
-from tests.polling import wait_for
+from tests.support.image_server import serve_loopback
+from tests.support.polling import wait_for
+from tests.support.server import RemoteServer
 
 KEY = "fs-faults-key"
 TERMINAL = ("succeeded", "failed", "canceled", "aborted")

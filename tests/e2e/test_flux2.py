@@ -11,8 +11,8 @@ import httpx
 import openai
 from PIL import Image
 
-from tests.e2e.server import RemoteServer
-from tests.images_util import png_bytes
+from tests.support.images_util import png_bytes
+from tests.support.server import RemoteServer
 
 SEED_PROMPT = (
     'Generate a photorealistic image of a gift basket on a white background labeled "Relax & Unwind" '

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.e2e.server import RemoteServer
+from tests.support.server import RemoteServer
 
 KEY = "fs-log-test-key-0123456789"
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from fluxserve.outputs import read_metadata
-from tests.e2e.server import RemoteServer
+from tests.support.server import RemoteServer
 
 KEY = "fs-e2e-lora-key"
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from fluxserve.models import ModelRegistry
-from tests.e2e.server import RemoteServer
+from tests.support.server import RemoteServer
 
 
 @pytest.fixture(scope="module")

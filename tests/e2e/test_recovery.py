@@ -5,8 +5,8 @@ from typing import Any
 
 import httpx
 
-from tests.e2e.server import RemoteServer
-from tests.polling import wait_for
+from tests.support.polling import wait_for
+from tests.support.server import RemoteServer
 
 KEY = "fs-recovery-key"
 # A dead server's jobs come back when their lease runs out: short here, 20 s by default.

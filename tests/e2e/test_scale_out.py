@@ -15,9 +15,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.cluster import RemoteWorker, api_node, sql
-from tests.e2e.server import RemoteServer
-from tests.polling import wait_for
+from tests.support.cluster import RemoteWorker, api_node, sql
+from tests.support.polling import wait_for
+from tests.support.server import RemoteServer
 
 KEY = "fs-scale-out-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -83,8 +83,8 @@ def cluster_dirs(tmp_path: Path, pg_server: str) -> Iterator[tuple[str, Path]]:
     """A fresh database made ready as an operator does: `fluxserve db upgrade`, twice (it is idempotent)."""
     import subprocess
 
-    from tests.e2e.server import FLUXSERVE
-    from tests.pg import new_database
+    from tests.support.pg import new_database
+    from tests.support.server import FLUXSERVE
 
     db = new_database(pg_server).replace("postgresql+psycopg://", "postgresql://")  # as users write it
     first = subprocess.run([FLUXSERVE, "db", "upgrade", "--database", db], capture_output=True, text=True, timeout=60)
@@ -191,7 +191,7 @@ def test_api_nodes_share_jobs_webhooks_and_idempotency_keys(
 ) -> None:
     import threading
 
-    from tests.webhook_receiver import Received, webhook_receiver
+    from tests.support.webhook_receiver import Received, webhook_receiver
 
     db, storage = cluster_dirs
     private = {"FLUXSERVE_ALLOW_PRIVATE_URLS": "1"}

@@ -7,7 +7,7 @@ import time
 
 from PIL import Image
 
-from tests.e2e.server import RemoteServer
+from tests.support.server import RemoteServer
 
 
 def curl(*args: str) -> dict:  # type: ignore[type-arg]

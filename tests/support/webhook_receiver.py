@@ -12,7 +12,7 @@ from typing import Any
 
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from tests.image_server import serve_loopback
+from tests.support.image_server import serve_loopback
 
 
 @dataclass

@@ -11,9 +11,9 @@ from fastapi.testclient import TestClient
 from fluxserve.app import create_app
 from fluxserve.settings import Settings
 from tests.conftest import API_KEY
-from tests.fakes import FakeEngine
-from tests.images_util import png_bytes
-from tests.webhook_receiver import Received, webhook_receiver
+from tests.support.fakes import FakeEngine
+from tests.support.images_util import png_bytes
+from tests.support.webhook_receiver import Received, webhook_receiver
 
 XKEY = {"x-key": API_KEY}
 

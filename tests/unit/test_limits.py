@@ -12,7 +12,7 @@ from fluxserve.errors import RateLimited
 from fluxserve.limits import Limits, Usage, admit
 from fluxserve.migrations import open_store
 from fluxserve.settings import Settings
-from tests.fakes import FakeEngine
+from tests.support.fakes import FakeEngine
 
 SCHNELL = "/v1/models/black-forest-labs/flux-schnell/predictions"
 

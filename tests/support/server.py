@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from tests.polling import wait_for
+from tests.support.polling import wait_for
 
 FLUXSERVE = str(Path(sys.executable).with_name("fluxserve"))
 

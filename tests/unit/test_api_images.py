@@ -11,9 +11,9 @@ from fastapi.testclient import TestClient
 from fluxserve.app import create_app
 from fluxserve.settings import Settings
 from tests.conftest import AUTH
-from tests.fakes import FakeEngine
-from tests.image_server import image_server
-from tests.images_util import bomb_png, mask_png, png_bytes
+from tests.support.fakes import FakeEngine
+from tests.support.image_server import image_server
+from tests.support.images_util import bomb_png, mask_png, png_bytes
 
 EDITS = "/v1/images/edits"
 
@@ -118,7 +118,7 @@ def _vmodel(client: TestClient, model: str, inp: dict[str, Any]) -> Any:
 
 
 def _finish(client: TestClient, job_id: str) -> dict[str, Any]:
-    from tests.test_api import _wait_feed
+    from tests.unit.test_api import _wait_feed
 
     return _wait_feed(client, job_id)
 

@@ -13,10 +13,10 @@ from fluxserve.api import replicate
 from fluxserve.app import create_app
 from fluxserve.settings import Settings
 from tests.conftest import AUTH
-from tests.fakes import FakeEngine
-from tests.images_util import png_bytes
-from tests.polling import wait_for
-from tests.webhook_receiver import Received, webhook_receiver
+from tests.support.fakes import FakeEngine
+from tests.support.images_util import png_bytes
+from tests.support.polling import wait_for
+from tests.support.webhook_receiver import Received, webhook_receiver
 
 SCHNELL = "/v1/models/black-forest-labs/flux-schnell/predictions"
 DEV = "/v1/models/black-forest-labs/flux-dev/predictions"

@@ -15,8 +15,8 @@ from fluxserve.migrations import open_store
 from fluxserve.models import ModelRegistry
 from fluxserve.settings import Settings
 from tests.conftest import AUTH
-from tests.fakes import FakeEngine
-from tests.polling import wait_for
+from tests.support.fakes import FakeEngine
+from tests.support.polling import wait_for
 
 
 def _wait_feed(client: TestClient, job_id: str, headers: dict[str, str] = AUTH) -> dict[str, Any]:
@@ -185,7 +185,7 @@ def test_output_metadata_has_prompt_seed_model(client: TestClient, settings: Set
 
 
 def test_idempotency_on_every_create_route(client: TestClient) -> None:
-    from tests.images_util import png_bytes
+    from tests.support.images_util import png_bytes
 
     for i, (method, path, kw) in enumerate(
         [
@@ -206,7 +206,7 @@ def test_idempotency_on_every_create_route(client: TestClient) -> None:
 
 def test_idempotency_covers_the_image_bytes(client: TestClient) -> None:
     """Same key, same fields, another image: a 409 in each dialect, never the first job's result."""
-    from tests.images_util import png_bytes
+    from tests.support.images_util import png_bytes
 
     red, blue = png_bytes(color=(200, 30, 30)), png_bytes(color=(30, 30, 200))
     big = Image.frombytes("RGB", (400, 400), random.Random(1).randbytes(400 * 400 * 3))  # too big to echo
@@ -266,7 +266,7 @@ def test_no_input_files_are_left_by_refused_or_replayed_creates(settings: Settin
     from fluxserve.auth import create_key
     from fluxserve.limits import Limits
     from fluxserve.migrations import open_store
-    from tests.images_util import png_bytes
+    from tests.support.images_util import png_bytes
 
     inputs_dir = settings.outputs_dir / "inputs"
 

@@ -11,7 +11,7 @@ from fluxserve.errors import InvalidInput
 from fluxserve.images import compose_references, decode_image, fetch_image_bytes, mask_from_alpha
 from fluxserve.netguard import is_public
 from fluxserve.spec import fit_megapixel
-from tests.images_util import bomb_png, encoded, png_bytes
+from tests.support.images_util import bomb_png, encoded, png_bytes
 
 
 def test_bomb_rejected_before_pixels() -> None:
@@ -166,7 +166,7 @@ def test_every_refusal_reads_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_dns_rebinding_is_caught_at_connect_time(monkeypatch: pytest.MonkeyPatch) -> None:
     """The name checks out as public, but the socket lands on loopback: refused before the body is read."""
     _resolve_as_public(monkeypatch, "rebind.example", 80)
-    from tests.image_server import image_server
+    from tests.support.image_server import image_server
 
     with image_server() as base:
         port = base.rsplit(":", 1)[1]
@@ -187,7 +187,7 @@ def test_a_trickling_url_is_cut_at_the_total_deadline(monkeypatch: pytest.Monkey
     import time
     from http.server import BaseHTTPRequestHandler
 
-    from tests.image_server import serve_loopback
+    from tests.support.image_server import serve_loopback
 
     class Trickle(BaseHTTPRequestHandler):
         def do_GET(self) -> None:

@@ -17,8 +17,8 @@ from fluxserve.loras import LoraLibrary, LoraRequest
 from fluxserve.models import ModelRegistry
 from fluxserve.settings import Settings
 from tests.conftest import API_KEY, AUTH
-from tests.fakes import FakeEngine
-from tests.image_server import serve_loopback
+from tests.support.fakes import FakeEngine
+from tests.support.image_server import serve_loopback
 
 KLEIN = ModelRegistry.default().get("flux-2-klein-4b")
 DEV = ModelRegistry.default().get("flux-dev")
@@ -160,7 +160,7 @@ def test_every_dialect_takes_adapters(client: TestClient, fake_engine: FakeEngin
 
 
 def _png() -> bytes:
-    from tests.images_util import png_bytes
+    from tests.support.images_util import png_bytes
 
     return png_bytes((256, 256))
 

@@ -8,8 +8,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from fluxserve.app import create_app
 from fluxserve.settings import Settings
 from tests.conftest import AUTH
-from tests.fakes import FakeEngine
-from tests.polling import wait_for
+from tests.support.fakes import FakeEngine
+from tests.support.polling import wait_for
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

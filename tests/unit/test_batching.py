@@ -19,8 +19,8 @@ from fluxserve.errors import OutOfMemory
 from fluxserve.models import ModelRegistry
 from fluxserve.settings import Settings
 from tests.conftest import API_KEY, AUTH
-from tests.fakes import FakeEngine
-from tests.test_api import _wait_feed
+from tests.support.fakes import FakeEngine
+from tests.unit.test_api import _wait_feed
 
 
 def _submit(client: TestClient, model: str, prompt: str, **inp: Any) -> str:

@@ -9,7 +9,7 @@ from fluxserve.engine.demo import demo_weights
 from fluxserve.models import ModelRegistry
 from fluxserve.settings import Settings
 from tests.conftest import API_KEY, AUTH
-from tests.polling import wait_for
+from tests.support.polling import wait_for
 
 
 def _toml(tmp_path: Path, weights: dict[str, str]) -> Path:

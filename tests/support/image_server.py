@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
 
-from tests.images_util import png_bytes
+from tests.support.images_util import png_bytes
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import inspect
 
+from fluxserve.api.replicate import WEBHOOKS as REPLICATE_WEBHOOKS
 from fluxserve.auth import Authenticator, create_key
 from fluxserve.errors import StoreUnavailable, Unauthorized
 from fluxserve.job import EventKind, Job, Output, Status, new_job_id
 from fluxserve.jobs import JobService
 from fluxserve.migrations import LATEST, current_version, open_store, upgrade
 from fluxserve.models import ModelRegistry
-from fluxserve.api.replicate import WEBHOOKS as REPLICATE_WEBHOOKS
 from fluxserve.store import Store
 
 

@@ -12,7 +12,7 @@ from types import TracebackType
 
 import psycopg
 
-from tests.e2e.server import FLUXSERVE, RemoteServer
+from tests.support.server import FLUXSERVE, RemoteServer
 
 # Short liveness periods, so a lost worker's job comes back within seconds (production: 20 s leases).
 FAST_LEASES = {"FLUXSERVE_LEASE_S": "2", "OMP_NUM_THREADS": "1"}

@@ -11,8 +11,8 @@ from fastapi.testclient import TestClient
 from fluxserve.app import create_app
 from fluxserve.settings import Settings
 from tests.conftest import AUTH
-from tests.fakes import FakeEngine
-from tests.images_util import png_bytes
+from tests.support.fakes import FakeEngine
+from tests.support.images_util import png_bytes
 
 XKEY = {"x-key": AUTH["Authorization"].split()[1]}
 

@@ -17,8 +17,8 @@ from fluxserve.api.deps import Services
 from fluxserve.retention import parse_retention, sweep
 from fluxserve.settings import Settings
 from tests.conftest import AUTH
-from tests.images_util import png_bytes
-from tests.test_api import _wait_feed
+from tests.support.images_util import png_bytes
+from tests.unit.test_api import _wait_feed
 
 
 def _job_with_input(client: TestClient) -> dict[str, Any]:

@@ -16,8 +16,8 @@ from fluxserve.app import create_app
 from fluxserve.objectstore import S3Storage, expires_in
 from fluxserve.settings import Settings
 from tests.conftest import AUTH
-from tests.fakes import FakeEngine
-from tests.s3 import S3Server
+from tests.support.fakes import FakeEngine
+from tests.support.s3 import S3Server
 
 
 def test_the_storage_protocol_on_an_in_memory_store() -> None:

@@ -16,8 +16,8 @@ from schemathesis.checks import not_a_server_error
 from fluxserve.app import create_app
 from fluxserve.settings import Settings
 from tests.conftest import API_KEY
-from tests.e2e.server import free_port
-from tests.fakes import FakeEngine
+from tests.support.fakes import FakeEngine
+from tests.support.server import free_port
 
 
 @pytest.fixture(scope="module")

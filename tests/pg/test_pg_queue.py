@@ -189,7 +189,7 @@ def test_every_node_on_a_database_gets_the_same_secret(pg_url: str) -> None:
 
 def test_upgrade_is_idempotent_and_nodes_refuse_an_unupgraded_database(pg_url: str, pg_server: str) -> None:
     from fluxserve.migrations import SchemaOutOfDate
-    from tests.pg import new_database
+    from tests.support.pg import new_database
 
     store = Store(pg_url)
     try:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.pg import _free_port
+from tests.support.pg import _free_port
 
 MINISTACK = "ministack==1.5.33"
 VENV = Path(tempfile.gettempdir()) / "fluxserve-test-ministack"
