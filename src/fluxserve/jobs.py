@@ -239,7 +239,11 @@ class JobService:
         return self._fenced(job, EventKind.PREVIEW, values, {"key": key}) is not None
 
     def complete(self, job: Job, outputs: list[Output], *, encode_s: float | None = None) -> bool:
-        """``encode_s``: the time spent encoding and storing its images (the metrics' encoding stage)."""
+        """``encode_s``: the time spent encoding and storing its images (the metrics' encoding stage).
+
+        A job whose cancel was accepted meanwhile ends canceled: clients were told so when they asked."""
+        if self.store.is_cancel_requested(job.id):
+            return self.finish_canceled(job)
         values = {
             "status": Status.SUCCEEDED.value,
             "completed_at": time.time(),

@@ -91,6 +91,55 @@ def test_sse_stream(server: RemoteServer) -> None:
     assert "step 6/6" in [d for e, d in events if e == "logs"]
 
 
+def test_replicate_stream_with_the_real_client_and_no_token(client: replicate.Client, server: RemoteServer) -> None:
+    # replicate-python drops SSE events without an id: line; replicate-js opens urls.stream with no token.
+    events = list(
+        client.stream(
+            "black-forest-labs/flux-dev",
+            input={"prompt": "stream me", "num_inference_steps": 4, "megapixels": "0.25"},
+            use_file_output=False,
+        )
+    )
+    kinds = [e.event.value for e in events]
+    assert kinds[-1] == "done" and kinds.count("output") == 1 and "logs" in kinds
+    assert len({e.id for e in events}) == len(events)  # one id each
+    url = next(e.data for e in events if e.event.value == "output")
+    assert httpx.get(url, timeout=30).content[:4] == b"RIFF"  # webp
+    created = httpx.post(
+        f"{server.url}/v1/models/black-forest-labs/flux-schnell/predictions",
+        json={"input": {"prompt": "no token", "megapixels": "0.25"}},
+        headers=server.headers,
+    ).json()
+    stream = created["urls"]["stream"]
+    with httpx.stream("GET", stream, headers={"Accept": "text/event-stream"}, timeout=60) as resp:
+        assert resp.status_code == 200
+        body = "".join(resp.iter_text())
+    assert "event: done" in body and "id: " in body
+    forged = httpx.get(stream.replace("sig=", "sig=0"), timeout=10)
+    assert forged.status_code == 403 and forged.json()["status"] == 403  # Replicate's problem shape
+    assert httpx.get(stream.split("?")[0], timeout=10).status_code == 401
+
+
+def test_models_get_versions_and_a_pinned_version_with_the_real_client(client: replicate.Client) -> None:
+    model = client.models.get("black-forest-labs/flux-dev")
+    assert model.owner == "black-forest-labs" and model.name == "flux-dev" and model.latest_version is not None
+    schema = model.latest_version.openapi_schema["components"]["schemas"]
+    steps = schema["Input"]["properties"]["num_inference_steps"]
+    assert steps["default"] == 28 and steps["maximum"] == 50  # the registry's, not the schema's None
+    assert schema["Output"]["type"] == "array"
+    versions = list(model.versions.list())
+    assert [v.id for v in versions] == [model.latest_version.id]
+    assert model.versions.get(model.latest_version.id).id == model.latest_version.id
+    pinned = client.run(
+        f"black-forest-labs/flux-schnell:{client.models.get('black-forest-labs/flux-schnell').latest_version.id}",
+        input={"prompt": "pinned", "megapixels": "0.25"},
+    )
+    assert len(pinned) == 1
+    with pytest.raises(ReplicateError) as err:
+        client.models.get("black-forest-labs/no-such-model")
+    assert err.value.status == 404 and "not served here" in str(err.value)
+
+
 def test_bfl_polling(server: RemoteServer) -> None:
     xkey = {"x-key": server.api_key or ""}
     created = httpx.post(f"{server.url}/v1/flux-dev", json={"prompt": "bfl", "width": 512, "height": 256, "steps": 4},

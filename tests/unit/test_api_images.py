@@ -198,3 +198,21 @@ def test_inputs_are_not_saved_for_rejected_requests(client: TestClient, settings
     data_url = "data:image/png;base64," + base64.b64encode(png_bytes()).decode()
     _err(_vmodel(client, "flux-dev", {"prompt": "", "image": data_url}), 400, "input.prompt")
     assert not (Path(settings.outputs_dir) / "inputs").exists()
+
+
+def test_edit_uploads_are_closed_when_the_request_ends(client: TestClient) -> None:
+    # The multipart parser spools each upload to a temporary file; an edit that did not close its form
+    # left them open until the garbage collector found them (a ResourceWarning, and descriptors held).
+    import gc
+    import warnings
+
+    files = [("image", ("a.png", png_bytes((64, 64)), "image/png"))]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        ok = client.post("/v1/images/edits", data={"prompt": "p", "size": "256x256"}, files=files, headers=AUTH)
+        bad = client.post("/v1/images/edits", data={"prompt": "p", "n": "99"}, files=files, headers=AUTH)
+        var = client.post("/v1/images/variations", data={"size": "256x256"}, files=files, headers=AUTH)
+        gc.collect()
+    assert ok.status_code == 200 and bad.status_code == 400 and var.status_code == 200, (ok.text, bad.text)
+    leaks = [w for w in caught if issubclass(w.category, ResourceWarning) and "SpooledTemporaryFile" in str(w.message)]
+    assert leaks == []

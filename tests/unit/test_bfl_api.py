@@ -76,9 +76,9 @@ def test_kontext_inputs_base64_and_aspect(client: TestClient, fake_engine: FakeE
         ("flux-dev", {"prompt": "p", "guidance": 11}, ["body", "guidance"]),
         ("flux-dev", {"prompt": "p", "safety_tolerance": 7}, ["body", "safety_tolerance"]),
         ("flux-dev", {"prompt": "p", "output_format": "gif"}, ["body", "output_format"]),
-        ("flux-dev", {"prompt": "p", "colour": 1}, ["body", "colour"]),
+        ("flux-dev", {"prompt": "p", "seed": "1"}, ["body", "seed"]),  # a known field of the wrong type
         ("flux-dev", {}, ["body", "prompt"]),
-        ("flux-pro-1.1", {"prompt": "p", "steps": 10}, ["body", "steps"]),
+        ("flux-kontext-pro", {"prompt": "p", "prompt_upsampling": "yes"}, ["body", "prompt_upsampling"]),
         ("flux-kontext-pro", {"prompt": "p", "aspect_ratio": "30:9"}, ["body", "aspect_ratio"]),
         ("flux-kontext-pro", {"prompt": "p", "input_image": "%%%"}, ["body", "input_image"]),
         ("flux-kontext-pro", {"prompt": "p", "input_image": "http://169.254.169.254/"}, ["body", "input_image"]),
@@ -153,3 +153,16 @@ def test_sealed_secrets_round_trip_and_resist_another_key() -> None:
     assert unseal(b"k" * 32, "whsec_stored_before_sealing") == "whsec_stored_before_sealing"
     with pytest.raises(InvalidTag):
         unseal(b"x" * 32, sealed)
+
+
+def test_unknown_fields_are_ignored_by_name_as_bfl_does(client: TestClient, fake_engine: FakeEngine) -> None:
+    # LiteLLM sends OpenAI-style width/height to Kontext; BFL's API ignores fields it does not know.
+    body = {"prompt": "p", "width": 512, "height": 512, "colour": "x" * 100_000, "aspect_ratio": "1:1"}
+    resp = client.post("/v1/flux-kontext-pro", json=body, headers=XKEY)
+    assert resp.status_code == 200, resp.text
+    assert _poll(client, resp.json()["polling_url"])["status"] == "Ready"
+    job = client.app.state.services.store.get_job(resp.json()["id"])  # type: ignore[attr-defined]
+    assert job.request["input"]["ignored_fields"] == ["colour", "height", "width"]
+    assert "colour" not in job.request["input"] and job.spec.width == 1024  # the aspect ratio, not width
+    steps = client.post("/v1/flux-pro-1.1", json={"prompt": "p", "steps": 10}, headers=XKEY)
+    assert steps.status_code == 200 and fake_engine is not None

@@ -308,3 +308,39 @@ def test_jobs_without_webhooks_cost_the_webhook_thread_one_read(settings: Settin
         time.sleep(0.2)
         # 22 events (start, 20 steps, output, completed); the first read shows there is no webhook.
         assert reads.count("fluxserve-webhooks") <= 2, reads
+
+
+def test_cancel_of_a_running_prediction_answers_canceled_at_once(settings: Settings) -> None:
+    engine = FakeEngine(step_s=0.2)
+    with TestClient(create_app(settings, engine=engine)) as client:
+        p = client.post(
+            "/v1/models/black-forest-labs/flux-dev/predictions",
+            json={"input": {"prompt": "s", "num_inference_steps": 30}},
+            headers=AUTH,
+        ).json()
+        deadline = time.time() + 20
+        while client.get(f"/v1/predictions/{p['id']}", headers=AUTH).json()["status"] != "processing":
+            assert time.time() < deadline
+            time.sleep(0.02)
+        canceled = client.post(f"/v1/predictions/{p['id']}/cancel", headers=AUTH).json()
+        assert canceled["status"] == "canceled"  # what the client will see from now on
+        assert client.get(f"/v1/predictions/{p['id']}", headers=AUTH).json()["status"] == "canceled"
+        while client.get(f"/v1/predictions/{p['id']}", headers=AUTH).json()["completed_at"] is None:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        final = client.get(f"/v1/predictions/{p['id']}", headers=AUTH).json()
+        assert final["status"] == "canceled" and final["output"] is None
+
+
+def test_unmatched_replicate_routes_answer_as_replicate(client: TestClient) -> None:
+    for method, path, status in [
+        ("GET", "/v1/deployments/me/x", 404),
+        ("GET", "/v1/models/black-forest-labs/flux-dev/examples", 404),
+        ("DELETE", "/v1/predictions", 405),
+        ("PUT", "/v1/models/black-forest-labs/flux-dev", 405),
+    ]:
+        resp = client.request(method, path, headers=AUTH)
+        assert resp.status_code == status, (path, resp.text)
+        assert resp.headers["content-type"] == "application/problem+json" and resp.json()["status"] == status
+    # The OpenAI model list stays OpenAI's.
+    assert client.get("/v1/models", headers=AUTH).json()["object"] == "list"

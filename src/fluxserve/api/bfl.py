@@ -16,7 +16,7 @@ from .bfl_schemas import ENDPOINTS
 from .deps import Services, ServicesDep, XKeyOwnerDep
 from .dialect import Dialect, images_at
 from .errors import json_body, read_json, render_bfl
-from .inputs import elide_inline_images, submit
+from .inputs import elide_inline_images, known_fields, submit
 
 # BFL calls its webhook once, when the task ends.
 WEBHOOKS = WebhookRules(on={k: ("completed",) for k in EventKind if k.is_ending})
@@ -39,7 +39,7 @@ async def _create(endpoint: str, request: Request, services: Services, owner: st
         webhook = {"url": body.webhook_url, "events": ["completed"], "secret": secret}
     echo = {
         "endpoint": endpoint,
-        "input": elide_inline_images(body.model_dump(exclude_unset=True, exclude={"webhook_secret"})),
+        "input": elide_inline_images(known_fields(body, exclude={"webhook_secret"}, exclude_unset=True)),
     }
     job = await submit(services, request, owner, "bfl", spec, echo, inputs, webhook=webhook)
     polling_url = f"{services.settings.base_url}/v1/get_result?id={job.id}"

@@ -18,7 +18,9 @@ from .inputs import Inputs, image_and_size
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # BFL accepts and ignores fields it does not know (LiteLLM sends width/height to Kontext); a known
+    # field of the wrong type is still a 422.
+    model_config = ConfigDict(extra="allow", strict=True)
 
     prompt: str
     seed: int | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -32,6 +33,7 @@ class Services:
     loras: LoraLibrary
     # Image decodes at once across requests: each can hold up to 40 MP (160 MB) while it runs.
     decode_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
+    started_at: float = field(default_factory=time.time)
 
     def output_urls(self, job: Job) -> list[str]:
         return [self.storage.url(o.key) for o in job.outputs]

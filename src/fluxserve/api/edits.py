@@ -53,6 +53,7 @@ async def _read_form(request: Request) -> tuple[FormData, EditForm]:
     try:
         return form, EditForm.model_validate(fields)
     except ValidationError as exc:
+        await form.close()
         raise from_validation_errors(list(exc.errors())) from exc
 
 
@@ -71,29 +72,31 @@ def _multipart(*files: str) -> dict[str, Any]:
 @router.post("/images/edits", openapi_extra=_multipart("image", "mask"))
 async def edit_image(request: Request, services: ServicesDep, owner: OwnerDep) -> Response:
     form, body = await _read_form(request)
-    uploads = form.getlist("image") + form.getlist("image[]")
-    if not uploads:
-        raise InvalidInput(
-            "Missing required parameter 'image' (one or more files, as image or image[]).", param="image"
-        )
-    if len(uploads) > MAX_IMAGES:
-        raise InvalidInput(f"At most {MAX_IMAGES} images; got {len(uploads)}.", param="image", code="too_many_images")
-    model = services.registry.get(body.model or ("flux-fill" if form.get("mask") is not None else "flux-kontext-pro"))
-    if model.takes_references:
-        model.check_image_count(len(uploads), param="image")
-    blobs = [await read_upload(u, param="image") for u in uploads]
+    try:  # the uploads' spooled files are closed as soon as their bytes are read
+        uploads = form.getlist("image") + form.getlist("image[]")
+        if not uploads:
+            raise InvalidInput(
+                "Missing required parameter 'image' (one or more files, as image or image[]).", param="image"
+            )
+        if len(uploads) > MAX_IMAGES:
+            raise InvalidInput(
+                f"At most {MAX_IMAGES} images; got {len(uploads)}.", param="image", code="too_many_images"
+            )
+        has_mask = form.get("mask") is not None
+        model = services.registry.get(body.model or ("flux-fill" if has_mask else "flux-kontext-pro"))
+        if model.takes_references:
+            model.check_image_count(len(uploads), param="image")
+        blobs = [await read_upload(u, param="image") for u in uploads]
+        mask_blob = await read_upload(form.get("mask"), param="mask", max_bytes=MAX_MASK_BYTES) if has_mask else None
+    finally:
+        await form.close()
     check_pixel_budget(blobs, param="image")
     images = [await decode_image_async(blob, param="image", slots=services.decode_slots) for blob in blobs]
     for image in images:
         model.check_reference(image.size, param="image")
     mask = None
-    if form.get("mask") is not None:
-        mask_rgba = await decode_image_async(
-            await read_upload(form.get("mask"), param="mask", max_bytes=MAX_MASK_BYTES),
-            param="mask",
-            max_bytes=MAX_MASK_BYTES,
-            keep_alpha=True,
-        )
+    if mask_blob is not None:
+        mask_rgba = await decode_image_async(mask_blob, param="mask", max_bytes=MAX_MASK_BYTES, keep_alpha=True)
         mask = mask_from_alpha(mask_rgba, images[0].size)
     width, height = _size(body, images[0].size)
     _check_prompt_given(body)
@@ -140,10 +143,13 @@ def _check_prompt_given(body: EditForm) -> None:
 @router.post("/images/variations", openapi_extra=_multipart("image"))
 async def image_variation(request: Request, services: ServicesDep, owner: OwnerDep) -> Response:
     form, body = await _read_form(request)
-    upload = form.get("image") or form.get("image[]")
-    if upload is None:
-        raise InvalidInput("Missing required parameter 'image' (one file).", param="image")
-    upload_bytes = await read_upload(upload, param="image")
+    try:
+        upload = form.get("image") or form.get("image[]")
+        if upload is None:
+            raise InvalidInput("Missing required parameter 'image' (one file).", param="image")
+        upload_bytes = await read_upload(upload, param="image")
+    finally:
+        await form.close()
     image = await decode_image_async(upload_bytes, param="image", slots=services.decode_slots)
     model = services.registry.get(body.model or "flux-dev")
     if model.kind != "text2img":

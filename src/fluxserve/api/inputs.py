@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import secrets
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,17 @@ from ..models import ModelSpec
 from ..spec import MEGAPIXELS, Adapter, GenerationSpec, aspect_ratio_size, fit_megapixel
 from ..storage import Storage
 from .deps import Services, idempotency_key
+
+
+def known_fields(body: BaseModel, *, exclude: Collection[str] = (), exclude_unset: bool = False) -> dict[str, Any]:
+    """What a job row keeps of a request: the fields this server reads, and only the names of the
+    unknown ones it ignored (their values could be megabytes)."""
+    extra = body.model_extra or {}
+    dropped = set(extra) | set(exclude)
+    echo = body.model_dump(exclude_none=not exclude_unset, exclude_unset=exclude_unset, exclude=dropped)
+    if extra:
+        echo["ignored_fields"] = sorted(name[:64] for name in extra)[:20]
+    return echo
 
 
 async def read_upload(value: object, *, param: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:

@@ -9,19 +9,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..models import ModelSpec
 from ..spec import Adapter, GenerationSpec, parse_size
 from .deps import Services
-from .inputs import LoraItem, lora_items, resolve_loras
+from .inputs import LoraItem, known_fields, lora_items, resolve_loras
 
 DEFAULT_MODEL = "flux"
-
-
-def known_fields(body: BaseModel) -> dict[str, Any]:
-    """What a job row keeps of a request: the fields this server reads, and only the names of the
-    unknown ones it ignored (their values could be megabytes)."""
-    extra = body.model_extra or {}
-    echo = body.model_dump(exclude_none=True, exclude=set(extra))
-    if extra:
-        echo["ignored_fields"] = sorted(name[:64] for name in extra)[:20]
-    return echo
+__all__ = ["DEFAULT_MODEL", "ImageFields", "ImageGenerationRequest", "known_fields"]
 
 
 class ImageFields(BaseModel):

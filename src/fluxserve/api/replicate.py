@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import math
 import re
@@ -14,14 +16,14 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ..errors import InvalidInput, NotFound
+from ..errors import Forbidden, InvalidInput, NotFound
 from ..job import EventKind, Job, Status
 from ..store import WebhookRules
 from ..webhooks import check_webhook_url, owner_secret
 from .bodylimit import IMAGE_JSON_BODY_BYTES, JSON_BODY_BYTES
-from .deps import OwnerDep, Services, ServicesDep
+from .deps import OwnerDep, Services, ServicesDep, require_owner
 from .dialect import Dialect
-from .errors import json_body, read_json, render_replicate
+from .errors import inline_schema, json_body, read_json, render_replicate
 from .inputs import elide_inline_images, submit
 from .replicate_schemas import MODELS, ModelPredictionRequest, PredictionRequest
 
@@ -49,6 +51,25 @@ def _iso(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def _status(job: Job) -> str:
+    """A running prediction whose cancel was accepted is canceled from then on (its worker stops at the
+    next step and JobService.complete ends it canceled even when its images were already made)."""
+    if job.status is Status.PROCESSING and job.cancel_requested:
+        return Status.CANCELED.value
+    return job.status.public
+
+
+def _stream_signature(secret: bytes, job_id: str, expires: int) -> str:
+    return hmac.new(secret, f"stream:{job_id}:{expires}".encode(), hashlib.sha256).hexdigest()
+
+
+def stream_url(services: Services, job: Job) -> str:
+    """A capability, like file URLs: replicate-js opens it with only an Accept header, no token."""
+    expires = int(time.time()) + services.settings.url_ttl_s
+    sig = _stream_signature(services.secret, job.id, expires)
+    return f"{services.settings.base_url}/v1/predictions/{job.id}/stream?expires={expires}&sig={sig}"
+
+
 def render(services: Services, job: Job) -> dict[str, Any]:
     base = services.settings.base_url
     output: Any = None
@@ -68,7 +89,7 @@ def render(services: Services, job: Job) -> dict[str, Any]:
         "output": output,
         "logs": "\n".join(job.log_lines()),
         "error": None if job.status is Status.CANCELED else job.error,
-        "status": job.status.public,
+        "status": _status(job),
         "created_at": _iso(job.created_at),
         "started_at": _iso(job.started_at),
         "completed_at": _iso(job.completed_at),
@@ -81,7 +102,7 @@ def render(services: Services, job: Job) -> dict[str, Any]:
         "urls": {
             "get": f"{base}/v1/predictions/{job.id}",
             "cancel": f"{base}/v1/predictions/{job.id}/cancel",
-            "stream": f"{base}/v1/predictions/{job.id}/stream",
+            "stream": stream_url(services, job),
         },
     }
 
@@ -126,13 +147,7 @@ def parse_prefer_wait(header: str | None) -> float | None:
 
 
 async def _create(request: Request, services: Services, owner: str, name: str, body: PredictionRequest) -> Any:
-    if name not in MODELS or MODELS[name][0] not in services.registry:
-        raise NotFound(
-            f"Model {OWNER}/{name} is not served here; available: "
-            + ", ".join(f"{OWNER}/{m}" for m, (n, _, _) in MODELS.items() if n in services.registry),
-            param="model",
-        )
-    model_name, schema, list_output = MODELS[name]
+    model_name, schema, list_output = _served(services, name)
     model = services.registry.get(model_name)
     from pydantic import ValidationError
 
@@ -178,13 +193,97 @@ async def create_prediction(request: Request, services: ServicesDep, owner: Owne
     if not body.version:
         raise InvalidInput("Missing required parameter 'version' (owner/name or owner/name:version).", param="version")
     ref = body.version.split(":", 1)[0]
-    owner_name, _, name = ref.partition("/")
+    by_version = {_version_id(n): n for n in MODELS}
+    # A bare version id, as replicate clients send for owner/name:version references.
+    owner_name, _, name = (OWNER, "", by_version[ref]) if ref in by_version else ref.partition("/")
     if owner_name != OWNER or not name:
         raise InvalidInput(
             f"version {body.version!r} is not a model served here; use {OWNER}/NAME, e.g. {OWNER}/flux-schnell.",
             param="version",
         )
     return await _create(request, services, owner, name, body)
+
+
+def _version_id(name: str) -> str:
+    """Stable per model name: what Replicate clients pin as owner/name:version."""
+    return hashlib.sha256(f"fluxserve:{OWNER}/{name}".encode()).hexdigest()
+
+
+def _served(services: Services, name: str) -> tuple[str, type[Any], bool]:
+    if name not in MODELS or MODELS[name][0] not in services.registry:
+        raise NotFound(
+            f"Model {OWNER}/{name} is not served here; available: "
+            + ", ".join(f"{OWNER}/{m}" for m, (n, _, _) in MODELS.items() if n in services.registry),
+            param="model",
+        )
+    return MODELS[name]
+
+
+def _version(services: Services, name: str) -> dict[str, Any]:
+    """Replicate's version object; its input schema is the dialect's, with the registry's defaults and ranges."""
+    model_name, schema, list_output = _served(services, name)
+    facts = services.registry.get(model_name).facts()
+    inputs = inline_schema(schema)
+    props = inputs.get("properties", {})
+    for field in ("num_inference_steps", "steps"):
+        if field in props:
+            props[field] |= {"default": facts["steps"]["default"], "minimum": 1, "maximum": facts["steps"]["max"]}
+    if "guidance" in props and facts["guidance"]:
+        g = facts["guidance"]
+        props["guidance"] |= {"default": g["default"], "minimum": g["min"], "maximum": g["max"]}
+    uri = {"type": "string", "format": "uri"}
+    output = {"type": "array", "items": uri} if list_output else uri
+    return {
+        "id": _version_id(name),
+        "created_at": _iso(services.started_at),
+        "cog_version": "fluxserve",
+        "openapi_schema": {"components": {"schemas": {"Input": inputs, "Output": output}}},
+    }
+
+
+def _model_object(services: Services, name: str) -> dict[str, Any]:
+    model = services.registry.get(_served(services, name)[0])
+    return {
+        "url": f"{services.settings.base_url}/v1/models/{OWNER}/{name}",
+        "owner": OWNER,
+        "name": name,
+        "description": model.label,
+        "visibility": "public",
+        "github_url": None,
+        "paper_url": None,
+        "license_url": None,
+        "run_count": 0,
+        "cover_image_url": None,
+        "default_example": None,
+        "latest_version": _version(services, name),
+    }
+
+
+def _check_owner(owner_name: str, name: str) -> None:
+    if owner_name != OWNER:
+        raise NotFound(f"Model {owner_name}/{name} is not served here.", param="model")
+
+
+@router.get("/models/{owner_name}/{name}")
+async def get_model(owner_name: str, name: str, services: ServicesDep, _owner: OwnerDep) -> dict[str, Any]:
+    _check_owner(owner_name, name)
+    return _model_object(services, name)
+
+
+@router.get("/models/{owner_name}/{name}/versions")
+async def list_versions(owner_name: str, name: str, services: ServicesDep, _owner: OwnerDep) -> dict[str, Any]:
+    _check_owner(owner_name, name)
+    return {"next": None, "previous": None, "results": [_version(services, name)]}
+
+
+@router.get("/models/{owner_name}/{name}/versions/{version_id}")
+async def get_version(
+    owner_name: str, name: str, version_id: str, services: ServicesDep, _owner: OwnerDep
+) -> dict[str, Any]:
+    _check_owner(owner_name, name)
+    if version_id != _version_id(name):
+        raise NotFound(f"Model {OWNER}/{name} has no version {version_id!r}.", param="version")
+    return _version(services, name)
 
 
 async def _replicate_job(services: Services, job_id: str, owner: str) -> Job:
@@ -232,39 +331,66 @@ async def webhook_secret(services: ServicesDep, owner: OwnerDep) -> dict[str, st
 
 
 @router.get("/predictions/{job_id}/stream")
-async def stream_prediction(job_id: str, services: ServicesDep, owner: OwnerDep) -> StreamingResponse:
-    """SSE: `logs` lines as steps finish, `output` per file URL, then `error` and/or `done`."""
+async def stream_prediction(
+    job_id: str, request: Request, services: ServicesDep, expires: int = 0, sig: str = ""
+) -> StreamingResponse:
+    """SSE as Replicate sends it: `output` per file URL, `logs` lines as steps finish, then `error` and/or
+    `done`, each with an `id:` (replicate-python drops events without one). Opened with the signed URL
+    from ``urls.stream``, or with a token."""
+    if sig:
+        good = _stream_signature(services.secret, job_id, expires).encode()
+        if expires < time.time() or not hmac.compare_digest(good, sig.encode("utf-8", "surrogateescape")):
+            raise Forbidden("This stream URL is invalid or has expired; fetch the prediction again for a fresh one.")
+        found = await services.jobs.run(services.store.get_job, job_id)
+        if found is None or found.dialect != "replicate":
+            raise NotFound(f"No job with id {job_id!r}.", param="id")
+        owner = found.owner
+    else:
+        owner = await require_owner(request)
     await _replicate_job(services, job_id, owner)
 
     async def events() -> AsyncIterator[str]:
         sent_logs = 0
+        ids = iter(range(1, 1 << 62))
         async for job in services.jobs.watch(job_id, owner):
             lines = job.log_lines()
             for line in lines[sent_logs:]:
-                yield _sse("logs", line)
+                yield _sse("logs", line, next(ids))
             sent_logs = len(lines)
             if job.status is Status.SUCCEEDED:
                 for url in services.output_urls(job):
-                    yield _sse("output", url)
+                    yield _sse("output", url, next(ids))
             if job.status in (Status.FAILED, Status.ABORTED):
-                yield _sse("error", json.dumps({"detail": job.error}))
+                yield _sse("error", json.dumps({"detail": job.error}), next(ids))
             if job.status.is_terminal:
                 reason = {Status.CANCELED: "canceled", Status.ABORTED: "aborted", Status.FAILED: "error"}
-                yield _sse("done", json.dumps({"reason": reason[job.status]} if job.status in reason else {}))
+                done = {"reason": reason[job.status]} if job.status in reason else {}
+                yield _sse("done", json.dumps(done), next(ids))
 
     headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
     return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
 
-def _sse(event: str, data: str) -> str:
+def _sse(event: str, data: str, event_id: int) -> str:
     lines = "".join(f"data: {line}\n" for line in data.split("\n"))
-    return f"event: {event}\n{lines}\n"
+    return f"event: {event}\nid: {event_id}\n{lines}\n"
+
+
+# Replicate's paths: every error under them, a 404 or 405 of a route not served here too, is a problem detail.
+_PREFIXES = (
+    "/v1/predictions",
+    "/v1/webhooks",
+    "/v1/deployments",
+    "/v1/trainings",
+    "/v1/collections",
+    "/v1/hardware",
+    "/v1/account",
+)
 
 
 def _owns(path: str) -> bool:
-    return path.startswith(("/v1/predictions", "/v1/webhooks")) or (
-        path.startswith("/v1/models/") and path.rstrip("/").endswith("/predictions")
-    )
+    # /v1/models/{owner}/{name}...; /v1/models and /v1/models/{id} are OpenAI's.
+    return path.startswith(_PREFIXES) or (path.startswith("/v1/models/") and path.count("/") >= 4)
 
 
 def _body_limit(path: str) -> int:
