@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 def build_registry(settings: Settings) -> ModelRegistry:
     if settings.demo:
         registry = ModelRegistry.demo(settings.demo_model_dir)
+        if settings.model_config_file:  # the operator's aliases hold with the demo model too
+            registry = registry.with_aliases(ModelRegistry.aliases_from_toml(settings.model_config_file))
     else:
         configured = ModelRegistry.from_toml(settings.model_config_file) if settings.model_config_file else None
         registry = (configured or ModelRegistry.default()).label_demo_weights()

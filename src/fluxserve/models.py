@@ -322,20 +322,23 @@ _KINDS = ("text2img", "kontext", "fill", "flux2")
 
 
 class ModelRegistry:
-    def __init__(self, models: list[ModelSpec] | tuple[ModelSpec, ...]) -> None:
+    def __init__(self, models: list[ModelSpec] | tuple[ModelSpec, ...], aliases: dict[str, str] | None = None) -> None:
         self._models = {m.name: m for m in models}
+        # Names clients hard-code (dall-e-3, gpt-image-1) answered by a registry name: [aliases] in the TOML.
+        self.aliases = {a: t for a, t in (aliases or {}).items() if t in self._models}
 
     def __iter__(self) -> Any:
         return iter(self._models.values())
 
     def __contains__(self, name: object) -> bool:
-        return name in self._models
+        return name in self._models or name in self.aliases
 
     @property
     def names(self) -> list[str]:
         return list(self._models)
 
     def get(self, name: str | None, *, param: str = "model") -> ModelSpec:
+        name = self.aliases.get(name or "", name)
         if name is None or name not in self._models:
             allowed = ", ".join(self._models)
             raise InvalidInput(
@@ -350,13 +353,26 @@ class ModelRegistry:
         unknown = [n for n in names if n not in self._models]
         if unknown:
             raise ValueError(f"--models names unknown models {unknown}; configured: {', '.join(self._models)}")
-        return ModelRegistry([self._models[n] for n in dict.fromkeys(names)])
+        return ModelRegistry([self._models[n] for n in dict.fromkeys(names)], self.aliases)
 
     def label_demo_weights(self) -> ModelRegistry:
         """A name whose weights are a demo-model folder is labelled demo, however it got there."""
         from .engine.demo import is_demo_model
 
-        return ModelRegistry([replace(m, demo=m.demo or is_demo_model(Path(m.weights))) for m in self])
+        return ModelRegistry([replace(m, demo=m.demo or is_demo_model(Path(m.weights))) for m in self], self.aliases)
+
+    def with_aliases(self, aliases: dict[str, str]) -> ModelRegistry:
+        return ModelRegistry(list(self), {**self.aliases, **aliases})
+
+    @staticmethod
+    def aliases_from_toml(path: Path) -> dict[str, str]:
+        """``[aliases]``: "dall-e-3" = "flux-dev", one line a name (none by default)."""
+        with open(path, "rb") as f:
+            table = tomllib.load(f).get("aliases", {})
+        bad = {k: v for k, v in table.items() if not isinstance(v, str)}
+        if bad:
+            raise ValueError(f"{path}: [aliases] values must be model names (strings); got {bad}")
+        return dict(table)
 
     @classmethod
     def default(cls) -> ModelRegistry:
@@ -395,4 +411,8 @@ class ModelRegistry:
                 models[name] = ModelSpec(name=name, **fields)
             else:
                 raise ValueError(f"{path}: new model [models.{name}] needs 'weights'")
-        return cls(list(models.values()))
+        aliases = cls.aliases_from_toml(path)
+        dangling = {a: t for a, t in aliases.items() if t not in models}
+        if dangling:
+            raise ValueError(f"{path}: [aliases] name models that are not configured: {dangling}")
+        return cls(list(models.values()), aliases)

@@ -159,3 +159,21 @@ def test_url_inputs_against_a_server_that_allows_private_hosts(
                               json={"model": "flux-dev", "input": {"prompt": "p", "image": f"{base}/notes.txt"}},
                               headers=srv.headers)  # fmt: skip
             assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_image_file"
+
+
+def test_sdk_edit_stream_sends_partial_images_then_the_edit(client: openai.OpenAI) -> None:
+    # Before, edits ignored stream: true and answered plain JSON; the SDK then yielded no event at all.
+    stream = client.images.edit(
+        model="flux-kontext-pro",
+        image=[("a.png", png_bytes((512, 512)), "image/png"), ("b.png", png_bytes((384, 384)), "image/png")],
+        prompt="stream the edit",
+        size="512x512",
+        stream=True,
+        partial_images=2,
+        extra_body={"steps": 6},
+    )
+    events = list(stream)
+    assert [e.type for e in events] == ["image_edit.partial_image"] * 2 + ["image_edit.completed"]
+    assert [e.partial_image_index for e in events[:2]] == [0, 1]  # type: ignore[union-attr]
+    final = Image.open(io.BytesIO(base64.b64decode(events[-1].b64_json)))
+    assert final.size == (512, 512) and events[-1].size == "512x512"

@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -14,7 +15,7 @@ from fluxserve.auth import create_key
 from fluxserve.migrations import open_store
 from fluxserve.models import ModelRegistry
 from fluxserve.settings import Settings
-from tests.conftest import AUTH
+from tests.conftest import API_KEY, AUTH
 from tests.support.fakes import FakeEngine
 from tests.support.polling import wait_for
 
@@ -299,3 +300,27 @@ def test_a_file_signature_with_non_ascii_characters_is_a_403(client: TestClient)
     # Found by schemathesis: hmac.compare_digest raised on a non-ASCII str (a 500).
     resp = client.get("/files/abc/out-0.png?expires=9999999999&sig=%F2%9B%A6%88u")
     assert resp.status_code == 403 and resp.json()["error"]["code"] == "invalid_signature"
+
+
+def test_aliases_clients_hard_code_map_to_a_registry_name(
+    settings: Any, fake_engine: FakeEngine, tmp_path: Path
+) -> None:
+    import openai
+
+    config = tmp_path / "models.toml"
+    config.write_text('[aliases]\n"dall-e-3" = "flux-dev"\n"gpt-image-1" = "flux-kontext-pro"\n')
+    with TestClient(create_app(settings.model_copy(update={"model_config_file": config}), engine=fake_engine)) as c:
+        sdk = openai.OpenAI(api_key=API_KEY, base_url="http://testserver/v1", http_client=c, max_retries=0)
+        out = sdk.images.generate(model="dall-e-3", prompt="an alias", size="1024x1024", response_format="b64_json")
+        assert out.data is not None and out.data[0].b64_json
+        assert fake_engine.calls[-1][0].spec.model == "flux-dev"  # what ran
+        listed = {m["id"]: m for m in c.get("/v1/models", headers=AUTH).json()["data"]}
+        assert listed["dall-e-3"]["alias_of"] == "flux-dev" and "alias_of" not in listed["flux-dev"]
+        assert listed["gpt-image-1"]["kind"] == "kontext"
+    # Off by default: no config, no alias.
+    with TestClient(create_app(settings, engine=fake_engine)) as c:
+        resp = c.post("/v1/images/generations", json={"prompt": "p", "model": "dall-e-3"}, headers=AUTH)
+        assert resp.status_code == 400 and resp.json()["error"]["code"] == "model_not_found"
+    config.write_text('[aliases]\n"dall-e-2" = "no-such-model"\n')
+    with pytest.raises(ValueError, match="not configured"):
+        ModelRegistry.from_toml(config)

@@ -221,3 +221,33 @@ def test_png_compression_level_is_lossless_and_bounded() -> None:
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), np.asarray(img))
     with pytest.raises(ValueError, match="png_compress_level"):
         Settings(png_compress_level=10)
+
+
+def test_a_newcomer_told_position_1_runs_in_the_next_claim_even_under_batching(settings: Settings) -> None:
+    # Key A floods small batchable tasks (the relay's 21:9 at 0.25 MP), then key B sends one: B is told
+    # position 1, and the next pipeline call after the running one is B's, batch companions or not.
+    from fluxserve.auth import create_key
+    from tests.support.polling import wait_for
+
+    engine = FakeEngine(step_s=0.01)
+    cfg = settings.model_copy(update={"max_batch": 4, "batch_max_pixels": 4096 * 4096})
+    with TestClient(create_app(cfg, engine=engine)) as client:
+        services: Services = client.app.state.services  # type: ignore[attr-defined]
+        b_key = create_key(services.store, "b")
+        b_auth = {"Authorization": f"Bearer {b_key.key}"}
+        for i in range(60):
+            _submit(client, "flux-schnell", f"a{i}", aspect_ratio="21:9")
+        wait_for(lambda: len(engine.calls), lambda n: n >= 1, timeout=20)
+        body = {"model": "flux-schnell", "input": {"prompt": "b", "megapixels": "0.25", "aspect_ratio": "21:9"}}
+        b = client.post("/vmodel/generate", json=body, headers=b_auth).json()["id"]
+        calls_at_submit = len(engine.calls)
+        told = services.jobs.get_sync(b, b_key.id)
+        assert told.queue_position in (1, None), told  # None: already claimed
+        wait_for(
+            lambda: client.get(f"/vmodel/feed/{b}", headers=b_auth).json()["status"],
+            lambda status: status == "succeeded",
+            timeout=60,
+        )
+        b_call = next(i for i, call in enumerate(engine.calls) if any(r.spec.prompt == "b" for r in call))
+        # The call running when B arrived may finish first; the next one takes B.
+        assert b_call <= calls_at_submit, (b_call, calls_at_submit)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request, Response
@@ -15,8 +16,8 @@ from ..models import ModelSpec
 from ..spec import fit_megapixel, parse_size
 from .deps import OwnerDep, Services, ServicesDep
 from .errors import from_validation_errors
-from .inputs import Inputs, LoraItem, lora_items, read_upload, resolve_loras
-from .openai_render import run_and_render
+from .inputs import Inputs, LoraItem, lora_items, read_upload, resolve_loras, submit
+from .openai_render import run_and_render, stream_response
 from .openai_schemas import ImageFields, known_fields
 
 router = APIRouter(prefix="/v1")
@@ -39,6 +40,8 @@ class EditForm(ImageFields):
     quality: Literal["auto", "low", "medium", "high", "standard", "hd"] | None = None
     strength: float | None = None
     loras: str | None = None  # JSON, as in generations: [{"path": ..., "scale": ...}]
+    stream: bool = False  # image_edit.partial_image events (previews), then image_edit.completed
+    partial_images: int = Field(default=0, ge=0, le=3)
 
 
 async def _read_form(request: Request) -> tuple[FormData, EditForm]:
@@ -120,6 +123,10 @@ async def _run(
     loras = await resolve_loras(services, model, _form_loras(body), param="loras")
     spec = body.make_spec(model, *size, loras, images=inputs.keys, mask=inputs.mask_key, **overrides)
     echo = {**known_fields(body), **echo}
+    if body.stream:
+        spec = replace(spec, partial_images=body.partial_images)
+        job = await submit(services, request, owner, "openai", spec, echo, inputs)
+        return stream_response(request, services, job, owner, body.quality, "image_edit")
     return await run_and_render(request, services, owner, spec, echo, body.response_format, body.quality, inputs)
 
 

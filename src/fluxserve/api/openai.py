@@ -7,15 +7,15 @@ from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 
+from ..models import ModelSpec
 from . import edits
 from .bodylimit import JSON_BODY_BYTES, UPLOAD_BODY_BYTES
-from .deps import OwnerDep, ServicesDep, idempotency_key
+from .deps import OwnerDep, ServicesDep
 from .dialect import Dialect
 from .errors import json_body, read_json, render_openai
 from .inputs import submit
-from .openai_render import run_and_render, stream_events
+from .openai_render import run_and_render, stream_response
 from .openai_schemas import DEFAULT_MODEL, ImageGenerationRequest, known_fields
 
 router = APIRouter(prefix="/v1")
@@ -30,34 +30,28 @@ async def create_image(request: Request, services: ServicesDep, owner: OwnerDep)
     if body.stream:
         spec = replace(spec, partial_images=body.partial_images or 0)
         job = await submit(services, request, owner, "openai", spec, echo)
-        return StreamingResponse(
-            stream_events(
-                services, job, owner, body.quality or "auto", cancel_on_disconnect=idempotency_key(request) is None
-            ),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
-        )
+        return stream_response(request, services, job, owner, body.quality, "image_generation")
     return await run_and_render(request, services, owner, spec, echo, body.response_format, body.quality)
 
 
 @router.get("/models")
 async def list_models(services: ServicesDep, _owner: OwnerDep) -> dict[str, Any]:
     created = int(time.time())
-    return {
-        "object": "list",
-        "data": [
-            {
-                "id": m.name,
-                "object": "model",
-                "created": created,
-                "owned_by": "fluxserve-demo" if m.demo else "fluxserve",
-                "description": m.label,
-                "demo": m.demo,
-                **m.facts(),  # defaults and limits every dialect applies: clients and the playground read them
-            }
-            for m in services.registry
-        ],
-    }
+
+    def entry(name: str, m: ModelSpec) -> dict[str, Any]:
+        return {
+            "id": name,
+            "object": "model",
+            "created": created,
+            "owned_by": "fluxserve-demo" if m.demo else "fluxserve",
+            "description": m.label,
+            "demo": m.demo,
+            **({"alias_of": m.name} if name != m.name else {}),
+            **m.facts(),  # defaults and limits every dialect applies: clients and the playground read them
+        }
+
+    aliases = [entry(alias, services.registry.get(target)) for alias, target in services.registry.aliases.items()]
+    return {"object": "list", "data": [entry(m.name, m) for m in services.registry] + aliases}
 
 
 def _body_limit(path: str) -> int:

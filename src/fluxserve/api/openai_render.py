@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 
 from ..errors import ClientDisconnected, GenerationFailed
 from ..job import Job, Status
@@ -18,8 +18,20 @@ from .deps import Services, idempotency_key
 from .inputs import Inputs, submit
 
 
+def stream_response(
+    request: Request, services: Services, job: Job, owner: str, quality: str | None, kind: str
+) -> StreamingResponse:
+    """``kind``: image_generation or image_edit, the prefix of the events' types."""
+    cancel = idempotency_key(request) is None
+    return StreamingResponse(
+        stream_events(services, job, owner, quality or "auto", kind=kind, cancel_on_disconnect=cancel),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )
+
+
 async def stream_events(
-    services: Services, job: Job, owner: str, quality: str, *, cancel_on_disconnect: bool
+    services: Services, job: Job, owner: str, quality: str, *, kind: str, cancel_on_disconnect: bool
 ) -> AsyncIterator[bytes]:
     """OpenAI image streaming: partial_image events with previews, then completed (always b64_json).
 
@@ -28,7 +40,7 @@ async def stream_events(
     """
     ended = False
     try:
-        async for chunk in _stream_job(services, job, owner, quality):
+        async for chunk in _stream_job(services, job, owner, quality, kind):
             yield chunk
         ended = True
     finally:
@@ -36,7 +48,7 @@ async def stream_events(
             services.jobs.cancel_soon(job.id, owner)
 
 
-async def _stream_job(services: Services, job: Job, owner: str, quality: str) -> AsyncIterator[bytes]:
+async def _stream_job(services: Services, job: Job, owner: str, quality: str, kind: str) -> AsyncIterator[bytes]:
     spec = job.spec
     common = {
         "background": "opaque",
@@ -48,7 +60,7 @@ async def _stream_job(services: Services, job: Job, owner: str, quality: str) ->
     sent = 0
     async for current in services.jobs.watch(job.id, owner):
         for index, key in enumerate(current.previews[sent:], start=sent):
-            event = {"type": "image_generation.partial_image", "partial_image_index": index}
+            event = {"type": f"{kind}.partial_image", "partial_image_index": index}
             yield _sse(event | common, await services.jobs.run(services.storage.read, key))
         sent = len(current.previews)
         if current.status is Status.SUCCEEDED:
@@ -59,7 +71,7 @@ async def _stream_job(services: Services, job: Job, owner: str, quality: str) ->
                     "total_tokens": 0,
                     "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
                 }
-                event = {"type": "image_generation.completed", "usage": usage}
+                event = {"type": f"{kind}.completed", "usage": usage}
                 yield _sse(event | common, await services.jobs.run(services.storage.read, out.key))
         elif current.status.is_terminal:
             message = current.error or f"The image generation ended as {current.status.value}."
