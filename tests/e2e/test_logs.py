@@ -35,3 +35,4 @@ def test_json_request_and_job_lines_without_secrets(tmp_path: Path, demo_model_d
     events = [r["event"] for r in lines if r.get("logger") == "fluxserve.jobs" and "event" in r]
     assert events[:3] == ["submitted", "started", "succeeded"]
     assert KEY not in text and "sig=" not in text and "logged" not in text  # no key, signature or prompt
+    assert "falling back" not in text  # transformers' notices about torchvision-less image processors

@@ -57,6 +57,12 @@ def pick_device(requested: str) -> str:
     return "cpu"
 
 
+def _pil_fallback_notice(record: logging.LogRecord) -> bool:
+    """transformers says, once per class, that CLIP's and Siglip's image processors fall back to their PIL
+    versions without torchvision; for these pipelines that fallback is the intended path, not a fault."""
+    return "requires torchvision (not installed); falling back" not in record.getMessage()
+
+
 def load_pipeline(
     weights: str,
     kind: str,
@@ -112,6 +118,7 @@ class DiffusersEngine:
         self.before_load: Callable[[], object] | None = None
 
     def load(self) -> None:
+        logging.getLogger("transformers.utils.import_utils").addFilter(_pil_fallback_notice)
         if self.before_load is not None:
             self.before_load()
         self.device = pick_device(self._device_request)
