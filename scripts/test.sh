@@ -19,6 +19,15 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb 
     || { $sudo apt-get update >/dev/null && $sudo apt-get install -y --no-install-recommends postgresql >/dev/null; }
 fi
 
+# The Node clients of the e2e tests (tests/e2e/js, versions pinned in its lockfile).
+if ! command -v npm >/dev/null 2>&1; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get install -y --no-install-recommends nodejs npm >/dev/null \
+    || { $sudo apt-get update >/dev/null && $sudo apt-get install -y --no-install-recommends nodejs npm >/dev/null; }
+fi
+npm ci --prefix tests/e2e/js --silent --no-audit --no-fund
+
 python3 -m venv .venv
 .venv/bin/pip install --quiet torch==2.13.0 -e '.[engine,test]'
 if [ $# -gt 0 ]; then
