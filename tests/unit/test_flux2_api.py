@@ -148,7 +148,7 @@ def test_bfl_flux2_endpoints(client: TestClient, fake_engine: FakeEngine) -> Non
         ("flux-2-klein-4b", {"prompt": "p", "input_image_5": "x"}, ["body", "input_image_5"]),
         ("flux-2-pro", {"prompt": "p", "input_image_9": "x"}, ["body", "input_image_9"]),
         ("flux-2-pro", {"prompt": "p", "width": 512}, ["body", "height"]),
-        ("flux-2-pro", {"prompt": "p", "steps": 10}, ["body", "steps"]),
+        ("flux-2-pro", {"prompt": "p", "seed": 1.5}, ["body", "seed"]),  # steps there: ignored, as BFL does
         ("flux-2-flex", {"prompt": "p", "guidance": 20}, ["body", "guidance"]),
         ("flux-2-max", {"prompt": "p", "input_image": _data_url((30, 200))}, ["body", "input_image"]),
     ],

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from ..errors import NotFound
+from ..errors import InvalidInput, NotFound
 from ..job import EventKind, Job, Status
 from ..sealed import seal, unseal
 from ..store import WebhookRules
@@ -28,6 +28,15 @@ async def _create(endpoint: str, request: Request, services: Services, owner: st
     if model_name not in services.registry:
         raise NotFound(f"/v1/{endpoint} is not served here.")
     body = await read_json(request, schema)
+    # Unknown fields are ignored as BFL does, but a reference image past the endpoint's is refused, not dropped.
+    extra_refs = sorted((n for n in body.model_extra or {} if n.startswith("input_image")), key=len)
+    if extra_refs:
+        known = [n for n in type(body).model_fields if n.startswith("input_image")]
+        raise InvalidInput(
+            f"/v1/{endpoint} takes at most {len(known)} reference images ({', '.join(known)}); got {extra_refs[0]}.",
+            param=extra_refs[0],
+            code="too_many_images",
+        )
     model = services.registry.get(model_name)
     spec, inputs = await body.to_spec(services, model)
     webhook = None

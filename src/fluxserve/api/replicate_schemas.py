@@ -45,6 +45,16 @@ class _Input(BaseModel):
         requests = self.lora_requests() if isinstance(self, _LoraFields) else []
         return await resolve_loras(services, model, requests, param="input.lora_weights")
 
+    def _spec(
+        self, model: ModelSpec, inputs: Inputs, size: tuple[int, int], loras: tuple[Adapter, ...], **fields: Any
+    ) -> tuple[GenerationSpec, Inputs]:
+        """What every schema's spec shares; ``fields``: the rest, by make_spec's names."""
+        fields.setdefault("params", _PARAMS)
+        spec = model.make_spec(
+            prompt=self.prompt, width=size[0], height=size[1], seed=self.seed, images=inputs.keys, loras=loras, **fields
+        )
+        return spec, inputs
+
 
 def _custom_size(width: int | None, height: int | None) -> tuple[int, int]:
     if width is None or height is None:
@@ -93,22 +103,18 @@ class SchnellInput(_Input):
             megapixels=self.megapixels,
             aspect_param="input.aspect_ratio",
         )
-        spec = model.make_spec(
-            prompt=self.prompt,
-            width=width,
-            height=height,
+        return self._spec(
+            model,
+            inputs,
+            (width, height),
+            loras,
             num_images=self.num_outputs,
             steps=self.num_inference_steps,
             guidance=getattr(self, "guidance", None),
-            seed=self.seed,
-            output_format=_FORMATS[self.output_format],  # type: ignore[arg-type]
+            output_format=_FORMATS[self.output_format],
             quality=max(1, self.output_quality),
-            images=inputs.keys,
             strength=getattr(self, "prompt_strength", None) if values else None,
-            loras=loras,
-            params=_PARAMS,
         )
-        return spec, inputs
 
 
 class DevInput(SchnellInput):
@@ -151,20 +157,16 @@ class Pro11Input(_Input):
                 aspect_param="input.aspect_ratio",
             )
         steps, guidance = self._steps_guidance()
-        spec = model.make_spec(
-            prompt=self.prompt,
-            width=width,
-            height=height,
+        return self._spec(
+            model,
+            inputs,
+            (width, height),
+            loras,
             steps=steps,
             guidance=guidance,
-            seed=self.seed,
-            output_format=_FORMATS[self.output_format],  # type: ignore[arg-type]
+            output_format=_FORMATS[self.output_format],
             quality=max(1, self.output_quality),
-            images=inputs.keys,
-            loras=loras,
-            params=_PARAMS,
         )
-        return spec, inputs
 
 
 class ProInput(Pro11Input):
@@ -208,17 +210,7 @@ class KontextInput(_Input):
             aspect_explicit="aspect_ratio" in self.model_fields_set,
             aspect_param="input.aspect_ratio",
         )
-        spec = model.make_spec(
-            prompt=self.prompt,
-            width=width,
-            height=height,
-            seed=self.seed,
-            output_format=_FORMATS[self.output_format],  # type: ignore[arg-type]
-            images=inputs.keys,
-            loras=loras,
-            params=_PARAMS,
-        )
-        return spec, inputs
+        return self._spec(model, inputs, (width, height), loras, output_format=_FORMATS[self.output_format])
 
 
 Flux2Aspect = AspectRatio | Literal["match_input_image", "custom"]
@@ -259,20 +251,17 @@ class _Flux2Base(_Input, _LoraFields):
         loras = await self._loras(services, model)
         inputs, width, height = await self._sized_inputs(services, model)
         steps, guidance = self._steps_guidance()
-        spec = model.make_spec(
-            prompt=self.prompt,
-            width=width,
-            height=height,
+        return self._spec(
+            model,
+            inputs,
+            (width, height),
+            loras,
             steps=steps,
             guidance=guidance,
-            seed=self.seed,
-            output_format=_FORMATS[getattr(self, "output_format", "png")],  # type: ignore[arg-type]
+            output_format=_FORMATS[getattr(self, "output_format", "png")],
             quality=max(1, getattr(self, "output_quality", 100)),
-            images=inputs.keys,
-            loras=loras,
             params={**_PARAMS, "steps": "input.steps", "image": f"input.{self.refs_field}"},
         )
-        return spec, inputs
 
 
 class Flux2Input(_Flux2Base):
