@@ -344,3 +344,41 @@ def test_unmatched_replicate_routes_answer_as_replicate(client: TestClient) -> N
         assert resp.headers["content-type"] == "application/problem+json" and resp.json()["status"] == status
     # The OpenAI model list stays OpenAI's.
     assert client.get("/v1/models", headers=AUTH).json()["object"] == "list"
+
+
+def test_model_and_version_objects_and_a_pinned_version(client: TestClient) -> None:
+    model = client.get("/v1/models/black-forest-labs/flux-schnell", headers=AUTH).json()
+    version = model["latest_version"]
+    assert model["owner"] == "black-forest-labs" and len(version["id"]) == 64
+    inputs = version["openapi_schema"]["components"]["schemas"]["Input"]
+    assert inputs["properties"]["num_inference_steps"]["maximum"] == 4  # schnell's, from the registry
+    listed = client.get("/v1/models/black-forest-labs/flux-schnell/versions", headers=AUTH).json()
+    assert [v["id"] for v in listed["results"]] == [version["id"]]
+    one = client.get(f"/v1/models/black-forest-labs/flux-schnell/versions/{version['id']}", headers=AUTH)
+    assert one.status_code == 200 and one.json()["id"] == version["id"]
+    wrong = client.get("/v1/models/black-forest-labs/flux-schnell/versions/abc", headers=AUTH)
+    assert wrong.status_code == 404 and wrong.json()["status"] == 404
+    for path in ("/v1/models/someone/flux-dev", "/v1/models/black-forest-labs/nope"):
+        missing = client.get(path, headers=AUTH)
+        assert missing.status_code == 404 and missing.headers["content-type"] == "application/problem+json"
+    pinned = client.post("/v1/predictions", json={"version": version["id"], "input": {"prompt": "p"}}, headers=AUTH)
+    assert pinned.status_code == 201 and pinned.json()["model"] == "black-forest-labs/flux-schnell"
+    assert client.get("/v1/models/black-forest-labs/flux-dev", headers={}).status_code == 401
+
+
+def test_the_stream_url_is_a_signed_capability(settings: Settings) -> None:
+    import httpx_sse
+
+    with TestClient(create_app(settings, engine=FakeEngine(step_s=0.01))) as client:
+        p = client.post(SCHNELL, json={"input": {"prompt": "s"}}, headers=AUTH).json()
+        url = p["urls"]["stream"].removeprefix("http://127.0.0.1:8123")
+        assert "sig=" in url and "expires=" in url
+        with httpx_sse.connect_sse(client, "GET", url) as source:  # no token, as replicate-js opens it
+            events = [(sse.event, sse.id) for sse in source.iter_sse()]
+        assert events[-1][0] == "done" and all(event_id for _, event_id in events)
+        assert len({event_id for _, event_id in events}) == len(events)
+        forged = client.get(url.replace("sig=", "sig=0"))
+        assert forged.status_code == 403 and forged.json()["status"] == 403
+        expired = client.get(url.split("expires=")[0] + "expires=1&sig=" + url.split("sig=")[1])
+        assert expired.status_code == 403
+        assert client.get(url.split("?")[0]).status_code == 401
