@@ -324,3 +324,21 @@ def test_aliases_clients_hard_code_map_to_a_registry_name(
     config.write_text('[aliases]\n"dall-e-2" = "no-such-model"\n')
     with pytest.raises(ValueError, match="not configured"):
         ModelRegistry.from_toml(config)
+
+
+def test_a_stream_outlasts_the_body_idle_timeout(settings: Settings) -> None:
+    # The 408 deadline is for a body that stops arriving; it used to wrap the response's disconnect
+    # listener too, so a stream (or Prefer: wait) longer than it was cut and its job canceled.
+    import httpx_sse
+
+    engine = FakeEngine(step_s=0.1)
+    with TestClient(create_app(settings.model_copy(update={"body_idle_timeout_s": 0.5}), engine=engine)) as c:
+        body = {"prompt": "s", "model": "flux-dev", "steps": 15, "size": "256x256", "stream": True}
+        with httpx_sse.connect_sse(c, "POST", "/v1/images/generations", json=body, headers=AUTH) as source:
+            kinds = [sse.event for sse in source.iter_sse()]
+        assert kinds[-1] == "image_generation.completed", kinds
+        wait = {"input": {"prompt": "w", "num_inference_steps": 15}}
+        held = c.post(
+            "/v1/models/black-forest-labs/flux-dev/predictions", json=wait, headers={**AUTH, "Prefer": "wait=10"}
+        )
+        assert held.status_code == 201 and held.json()["status"] == "succeeded"

@@ -62,9 +62,14 @@ class BodyLimit:
             await self.render(Request(scope), _too_large(limit))(scope, receive, send)
             return
         seen = 0
+        body_done = False
 
         async def counted() -> Message:
-            nonlocal seen
+            nonlocal seen, body_done
+            if body_done:
+                # The body is in: what is awaited now is the client leaving (a stream's or a long wait's
+                # disconnect listener), which may rightly take as long as the response does.
+                return await receive()
             try:
                 async with asyncio.timeout(self.idle_s):
                     message = await receive()
@@ -73,6 +78,7 @@ class BodyLimit:
                     f"The request body stopped arriving for {self.idle_s:g} s.", param="body"
                 ) from None
             if message["type"] == "http.request":
+                body_done = not message.get("more_body", False)
                 seen += len(message.get("body", b""))
                 if seen > limit:
                     # Raised where the handler reads the body: the error handlers render it.
