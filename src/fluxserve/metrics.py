@@ -84,7 +84,8 @@ class Metrics:
         if client_host is not None and _is_loopback(client_host):
             return
         presented = (authorization or "").partition(" ")[2].strip()
-        if self._token and presented and secrets.compare_digest(presented, self._token):
+        # As bytes: compare_digest refuses a str with non-ASCII characters, and a header may carry them.
+        if self._token and presented and secrets.compare_digest(presented.encode(), self._token.encode()):
             return
         raise Forbidden(
             "/metrics is open on loopback only; elsewhere send 'Authorization: Bearer <FLUXSERVE_METRICS_TOKEN>'.",

@@ -103,3 +103,18 @@ def test_no_cursor_makes_a_server_error(client: TestClient) -> None:
         assert resp.status_code in (200, 422), (cursor, resp.text)
 
     check()
+
+
+def test_the_audits_inputs_that_were_500s_are_4xx(client: TestClient) -> None:
+    create = "/v1/models/black-forest-labs/flux-schnell/predictions"
+    body = {"input": {"prompt": "p"}}
+    wait = client.post(create, json=body, headers={**AUTH, "Prefer": "wait=\u00b2".encode("latin-1")})  # type: ignore[dict-item]
+    assert wait.status_code == 422 and "Prefer" in wait.json()["detail"]
+    for cursor in (_cursor([10**400, "x"]), base64.urlsafe_b64encode(b"[" * 3000 + b"]" * 3000).decode()):
+        resp = client.get("/v1/predictions", params={"cursor": cursor}, headers=AUTH)
+        assert resp.status_code == 422 and resp.json()["invalid_fields"][0]["field"] == "cursor", resp.text
+    metrics = client.get("/metrics", headers={"Authorization": "Bearer caf\u00e9".encode("latin-1")})  # type: ignore[dict-item]
+    assert metrics.status_code in (200, 403)  # loopback may read it; never a 500
+    key = client.post(create, json=body, headers={**AUTH, "Idempotency-Key": "k" * 256})
+    assert key.status_code == 422 and key.json()["invalid_fields"][0]["field"] == "Idempotency-Key", key.text
+    assert client.post(create, json=body, headers={**AUTH, "Idempotency-Key": "k" * 255}).status_code == 201

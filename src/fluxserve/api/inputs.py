@@ -35,6 +35,9 @@ def known_fields(body: BaseModel, *, exclude: Collection[str] = (), exclude_unse
     return echo
 
 
+MAX_IDEMPOTENCY_KEY = 255
+
+
 async def read_upload(value: object, *, param: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
     if not isinstance(value, UploadFile):
         raise InvalidInput(f"{param} must be a file upload.", param=param, code="invalid_image_file")
@@ -136,6 +139,12 @@ async def submit(
     """The one submit path of every dialect: the validated request's inputs stored, then the job
     queued under the request's Idempotency-Key. Inputs are stored first so no worker can claim a job
     whose images aren't there yet; if no job ends up using them, they are deleted before answering."""
+    key = idempotency_key(request)
+    if key is not None and len(key) > MAX_IDEMPOTENCY_KEY:  # the column's size: PostgreSQL refuses longer
+        raise InvalidInput(
+            f"Idempotency-Key is {len(key)} characters; at most {MAX_IDEMPOTENCY_KEY} are allowed.",
+            param="Idempotency-Key",
+        )
     digest = await inputs.store(services) if inputs is not None else None
     try:
         queued = await services.jobs.submit(

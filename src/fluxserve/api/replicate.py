@@ -138,7 +138,8 @@ def parse_prefer_wait(header: str | None) -> float | None:
             continue
         if not equals:
             return 60.0
-        if not value.strip().isdigit() or not 1 <= int(value) <= 60:
+        digits = value.strip()
+        if not (digits.isascii() and digits.isdigit()) or not 1 <= int(digits) <= 60:  # "²" is a digit to isdigit
             raise InvalidInput(
                 f"Prefer: wait={value} is invalid; use wait or wait=N with N from 1 to 60.", param="Prefer"
             )
@@ -321,7 +322,7 @@ def _decode_cursor(cursor: str) -> tuple[float, str]:
         if not math.isfinite(created):
             raise ValueError("created is not finite")
         return float(created), job_id
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:  # 10**400; JSON nested 3000 deep
         raise InvalidInput("cursor is not a cursor this server handed out.", param="cursor") from exc
 
 
