@@ -204,3 +204,21 @@ def test_an_operators_toml_reaches_every_dialect(tuned: TestClient, fake_engine:
     assert resp.status_code == 200
     models = {m["id"]: m for m in client.get("/v1/models", headers=AUTH).json()["data"]}
     assert models["house-style"]["steps"]["default"] == 6 and models["flux-dev"]["steps"]["max"] == 24
+
+
+def test_inline_images_in_lists_are_elided_from_the_job_row(client: TestClient, fake_engine: FakeEngine) -> None:
+    # Before, every GET, list page and webhook echoed input_images whole (megabytes per job).
+    import io
+    import os
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.frombytes("RGB", (512, 512), os.urandom(512 * 512 * 3)).save(buf, "PNG")  # noise: ~770 KB
+    big = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    ok = _predict(client, "flux-2-pro", {"prompt": "p", "input_images": [big, _data_url()]})
+    assert ok.status_code == 201, ok.text
+    echoed = ok.json()["input"]["input_images"]
+    assert "elided" in echoed[0] and len(echoed[0]) < 100 and echoed[1] == _data_url(), echoed[0][:80]
+    again = client.get(f"/v1/predictions/{ok.json()['id']}", headers=AUTH).json()["input"]["input_images"]
+    assert again == echoed

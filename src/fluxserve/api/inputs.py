@@ -169,12 +169,17 @@ INLINE_ECHO_LIMIT = 256 * 1024
 
 
 def elide_inline_images(fields: dict[str, object]) -> dict[str, object]:
-    """Echoed inputs keep URLs and small data: URLs as sent; big inline images are not copied into every job row."""
-    out = dict(fields)
-    for name, value in fields.items():
-        if isinstance(value, str) and len(value) > INLINE_ECHO_LIMIT and not value.startswith(("http://", "https://")):
-            out[name] = f"{value[:32]}...(elided, {len(value)} characters)"
-    return out
+    """Echoed inputs keep URLs and small data: URLs as sent; big inline images, single or in lists
+    (``input_images``, ``images``), are not copied into every job row, GET, list page and webhook."""
+    return {name: _elided(value) for name, value in fields.items()}
+
+
+def _elided(value: object) -> object:
+    if isinstance(value, list):
+        return [_elided(item) for item in value]
+    if isinstance(value, str) and len(value) > INLINE_ECHO_LIMIT and not value.startswith(("http://", "https://")):
+        return f"{value[:32]}...(elided, {len(value)} characters)"
+    return value
 
 
 async def image_and_size(
