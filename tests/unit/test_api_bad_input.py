@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from tests.conftest import AUTH
+from tests.conftest import API_KEY, AUTH
 
 GEN = "/v1/images/generations"
 VMODEL = "/vmodel/generate"
@@ -208,3 +208,15 @@ def test_vmodel_guidance_range_is_the_models(client: TestClient) -> None:
     inp = {**VALID_INPUT, "guidance": 11}
     resp = client.post(VMODEL, json={"model": "flux-dev", "input": inp}, headers=AUTH)
     _assert_error(resp, 400, "input.guidance", "between 0 and 10", "flux-dev")
+
+
+def test_webhook_fields_are_capped(client: TestClient) -> None:
+    create = "/v1/models/black-forest-labs/flux-schnell/predictions"
+    flood = {"input": {"prompt": "p"}, "webhook": "https://example.com/h", "webhook_events_filter": ["start"] * 9}
+    resp = client.post(create, json=flood, headers=AUTH)
+    assert resp.status_code == 422 and resp.json()["invalid_fields"][0]["field"] == "webhook_events_filter"
+    long_url = {"input": {"prompt": "p"}, "webhook": "https://example.com/" + "h" * 2100}
+    assert client.post(create, json=long_url, headers=AUTH).json()["invalid_fields"][0]["field"] == "webhook"
+    secret = {"prompt": "p", "webhook_url": "https://example.com/h", "webhook_secret": "s" * 1025}
+    bfl = client.post("/v1/flux-dev", json=secret, headers={"x-key": API_KEY})
+    assert bfl.status_code == 422 and bfl.json()["detail"][0]["loc"] == ["body", "webhook_secret"]

@@ -28,7 +28,7 @@ class _Common(BaseModel):
     safety_tolerance: int = Field(default=2, ge=0, le=6)  # accepted; no moderation model runs here
     output_format: Literal["jpeg", "png", "webp"] | None = "jpeg"
     webhook_url: str | None = Field(default=None, min_length=1, max_length=2083)
-    webhook_secret: str | None = None
+    webhook_secret: str | None = Field(default=None, max_length=1024)
 
     async def _sized_inputs(self, services: Services, model: ModelSpec) -> tuple[Inputs, int, int]:
         raise NotImplementedError

@@ -347,15 +347,17 @@ class ModelPredictionRequest(BaseModel):
     """The body of /v1/models/{owner}/{name}/predictions as documented (the input is per model)."""
 
     input: dict[str, Any]
-    webhook: str | None = None
-    webhook_events_filter: list[WebhookEvent] | None = None
+    webhook: str | None = Field(default=None, max_length=2083)
+    # Four event names; a 28 MB filter was stored in the job row and re-read at every transition.
+    webhook_events_filter: list[WebhookEvent] | None = Field(default=None, max_length=8)
 
 
 class PredictionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    version: str | None = None
+    version: str | None = Field(default=None, max_length=256)
     input: dict[str, Any]
-    webhook: str | None = None
-    webhook_events_filter: list[WebhookEvent] | None = None
+    webhook: str | None = Field(default=None, max_length=2083)
+    # Four event names; a 28 MB filter was stored in the job row and re-read at every transition.
+    webhook_events_filter: list[WebhookEvent] | None = Field(default=None, max_length=8)
     stream: bool | None = None  # deprecated by Replicate; every prediction has urls.stream
