@@ -275,7 +275,7 @@ class JobService:
 
     def renew(self, jobs: list[Job], worker_id: str) -> set[str]:
         """Extend this worker's leases; returns the ids it still holds."""
-        return self.store.renew([j.id for j in jobs], worker_id, self.lease_s)
+        return self.store.renew([(j.id, j.attempts) for j in jobs], worker_id, self.lease_s)
 
     def is_cancel_requested(self, job_id: str) -> bool:
         return self.store.is_cancel_requested(job_id)

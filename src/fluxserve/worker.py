@@ -232,7 +232,8 @@ class DeviceWorker:
                 self.degrade(exc.message)
                 continue
             with self._held_lock:
-                lost = ({j.id for j in held} - kept) & set(self._held)  # finished meanwhile is not lost
+                # Finished meanwhile, or claimed again since (a later attempt), is not lost.
+                lost = {j.id for j in held if j.id not in kept and self._held.get(j.id) is j}
                 self._lost |= lost
             for job_id in lost:
                 log.warning("worker %s lost its lease on job %s", self.worker_id, job_id)
@@ -242,9 +243,12 @@ class DeviceWorker:
             self._held.update((j.id, j) for j in batch)
 
     def _release(self, job: Job) -> None:
+        """Stop renewing this claim; a later claim of the same job (a re-run on this worker) stays held."""
         with self._held_lock:
-            self._held.pop(job.id, None)
-            self._lost.discard(job.id)
+            current = self._held.get(job.id)
+            if current is not None and current.attempts == job.attempts:
+                del self._held[job.id]
+                self._lost.discard(job.id)
 
     # -- one batch --------------------------------------------------------------
 

@@ -268,3 +268,29 @@ def test_keys_are_hashed_and_revocable(tmp_path: Path) -> None:
     with pytest.raises(Unauthorized):
         auth.owner_for(new.key)
     assert new_job_id() != new_job_id()
+
+
+def test_a_stale_claim_neither_renews_nor_releases_a_later_claim(tmp_path: Path) -> None:
+    # A job re-claimed by the same worker (attempt 2) must stay held when its stale attempt 1 ends:
+    # before, renew matched by job id and release popped by job id, and a healthy job ran out of lease.
+    from fluxserve.storage import LocalStorage
+    from fluxserve.worker import DeviceWorker
+    from tests.support.fakes import FakeEngine
+
+    jobs = _service(tmp_path, lease_s=0.2)
+    _submit(jobs)
+    stale = jobs.claim("w1")
+    assert stale is not None
+    time.sleep(0.3)
+    assert jobs.expire() == (0, 1, 0)
+    fresh = jobs.claim("w1")
+    assert fresh is not None and fresh.attempts == 2
+    assert jobs.renew([stale], "w1") == set()  # fenced by attempt
+    assert jobs.renew([fresh], "w1") == {fresh.id}
+    storage = LocalStorage(tmp_path / "files", b"k" * 32, "http://127.0.0.1", 60)
+    worker = DeviceWorker(jobs, storage, FakeEngine(), ModelRegistry.default())
+    worker._hold([fresh])
+    worker._release(stale)  # the stale attempt ends
+    assert worker._held == {fresh.id: fresh}
+    worker._release(fresh)
+    assert worker._held == {}

@@ -8,7 +8,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, select, update
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import IntegrityError
 
@@ -210,11 +210,14 @@ class JobQueries(Database):
                         break
         return claimed
 
-    def renew(self, job_ids: list[str], worker_id: str, lease_s: float) -> set[str]:
-        """Extend the leases this worker still holds; returns the ids it holds."""
-        if not job_ids:
+    def renew(self, claims: list[tuple[str, int]], worker_id: str, lease_s: float) -> set[str]:
+        """Extend the leases of these (job id, attempt) claims this worker still holds; returns their ids.
+
+        Fenced by attempt: a stale claim's renewal never keeps a later claim of the same job alive."""
+        if not claims:
             return set()
-        held = and_(jobs.c.id.in_(job_ids), jobs.c.worker_id == worker_id, jobs.c.status == Status.PROCESSING.value)
+        mine = or_(*(and_(jobs.c.id == job_id, jobs.c.attempts == attempt) for job_id, attempt in claims))
+        held = and_(mine, jobs.c.worker_id == worker_id, jobs.c.status == Status.PROCESSING.value)
         with self._write() as conn:
             conn.execute(update(jobs).where(held).values(lease_expires_at=time.time() + lease_s))
             return {r.id for r in conn.execute(select(jobs.c.id).where(held))}
