@@ -294,3 +294,16 @@ def test_a_stale_claim_neither_renews_nor_releases_a_later_claim(tmp_path: Path)
     assert worker._held == {fresh.id: fresh}
     worker._release(fresh)
     assert worker._held == {}
+
+
+def test_a_database_servers_error_names_no_host_or_user_to_clients() -> None:
+    # Its text ("connection to server at 127.0.0.1, port 1 failed ... user") reached 503 bodies before.
+    store = Store("postgresql+psycopg://secret_user@127.0.0.1:1/secret_db")
+    try:
+        with pytest.raises(StoreUnavailable) as err:
+            store.ping()
+    finally:
+        store.close()
+    message = err.value.message
+    assert "OperationalError" in message and "server log" in message
+    assert "secret_user" not in message and "127.0.0.1" not in message and "secret_db" not in message

@@ -7,6 +7,7 @@ StoreUnavailable, which callers retry (workers) or answer as 503 (the API).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 from collections.abc import Iterator
@@ -19,6 +20,8 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from ..errors import StoreUnavailable
+
+log = logging.getLogger(__name__)
 
 BUSY_S = 5.0  # how long a write waits for a locked database before it is StoreUnavailable
 
@@ -108,7 +111,7 @@ class Database:
         except IntegrityError:
             raise
         except DBAPIError as exc:
-            raise StoreUnavailable(f"The database is unavailable: {reason(exc)}") from exc
+            raise self._unavailable(exc) from exc
         except PoolTimeout as exc:
             raise StoreUnavailable(f"The database is busy: no connection free within {POOL_WAIT_S:g} s") from exc
         finally:
@@ -124,9 +127,18 @@ class Database:
             with self.engine.connect() as conn:
                 yield conn
         except DBAPIError as exc:
-            raise StoreUnavailable(f"The database is unavailable: {reason(exc)}") from exc
+            raise self._unavailable(exc) from exc
         except PoolTimeout as exc:
             raise StoreUnavailable(f"The database is busy: no connection free within {POOL_WAIT_S:g} s") from exc
+
+    def _unavailable(self, exc: DBAPIError) -> StoreUnavailable:
+        """SQLite's reasons are about this machine's file (locked, disk full) and say what to fix; a database
+        server's name its host, port and user, which clients must not read: those go to the log only."""
+        if self.is_sqlite:
+            return StoreUnavailable(f"The database is unavailable: {reason(exc)}")
+        log.warning("database error: %s", reason(exc))
+        kind = type(exc.orig).__name__ if exc.orig is not None else type(exc).__name__
+        return StoreUnavailable(f"The database is unavailable ({kind}); the server log has the details.")
 
     def ping(self) -> None:
         with self._read() as conn:
