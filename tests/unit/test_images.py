@@ -211,3 +211,19 @@ def test_a_trickling_url_is_cut_at_the_total_deadline(monkeypatch: pytest.Monkey
         with pytest.raises(InvalidInput, match="took longer than 1 s"):
             asyncio.run(fetch_image_bytes(f"{base}/slow.png", param="x", allow_private=True))
         assert time.monotonic() - start < 3
+
+
+def test_a_longest_prompt_in_a_three_byte_script_still_encodes_as_jpeg_and_webp() -> None:
+    # 32,000 characters of 3 bytes each overflowed the 64 KiB EXIF segment: the job failed after generating.
+    from PIL import Image
+
+    from fluxserve.outputs import encode_image, read_metadata
+
+    prompt = "画" * 32000
+    for fmt in ("jpeg", "webp"):
+        data = encode_image(Image.new("RGB", (64, 64)), fmt, 90, {"prompt": prompt, "seed": 7})
+        meta = read_metadata(data)
+        assert meta["seed"] == 7 and meta["prompt_truncated"] is True
+        assert str(meta["prompt"]) == prompt[: len(str(meta["prompt"]))] and len(str(meta["prompt"])) > 9000
+    short = read_metadata(encode_image(Image.new("RGB", (64, 64)), "jpeg", 90, {"prompt": "un café", "seed": 1}))
+    assert short == {"prompt": "un café", "seed": 1}  # non-ASCII text survives (it came back as "?")
