@@ -258,7 +258,8 @@ def test_workers_take_only_their_models_and_a_second_sigterm_gives_the_job_back(
             resp = httpx.post(f"{api.url}/v1/models/black-forest-labs/flux-schnell/predictions", headers=AUTH,
                               json={"input": {"prompt": "schnell", "megapixels": "0.25"}}, timeout=30)  # fmt: skip
             schnell = resp.json()["id"]
-            slow = _predict(api, 1, num_inference_steps=50)
+            # Long enough to outlast the waits below on a loaded CI machine (0.25 MP was not, twice).
+            slow = _predict(api, 1, num_inference_steps=50, megapixels="1", num_outputs=4)
             wait_for(lambda: sql(db, "SELECT status, progress_done FROM jobs WHERE id = %s", slow)[0],
                      lambda r: r[0] == "processing" and int(r[1]) >= 1, timeout=60)  # fmt: skip
             # /health reads the registry in the background (every quarter lease): it catches up within one.
@@ -280,7 +281,7 @@ def test_workers_take_only_their_models_and_a_second_sigterm_gives_the_job_back(
 
             both.start()
             rows = wait_for(lambda: sql(db, "SELECT status, attempts FROM jobs ORDER BY id"),
-                            lambda r: all(s == "succeeded" for s, _ in r), timeout=120)  # fmt: skip
+                            lambda r: all(s == "succeeded" for s, _ in r), timeout=300)  # fmt: skip
             assert sorted(int(a) for _, a in rows) == [1, 1]  # the given-back job kept its attempt
         finally:
             dev_only.stop()
