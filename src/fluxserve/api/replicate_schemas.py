@@ -45,6 +45,21 @@ class _Input(BaseModel):
         requests = self.lora_requests() if isinstance(self, _LoraFields) else []
         return await resolve_loras(services, model, requests, param="input.lora_weights")
 
+    async def _sized(
+        self, services: Services, model: ModelSpec, values: list[tuple[str, str]], aspect: str, megapixels: str = "1"
+    ) -> tuple[Inputs, int, int]:
+        """The images and the size an aspect ratio (explicit only when the client sent one) gives them."""
+        explicit = "aspect_ratio" in self.model_fields_set
+        return await image_and_size(
+            services,
+            model,
+            values,
+            aspect_ratio=aspect,
+            aspect_explicit=explicit,
+            megapixels=megapixels,
+            aspect_param="input.aspect_ratio",
+        )
+
     def _spec(
         self, model: ModelSpec, inputs: Inputs, size: tuple[int, int], loras: tuple[Adapter, ...], **fields: Any
     ) -> tuple[GenerationSpec, Inputs]:
@@ -94,15 +109,7 @@ class SchnellInput(_Input):
     async def to_spec(self, services: Services, model: ModelSpec) -> tuple[GenerationSpec, Inputs]:
         loras = await self._loras(services, model)
         values = self._image()
-        inputs, width, height = await image_and_size(
-            services,
-            model,
-            values,
-            aspect_ratio=self.aspect_ratio,
-            aspect_explicit="aspect_ratio" in self.model_fields_set,
-            megapixels=self.megapixels,
-            aspect_param="input.aspect_ratio",
-        )
+        inputs, width, height = await self._sized(services, model, values, self.aspect_ratio, self.megapixels)
         return self._spec(
             model,
             inputs,
@@ -148,14 +155,7 @@ class Pro11Input(_Input):
         if self.aspect_ratio == "custom":
             inputs, (width, height) = Inputs([]), _custom_size(self.width, self.height)
         else:
-            inputs, width, height = await image_and_size(
-                services,
-                model,
-                [],
-                aspect_ratio=self.aspect_ratio,
-                aspect_explicit="aspect_ratio" in self.model_fields_set,
-                aspect_param="input.aspect_ratio",
-            )
+            inputs, width, height = await self._sized(services, model, [], self.aspect_ratio)
         steps, guidance = self._steps_guidance()
         return self._spec(
             model,
@@ -202,14 +202,7 @@ class KontextInput(_Input):
             )
         # Kontext without an input image generates from text.
         aspect = "1:1" if self.aspect_ratio == "match_input_image" and not values else self.aspect_ratio
-        inputs, width, height = await image_and_size(
-            services,
-            model,
-            values,
-            aspect_ratio=aspect,
-            aspect_explicit="aspect_ratio" in self.model_fields_set,
-            aspect_param="input.aspect_ratio",
-        )
+        inputs, width, height = await self._sized(services, model, values, aspect)
         return self._spec(model, inputs, (width, height), loras, output_format=_FORMATS[self.output_format])
 
 

@@ -36,8 +36,8 @@ CANDIDATES = 16  # queued ids read per look; the first still queued is claimed
 class LocalHooks:
     """The store's hooks: the job row is its own queue entry, so only the position needs a query."""
 
-    def deferred(self, conn: Connection, job: Job) -> None:
-        pass
+    def deferred(self, conn: Connection, job: Job, priority: int) -> None:
+        pass  # the row, written with its priority, is the entry
 
     def cancel(self, conn: Connection, job_id: str) -> None:
         pass

@@ -126,9 +126,8 @@ class PgQueue:
 
     # -- inside the store's transactions ---------------------------------------
 
-    def deferred(self, conn: Connection, job: Job) -> None:
-        priority = conn.execute(select(jobs.c.priority).where(jobs.c.id == job.id)).scalar()
-        self._defer(conn, job.id, job.spec.model, int(priority or 0))
+    def deferred(self, conn: Connection, job: Job, priority: int) -> None:
+        self._defer(conn, job.id, job.spec.model, priority)
 
     def _defer(self, conn: Connection, job_id: str, model: str, priority: int) -> None:
         deferrer = self.app.configure_task(

@@ -87,7 +87,7 @@ class JobQueries(Database):
 
     def queued(self, limit: int, models: Collection[str] | None = None) -> list[tuple[str, str, GenerationSpec]]:
         """(id, model, spec) of the next queued jobs in fair order: what a worker needs to choose, without rows."""
-        from ..queue.fairness import fetch_order
+        from ..queue.fairness import fetch_order  # not at import: fairness reads this package's schema
 
         query = select(jobs.c.id, jobs.c.model, jobs.c.spec).where(jobs.c.status == Status.QUEUED.value)
         if models is not None:
@@ -106,9 +106,10 @@ class JobQueries(Database):
         try:
             with self._write() as conn:
                 headers = admit(conn, job) if admit is not None else {}
-                conn.execute(jobs.insert().values(**job_row(job), priority=priority(conn, job.owner)))
+                fair = priority(conn, job.owner)
+                conn.execute(jobs.insert().values(**job_row(job), priority=fair))
                 append_event(conn, job, EventKind.SUBMITTED, {}, self.webhook_rules)
-                self.queue.deferred(conn, job)  # its queue entry commits with it, or neither does
+                self.queue.deferred(conn, job, fair)  # its queue entry commits with it, or neither does
         except IntegrityError:
             if job.idempotency_key is None:
                 raise
