@@ -49,13 +49,15 @@ log = logging.getLogger(__name__)
 
 
 def build_registry(settings: Settings) -> ModelRegistry:
-    if settings.demo:
-        registry = ModelRegistry.demo(settings.demo_model_dir)
-        if settings.model_config_file:  # the operator's aliases hold with the demo model too
-            registry = registry.with_aliases(ModelRegistry.aliases_from_toml(settings.model_config_file))
-    else:
-        configured = ModelRegistry.from_toml(settings.model_config_file) if settings.model_config_file else None
-        registry = (configured or ModelRegistry.default()).label_demo_weights()
+    """The model tables, then the upstream config's on top (its [models.*] route names to its upstreams).
+    With --demo the files set only aliases, routes and prices: the demo model answers the local names."""
+    demo = settings.demo
+    registry = ModelRegistry.demo(settings.demo_model_dir) if demo else ModelRegistry.default()
+    for path in (settings.model_config_file, settings.upstream_config_file):
+        if path is not None:
+            registry = registry.layered(path, routing_only=demo)
+    if not demo:
+        registry = registry.label_demo_weights()
     return registry.only(settings.models) if settings.models else registry
 
 
@@ -109,7 +111,11 @@ def build_device_workers(
     engines: list[Engine] | None = None,
     **kw: Any,
 ) -> list[DeviceWorker]:
-    """One DeviceWorker per device (`serve` and `worker` alike); ``engines`` replace the devices' (tests)."""
+    """One DeviceWorker per device (`serve` and `worker` alike); ``engines`` replace the devices' (tests).
+    None when every name is served upstream: nothing to load, no torch."""
+    registry = registry.local()
+    if not registry.names and not engines:
+        return []
     chosen = engines or [build_engine(settings, registry, d) for d in devices(settings)]
     return [
         DeviceWorker(
@@ -156,6 +162,16 @@ class Core:
     def device_workers(self, settings: Settings, engines: list[Engine] | None = None, **kw: Any) -> list[DeviceWorker]:
         return build_device_workers(settings, self.jobs, self.storage, self.registry, self.loras, engines, **kw)
 
+    def upstream_workers(self, settings: Settings) -> list[Any]:
+        """One UpstreamWorker per [upstreams.NAME] that some name routes to (serve, worker --upstreams-only)."""
+        from .upstream.worker import UpstreamWorker
+
+        return [
+            UpstreamWorker(self.jobs, self.storage, self.registry, config, allow_private=settings.allow_private_urls)
+            for name, config in self.registry.upstreams.items()
+            if self.registry.routed_to(name)
+        ]
+
     def close(self) -> None:
         self.jobs.close()
         self.store.close()
@@ -171,7 +187,9 @@ def build_core(settings: Settings, store: Store) -> Core:
         settings.storage, settings.outputs_dir, secret, settings.base_url, settings.url_ttl_s, settings.s3_endpoint_url
     )
     defaults = Limits(settings.max_queued_per_key, settings.rpm_per_key, settings.images_per_day_per_key)
-    jobs = JobService(store, max_attempts=settings.max_attempts, lease_s=settings.lease_s, limits=defaults)
+    jobs = JobService(
+        store, max_attempts=settings.max_attempts, lease_s=settings.lease_s, limits=defaults, registry=registry
+    )
     queue = build_queue(settings, jobs)
     return Core(store, registry, secret, storage, jobs, queue, build_lora_library(settings))
 
@@ -203,10 +221,11 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
         store, registry, storage, jobs, queue = core.store, core.registry, core.storage, core.jobs, core.queue
         # The queue's workers run on a thread (SQLite) or as this node's queue workers (PostgreSQL; their
         # images are stored before the task returns, so no overlapped encoding); an API node runs none.
-        device_workers = None
+        device_workers: list[Any] | None = None
         if not settings.api_only:
             overlap = {} if queue.name == "local" else {"overlap_encoding": False}
             device_workers = core.device_workers(settings, engines or ([engine] if engine else None), **overlap)
+            device_workers += core.upstream_workers(settings)
         workers = queue.dispatcher(device_workers)
         background = [asyncio.create_task(loop) for loop in queue.background()]
         services = Services(
@@ -229,7 +248,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
             allow_private=settings.allow_private_urls,
             retry_base_s=settings.webhook_retry_base_s,
         )
-        jobs.on_change(lambda job, kind: workers.wake() if kind in (EventKind.SUBMITTED, EventKind.REQUEUED) else None)
+        wakes = (EventKind.SUBMITTED, EventKind.REQUEUED, EventKind.ROUTED)
+        jobs.on_change(lambda job, kind: workers.wake() if kind in wakes else None)
         jobs.on_change(webhooks.wake)
         if queue.name == "postgres":  # changes committed by other nodes wake this node's waiters and sender
 

@@ -18,6 +18,10 @@ app.add_typer(keys_app, name="keys")
 db_app = typer.Typer(no_args_is_help=True, help="Database schema.")
 app.add_typer(db_app, name="db")
 
+UpstreamConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--upstream-config", help="TOML: [upstreams.NAME] providers and the [models.NAME] routed to them."),
+]
 DataDir = Annotated[
     Path | None, typer.Option("--data-dir", help="SQLite file, outputs, demo model [env FLUXSERVE_DATA_DIR].")
 ]
@@ -113,6 +117,7 @@ def serve(
     model_config: Annotated[
         Path | None, typer.Option("--model-config", help="TOML file mapping model names to weights.")
     ] = None,
+    upstream_config: UpstreamConfigOpt = None,
     allow_private_urls: Annotated[bool | None, typer.Option("--allow-private-urls")] = None,
     cors_origins: Annotated[str | None, typer.Option(help="Allowed browser origins, comma-separated.")] = None,
     models: Annotated[
@@ -161,6 +166,7 @@ def serve(
         data_dir=data_dir,
         public_url=public_url,
         model_config_file=model_config,
+        upstream_config_file=upstream_config,
         allow_private_urls=allow_private_urls,
         cors_origins=cors_origins,
         models=models,
@@ -229,8 +235,13 @@ def worker(
     quantize: Annotated[str | None, typer.Option(help="none or fp8.")] = None,
     offload: Annotated[str | None, typer.Option(help="auto, none, model, group.")] = None,
     lora_dir: Annotated[Path | None, typer.Option("--lora-dir", help="Folder of LoRA adapters.")] = None,
+    upstream_config: UpstreamConfigOpt = None,
+    upstreams_only: Annotated[
+        bool, typer.Option("--upstreams-only", help="Only upstream-provider workers: no GPU, no torch.")
+    ] = False,
 ) -> None:
     """A GPU worker: loads its models, then runs the jobs queued for them, from any API node.
+    With --upstreams-only: the jobs routed to upstream providers, many at once, and no device.
 
     SIGTERM: the running job may finish (FLUXSERVE_SHUTDOWN_GRACE_S), queued ones stay; a second
     SIGTERM gives the running job back to the queue now."""
@@ -248,6 +259,7 @@ def worker(
         demo=demo,
         data_dir=data_dir,
         model_config_file=model_config,
+        upstream_config_file=upstream_config,
         max_batch=max_batch,
         compile=compile,
         quantize=quantize,
@@ -257,14 +269,21 @@ def worker(
     if not settings.on_postgres:
         typer.echo("fluxserve: worker needs the shared PostgreSQL database (--database postgresql://...)", err=True)
         raise typer.Exit(2)
-    _check_engine_installed()
-    if settings.quantize == "fp8":
+    if not upstreams_only:
+        _check_engine_installed()
+    if settings.quantize == "fp8" and not upstreams_only:
         _check_fp8(settings)
     configure_logging(settings.log_format)
     settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # demo model, compile cache, LoRA cache
-    core = build_core(settings, _open_store(settings.database, role="worker", pool_size=WORKER_POOL, pool_overflow=0))
+    # Upstream slots each write their job's events and leases: a pool that grows with them.
+    pool = {"pool_size": 8, "pool_overflow": 8} if upstreams_only else {"pool_size": WORKER_POOL, "pool_overflow": 0}
+    core = build_core(settings, _open_store(settings.database, role="worker", **pool))
     # procrastinate's task returns only once the images are stored: no overlapped encoding.
-    workers = core.device_workers(settings, overlap_encoding=False)
+    workers = [] if upstreams_only else core.device_workers(settings, overlap_encoding=False)
+    workers += core.upstream_workers(settings)
+    if not workers:
+        typer.echo("fluxserve: nothing to run: no local model and no upstream any model routes to", err=True)
+        raise typer.Exit(2)
 
     async def main() -> int:
         stop, stop_now = asyncio.Event(), asyncio.Event()
@@ -312,18 +331,24 @@ def keys_update(
     max_queued: MaxQueued = None,
     rpm: Rpm = None,
     images_per_day: ImagesPerDay = None,
+    credits: Annotated[
+        float | None, typer.Option("--credits", min=0, help="Set the key's balance (priced models charge it).")
+    ] = None,
+    unmetered: Annotated[bool, typer.Option("--unmetered", help="Remove the key's balance: no credit check.")] = False,
     data_dir: DataDir = None,
     database: Annotated[str | None, typer.Option()] = None,
 ) -> None:
-    """Change a key's limits; they hold at once on every node sharing the database."""
+    """Change a key's limits or credits; they hold at once on every node sharing the database."""
     from .limits import Limits
 
     limits = Limits(max_queued, rpm, images_per_day)
-    if not any(v is not None for v in vars(limits).values()):
-        typer.echo("Nothing to change: give --max-queued, --rpm or --images-per-day.", err=True)
+    if not any(v is not None for v in vars(limits).values()) and credits is None and not unmetered:
+        typer.echo("Nothing to change: give --max-queued, --rpm, --images-per-day, --credits or --unmetered.", err=True)
         raise typer.Exit(2)
     store = _store(data_dir, database)
     n = store.set_key_limits(key, limits)
+    if credits is not None or unmetered:
+        n = max(n, store.set_key_credits(key, None if unmetered else credits))
     store.close()
     if n == 0:
         typer.echo(f"No active key with id or name {key!r}.", err=True)
@@ -364,11 +389,12 @@ def usage_report(
         for row in rows:
             typer.echo(json.dumps(row.to_dict()))
         return
-    typer.echo(f"{'day':<10}  {'key':<20}  {'model':<20}  {'jobs':>6}  {'images':>7}  {'MP':>9}  {'worker s':>9}")
+    head = f"{'day':<10}  {'key':<20}  {'model':<20}  {'jobs':>6}  {'images':>7}  {'MP':>9}  {'worker s':>9}"
+    typer.echo(f"{head}  {'cost':>9}")
     for r in rows:
         typer.echo(
             f"{r.day:<10}  {r.key[:20]:<20}  {r.model[:20]:<20}  {r.jobs:>6}  {r.images:>7}  "
-            f"{r.megapixels:>9.2f}  {r.worker_seconds:>9.1f}"
+            f"{r.megapixels:>9.2f}  {r.worker_seconds:>9.1f}  {r.cost:>9.4g}"
         )
 
 
@@ -380,7 +406,8 @@ def keys_list(data_dir: DataDir = None, database: Annotated[str | None, typer.Op
         state = "revoked" if row.revoked_at else "active"
         names = ("max_queued", "rpm", "images_per_day")
         limits = " ".join(f"{n}={'-' if getattr(row, n) is None else getattr(row, n)}" for n in names)
-        typer.echo(f"{row.id}\t{row.name}\t{row.prefix}...\t{state}\t{limits}")
+        credits = "-" if row.credits is None else f"{row.credits:g}"
+        typer.echo(f"{row.id}\t{row.name}\t{row.prefix}...\t{state}\t{limits} credits={credits}")
     store.close()
 
 

@@ -73,6 +73,12 @@ class RateLimited(FluxServeError):
         self.headers = headers
 
 
+class PaymentRequired(FluxServeError):
+    """The key's credits do not cover this request's price."""
+
+    code = "insufficient_credits"
+
+
 class ClientDisconnected(FluxServeError):
     """The client went away while waiting; nobody reads this response."""
 

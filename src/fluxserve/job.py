@@ -51,6 +51,9 @@ class EventKind(StrEnum):
     FAILED = "failed"
     CANCELED = "canceled"
     ABORTED = "aborted"
+    # An upstream provider's task for this attempt: "submitting" before the request, "task" with its id.
+    UPSTREAM = "upstream"
+    ROUTED = "routed"  # sent to another upstream (spill-over, failover) while queued
 
     @property
     def is_ending(self) -> bool:
@@ -102,6 +105,9 @@ class Job:
     idempotency_key: str | None = None
     fingerprint: str | None = None
     previews: tuple[str, ...] = ()  # storage keys of in-progress previews, oldest first
+    route: str | None = None  # the upstream provider running it; None: a local device
+    cost: float | None = None  # credits held for it (None: its key is not metered)
+    error_code: str | None = None
 
     @property
     def progress(self) -> float:

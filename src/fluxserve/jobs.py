@@ -20,14 +20,18 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from .errors import Conflict, NotFound
+from .errors import Conflict, NotFound, PaymentRequired
 from .job import EventKind, Job, Output, Status, new_job_id
 from .limits import Limits, admit
 from .limits import note as note_rate_headers
 from .spec import GenerationSpec
 from .store import Fence, Store, key_limits, outputs_json, usage
+from .store.keys import debit
+
+if TYPE_CHECKING:
+    from .models import ModelRegistry
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -44,8 +48,11 @@ class JobService:
         lease_s: float = 20.0,
         threads: int = 4,
         limits: Limits | None = None,
+        registry: ModelRegistry | None = None,
     ) -> None:
         self.store = store
+        # Where each name's jobs run (its upstream, if any) and what they cost; None: all local, free.
+        self.registry = registry
         self.limits = limits  # the server's per-key defaults; keys may override them
         self.max_attempts = max_attempts
         self.lease_s = lease_s
@@ -128,6 +135,7 @@ class JobService:
             existing = self.store.find_idempotent(owner, idempotency_key)
             if existing is not None:
                 return self._replay(existing, fingerprint), {}
+        model = self.registry.get(spec.model) if self.registry is not None and spec.model in self.registry else None
         job = Job(
             id=new_job_id(),
             owner=owner,
@@ -139,8 +147,11 @@ class JobService:
             idempotency_key=idempotency_key,
             fingerprint=fingerprint,
             progress_total=spec.steps,
+            route=(model.upstream or None) if model is not None else None,
+            cost=self.registry.cost(spec) if model is not None and self.registry is not None else None,
         )
-        headers = self.store.insert_job(job, self._admit if self.limits is not None else None)
+        metered = self.limits is not None or job.cost is not None
+        headers = self.store.insert_job(job, self._admit if metered else None)
         if headers is None:  # a concurrent request with the same key won the insert
             existing = self.store.find_idempotent(owner, idempotency_key or "")
             assert existing is not None
@@ -149,8 +160,16 @@ class JobService:
         return job, headers
 
     def _admit(self, conn: Any, job: Job) -> dict[str, str]:
-        """Per-key limits, counted inside the insert's transaction: RateLimited past one, else its headers."""
-        assert self.limits is not None
+        """Per-key limits and credits, inside the insert's transaction: RateLimited past a limit,
+        PaymentRequired past the balance (the price is held now, given back if the job does not succeed)."""
+        if job.cost and not debit(conn, job.owner, job.cost):
+            raise PaymentRequired(
+                f"This request costs {job.cost:g} credits ({job.spec.model}, {job.spec.num_images} image(s)); "
+                "the API key's balance is lower. Top it up with `fluxserve keys update --credits`.",
+                param="credits",
+            )
+        if self.limits is None:
+            return {}
         effective = self.limits.over(key_limits(conn, job.owner))
         if not effective.any:
             return {}
@@ -252,8 +271,8 @@ class JobService:
         }
         return self._fenced(job, EventKind.SUCCEEDED, values, {"outputs": [o.key for o in outputs]}) is not None
 
-    def fail(self, job: Job, error: str, *, lease_before: float | None = None) -> bool:
-        values = {"status": Status.FAILED.value, "completed_at": time.time(), "error": error}
+    def fail(self, job: Job, error: str, *, lease_before: float | None = None, code: str | None = None) -> bool:
+        values = {"status": Status.FAILED.value, "completed_at": time.time(), "error": error, "error_code": code}
         return self._fenced(job, EventKind.FAILED, values, {"error": error}, lease_before) is not None
 
     def finish_canceled(self, job: Job) -> bool:
@@ -272,6 +291,52 @@ class JobService:
         if give_back_attempt:
             values["attempts"] = job.attempts - 1
         return self._fenced(job, EventKind.REQUEUED, values, {"reason": reason}, lease_before) is not None
+
+    def note_upstream(self, job: Job, payload: dict[str, Any]) -> bool:
+        """An upstream task's step as a job event (fenced: only the attempt holding the job writes it)."""
+        return self._fenced(job, EventKind.UPSTREAM, {"worker_id": job.worker_id}, payload) is not None
+
+    def reroute(self, job: Job, upstream: str, reason: str) -> bool:
+        """Failover: back to the queue on another upstream, the attempt given back (it was not the job's fault)."""
+        values: dict[str, Any] = {
+            "status": Status.QUEUED.value,
+            "route": upstream,
+            "progress_done": 0,
+            "worker_id": None,
+            "lease_expires_at": None,
+            "attempts": job.attempts - 1,
+        }
+        payload = {"from": job.route, "to": upstream, "reason": reason}
+        return self._fenced(job, EventKind.ROUTED, values, payload) is not None
+
+    def next_route(self, job: Job, registry: ModelRegistry) -> str | None:
+        """The model's next fallback upstream this job has not been on yet (None: none left)."""
+        model = registry.get(job.spec.model)
+        tried = {job.route} | {e.payload.get("from") for e in self.store.events(job.id) if e.kind is EventKind.ROUTED}
+        return next((u for u in model.fallback if u not in tried and u in registry.upstreams), None)
+
+    def spill(self, now: float | None = None) -> int:
+        """Local jobs no local worker started within their model's spill_after_s go to its spill_to upstream.
+
+        Each move is a fenced transition (still queued, still local): the job runs once, here or there."""
+        if self.registry is None:
+            return 0
+        now = time.time() if now is None else now
+        moved = 0
+        for model in self.registry:
+            if not (model.spill_to and model.is_local):
+                continue
+            for job_id in self.store.spillable(model.name, now - model.spill_after_s):
+                job = self.store.transition(
+                    job_id,
+                    EventKind.ROUTED,
+                    expect=[Status.QUEUED],
+                    values={"route": model.spill_to},
+                    payload={"from": None, "to": model.spill_to, "reason": "spill"},
+                    route=None,
+                )
+                moved += self._changed(job, EventKind.ROUTED) is not None
+        return moved
 
     def renew(self, jobs: list[Job], worker_id: str) -> set[str]:
         """Extend this worker's leases; returns the ids it still holds."""

@@ -67,6 +67,11 @@ def _fair_priority(conn: Connection) -> None:
     _add_missing_columns(conn, store.jobs)  # priority: the one fairness rule of both queues
 
 
+def _upstreams_credits(conn: Connection) -> None:
+    _add_missing_columns(conn, store.jobs)  # route, cost, error_code
+    _add_missing_columns(conn, store.api_keys)  # credits
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "jobs and api keys", _baseline),
     (2, "worker leases, job events, webhook outbox", _leases_events_outbox),
@@ -74,6 +79,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (4, "file retention, encoding time", _retention),
     (5, "queue rows, shared secret, worker registry", _scale_out),
     (6, "fair priority", _fair_priority),
+    (7, "upstream routes, credits", _upstreams_credits),
 ]
 LATEST = MIGRATIONS[-1][0]
 

@@ -22,6 +22,7 @@ from .spec import (
     check_prompt,
     check_size,
 )
+from .upstream.config import UpstreamConfig
 
 # text2img: FLUX.1 (img2img too); kontext: FLUX.1 Kontext; fill: FLUX.1 Fill;
 # flux2: any FLUX.2 pipeline (dev, klein, klein KV), references passed natively.
@@ -54,6 +55,35 @@ class ModelSpec:
     pipeline: str = ""  # a diffusers class for kind flux2; empty: the one model_index.json names
     description: str = ""
     demo: bool = False
+    # Upstream providers ([upstreams.NAME], fluxserve.upstream): served only there, or local first and
+    # sent there when no local worker started the job within spill_after_s; fallback: where a failing
+    # upstream's jobs go next.
+    upstream: str = ""
+    upstream_model: str = ""  # the upstream's own name for it; empty: this name
+    spill_to: str = ""
+    spill_after_s: float = 30.0
+    fallback: tuple[str, ...] = ()
+    price: float | None = None  # credits per image (or per megapixel with price_per_mp)
+    price_per_mp: float | None = None
+
+    @property
+    def is_local(self) -> bool:
+        """Run by this deployment's devices (possibly spilling upstream), not only by a provider."""
+        return not self.upstream
+
+    def served_by(self) -> dict[str, Any]:
+        """/v1/models: where jobs of this name run."""
+        if self.upstream:
+            return {"where": "upstream", "upstream": self.upstream, "fallback": list(self.fallback)}
+        if self.spill_to:
+            return {"where": "local", "spill_to": self.spill_to, "spill_after_s": self.spill_after_s}
+        return {"where": "local"}
+
+    def cost(self, spec: GenerationSpec) -> float | None:
+        """The credits a job of this spec costs (None: no price set)."""
+        if self.price_per_mp is not None:
+            return round(self.price_per_mp * spec.num_images * spec.width * spec.height / 1e6, 6)
+        return None if self.price is None else round(self.price * spec.num_images, 6)
 
     @property
     def label(self) -> str:
@@ -94,6 +124,8 @@ class ModelSpec:
                 "max_pixels": self.max_pixels,
             },
             "license": self.license or None,
+            "served_by": self.served_by(),
+            "price": self.price,
         }
 
     def check_image_count(self, count: int, *, param: str) -> None:
@@ -299,6 +331,8 @@ DEFAULT_MODELS: tuple[ModelSpec, ...] = (
     _flux2_dev("flux-2-max", steps=40, max_images=8),
 )
 
+# The fields a model table may set even with --demo: where its jobs run and what they cost.
+_ROUTING = ("upstream", "upstream_model", "spill_to", "spill_after_s", "fallback", "price", "price_per_mp")
 _OVERRIDABLE = {
     "weights",
     "kind",
@@ -317,15 +351,22 @@ _OVERRIDABLE = {
     "pipeline",
     "description",
     "enabled",
+    *_ROUTING,
 }
 _KINDS = ("text2img", "kontext", "fill", "flux2")
 
 
 class ModelRegistry:
-    def __init__(self, models: list[ModelSpec] | tuple[ModelSpec, ...], aliases: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        models: list[ModelSpec] | tuple[ModelSpec, ...],
+        aliases: dict[str, str] | None = None,
+        upstreams: dict[str, UpstreamConfig] | None = None,
+    ) -> None:
         self._models = {m.name: m for m in models}
         # Names clients hard-code (dall-e-3, gpt-image-1) answered by a registry name: [aliases] in the TOML.
         self.aliases = {a: t for a, t in (aliases or {}).items() if t in self._models}
+        self.upstreams: dict[str, UpstreamConfig] = dict(upstreams or {})
 
     def __iter__(self) -> Any:
         return iter(self._models.values())
@@ -348,21 +389,44 @@ class ModelRegistry:
             )
         return self._models[name]
 
+    def _with(self, models: list[ModelSpec], aliases: dict[str, str] | None = None) -> ModelRegistry:
+        return ModelRegistry(models, self.aliases if aliases is None else aliases, self.upstreams)
+
     def only(self, names: list[str]) -> ModelRegistry:
         """The names an operator chose to serve (``--models``); an unknown name is a start-up error."""
         unknown = [n for n in names if n not in self._models]
         if unknown:
             raise ValueError(f"--models names unknown models {unknown}; configured: {', '.join(self._models)}")
-        return ModelRegistry([self._models[n] for n in dict.fromkeys(names)], self.aliases)
+        return self._with([self._models[n] for n in dict.fromkeys(names)])
+
+    def local(self) -> ModelRegistry:
+        """The names this deployment's devices run (a device never loads an upstream-only name)."""
+        return self._with([m for m in self if m.is_local])
+
+    def routed_to(self, upstream: str) -> list[str]:
+        """The names whose jobs may run on this upstream: served there, spilled there, or failed over to it."""
+        return [m.name for m in self if upstream in (m.upstream, m.spill_to, *m.fallback)]
+
+    def upstream_model(self, name: str, upstream: str) -> str:
+        """This name as ``upstream`` knows it (a fallback provider may call it otherwise: its own table's name)."""
+        model = self.get(name)
+        return model.upstream_model if model.upstream_model and upstream == model.upstream else name
+
+    def cost(self, spec: GenerationSpec) -> float | None:
+        model = self.get(spec.model)
+        price = model.cost(spec)
+        if price is None and model.upstream and self.upstreams[model.upstream].price is not None:
+            price = replace(model, price=self.upstreams[model.upstream].price).cost(spec)
+        return price
 
     def label_demo_weights(self) -> ModelRegistry:
         """A name whose weights are a demo-model folder is labelled demo, however it got there."""
         from .engine.demo import is_demo_model
 
-        return ModelRegistry([replace(m, demo=m.demo or is_demo_model(Path(m.weights))) for m in self], self.aliases)
+        return self._with([replace(m, demo=m.demo or (m.is_local and is_demo_model(Path(m.weights)))) for m in self])
 
     def with_aliases(self, aliases: dict[str, str]) -> ModelRegistry:
-        return ModelRegistry(list(self), {**self.aliases, **aliases})
+        return self._with(list(self), {**self.aliases, **aliases})
 
     @staticmethod
     def aliases_from_toml(path: Path) -> dict[str, str]:
@@ -387,9 +451,19 @@ class ModelRegistry:
     @classmethod
     def from_toml(cls, path: Path) -> ModelRegistry:
         """``[models.NAME]`` tables override a default name's fields or add a new name."""
+        return cls.default().layered(path)
+
+    def layered(self, path: Path, *, routing_only: bool = False) -> ModelRegistry:
+        """This registry with a TOML file's ``[models.*]``, ``[upstreams.*]`` and ``[aliases]`` on top.
+
+        ``routing_only`` (--demo): a model table sets only where its jobs run and what they cost; the
+        demo model keeps answering the local names."""
+        from .upstream.config import parse_upstreams
+
         with open(path, "rb") as f:
             data = tomllib.load(f)
-        models = {m.name: m for m in DEFAULT_MODELS}
+        upstreams = {**self.upstreams, **parse_upstreams(data.get("upstreams", {}), str(path))}
+        models = dict(self._models)
         for name, table in data.get("models", {}).items():
             unknown = set(table) - _OVERRIDABLE - {"steps", "guidance"}
             if unknown:
@@ -403,16 +477,36 @@ class ModelRegistry:
                 fields["default_steps"] = fields.pop("steps")
             if "guidance" in fields:
                 fields["default_guidance"] = fields.pop("guidance")
+            if "fallback" in fields:
+                fields["fallback"] = tuple(fields["fallback"])
+            if routing_only and name in models:
+                fields = {k: v for k, v in fields.items() if k in _ROUTING or k == "enabled"}
             if not fields.pop("enabled", True):
                 models.pop(name, None)
             elif name in models:
                 models[name] = replace(models[name], **fields)
-            elif "weights" in fields:
-                models[name] = ModelSpec(name=name, **fields)
+            elif "weights" in fields or "upstream" in fields:
+                models[name] = ModelSpec(name=name, **{"weights": "", **fields})
             else:
-                raise ValueError(f"{path}: new model [models.{name}] needs 'weights'")
-        aliases = cls.aliases_from_toml(path)
+                raise ValueError(f"{path}: new model [models.{name}] needs 'weights' (or an 'upstream')")
+        for model in models.values():
+            _check_routes(model, upstreams, path)
+        aliases = {**self.aliases, **self.aliases_from_toml(path)}
         dangling = {a: t for a, t in aliases.items() if t not in models}
-        if dangling:
+        if dangling and not routing_only:
             raise ValueError(f"{path}: [aliases] name models that are not configured: {dangling}")
-        return cls(list(models.values()), aliases)
+        return ModelRegistry(list(models.values()), aliases, upstreams)
+
+
+def _check_routes(model: ModelSpec, upstreams: dict[str, UpstreamConfig], path: Path) -> None:
+    named = [n for n in (model.upstream, model.spill_to, *model.fallback) if n]
+    missing = [n for n in named if n not in upstreams]
+    if missing:
+        raise ValueError(
+            f"{path}: [models.{model.name}] names upstreams that are not configured: {missing}; "
+            f"configured: {', '.join(upstreams) or 'none'} ([upstreams.NAME] tables)"
+        )
+    if model.upstream and model.spill_to:
+        raise ValueError(f"{path}: [models.{model.name}] is served upstream; spill_to is for local models")
+    if model.spill_after_s < 0:
+        raise ValueError(f"{path}: [models.{model.name}] spill_after_s must be >= 0")

@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     api_key: str | None = None
     demo: bool = False
     model_config_file: Path | None = Field(default=None, validation_alias="FLUXSERVE_MODEL_CONFIG")
+    # [upstreams.NAME] tables and the [models.NAME] tables that route to them (fluxserve.upstream).
+    upstream_config_file: Path | None = Field(default=None, validation_alias="FLUXSERVE_UPSTREAM_CONFIG")
     allow_private_urls: bool = False
     cors_origins: list[str] = ["*"]
     # The model names to serve (and load); empty: every name the registry has.

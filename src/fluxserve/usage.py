@@ -26,9 +26,11 @@ class UsageRow:
     images: int = 0
     megapixels: float = 0.0
     worker_seconds: float = 0.0
+    cost: float = 0.0  # credits charged: priced jobs that succeeded (the rest were refunded)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
+        out["cost"] = round(self.cost, 6)
         out["megapixels"] = round(self.megapixels, 3)
         out["worker_seconds"] = round(self.worker_seconds, 3)
         return out
@@ -60,6 +62,7 @@ def usage(store: Store, since: float, owner: str | None = None) -> list[UsageRow
             if r.status == Status.SUCCEEDED.value:
                 row.images += r.images or 1
                 row.megapixels += r.megapixels or 0.0
+                row.cost += r.cost or 0.0
             if r.started_at is not None and r.completed_at is not None:
                 row.worker_seconds += max(0.0, r.completed_at - r.started_at)
     return sorted(rows.values(), key=lambda u: (u.day, u.key, u.model))

@@ -68,6 +68,7 @@ class DeviceWorker:
     """The only caller of its engine: pipelines are never called concurrently (one slot)."""
 
     concurrency = 1
+    route = None  # runs jobs here, on its device
 
     def __init__(
         self,
@@ -141,8 +142,8 @@ class DeviceWorker:
         self.state = "stopped"
 
     def models(self) -> list[str]:
-        """The names this worker serves (its registry, narrowed by --models)."""
-        return list(self._registry.names)
+        """The names this worker serves (its registry, narrowed by --models; never an upstream-only name)."""
+        return [m.name for m in self._registry if m.is_local]
 
     def loaded_models(self) -> list[str]:
         return self._engine.loaded_models() if self.state == "ready" else []

@@ -16,8 +16,10 @@ router = APIRouter(prefix="/v1")
 async def own_usage(services: ServicesDep, owner: OwnerDep, since: str | None = None) -> dict[str, Any]:
     start = parse_since(since)
     rows = await services.jobs.run(usage, services.store, start, owner)
+    credits = await services.jobs.run(services.store.key_credits, owner)
     return {
         "object": "list",
         "since": start,
+        "credits": credits,  # the key's balance now; null: not metered
         "data": [{k: v for k, v in r.to_dict().items() if k != "key"} for r in rows],
     }

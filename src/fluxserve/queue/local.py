@@ -22,9 +22,10 @@ from sqlalchemy.engine import Connection
 from ..errors import StoreUnavailable
 from ..job import Job
 from ..jobs import JobService
-from ..worker import DeviceWorker
 from . import fairness
 from .base import WorkerState
+
+AnyWorker = Any  # a worker.DeviceWorker or an upstream.worker.UpstreamWorker (queue.base.Worker)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,9 @@ class LocalHooks:
     def cancel(self, conn: Connection, job_id: str) -> None:
         pass
 
+    def rerouted(self, conn: Connection, job: Job) -> None:
+        pass  # workers read the row's route
+
     def position(self, conn: Connection, job_id: str) -> int | None:
         ahead = fairness.ahead_of(conn, job_id)
         return None if ahead is None else ahead + 1
@@ -53,7 +57,7 @@ class LocalQueue(LocalHooks):
     def __init__(self, jobs: JobService) -> None:
         self.jobs = jobs
 
-    def dispatcher(self, workers: Sequence[DeviceWorker] | None) -> LocalDispatcher:
+    def dispatcher(self, workers: Sequence[AnyWorker] | None) -> LocalDispatcher:
         return LocalDispatcher(self.jobs, list(workers or ()))
 
     def background(self) -> list[Coroutine[Any, Any, None]]:
@@ -72,7 +76,7 @@ class LocalQueue(LocalHooks):
 class LocalDispatcher:
     """The app's face of this process's workers (queue.base.Dispatcher), each slot a thread."""
 
-    def __init__(self, jobs: JobService, workers: list[DeviceWorker]) -> None:
+    def __init__(self, jobs: JobService, workers: list[AnyWorker]) -> None:
         self._jobs = jobs
         self.workers = workers
         self._wake = threading.Event()
@@ -128,7 +132,7 @@ class LocalDispatcher:
 
     # -- a worker's loop ---------------------------------------------------------
 
-    def _serve(self, worker: DeviceWorker) -> None:
+    def _serve(self, worker: AnyWorker) -> None:
         worker.lower_priority()
         worker.load()
         worker.start_heartbeat()
@@ -141,7 +145,7 @@ class LocalDispatcher:
         for slot in slots:
             slot.join()
 
-    def _loop(self, worker: DeviceWorker) -> None:
+    def _loop(self, worker: AnyWorker) -> None:
         backoff = 0.25
         while not self._stopping.is_set():
             try:
@@ -161,10 +165,10 @@ class LocalDispatcher:
                 self._wake.wait(timeout=MAINTENANCE_S)
                 self._wake.clear()
 
-    def _others_healthy(self, worker: DeviceWorker) -> bool:
+    def _others_healthy(self, worker: AnyWorker) -> bool:
         return any(o.state in ("loading", "ready") for o in self.workers if o is not worker)
 
-    def _run_next(self, worker: DeviceWorker) -> bool:
+    def _run_next(self, worker: AnyWorker) -> bool:
         """Sweep when due, then run the first queued job this worker can claim; whether one ran."""
         with self._maintenance_lock:
             now = time.monotonic()
@@ -173,9 +177,10 @@ class LocalDispatcher:
                 self._last_maintenance = now
         if due:
             self._jobs.expire()
+            self._jobs.spill()
         if worker.state == "error" and self._others_healthy(worker):
             return False
-        for job_id, _, _ in self._jobs.store.queued(limit=CANDIDATES):
+        for job_id, _, _ in self._jobs.store.queued(limit=CANDIDATES, models=worker.models(), route=worker.route):
             if self._stopping.is_set():
                 return False
             if worker.run_claimed(job_id):

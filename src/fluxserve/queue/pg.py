@@ -52,8 +52,9 @@ def libpq_url(url: str, role: str | None = None) -> str:
     return f"{plain}{'&' if '?' in plain else '?'}application_name={application_name(role)}"
 
 
-def queue_name(model: str) -> str:
-    return f"model:{model}"
+def queue_name(model: str, route: str | None = None) -> str:
+    """A local model's queue, or an upstream's (every name it runs shares it)."""
+    return f"upstream:{route}" if route else f"model:{model}"
 
 
 def apply_queue_schema(engine: Engine) -> bool:
@@ -127,11 +128,11 @@ class PgQueue:
     # -- inside the store's transactions ---------------------------------------
 
     def deferred(self, conn: Connection, job: Job, priority: int) -> None:
-        self._defer(conn, job.id, job.spec.model, priority)
+        self._defer(conn, job.id, job.spec.model, priority, job.route)
 
-    def _defer(self, conn: Connection, job_id: str, model: str, priority: int) -> None:
+    def _defer(self, conn: Connection, job_id: str, model: str, priority: int, route: str | None = None) -> None:
         deferrer = self.app.configure_task(
-            TASK, connection=conn.connection.driver_connection, queue=queue_name(model), priority=priority
+            TASK, connection=conn.connection.driver_connection, queue=queue_name(model, route), priority=priority
         )
         pc_id = deferrer.defer(job_id=job_id)
         conn.execute(update(jobs).where(jobs.c.id == job_id).values(pc_job_id=pc_id))
@@ -141,6 +142,22 @@ class PgQueue:
         pc_id = conn.execute(select(jobs.c.pc_job_id).where(jobs.c.id == job_id)).scalar()
         if pc_id is not None:
             self.app.job_manager.cancel_job_by_id(pc_id, abort=True, connection=conn.connection.driver_connection)
+
+    def rerouted(self, conn: Connection, job: Job) -> None:
+        """Its queue row moves to the upstream's queue: to do now (spill-over), or once its task gives it
+        back (failover: the worker's task raises Requeue, and procrastinate's retry keeps the queue name)."""
+        name = queue_name(job.spec.model, job.route)
+        row = conn.execute(
+            text(
+                "UPDATE procrastinate_jobs SET queue_name = :q WHERE id = (SELECT pc_job_id FROM jobs WHERE id = :id) "
+                "AND status IN ('todo', 'doing') RETURNING id, status"
+            ),
+            {"q": name, "id": job.id},
+        ).first()
+        if row is not None and row.status == "todo":
+            payload = json.dumps({"type": "job_inserted", "job_id": row.id})
+            conn.execute(select(func.pg_notify(f"procrastinate_queue_v1#{name}", payload)))
+            conn.execute(select(func.pg_notify("procrastinate_any_queue_v1", payload)))
 
     def position(self, conn: Connection, job_id: str) -> int | None:
         """1 = fetched next in its model's queue, in procrastinate's order (priority, then id)."""
@@ -242,13 +259,14 @@ class PgQueue:
                 counts["retried" if status is Status.QUEUED else "closed"] += 1
             orphans = conn.execute(
                 text(
-                    "SELECT j.id, j.model, j.priority FROM jobs j LEFT JOIN procrastinate_jobs p ON p.id = j.pc_job_id "
+                    "SELECT j.id, j.model, j.priority, j.route FROM jobs j "
+                    "LEFT JOIN procrastinate_jobs p ON p.id = j.pc_job_id "
                     "WHERE j.status = 'queued' AND (p.id IS NULL OR p.status NOT IN ('todo', 'doing')) "
                     "FOR UPDATE OF j SKIP LOCKED"
                 )
             ).all()
             for row in orphans:
-                self._defer(conn, row.id, row.model, int(row.priority or 0))
+                self._defer(conn, row.id, row.model, int(row.priority or 0), row.route)
                 counts["redeferred"] += 1
         if any(counts.values()):
             log.warning("queue sweep: %s", counts)
@@ -256,8 +274,13 @@ class PgQueue:
 
 
 def _models(workers: Sequence[Any]) -> list[str]:
-    """The queues these workers fetch from: every model they serve."""
+    """Every model these workers serve."""
     return sorted({m for w in workers for m in w.models()})
+
+
+def worker_queues(worker: Any) -> list[str]:
+    """The queues one worker fetches from: its models' (a device), or its upstream's."""
+    return [queue_name("", worker.route)] if worker.route else [queue_name(m) for m in worker.models()]
 
 
 def queue_depths(conn: Connection) -> dict[str, int]:

@@ -19,6 +19,7 @@ import signal
 import socket
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +31,7 @@ from ..job import Status
 from ..jobs import JobService
 from ..store import Store, workers
 from ..worker import DeviceWorker
-from .pg import TASK, PgQueue, libpq_url, queue_name
+from .pg import TASK, PgQueue, libpq_url, worker_queues
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,7 @@ async def sweep_forever(jobs: JobService, queue: PgQueue, timing: Timing) -> Non
         await asyncio.sleep(timing.heartbeat_s)
         try:
             await asyncio.to_thread(jobs.expire)
+            await asyncio.to_thread(jobs.spill)
             await asyncio.to_thread(queue.sweep, timing.lease_s)
         except StoreUnavailable as exc:
             log.warning("queue sweep skipped: %s", exc.message)
@@ -152,6 +154,11 @@ async def run_devices(
 ) -> int:
     """Load, then fetch until ``stop`` (finish the running job within grace_s; past it, or on ``stop_now``,
     give it back). Returns the exit status: 1 when no device loaded."""
+    slots = sum(d.concurrency for d in devices)
+    if slots > 1:  # procrastinate runs each sync task on the loop's default executor: one thread per slot
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(max_workers=slots + 8, thread_name_prefix="fluxserve-task")
+        )
     registry = Registry(jobs.store, devices, models)
     beats = asyncio.create_task(_beat_forever(registry, timing))  # "loading" shows on /health meanwhile
     loaded = await asyncio.gather(*(asyncio.to_thread(d.load) for d in devices))
@@ -169,7 +176,7 @@ async def run_devices(
             runs = [
                 asyncio.create_task(
                     app.run_worker_async(
-                        queues=[queue_name(m) for m in models],
+                        queues=worker_queues(d),
                         name=d.worker_id,
                         concurrency=d.concurrency,
                         wait=True,

@@ -16,9 +16,11 @@ from ..job import EventKind, Job, Output, Status
 from ..spec import GenerationSpec
 from .db import Database
 from .events import append_event
+from .keys import refund
 from .outbox import WebhookRules
 from .schema import jobs
 
+ANY_ROUTE: Any = object()  # queued(): jobs of every route
 Values = dict[str, Any] | Callable[[Job], dict[str, Any]]
 # Run inside the insert's transaction before the row is written: a per-key admission that may refuse
 # (RateLimited) and returns the response's rate-limit headers.
@@ -32,6 +34,7 @@ class Fence:
     job_id: str
     attempt: int | None = None
     worker_id: str | None = None
+    route: Any = ANY_ROUTE  # only while the job is on this route (None: local)
 
 
 class JobQueries(Database):
@@ -80,18 +83,37 @@ class JobQueries(Database):
             ).all()
         return [to_job(r) for r in rows]
 
+    def spillable(self, model: str, queued_before: float, limit: int = 100) -> list[str]:
+        """Local jobs of this model queued since before ``queued_before`` (no local worker started them)."""
+        query = select(jobs.c.id).where(
+            and_(
+                jobs.c.model == model,
+                jobs.c.status == Status.QUEUED.value,
+                jobs.c.route.is_(None),
+                jobs.c.created_at < queued_before,
+            )
+        )
+        with self._read() as conn:
+            return [r.id for r in conn.execute(query.order_by(jobs.c.created_at).limit(limit))]
+
     def queue_position(self, job: Job) -> int:
         """1 = next to run, in the order the queue fetches (queue.fairness)."""
         with self._read() as conn:
             return self.queue.position(conn, job.id) or 1
 
-    def queued(self, limit: int, models: Collection[str] | None = None) -> list[tuple[str, str, GenerationSpec]]:
-        """(id, model, spec) of the next queued jobs in fair order: what a worker needs to choose, without rows."""
+    def queued(
+        self, limit: int, models: Collection[str] | None = None, *, route: str | Any | None = ANY_ROUTE
+    ) -> list[tuple[str, str, GenerationSpec]]:
+        """(id, model, spec) of the next queued jobs in fair order: what a worker needs to choose, without rows.
+
+        ``route``: only jobs routed to this upstream (None: the local devices' jobs)."""
         from ..queue.fairness import fetch_order  # not at import: fairness reads this package's schema
 
         query = select(jobs.c.id, jobs.c.model, jobs.c.spec).where(jobs.c.status == Status.QUEUED.value)
         if models is not None:
             query = query.where(jobs.c.model.in_(list(models)))
+        if route is not ANY_ROUTE:
+            query = query.where(jobs.c.route.is_(None) if route is None else jobs.c.route == route)
         with self._read() as conn:
             rows = conn.execute(query.order_by(*fetch_order()).limit(limit)).all()
         return [(r.id, r.model, GenerationSpec.from_dict(json.loads(r.spec))) for r in rows]
@@ -127,16 +149,19 @@ class JobQueries(Database):
         worker_id: str | None = None,
         payload: dict[str, Any] | None = None,
         lease_before: float | None = None,
+        route: Any = ANY_ROUTE,
     ) -> Job | None:
-        """Change one job if it is still in an expected status (and, when given, the same claim).
+        """Change one job if it is still in an expected status (and, when given, the same claim or route).
 
         The event row and any webhook deliveries are written in the same transaction. None: refused.
         """
-        fence = Fence(job_id, attempt, worker_id)
+        fence = Fence(job_id, attempt, worker_id, route)
         with self._write() as conn:
             job = _transition(conn, fence, kind, list(expect), values, payload or {}, lease_before, self.webhook_rules)
             if job is not None and kind is EventKind.ABORTED:
                 self.queue.cancel(conn, job_id)  # past its Cancel-After while queued: no worker fetches it
+            if job is not None and kind is EventKind.ROUTED:
+                self.queue.rerouted(conn, job)  # its queue entry moves with it (PostgreSQL: the upstream's queue)
             return job
 
     def transition_many(
@@ -171,6 +196,8 @@ class JobQueries(Database):
             ).rowcount
             job = to_job(conn.execute(select(jobs).where(jobs.c.id == job_id)).one())
             kind = EventKind.CANCELED if canceled else EventKind.CANCEL_REQUESTED
+            if canceled:
+                refund(conn, job.owner, job.cost)
             append_event(conn, job, kind, {}, self.webhook_rules)
             self.queue.cancel(conn, job_id)
         return job
@@ -239,6 +266,8 @@ def _transition(
         cond.append(jobs.c.attempts == fence.attempt)
     if fence.worker_id is not None:
         cond.append(jobs.c.worker_id == fence.worker_id)
+    if fence.route is not ANY_ROUTE:
+        cond.append(jobs.c.route.is_(None) if fence.route is None else jobs.c.route == fence.route)
     if lease_before is not None:  # only if the lease is still expired (its worker may have renewed it)
         cond.append(jobs.c.lease_expires_at < lease_before)
     if callable(values):  # computed from the row as it is inside this transaction
@@ -249,6 +278,8 @@ def _transition(
     if conn.execute(update(jobs).where(and_(*cond)).values(**values)).rowcount != 1:
         return None
     job = to_job(conn.execute(select(jobs).where(jobs.c.id == fence.job_id)).one())
+    if kind.is_ending and kind is not EventKind.SUCCEEDED:
+        refund(conn, job.owner, job.cost)  # exactly once: only the one transition that ended it gets here
     append_event(conn, job, kind, payload, rules)
     return job
 
@@ -275,6 +306,8 @@ def job_row(job: Job) -> dict[str, Any]:
         "previews": "[]",
         "images": job.spec.num_images,
         "megapixels": job.spec.num_images * job.spec.width * job.spec.height / 1e6,
+        "route": job.route,
+        "cost": job.cost,
     }
 
 
@@ -307,4 +340,7 @@ def to_job(row: Row[Any]) -> Job:
         fingerprint=row.fingerprint,
         previews=tuple(json.loads(row.previews or "[]")),
         files_expired_at=row.files_expired_at,
+        route=row.route,
+        cost=row.cost,
+        error_code=row.error_code,
     )

@@ -73,7 +73,7 @@ class Reports(Database):
     def job_usage(self, since: float, owner: str | None = None) -> list[Row[Any]]:
         """The columns usage is computed from, for jobs created since then (one key's, or all)."""
         cols = [jobs.c[n] for n in ("owner", "model", "status", "created_at", "started_at", "completed_at")]
-        query = select(*cols, jobs.c.images, jobs.c.megapixels).where(jobs.c.created_at >= since)
+        query = select(*cols, jobs.c.images, jobs.c.megapixels, jobs.c.cost).where(jobs.c.created_at >= since)
         if owner is not None:
             query = query.where(jobs.c.owner == owner)
         with self._read() as conn:

@@ -51,6 +51,10 @@ jobs = Table(
     Column("pc_job_id", BigInteger),  # its procrastinate queue row (PostgreSQL); NULL on SQLite
     # Its place between keys (fluxserve.queue.fairness), fixed at submit; both queues fetch in its order.
     Column("priority", Integer),
+    # The upstream provider that runs it ([upstreams.NAME]); NULL: a local device.
+    Column("route", String(64)),
+    Column("cost", Float),  # credits held for it at submit; given back when it does not succeed
+    Column("error_code", String(32)),  # why it failed, as a code ("upstream_rejected": the provider refused it)
     UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency"),
 )
 
@@ -67,6 +71,7 @@ api_keys = Table(
     Column("max_queued", Integer),
     Column("rpm", Integer),
     Column("images_per_day", Integer),
+    Column("credits", Float),  # the key's balance; NULL: not metered
 )
 
 job_events = Table(

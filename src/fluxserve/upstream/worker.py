@@ -1,0 +1,417 @@
+"""UpstreamWorker: runs queued jobs as tasks of a hosted provider, many at once, exactly once per attempt.
+
+The queue hands it a job id (queue/local.py's slots, or procrastinate's task on PostgreSQL) as it does a
+DeviceWorker. It claims the job under a lease, then for each image task: writes an ``upstream`` job
+event ("submitting"), submits, writes the task id (event "task"), and only then polls. A worker killed
+anywhere in that sequence leaves the events behind: the next attempt resumes polling the recorded task,
+and a "submitting" without a task (the answer was lost) is sent again only to an idempotent upstream.
+Results are fetched through the guarded fetch (the upstream's own host is the one private address
+allowed), re-encoded as the job asked and written to our storage before the job completes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any, TypeVar
+
+import httpx
+from PIL import Image
+
+from ..errors import FluxServeError, InvalidInput, StoreUnavailable
+from ..images import decode_image, fetch_url
+from ..job import EventKind, Job, Output
+from ..jobs import JobService
+from ..models import ModelRegistry
+from ..outputs import EXTENSIONS, encode_image
+from ..queue.base import WorkerState
+from ..spec import GenerationSpec
+from ..storage import Storage
+from ..worker import new_worker_id
+from .config import UpstreamConfig
+from .health import Health
+from .providers import Done, Inputs, Provider, Rejected, Task, Unavailable, provider_for
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+STORE_RETRY_MAX_S = 5.0
+LOST_ANSWER = (
+    "The upstream {name} may have started a task for this job, but its answer was lost; it is not sent "
+    "again (that could be charged twice)."
+)
+
+
+class _Stop(Exception):
+    """The claim ended under us: canceled, lease lost, or this worker is stopping."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
+
+
+class UpstreamWorker:
+    """One upstream provider as a queue worker: ``concurrency`` = its max_in_flight."""
+
+    def __init__(
+        self,
+        jobs: JobService,
+        storage: Storage,
+        registry: ModelRegistry,
+        config: UpstreamConfig,
+        *,
+        allow_private: bool = False,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self._jobs = jobs
+        self._storage = storage
+        self._registry = registry
+        self.config = config
+        self.route = config.name
+        self.device = f"upstream:{config.name}"
+        self.concurrency = config.max_in_flight
+        self.worker_id = new_worker_id(self.device)
+        self.provider: Provider = provider_for(config)
+        self.health = Health(config.unhealthy_after, config.cooldown_s)
+        self._allow_private = allow_private
+        self._client = httpx.Client(
+            timeout=httpx.Timeout(60.0, connect=10.0),
+            limits=httpx.Limits(max_connections=config.max_in_flight, max_keepalive_connections=config.max_in_flight),
+            transport=transport,
+            follow_redirects=False,
+        )
+        self.state: WorkerState = "loading"
+        self.load_error: str | None = None
+        self.degraded: str | None = None
+        self.current_job: str | None = None
+        self._held: dict[str, Job] = {}  # claim per job id, renewed by the heartbeat
+        self._lost: set[str] = set()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+
+    # -- the Worker seam (queue.base.Worker) -------------------------------------------
+
+    def models(self) -> list[str]:
+        return self._registry.routed_to(self.config.name)
+
+    def loaded_models(self) -> list[str]:
+        return self.models() if self.state == "ready" else []
+
+    def engine_info(self) -> dict[str, Any]:
+        return {"upstream": self.config.public() | self.health.view() | {"in_flight": len(self._held)}}
+
+    def load(self) -> bool:
+        if self.config.api_key_env and not self.config.api_key():
+            self.load_error = f"upstream {self.config.name}: the variable {self.config.api_key_env} is not set"
+            self.state = "error"
+            log.error("%s", self.load_error)
+        else:
+            self.state = "ready"
+        return self.state == "ready"
+
+    def lower_priority(self) -> None:
+        pass  # waits on the network, never on the CPU
+
+    def start_heartbeat(self) -> None:
+        self._heartbeat = threading.Thread(target=self._renew_leases, name="fluxserve-upstream-lease", daemon=True)
+        self._heartbeat.start()
+
+    def begin_stop(self) -> None:
+        self._stopping.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.begin_stop()
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout)
+        self._client.close()
+        self.state = "stopped"
+
+    def degrade(self, reason: str) -> None:
+        if self.degraded is None:
+            log.warning("upstream worker %s degraded: %s", self.worker_id, reason)
+        self.degraded = reason
+
+    def recovered(self) -> None:
+        self.degraded = None
+
+    def run_claimed(self, job_id: str, lock: Any = None, abort: Callable[[], str | None] | None = None) -> list[Job]:
+        job = self._store(self._jobs.claim_id, job_id, self.worker_id)
+        if job is None:
+            return []
+        with self._lock:
+            self._held[job.id] = job
+        try:
+            self._run(job, abort or (lambda: None))
+        except StoreUnavailable:  # only when stopping: the lease runs out and the job is resumed elsewhere
+            log.warning("upstream worker %s stopped before recording job %s", self.worker_id, job.id)
+        finally:
+            with self._lock:
+                if self._held.get(job.id) is job:
+                    del self._held[job.id]
+                self._lost.discard(job.id)
+        return [job]
+
+    # -- one job -------------------------------------------------------------------
+
+    def _run(self, job: Job, abort: Callable[[], str | None]) -> None:
+        name = self.config.name
+        try:
+            if not self.health.usable() and self._fail_over(job, f"upstream {name} is cooling down"):
+                return
+            outputs = self._save(job, self._tasks(job, abort))
+        except _Stop as stop:
+            self._stopped(job, stop.why)
+            return
+        except Rejected as exc:
+            self._fail(job, f"The upstream {name} refused the request: {exc.message}", code="upstream_rejected")
+            return
+        except Unavailable as exc:
+            self.health.failed(exc.message)
+            if not self._fail_over(job, exc.message):
+                self._fail(job, f"The upstream {name} failed: {exc.message}")
+            return
+        except FluxServeError as exc:
+            self._fail(job, exc.message)
+            return
+        except OSError as exc:
+            log.error("job %s: storing the upstream's images failed: %s", job.id, exc)
+            self._fail(job, f"The server could not store the image ({exc.strerror or exc}).")
+            return
+        self.health.succeeded()
+        self._end(job, lambda j: self._jobs.complete(j, outputs))
+
+    def _fail(self, job: Job, message: str, code: str | None = None) -> None:
+        self._end(job, lambda j: self._jobs.fail(j, message, code=code))
+
+    def _parts(self, spec: GenerationSpec, model: str) -> list[GenerationSpec]:
+        """One spec per upstream task: providers that make one image per task get one task per image."""
+        if spec.num_images == 1 or self.provider.images_per_task(spec, model) >= spec.num_images:
+            return [spec]
+        return [replace(spec, seed=seed, num_images=1) for seed in spec.image_seeds()]
+
+    def _tasks(self, job: Job, abort: Callable[[], str | None]) -> list[Done]:
+        model = self._registry.upstream_model(job.spec.model, self.config.name)
+        known, submitting = self._recorded(job)
+        mask = self._storage.read(job.spec.mask) if job.spec.mask else None
+        inputs = Inputs([self._storage.read(k) for k in job.spec.images], mask)
+        deadline = time.monotonic() + self.config.timeout_s
+        results: list[Done] = []
+        for index, part in enumerate(self._parts(job.spec, model)):
+            task = known.get(index)
+            if task is None:
+                if index in submitting and not self.config.idempotent:
+                    raise Rejected(LOST_ANSWER.format(name=self.config.name))
+                answer = self._submit(job, index, part, model, inputs, deadline, abort)
+                if isinstance(answer, Done):
+                    results.append(answer)
+                    continue
+                task = answer
+            results.append(self._poll(job, task, deadline, abort))
+        return results
+
+    def _recorded(self, job: Job) -> tuple[dict[int, Task], set[int]]:
+        """This job's tasks on this upstream from earlier attempts' events (and this one's)."""
+        tasks: dict[int, Task] = {}
+        submitting: set[int] = set()
+        for event in self._store(self._jobs.store.events, job.id):
+            p = event.payload
+            if event.kind is not EventKind.UPSTREAM or p.get("upstream") != self.config.name:
+                continue
+            if p.get("phase") == "task":
+                tasks[int(p["index"])] = Task.from_dict(p)
+            elif p.get("phase") == "submitting":
+                submitting.add(int(p["index"]))
+        return tasks, submitting
+
+    def _record(self, job: Job, payload: dict[str, Any]) -> None:
+        """A fenced event: written only while this attempt still holds the job."""
+        if not self._store(self._jobs.note_upstream, job, {"upstream": self.config.name, **payload}):
+            raise _Stop("lost")
+
+    def _submit(
+        self,
+        job: Job,
+        index: int,
+        spec: GenerationSpec,
+        model: str,
+        inputs: Inputs,
+        deadline: float,
+        abort: Callable[[], str | None],
+    ) -> Task | Done:
+        self._check(job, abort)
+        self._record(job, {"phase": "submitting", "index": index})
+        key = self.config.api_key()
+        backoff = self.config.retry_base_s
+        for attempt in range(self.config.retries + 1):
+            try:
+                answer: Task | Done = self.provider.submit(
+                    self._client, spec, model, inputs, key, idempotency_key=f"{job.id}-{index}"
+                )
+                break
+            except Unavailable as exc:
+                # Sent but unanswered (a read timeout, a dropped connection): a second send may be a second task.
+                if exc.maybe_sent and not self.config.idempotent:
+                    raise Rejected(LOST_ANSWER.format(name=self.config.name)) from exc
+                if attempt == self.config.retries or time.monotonic() + backoff > deadline:
+                    raise
+                log.warning("job %s: upstream %s: %s; retry in %.1f s", job.id, self.config.name, exc.message, backoff)
+                self._sleep(job, backoff, abort)
+                backoff *= 2
+        if isinstance(answer, Task):
+            self._record(job, {"phase": "task", "index": index, **answer.to_dict()})
+        return answer
+
+    def _poll(self, job: Job, task: Task, deadline: float, abort: Callable[[], str | None]) -> Done:
+        key = self.config.api_key()
+        errors = 0
+        polls = 0
+        while True:
+            try:
+                self._check(job, abort, polls)
+            except _Stop as stop:
+                if stop.why == "user":
+                    self._cancel_upstream(task, key)
+                raise
+            if time.monotonic() > deadline:
+                self._cancel_upstream(task, key)
+                raise Unavailable(f"no result within timeout_s={self.config.timeout_s:g} s")
+            try:
+                done = self.provider.poll(self._client, task, key)
+                errors = 0
+            except Unavailable as exc:  # a poll is a read: retried until the deadline, never resubmitted
+                errors += 1
+                log.warning("job %s: polling upstream %s: %s", job.id, self.config.name, exc.message)
+                done = None
+                if errors > self.config.retries * 4:
+                    raise
+            if done is not None:
+                return done
+            polls += 1
+            self._sleep(job, min(self.config.poll_interval_s * (2 if errors else 1), 10.0), abort)
+
+    def _cancel_upstream(self, task: Task, key: str | None) -> None:
+        try:
+            self.provider.cancel(self._client, task, key)
+        except FluxServeError as exc:
+            log.info("upstream %s: cancel of task %s: %s", self.config.name, task.id, exc.message)
+
+    def _check(self, job: Job, abort: Callable[[], str | None], polls: int = 0) -> None:
+        """Stop for a cancel, a lost lease or a shutdown; one fenced progress write per poll reads them."""
+        if self._stopping.is_set() or abort() == "shutdown":
+            raise _Stop("shutdown")
+        if abort() == "user":
+            raise _Stop("user")
+        with self._lock:
+            if job.id in self._lost:
+                raise _Stop("lost")
+        try:
+            [current] = self._jobs.progress([job], min(polls, max(0, job.spec.steps - 1)), job.spec.steps)
+        except StoreUnavailable as exc:
+            self.degrade(exc.message)
+            return
+        if current is None:
+            raise _Stop("lost")
+        if current.cancel_requested or (current.deadline is not None and time.time() > current.deadline):
+            raise _Stop("user")
+
+    def _sleep(self, job: Job, seconds: float, abort: Callable[[], str | None]) -> None:
+        if self._stopping.wait(seconds):
+            raise _Stop("shutdown")
+
+    def _stopped(self, job: Job, why: str) -> None:
+        if why == "lost":
+            log.warning("upstream worker %s lost its claim on job %s", self.worker_id, job.id)
+        elif why == "shutdown":  # the task keeps running upstream; the next attempt resumes polling it
+            self._end(job, lambda j: self._jobs.requeue(j, "shutdown", give_back_attempt=True))
+        else:
+            self._end(job, self._jobs.finish_canceled)
+
+    def _fail_over(self, job: Job, reason: str) -> bool:
+        """Send the job to the model's next fallback upstream (fenced); False when there is none left."""
+        nxt = self._jobs.next_route(job, self._registry)
+        if nxt is None:
+            return False
+        log.warning("job %s: %s; failing over to upstream %s", job.id, reason, nxt)
+        self._end(job, lambda j: self._jobs.reroute(j, nxt, reason))
+        return True
+
+    # -- results -------------------------------------------------------------------
+
+    def _fetch(self, url: str) -> bytes:
+        """The guarded fetch (size, time, public addresses) with the upstream's own host allowed."""
+        parts = httpx.URL(url)
+        own = (parts.host, parts.port or (443 if parts.scheme == "https" else 80)) == self.config.host
+        body = bytearray()
+        try:
+            asyncio.run(
+                fetch_url(
+                    url,
+                    body.extend,
+                    param="upstream result",
+                    allow_private=own or self._allow_private,
+                    max_bytes=self.config.max_image_mb * 1024 * 1024,
+                    timeout_s=min(120.0, self.config.timeout_s),
+                )
+            )
+        except InvalidInput as exc:
+            raise Unavailable(f"fetching its result failed: {exc.message}") from exc
+        return bytes(body)
+
+    def _save(self, job: Job, results: list[Done]) -> list[Output]:
+        blobs = [b for done in results for b in done.blobs] + [self._fetch(u) for done in results for u in done.urls]
+        spec = job.spec
+        outputs = []
+        for i, (blob, seed) in enumerate(zip(blobs[: spec.num_images], spec.image_seeds(), strict=False)):
+            image = decode_image(blob, param="upstream result")
+            meta: dict[str, object] = {"prompt": spec.prompt, "seed": seed, "model": spec.model}
+            meta["upstream"] = self.config.name
+            key = f"{job.id}/out-{i}.{EXTENSIONS[spec.output_format]}"
+            self._storage.put(key, _encoded(image, spec, meta))
+            outputs.append(Output(key, seed, image.width, image.height, spec.output_format))
+        if len(outputs) < spec.num_images:
+            raise Unavailable(f"the upstream returned {len(outputs)} of {spec.num_images} images")
+        return outputs
+
+    # -- store writes and leases -------------------------------------------------------
+
+    def _end(self, job: Job, outcome: Callable[[Job], bool]) -> None:
+        if not self._store(outcome, job):
+            log.warning("job %s: result not recorded, the claim was taken from worker %s", job.id, self.worker_id)
+
+    def _store(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        backoff = 0.25
+        while True:
+            try:
+                result = fn(*args, **kwargs)
+                self.recovered()
+                return result
+            except StoreUnavailable as exc:
+                self.degrade(exc.message)
+                if self._stopping.wait(backoff):
+                    raise
+                backoff = min(backoff * 2, STORE_RETRY_MAX_S)
+
+    def _renew_leases(self) -> None:
+        interval = max(0.05, self._jobs.lease_s / 4)
+        while not self._stopping.wait(interval):
+            with self._lock:
+                held = list(self._held.values())
+            if not held:
+                continue
+            try:
+                kept = self._jobs.renew(held, self.worker_id)
+            except StoreUnavailable as exc:
+                self.degrade(exc.message)
+                continue
+            with self._lock:
+                self._lost |= {j.id for j in held if j.id not in kept and self._held.get(j.id) is j}
+
+
+def _encoded(image: Image.Image, spec: GenerationSpec, meta: dict[str, object]) -> bytes:
+    """The upstream's image in the format the job asked for (providers answer in few formats)."""
+    return encode_image(image, spec.output_format, spec.quality, meta, png_compress_level=1)

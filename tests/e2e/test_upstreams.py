@@ -1,0 +1,350 @@
+"""Upstream providers: fluxserve A forwards hosted-only names to fluxserve B (a second real `serve --demo`
+process speaking BFL's, Replicate's and OpenAI's APIs) and to a fal queue-API server, over real HTTP."""
+
+from __future__ import annotations
+
+import base64
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from fluxserve.outputs import read_metadata
+from tests.support.fal_server import FalState, fal_server
+from tests.support.images_util import png_bytes
+from tests.support.polling import wait_for
+from tests.support.server import FLUXSERVE, RemoteServer
+
+B_KEY = "fs-upstream-b-secret-key-0123456789"
+FAL_KEY = "fal-secret-key-abcdef"
+A_KEY = "fs-upstream-a-key"
+LEASE = {"FLUXSERVE_LEASE_S": "2"}
+
+
+def config(b: str, fal: str, *, dead: str = "http://127.0.0.1:9") -> str:
+    common = "poll_interval_s = 0.2\nretry_base_s = 0.1\nretries = 1\nmax_in_flight = 8\ntimeout_s = 120\n"
+    return f"""
+[upstreams.bfl]
+kind = "bfl"
+base_url = "{b}"
+api_key_env = "B_KEY"
+{common}
+[upstreams.rep]
+kind = "replicate"
+base_url = "{b}"
+api_key_env = "B_KEY"
+{common}
+[upstreams.oai]
+kind = "openai"
+base_url = "{b}"
+api_key_env = "B_KEY"
+idempotent = true
+{common}
+[upstreams.fal]
+kind = "fal"
+base_url = "{fal}"
+api_key_env = "FAL_KEY"
+{common}
+[upstreams.dead]
+kind = "bfl"
+base_url = "{dead}"
+unhealthy_after = 1
+cooldown_s = 60
+{common}
+[models.flux-pro]
+upstream = "bfl"
+upstream_model = "flux-pro-1.1"
+price = 0.04
+
+[models.flux-kontext-pro]
+upstream = "rep"
+
+[models.flux-2-pro]
+upstream = "oai"
+
+[models.flux-kontext-max]
+upstream = "fal"
+upstream_model = "fal-ai/flux-pro/kontext/max"
+
+[models.flux-pro-typo]
+upstream = "bfl"
+upstream_model = "no-such-endpoint"
+price = 0.04
+
+[models.flux-2-max]
+upstream = "dead"
+fallback = ["rep"]
+
+[models.flux-dev]
+spill_to = "bfl"
+spill_after_s = 1
+"""
+
+
+@pytest.fixture(scope="module")
+def b(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> Iterator[RemoteServer]:
+    with RemoteServer(tmp_path_factory.mktemp("b"), api_key=B_KEY, demo_model=demo_model_dir) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def fal() -> Iterator[tuple[str, FalState]]:
+    state = FalState(key=FAL_KEY)
+    with fal_server(state) as base:
+        yield base, state
+
+
+def start_a(data: Path, demo: Path, b: RemoteServer, fal_base: str, **kw: Any) -> RemoteServer:
+    data.mkdir(parents=True, exist_ok=True)
+    path = data / "upstreams.toml"
+    path.write_text(config(b.url, fal_base))
+    env = {"B_KEY": B_KEY, "FAL_KEY": FAL_KEY, **LEASE, **kw.pop("env", {})}
+    return RemoteServer(
+        data, api_key=A_KEY, demo_model=demo, env=env, extra_args=("--upstream-config", str(path)), **kw
+    ).start()
+
+
+@pytest.fixture(scope="module")
+def a(
+    tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path, b: RemoteServer, fal: tuple[str, FalState]
+) -> Iterator[RemoteServer]:
+    srv = start_a(tmp_path_factory.mktemp("a"), demo_model_dir, b, fal[0])
+    yield srv
+    srv.stop()
+
+
+def auth(key: str = A_KEY) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def bfl_result(a: RemoteServer, endpoint: str, body: dict[str, Any], key: str = A_KEY) -> dict[str, Any]:
+    created = httpx.post(f"{a.url}/v1/{endpoint}", json=body, headers={"x-key": key}, timeout=30)
+    assert created.status_code == 200, created.text
+
+    return bfl_wait(a, created.json()["id"], key)
+
+
+def bfl_wait(a: RemoteServer, job_id: str, key: str = A_KEY, timeout: float = 90) -> dict[str, Any]:
+    def probe() -> dict[str, Any]:
+        return httpx.get(f"{a.url}/v1/get_result", params={"id": job_id}, headers={"x-key": key}).json()
+
+    return wait_for(probe, lambda got: got["status"] != "Pending", timeout=timeout, interval=0.2)
+
+
+def b_jobs(b: RemoteServer) -> list[tuple[str, str, str]]:
+    with sqlite3.connect(b.data_dir / "fluxserve.db") as db:
+        return db.execute("SELECT id, dialect, model FROM jobs ORDER BY created_at").fetchall()
+
+
+def image_meta(url: str) -> dict[str, object]:
+    got = httpx.get(url, timeout=30)
+    assert got.status_code == 200
+    return read_metadata(got.content)
+
+
+def test_bfl_upstream_serves_flux_pro_and_the_image_is_ours(a: RemoteServer, b: RemoteServer) -> None:
+    before = len(b_jobs(b))
+    result = bfl_result(a, "flux-pro-1.1", {"prompt": "a red fox", "width": 256, "height": 256, "seed": 7})
+    assert result["status"] == "Ready", result
+    sample = result["result"]["sample"]
+    assert sample.startswith(a.url)  # copied into A's storage: A's signed URL, not B's
+    meta = image_meta(sample)
+    assert meta["upstream"] == "bfl" and meta["seed"] == 7
+    jobs = b_jobs(b)[before:]
+    assert [(d, m) for _, d, m in jobs] == [("bfl", "flux-pro")]
+
+
+def test_models_list_says_where_each_name_runs(a: RemoteServer) -> None:
+    data = {m["id"]: m for m in httpx.get(f"{a.url}/v1/models", headers=auth()).json()["data"]}
+    assert data["flux-pro"]["served_by"] == {"where": "upstream", "upstream": "bfl", "fallback": []}
+    assert data["flux-dev"]["served_by"] == {"where": "local", "spill_to": "bfl", "spill_after_s": 1}
+    assert data["flux-schnell"]["served_by"] == {"where": "local"}
+    assert data["flux-2-max"]["served_by"]["fallback"] == ["rep"]
+
+
+def test_openai_sdk_over_an_openai_upstream(a: RemoteServer, b: RemoteServer) -> None:
+    client = openai.OpenAI(base_url=f"{a.url}/v1", api_key=A_KEY, max_retries=0)
+    got = client.images.generate(model="flux-2-pro", prompt="a lighthouse", size="256x256", response_format="url")
+    assert got.data and got.data[0].url and got.data[0].url.startswith(a.url)
+    assert image_meta(got.data[0].url)["upstream"] == "oai"
+    assert b_jobs(b)[-1][1:] == ("openai", "flux-2-pro")
+
+
+def test_replicate_upstream_with_a_reference_image(a: RemoteServer, b: RemoteServer) -> None:
+    ref = "data:image/png;base64," + base64.b64encode(png_bytes((128, 128), (0, 90, 200))).decode()
+    created = httpx.post(
+        f"{a.url}/v1/models/black-forest-labs/flux-kontext-pro/predictions",
+        json={"input": {"prompt": "make it night", "input_image": ref, "output_format": "png"}},
+        headers={**auth(), "Prefer": "wait=60"},
+        timeout=90,
+    )
+    assert created.status_code in (200, 201), created.text
+    pred = created.json()
+    assert pred["status"] == "succeeded", pred
+    assert image_meta(pred["output"])["upstream"] == "rep"
+    assert b_jobs(b)[-1][1:] == ("replicate", "flux-kontext-pro")
+
+
+def test_fal_upstream_polls_the_queue(a: RemoteServer, fal: tuple[str, FalState]) -> None:
+    _, state = fal
+    got = httpx.post(
+        f"{a.url}/v1/images/generations",
+        json={"model": "flux-kontext-max", "prompt": "a castle", "size": "320x256", "response_format": "url"},
+        headers=auth(),
+        timeout=90,
+    )
+    assert got.status_code == 200, got.text
+    assert image_meta(got.json()["data"][0]["url"])["upstream"] == "fal"
+    [submit] = [s for s in state.submits if s["body"]["prompt"] == "a castle"]
+    assert submit["path"] == "/fal-ai/flux-pro/kontext/max"
+    assert submit["body"]["image_size"] == {"width": 320, "height": 256}
+    assert state.polls[submit["id"]] >= 3  # IN_QUEUE, IN_PROGRESS, COMPLETED: it was polled, not assumed
+
+
+def test_upstream_400_fails_the_job_with_its_message_once(a: RemoteServer, b: RemoteServer) -> None:
+    before = b.log().count("POST unmatched 404")
+    got = typo_request(a, A_KEY)
+    assert got.status_code == 400, got.text  # B's 404, passed on as a client error in OpenAI's shape
+    err = got.json()["error"]
+    assert err["code"] == "upstream_rejected" and err["message"] == "The upstream bfl refused the request: Not Found"
+    assert b.log().count("POST unmatched 404") - before == 1  # asked once, not retried
+
+
+def typo_request(a: RemoteServer, key: str) -> httpx.Response:
+    body = {"model": "flux-pro-typo", "prompt": "x", "size": "256x256"}
+    return httpx.post(f"{a.url}/v1/images/generations", json=body, headers=auth(key), timeout=60)
+
+
+def test_dead_upstream_fails_over_to_the_fallback(a: RemoteServer, b: RemoteServer) -> None:
+    created = httpx.post(
+        f"{a.url}/v1/images/generations",
+        json={"model": "flux-2-max", "prompt": "failover", "size": "256x256", "response_format": "url"},
+        headers=auth(),
+        timeout=90,
+    )
+    assert created.status_code == 200, created.text
+    assert image_meta(created.json()["data"][0]["url"])["upstream"] == "rep"
+    assert b_jobs(b)[-1][1:] == ("replicate", "flux-2-max")
+    health = httpx.get(f"{a.url}/health").json()
+    upstreams = {w["upstream"]["name"]: w["upstream"] for w in health["engine"]["workers"] if "upstream" in w}
+    assert upstreams["dead"]["healthy"] is False and upstreams["rep"]["healthy"] is True
+
+
+def test_credits_pay_for_one_image_then_402(tmp_path: Path, demo_model_dir: Path, b: RemoteServer, fal: Any) -> None:
+    data = tmp_path / "a"
+    data.mkdir()
+    made = subprocess.run(
+        [FLUXSERVE, "keys", "create", "--name", "payg", "--data-dir", str(data)], capture_output=True, text=True
+    )
+    key = made.stdout.strip().splitlines()[-1]
+    subprocess.run([FLUXSERVE, "keys", "update", "payg", "--credits", "0.05", "--data-dir", str(data)], check=True)
+    srv = start_a(data, demo_model_dir, b, fal[0])
+    try:
+        # A priced job that fails upstream holds nothing afterwards: its 0.04 comes back.
+        typo = typo_request(srv, key)
+        assert typo.status_code == 400, typo.text
+        assert httpx.get(f"{srv.url}/v1/usage", headers=auth(key)).json()["credits"] == pytest.approx(0.05)
+        ok = httpx.post(
+            f"{srv.url}/v1/images/generations",
+            json={"model": "flux-pro", "prompt": "paid", "size": "256x256"},
+            headers=auth(key),
+            timeout=90,
+        )
+        assert ok.status_code == 200, ok.text
+        refused = httpx.post(
+            f"{srv.url}/v1/images/generations",
+            json={"model": "flux-pro", "prompt": "unpaid", "size": "256x256"},
+            headers=auth(key),
+            timeout=30,
+        )
+        assert refused.status_code == 402, refused.text
+        err = refused.json()["error"]
+        assert err["type"] == "insufficient_quota" and "0.04" in err["message"]
+        bfl = httpx.post(f"{srv.url}/v1/flux-pro-1.1", json={"prompt": "unpaid"}, headers={"x-key": key})
+        assert bfl.status_code == 402 and "credits" in bfl.text  # the same refusal in BFL's shape
+        usage = httpx.get(f"{srv.url}/v1/usage", headers=auth(key)).json()
+        assert usage["credits"] == pytest.approx(0.01)
+        assert sum(r["cost"] for r in usage["data"]) == pytest.approx(0.04)
+        report = subprocess.run(
+            [FLUXSERVE, "usage", "--data-dir", str(data), "--key", "payg"], capture_output=True, text=True, check=True
+        )
+        assert "0.04" in report.stdout
+    finally:
+        srv.stop()
+
+
+def test_spill_over_sends_a_waiting_local_job_upstream(a: RemoteServer, b: RemoteServer) -> None:
+    # A's one local worker is busy with a slow flux-dev job; the flux-dev job behind it spills after 1 s.
+    slow = httpx.post(
+        f"{a.url}/v1/models/black-forest-labs/flux-dev/predictions",
+        json={"input": {"prompt": "slow", "num_outputs": 4, "num_inference_steps": 50}},
+        headers=auth(),
+        timeout=10,
+    )
+    assert slow.status_code == 201, slow.text
+    before = len(b_jobs(b))
+    created = httpx.post(
+        f"{a.url}/v1/models/black-forest-labs/flux-dev/predictions",
+        json={"input": {"prompt": "spill me", "output_format": "png", "num_inference_steps": 4}},
+        headers={**auth(), "Prefer": "wait=60"},
+        timeout=90,
+    )
+    pred = created.json()
+    assert pred["status"] == "succeeded", pred["error"]
+    assert image_meta(pred["output"][0])["upstream"] == "bfl"
+    assert [(d, m) for _, d, m in b_jobs(b)[before:]] == [("bfl", "flux-dev")]
+    assert httpx.get(slow.json()["urls"]["get"], headers=auth()).json()["status"] == "processing"  # still local
+
+
+def test_upstream_key_never_leaks(a: RemoteServer) -> None:
+    texts = [a.log(), httpx.get(f"{a.url}/health").text, httpx.get(f"{a.url}/metrics", headers=auth()).text]
+    texts.append((a.data_dir / "fluxserve.db").read_bytes().decode("latin-1"))
+    for text in texts:
+        assert B_KEY not in text and FAL_KEY not in text
+
+
+def test_kill9_mid_poll_resumes_the_same_upstream_task(
+    tmp_path: Path, demo_model_dir: Path, b: RemoteServer, fal: tuple[str, FalState]
+) -> None:
+    data = tmp_path / "a"
+    srv = start_a(data, demo_model_dir, b, fal[0])
+    before = len(b_jobs(b))
+    # Slow on B (1 MP, 40 steps on CPU): A is polling when it is killed.
+    created = httpx.post(
+        f"{srv.url}/v1/flux-pro-1.1",
+        json={"prompt": "resume me", "width": 1024, "height": 1024},
+        headers={"x-key": A_KEY},
+    )
+    job_id = created.json()["id"]
+
+    def task_recorded() -> bool:
+        with sqlite3.connect(data / "fluxserve.db") as db:
+            rows = db.execute(
+                "SELECT payload FROM job_events WHERE job_id = ? AND kind = 'upstream'", (job_id,)
+            ).fetchall()
+        return any('"phase": "task"' in r[0] for r in rows)
+
+    wait_for(task_recorded, bool, timeout=60, interval=0.05)
+    srv.kill9()
+    with sqlite3.connect(data / "fluxserve.db") as db:
+        assert db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()[0] == "processing"
+    again = RemoteServer(data, api_key=A_KEY, port=srv.port, env=srv.extra_env, extra_args=srv.extra_args).start()
+    try:
+        result = bfl_wait(again, job_id, timeout=120)
+        assert result["status"] == "Ready", result
+        assert [(d, m) for _, d, m in b_jobs(b)[before:]] == [("bfl", "flux-pro")]  # one upstream task
+        with sqlite3.connect(data / "fluxserve.db") as db:
+            attempts = db.execute("SELECT attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+            submits = db.execute(
+                "SELECT count(*) FROM job_events WHERE job_id = ? AND kind = 'upstream' "
+                "AND payload LIKE '%submitting%'",
+                (job_id,),
+            ).fetchone()[0]
+        assert attempts == 2 and submits == 1
+    finally:
+        again.stop()
