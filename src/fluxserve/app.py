@@ -240,7 +240,10 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
             core.loras,
         )
         app.state.services = services
-        app.state.metrics = Metrics(store, lambda: workers.state, settings.metrics_token or settings.api_key)
+        upstreams = [w for w in device_workers or [] if w.route]
+        app.state.metrics = Metrics(
+            store, lambda: workers.state, settings.metrics_token or settings.api_key, lambda: upstreams
+        )
         webhooks = WebhookSender(
             store,
             render=lambda job: render_for_webhook(services, job),

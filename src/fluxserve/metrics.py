@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import secrets
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -23,9 +24,12 @@ WORKER_STATES = ("loading", "ready", "error", "stopped")
 
 
 class StoreCollector(Collector):
-    def __init__(self, store: Store, worker_state: Callable[[], str]) -> None:
+    def __init__(
+        self, store: Store, worker_state: Callable[[], str], upstreams: Callable[[], list[Any]] | None = None
+    ) -> None:
         self._store = store
         self._worker_state = worker_state
+        self._upstreams = upstreams or list  # this process's upstream.worker.UpstreamWorker
 
     def collect(self) -> Iterator[Metric]:
         data = self._store.metrics()
@@ -63,14 +67,40 @@ class StoreCollector(Collector):
         for state in WORKER_STATES:
             worker.add_metric([state], 1.0 if state == current else 0.0)
         yield from (queued, jobs, images, mp, stage, ended, hooks, worker)
+        yield from self._upstream_metrics()
+
+    def _upstream_metrics(self) -> Iterator[Metric]:
+        healthy = GaugeMetricFamily(
+            "fluxserve_upstream_healthy",
+            "1 while an upstream provider is usable, 0 in its cool-down.",
+            labels=["upstream"],
+        )
+        in_flight = GaugeMetricFamily(
+            "fluxserve_upstream_in_flight", "Jobs this process holds on an upstream provider.", labels=["upstream"]
+        )
+        failures = GaugeMetricFamily(
+            "fluxserve_upstream_consecutive_failures", "Failed calls since the last success.", labels=["upstream"]
+        )
+        for w in self._upstreams():
+            view = w.engine_info()["upstream"]
+            healthy.add_metric([view["name"]], 1.0 if view["healthy"] else 0.0)
+            in_flight.add_metric([view["name"]], view["in_flight"])
+            failures.add_metric([view["name"]], view["consecutive_failures"])
+        yield from (healthy, in_flight, failures)
 
 
 class Metrics:
     """The app's registry, its HTTP request counter and the scrape."""
 
-    def __init__(self, store: Store, worker_state: Callable[[], str], token: str | None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        worker_state: Callable[[], str],
+        token: str | None,
+        upstreams: Callable[[], list[Any]] | None = None,
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(StoreCollector(store, worker_state))
+        self.registry.register(StoreCollector(store, worker_state, upstreams))
         self.requests = Counter(
             "fluxserve_http_requests",
             "HTTP requests by route and status.",

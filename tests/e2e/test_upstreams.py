@@ -233,6 +233,9 @@ def test_dead_upstream_fails_over_to_the_fallback(a: RemoteServer, b: RemoteServ
     health = httpx.get(f"{a.url}/health").json()
     upstreams = {w["upstream"]["name"]: w["upstream"] for w in health["engine"]["workers"] if "upstream" in w}
     assert upstreams["dead"]["healthy"] is False and upstreams["rep"]["healthy"] is True
+    metrics = httpx.get(f"{a.url}/metrics").text
+    assert 'fluxserve_upstream_healthy{upstream="dead"} 0.0' in metrics
+    assert 'fluxserve_upstream_healthy{upstream="rep"} 1.0' in metrics
 
 
 def test_credits_pay_for_one_image_then_402(tmp_path: Path, demo_model_dir: Path, b: RemoteServer, fal: Any) -> None:
