@@ -160,7 +160,7 @@ def test_failure_mapping_from_status_codes() -> None:
     def answer(status: int, body: object) -> httpx.Client:
         return httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(status, json=body)))
 
-    with pytest.raises(Rejected, match="^Prompt is not allowed$"):
+    with pytest.raises(Rejected, match=r"^Prompt is not allowed$"):
         call(answer(400, {"error": {"message": "Prompt is not allowed"}}), "GET", "https://x/")
     with pytest.raises(Rejected, match="Invalid input"):
         call(answer(422, {"detail": "Invalid input"}), "GET", "https://x/")
@@ -219,7 +219,7 @@ def test_credits_are_held_once_and_refunded_once(tmp_path: Path) -> None:
     first = jobs.submit_sync("k1", "openai", spec, {})
     second = jobs.submit_sync("k1", "openai", spec, {})
     assert first.route == "bfl" and first.cost == pytest.approx(0.05)
-    with pytest.raises(PaymentRequired, match="costs 0.05 credits"):
+    with pytest.raises(PaymentRequired, match=r"costs 0\.05 credits"):
         jobs.submit_sync("k1", "openai", spec, {})
     assert jobs.store.key_credits("k1") == pytest.approx(0.02)
     jobs.cancel_sync(first.id, "k1")  # queued: canceled at once, refunded
