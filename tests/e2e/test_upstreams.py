@@ -351,3 +351,66 @@ def test_kill9_mid_poll_resumes_the_same_upstream_task(
         assert attempts == 2 and submits == 1
     finally:
         again.stop()
+
+
+def test_openai_stream_and_three_image_edit_over_an_upstream(a: RemoteServer, b: RemoteServer) -> None:
+    client = openai.OpenAI(base_url=f"{a.url}/v1", api_key=A_KEY, max_retries=0)
+    events = list(
+        client.images.generate(model="flux-2-pro", prompt="streamed", size="256x256", stream=True, partial_images=2)
+    )
+    # An upstream sends no partial images: the stream has only its final event.
+    assert [e.type for e in events] == ["image_generation.completed"]
+    assert events[-1].b64_json
+    refs = [png_bytes((128, 128), c) for c in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    edited = client.images.edit(
+        model="flux-2-pro", prompt="combine", image=[("a.png", r, "image/png") for r in refs], size="256x256"
+    )
+    assert edited.data and edited.data[0].b64_json
+    [(_, dialect, model)] = b_jobs(b)[-1:]
+    assert (dialect, model) == ("openai", "flux-2-pro")
+    with sqlite3.connect(b.data_dir / "fluxserve.db") as db:
+        [(spec,)] = db.execute("SELECT spec FROM jobs ORDER BY created_at DESC LIMIT 1").fetchall()
+    assert spec.count('"images"') == 1 and len(__import__("json").loads(spec)["images"]) == 3  # all three references
+
+
+def test_cancel_reaches_the_upstream_task(a: RemoteServer, b: RemoteServer) -> None:
+    created = httpx.post(
+        f"{a.url}/v1/models/black-forest-labs/flux-kontext-pro/predictions",
+        json={"input": {"prompt": "cancel me", "aspect_ratio": "1:1"}},
+        headers=auth(),
+    )
+    assert created.status_code == 201, created.text
+    pred = created.json()
+
+    def b_status() -> str | None:
+        with sqlite3.connect(b.data_dir / "fluxserve.db") as db:
+            row = db.execute(
+                "SELECT status FROM jobs WHERE dialect = 'replicate' AND request LIKE '%cancel me%'"
+            ).fetchone()
+        return row[0] if row else None
+
+    wait_for(b_status, lambda s: s is not None, timeout=30, interval=0.05)
+    canceled = httpx.post(pred["urls"]["cancel"], headers=auth()).json()
+    assert canceled["status"] in ("canceled", "processing")
+    final = wait_for(
+        lambda: httpx.get(pred["urls"]["get"], headers=auth()).json(), lambda p: p["status"] == "canceled", timeout=30
+    )
+    assert final["error"] is None or "cancel" in str(final["error"])
+    assert wait_for(b_status, lambda s: s in ("canceled", "succeeded"), timeout=30) == "canceled"
+
+
+def test_relay_task_api_over_an_upstream(a: RemoteServer) -> None:
+    created = httpx.post(
+        f"{a.url}/vmodel/generate",
+        json={"model": "flux-pro", "input": {"prompt": "空气", "aspect_ratio": "1:1", "output_format": "jpg"}},
+        headers=auth(),
+    )
+    assert created.status_code == 200, created.text
+    feed = wait_for(
+        lambda: httpx.get(f"{a.url}/vmodel/feed/{created.json()['id']}", headers=auth()).json(),
+        lambda f: f["status"] in ("succeeded", "failed"),
+        timeout=90,
+        interval=0.2,
+    )
+    assert feed["status"] == "succeeded", feed
+    assert image_meta(feed["output"][0])["upstream"] == "bfl"

@@ -240,12 +240,13 @@ def test_migrations_are_numbered_idempotent_and_upgrade_an_old_database(tmp_path
         "4: file retention, encoding time",
         "5: queue rows, shared secret, worker registry",
         "6: fair priority",
+        "7: upstream routes, credits",
     ]
     assert upgrade(store.engine) == []
     assert current_version(store.engine) == LATEST
     columns = {c["name"] for c in inspect(store.engine).get_columns("jobs")}
     added = {"previews", "webhook", "worker_id", "lease_expires_at", "images", "megapixels", "files_expired_at",
-             "encode_s", "pc_job_id"}  # fmt: skip
+             "encode_s", "pc_job_id", "route", "cost", "error_code"}  # fmt: skip
     assert added <= columns
     key_columns = {c["name"] for c in inspect(store.engine).get_columns("api_keys")}
     assert {"max_queued", "rpm", "images_per_day"} <= key_columns

@@ -24,7 +24,7 @@ from PIL import Image
 
 from ..errors import FluxServeError, InvalidInput, StoreUnavailable
 from ..images import decode_image, fetch_url
-from ..job import EventKind, Job, Output
+from ..job import EventKind, Job, Output, Status
 from ..jobs import JobService
 from ..models import ModelRegistry
 from ..outputs import EXTENSIONS, encode_image
@@ -269,10 +269,9 @@ class UpstreamWorker:
     def _poll(self, job: Job, task: Task, deadline: float, abort: Callable[[], str | None]) -> Done:
         key = self.config.api_key()
         errors = 0
-        polls = 0
         while True:
             try:
-                self._check(job, abort, polls)
+                self._check(job, abort)
             except _Stop as stop:
                 if stop.why == "user":
                     self._cancel_upstream(task, key)
@@ -291,7 +290,6 @@ class UpstreamWorker:
                     raise
             if done is not None:
                 return done
-            polls += 1
             self._sleep(job, min(self.config.poll_interval_s * (2 if errors else 1), 10.0), abort)
 
     def _cancel_upstream(self, task: Task, key: str | None) -> None:
@@ -300,8 +298,9 @@ class UpstreamWorker:
         except FluxServeError as exc:
             log.info("upstream %s: cancel of task %s: %s", self.config.name, task.id, exc.message)
 
-    def _check(self, job: Job, abort: Callable[[], str | None], polls: int = 0) -> None:
-        """Stop for a cancel, a lost lease or a shutdown; one fenced progress write per poll reads them."""
+    def _check(self, job: Job, abort: Callable[[], str | None]) -> None:
+        """Stop for a cancel, a deadline, a lost claim or a shutdown. A read, not a write: hundreds of tasks
+        in flight poll for minutes, and a progress row per poll would grow the events table for nothing."""
         if self._stopping.is_set() or abort() == "shutdown":
             raise _Stop("shutdown")
         if abort() == "user":
@@ -310,11 +309,12 @@ class UpstreamWorker:
             if job.id in self._lost:
                 raise _Stop("lost")
         try:
-            [current] = self._jobs.progress([job], min(polls, max(0, job.spec.steps - 1)), job.spec.steps)
+            current = self._jobs.store.get_job(job.id)
         except StoreUnavailable as exc:
             self.degrade(exc.message)
             return
-        if current is None:
+        mine = current is not None and current.status is Status.PROCESSING and current.worker_id == job.worker_id
+        if current is None or not mine or current.attempts != job.attempts:
             raise _Stop("lost")
         if current.cancel_requested or (current.deadline is not None and time.time() > current.deadline):
             raise _Stop("user")
