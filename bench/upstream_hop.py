@@ -2,7 +2,7 @@
 
     python bench/upstream_hop.py [--requests 50] [--in-flight 200] [--hold-s 20] [--json out.json]
 
-hop: fluxserve B (`serve --demo`) answers directly, and through fluxserve A, which routes flux-schnell to
+hop: fluxserve B (`serve --demo`) answers directly, and through fluxserve A, which routes flux-2-klein-4b to
   B as an upstream: kind "openai" (one synchronous call) and kind "bfl" (submit, then poll every 0.1 s).
   Sequential OpenAI-SDK-shaped requests at 256x256; p50/p95 of the client's wall time and the ratio to B.
 in flight: one `fluxserve worker --upstreams-only` (PostgreSQL, a throwaway cluster from
@@ -32,7 +32,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import KEY, free_port, start_server  # noqa: E402
+from _common import KEY, free_port, start_server
 
 FLUXSERVE = str(Path(sys.executable).with_name("fluxserve"))
 
@@ -48,10 +48,12 @@ def _summary(seconds: list[float]) -> dict[str, float]:
 
 
 def _generate(url: str, n: int) -> list[float]:
-    body = {"model": "flux-schnell", "prompt": "a lighthouse", "size": "256x256", "response_format": "b64_json"}
+    body = {"model": "flux-2-klein-4b", "prompt": "a lighthouse", "size": "256x256", "response_format": "b64_json"}
     times = []
     with httpx.Client(timeout=120, headers={"Authorization": f"Bearer {KEY}"}) as client:
-        client.post(f"{url}/v1/images/generations", json=body).raise_for_status()  # warm
+        warm = client.post(f"{url}/v1/images/generations", json=body)
+        if warm.status_code != 200:
+            raise SystemExit(f"{url}: {warm.status_code} {warm.text}")
         for _ in range(n):
             start = time.perf_counter()
             client.post(f"{url}/v1/images/generations", json=body).raise_for_status()
@@ -70,7 +72,7 @@ def hop(requests: int, work: Path) -> dict[str, Any]:
             toml = work / f"a-{kind}.toml"
             toml.write_text(
                 f'[upstreams.b]\nkind = "{kind}"\nbase_url = "{b_url}"\napi_key_env = "B_KEY"\n'
-                f'poll_interval_s = 0.1\nidempotent = true\n[models.flux-schnell]\nupstream = "b"\n'
+                f'poll_interval_s = 0.1\nidempotent = true\n[models.flux-2-klein-4b]\nupstream = "b"\n'
             )
             (work / f"a-{kind}").mkdir()
             os.environ["B_KEY"] = KEY
@@ -184,10 +186,9 @@ def in_flight(n: int, hold_s: float, work: Path) -> dict[str, Any]:
             url = f"http://127.0.0.1:{api_port}"
             start = time.monotonic()
             with httpx.Client(timeout=30, headers={"x-key": KEY}) as client:
-                ids = [
-                    client.post(f"{url}/v1/flux-pro", json={"prompt": f"p{i}", "width": 256, "height": 256}).json()["id"]
-                    for i in range(n)
-                ]
+                size = {"width": 256, "height": 256}
+                create = f"{url}/v1/flux-pro"
+                ids = [client.post(create, json={"prompt": str(i), **size}).json()["id"] for i in range(n)]
                 peak_threads, peak_rss = idle_threads, idle_rss
                 pending = set(ids)
                 deadline = time.monotonic() + hold_s * 4 + 120
@@ -227,7 +228,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
+        work = Path(os.environ.get("BENCH_WORK") or tmp)
         report: dict[str, Any] = {"machine": os.uname().nodename, "cpus": os.cpu_count()}
         if not args.skip_hop:
             (work / "hop").mkdir()
