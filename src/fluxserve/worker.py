@@ -64,7 +64,66 @@ AbortCheck = Callable[[], str | None]
 Lock = Callable[[Any, list[str]], list[str]]
 
 
-class DeviceWorker:
+class LeasedWorker:
+    """What every worker shares: the lease heartbeat over the claims it holds, and what it does when the
+    database is away: /health says degraded, and a write its job's outcome depends on is retried with
+    backoff until made, giving up only when stopping (the job's lease then runs out and another claim
+    re-runs it)."""
+
+    worker_id: str
+    degraded: str | None
+    _jobs: JobService
+    _stopping: threading.Event
+    _heartbeat_stop: threading.Event
+    _held: dict[str, Job]  # the claims it holds, by job id
+    _held_lock: threading.Lock
+    _lost: set[str]  # held claims the heartbeat found taken
+
+    def _renew_leases(self) -> None:
+        """Heartbeat: leases stay fresh through long steps, model loads and image encoding."""
+        interval = max(0.05, self._jobs.lease_s / 4)
+        while not self._heartbeat_stop.wait(interval):
+            with self._held_lock:
+                held = list(self._held.values())
+            if not held:
+                continue
+            try:
+                kept = self._jobs.renew(held, self.worker_id)
+            except StoreUnavailable as exc:
+                self.degrade(exc.message)
+                continue
+            with self._held_lock:
+                # Finished meanwhile, or claimed again since (a later attempt), is not lost.
+                lost = {j.id for j in held if j.id not in kept and self._held.get(j.id) is j}
+                self._lost |= lost
+            for job_id in lost:
+                log.warning("worker %s lost its lease on job %s", self.worker_id, job_id)
+
+    def degrade(self, reason: str) -> None:
+        if self.degraded is None:
+            log.warning("worker %s degraded: %s", self.worker_id, reason)
+        self.degraded = reason
+
+    def recovered(self) -> None:
+        if self.degraded is not None:
+            log.warning("worker %s recovered from: %s", self.worker_id, self.degraded)
+        self.degraded = None
+
+    def _store(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        backoff = 0.25
+        while True:
+            try:
+                result = fn(*args, **kwargs)
+                self.recovered()
+                return result
+            except StoreUnavailable as exc:
+                self.degrade(exc.message)
+                if self._stopping.wait(backoff):
+                    raise
+                backoff = min(backoff * 2, STORE_RETRY_MAX_S)
+
+
+class DeviceWorker(LeasedWorker):
     """The only caller of its engine: pipelines are never called concurrently (one slot)."""
 
     concurrency = 1
@@ -191,53 +250,6 @@ class DeviceWorker:
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self._nice)
             except OSError as exc:
                 log.info("could not lower the worker's priority: %s", exc)
-
-    def degrade(self, reason: str) -> None:
-        if self.degraded is None:
-            log.warning("worker %s degraded: %s", self.worker_id, reason)
-        self.degraded = reason
-
-    def recovered(self) -> None:
-        if self.degraded is not None:
-            log.warning("worker %s recovered from: %s", self.worker_id, self.degraded)
-        self.degraded = None
-
-    def _store(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """A store write the job's outcome depends on: retried with backoff until it is made.
-
-        Gives up only when stopping; the job's lease then runs out and another claim re-runs it.
-        """
-        backoff = 0.25
-        while True:
-            try:
-                result = fn(*args, **kwargs)
-                self.recovered()
-                return result
-            except StoreUnavailable as exc:
-                self.degrade(exc.message)
-                if self._stopping.wait(backoff):
-                    raise
-                backoff = min(backoff * 2, STORE_RETRY_MAX_S)
-
-    def _renew_leases(self) -> None:
-        """Heartbeat: leases stay fresh through long steps, model loads and image encoding."""
-        interval = max(0.05, self._jobs.lease_s / 4)
-        while not self._heartbeat_stop.wait(interval):
-            with self._held_lock:
-                held = list(self._held.values())
-            if not held:
-                continue
-            try:
-                kept = self._jobs.renew(held, self.worker_id)
-            except StoreUnavailable as exc:
-                self.degrade(exc.message)
-                continue
-            with self._held_lock:
-                # Finished meanwhile, or claimed again since (a later attempt), is not lost.
-                lost = {j.id for j in held if j.id not in kept and self._held.get(j.id) is j}
-                self._lost |= lost
-            for job_id in lost:
-                log.warning("worker %s lost its lease on job %s", self.worker_id, job_id)
 
     def _hold(self, batch: list[Job]) -> None:
         with self._held_lock:

@@ -141,6 +141,13 @@ def b_jobs(b: RemoteServer) -> list[tuple[str, str, str]]:
         return db.execute("SELECT id, dialect, model FROM jobs ORDER BY created_at").fetchall()
 
 
+def generated_url(a: RemoteServer, model: str, prompt: str, size: str = "256x256") -> str:
+    body = {"model": model, "prompt": prompt, "size": size, "response_format": "url"}
+    got = httpx.post(f"{a.url}/v1/images/generations", json=body, headers=auth(), timeout=90)
+    assert got.status_code == 200, got.text
+    return str(got.json()["data"][0]["url"])
+
+
 def image_meta(url: str) -> dict[str, object]:
     got = httpx.get(url, timeout=30)
     assert got.status_code == 200
@@ -192,14 +199,7 @@ def test_replicate_upstream_with_a_reference_image(a: RemoteServer, b: RemoteSer
 
 def test_fal_upstream_polls_the_queue(a: RemoteServer, fal: tuple[str, FalState]) -> None:
     _, state = fal
-    got = httpx.post(
-        f"{a.url}/v1/images/generations",
-        json={"model": "flux-kontext-max", "prompt": "a castle", "size": "320x256", "response_format": "url"},
-        headers=auth(),
-        timeout=90,
-    )
-    assert got.status_code == 200, got.text
-    assert image_meta(got.json()["data"][0]["url"])["upstream"] == "fal"
+    assert image_meta(generated_url(a, "flux-kontext-max", "a castle", "320x256"))["upstream"] == "fal"
     [submit] = [s for s in state.submits if s["body"]["prompt"] == "a castle"]
     assert submit["path"] == "/fal-ai/flux-pro/kontext/max"
     assert submit["body"]["image_size"] == {"width": 320, "height": 256}
@@ -221,14 +221,7 @@ def typo_request(a: RemoteServer, key: str) -> httpx.Response:
 
 
 def test_dead_upstream_fails_over_to_the_fallback(a: RemoteServer, b: RemoteServer) -> None:
-    created = httpx.post(
-        f"{a.url}/v1/images/generations",
-        json={"model": "flux-2-max", "prompt": "failover", "size": "256x256", "response_format": "url"},
-        headers=auth(),
-        timeout=90,
-    )
-    assert created.status_code == 200, created.text
-    assert image_meta(created.json()["data"][0]["url"])["upstream"] == "rep"
+    assert image_meta(generated_url(a, "flux-2-max", "failover"))["upstream"] == "rep"
     assert b_jobs(b)[-1][1:] == ("replicate", "flux-2-max")
     health = httpx.get(f"{a.url}/health").json()
     upstreams = {w["upstream"]["name"]: w["upstream"] for w in health["engine"]["workers"] if "upstream" in w}

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 from PIL import Image
@@ -31,15 +31,13 @@ from ..outputs import EXTENSIONS, encode_image
 from ..queue.base import WorkerState
 from ..spec import GenerationSpec
 from ..storage import Storage
-from ..worker import new_worker_id
+from ..worker import LeasedWorker, new_worker_id
 from .config import UpstreamConfig
 from .health import Health
 from .providers import Done, Inputs, Provider, Rejected, Task, Unavailable, provider_for
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
-STORE_RETRY_MAX_S = 5.0
 LOST_ANSWER = (
     "The upstream {name} may have started a task for this job, but its answer was lost; it is not sent "
     "again (that could be charged twice)."
@@ -54,7 +52,7 @@ class _Stop(Exception):
         self.why = why
 
 
-class UpstreamWorker:
+class UpstreamWorker(LeasedWorker):
     """One upstream provider as a queue worker: ``concurrency`` = its max_in_flight."""
 
     def __init__(
@@ -90,7 +88,8 @@ class UpstreamWorker:
         self.current_job: str | None = None
         self._held: dict[str, Job] = {}  # claim per job id, renewed by the heartbeat
         self._lost: set[str] = set()
-        self._lock = threading.Lock()
+        self._held_lock = threading.Lock()
+        self._heartbeat_stop = threading.Event()
         self._stopping = threading.Event()
         self._heartbeat: threading.Thread | None = None
 
@@ -126,31 +125,24 @@ class UpstreamWorker:
 
     def stop(self, timeout: float = 10.0) -> None:
         self.begin_stop()
+        self._heartbeat_stop.set()
         if self._heartbeat is not None:
             self._heartbeat.join(timeout)
         self._client.close()
         self.state = "stopped"
 
-    def degrade(self, reason: str) -> None:
-        if self.degraded is None:
-            log.warning("upstream worker %s degraded: %s", self.worker_id, reason)
-        self.degraded = reason
-
-    def recovered(self) -> None:
-        self.degraded = None
-
     def run_claimed(self, job_id: str, lock: Any = None, abort: Callable[[], str | None] | None = None) -> list[Job]:
         job = self._store(self._jobs.claim_id, job_id, self.worker_id)
         if job is None:
             return []
-        with self._lock:
+        with self._held_lock:
             self._held[job.id] = job
         try:
             self._run(job, abort or (lambda: None))
         except StoreUnavailable:  # only when stopping: the lease runs out and the job is resumed elsewhere
             log.warning("upstream worker %s stopped before recording job %s", self.worker_id, job.id)
         finally:
-            with self._lock:
+            with self._held_lock:
                 if self._held.get(job.id) is job:
                     del self._held[job.id]
                 self._lost.discard(job.id)
@@ -305,7 +297,7 @@ class UpstreamWorker:
             raise _Stop("shutdown")
         if abort() == "user":
             raise _Stop("user")
-        with self._lock:
+        with self._held_lock:
             if job.id in self._lost:
                 raise _Stop("lost")
         try:
@@ -382,34 +374,6 @@ class UpstreamWorker:
     def _end(self, job: Job, outcome: Callable[[Job], bool]) -> None:
         if not self._store(outcome, job):
             log.warning("job %s: result not recorded, the claim was taken from worker %s", job.id, self.worker_id)
-
-    def _store(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        backoff = 0.25
-        while True:
-            try:
-                result = fn(*args, **kwargs)
-                self.recovered()
-                return result
-            except StoreUnavailable as exc:
-                self.degrade(exc.message)
-                if self._stopping.wait(backoff):
-                    raise
-                backoff = min(backoff * 2, STORE_RETRY_MAX_S)
-
-    def _renew_leases(self) -> None:
-        interval = max(0.05, self._jobs.lease_s / 4)
-        while not self._stopping.wait(interval):
-            with self._lock:
-                held = list(self._held.values())
-            if not held:
-                continue
-            try:
-                kept = self._jobs.renew(held, self.worker_id)
-            except StoreUnavailable as exc:
-                self.degrade(exc.message)
-                continue
-            with self._lock:
-                self._lost |= {j.id for j in held if j.id not in kept and self._held.get(j.id) is j}
 
 
 def _encoded(image: Image.Image, spec: GenerationSpec, meta: dict[str, object]) -> bytes:
