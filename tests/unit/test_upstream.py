@@ -19,9 +19,13 @@ from fluxserve.jobs import JobService
 from fluxserve.migrations import open_store
 from fluxserve.models import ModelRegistry
 from fluxserve.store.keys import debit
+from fluxserve.upstream.base import Inputs, Rejected, Unavailable, call
+from fluxserve.upstream.bfl import BFL
 from fluxserve.upstream.config import parse_upstreams
+from fluxserve.upstream.fal import Fal
 from fluxserve.upstream.health import Health
-from fluxserve.upstream.providers import BFL, Fal, Inputs, OpenAI, Rejected, Replicate, Unavailable, call
+from fluxserve.upstream.openai import OpenAI
+from fluxserve.upstream.replicate import Replicate
 
 BASE = {"kind": "bfl", "base_url": "https://api.bfl.ai"}
 

@@ -32,9 +32,10 @@ from ..queue.base import WorkerState
 from ..spec import GenerationSpec
 from ..storage import Storage
 from ..worker import LeasedWorker, new_worker_id
+from .base import Done, Inputs, Provider, Rejected, Task, Unavailable
 from .config import UpstreamConfig
 from .health import Health
-from .providers import Done, Inputs, Provider, Rejected, Task, Unavailable, provider_for
+from .providers import provider_for
 
 log = logging.getLogger(__name__)
 
