@@ -21,8 +21,17 @@ from .api import files, usage
 from .api import loras as lora_routes
 from .api.bodylimit import BodyLimit
 from .api.deps import Services
-from .api.dialects import DIALECTS, body_limit_for, render_error, render_for_webhook, webhook_rules, webhook_secret_for
+from .api.dialects import (
+    DIALECTS,
+    body_limit_for,
+    prefixes,
+    render_error,
+    render_for_webhook,
+    webhook_rules,
+    webhook_secret_for,
+)
 from .api.errors import install_error_handlers
+from .api.prefixes import ProviderPrefixes
 from .api.ratelimit import RateLimitHeaders
 from .auth import Authenticator
 from .engine.base import Engine
@@ -289,6 +298,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
     )
     app.add_middleware(RateLimitHeaders)
     app.add_middleware(RequestLog, on_done=lambda *request: _count(app, *request))
+    app.add_middleware(ProviderPrefixes, prefixes=prefixes())  # outermost: everything after sees the dialect's path
     install_error_handlers(app, render_error)
     for dialect in DIALECTS:
         for router in dialect.routers:

@@ -146,4 +146,5 @@ DIALECT = Dialect(
     _webhook_secret,
     webhook_rules=WEBHOOKS,
     body_limit=images_at("/v1/flux-"),
+    prefix="/bfl",
 )

@@ -36,6 +36,8 @@ class Dialect:
     webhook_rules: WebhookRules | None = None
     # The body limit of each of its routes (api/bodylimit.py), by path.
     body_limit: Callable[[str], int] = json_only
+    # Its routes are served under this prefix too ("/bfl": /bfl/v1/flux-pro), as the seed relay does.
+    prefix: str = ""
 
 
 def images_at(*prefixes: str) -> Callable[[str], int]:

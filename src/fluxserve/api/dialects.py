@@ -20,6 +20,11 @@ DIALECTS: tuple[Dialect, ...] = (replicate.DIALECT, bfl.DIALECT, vmodel.DIALECT,
 _BY_NAME = {d.name: d for d in DIALECTS}
 
 
+def prefixes() -> dict[str, Any]:
+    """Each prefixed dialect's prefix and which unprefixed paths it owns (api/prefixes.py)."""
+    return {d.prefix: d.owns_path for d in DIALECTS if d.prefix}
+
+
 def dialect_for_path(path: str) -> Dialect:
     return next(d for d in DIALECTS if d.owns_path(path))
 

@@ -15,7 +15,7 @@ from .deps import OwnerDep, ServicesDep
 from .dialect import Dialect
 from .errors import json_body, read_json, render_openai
 from .inputs import submit
-from .openai_render import run_and_render, stream_response
+from .openai_render import run_and_render, stream_response, task_body
 from .openai_schemas import DEFAULT_MODEL, ImageGenerationRequest, known_fields
 
 router = APIRouter(prefix="/v1")
@@ -32,6 +32,12 @@ async def create_image(request: Request, services: ServicesDep, owner: OwnerDep)
         job = await submit(services, request, owner, "openai", spec, echo)
         return stream_response(request, services, job, owner, body.quality, "image_generation")
     return await run_and_render(request, services, owner, spec, echo, body.response_format, body.quality)
+
+
+@router.get("/images/tasks/{task_id}")
+async def get_image_task(task_id: str, services: ServicesDep, owner: OwnerDep) -> dict[str, Any]:
+    """An async-mode task (new-api's "async": true, or Prefer: respond-async) as it is now."""
+    return task_body(services, await services.jobs.get(task_id, owner, "openai"))
 
 
 @router.get("/models")

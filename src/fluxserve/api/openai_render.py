@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..errors import ClientDisconnected, GenerationFailed, InvalidInput
 from ..job import Job, Status
@@ -121,9 +121,12 @@ async def run_and_render(
     quality: str | None,
     inputs: Inputs | None = None,
 ) -> Response:
-    """The synchronous OpenAI call: a job like any other, waited on, rendered as an images response."""
+    """The synchronous OpenAI call: a job like any other, waited on, rendered as an images response.
+    In async mode (``"async": true`` or ``Prefer: respond-async``): 202 and the task, not waited on."""
     key = idempotency_key(request)
     job = await submit(services, request, owner, "openai", spec, echo, inputs)
+    if echo.get("async") or echo.get("async_") or "respond-async" in request.headers.get("prefer", "").lower():
+        return JSONResponse(task_body(services, job), status_code=202)
     while not job.status.is_terminal:
         job = await services.jobs.wait(job.id, owner, timeout=1.0)
         # A client that gave up (a closed chat tab, a timeout) frees the GPU. A job shared through an
@@ -145,6 +148,43 @@ async def run_and_render(
     }
     # Reading and base64-encoding the images is work for a thread, not the event loop.
     return await services.jobs.run(_images_response, services, job, body, response_format or "url")
+
+
+_TASK_STATUS = {
+    Status.QUEUED: "queued",
+    Status.PROCESSING: "in_progress",
+    Status.SUCCEEDED: "completed",
+    Status.FAILED: "failed",
+    Status.CANCELED: "canceled",
+    Status.ABORTED: "canceled",
+}
+
+
+def task_body(services: Services, job: Job) -> dict[str, Any]:
+    """An async images task: its id (as ``id`` and ``task_id``), status, progress, then the images response's
+    ``data`` (URLs: a task is fetched, its images are not inlined) or OpenAI's error object."""
+    body: dict[str, Any] = {
+        "id": job.id,
+        "task_id": job.id,
+        "object": "image.generation.task",
+        "model": job.spec.model,
+        "status": _TASK_STATUS[job.status],
+        "progress": round(job.progress * 100),
+        "created": int(job.created_at),
+        "completed_at": int(job.completed_at) if job.completed_at else None,
+        "data": None,
+        "error": None,
+    }
+    if job.status is Status.SUCCEEDED:
+        body["data"] = [
+            {"url": services.storage.url(o.key), "revised_prompt": job.spec.prompt, "seed": o.seed} for o in job.outputs
+        ]
+        body["size"] = f"{job.spec.width}x{job.spec.height}"
+        body["output_format"] = job.spec.output_format
+    elif job.status.is_terminal:
+        code = job.error_code or ("canceled" if job.status is not Status.FAILED else "generation_failed")
+        body["error"] = {"message": job.error or job.status.value, "code": code}
+    return body
 
 
 def _images_response(services: Services, job: Job, body: dict[str, Any], response_format: str) -> Response:

@@ -26,6 +26,8 @@ class ImageFields(BaseModel):
     seed: int | None = None
     steps: int | None = None
     guidance: float | None = None
+    # new-api's async mode (as Prefer: respond-async): 202 with a task, then GET /v1/images/tasks/{id}.
+    async_: bool | None = Field(default=None, alias="async")
 
     def make_spec(
         self, model: ModelSpec, width: int, height: int, loras: tuple[Adapter, ...], **extra: Any

@@ -400,5 +400,12 @@ def _body_limit(path: str) -> int:
 
 
 DIALECT = Dialect(
-    "replicate", (router,), _owns, render_replicate, render, webhook_rules=WEBHOOKS, body_limit=_body_limit
+    "replicate",
+    (router,),
+    _owns,
+    render_replicate,
+    render,
+    webhook_rules=WEBHOOKS,
+    body_limit=_body_limit,
+    prefix="/replicate",
 )

@@ -1,0 +1,86 @@
+"""The rest of the relay's surface over the HTTP and job layers (FakeEngine): provider prefixes and
+OpenAI's async mode."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi.testclient import TestClient
+
+from tests.conftest import API_KEY, AUTH
+from tests.support.images_util import png_bytes
+
+BASE = "http://127.0.0.1:8123"
+
+
+def _until(client: TestClient, url: str, done: Any, headers: dict[str, str] = AUTH) -> dict[str, Any]:
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        body: dict[str, Any] = client.get(url.removeprefix(BASE), headers=headers).json()
+        if done(body):
+            return body
+        time.sleep(0.02)
+    raise AssertionError(body)
+
+
+def test_bfl_under_its_prefix_with_bearer_or_x_key(client: TestClient) -> None:
+    for headers in (AUTH, {"x-key": API_KEY}):
+        created = client.post("/bfl/v1/flux-kontext-pro", json={"prompt": "p"}, headers=headers)
+        assert created.status_code == 200, created.text
+        job_id = created.json()["id"]
+        got = _until(client, f"/bfl/v1/get_result?id={job_id}", lambda b: b["status"] != "Pending", headers)
+        assert got["status"] == "Ready" and got["result"]["sample"]
+    bad = client.post("/bfl/v1/flux-kontext-pro", json={"prompt": ""}, headers=AUTH)
+    assert bad.status_code == 422 and "prompt" in bad.text  # BFL's error shape under the prefix too
+    assert "detail" in bad.json()
+
+
+def test_replicate_under_its_prefix(client: TestClient) -> None:
+    created = client.post(
+        "/replicate/v1/models/black-forest-labs/flux-schnell/predictions",
+        json={"input": {"prompt": "p"}},
+        headers={**AUTH, "Prefer": "wait=10"},
+    )
+    assert created.status_code in (200, 201), created.text
+    pred = created.json()
+    assert pred["status"] == "succeeded"
+    again = client.get(f"/replicate/v1/predictions/{pred['id']}", headers=AUTH).json()
+    assert again["id"] == pred["id"]
+    problem = client.get("/replicate/v1/predictions/nope", headers=AUTH)
+    assert problem.status_code == 404 and problem.json()["title"]  # Replicate's problem details
+
+
+def test_a_prefix_reaches_only_its_own_dialect(client: TestClient) -> None:
+    body = {"model": "flux-schnell", "prompt": "p"}
+    assert client.post("/bfl/v1/images/generations", json=body, headers=AUTH).status_code == 404
+    assert client.get("/replicate/v1/images/tasks/x", headers=AUTH).status_code == 404
+    assert client.get("/bfl/health").status_code == 404
+
+
+def test_openai_async_mode_returns_a_task_to_poll(client: TestClient) -> None:
+    created = client.post(
+        "/v1/images/generations", json={"model": "flux-schnell", "prompt": "p", "async": True}, headers=AUTH
+    )
+    assert created.status_code == 202, created.text
+    task = created.json()
+    assert task["task_id"] == task["id"] and task["status"] in ("queued", "in_progress", "completed")
+    done = _until(client, f"/v1/images/tasks/{task['id']}", lambda b: b["status"] == "completed")
+    assert done["data"][0]["url"].startswith(BASE) and done["error"] is None and done["progress"] == 100
+    prefer = client.post(
+        "/v1/images/generations",
+        json={"model": "flux-schnell", "prompt": "p"},
+        headers={**AUTH, "Prefer": "respond-async"},
+    )
+    assert prefer.status_code == 202
+    edit = client.post(
+        "/v1/images/edits",
+        data={"model": "flux-kontext-pro", "prompt": "p", "async": "true"},
+        files=[("image[]", ("a.png", png_bytes((64, 64)), "image/png"))],
+        headers=AUTH,
+    )
+    assert edit.status_code == 202, edit.text
+    assert _until(client, f"/v1/images/tasks/{edit.json()['id']}", lambda b: b["status"] == "completed")["data"]
+    assert client.get("/v1/images/tasks/nope", headers=AUTH).status_code == 404
+    wrong = client.post("/v1/images/generations", json={"prompt": "p", "async": "yes"}, headers=AUTH)
+    assert wrong.status_code == 400 and "async" in wrong.text
