@@ -84,3 +84,67 @@ def test_openai_async_mode_returns_a_task_to_poll(client: TestClient) -> None:
     assert client.get("/v1/images/tasks/nope", headers=AUTH).status_code == 404
     wrong = client.post("/v1/images/generations", json={"prompt": "p", "async": "yes"}, headers=AUTH)
     assert wrong.status_code == 400 and "async" in wrong.text
+
+
+def _basic(key: str = API_KEY, user: str = "webui") -> dict[str, str]:
+    import base64
+
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{key}".encode()).decode()}
+
+
+def test_a1111_as_open_webui_calls_it(client: TestClient, fake_engine: Any) -> None:
+    import base64
+    import json
+
+    models = client.get("/sdapi/v1/sd-models", headers=_basic()).json()
+    assert {"flux-schnell", "flux-dev"} <= {m["title"] for m in models} and all("model_name" in m for m in models)
+    assert (
+        client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "flux-dev"}, headers=_basic()).status_code == 200
+    )
+    assert client.get("/sdapi/v1/options", headers=_basic()).json()["sd_model_checkpoint"] == "flux-dev"
+    # Open WebUI's txt2img body (backend/open_webui/routers/images.py): prompt, batch_size, width, height, steps...
+    body = {"prompt": "a fox", "batch_size": 2, "width": 512, "height": 256, "steps": 10, "negative_prompt": "blurry",
+            "cfg_scale": 4.5, "sampler_name": "Euler a", "seed": 42}  # fmt: skip
+    got = client.post("/sdapi/v1/txt2img", json=body, headers=_basic())
+    assert got.status_code == 200, got.text
+    answer = got.json()
+    assert len(answer["images"]) == 2 and base64.b64decode(answer["images"][0])[:4] == b"\x89PNG"
+    info = json.loads(answer["info"])
+    assert (
+        info["all_seeds"] == [42, 43] and info["sd_model_name"] == "flux-dev" and "negative_prompt" in info["comments"]
+    )
+    spec = fake_engine.last_spec
+    assert (spec.model, spec.width, spec.height, spec.steps, spec.guidance) == ("flux-dev", 512, 256, 10, 4.5)
+    progress = client.get("/sdapi/v1/progress", headers=AUTH).json()
+    assert progress["state"]["job_count"] == 0 and progress["progress"] == 0.0
+    img = base64.b64encode(png_bytes((256, 256))).decode()
+    i2i = client.post(
+        "/sdapi/v1/img2img",
+        json={"prompt": "night", "init_images": [img], "denoising_strength": 0.4,
+              "override_settings": {"sd_model_checkpoint": "flux-schnell"}},
+        headers=AUTH,
+    )  # fmt: skip
+    assert i2i.status_code == 200, i2i.text
+    assert (fake_engine.last_spec.task, fake_engine.last_spec.strength) == ("img2img", 0.4)
+    assert client.post("/sdapi/v1/interrupt", headers=AUTH).status_code == 200
+
+
+def test_a1111_errors_name_the_field_in_its_shape(client: TestClient) -> None:
+    bad = client.post("/sdapi/v1/txt2img", json={"prompt": "p", "width": 100}, headers=AUTH)
+    assert bad.status_code == 422 and set(bad.json()) == {"error", "detail", "body", "errors"}
+    assert "width" in bad.text
+    wrong_model = client.post(
+        "/sdapi/v1/txt2img", json={"prompt": "p", "override_settings": {"sd_model_checkpoint": "sdxl"}}, headers=AUTH
+    )
+    assert wrong_model.status_code == 422 and "sdxl" in wrong_model.json()["errors"]
+    assert client.post("/sdapi/v1/txt2img", json={"prompt": "p"}, headers=_basic("wrong")).status_code == 401
+    assert (
+        client.post("/sdapi/v1/txt2img", json={"prompt": "p"}, headers={"Authorization": "Basic !!"}).status_code == 401
+    )
+    assert client.post("/sdapi/v1/img2img", json={"prompt": "p", "init_images": []}, headers=AUTH).status_code == 422
+    steps = client.post(
+        "/sdapi/v1/txt2img",
+        json={"prompt": "p", "steps": 20, "override_settings": {"sd_model_checkpoint": "flux-schnell"}},
+        headers=AUTH,
+    )
+    assert steps.status_code == 422 and "steps must be between 1 and 4" in steps.json()["errors"]

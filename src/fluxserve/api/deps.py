@@ -51,6 +51,11 @@ async def _owner_for(request: Request, key: str | None) -> str:
     return owner if owner is not None else await services.jobs.run(services.auth.owner_for, key)
 
 
+async def owner_for_key(request: Request, key: str | None) -> str:
+    """The owner of a key a dialect read its own way (A1111's basic auth)."""
+    return await _owner_for(request, key)
+
+
 async def require_owner(request: Request) -> str:
     return await _owner_for(request, bearer_token(request.headers.get("authorization")))
 

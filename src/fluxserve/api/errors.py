@@ -80,7 +80,7 @@ def openai_error(status: int, message: str, type_: str, param: str | None, code:
     return JSONResponse(body, status_code=status)
 
 
-def _details(exc: FluxServeError) -> list[dict[str, object]]:
+def field_details(exc: FluxServeError) -> list[dict[str, object]]:
     if exc.details:
         return exc.details
     loc: list[object] = ["body", *(exc.param or "body").split(".")] if exc.param not in (None, "body") else ["body"]
@@ -105,7 +105,7 @@ def render_replicate(exc: FluxServeError) -> JSONResponse:
     if status == 422:
         body["invalid_fields"] = [
             {"type": d["type"], "field": ".".join(str(p) for p in d["loc"] if p != "body"), "description": d["msg"]}  # type: ignore[attr-defined]
-            for d in _details(exc)
+            for d in field_details(exc)
         ]
     return JSONResponse(body, status_code=status, media_type="application/problem+json")
 
@@ -114,7 +114,7 @@ def render_bfl(exc: FluxServeError) -> JSONResponse:
     """BFL (FastAPI underneath): 422 {"detail": [{loc, msg, type}]} for bad input, {"detail": "..."} otherwise."""
     status, _ = http_status(exc)
     if status in (400, 422):
-        return JSONResponse({"detail": _details(exc)}, status_code=422)
+        return JSONResponse({"detail": field_details(exc)}, status_code=422)
     return JSONResponse({"detail": exc.message}, status_code=status)
 
 
