@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 
+from fluxserve.migrations import LATEST
 from tests.support.server import FLUXSERVE, RemoteServer
 
 
@@ -178,4 +179,4 @@ def test_db_upgrade_applies_missing_steps_once(tmp_path: Path) -> None:
     assert "applied 1: jobs and api keys" in first.stdout and "applied 2:" in first.stdout
     assert "applied 3: per-key limits, image counts" in first.stdout
     again = _cli("db", "upgrade", *data)
-    assert again.returncode == 0 and "applied" not in again.stdout and "schema at version 6" in again.stdout
+    assert again.returncode == 0 and "applied" not in again.stdout and f"schema at version {LATEST}" in again.stdout
