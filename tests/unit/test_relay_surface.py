@@ -148,3 +148,60 @@ def test_a1111_errors_name_the_field_in_its_shape(client: TestClient) -> None:
         headers=AUTH,
     )
     assert steps.status_code == 422 and "steps must be between 1 and 4" in steps.json()["errors"]
+
+
+FAL_KEY = {"Authorization": f"Key {API_KEY}"}
+
+
+def test_fal_queue_submit_status_result(client: TestClient, fake_engine: Any) -> None:
+    created = client.post(
+        "/fal-ai/flux/dev",
+        json={"prompt": "a fox", "image_size": "landscape_16_9", "num_inference_steps": 12, "guidance_scale": 4,
+              "num_images": 2, "seed": 9, "output_format": "png"},
+        headers=FAL_KEY,
+    )  # fmt: skip
+    assert created.status_code == 200, created.text
+    sub = created.json()
+    assert set(sub) >= {"request_id", "status_url", "response_url", "cancel_url"}
+    assert sub["status_url"] == f"{BASE}/fal-ai/flux/requests/{sub['request_id']}/status"  # fal drops the sub-path
+    status = _until(client, sub["status_url"] + "?logs=1", lambda b: b["status"] == "COMPLETED", FAL_KEY)
+    assert status["logs"] and status["logs"][0]["message"].startswith("Using seed")
+    result = client.get(sub["response_url"].removeprefix(BASE), headers=FAL_KEY).json()
+    assert [(i["width"], i["height"], i["content_type"]) for i in result["images"]] == [(1024, 576, "image/png")] * 2
+    assert result["seed"] == 9 and result["has_nsfw_concepts"] == [False, False] and result["prompt"] == "a fox"
+    spec = fake_engine.last_spec
+    assert (spec.model, spec.steps, spec.guidance) == ("flux-dev", 12, 4)
+    assert client.get(sub["response_url"].removeprefix(BASE), headers=AUTH).status_code == 200  # Bearer works too
+    other = client.get(f"/fal-ai/flux-pro/requests/{sub['request_id']}", headers=FAL_KEY)
+    assert other.status_code == 404  # another app's path does not reach it
+
+
+def test_fal_sync_mode_kontext_references_and_cancel(client: TestClient, fake_engine: Any) -> None:
+    import base64
+
+    ref = "data:image/png;base64," + base64.b64encode(png_bytes((320, 256))).decode()
+    sync = client.post(
+        "/fal-ai/flux-pro/kontext",
+        json={"prompt": "night", "image_url": ref, "image_size": {"width": 512, "height": 512}, "sync_mode": True},
+        headers=FAL_KEY,
+    )
+    assert sync.status_code == 200, sync.text
+    assert sync.json()["images"][0]["url"].startswith("data:image/jpeg;base64,")
+    assert fake_engine.last_spec.model == "flux-kontext-pro" and len(fake_engine.last_spec.images) == 1
+    queued = client.post("/fal-ai/flux/schnell", json={"prompt": "p"}, headers=FAL_KEY).json()
+    cancel = client.put(queued["cancel_url"].removeprefix(BASE), headers=FAL_KEY)
+    assert cancel.status_code in (202, 400)  # 400: it had already completed (the fake engine is quick)
+
+
+def test_fal_errors_name_the_field(client: TestClient) -> None:
+    bad = client.post("/fal-ai/flux/dev", json={"prompt": "p", "image_size": "huge"}, headers=FAL_KEY)
+    assert bad.status_code == 422 and "image_size" in bad.json()["detail"][0]["loc"]
+    steps = client.post("/fal-ai/flux/schnell", json={"prompt": "p", "num_inference_steps": 30}, headers=FAL_KEY)
+    assert steps.status_code == 422 and "num_inference_steps" in steps.text
+    unknown = client.post("/fal-ai/sdxl", json={"prompt": "p"}, headers=FAL_KEY)
+    assert unknown.status_code == 404 and "fal-ai/flux/dev" in unknown.json()["detail"]
+    assert (
+        client.post("/fal-ai/flux/dev", json={"prompt": "p"}, headers={"Authorization": "Key nope"}).status_code == 401
+    )
+    hook = client.post("/fal-ai/flux/dev?fal_webhook=http://10.0.0.1/x", json={"prompt": "p"}, headers=FAL_KEY)
+    assert hook.status_code == 422 and "fal_webhook" in hook.text

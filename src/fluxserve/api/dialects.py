@@ -11,12 +11,19 @@ from ..errors import FluxServeError
 from ..job import Job
 from ..store import WebhookRules
 from ..webhooks import owner_secret
-from . import a1111, bfl, openai, replicate, vmodel
+from . import a1111, bfl, fal, openai, replicate, vmodel
 from .deps import Services
 from .dialect import Dialect
 
 # One line per dialect; the last owns every path no other claims (the playground, files, /health).
-DIALECTS: tuple[Dialect, ...] = (replicate.DIALECT, bfl.DIALECT, vmodel.DIALECT, a1111.DIALECT, openai.DIALECT)
+DIALECTS: tuple[Dialect, ...] = (
+    replicate.DIALECT,
+    bfl.DIALECT,
+    vmodel.DIALECT,
+    a1111.DIALECT,
+    fal.DIALECT,
+    openai.DIALECT,
+)
 _BY_NAME = {d.name: d for d in DIALECTS}
 
 

@@ -1,0 +1,248 @@
+"""fal's queue API (queue.fal.run), as fal-client and fal's docs shape it, under ``/fal-ai``.
+
+``POST /fal-ai/{app}`` (``flux/dev``, ``flux-pro/kontext``...) queues a job: ``{request_id, status_url,
+response_url, cancel_url}``. Its URLs drop the app's sub-path as fal's do: ``/fal-ai/{alias}/requests/{id}``
+(the result), ``.../status`` (``IN_QUEUE`` with ``queue_position``, ``IN_PROGRESS``, ``COMPLETED``; ``logs=1``
+adds log lines) and ``PUT .../cancel``. ``sync_mode: true`` in the input answers at once with the result,
+images as data URIs, as fal's synchronous run does. ``?fal_webhook=URL`` posts fal's webhook body when the
+job ends (signed with Standard Webhooks headers, not fal's ED25519). Auth: ``Authorization: Key <key>``
+or ``Bearer``.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import InvalidInput, NotFound
+from ..job import EventKind, Job, Status
+from ..store import WebhookRules
+from ..webhooks import check_webhook_url
+from .deps import Services, ServicesDep, owner_for_key
+from .dialect import Dialect, images_at
+from .errors import json_body, read_json, render_bfl
+from .inputs import Inputs, LoraItem, image_from_value, known_fields, lora_items, resolve_loras, submit
+
+router = APIRouter(prefix="/fal-ai")
+WEBHOOKS = WebhookRules(on={k: ("completed",) for k in EventKind if k.is_ending})
+
+# fal's app ids (after fal-ai/) -> our names.
+APPS = {
+    "flux/schnell": "flux-schnell",
+    "flux/dev": "flux-dev",
+    "flux/dev/image-to-image": "flux-dev",
+    "flux-pro": "flux-pro",
+    "flux-pro/v1.1": "flux-pro",
+    "flux-pro/kontext": "flux-kontext-pro",
+    "flux-pro/kontext/max": "flux-kontext-max",
+    "flux-pro/v1/fill": "flux-fill",
+    "flux-2": "flux-2-dev",
+    "flux-2/edit": "flux-2-dev",
+    "flux-2-pro": "flux-2-pro",
+    "flux-2-pro/edit": "flux-2-pro",
+    "flux-2-flex": "flux-2-flex",
+    "flux-2/klein/4b": "flux-2-klein-4b",
+    "flux-2/klein/9b": "flux-2-klein-9b",
+}
+SIZES = {
+    "square_hd": (1024, 1024),
+    "square": (512, 512),
+    "portrait_4_3": (768, 1024),
+    "portrait_16_9": (576, 1024),
+    "landscape_4_3": (1024, 768),
+    "landscape_16_9": (1024, 576),
+}
+_PARAMS = {"size": "image_size", "height": "image_size.height", "steps": "num_inference_steps",
+           "guidance": "guidance_scale", "image": "image_url", "strength": "strength"}  # fmt: skip
+
+
+async def require_owner_key(request: Request) -> str:
+    """fal's ``Authorization: Key <key>``, or Bearer."""
+    scheme, _, value = (request.headers.get("authorization") or "").partition(" ")
+    key = value.strip() if scheme.lower() in ("key", "bearer") else None
+    return await owner_for_key(request, key or None)
+
+
+Owner = Depends(require_owner_key)
+
+
+class Size(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    width: int
+    height: int
+
+
+class FalInput(BaseModel):
+    model_config = ConfigDict(extra="allow")  # fal ignores fields an app does not take
+
+    prompt: str = Field(max_length=32_000)
+    image_size: Literal[tuple(SIZES)] | Size | None = None  # type: ignore[valid-type]
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    num_images: int = Field(default=1, ge=1, le=4)
+    seed: int | None = None
+    output_format: Literal["jpeg", "png"] = "jpeg"
+    image_url: str | None = Field(default=None, max_length=70_000_000)
+    image_urls: list[str] = Field(default_factory=list, max_length=16)
+    strength: float | None = None
+    loras: list[LoraItem] | None = Field(default=None, max_length=8)
+    sync_mode: bool = False
+    enable_safety_checker: bool = True  # accepted; fluxserve runs no safety checker
+
+    async def to_spec(self, services: Services, app: str) -> tuple[Any, Inputs]:
+        model = services.registry.get(APPS[app])
+        values = [("image_url", self.image_url)] if self.image_url else []
+        values += [(f"image_urls[{i}]", u) for i, u in enumerate(self.image_urls)]
+        if len(values) > model.image_limit:
+            model.check_image_count(len(values), param=values[model.image_limit][0])
+        inputs = Inputs([await image_from_value(v, services, param=p) for p, v in values])
+        if isinstance(self.image_size, Size):
+            width, height = self.image_size.width, self.image_size.height
+        elif self.image_size is None and inputs.images:
+            width, height = (s // 16 * 16 for s in inputs.images[0].size)
+        else:
+            width, height = SIZES[self.image_size or "landscape_4_3"]
+        loras = await resolve_loras(services, model, lora_items(self.loras), param="loras")
+        spec = model.make_spec(
+            prompt=self.prompt,
+            width=width,
+            height=height,
+            num_images=self.num_images,
+            steps=self.num_inference_steps,
+            guidance=self.guidance_scale,
+            seed=self.seed,
+            output_format=self.output_format,
+            quality=95,
+            images=inputs.keys,
+            strength=self.strength if inputs.images and not model.takes_references else None,
+            params=_PARAMS,
+            loras=loras,
+        )
+        return spec, inputs
+
+
+def _alias(app: str) -> str:
+    return app.split("/")[0]
+
+
+def _urls(services: Services, job: Job) -> dict[str, str]:
+    root = f"{services.settings.base_url}/fal-ai/{_alias(job.request['app'])}/requests/{job.id}"
+    return {"status_url": f"{root}/status", "response_url": root, "cancel_url": f"{root}/cancel"}
+
+
+def result_body(services: Services, job: Job, *, inline: bool = False) -> dict[str, Any]:
+    images = []
+    for out in job.outputs:
+        mime = f"image/{out.format}"
+        url = services.storage.url(out.key)
+        if inline:
+            url = f"data:{mime};base64,{base64.b64encode(services.storage.read(out.key)).decode()}"
+        images.append({"url": url, "width": out.width, "height": out.height, "content_type": mime})
+    run_s = (job.completed_at or 0) - (job.started_at or 0)
+    return {
+        "images": images,
+        "seed": job.spec.seed,
+        "has_nsfw_concepts": [False] * len(images),
+        "prompt": job.spec.prompt,
+        "timings": {"inference": round(run_s, 3)},
+    }
+
+
+@router.post("/{app:path}", openapi_extra=json_body(FalInput))
+async def create(app: str, request: Request, services: ServicesDep, owner: str = Owner) -> Any:
+    if app not in APPS:
+        raise NotFound(f"fal-ai/{app} is not served here; served: {', '.join(f'fal-ai/{a}' for a in APPS)}.")
+    if APPS[app] not in services.registry:
+        raise NotFound(f"fal-ai/{app} ({APPS[app]}) is not served here.")
+    body = await read_json(request, FalInput)
+    webhook = None
+    if hook := request.query_params.get("fal_webhook"):
+        if len(hook) > 2083:
+            raise InvalidInput("fal_webhook may be at most 2083 characters.", param="fal_webhook")
+        allow = services.settings.allow_private_urls
+        await services.jobs.run(check_webhook_url, hook, param="fal_webhook", allow_private=allow)
+        webhook = {"url": hook, "events": ["completed"]}
+    spec, inputs = await body.to_spec(services, app)
+    echo = {"app": app, "input": known_fields(body, exclude={"image_url", "image_urls"})}
+    job = await submit(services, request, owner, "fal", spec, echo, inputs, webhook=webhook)
+    if body.sync_mode:
+        job = await services.jobs.wait(job.id, owner)
+        if job.status is not Status.SUCCEEDED:
+            return JSONResponse({"detail": job.error or job.status.value}, status_code=500)
+        return await services.jobs.run(result_body, services, job, inline=True)
+    return {"request_id": job.id, **_urls(services, job), "queue_position": job.queue_position or 0}
+
+
+async def _job(services: Services, alias: str, request_id: str, owner: str) -> Job:
+    job = await services.jobs.get(request_id, owner, "fal")
+    if _alias(job.request.get("app", "")) != alias:
+        raise NotFound(f"No request {request_id!r} for fal-ai/{alias}.", param="request_id")
+    return job
+
+
+def status_body(services: Services, job: Job, logs: bool) -> dict[str, Any]:
+    status = {Status.QUEUED: "IN_QUEUE", Status.PROCESSING: "IN_PROGRESS"}.get(job.status, "COMPLETED")
+    body: dict[str, Any] = {"status": status, "request_id": job.id, **_urls(services, job)}
+    if job.status is Status.QUEUED:
+        body["queue_position"] = max(0, (job.queue_position or 1) - 1)
+    if logs:
+        body["logs"] = [{"message": line, "level": "INFO", "source": "user"} for line in job.log_lines()]
+    if job.status.is_terminal:
+        body["metrics"] = {"inference_time": round((job.completed_at or 0) - (job.started_at or 0), 3)}
+        if job.status is not Status.SUCCEEDED:
+            body["error"] = job.error
+    return body
+
+
+@router.get("/{alias}/requests/{request_id}/status")
+async def get_status(
+    alias: str, request_id: str, services: ServicesDep, owner: str = Owner, logs: int = 0
+) -> dict[str, Any]:
+    return status_body(services, await _job(services, alias, request_id, owner), bool(logs))
+
+
+@router.get("/{alias}/requests/{request_id}")
+async def get_result(alias: str, request_id: str, services: ServicesDep, owner: str = Owner) -> Any:
+    job = await _job(services, alias, request_id, owner)
+    if not job.status.is_terminal:
+        return JSONResponse({"detail": "Request is still in progress"}, status_code=400)
+    if job.status is not Status.SUCCEEDED:
+        return JSONResponse({"detail": job.error or job.status.value}, status_code=422)
+    return await services.jobs.run(result_body, services, job)
+
+
+@router.put("/{alias}/requests/{request_id}/cancel")
+async def cancel(alias: str, request_id: str, services: ServicesDep, owner: str = Owner) -> Any:
+    job = await _job(services, alias, request_id, owner)
+    if job.status.is_terminal:
+        return JSONResponse({"status": "ALREADY_COMPLETED"}, status_code=400)
+    await services.jobs.cancel(job.id, owner)
+    return JSONResponse({"status": "CANCELLATION_REQUESTED"}, status_code=202)
+
+
+def render_webhook(services: Services, job: Job) -> dict[str, Any]:
+    """fal's webhook body: request_id, status OK/ERROR, the result as payload."""
+    ok = job.status is Status.SUCCEEDED
+    return {
+        "request_id": job.id,
+        "gateway_request_id": job.id,
+        "status": "OK" if ok else "ERROR",
+        "payload": result_body(services, job) if ok else None,
+        "error": None if ok else job.error,
+    }
+
+
+DIALECT = Dialect(
+    "fal",
+    (router,),
+    lambda path: path.startswith("/fal-ai/"),
+    render_bfl,  # fal answers as FastAPI does: {"detail": [...]} for bad input, {"detail": "..."} otherwise
+    render_webhook,
+    webhook_rules=WEBHOOKS,
+    body_limit=images_at("/fal-ai/"),
+)
