@@ -72,6 +72,10 @@ def _upstreams_credits(conn: Connection) -> None:
     _add_missing_columns(conn, store.api_keys)  # credits
 
 
+def _files(conn: Connection) -> None:
+    store.metadata.create_all(conn, tables=[store.files])
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "jobs and api keys", _baseline),
     (2, "worker leases, job events, webhook outbox", _leases_events_outbox),
@@ -80,6 +84,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (5, "queue rows, shared secret, worker registry", _scale_out),
     (6, "fair priority", _fair_priority),
     (7, "upstream routes, credits", _upstreams_credits),
+    (8, "replicate files", _files),
 ]
 LATEST = MIGRATIONS[-1][0]
 

@@ -46,6 +46,9 @@ def sweep(
         for key in keys:
             storage.delete(key)
         expired += store.mark_files_expired(job.id, now)
+    for upload in store.expired_files(now - retention_s, limit):  # Replicate files: their row, then bytes
+        if store.delete_file(upload.owner, upload.id) is not None:
+            storage.delete(upload.key)
     orphans = 0
     for folder in storage.stale_input_folders(now - retention_s - ORPHAN_GRACE_S):
         if re.fullmatch(r"inputs/[0-9a-f]+", folder) and not store.references_input(folder):

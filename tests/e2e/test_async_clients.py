@@ -172,3 +172,30 @@ def test_openai_sdk_streaming_partials(server: RemoteServer) -> None:
     previews = [Image.open(io.BytesIO(base64.b64decode(e.b64_json))) for e in events]
     assert all(p.size == (512, 512) for p in previews)
     assert previews[0].tobytes() != previews[-1].tobytes()
+
+
+def test_replicate_files_and_the_prefix_with_the_real_client(server: RemoteServer) -> None:
+    """replicate-python pointed at /replicate (the relay's prefix): it uploads a file object passed as an
+    input through POST /v1/files and sends the file's urls.get, which the prediction reads from our storage."""
+    prefixed = replicate.Client(api_token=server.api_key, base_url=f"{server.url}/replicate", timeout=120)
+    uploaded = prefixed.files.create(io.BytesIO(png_bytes((256, 128), (200, 10, 10))), filename="ref.png")
+    assert uploaded.size > 0 and uploaded.urls["get"] == f"{server.url}/v1/files/{uploaded.id}"
+    assert uploaded.checksums["sha256"] and prefixed.files.get(uploaded.id).name == "ref.png"
+    assert uploaded.id in [f.id for f in prefixed.files.list()]
+    out = prefixed.run(
+        "black-forest-labs/flux-kontext-pro",
+        input={"prompt": "blue", "input_image": io.BytesIO(png_bytes((256, 128), (0, 0, 200)))},
+        file_encoding_strategy="url",
+    )
+    assert Image.open(io.BytesIO(_read(out))).format == "PNG"
+    by_url = prefixed.run(
+        "black-forest-labs/flux-kontext-pro", input={"prompt": "green", "input_image": uploaded.urls["get"]}
+    )
+    assert Image.open(io.BytesIO(_read(by_url))).size == (1456, 720)  # the upload's 2:1, at 1 MP
+    other = replicate.Client(api_token="fs-not-the-owner", base_url=server.url)
+    with pytest.raises(ReplicateError):
+        other.files.get(uploaded.id)
+    prefixed.files.delete(uploaded.id)
+    with pytest.raises(ReplicateError) as gone:
+        prefixed.files.get(uploaded.id)
+    assert gone.value.status == 404

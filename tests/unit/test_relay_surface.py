@@ -205,3 +205,38 @@ def test_fal_errors_name_the_field(client: TestClient) -> None:
     )
     hook = client.post("/fal-ai/flux/dev?fal_webhook=http://10.0.0.1/x", json={"prompt": "p"}, headers=FAL_KEY)
     assert hook.status_code == 422 and "fal_webhook" in hook.text
+
+
+def test_replicate_files_bad_input_and_ownership(client: TestClient, settings: Any) -> None:
+    from fluxserve.auth import create_key
+
+    up = client.post("/v1/files", files={"content": ("a.png", png_bytes((64, 64)), "image/png")},
+                     data={"metadata": '{"k": 1}'}, headers=AUTH)  # fmt: skip
+    assert up.status_code == 201, up.text
+    made = up.json()
+    assert made["metadata"] == {"k": 1} and made["content_type"] == "image/png" and made["expires_at"]
+    download = client.get(f"/v1/files/{made['id']}/download", headers=AUTH)
+    assert download.content[:4] == b"\x89PNG"
+    assert client.post("/v1/files", json={"content": "x"}, headers=AUTH).status_code == 415
+    missing = client.post("/v1/files", files={"other": ("a", b"x")}, headers=AUTH)
+    assert missing.status_code == 422 and missing.json()["invalid_fields"][0]["field"] == "content"
+    bad_meta = client.post("/v1/files", files={"content": ("a", b"x")}, data={"metadata": "[1]"}, headers=AUTH)
+    assert bad_meta.status_code == 422 and "metadata" in bad_meta.text
+    # Another key can neither see the file nor name it in a prediction.
+    store = client.app.state.services.store  # type: ignore[attr-defined]
+    other = {"Authorization": f"Bearer {create_key(store, 'other').key}"}
+    assert client.get(f"/v1/files/{made['id']}", headers=other).status_code == 404
+    theirs = client.post(
+        "/v1/models/black-forest-labs/flux-kontext-pro/predictions",
+        json={"input": {"prompt": "p", "input_image": made["urls"]["get"]}},
+        headers=other,
+    )
+    assert theirs.status_code == 422 and "no file" in theirs.text
+    mine = client.post(
+        "/v1/models/black-forest-labs/flux-kontext-pro/predictions",
+        json={"input": {"prompt": "p", "input_image": made["urls"]["get"]}},
+        headers={**AUTH, "Prefer": "wait=10"},
+    )
+    assert mine.json()["status"] == "succeeded", mine.text
+    assert client.delete(f"/v1/files/{made['id']}", headers=AUTH).status_code == 204
+    assert client.delete(f"/v1/files/{made['id']}", headers=AUTH).status_code == 404

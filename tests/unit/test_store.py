@@ -241,6 +241,7 @@ def test_migrations_are_numbered_idempotent_and_upgrade_an_old_database(tmp_path
         "5: queue rows, shared secret, worker registry",
         "6: fair priority",
         "7: upstream routes, credits",
+        "8: replicate files",
     ]
     assert upgrade(store.engine) == []
     assert current_version(store.engine) == LATEST

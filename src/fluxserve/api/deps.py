@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -44,11 +45,18 @@ def get_services(request: Request) -> Services:
     return services
 
 
+# The authenticated caller of the request being handled (set with the route's auth dependency): what an
+# input naming one of the caller's uploaded files (api/replicate_files.py) is checked against.
+current_owner: ContextVar[str | None] = ContextVar("fluxserve_current_owner", default=None)
+
+
 async def _owner_for(request: Request, key: str | None) -> str:
     services = get_services(request)
     # The operator's key needs no database read; stored keys are looked up off the event loop.
     owner = services.auth.env_owner(key)
-    return owner if owner is not None else await services.jobs.run(services.auth.owner_for, key)
+    owner = owner if owner is not None else await services.jobs.run(services.auth.owner_for, key)
+    current_owner.set(owner)
+    return owner
 
 
 async def owner_for_key(request: Request, key: str | None) -> str:

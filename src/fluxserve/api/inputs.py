@@ -52,8 +52,14 @@ async def read_upload(value: object, *, param: str, max_bytes: int = MAX_IMAGE_B
 
 
 async def image_from_value(value: str, services: Services, *, param: str) -> Image.Image:
-    """An http(s) URL, a data: URL, or bare base64 (as BFL clients send)."""
-    if value.startswith(("http://", "https://", "data:")) or "://" in value[:16]:
+    """An http(s) URL, a data: URL, or bare base64 (as BFL clients send); a file the caller uploaded
+    (Replicate's files API) by its URL is read from our storage."""
+    from .replicate_files import read_own_file
+
+    own = await read_own_file(services, value, param=param)
+    if own is not None:
+        data = own
+    elif value.startswith(("http://", "https://", "data:")) or "://" in value[:16]:
         data = await fetch_image_bytes(value, param=param, allow_private=services.settings.allow_private_urls)
     else:
         data = decode_base64(value, param=param)

@@ -20,7 +20,8 @@ from ..errors import Forbidden, InvalidInput, NotFound
 from ..job import EventKind, Job, Status
 from ..store import WebhookRules
 from ..webhooks import check_webhook_url, owner_secret
-from .bodylimit import IMAGE_JSON_BODY_BYTES, JSON_BODY_BYTES
+from . import replicate_files
+from .bodylimit import IMAGE_JSON_BODY_BYTES, JSON_BODY_BYTES, UPLOAD_BODY_BYTES
 from .deps import OwnerDep, Services, ServicesDep, require_owner
 from .dialect import Dialect
 from .errors import inline_schema, json_body, read_json, render_replicate
@@ -303,18 +304,21 @@ async def cancel_prediction(job_id: str, services: ServicesDep, owner: OwnerDep)
 
 @router.get("/predictions")
 async def list_predictions(services: ServicesDep, owner: OwnerDep, cursor: str | None = None) -> dict[str, Any]:
-    before = _decode_cursor(cursor) if cursor else None
+    before = decode_cursor(cursor) if cursor else None
     jobs = await services.jobs.list(owner, "replicate", before=before, limit=PAGE_SIZE + 1)
     page, more = jobs[:PAGE_SIZE], len(jobs) > PAGE_SIZE
     next_url = None
     if more:
         last = page[-1]
-        token = base64.urlsafe_b64encode(json.dumps([last.created_at, last.id]).encode()).decode()
-        next_url = f"{services.settings.base_url}/v1/predictions?cursor={token}"
+        next_url = f"{services.settings.base_url}/v1/predictions?cursor={encode_cursor(last.created_at, last.id)}"
     return {"previous": None, "next": next_url, "results": [render(services, j) for j in page]}
 
 
-def _decode_cursor(cursor: str) -> tuple[float, str]:
+def encode_cursor(created: float, item_id: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps([created, item_id]).encode()).decode()
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
     try:
         created, job_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
         if isinstance(created, bool) or not isinstance(created, int | float) or not isinstance(job_id, str):
@@ -380,6 +384,7 @@ def _sse(event: str, data: str, event_id: int) -> str:
 # Replicate's paths: every error under them, a 404 or 405 of a route not served here too, is a problem detail.
 _PREFIXES = (
     "/v1/predictions",
+    "/v1/files",
     "/v1/webhooks",
     "/v1/deployments",
     "/v1/trainings",
@@ -395,13 +400,15 @@ def _owns(path: str) -> bool:
 
 
 def _body_limit(path: str) -> int:
+    if path == "/v1/files":
+        return UPLOAD_BODY_BYTES
     creates = path.startswith("/v1/predictions") or path.endswith("/predictions")
     return IMAGE_JSON_BODY_BYTES if creates else JSON_BODY_BYTES
 
 
 DIALECT = Dialect(
     "replicate",
-    (router,),
+    (router, replicate_files.router),
     _owns,
     render_replicate,
     render,

@@ -1,6 +1,6 @@
 """The database, split along its tables: schema.py (tables), db.py (engine, pools, write lock, errors),
 jobs.py (job rows and fenced transitions), events.py (job_events, NOTIFY), outbox.py (webhook deliveries),
-keys.py (API keys, the shared secret), reports.py (usage, metrics, retention reads).
+keys.py (API keys, the shared secret, credits), files.py (uploads), reports.py (usage, metrics, retention reads).
 
 ``Store`` is all of them over one engine. Only JobService calls the methods that change a job.
 """
@@ -12,14 +12,15 @@ from typing import Any
 
 from .db import BUSY_S, POOL_OVERFLOW, POOL_SIZE, POOL_WAIT_S, Database, application_name
 from .events import NOTIFY_CHANNEL, EventQueries
+from .files import FileQueries, StoredFile
 from .jobs import Admission, Fence, JobQueries, outputs_json, to_job
 from .keys import KeyQueries, key_limits
 from .outbox import OutboxQueries, WebhookRules
 from .reports import Reports, usage
-from .schema import api_keys, job_events, jobs, metadata, server_secrets, webhook_deliveries, workers
+from .schema import api_keys, files, job_events, jobs, metadata, server_secrets, webhook_deliveries, workers
 
 
-class Store(JobQueries, EventQueries, OutboxQueries, KeyQueries, Reports, Database):
+class Store(JobQueries, EventQueries, OutboxQueries, KeyQueries, FileQueries, Reports, Database):
     def __init__(self, url: str, **pool: Any) -> None:
         super().__init__(url, **pool)
         from ..queue.local import LocalHooks
@@ -39,9 +40,11 @@ __all__ = [
     "Admission",
     "Fence",
     "Store",
+    "StoredFile",
     "WebhookRules",
     "api_keys",
     "application_name",
+    "files",
     "job_events",
     "jobs",
     "key_limits",

@@ -105,6 +105,23 @@ webhook_deliveries = Table(
     Index("ix_webhook_deliveries_state_due", "state", "due_at"),
 )
 
+# Replicate's files API: uploads a key owns, named by URL in its predictions' inputs.
+files = Table(
+    "files",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("owner", String(64), nullable=False),
+    Column("name", String(255), nullable=False),
+    Column("content_type", String(128), nullable=False),
+    Column("size", Integer, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("md5", String(32), nullable=False),
+    Column("metadata", Text, nullable=False, default="{}"),
+    Column("key", String(300), nullable=False),  # its storage key
+    Column("created_at", Float, nullable=False),
+    Index("ix_files_owner_created_at", "owner", "created_at"),
+)
+
 # One secret for every node: signs file URLs and derives webhook secrets.
 server_secrets = Table(
     "server_secrets",

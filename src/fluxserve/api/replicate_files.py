@@ -1,0 +1,135 @@
+"""Replicate's files API: ``POST /v1/files`` (multipart ``content``), list, get, download, delete.
+
+A file belongs to the key that uploaded it; its ``urls.get`` may be named in that key's prediction inputs
+(``input_image``, ``image``, ``input_images``: as new-api's Replicate channel and replicate-python send
+uploads), where it is read from our storage, never fetched over HTTP. Files are deleted with the rest
+after the server's retention period (FLUXSERVE_RETENTION); ``expires_at`` says when.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from ..errors import InvalidInput, NotFound, UnsupportedMediaType
+from ..images import MAX_IMAGE_BYTES
+from ..store import StoredFile
+from .deps import OwnerDep, Services, ServicesDep, current_owner
+from .inputs import read_upload
+
+router = APIRouter(prefix="/v1")
+PAGE_SIZE = 100
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+def file_url(services: Services, file_id: str) -> str:
+    return f"{services.settings.base_url}/v1/files/{file_id}"
+
+
+def render(services: Services, f: StoredFile) -> dict[str, Any]:
+    retention = services.settings.retention_s
+    return {
+        "id": f.id,
+        "name": f.name,
+        "content_type": f.content_type,
+        "size": f.size,
+        "etag": f.md5,
+        "checksums": {"sha256": f.sha256, "md5": f.md5},
+        "metadata": f.metadata,
+        "created_at": _iso(f.created_at),
+        "expires_at": _iso(f.created_at + retention) if retention > 0 else None,
+        "urls": {"get": file_url(services, f.id)},
+    }
+
+
+@router.post("/files", status_code=201)
+async def create_file(request: Request, services: ServicesDep, owner: OwnerDep) -> dict[str, Any]:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "multipart/form-data":
+        raise UnsupportedMediaType(f"Content-Type must be multipart/form-data; got {ctype or 'none'!r}.")
+    form = await request.form(max_files=1, max_fields=8)
+    try:
+        content = form.get("content")
+        data = await read_upload(content, param="content", max_bytes=MAX_IMAGE_BYTES)
+        name = str(form.get("filename") or getattr(content, "filename", None) or "file")[:255]
+        mime = str(form.get("type") or getattr(content, "content_type", None) or "application/octet-stream")[:128]
+        raw_meta = form.get("metadata") or "{}"
+        try:
+            metadata = json.loads(str(raw_meta))
+        except ValueError as exc:
+            raise InvalidInput("metadata must be a JSON object.", param="metadata") from exc
+        if not isinstance(metadata, dict) or len(str(raw_meta)) > 8192:
+            raise InvalidInput("metadata must be a JSON object of at most 8 KB.", param="metadata")
+    finally:
+        await form.close()
+    file_id = secrets.token_hex(12)
+    stored = StoredFile(
+        file_id, owner, name, mime, len(data), hashlib.sha256(data).hexdigest(), hashlib.md5(data).hexdigest(),
+        metadata, f"uploads/{file_id}/content", time.time(),
+    )  # fmt: skip
+    await services.jobs.run(services.storage.put, stored.key, data)
+    await services.jobs.run(services.store.add_file, stored)
+    return render(services, stored)
+
+
+async def _get(services: Services, owner: str, file_id: str) -> StoredFile:
+    found = await services.jobs.run(services.store.get_file, owner, file_id)
+    if found is None:
+        raise NotFound(f"No file with id {file_id!r}.", param="file_id")
+    return found
+
+
+@router.get("/files")
+async def list_files(services: ServicesDep, owner: OwnerDep, cursor: str | None = None) -> dict[str, Any]:
+    from .replicate import decode_cursor, encode_cursor
+
+    before = decode_cursor(cursor) if cursor else None
+    rows = await services.jobs.run(lambda: services.store.list_files(owner, before=before, limit=PAGE_SIZE + 1))
+    page = rows[:PAGE_SIZE]
+    nxt = None
+    if len(rows) > PAGE_SIZE:
+        nxt = f"{services.settings.base_url}/v1/files?cursor={encode_cursor(page[-1].created_at, page[-1].id)}"
+    return {"previous": None, "next": nxt, "results": [render(services, f) for f in page]}
+
+
+@router.get("/files/{file_id}")
+async def get_file(file_id: str, services: ServicesDep, owner: OwnerDep) -> dict[str, Any]:
+    return render(services, await _get(services, owner, file_id))
+
+
+@router.get("/files/{file_id}/download")
+async def download_file(file_id: str, services: ServicesDep, owner: OwnerDep) -> Response:
+    found = await _get(services, owner, file_id)
+    data = await services.jobs.run(services.storage.read, found.key)
+    return Response(data, media_type=found.content_type)
+
+
+@router.delete("/files/{file_id}", status_code=204)
+async def delete_file(file_id: str, services: ServicesDep, owner: OwnerDep) -> Response:
+    gone = await services.jobs.run(services.store.delete_file, owner, file_id)
+    if gone is None:
+        raise NotFound(f"No file with id {file_id!r}.", param="file_id")
+    await services.jobs.run(services.storage.delete, gone.key)
+    return Response(status_code=204)
+
+
+async def read_own_file(services: Services, url: str, *, param: str) -> bytes | None:
+    """The bytes of a file URL of ours the caller owns; None when ``url`` is not one of our file URLs."""
+    prefix = f"{services.settings.base_url}/v1/files/"
+    if not url.startswith(prefix):
+        return None
+    file_id = url.removeprefix(prefix).split("/", 1)[0].split("?", 1)[0]
+    found = await services.jobs.run(services.store.get_file, current_owner.get() or "", file_id)
+    if found is None:
+        raise InvalidInput(f"{param}: no file {file_id!r} was uploaded with this API key.", param=param)
+    return await services.jobs.run(services.storage.read, found.key)
