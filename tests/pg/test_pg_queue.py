@@ -67,8 +67,8 @@ def test_a_job_and_its_queue_entry_commit_together_or_not_at_all(
     queue = jobs.store.queue
     assert isinstance(queue, PgQueue)
 
-    def broken(conn: object, job_id: str, model: str, priority: int) -> None:
-        PgQueue._defer(queue, conn, job_id, model, priority)  # type: ignore[arg-type]
+    def broken(conn: object, job_id: str, model: str, priority: int, route: str | None = None) -> None:
+        PgQueue._defer(queue, conn, job_id, model, priority, route)  # type: ignore[arg-type]
         raise RuntimeError("the database went away between the two statements")
 
     monkeypatch.setattr(queue, "_defer", broken)
@@ -218,3 +218,26 @@ def test_changes_committed_elsewhere_reach_listeners(jobs: JobService, pg_url: s
     asyncio.run(main())
     job_id = got[-1][0]
     assert got[:-1] == [(job_id, "submitted"), (job_id, "canceled")]
+
+
+def test_routes_choose_the_queue_and_spill_and_failover_move_the_row(jobs: JobService, tmp_path: object) -> None:
+    from pathlib import Path
+
+    toml = Path(str(tmp_path)) / "u.toml"
+    toml.write_text(
+        '[upstreams.bfl]\nkind = "bfl"\nbase_url = "https://api.bfl.ai"\n'
+        '[upstreams.rep]\nkind = "replicate"\nbase_url = "https://api.replicate.com"\n'
+        '[models.flux-pro]\nupstream = "bfl"\nfallback = ["rep"]\n'
+        '[models.flux-dev]\nspill_to = "rep"\nspill_after_s = 0\n'
+    )
+    registry = ModelRegistry.default().layered(toml)
+    jobs.registry = registry
+    pro = jobs.submit_sync("o", "vmodel", registry.get("flux-pro").make_spec(prompt="p", width=256, height=256), {})
+    assert _pc(jobs, pro.id)[:2] == ("todo", "upstream:bfl")
+    dev = _submit(jobs)
+    assert _pc(jobs, dev.id)[:2] == ("todo", "model:flux-dev")
+    assert jobs.spill() == 1 and jobs.spill() == 0
+    assert _pc(jobs, dev.id)[:2] == ("todo", "upstream:rep")
+    claimed = jobs.claim_id(pro.id, "w")
+    assert claimed is not None and jobs.reroute(claimed, "rep", "bfl down")
+    assert _pc(jobs, pro.id)[1] == "upstream:rep"  # procrastinate's retry keeps the moved queue name
