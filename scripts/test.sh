@@ -43,4 +43,4 @@ fi
 # The dialects once more, on PostgreSQL + procrastinate instead of SQLite.
 .venv/bin/python -m pytest --on-postgres tests/unit/test_api.py tests/unit/test_replicate_api.py \
   tests/unit/test_bfl_api.py tests/unit/test_api_images.py tests/unit/test_api_bad_input.py \
-  tests/unit/test_batching.py tests/unit/test_flux2_api.py
+  tests/unit/test_batching.py tests/unit/test_flux2_api.py tests/unit/test_relay_surface.py
