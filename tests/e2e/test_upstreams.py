@@ -50,6 +50,11 @@ kind = "fal"
 base_url = "{fal}"
 api_key_env = "FAL_KEY"
 {common}
+[upstreams.bfal]
+kind = "fal"
+base_url = "{b}"
+api_key_env = "B_KEY"
+{common}
 [upstreams.dead]
 kind = "bfl"
 base_url = "{dead}"
@@ -70,6 +75,10 @@ upstream = "oai"
 [models.flux-kontext-max]
 upstream = "fal"
 upstream_model = "fal-ai/flux-pro/kontext/max"
+
+[models.flux-2-flex]
+upstream = "bfal"
+upstream_model = "fal-ai/flux-2-flex"
 
 [models.flux-pro-typo]
 upstream = "bfl"
@@ -204,6 +213,13 @@ def test_fal_upstream_polls_the_queue(a: RemoteServer, fal: tuple[str, FalState]
     assert submit["path"] == "/fal-ai/flux-pro/kontext/max"
     assert submit["body"]["image_size"] == {"width": 320, "height": 256}
     assert state.polls[submit["id"]] >= 3  # IN_QUEUE, IN_PROGRESS, COMPLETED: it was polled, not assumed
+
+
+def test_fluxserve_b_as_a_fal_upstream(a: RemoteServer, b: RemoteServer) -> None:
+    # B's own fal queue dialect, polled by A's fal upstream worker: both sides of fal's shapes are ours.
+    url = generated_url(a, "flux-2-flex", "fal both ways", "256x256")
+    assert image_meta(url)["upstream"] == "bfal"
+    assert b_jobs(b)[-1][1:] == ("fal", "flux-2-flex")
 
 
 def test_upstream_400_fails_the_job_with_its_message_once(a: RemoteServer, b: RemoteServer) -> None:
