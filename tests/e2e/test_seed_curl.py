@@ -1,5 +1,6 @@
 """The seed's curl examples, verbatim but for host and key, against the real server."""
 
+import base64
 import io
 import json
 import subprocess
@@ -80,3 +81,35 @@ def test_seed_task_api_curl(server: RemoteServer) -> None:
     assert url.startswith(server.url) and url.split("?")[0].endswith("/out-0.jpg")
     img = Image.open(io.BytesIO(curl_bytes(url)))
     assert img.format == "JPEG" and img.size == (1024, 1024)
+
+
+def test_provider_prefixes_a1111_and_async_with_curl(server: RemoteServer) -> None:
+    """The README's curl lines for the relay's prefixes, OpenAI async mode and A1111, against the real server."""
+    auth = f"Authorization: Bearer {server.api_key}"
+    json_body = "Content-Type: application/json"
+    created = curl("--url", f"{server.url}/bfl/v1/flux-kontext-pro", "--header", auth, "--header", json_body,
+                   "--data", '{"prompt": "a red fox", "aspect_ratio": "1:1"}')  # fmt: skip
+    deadline = time.time() + 60
+    while (got := curl(f"{server.url}/bfl/v1/get_result?id={created['id']}", "--header", f"x-key: {server.api_key}"))[
+        "status"
+    ] == "Pending" and time.time() < deadline:
+        time.sleep(0.2)
+    assert got["status"] == "Ready" and Image.open(io.BytesIO(curl_bytes(got["result"]["sample"]))).size == (1024, 1024)
+    pred = curl("--url", f"{server.url}/replicate/v1/models/black-forest-labs/flux-schnell/predictions",
+                "--header", auth, "--header", "Prefer: wait", "--header", "Content-Type: application/json",
+                "--data", '{"input": {"prompt": "a fox", "megapixels": "0.25"}}')  # fmt: skip
+    assert pred["status"] == "succeeded" and len(pred["output"]) == 1
+    task = curl("--url", f"{server.url}/v1/images/generations", "--header", auth,
+                "--header", "Content-Type: application/json",
+                "--data", '{"model": "flux-schnell", "prompt": "a fox", "size": "256x256", "async": true}')  # fmt: skip
+    assert task["status"] in ("queued", "in_progress", "completed")
+    deadline = time.time() + 60
+    while (done := curl(f"{server.url}/v1/images/tasks/{task['task_id']}", "--header", auth))["status"] != "completed":
+        assert time.time() < deadline and done["status"] in ("queued", "in_progress"), done
+        time.sleep(0.2)
+    assert done["data"][0]["url"].startswith(server.url)
+    txt2img = '{"prompt": "a fox", "width": 768, "height": 512, "steps": 4, "batch_size": 2, "seed": 5}'
+    a1111 = curl("--url", f"{server.url}/sdapi/v1/txt2img", "-u", f"webui:{server.api_key}",
+                 "--header", json_body, "--data", txt2img)  # fmt: skip
+    assert json.loads(a1111["info"])["all_seeds"] == [5, 6]
+    assert Image.open(io.BytesIO(base64.b64decode(a1111["images"][1]))).size == (768, 512)
