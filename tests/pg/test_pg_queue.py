@@ -241,3 +241,33 @@ def test_routes_choose_the_queue_and_spill_and_failover_move_the_row(jobs: JobSe
     claimed = jobs.claim_id(pro.id, "w")
     assert claimed is not None and jobs.reroute(claimed, "rep", "bfl down")
     assert _pc(jobs, pro.id)[1] == "upstream:rep"  # procrastinate's retry keeps the moved queue name
+
+
+def test_per_key_limits_and_credits_hold_under_20_concurrent_creates(pg_url: str) -> None:
+    from fluxserve.errors import RateLimited
+    from fluxserve.limits import Limits
+
+    store = open_store(pg_url, pool_size=20, pool_overflow=0)
+    store.queue = PgQueue(store)
+    jobs = JobService(store, limits=Limits(), threads=1)
+    store.add_key("k1", "limited", "a" * 64, "fs-")
+    store.set_key_limits("k1", Limits(max_queued=2))
+    outcomes: list[str] = []
+    start = threading.Barrier(20)
+
+    def create() -> None:
+        start.wait()
+        try:
+            _submit(jobs, owner="k1")
+            outcomes.append("admitted")
+        except RateLimited:
+            outcomes.append("limited")
+
+    threads = [threading.Thread(target=create) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes).count("admitted") == 2 and outcomes.count("limited") == 18  # was 8 of 8 before
+    jobs.close()
+    store.close()

@@ -8,7 +8,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import IntegrityError
 
@@ -20,6 +20,7 @@ from .keys import refund
 from .outbox import WebhookRules
 from .schema import jobs
 
+ADMIT_LOCK = 0x6B657973  # "keys": the advisory lock space of per-key admission (with the key's hash)
 ANY_ROUTE: Any = object()  # queued(): jobs of every route
 Values = dict[str, Any] | Callable[[Job], dict[str, Any]]
 # Run inside the insert's transaction before the row is written: a per-key admission that may refuse
@@ -127,6 +128,10 @@ class JobQueries(Database):
 
         try:
             with self._write() as conn:
+                if admit is not None and conn.dialect.name == "postgresql":
+                    # One key's creates take turns until commit: its counts (queued, per minute, per
+                    # day) are read and the new row written with no concurrent create between them.
+                    conn.execute(select(func.pg_advisory_xact_lock(ADMIT_LOCK, func.hashtext(job.owner))))
                 headers = admit(conn, job) if admit is not None else {}
                 fair = priority(conn, job.owner)
                 conn.execute(jobs.insert().values(**job_row(job), priority=fair))
