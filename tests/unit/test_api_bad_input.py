@@ -1,5 +1,6 @@
 """Every bad input gets a 4xx in the OpenAI envelope that names the field; never a 500."""
 
+import base64
 import io
 import json
 import time
@@ -192,6 +193,27 @@ def test_a_pixel_bomb_request_is_refused_from_the_headers(client: TestClient) ->
     resp = client.post("/v1/images/edits", data={"prompt": "p"}, files=bombs, headers=AUTH)
     _assert_error(resp, 400, "image", "64 megapixels in all", "256.0")
     assert time.perf_counter() - start < 3  # refused before 256 MP were decoded
+
+
+def test_json_routes_have_the_same_pixel_budget(client: TestClient) -> None:
+    """Data URLs in Replicate's input_images and BFL's input_image_N count against one 64 MP budget too."""
+    buf = io.BytesIO()
+    Image.new("L", (6000, 6000)).save(buf, format="PNG")  # 36 MP of one colour
+    bomb = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    start = time.perf_counter()
+    rep = client.post(
+        "/v1/models/black-forest-labs/flux-2-pro/predictions",
+        json={"input": {"prompt": "p", "input_images": [bomb, bomb, bomb]}},
+        headers=AUTH,
+    )
+    assert rep.status_code == 422 and "64 megapixels in all" in rep.text, rep.text
+    bfl = client.post(
+        "/v1/flux-kontext-pro",
+        json={"prompt": "p", "input_image": bomb.split(",", 1)[1], "input_image_2": bomb.split(",", 1)[1]},
+        headers={"x-key": API_KEY},
+    )
+    assert bfl.status_code == 422 and "64 megapixels in all" in bfl.text, bfl.text
+    assert time.perf_counter() - start < 5  # refused before 108 MP were decoded
 
 
 def test_unknown_fields_are_ignored_by_name_not_stored(client: TestClient) -> None:

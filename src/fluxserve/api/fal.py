@@ -25,7 +25,7 @@ from ..webhooks import check_webhook_url
 from .deps import Services, ServicesDep, owner_for_key
 from .dialect import Dialect, images_at
 from .errors import json_body, read_json, render_bfl
-from .inputs import Inputs, LoraItem, image_from_value, known_fields, lora_items, resolve_loras, submit
+from .inputs import Inputs, LoraItem, images_from_values, known_fields, lora_items, resolve_loras, submit
 
 router = APIRouter(prefix="/fal-ai")
 WEBHOOKS = WebhookRules(on={k: ("completed",) for k in EventKind if k.is_ending})
@@ -100,7 +100,7 @@ class FalInput(BaseModel):
         values += [(f"image_urls[{i}]", u) for i, u in enumerate(self.image_urls)]
         if len(values) > model.image_limit:
             model.check_image_count(len(values), param=values[model.image_limit][0])
-        inputs = Inputs([await image_from_value(v, services, param=p) for p, v in values])
+        inputs = Inputs(await images_from_values(values, services))
         if isinstance(self.image_size, Size):
             width, height = self.image_size.width, self.image_size.height
         elif self.image_size is None and inputs.images:

@@ -15,7 +15,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from ..errors import InvalidInput, PayloadTooLarge
-from ..images import MAX_IMAGE_BYTES, decode_base64, decode_image_async, fetch_image_bytes
+from ..images import MAX_IMAGE_BYTES, check_pixel_budget, decode_base64, decode_image_async, fetch_image_bytes
 from ..job import Job
 from ..loras import LoraRequest, check_requests
 from ..models import ModelSpec
@@ -51,19 +51,34 @@ async def read_upload(value: object, *, param: str, max_bytes: int = MAX_IMAGE_B
     return data
 
 
-async def image_from_value(value: str, services: Services, *, param: str) -> Image.Image:
+async def _value_bytes(value: str, services: Services, *, param: str) -> bytes:
     """An http(s) URL, a data: URL, or bare base64 (as BFL clients send); a file the caller uploaded
     (Replicate's files API) by its URL is read from our storage."""
     from .replicate_files import read_own_file
 
     own = await read_own_file(services, value, param=param)
     if own is not None:
-        data = own
-    elif value.startswith(("http://", "https://", "data:")) or "://" in value[:16]:
-        data = await fetch_image_bytes(value, param=param, allow_private=services.settings.allow_private_urls)
-    else:
-        data = decode_base64(value, param=param)
+        return own
+    if value.startswith(("http://", "https://", "data:")) or "://" in value[:16]:
+        return await fetch_image_bytes(value, param=param, allow_private=services.settings.allow_private_urls)
+    return decode_base64(value, param=param)
+
+
+async def image_from_value(value: str, services: Services, *, param: str) -> Image.Image:
+    data = await _value_bytes(value, services, param=param)
     return await decode_image_async(data, param=param, slots=services.decode_slots)
+
+
+async def images_from_values(values: list[tuple[str, str]], services: Services) -> list[Image.Image]:
+    """Every (param, value) image of a JSON request, within the per-request pixel budget (judged from
+    the headers, before anything is decoded), as multipart edits are."""
+    blobs = [await _value_bytes(value, services, param=param) for param, value in values]
+    if len(blobs) > 1:
+        check_pixel_budget(blobs, param=values[0][0])
+    return [
+        await decode_image_async(b, param=p, slots=services.decode_slots)
+        for (p, _), b in zip(values, blobs, strict=True)
+    ]
 
 
 @dataclass
@@ -206,7 +221,7 @@ async def image_and_size(
     """
     if len(values) > model.image_limit:  # before fetching anything; names the first field past the limit
         model.check_image_count(len(values), param=values[model.image_limit][0])
-    inputs = Inputs([await image_from_value(value, services, param=param) for param, value in values])
+    inputs = Inputs(await images_from_values(values, services))
     for (param, _), image in zip(values, inputs.images, strict=True):
         model.check_reference(image.size, param=param)
     match_input = aspect_ratio == "match_input_image" or (
