@@ -90,3 +90,24 @@ def test_client_that_gives_up_frees_the_worker(server: RemoteServer) -> None:
     ).fetchone()
     db.close()
     assert status == "canceled" and done < 50, (status, done)
+
+
+def test_a_client_with_an_idempotency_key_that_leaves_stops_the_wait_not_the_job(server: RemoteServer) -> None:
+    import sqlite3
+    import time
+
+    body = {"model": "flux-dev", "prompt": "keyed and left", "size": "1024x1024", "steps": 30}
+    headers = {**server.headers, "Idempotency-Key": "left-once"}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/images/generations", json=body, headers=headers, timeout=1.0)
+    left = time.monotonic()
+    # The request ends (499 in the log) within a couple of polls, long before its job does.
+    while "POST /v1/images/generations 499" not in server.log():
+        assert time.monotonic() - left < 10, "the abandoned request kept waiting"
+        time.sleep(0.2)
+    db = sqlite3.connect(server.data_dir / "fluxserve.db")
+    status = db.execute("SELECT status FROM jobs WHERE idempotency_key = 'left-once'").fetchone()[0]
+    db.close()
+    assert status in ("queued", "processing", "succeeded")  # shared through its key: it runs on
+    again = httpx.post(f"{server.url}/v1/images/generations", json=body, headers=headers, timeout=120)
+    assert again.status_code == 200 and again.json()["data"]  # the retry gets the same job's images

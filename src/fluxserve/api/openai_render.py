@@ -130,9 +130,11 @@ async def run_and_render(
     while not job.status.is_terminal:
         job = await services.jobs.wait(job.id, owner, timeout=1.0)
         # A client that gave up (a closed chat tab, a timeout) frees the GPU. A job shared through an
-        # Idempotency-Key may have another waiter, so it runs on.
-        if not job.status.is_terminal and key is None and await request.is_disconnected():
-            await services.jobs.cancel(job.id, owner)
+        # Idempotency-Key may have another waiter (a retry replays it), so it runs on, but this request
+        # stops waiting for it all the same.
+        if not job.status.is_terminal and await request.is_disconnected():
+            if key is None:
+                await services.jobs.cancel(job.id, owner)
             raise ClientDisconnected("The client closed the connection before the images were ready.")
     if job.status is not Status.SUCCEEDED and job.error_code == "upstream_rejected":
         raise InvalidInput(job.error or "The upstream provider refused the request.", code="upstream_rejected")
