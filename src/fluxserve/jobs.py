@@ -348,7 +348,7 @@ class JobService:
     def expire(self, now: float | None = None) -> tuple[int, int, int]:
         """Abort queued jobs past their Cancel-After deadline; re-queue (or fail, past max_attempts)
         jobs whose worker's lease ran out. Returns (aborted, requeued, failed)."""
-        now = time.time() if now is None else now
+        now = self.store.now() if now is None else now  # the database clock on PostgreSQL
         aborted = requeued = failed = 0
         for job in self.store.past_deadline(now):
             done = self.store.transition(

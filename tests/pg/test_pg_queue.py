@@ -271,3 +271,21 @@ def test_per_key_limits_and_credits_hold_under_20_concurrent_creates(pg_url: str
     assert sorted(outcomes).count("admitted") == 2 and outcomes.count("limited") == 18  # was 8 of 8 before
     jobs.close()
     store.close()
+
+
+def test_leases_use_the_database_clock_so_a_skewed_node_requeues_nothing_live(
+    jobs: JobService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = _submit(jobs)
+    claimed = jobs.claim_id(job.id, "worker-on-a-good-clock")
+    assert claimed is not None
+    real = time.time
+    # Another node's sweeper whose clock runs an hour fast: by its clock every lease has long expired.
+    monkeypatch.setattr(time, "time", lambda: real() + 3600)
+    assert jobs.expire() == (0, 0, 0)
+    assert jobs.renew([claimed], "worker-on-a-good-clock") == {job.id}
+    monkeypatch.setattr(time, "time", real)
+    current = jobs.store.get_job(job.id)
+    assert current is not None and current.status is Status.PROCESSING and current.attempts == 1
+    # Its lease, by the database's clock, still runs out when the worker stops renewing.
+    assert jobs.expire(now=jobs.store.now() + jobs.lease_s + 1) == (0, 1, 0)

@@ -10,11 +10,12 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, event, select
+from sqlalchemy import create_engine, event, func, select
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -30,6 +31,13 @@ BUSY_S = 5.0  # how long a write waits for a locked database before it is StoreU
 POOL_SIZE = 5
 POOL_OVERFLOW = 5
 POOL_WAIT_S = 10.0  # a thread that waits longer for a connection gets StoreUnavailable (503), not a hang
+
+
+def clock(conn: Connection) -> float:
+    """Now, by the database server's clock on PostgreSQL (every node agrees on it), else this machine's."""
+    if conn.dialect.name == "postgresql":
+        return float(conn.execute(select(func.extract("epoch", func.clock_timestamp()))).scalar_one())
+    return time.time()
 
 
 class _NoLock:
@@ -139,6 +147,13 @@ class Database:
         log.warning("database error: %s", reason(exc))
         kind = type(exc.orig).__name__ if exc.orig is not None else type(exc).__name__
         return StoreUnavailable(f"The database is unavailable ({kind}); the server log has the details.")
+
+    def now(self) -> float:
+        """The time leases are measured in: the database's clock on PostgreSQL (nodes' clocks may skew)."""
+        if self.is_sqlite:
+            return time.time()
+        with self._read() as conn:
+            return clock(conn)
 
     def ping(self) -> None:
         with self._read() as conn:

@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 
 from ..job import EventKind, Job, Output, Status
 from ..spec import GenerationSpec
-from .db import Database
+from .db import Database, clock
 from .events import append_event
 from .keys import refund
 from .outbox import WebhookRules
@@ -219,18 +219,18 @@ class JobQueries(Database):
         """Claim these queued jobs in order, in one transaction: the first that is still queued, or all that are.
 
         ``lock`` narrows the ids inside the transaction first (the queue's rows, ``SKIP LOCKED``)."""
-        now = time.time()
-        values = {
-            "status": Status.PROCESSING.value,
-            "attempts": jobs.c.attempts + 1,
-            "started_at": now,
-            "progress_done": 0,
-            "worker_id": worker_id,
-            "lease_expires_at": now + lease_s,
-        }
         claimed: list[Job] = []
         rules = self.webhook_rules
         with self._write() as conn:
+            now = clock(conn)
+            values = {
+                "status": Status.PROCESSING.value,
+                "attempts": jobs.c.attempts + 1,
+                "started_at": now,
+                "progress_done": 0,
+                "worker_id": worker_id,
+                "lease_expires_at": now + lease_s,
+            }
             if lock is not None:
                 job_ids = lock(conn, job_ids)
             for job_id in job_ids:
@@ -252,7 +252,7 @@ class JobQueries(Database):
         mine = or_(*(and_(jobs.c.id == job_id, jobs.c.attempts == attempt) for job_id, attempt in claims))
         held = and_(mine, jobs.c.worker_id == worker_id, jobs.c.status == Status.PROCESSING.value)
         with self._write() as conn:
-            conn.execute(update(jobs).where(held).values(lease_expires_at=time.time() + lease_s))
+            conn.execute(update(jobs).where(held).values(lease_expires_at=clock(conn) + lease_s))
             return {r.id for r in conn.execute(select(jobs.c.id).where(held))}
 
 
