@@ -56,22 +56,38 @@ class JobService:
         self.limits = limits  # the server's per-key defaults; keys may override them
         self.max_attempts = max_attempts
         self.lease_s = lease_s
-        # Store calls from request handlers run here, never on the event loop.
+        # Store calls from request handlers run here, never on the event loop. Key lookups and the slow
+        # work of requests (webhook DNS checks, image encoding, file reads and writes) have pools of their
+        # own: a create whose webhook host resolves slowly never makes another tenant's GET wait.
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fluxserve-store")
+        self._auth_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fluxserve-auth")
+        self._slow_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fluxserve-io")
         self._lock = threading.Lock()
         self._waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
         self._on_change: list[Callable[[Job, EventKind], None]] = []
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        for pool in (self._pool, self._auth_pool, self._slow_pool):
+            pool.shutdown(wait=True)
 
     def on_change(self, callback: Callable[[Job, EventKind], None]) -> None:
         """A local shortcut (webhook sender, worker wake-up); the events table stays the truth."""
         self._on_change.append(callback)
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """A store call, off the event loop."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+
+    async def run_auth(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """An API key lookup: its own threads, so authentication never queues behind other work."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._auth_pool, lambda: fn(*args, **kwargs))
+
+    async def run_slow(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """A request's slow blocking work (DNS lookups, image encoding, file reads and writes)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._slow_pool, lambda: fn(*args, **kwargs))
 
     # -- transitions --------------------------------------------------------
 

@@ -240,3 +240,34 @@ def test_replicate_files_bad_input_and_ownership(client: TestClient, settings: A
     assert mine.json()["status"] == "succeeded", mine.text
     assert client.delete(f"/v1/files/{made['id']}", headers=AUTH).status_code == 204
     assert client.delete(f"/v1/files/{made['id']}", headers=AUTH).status_code == 404
+
+
+def test_slow_webhook_dns_never_stalls_another_tenants_request(client: TestClient, monkeypatch: Any) -> None:
+    """Creates whose webhook host resolves slowly hold threads of their own pool, not the store's or auth's."""
+    import threading
+
+    from fluxserve.api import replicate as replicate_api
+    from fluxserve.auth import create_key
+
+    real = replicate_api.check_webhook_url
+
+    def slow_dns(*args: Any, **kwargs: Any) -> None:
+        time.sleep(2.0)
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(replicate_api, "check_webhook_url", slow_dns)
+    other = {"Authorization": f"Bearer {create_key(client.app.state.services.store, 'other').key}"}  # type: ignore[attr-defined]
+    body = {"input": {"prompt": "p"}, "webhook": "https://example.com/hook"}
+    url = "/v1/models/black-forest-labs/flux-schnell/predictions"
+    creates = [
+        threading.Thread(target=client.post, args=(url,), kwargs={"json": body, "headers": AUTH}) for _ in range(6)
+    ]
+    for t in creates:
+        t.start()
+    time.sleep(0.3)  # the creates are in their DNS checks now
+    start = time.perf_counter()
+    listed = client.get("/v1/predictions", headers=other)
+    took = time.perf_counter() - start
+    for t in creates:
+        t.join()
+    assert listed.status_code == 200 and took < 1.0, took  # was ~2 s: behind the DNS checks in the store pool

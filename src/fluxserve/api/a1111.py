@@ -114,7 +114,7 @@ async def _generate(request: Request, services: Services, owner: str, body: Txt2
             raise ClientDisconnected("The client closed the connection before the images were ready.")
     if job.status is Status.FAILED:
         raise GenerationFailed(job.error or "The generation failed.")
-    return await services.jobs.run(_response, services, job, body, model)
+    return await services.jobs.run_slow(_response, services, job, body, model)
 
 
 def _response(services: Services, job: Job, body: Txt2Img, model: ModelSpec) -> dict[str, Any]:
@@ -175,7 +175,7 @@ async def progress(services: ServicesDep, owner: str = Owner, skip_current_image
     }
     current = None
     if live and job is not None and job.previews and not skip_current_image:
-        current = base64.b64encode(await services.jobs.run(services.storage.read, job.previews[-1])).decode()
+        current = base64.b64encode(await services.jobs.run_slow(services.storage.read, job.previews[-1])).decode()
     fraction = job.progress if live and job is not None else 0.0
     eta = None
     if live and job is not None and job.started_at and fraction > 0:

@@ -41,7 +41,7 @@ async def _create(endpoint: str, request: Request, services: Services, owner: st
     spec, inputs = await body.to_spec(services, model)
     webhook = None
     if body.webhook_url:
-        await services.jobs.run(
+        await services.jobs.run_slow(
             check_webhook_url, body.webhook_url, param="webhook_url", allow_private=services.settings.allow_private_urls
         )
         secret = seal(services.secret, body.webhook_secret) if body.webhook_secret else None

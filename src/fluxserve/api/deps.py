@@ -54,7 +54,7 @@ async def _owner_for(request: Request, key: str | None) -> str:
     services = get_services(request)
     # The operator's key needs no database read; stored keys are looked up off the event loop.
     owner = services.auth.env_owner(key)
-    owner = owner if owner is not None else await services.jobs.run(services.auth.owner_for, key)
+    owner = owner if owner is not None else await services.jobs.run_auth(services.auth.owner_for, key)
     current_owner.set(owner)
     return owner
 

@@ -165,7 +165,7 @@ async def create(app: str, request: Request, services: ServicesDep, owner: str =
         if len(hook) > 2083:
             raise InvalidInput("fal_webhook may be at most 2083 characters.", param="fal_webhook")
         allow = services.settings.allow_private_urls
-        await services.jobs.run(check_webhook_url, hook, param="fal_webhook", allow_private=allow)
+        await services.jobs.run_slow(check_webhook_url, hook, param="fal_webhook", allow_private=allow)
         webhook = {"url": hook, "events": ["completed"]}
     spec, inputs = await body.to_spec(services, app)
     echo = {"app": app, "input": known_fields(body, exclude={"image_url", "image_urls"})}
@@ -174,7 +174,7 @@ async def create(app: str, request: Request, services: ServicesDep, owner: str =
         job = await services.jobs.wait(job.id, owner)
         if job.status is not Status.SUCCEEDED:
             return JSONResponse({"detail": job.error or job.status.value}, status_code=500)
-        return await services.jobs.run(result_body, services, job, inline=True)
+        return await services.jobs.run_slow(result_body, services, job, inline=True)
     return {"request_id": job.id, **_urls(services, job), "queue_position": job.queue_position or 0}
 
 
@@ -213,7 +213,7 @@ async def get_result(alias: str, request_id: str, services: ServicesDep, owner: 
         return JSONResponse({"detail": "Request is still in progress"}, status_code=400)
     if job.status is not Status.SUCCEEDED:
         return JSONResponse({"detail": job.error or job.status.value}, status_code=422)
-    return await services.jobs.run(result_body, services, job)
+    return await services.jobs.run_slow(result_body, services, job)
 
 
 @router.put("/{alias}/requests/{request_id}/cancel")

@@ -100,7 +100,7 @@ class Inputs:
     async def store(self, services: Services) -> str | None:
         """save() off the event loop (PNG encoding and file writes); None without images."""
         if self.images or self.mask is not None:
-            return await services.jobs.run(self.save, services.storage)
+            return await services.jobs.run_slow(self.save, services.storage)
         return None
 
     def save(self, storage: Storage) -> str:
@@ -121,7 +121,7 @@ class Inputs:
     async def discard(self, services: Services) -> None:
         """Stored inputs no job uses (the create was refused, or replayed an earlier job) go at once."""
         if self.images or self.mask is not None:
-            await services.jobs.run(services.storage.delete_folder, self.prefix)
+            await services.jobs.run_slow(services.storage.delete_folder, self.prefix)
 
 
 class LoraItem(BaseModel):

@@ -61,7 +61,7 @@ async def _stream_job(services: Services, job: Job, owner: str, quality: str, ki
     async for current in services.jobs.watch(job.id, owner):
         for index, key in enumerate(current.previews[sent:], start=sent):
             event = {"type": f"{kind}.partial_image", "partial_image_index": index}
-            yield _sse(event | common, await services.jobs.run(services.storage.read, key))
+            yield _sse(event | common, await services.jobs.run_slow(services.storage.read, key))
         sent = len(current.previews)
         if current.status is Status.SUCCEEDED:
             for out in current.outputs:
@@ -72,7 +72,7 @@ async def _stream_job(services: Services, job: Job, owner: str, quality: str, ki
                     "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
                 }
                 event = {"type": f"{kind}.completed", "usage": usage}
-                yield _sse(event | common, await services.jobs.run(services.storage.read, out.key))
+                yield _sse(event | common, await services.jobs.run_slow(services.storage.read, out.key))
         elif current.status.is_terminal:
             message = current.error or f"The image generation ended as {current.status.value}."
             yield _sse(
@@ -149,7 +149,7 @@ async def run_and_render(
         "size": f"{spec.width}x{spec.height}",
     }
     # Reading and base64-encoding the images is work for a thread, not the event loop.
-    return await services.jobs.run(_images_response, services, job, body, response_format or "url")
+    return await services.jobs.run_slow(_images_response, services, job, body, response_format or "url")
 
 
 _TASK_STATUS = {

@@ -165,7 +165,7 @@ async def _create(request: Request, services: Services, owner: str, name: str, b
     deadline = time.time() + parse_duration(cancel_after, param="Cancel-After") if cancel_after else None
     webhook = None
     if body.webhook:
-        await services.jobs.run(
+        await services.jobs.run_slow(
             check_webhook_url, body.webhook, param="webhook", allow_private=services.settings.allow_private_urls
         )
         events: list[str] = list(body.webhook_events_filter) if body.webhook_events_filter else list(WEBHOOKS.names)

@@ -77,7 +77,7 @@ async def create_file(request: Request, services: ServicesDep, owner: OwnerDep) 
         file_id, owner, name, mime, len(data), hashlib.sha256(data).hexdigest(), hashlib.md5(data).hexdigest(),
         metadata, f"uploads/{file_id}/content", time.time(),
     )  # fmt: skip
-    await services.jobs.run(services.storage.put, stored.key, data)
+    await services.jobs.run_slow(services.storage.put, stored.key, data)
     await services.jobs.run(services.store.add_file, stored)
     return render(services, stored)
 
@@ -110,7 +110,7 @@ async def get_file(file_id: str, services: ServicesDep, owner: OwnerDep) -> dict
 @router.get("/files/{file_id}/download")
 async def download_file(file_id: str, services: ServicesDep, owner: OwnerDep) -> Response:
     found = await _get(services, owner, file_id)
-    data = await services.jobs.run(services.storage.read, found.key)
+    data = await services.jobs.run_slow(services.storage.read, found.key)
     return Response(data, media_type=found.content_type)
 
 
@@ -119,7 +119,7 @@ async def delete_file(file_id: str, services: ServicesDep, owner: OwnerDep) -> R
     gone = await services.jobs.run(services.store.delete_file, owner, file_id)
     if gone is None:
         raise NotFound(f"No file with id {file_id!r}.", param="file_id")
-    await services.jobs.run(services.storage.delete, gone.key)
+    await services.jobs.run_slow(services.storage.delete, gone.key)
     return Response(status_code=204)
 
 
@@ -132,4 +132,4 @@ async def read_own_file(services: Services, url: str, *, param: str) -> bytes | 
     found = await services.jobs.run(services.store.get_file, current_owner.get() or "", file_id)
     if found is None:
         raise InvalidInput(f"{param}: no file {file_id!r} was uploaded with this API key.", param=param)
-    return await services.jobs.run(services.storage.read, found.key)
+    return await services.jobs.run_slow(services.storage.read, found.key)
