@@ -16,11 +16,13 @@ import re
 import secrets
 import struct
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
-from .errors import InvalidInput, StoreUnavailable
+from .errors import InvalidInput, PayloadTooLarge, StoreUnavailable
 from .images import fetch_url
 from .models import ModelSpec
 from .spec import Adapter
@@ -102,6 +104,7 @@ def _family_of(model: ModelSpec) -> str:
 _FAMILY_NAMES = {"flux1": "FLUX.1", "flux2": "FLUX.2"}
 
 
+HUB_METADATA_S = 20.0  # the hub's answer about a repo's files
 WRITE_BYTES = 4 * 1024 * 1024  # a fetched adapter goes to disk in pieces this size
 
 
@@ -128,6 +131,10 @@ class LoraLibrary:
         self.allow_private = allow_private
         self._digests: dict[tuple[str, int, int], str] = {}
         self._lock = threading.Lock()
+        # The hub's metadata calls block: two threads of their own, each call with a deadline, so slow
+        # hub answers never hold the threads other requests run on.
+        self._hub_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fluxserve-hub")
+        self.hub_endpoint: str | None = None  # None: huggingface_hub's (HF_ENDPOINT)
 
     def available(self) -> list[dict[str, Any]]:
         """The adapters in the LoRA folder, by the name a request uses."""
@@ -179,7 +186,7 @@ class LoraLibrary:
         source = r.source.strip()
         hub = _HUB_URL.match(source)
         if hub:
-            return await asyncio.to_thread(self._hub, hub.group(1), r)
+            return await self._hub(hub.group(1), r)
         if source.startswith(("http://", "https://")):
             return await self._fetch(source, r)
         if "://" in source:
@@ -188,7 +195,7 @@ class LoraLibrary:
         if local is not None:
             return local
         if _HUB_ID.match(source):
-            return await asyncio.to_thread(self._hub, source, r)
+            return await self._hub(source, r)
         where = f"in the LoRA folder ({', '.join(a['name'] for a in self.available()[:10]) or 'empty'})"
         raise InvalidInput(f"{r.param}: no adapter {source!r} {where}, and it is not a hub id.", param=r.param)
 
@@ -206,12 +213,47 @@ class LoraLibrary:
             return _weights_in(candidate, r)
         return candidate if candidate.is_file() else None
 
-    def _hub(self, repo: str, r: LoraRequest) -> Path:
+    async def _hub(self, repo: str, r: LoraRequest) -> Path:
+        """A hub repo's one adapter file: offline, from the local hub cache; online, its size read from the
+        hub's metadata first (past ``max_bytes`` it is refused unfetched), then that one file fetched into
+        the adapter cache like a URL adapter (size cap, one deadline, LRU eviction)."""
+        loop = asyncio.get_running_loop()
+        if self.offline:
+            return await loop.run_in_executor(self._hub_pool, self._hub_cached, repo, r)
+        try:
+            name, size = await asyncio.wait_for(
+                loop.run_in_executor(self._hub_pool, self._hub_file, repo, r), HUB_METADATA_S
+            )
+        except TimeoutError as exc:
+            raise InvalidInput(
+                f"{r.param}: the hub did not describe {repo!r} within {HUB_METADATA_S:g} s.", param=r.param
+            ) from exc
+        if size is not None and size > self.max_bytes:
+            raise PayloadTooLarge(
+                f"{r.param}: {repo}/{name} is {size} bytes; adapters may be at most {self.max_bytes} bytes.",
+                param=r.param,
+                code="file_too_large",
+            )
+        endpoint = self.hub_endpoint or _hub_endpoint()
+        return await self._fetch(f"{endpoint}/{repo}/resolve/main/{quote(name)}", r)
+
+    def _hub_file(self, repo: str, r: LoraRequest) -> tuple[str, int | None]:
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import HfHubHTTPError
+
+        try:
+            info = HfApi(endpoint=self.hub_endpoint).model_info(repo, files_metadata=True, timeout=HUB_METADATA_S)
+        except (HfHubHTTPError, OSError, ValueError) as exc:
+            raise InvalidInput(f"{r.param}: could not get {repo!r} from the hub ({exc}).", param=r.param) from exc
+        sizes = {s.rfilename: s.size for s in info.siblings or []}
+        return _adapter_file(sizes, r), sizes.get(_adapter_file(sizes, r))
+
+    def _hub_cached(self, repo: str, r: LoraRequest) -> Path:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
         try:
-            folder = snapshot_download(repo, allow_patterns=[f"*{SUFFIX}"], local_files_only=self.offline)
+            folder = snapshot_download(repo, allow_patterns=[f"*{SUFFIX}"], local_files_only=True)
         except LocalEntryNotFoundError as exc:
             raise InvalidInput(
                 f"{r.param}: the hub repo {repo!r} is not in the local cache, and this server is offline.",
@@ -331,6 +373,29 @@ class LoraLibrary:
         with self._lock:
             self._digests[key] = digest
         return digest
+
+
+def _hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.ENDPOINT).rstrip("/")
+
+
+def _adapter_file(files: dict[str, int | None], r: LoraRequest) -> str:
+    """The one adapter file of a repo's listing, by the rule _weights_in applies to a folder."""
+    if f"pytorch_lora_weights{SUFFIX}" in files:
+        return f"pytorch_lora_weights{SUFFIX}"
+    found = sorted(n for n in files if n.endswith(SUFFIX))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        pickles = [n for n in files if Path(n).suffix.lower() in _PICKLE_SUFFIXES]
+        hint = f" (it has {', '.join(pickles)}: pickle files are not loaded)" if pickles else ""
+        raise InvalidInput(f"{r.param}: no .safetensors adapter in {r.source!r}{hint}.", param=r.param)
+    raise InvalidInput(
+        f"{r.param}: {r.source!r} holds several .safetensors files; name one: " + ", ".join(found[:10]),
+        param=r.param,
+    )
 
 
 def _weights_in(folder: Path, r: LoraRequest) -> Path:

@@ -300,3 +300,88 @@ def test_a_worker_on_another_machine_fetches_the_adapter_an_api_node_checked(lor
         Path(here.path).unlink()
         with pytest.raises(InvalidInput, match="changed since the job was accepted"):
             worker.localize((checked,), KLEIN)
+
+
+class _FakeHub:
+    """The two hub routes a LoRA fetch uses: /api/models/{repo} (files with sizes) and /{repo}/resolve/main/{file}."""
+
+    def __init__(self, weights: bytes, *, listed_size: int | None = None, delay_s: float = 0.0) -> None:
+        self.weights, self.listed_size, self.delay_s = weights, listed_size, delay_s
+        self.paths: list[str] = []
+
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                import json
+                import time
+
+                hub.paths.append(self.path)
+                if self.path.startswith("/api/models/"):
+                    time.sleep(hub.delay_s)
+                    size = hub.listed_size if hub.listed_size is not None else len(hub.weights)
+                    siblings = [
+                        {"rfilename": "pytorch_lora_weights.safetensors", "size": size},
+                        {"rfilename": "README.md", "size": 10},
+                        {"rfilename": "big.ckpt", "size": 10**10},
+                    ]
+                    body = json.dumps({"id": "acme/style", "sha": "0" * 40, "siblings": siblings}).encode()
+                    ctype = "application/json"
+                elif self.path == "/acme/style/resolve/main/pytorch_lora_weights.safetensors":
+                    body, ctype = hub.weights, "application/octet-stream"
+                else:
+                    self.send_response(404)
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        return Handler
+
+
+def _online(lora_dir: Path, tmp_path: Path, hub: _FakeHub, base: str, **kw: Any) -> LoraLibrary:
+    lib = _library(lora_dir, tmp_path, offline=False, allow_private=True, **kw)  # the fake hub is on loopback
+    lib.hub_endpoint = base
+    return lib
+
+
+def test_a_hub_adapter_is_one_file_fetched_into_the_capped_cache(lora_dir: Path, tmp_path: Path) -> None:
+    hub = _FakeHub((lora_dir / "klein-style.safetensors").read_bytes())
+    with serve_loopback(hub.handler()) as base:
+        [a] = _resolve(_online(lora_dir, tmp_path, hub, base), "acme/style")
+    assert Path(a.path).parent == tmp_path / "cache" and Path(a.path).read_bytes() == hub.weights
+    # Only the listing and the one adapter file: no snapshot of the repo (its 10 GB checkpoint stays there).
+    assert [p.split("?")[0] for p in hub.paths] == [
+        "/api/models/acme/style",
+        "/acme/style/resolve/main/pytorch_lora_weights.safetensors",
+    ]
+
+
+def test_a_hub_adapter_past_the_cap_is_refused_unfetched(lora_dir: Path, tmp_path: Path) -> None:
+    from fluxserve.errors import PayloadTooLarge
+
+    hub = _FakeHub(b"x", listed_size=10**9)
+    with serve_loopback(hub.handler()) as base, pytest.raises(PayloadTooLarge, match="at most 100000000 bytes"):
+        _resolve(_online(lora_dir, tmp_path, hub, base), "acme/style")
+    assert not any("resolve" in p for p in hub.paths)
+
+
+def test_a_slow_hub_answer_has_a_deadline(lora_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from fluxserve import loras
+
+    monkeypatch.setattr(loras, "HUB_METADATA_S", 0.5)
+    hub = _FakeHub(b"x", delay_s=3.0)
+    with serve_loopback(hub.handler()) as base:
+        start = time.monotonic()
+        with pytest.raises(InvalidInput, match=r"did not describe 'acme/style' within 0\.5 s"):
+            _resolve(_online(lora_dir, tmp_path, hub, base), "acme/style")
+        assert time.monotonic() - start < 2.5
