@@ -8,6 +8,7 @@ thread pool with at most ``per_receiver`` at a time to one receiver, so a slow r
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -47,6 +48,19 @@ def check_webhook_url(url: str, *, param: str, allow_private: bool) -> None:
     check_public_url(url, param=param, allow_private=allow_private, code="invalid_webhook_url")
 
 
+def post_within(url: str, data: bytes, headers: dict[str, str], extensions: dict[str, Any], total_s: float) -> int:
+    """One POST whose whole life (connect, send, headers, body) is bounded by ``total_s``, not each read:
+    a receiver dripping its answer a byte at a time can't hold the send past its claim, so no other
+    sender sends the same webhook-id meanwhile."""
+
+    async def post() -> int:
+        async with asyncio.timeout(total_s), httpx.AsyncClient(timeout=total_s, follow_redirects=False) as client:
+            resp = await client.post(url, content=data, headers=headers, extensions=extensions)
+            return resp.status_code
+
+    return asyncio.run(post())
+
+
 class WebhookSender:
     def __init__(
         self,
@@ -73,7 +87,6 @@ class WebhookSender:
         self._threads = threads
         self._poll_s = poll_s
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fluxserve-webhook")
-        self._client = httpx.Client(timeout=timeout_s, follow_redirects=False)
         self._in_flight: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -94,7 +107,6 @@ class WebhookSender:
         self._thread.join(5)
         # Sends in flight finish (bounded by the timeout); unsent rows stay in the outbox for next time.
         self._pool.shutdown(wait=True, cancel_futures=True)
-        self._client.close()
 
     def _run(self) -> None:
         while not self._stopping.is_set():
@@ -168,15 +180,15 @@ class WebhookSender:
             ts = int(time.time())
             headers |= {"webhook-timestamp": str(ts), "webhook-signature": sign(secret, row.msg_id, ts, data)}
         try:
-            resp = self._client.post(
-                pinned.url, content=data, headers={**headers, **pinned.headers}, extensions=pinned.extensions
-            )
-            if resp.status_code < 300:
+            status = post_within(pinned.url, data, {**headers, **pinned.headers}, pinned.extensions, self._timeout_s)
+            if status < 300:
                 self._store.update_delivery(row.id, state="delivered", attempts=row.attempts + 1, claimed_until=None)
                 return
-            reason = f"HTTP {resp.status_code}"
-        except httpx.HTTPError as exc:
-            reason = type(exc).__name__
+            reason = f"HTTP {status}"
+        except (httpx.HTTPError, TimeoutError) as exc:
+            reason = (
+                "TimeoutError (the whole send took too long)" if isinstance(exc, TimeoutError) else type(exc).__name__
+            )
         attempts = row.attempts + 1
         if attempts >= self._max_attempts:
             log.warning(

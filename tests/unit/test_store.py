@@ -309,3 +309,50 @@ def test_a_database_servers_error_names_no_host_or_user_to_clients() -> None:
     message = err.value.message
     assert "OperationalError" in message and "server log" in message
     assert "secret_user" not in message and "127.0.0.1" not in message and "secret_db" not in message
+
+
+def test_one_receivers_backlog_never_fills_the_due_window(tmp_path: Path) -> None:
+    from fluxserve.store import webhook_deliveries
+
+    store = open_store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    now = time.time()
+    rows = [("https://busy.example:443", now - 100 + i) for i in range(80)] + [("https://quiet.example:443", now)]
+    with store.transaction() as conn:
+        for i, (receiver, due) in enumerate(rows):
+            conn.execute(
+                webhook_deliveries.insert().values(
+                    msg_id=f"msg_{i}", job_id=f"job{i}", event="completed", receiver=receiver, state="pending",
+                    attempts=0, due_at=due, created_at=due,
+                )
+            )  # fmt: skip
+    due = store.due_deliveries(now + 1, limit=50)
+    receivers = [r.receiver for r in due]
+    assert "https://quiet.example:443" in receivers  # was left out: 80 older rows of one receiver came first
+    assert receivers.count("https://busy.example:443") == 4
+
+
+def test_a_dripping_webhook_receiver_is_cut_at_the_total_deadline() -> None:
+    from http.server import BaseHTTPRequestHandler
+
+    from fluxserve.webhooks import post_within
+    from tests.support.image_server import serve_loopback
+
+    class Drip(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            try:
+                for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n":
+                    self.wfile.write(bytes([byte]))  # each byte well inside a read timeout, the whole far past it
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            except (BrokenPipeError, ConnectionResetError):
+                return  # the sender hung up at its deadline: what this test wants
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    with serve_loopback(Drip) as base:
+        start = time.monotonic()
+        with pytest.raises(TimeoutError):
+            post_within(f"{base}/hook", b"{}", {"content-type": "application/json"}, {}, 1.0)
+        assert time.monotonic() - start < 2.0

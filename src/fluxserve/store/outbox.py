@@ -72,22 +72,26 @@ def enqueue_webhooks(conn: Connection, job: Job, kind: EventKind, now: float, ru
 
 
 class OutboxQueries(Database):
-    def due_deliveries(self, now: float, limit: int) -> list[Row[Any]]:
-        with self._read() as conn:
-            return list(
-                conn.execute(
-                    select(webhook_deliveries)
-                    .where(
-                        and_(
-                            webhook_deliveries.c.state == "pending",
-                            webhook_deliveries.c.due_at <= now,
-                            or_(webhook_deliveries.c.claimed_until.is_(None), webhook_deliveries.c.claimed_until < now),
-                        )
-                    )
-                    .order_by(webhook_deliveries.c.due_at)
-                    .limit(limit)
-                )
+    def due_deliveries(self, now: float, limit: int, per_receiver: int = 4) -> list[Row[Any]]:
+        """The oldest due deliveries, at most ``per_receiver`` of each receiver: one receiver's backlog
+        never fills the window and keeps the others' webhooks from being sent."""
+        due = and_(
+            webhook_deliveries.c.state == "pending",
+            webhook_deliveries.c.due_at <= now,
+            or_(webhook_deliveries.c.claimed_until.is_(None), webhook_deliveries.c.claimed_until < now),
+        )
+        turn = (
+            func.row_number()
+            .over(
+                partition_by=webhook_deliveries.c.receiver,
+                order_by=(webhook_deliveries.c.due_at, webhook_deliveries.c.id),
             )
+            .label("turn")
+        )
+        ranked = select(webhook_deliveries, turn).where(due).subquery()
+        query = select(ranked).where(ranked.c.turn <= per_receiver).order_by(ranked.c.due_at).limit(limit)
+        with self._read() as conn:
+            return list(conn.execute(query))
 
     def claim_delivery(self, delivery_id: int, until: float) -> bool:
         """Claim a due delivery for one send. Only a job's oldest pending delivery can be claimed, so a job's
