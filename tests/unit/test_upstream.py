@@ -285,3 +285,26 @@ def test_upstream_worker_imports_no_torch() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_an_upstream_without_its_key_fails_its_jobs_clearly_never_leaves_them_queued(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from fluxserve.app import create_app
+    from fluxserve.settings import Settings
+    from tests.conftest import API_KEY, AUTH
+    from tests.support.fakes import FakeEngine
+
+    toml = tmp_path / "u.toml"
+    toml.write_text(
+        '[upstreams.bfl]\nkind = "bfl"\nbase_url = "https://api.bfl.ai"\napi_key_env = "FLUXSERVE_TEST_UNSET_KEY"\n'
+        '[models.flux-pro]\nupstream = "bfl"\n'
+    )
+    settings = Settings(data_dir=tmp_path / "d", api_key=API_KEY, upstream_config_file=toml)
+    with TestClient(create_app(settings, engine=FakeEngine())) as client:
+        health = client.get("/health").json()
+        assert "FLUXSERVE_TEST_UNSET_KEY is not set" in health["error"]
+        got = client.post("/v1/images/generations", json={"model": "flux-pro", "prompt": "p"}, headers=AUTH)
+        assert got.status_code == 500 and "bfl is not usable" in got.json()["error"]["message"]
+        local = client.post("/v1/images/generations", json={"model": "flux-schnell", "prompt": "p"}, headers=AUTH)
+        assert local.status_code == 200  # the device worker serves the local names meanwhile

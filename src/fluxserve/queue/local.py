@@ -166,7 +166,9 @@ class LocalDispatcher:
                 self._wake.clear()
 
     def _others_healthy(self, worker: AnyWorker) -> bool:
-        return any(o.state in ("loading", "ready") for o in self.workers if o is not worker)
+        """Another worker that can take this one's jobs (the same route: devices, or the same upstream)."""
+        live = ("loading", "ready")
+        return any(o.state in live for o in self.workers if o is not worker and o.route == worker.route)
 
     def _run_next(self, worker: AnyWorker) -> bool:
         """Sweep when due, then run the first queued job this worker can claim; whether one ran."""

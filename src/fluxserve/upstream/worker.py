@@ -153,6 +153,10 @@ class UpstreamWorker(LeasedWorker):
 
     def _run(self, job: Job, abort: Callable[[], str | None]) -> None:
         name = self.config.name
+        if self.state == "error":  # its key is missing: its jobs go to a fallback, or fail saying why
+            if not self._fail_over(job, self.load_error or "not configured"):
+                self._fail(job, f"The upstream {name} is not usable: {self.load_error}")
+            return
         try:
             if not self.health.usable() and self._fail_over(job, f"upstream {name} is cooling down"):
                 return
