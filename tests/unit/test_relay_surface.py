@@ -271,3 +271,41 @@ def test_slow_webhook_dns_never_stalls_another_tenants_request(client: TestClien
     for t in creates:
         t.join()
     assert listed.status_code == 200 and took < 1.0, took  # was ~2 s: behind the DNS checks in the store pool
+
+
+def test_a_synchronous_edit_holds_no_decoded_inputs_while_its_job_runs(settings: Any, monkeypatch: Any) -> None:
+    import gc
+    import threading
+    import weakref
+
+    from fluxserve.api import edits
+    from fluxserve.app import create_app
+    from tests.support.fakes import FakeEngine
+
+    decoded: list[weakref.ref[Any]] = []
+    real = edits.decode_image_async
+
+    async def tracked(*args: Any, **kwargs: Any) -> Any:
+        image = await real(*args, **kwargs)
+        decoded.append(weakref.ref(image))
+        return image
+
+    monkeypatch.setattr(edits, "decode_image_async", tracked)
+    engine = FakeEngine(step_s=0.2)
+    with TestClient(create_app(settings, engine=engine)) as client:
+        files = [("image[]", (f"{i}.png", png_bytes((512, 512), (i, 0, 0)), "image/png")) for i in range(4)]
+        answer: list[Any] = []
+        call = threading.Thread(
+            target=lambda: answer.append(
+                client.post(
+                    "/v1/images/edits", data={"model": "flux-2-klein-4b", "prompt": "p"}, files=files, headers=AUTH
+                )
+            )
+        )
+        call.start()
+        assert engine.started.wait(10)
+        gc.collect()
+        alive = [r for r in decoded if r() is not None]
+        call.join(30)
+    assert len(decoded) == 4 and alive == []  # was all 4, held until the job ended
+    assert answer and answer[0].status_code == 200, answer

@@ -88,19 +88,28 @@ class Inputs:
     images: list[Image.Image]
     mask: Image.Image | None = None
     prefix: str = field(default_factory=lambda: f"inputs/{secrets.token_hex(12)}")
+    count: int = field(init=False)
+    has_mask: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.count = len(self.images)
+        self.has_mask = self.mask is not None
 
     @property
     def keys(self) -> tuple[str, ...]:
-        return tuple(f"{self.prefix}/{i}.png" for i in range(len(self.images)))
+        return tuple(f"{self.prefix}/{i}.png" for i in range(self.count))
 
     @property
     def mask_key(self) -> str | None:
-        return f"{self.prefix}/mask.png" if self.mask is not None else None
+        return f"{self.prefix}/mask.png" if self.has_mask else None
 
     async def store(self, services: Services) -> str | None:
-        """save() off the event loop (PNG encoding and file writes); None without images."""
-        if self.images or self.mask is not None:
-            return await services.jobs.run_slow(self.save, services.storage)
+        """save() off the event loop (PNG encoding and file writes), then the decoded pixels are let go:
+        the worker reads the stored copies. None without images."""
+        if self.count or self.has_mask:
+            digest = await services.jobs.run_slow(self.save, services.storage)
+            self.images, self.mask = [], None
+            return digest
         return None
 
     def save(self, storage: Storage) -> str:
@@ -120,7 +129,7 @@ class Inputs:
 
     async def discard(self, services: Services) -> None:
         """Stored inputs no job uses (the create was refused, or replayed an earlier job) go at once."""
-        if self.images or self.mask is not None:
+        if self.count or self.has_mask:
             await services.jobs.run_slow(services.storage.delete_folder, self.prefix)
 
 
