@@ -40,6 +40,17 @@ def _as_postgres(args: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else args
 
 
+# The clusters this process started, by base URL: what restart() needs (bin dir, data dir, log, options).
+_STARTED: dict[str, tuple[Path, Path, Path, str]] = {}
+
+
+def restart(base: str, mode: str = "fast") -> None:
+    """pg_ctl restart of a cluster started here: every connection is cut, the server is back after."""
+    bindir, data, log, opts = _STARTED[base]
+    ctl = [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-m", mode, "-w", "-o", opts, "restart"]
+    subprocess.run(_as_postgres(ctl), check=True, capture_output=True, timeout=120)
+
+
 @contextmanager
 def cluster() -> Iterator[str]:
     """A running server's base URL (postgresql://user@127.0.0.1:port), stopped and deleted on exit."""
@@ -61,7 +72,9 @@ def cluster() -> Iterator[str]:
         opts = (f"-c listen_addresses=127.0.0.1 -p {port} -k {tmp} -c fsync=off -c synchronous_commit=off "
                 "-c full_page_writes=off -c max_connections=300")  # fmt: skip
         run([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(tmp / "log"), "-w", "-o", opts, "start"])
-        yield f"postgresql://postgres@127.0.0.1:{port}"
+        base = f"postgresql://postgres@127.0.0.1:{port}"
+        _STARTED[base] = (bindir, data, tmp / "log", opts)
+        yield base
     finally:
         subprocess.run(_as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]),
                        capture_output=True, timeout=60)  # fmt: skip
