@@ -105,3 +105,46 @@ def test_a_worker_cut_off_from_the_database_loses_its_job_to_a_rerun_once(tmp_pa
         finally:
             worker.stop()
             api.stop()
+
+
+def test_a_row_lock_held_60s_on_a_running_job_stalls_it_but_loses_nothing(tmp_path: Path, demo_model_dir: Path) -> None:
+    """An operator's psql session holds the running job's row (SELECT ... FOR UPDATE) for 60 s: the worker's
+    writes wait, /health still answers, and after the lock goes the job ends exactly once."""
+    import psycopg
+
+    with cluster() as server:
+        db = new_database(server).replace("postgresql+psycopg://", "postgresql://")
+        done = subprocess.run(
+            [FLUXSERVE, "db", "upgrade", "--database", db], capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        storage = tmp_path / "storage"
+        api = api_node(tmp_path / "api", db, storage, KEY).start()
+        worker = RemoteWorker(tmp_path / "w", db, storage, demo_model_dir).start()
+        try:
+            body = {"input": {"prompt": "locked", "num_inference_steps": 20, "megapixels": "0.25"}}
+            url = f"{api.url}/v1/models/black-forest-labs/flux-dev/predictions"
+            job_id = httpx.post(url, json=body, headers=AUTH, timeout=30).json()["id"]
+            wait_for(lambda: sql(db, "SELECT status FROM jobs WHERE id = %s", job_id)[0][0],
+                     lambda s: s == "processing", timeout=120, interval=0.05)  # fmt: skip
+            with psycopg.connect(db) as holder:
+                holder.execute("SELECT id FROM jobs WHERE id = %s FOR UPDATE", (job_id,))
+                start = time.monotonic()
+                while time.monotonic() - start < 60:
+                    health = httpx.get(f"{api.url}/health", timeout=5)  # bounded: answers within a second
+                    assert health.status_code in (200, 503)
+                    time.sleep(5)
+                holder.rollback()
+            final = wait_for(
+                lambda: httpx.get(f"{api.url}/v1/predictions/{job_id}", headers=AUTH, timeout=10).json(),
+                lambda p: p["status"] in ("succeeded", "failed", "canceled"),
+                timeout=240,
+            )
+            assert final["status"] == "succeeded", (final, worker.log()[-3000:])
+            [(ends,)] = sql(db, "SELECT count(*) FROM job_events WHERE job_id = %s AND kind IN "
+                                "('succeeded', 'failed', 'canceled', 'aborted')", job_id)  # fmt: skip
+            assert ends == 1
+            assert sql(db, "SELECT count(*) FROM procrastinate_jobs WHERE status IN ('todo', 'doing')") == [(0,)]
+        finally:
+            worker.stop()
+            api.stop()
