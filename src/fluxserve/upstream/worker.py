@@ -64,8 +64,9 @@ class UpstreamWorker(LeasedWorker):
         config: UpstreamConfig,
         *,
         allow_private: bool = False,
-        transport: httpx.BaseTransport | None = None,
+        transport: Any = None,  # tests: an httpx transport for the provider's calls and the result fetches
     ) -> None:
+        self._transport = transport
         self._jobs = jobs
         self._storage = storage
         self._registry = registry
@@ -353,6 +354,7 @@ class UpstreamWorker(LeasedWorker):
                     allow_private=own or self._allow_private,
                     max_bytes=self.config.max_image_mb * 1024 * 1024,
                     timeout_s=min(120.0, self.config.timeout_s),
+                    transport=self._transport,
                 )
             )
         except InvalidInput as exc:

@@ -1,0 +1,243 @@
+"""UpstreamWorker in-process: a real SQLite store, real files, and each provider kind answered by an httpx
+MockTransport written from that provider's documented shapes. Resume, lost answers, failover, cancel."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from fluxserve.job import EventKind, Job, Status
+from fluxserve.jobs import JobService
+from fluxserve.migrations import open_store
+from fluxserve.models import ModelRegistry
+from fluxserve.outputs import read_metadata
+from fluxserve.storage import LocalStorage
+from fluxserve.upstream.worker import UpstreamWorker
+from tests.support.images_util import png_bytes
+
+UP = "https://up.example"
+
+
+def _registry(tmp_path: Path, kind: str, **table: Any) -> ModelRegistry:
+    extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in table.items())
+    (tmp_path / "u.toml").write_text(
+        f'[upstreams.up]\nkind = "{kind}"\nbase_url = "{UP}"\npoll_interval_s = 0.01\nretry_base_s = 0.01\n'
+        f"retries = 1\n{extra}"
+        f'[upstreams.other]\nkind = "bfl"\nbase_url = "https://other.example"\n'
+        '[models.flux-pro]\nupstream = "up"\nfallback = ["other"]\n[models.flux-kontext-pro]\nupstream = "up"\n'
+    )
+    return ModelRegistry.default().layered(tmp_path / "u.toml")
+
+
+class Upstream:
+    """Records every request; ``routes`` maps (method, path) to a function of the request."""
+
+    def __init__(self, routes: dict[tuple[str, str], Callable[[httpx.Request], httpx.Response]]) -> None:
+        self.routes = routes
+        self.seen: list[tuple[str, str]] = []
+        self.transport = httpx.MockTransport(self.handle)
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        self.seen.append((request.method, request.url.path))
+        for (method, path), answer in self.routes.items():
+            if request.method == method and request.url.path == path:
+                return answer(request)
+        return httpx.Response(404, json={"detail": "Not Found"})
+
+    def count(self, method: str, path: str) -> int:
+        return self.seen.count((method, path))
+
+
+def _json(status: int, body: Any) -> Callable[[httpx.Request], httpx.Response]:
+    return lambda _: httpx.Response(status, json=body)
+
+
+def _png(_: httpx.Request) -> httpx.Response:
+    return httpx.Response(200, content=png_bytes((64, 64), (1, 2, 3)), headers={"content-type": "image/png"})
+
+
+@pytest.fixture
+def core(tmp_path: Path) -> Iterator[tuple[JobService, LocalStorage]]:
+    store = open_store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    jobs = JobService(store, lease_s=5.0)
+    yield jobs, LocalStorage(tmp_path / "files", b"s" * 32, "http://127.0.0.1:8123", 3600)
+    jobs.close()
+    store.close()
+
+
+def _worker(core: tuple[JobService, LocalStorage], reg: ModelRegistry, up: Upstream) -> UpstreamWorker:
+    jobs, storage = core
+    jobs.registry = reg
+    worker = UpstreamWorker(jobs, storage, reg, reg.upstreams["up"], transport=up.transport)
+    assert worker.load()
+    worker.start_heartbeat()
+    return worker
+
+
+def _job(jobs: JobService, model: str = "flux-pro", **kw: Any) -> Job:
+    assert jobs.registry is not None
+    spec = jobs.registry.get(model).make_spec(prompt="a fox", width=256, height=256, seed=5, **kw)
+    return jobs.submit_sync("o", "openai", spec, {})
+
+
+def _bfl(polls_pending: int = 1) -> Upstream:
+    state = {"polls": 0}
+
+    def poll(_: httpx.Request) -> httpx.Response:
+        state["polls"] += 1
+        if state["polls"] <= polls_pending:
+            return httpx.Response(200, json={"id": "t1", "status": "Pending"})
+        return httpx.Response(200, json={"id": "t1", "status": "Ready", "result": {"sample": f"{UP}/files/t1.png"}})
+
+    return Upstream({
+        ("POST", "/v1/flux-pro"): _json(200, {"id": "t1", "polling_url": f"{UP}/v1/get_result?id=t1"}),
+        ("GET", "/v1/get_result"): poll,
+        ("GET", "/files/t1.png"): _png,
+    })  # fmt: skip
+
+
+def test_bfl_task_submitted_once_polled_and_copied_into_our_storage(core: Any, tmp_path: Path) -> None:
+    jobs, storage = core
+    up = _bfl(polls_pending=2)
+    worker = _worker(core, _registry(tmp_path, "bfl"), up)
+    job = _job(jobs)
+    assert [j.id for j in worker.run_claimed(job.id)] == [job.id]
+    done = jobs.store.get_job(job.id)
+    assert done is not None and done.status is Status.SUCCEEDED, done.error if done else None
+    assert read_metadata(storage.read(done.outputs[0].key))["upstream"] == "up"
+    assert up.count("POST", "/v1/flux-pro") == 1 and up.count("GET", "/v1/get_result") == 3
+    phases = [e.payload.get("phase") for e in jobs.store.events(job.id) if e.kind is EventKind.UPSTREAM]
+    assert phases == ["submitting", "task"]
+    assert worker.engine_info()["upstream"]["healthy"] is True
+    worker.stop()
+
+
+def _died_after(jobs: JobService, job: Job, *phases: dict[str, Any]) -> None:
+    """An earlier attempt that wrote these upstream events and then lost its worker (lease expired)."""
+    claimed = jobs.claim_id(job.id, "dead-worker")
+    assert claimed is not None
+    for p in phases:
+        assert jobs.note_upstream(claimed, {"upstream": "up", **p})
+    assert jobs.expire(now=jobs.store.now() + 60) == (0, 1, 0)
+
+
+def test_a_new_attempt_resumes_the_recorded_task_without_submitting(core: Any, tmp_path: Path) -> None:
+    jobs, _ = core
+    up = _bfl()
+    worker = _worker(core, _registry(tmp_path, "bfl"), up)
+    job = _job(jobs)
+    task = {"phase": "task", "index": 0, "task_id": "t1", "urls": {"poll": f"{UP}/v1/get_result?id=t1"}}
+    _died_after(jobs, job, {"phase": "submitting", "index": 0}, task)
+    worker.run_claimed(job.id)
+    done = jobs.store.get_job(job.id)
+    assert done is not None and done.status is Status.SUCCEEDED and done.attempts == 2
+    assert up.count("POST", "/v1/flux-pro") == 0  # no second task: no second charge
+    worker.stop()
+
+
+def test_a_lost_submit_answer_is_not_resent_to_a_non_idempotent_upstream(core: Any, tmp_path: Path) -> None:
+    jobs, _ = core
+    up = _bfl()
+    worker = _worker(core, _registry(tmp_path, "bfl"), up)
+    job = _job(jobs)
+    _died_after(jobs, job, {"phase": "submitting", "index": 0})
+    worker.run_claimed(job.id)
+    done = jobs.store.get_job(job.id)
+    assert done is not None and done.status is Status.FAILED and "answer was lost" in (done.error or "")
+    assert up.count("POST", "/v1/flux-pro") == 0
+    worker.stop()
+
+
+def test_an_idempotent_upstream_gets_the_lost_submit_again_with_the_same_key(core: Any, tmp_path: Path) -> None:
+    jobs, _ = core
+    keys: list[str] = []
+    up = _bfl()
+    post = up.routes[("POST", "/v1/flux-pro")]
+    up.routes[("POST", "/v1/flux-pro")] = lambda r: (keys.append(r.headers["idempotency-key"]), post(r))[1]
+    worker = _worker(core, _registry(tmp_path, "bfl", idempotent=True), up)
+    job = _job(jobs)
+    _died_after(jobs, job, {"phase": "submitting", "index": 0})
+    worker.run_claimed(job.id)
+    assert jobs.store.get_job(job.id).status is Status.SUCCEEDED  # type: ignore[union-attr]
+    assert keys == [f"{job.id}-0"]
+    worker.stop()
+
+
+def test_5xx_retried_then_failed_over_4xx_failed_once(core: Any, tmp_path: Path) -> None:
+    jobs, _ = core
+    up = Upstream({("POST", "/v1/flux-pro"): _json(503, {"detail": "busy"}),
+                   ("POST", "/v1/flux-kontext-pro"): _json(400, {"detail": "Prompt refused"})})  # fmt: skip
+    worker = _worker(core, _registry(tmp_path, "bfl"), up)
+    pro = _job(jobs)
+    worker.run_claimed(pro.id)
+    moved = jobs.store.get_job(pro.id)
+    assert moved is not None and moved.status is Status.QUEUED and moved.route == "other"
+    assert up.count("POST", "/v1/flux-pro") == 2  # retries = 1
+    kontext = _job(jobs, "flux-kontext-pro")
+    worker.run_claimed(kontext.id)
+    failed = jobs.store.get_job(kontext.id)
+    assert failed is not None and failed.status is Status.FAILED and failed.error_code == "upstream_rejected"
+    assert failed.error == "The upstream up refused the request: Prompt refused"
+    assert up.count("POST", "/v1/flux-kontext-pro") == 1
+    worker.stop()
+
+
+def test_a_cancel_while_polling_cancels_the_upstream_prediction(core: Any, tmp_path: Path) -> None:
+    jobs, _ = core
+    holder: dict[str, Job] = {}
+
+    def poll(_: httpx.Request) -> httpx.Response:
+        jobs.cancel_sync(holder["job"].id, "o")  # the client cancels while the task runs upstream
+        return httpx.Response(200, json={"id": "p1", "status": "processing"})
+
+    up = Upstream({
+        ("POST", "/v1/models/black-forest-labs/flux-pro/predictions"): _json(201, {"id": "p1"}),
+        ("GET", "/v1/predictions/p1"): poll,
+        ("POST", "/v1/predictions/p1/cancel"): _json(200, {"id": "p1", "status": "canceled"}),
+    })  # fmt: skip
+    worker = _worker(core, _registry(tmp_path, "replicate"), up)
+    holder["job"] = _job(jobs)
+    worker.run_claimed(holder["job"].id)
+    assert jobs.store.get_job(holder["job"].id).status is Status.CANCELED  # type: ignore[union-attr]
+    assert up.count("POST", "/v1/predictions/p1/cancel") == 1
+    worker.stop()
+
+
+def test_replicate_fal_and_openai_results(core: Any, tmp_path: Path) -> None:
+    jobs, storage = core
+    rep = Upstream({
+        ("POST", "/v1/models/black-forest-labs/flux-pro/predictions"): _json(201, {"id": "p1"}),
+        ("GET", "/v1/predictions/p1"): _json(200, {"status": "succeeded", "output": f"{UP}/o.png"}),
+        ("GET", "/o.png"): _png,
+    })  # fmt: skip
+    fal_state = {"n": 0}
+
+    def fal_status(_: httpx.Request) -> httpx.Response:
+        fal_state["n"] += 1
+        return httpx.Response(200, json={"status": "IN_PROGRESS" if fal_state["n"] == 1 else "COMPLETED"})
+
+    fal = Upstream({
+        ("POST", "/fal-ai/flux-pro"): _json(200, {"request_id": "r1"}),
+        ("GET", "/fal-ai/flux-pro/requests/r1/status"): fal_status,
+        ("GET", "/fal-ai/flux-pro/requests/r1"): _json(200, {"images": [{"url": f"{UP}/f.png"}]}),
+        ("GET", "/f.png"): _png,
+    })  # fmt: skip
+    b64 = __import__("base64").b64encode(png_bytes((64, 64))).decode()
+    oai = Upstream(
+        {("POST", "/v1/images/generations"): lambda r: httpx.Response(200, json={"data": [{"b64_json": b64}]})}
+    )
+    for kind, up in (("replicate", rep), ("fal", fal), ("openai", oai)):
+        sub = tmp_path / kind
+        sub.mkdir()
+        worker = _worker(core, _registry(sub, kind), up)
+        job = _job(jobs, output_format="jpeg")
+        worker.run_claimed(job.id)
+        done = jobs.store.get_job(job.id)
+        assert done is not None and done.status is Status.SUCCEEDED, (kind, done.error if done else None)
+        assert storage.read(done.outputs[0].key)[:3] == b"\xff\xd8\xff"  # re-encoded as the job asked
+        worker.stop()
