@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -11,13 +13,16 @@ import httpx
 from tests.support.cluster import RemoteWorker, api_node, sql
 from tests.support.pg import cluster, new_database, restart
 from tests.support.polling import wait_for
-from tests.support.server import FLUXSERVE
+from tests.support.server import FLUXSERVE, RemoteServer
 
 KEY = "fs-pg-faults-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-def test_postgres_restarted_mid_job_every_job_ends_exactly_once(tmp_path: Path, demo_model_dir: Path) -> None:
+@contextmanager
+def pg_stack(tmp_path: Path, demo: Path) -> Iterator[tuple[str, str, RemoteServer, RemoteWorker]]:
+    """A cluster of its own (these tests restart it), a database made ready as an operator does, one
+    `serve --api-only` node and one `fluxserve worker --demo` on shared storage."""
     with cluster() as server:
         db = new_database(server).replace("postgresql+psycopg://", "postgresql://")
         done = subprocess.run(
@@ -26,85 +31,76 @@ def test_postgres_restarted_mid_job_every_job_ends_exactly_once(tmp_path: Path, 
         assert done.returncode == 0, done.stderr
         storage = tmp_path / "storage"
         api = api_node(tmp_path / "api", db, storage, KEY).start()
-        worker = RemoteWorker(tmp_path / "w", db, storage, demo_model_dir).start()
+        worker = RemoteWorker(tmp_path / "w", db, storage, demo).start()
         try:
-            body = {"input": {"prompt": "through a restart", "num_inference_steps": 12, "megapixels": "0.25"}}
-            url = f"{api.url}/v1/models/black-forest-labs/flux-dev/predictions"
-            ids = [httpx.post(url, json=body, headers=AUTH, timeout=30).json()["id"] for _ in range(4)]
-
-            def running() -> int:
-                return len(sql(db, "SELECT id FROM jobs WHERE status = 'processing'"))
-
-            wait_for(running, lambda n: n >= 1, timeout=120, interval=0.1)
-            restart(server)  # -m fast: every connection of every node is cut
-            seen = httpx.get(f"{api.url}/health", timeout=10)
-            assert seen.status_code in (200, 503)
-
-            # Every job ends, each with one end event, none left processing or re-run past its attempts.
-            def ends() -> list[tuple[str, str]]:
-                got = httpx.get(f"{api.url}/v1/predictions", headers=AUTH, timeout=10).json()["results"]
-                return [(p["id"], p["status"]) for p in got]
-
-            final = wait_for(ends, lambda ps: all(s in ("succeeded", "failed") for _, s in ps), timeout=240)
-            assert sorted(i for i, _ in final) == sorted(ids)
-            assert all(s == "succeeded" for _, s in final), (final, worker.log()[-3000:])
-            events = sql(db, "SELECT job_id, count(*) FROM job_events WHERE kind IN "
-                             "('succeeded', 'failed', 'canceled', 'aborted') GROUP BY job_id")  # fmt: skip
-            assert sorted(str(j) for j, n in events if n == 1) == sorted(ids), events
-            assert sql(db, "SELECT count(*) FROM procrastinate_jobs WHERE status IN ('todo', 'doing')") == [(0,)]
-            assert httpx.get(f"{api.url}/health", timeout=10).json()["status"] == "ready"
+            yield server, db, api, worker
         finally:
             worker.stop()
             api.stop()
+
+
+def test_postgres_restarted_mid_job_every_job_ends_exactly_once(tmp_path: Path, demo_model_dir: Path) -> None:
+    with pg_stack(tmp_path, demo_model_dir) as (server, db, api, worker):
+        body = {"input": {"prompt": "through a restart", "num_inference_steps": 12, "megapixels": "0.25"}}
+        url = f"{api.url}/v1/models/black-forest-labs/flux-dev/predictions"
+        ids = [httpx.post(url, json=body, headers=AUTH, timeout=30).json()["id"] for _ in range(4)]
+
+        def running() -> int:
+            return len(sql(db, "SELECT id FROM jobs WHERE status = 'processing'"))
+
+        wait_for(running, lambda n: n >= 1, timeout=120, interval=0.1)
+        restart(server)  # -m fast: every connection of every node is cut
+        seen = httpx.get(f"{api.url}/health", timeout=10)
+        assert seen.status_code in (200, 503)
+
+        # Every job ends, each with one end event, none left processing or re-run past its attempts.
+        def ends() -> list[tuple[str, str]]:
+            got = httpx.get(f"{api.url}/v1/predictions", headers=AUTH, timeout=10).json()["results"]
+            return [(p["id"], p["status"]) for p in got]
+
+        final = wait_for(ends, lambda ps: all(s in ("succeeded", "failed") for _, s in ps), timeout=240)
+        assert sorted(i for i, _ in final) == sorted(ids)
+        assert all(s == "succeeded" for _, s in final), (final, worker.log()[-3000:])
+        events = sql(db, "SELECT job_id, count(*) FROM job_events WHERE kind IN "
+                         "('succeeded', 'failed', 'canceled', 'aborted') GROUP BY job_id")  # fmt: skip
+        assert sorted(str(j) for j, n in events if n == 1) == sorted(ids), events
+        assert sql(db, "SELECT count(*) FROM procrastinate_jobs WHERE status IN ('todo', 'doing')") == [(0,)]
+        assert httpx.get(f"{api.url}/health", timeout=10).json()["status"] == "ready"
 
 
 def test_a_worker_cut_off_from_the_database_loses_its_job_to_a_rerun_once(tmp_path: Path, demo_model_dir: Path) -> None:
     """Its connections killed again and again (pg_terminate_backend) while it runs a job: the lease runs out,
     the job is re-queued and runs once more to one end; the worker lives on and takes work again."""
-    with cluster() as server:
-        db = new_database(server).replace("postgresql+psycopg://", "postgresql://")
-        done = subprocess.run(
-            [FLUXSERVE, "db", "upgrade", "--database", db], capture_output=True, text=True, timeout=60
+    with pg_stack(tmp_path, demo_model_dir) as (_, db, api, worker):
+        body = {"input": {"prompt": "cut off", "num_inference_steps": 30, "megapixels": "0.25"}}
+        url = f"{api.url}/v1/models/black-forest-labs/flux-dev/predictions"
+        job_id = httpx.post(url, json=body, headers=AUTH, timeout=30).json()["id"]
+        wait_for(lambda: sql(db, "SELECT status FROM jobs WHERE id = %s", job_id)[0][0],
+                 lambda s: s == "processing", timeout=120, interval=0.1)  # fmt: skip
+        mine = f"fluxserve-worker:{worker.pid}"
+        deadline = time.monotonic() + 6  # three leases (FLUXSERVE_LEASE_S=2) without a database
+        while time.monotonic() < deadline:
+            sql(db, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s", mine)
+            time.sleep(0.05)
+        final = wait_for(
+            lambda: httpx.get(f"{api.url}/v1/predictions/{job_id}", headers=AUTH, timeout=10).json(),
+            lambda p: p["status"] in ("succeeded", "failed", "canceled"),
+            timeout=240,
         )
-        assert done.returncode == 0, done.stderr
-        storage = tmp_path / "storage"
-        api = api_node(tmp_path / "api", db, storage, KEY).start()
-        worker = RemoteWorker(tmp_path / "w", db, storage, demo_model_dir).start()
-        try:
-            body = {"input": {"prompt": "cut off", "num_inference_steps": 30, "megapixels": "0.25"}}
-            url = f"{api.url}/v1/models/black-forest-labs/flux-dev/predictions"
-            job_id = httpx.post(url, json=body, headers=AUTH, timeout=30).json()["id"]
-            wait_for(lambda: sql(db, "SELECT status FROM jobs WHERE id = %s", job_id)[0][0],
-                     lambda s: s == "processing", timeout=120, interval=0.1)  # fmt: skip
-            mine = f"fluxserve-worker:{worker.pid}"
-            deadline = time.monotonic() + 6  # three leases (FLUXSERVE_LEASE_S=2) without a database
-            while time.monotonic() < deadline:
-                sql(db, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s", mine)
-                time.sleep(0.05)
-            final = wait_for(
-                lambda: httpx.get(f"{api.url}/v1/predictions/{job_id}", headers=AUTH, timeout=10).json(),
-                lambda p: p["status"] in ("succeeded", "failed", "canceled"),
-                timeout=240,
+        assert final["status"] == "succeeded", (final, worker.log()[-3000:])
+        [(ends,)] = sql(db, "SELECT count(*) FROM job_events WHERE job_id = %s AND kind IN "
+                            "('succeeded', 'failed', 'canceled', 'aborted')", job_id)  # fmt: skip
+        assert ends == 1
+        assert worker.proc is not None and worker.proc.poll() is None  # the worker outlived it
+        again = httpx.post(url, json={"input": {"prompt": "after", "num_inference_steps": 2}}, headers=AUTH).json()
+        assert (
+            wait_for(
+                lambda: httpx.get(f"{api.url}/v1/predictions/{again['id']}", headers=AUTH, timeout=10).json()["status"],
+                lambda s: s in ("succeeded", "failed"),
+                timeout=120,
             )
-            assert final["status"] == "succeeded", (final, worker.log()[-3000:])
-            [(ends,)] = sql(db, "SELECT count(*) FROM job_events WHERE job_id = %s AND kind IN "
-                                "('succeeded', 'failed', 'canceled', 'aborted')", job_id)  # fmt: skip
-            assert ends == 1
-            assert worker.proc is not None and worker.proc.poll() is None  # the worker outlived it
-            again = httpx.post(url, json={"input": {"prompt": "after", "num_inference_steps": 2}}, headers=AUTH).json()
-            assert (
-                wait_for(
-                    lambda: httpx.get(f"{api.url}/v1/predictions/{again['id']}", headers=AUTH, timeout=10).json()[
-                        "status"
-                    ],
-                    lambda s: s in ("succeeded", "failed"),
-                    timeout=120,
-                )
-                == "succeeded"
-            )
-        finally:
-            worker.stop()
-            api.stop()
+            == "succeeded"
+        )
 
 
 def test_a_row_lock_held_60s_on_a_running_job_stalls_it_but_loses_nothing(tmp_path: Path, demo_model_dir: Path) -> None:
@@ -112,39 +108,27 @@ def test_a_row_lock_held_60s_on_a_running_job_stalls_it_but_loses_nothing(tmp_pa
     writes wait, /health still answers, and after the lock goes the job ends exactly once."""
     import psycopg
 
-    with cluster() as server:
-        db = new_database(server).replace("postgresql+psycopg://", "postgresql://")
-        done = subprocess.run(
-            [FLUXSERVE, "db", "upgrade", "--database", db], capture_output=True, text=True, timeout=60
+    with pg_stack(tmp_path, demo_model_dir) as (_, db, api, worker):
+        body = {"input": {"prompt": "locked", "num_inference_steps": 20, "megapixels": "0.25"}}
+        url = f"{api.url}/v1/models/black-forest-labs/flux-dev/predictions"
+        job_id = httpx.post(url, json=body, headers=AUTH, timeout=30).json()["id"]
+        wait_for(lambda: sql(db, "SELECT status FROM jobs WHERE id = %s", job_id)[0][0],
+                 lambda s: s == "processing", timeout=120, interval=0.05)  # fmt: skip
+        with psycopg.connect(db) as holder:
+            holder.execute("SELECT id FROM jobs WHERE id = %s FOR UPDATE", (job_id,))
+            start = time.monotonic()
+            while time.monotonic() - start < 60:
+                health = httpx.get(f"{api.url}/health", timeout=5)  # bounded: answers within a second
+                assert health.status_code in (200, 503)
+                time.sleep(5)
+            holder.rollback()
+        final = wait_for(
+            lambda: httpx.get(f"{api.url}/v1/predictions/{job_id}", headers=AUTH, timeout=10).json(),
+            lambda p: p["status"] in ("succeeded", "failed", "canceled"),
+            timeout=240,
         )
-        assert done.returncode == 0, done.stderr
-        storage = tmp_path / "storage"
-        api = api_node(tmp_path / "api", db, storage, KEY).start()
-        worker = RemoteWorker(tmp_path / "w", db, storage, demo_model_dir).start()
-        try:
-            body = {"input": {"prompt": "locked", "num_inference_steps": 20, "megapixels": "0.25"}}
-            url = f"{api.url}/v1/models/black-forest-labs/flux-dev/predictions"
-            job_id = httpx.post(url, json=body, headers=AUTH, timeout=30).json()["id"]
-            wait_for(lambda: sql(db, "SELECT status FROM jobs WHERE id = %s", job_id)[0][0],
-                     lambda s: s == "processing", timeout=120, interval=0.05)  # fmt: skip
-            with psycopg.connect(db) as holder:
-                holder.execute("SELECT id FROM jobs WHERE id = %s FOR UPDATE", (job_id,))
-                start = time.monotonic()
-                while time.monotonic() - start < 60:
-                    health = httpx.get(f"{api.url}/health", timeout=5)  # bounded: answers within a second
-                    assert health.status_code in (200, 503)
-                    time.sleep(5)
-                holder.rollback()
-            final = wait_for(
-                lambda: httpx.get(f"{api.url}/v1/predictions/{job_id}", headers=AUTH, timeout=10).json(),
-                lambda p: p["status"] in ("succeeded", "failed", "canceled"),
-                timeout=240,
-            )
-            assert final["status"] == "succeeded", (final, worker.log()[-3000:])
-            [(ends,)] = sql(db, "SELECT count(*) FROM job_events WHERE job_id = %s AND kind IN "
-                                "('succeeded', 'failed', 'canceled', 'aborted')", job_id)  # fmt: skip
-            assert ends == 1
-            assert sql(db, "SELECT count(*) FROM procrastinate_jobs WHERE status IN ('todo', 'doing')") == [(0,)]
-        finally:
-            worker.stop()
-            api.stop()
+        assert final["status"] == "succeeded", (final, worker.log()[-3000:])
+        [(ends,)] = sql(db, "SELECT count(*) FROM job_events WHERE job_id = %s AND kind IN "
+                            "('succeeded', 'failed', 'canceled', 'aborted')", job_id)  # fmt: skip
+        assert ends == 1
+        assert sql(db, "SELECT count(*) FROM procrastinate_jobs WHERE status IN ('todo', 'doing')") == [(0,)]
