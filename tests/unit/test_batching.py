@@ -129,7 +129,8 @@ def test_default_batches_only_small_images(settings: Settings, device: str, big_
     engine.device = device
     # Defaults: max_batch 8, up to 320x320 on CPU and 512x512 on a GPU.
     with TestClient(create_app(settings, engine=engine)) as client:
-        _submit(client, "flux-dev", "blocker", num_inference_steps=10)
+        # 2 s of blocker: time for the next creates to queue behind it on a loaded machine (PostgreSQL too).
+        _submit(client, "flux-dev", "blocker", num_inference_steps=40)
         assert engine.started.wait(5)
         big = [_submit(client, "flux-schnell", f"big{i}") for i in range(2)]  # 512x512
         xkey = {"x-key": API_KEY}
@@ -249,5 +250,7 @@ def test_a_newcomer_told_position_1_runs_in_the_next_claim_even_under_batching(s
             timeout=60,
         )
         b_call = next(i for i, call in enumerate(engine.calls) if any(r.spec.prompt == "b" for r in call))
-        # The call running when B arrived may finish first; the next one takes B.
-        assert b_call <= calls_at_submit, (b_call, calls_at_submit)
+        # The call running when B arrived may finish first, and so may one its worker claimed just before B
+        # committed but had not started when counted (PostgreSQL: fetch, claim, then the engine call);
+        # the next one takes B, ahead of the dozens of A's tasks still queued.
+        assert b_call <= calls_at_submit + 1, (b_call, calls_at_submit)
