@@ -212,7 +212,12 @@ def test_api_nodes_share_jobs_webhooks_and_idempotency_keys(
         )  # fmt: skip
         assert resp.status_code == 201, resp.text
         hooked = resp.json()["id"]
-        wait_for(lambda: [d["body"]["status"] for d in got.deliveries], lambda s: "succeeded" in s, timeout=60)
+        # Wait for the completed event itself: an earlier "output" delivery sent after the job ended
+        # already reads "succeeded", and killing node A below while it holds the claim on the completed
+        # delivery would leave that one for node B's next claim, after this test has ended.
+        outbox_sql = "SELECT event, state FROM webhook_deliveries WHERE job_id = %s ORDER BY id"
+        wait_for(lambda: sql(db, outbox_sql, hooked),
+                 lambda rows: bool(rows) and rows[-1] == ("completed", "delivered"), timeout=60)  # fmt: skip
 
         # A client waits on node A for a synchronous image; node A is SIGKILLed meanwhile.
         first: list[BaseException | httpx.Response] = []
