@@ -137,6 +137,7 @@ def build_device_workers(
             png_compress_level=settings.png_compress_level,
             nice=settings.worker_nice,
             loras=loras,
+            storage_retry_s=settings.storage_retry_s,
             **kw,
         )
         for e in chosen
@@ -176,7 +177,14 @@ class Core:
         from .upstream.worker import UpstreamWorker
 
         return [
-            UpstreamWorker(self.jobs, self.storage, self.registry, config, allow_private=settings.allow_private_urls)
+            UpstreamWorker(
+                self.jobs,
+                self.storage,
+                self.registry,
+                config,
+                allow_private=settings.allow_private_urls,
+                storage_retry_s=settings.storage_retry_s,
+            )
             for name, config in self.registry.upstreams.items()
             if self.registry.routed_to(name)
         ]

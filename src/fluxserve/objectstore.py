@@ -13,7 +13,7 @@ import datetime as dt
 import time
 from typing import Any
 
-from .storage import valid_key
+from .storage import StorageUnreachable, valid_key
 
 SIGV4_MAX_S = 7 * 24 * 3600
 
@@ -49,8 +49,8 @@ class S3Storage:
         path = self._key(key)
         try:
             obstore.put(self._store, path, data, attributes=attributes)
-        except Exception as exc:  # obstore raises its own classes: callers handle OSError (job fails, 503)
-            raise OSError(f"object store: {exc}") from exc
+        except Exception as exc:  # obstore raises its own classes, after its own few quick retries
+            raise StorageUnreachable(f"object store: {_short(exc)}") from exc
 
     def read(self, key: str) -> bytes:
         import obstore
@@ -61,7 +61,7 @@ class S3Storage:
         except FileNotFoundError:
             raise
         except Exception as exc:
-            raise OSError(f"object store: {exc}") from exc
+            raise StorageUnreachable(f"object store: {_short(exc)}") from exc
 
     def url(self, key: str) -> str:
         import obstore
@@ -93,6 +93,11 @@ class S3Storage:
         for chunk in obstore.list(self._store, prefix=self._key(prefix) + "/"):
             for meta in chunk:
                 self.delete(str(meta["path"]))
+
+
+def _short(exc: Exception) -> str:
+    """obstore's messages carry a multi-line debug dump after the first line; job errors keep the first."""
+    return str(exc).split("\n", 1)[0][:300]
 
 
 def expires_in(url: str) -> float:

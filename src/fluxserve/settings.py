@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     # A worker's claim on a job lasts this long unless renewed (every quarter of it); a dead worker's
     # job is re-queued after at most this long.
     lease_s: float = Field(default=20.0, ge=0.2)
+    # An object store that does not answer is waited for this long by a worker storing a job's images
+    # (its lease is renewed meanwhile) before the job fails saying so; the API answers 503 at once.
+    storage_retry_s: float = Field(default=60.0, ge=0)
     # Niceness of the worker threads (and the torch threads they start): above 0, requests are served
     # before images are computed on a busy CPU. Measured (bench/load_accept.py, 2 cores, 200 clients):
     # 10 lowers accept p95 from ~5.2 s to ~4.1 s but takes 2.4x as long to finish the jobs, so 0.

@@ -29,6 +29,11 @@ def load_or_create_secret(path: Path) -> bytes:
     return secret
 
 
+class StorageUnreachable(OSError):
+    """The object store did not answer (down, partitioned, refusing): worth retrying, unlike a full disk.
+    Workers retry it for a while (FLUXSERVE_STORAGE_RETRY_S); the API answers 503 with Retry-After."""
+
+
 class Storage(Protocol):
     def put(self, key: str, data: bytes) -> None: ...
     def read(self, key: str) -> bytes: ...

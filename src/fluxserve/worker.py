@@ -32,7 +32,7 @@ from .models import ModelRegistry
 from .outputs import EXTENSIONS, encode_image
 from .queue.base import WorkerState
 from .spec import GenerationSpec
-from .storage import Storage
+from .storage import Storage, StorageUnreachable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -78,6 +78,7 @@ class LeasedWorker:
     _held: dict[str, Job]  # the claims it holds, by job id
     _held_lock: threading.Lock
     _lost: set[str]  # held claims the heartbeat found taken
+    storage_retry_s: float = 60.0  # how long an unreachable object store is waited for before a job fails
 
     def _renew_leases(self) -> None:
         """Heartbeat: leases stay fresh through long steps, model loads and image encoding."""
@@ -122,6 +123,26 @@ class LeasedWorker:
                     raise
                 backoff = min(backoff * 2, STORE_RETRY_MAX_S)
 
+    def _storage_io(self, fn: Callable[..., T], *args: Any) -> T:
+        """An object store that is away (restarting, partitioned) is waited for, /health degraded meanwhile,
+        up to storage_retry_s; then its error goes up and the job fails saying so. A full local disk is
+        not retried: it is an OSError of another kind."""
+        deadline = time.monotonic() + self.storage_retry_s
+        backoff, failed = 0.5, False
+        while True:
+            try:
+                result = fn(*args)
+            except StorageUnreachable as exc:
+                failed = True
+                self.degrade(str(exc))
+                if time.monotonic() + backoff > deadline or self._stopping.wait(backoff):
+                    raise
+                backoff = min(backoff * 2, STORE_RETRY_MAX_S)
+                continue
+            if failed:
+                self.recovered()
+            return result
+
 
 class DeviceWorker(LeasedWorker):
     """The only caller of its engine: pipelines are never called concurrently (one slot)."""
@@ -142,7 +163,9 @@ class DeviceWorker(LeasedWorker):
         nice: int = 0,
         overlap_encoding: bool = True,
         loras: LoraLibrary | None = None,
+        storage_retry_s: float = 60.0,
     ) -> None:
+        self.storage_retry_s = storage_retry_s
         # Adapters an API node on another machine fetched are fetched again here (LoraLibrary.localize).
         self._loras = loras
         self._nice = nice
@@ -424,7 +447,7 @@ class DeviceWorker(LeasedWorker):
                     encode_s = time.monotonic() - encode_start
                 except OSError as exc:  # disk full, permissions: this job fails, the worker goes on
                     log.error("job %s: storing the images failed: %s", job.id, exc)
-                    self._fail([job], f"{STORAGE_FAILED} ({exc.strerror or type(exc).__name__}).")
+                    self._fail([job], f"{STORAGE_FAILED} ({exc.strerror or exc or type(exc).__name__}).")
                     continue
                 except Exception as exc:
                     log.exception("job %s: encoding the images failed", job.id)
@@ -439,7 +462,7 @@ class DeviceWorker(LeasedWorker):
             self._encode_slots.release()
 
     def _load_input(self, key: str) -> Image.Image:
-        with Image.open(io.BytesIO(self._storage.read(key))) as img:
+        with Image.open(io.BytesIO(self._storage_io(self._storage.read, key))) as img:
             img.load()
             return img
 
@@ -455,6 +478,6 @@ class DeviceWorker(LeasedWorker):
             if spec.loras:  # what the image was made with: each adapter as asked for, its file's hash, its scale
                 meta["loras"] = [{"source": a.source, "sha256": a.digest, "scale": a.scale} for a in spec.loras]
             data = encode_image(image, spec.output_format, spec.quality, meta, png_compress_level=self._png_level)
-            self._storage.put(key, data)
+            self._storage_io(self._storage.put, key, data)
             outputs.append(Output(key, seed, image.width, image.height, spec.output_format))
         return outputs

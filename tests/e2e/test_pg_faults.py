@@ -1,4 +1,5 @@
-"""Faults on the PostgreSQL path, with real processes: the database server restarted mid-job."""
+"""Faults on the PostgreSQL path, with real processes: the database server restarted mid-job, a worker cut
+off from it, a row lock held on a running job, the object store away and back."""
 
 from __future__ import annotations
 
@@ -20,18 +21,20 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @contextmanager
-def pg_stack(tmp_path: Path, demo: Path) -> Iterator[tuple[str, str, RemoteServer, RemoteWorker]]:
+def pg_stack(
+    tmp_path: Path, demo: Path, storage: str | None = None, env: dict[str, str] | None = None
+) -> Iterator[tuple[str, str, RemoteServer, RemoteWorker]]:
     """A cluster of its own (these tests restart it), a database made ready as an operator does, one
-    `serve --api-only` node and one `fluxserve worker --demo` on shared storage."""
+    `serve --api-only` node and one `fluxserve worker --demo` on shared storage (a folder, or ``storage``)."""
     with cluster() as server:
         db = new_database(server).replace("postgresql+psycopg://", "postgresql://")
         done = subprocess.run(
             [FLUXSERVE, "db", "upgrade", "--database", db], capture_output=True, text=True, timeout=60
         )
         assert done.returncode == 0, done.stderr
-        storage = tmp_path / "storage"
-        api = api_node(tmp_path / "api", db, storage, KEY).start()
-        worker = RemoteWorker(tmp_path / "w", db, storage, demo).start()
+        shared = storage or tmp_path / "storage"
+        api = api_node(tmp_path / "api", db, shared, KEY, **(env or {})).start()
+        worker = RemoteWorker(tmp_path / "w", db, shared, demo, env=env).start()
         try:
             yield server, db, api, worker
         finally:
@@ -132,3 +135,65 @@ def test_a_row_lock_held_60s_on_a_running_job_stalls_it_but_loses_nothing(tmp_pa
                             "('succeeded', 'failed', 'canceled', 'aborted')", job_id)  # fmt: skip
         assert ends == 1
         assert sql(db, "SELECT count(*) FROM procrastinate_jobs WHERE status IN ('todo', 'doing')") == [(0,)]
+
+
+def test_the_object_store_away_then_back_jobs_wait_or_fail_clearly_none_lost(
+    tmp_path: Path, demo_model_dir: Path
+) -> None:
+    """ministack stopped under a running stack and started again. A short outage: the worker waits for the
+    store (FLUXSERVE_STORAGE_RETRY_S) and every job succeeds, its files readable. Meanwhile a create that
+    must store inputs is a 503 with Retry-After in the dialect's shape, and nothing is queued for it. An
+    outage past the retry window: the job fails once, saying the storage could not be reached."""
+    import io
+
+    from PIL import Image
+
+    from tests.support.s3 import MiniStack
+
+    stack = MiniStack().start()
+    try:
+        s3 = stack.server
+        env = s3.env() | {"FLUXSERVE_STORAGE_RETRY_S": "12"}
+        with pg_stack(tmp_path, demo_model_dir, storage=f"s3://{s3.bucket()}/fs", env=env) as (_, db, api, worker):
+            url = f"{api.url}/v1/models/black-forest-labs/flux-dev/predictions"
+            body = {"input": {"prompt": "through an outage", "num_inference_steps": 6, "megapixels": "0.25"}}
+            ids = [httpx.post(url, json=body, headers=AUTH, timeout=30).json()["id"] for _ in range(3)]
+            wait_for(lambda: sql(db, "SELECT count(*) FROM jobs WHERE status = 'processing'")[0][0],
+                     lambda n: n >= 1, timeout=120, interval=0.05)  # fmt: skip
+            stack.stop()
+            png = io.BytesIO()
+            Image.new("RGB", (64, 64), "red").save(png, "PNG")
+            edit = httpx.post(f"{api.url}/v1/images/edits", headers=AUTH, timeout=30,
+                              data={"prompt": "p", "model": "flux-kontext-pro"},
+                              files={"image": ("a.png", png.getvalue(), "image/png")})  # fmt: skip
+            assert edit.status_code == 503 and edit.headers.get("Retry-After"), edit.text
+            assert edit.json()["error"]["code"] == "storage_unavailable", edit.text
+            time.sleep(4)  # a job ends meanwhile and waits to store its image
+            stack.start()
+
+            def statuses(job_ids: list[str]) -> list[dict[str, object]]:
+                return [httpx.get(f"{api.url}/v1/predictions/{i}", headers=AUTH, timeout=10).json() for i in job_ids]
+
+            def ended(preds: list[dict[str, object]]) -> bool:
+                return all(p["status"] in ("succeeded", "failed", "canceled") for p in preds)
+
+            final = wait_for(lambda: statuses(ids), ended, timeout=240)
+            assert all(p["status"] == "succeeded" for p in final), (final, worker.log()[-3000:])
+            for p in final:
+                assert isinstance(p["output"], list)
+                assert httpx.get(p["output"][0], timeout=10).status_code == 200  # stored once, readable
+            assert "degraded: object store" in worker.log()
+            assert sql(db, "SELECT count(*) FROM jobs") == [(3,)]  # the refused edit left no job
+
+            # Away for longer than the worker waits: the job fails, once, with the reason.
+            stack.stop()
+            late = httpx.post(url, json=body, headers=AUTH, timeout=30).json()["id"]
+            [failed] = wait_for(lambda: statuses([late]), ended, timeout=240)
+            stack.start()
+            assert failed["status"] == "failed" and "object store" in str(failed["error"]), failed
+            events = sql(db, "SELECT job_id, count(*) FROM job_events WHERE kind IN "
+                             "('succeeded', 'failed', 'canceled', 'aborted') GROUP BY job_id")  # fmt: skip
+            assert sorted((str(j), n) for j, n in events) == sorted((i, 1) for i in [*ids, late])
+            assert sql(db, "SELECT count(*) FROM procrastinate_jobs WHERE status IN ('todo', 'doing')") == [(0,)]
+    finally:
+        stack.stop()

@@ -48,29 +48,46 @@ def _install() -> Path:
     return exe
 
 
-@contextmanager
-def ministack() -> Iterator[S3Server]:
-    exe = _install()
-    port = _free_port()
-    server = S3Server(f"http://127.0.0.1:{port}", "AKID" + secrets.token_hex(6).upper(), secrets.token_hex(16))
-    data = Path(tempfile.mkdtemp(prefix="fluxserve-s3-"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "FLUXSERVE_"))}
-    env |= {"AUTH": "true", "GATEWAY_PORT": str(port), "BIND_HOST": "127.0.0.1", "S3_DATA_DIR": str(data),
-            "AWS_ACCESS_KEY_ID": server.access_key, "AWS_SECRET_ACCESS_KEY": server.secret_key}  # fmt: skip
-    log = open(data / "ministack.log", "ab")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([str(exe)], env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
+class MiniStack:
+    """One ministack process on a fixed port and data folder, so a test can stop it (an object-store outage)
+    and start it again with its buckets and objects as they were (S3_PERSIST, PERSIST_STATE)."""
+
+    def __init__(self) -> None:
+        self.exe = _install()
+        port = _free_port()
+        self.server = S3Server(f"http://127.0.0.1:{port}", "AKID" + secrets.token_hex(6).upper(), secrets.token_hex(16))
+        self.data = Path(tempfile.mkdtemp(prefix="fluxserve-s3-"))
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "FLUXSERVE_"))}
+        self.env = env | {
+            "AUTH": "true", "GATEWAY_PORT": str(port), "BIND_HOST": "127.0.0.1", "S3_DATA_DIR": str(self.data / "s3"),
+            "S3_PERSIST": "1", "PERSIST_STATE": "1", "STATE_DIR": str(self.data / "state"),
+            "AWS_ACCESS_KEY_ID": self.server.access_key, "AWS_SECRET_ACCESS_KEY": self.server.secret_key,
+        }  # fmt: skip
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> MiniStack:
+        with open(self.data / "ministack.log", "ab") as log:
+            self.proc = subprocess.Popen([str(self.exe)], env=self.env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while True:
             try:
-                httpx.get(server.endpoint, timeout=1)
-                break
+                httpx.get(self.server.endpoint, timeout=1)
+                return self
             except httpx.HTTPError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError((data / "ministack.log").read_text()[-3000:]) from None
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError((self.data / "ministack.log").read_text()[-3000:]) from None
                 time.sleep(0.1)
-        yield server
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@contextmanager
+def ministack() -> Iterator[S3Server]:
+    stack = MiniStack().start()
+    try:
+        yield stack.server
     finally:
-        proc.terminate()
-        proc.wait(10)
-        log.close()
+        stack.stop()

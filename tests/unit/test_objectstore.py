@@ -81,3 +81,67 @@ def test_the_app_stores_and_hands_out_images_through_s3(
         # Object stores hand out their own URLs: the local /files route has nothing to serve.
         key = url.split("/fs/", 1)[1].split("?", 1)[0]
         assert client.get(f"/files/{key}?expires=9999999999&sig=x").status_code == 404
+
+
+def test_an_unreachable_store_is_a_503_with_retry_after_and_no_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.support.pg import _free_port
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDNOTHING")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "nothing")
+    dead = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    settings = Settings(data_dir=tmp_path / "data", api_key="test-key-0123456789", storage="s3://b/fs",
+                        s3_endpoint_url=dead)  # fmt: skip
+    with TestClient(create_app(settings, engine=FakeEngine())) as client:
+        png = base64.b64decode(
+            "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
+        )
+        edit = client.post("/v1/images/edits", data={"model": "flux-kontext-pro", "prompt": "p"},
+                           files={"image": ("in.png", png, "image/png")}, headers=AUTH)  # fmt: skip
+        assert edit.status_code == 503 and edit.headers["Retry-After"], edit.text
+        assert edit.json()["error"]["code"] == "storage_unavailable"
+        assert client.get("/v1/predictions", headers=AUTH).json()["results"] == []
+
+
+def test_a_worker_waits_for_the_store_then_gives_up_with_its_error() -> None:
+    import threading
+
+    from fluxserve.storage import StorageUnreachable
+    from fluxserve.worker import LeasedWorker
+
+    class Bare(LeasedWorker):
+        def __init__(self, retry_s: float) -> None:
+            self.worker_id, self.degraded, self.storage_retry_s = "w", None, retry_s
+            self._stopping = threading.Event()
+
+    calls: list[int] = []
+
+    def flaky(n: int) -> str:
+        calls.append(n)
+        if len(calls) < 3:
+            raise StorageUnreachable("object store: connection refused")
+        return "stored"
+
+    worker = Bare(retry_s=10)
+    assert worker._storage_io(flaky, 7) == "stored" and calls == [7, 7, 7]
+    assert worker.degraded is None  # recovered once it answered
+
+    def down() -> None:
+        raise StorageUnreachable("object store: connection refused")
+
+    start = time.monotonic()
+    with pytest.raises(StorageUnreachable):
+        Bare(retry_s=1)._storage_io(down)
+    assert 0.4 < time.monotonic() - start < 3
+    stopping = Bare(retry_s=60)
+    stopping._stopping.set()  # a stopping worker does not wait the window out
+    with pytest.raises(StorageUnreachable):
+        stopping._storage_io(down)
+    assert stopping.degraded == "object store: connection refused"
+
+    def disk_full() -> None:
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):  # not the store being away: no waiting
+        Bare(retry_s=60)._storage_io(disk_full)

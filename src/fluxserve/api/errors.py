@@ -30,6 +30,7 @@ from ..errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
+from ..storage import StorageUnreachable
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,9 @@ _TITLES = {
 }
 
 
+STORAGE_AWAY = "The image storage could not be reached; retry later."
+
+
 def install_error_handlers(app: FastAPI, render_error: Callable[[Request, FluxServeError], JSONResponse]) -> None:
     """``render_error`` picks the envelope by path (api/dialects.py)."""
 
@@ -144,6 +148,11 @@ def install_error_handlers(app: FastAPI, render_error: Callable[[Request, FluxSe
         if isinstance(exc, RateLimited):
             response.headers.update({**exc.headers, "Retry-After": str(exc.retry_after)})
         return response
+
+    @app.exception_handler(StorageUnreachable)
+    async def _storage(request: Request, exc: StorageUnreachable) -> JSONResponse:
+        log.warning("storage unreachable: %s", exc)
+        return await _fluxserve(request, StoreUnavailable(STORAGE_AWAY, code="storage_unavailable"))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -64,9 +64,11 @@ class UpstreamWorker(LeasedWorker):
         config: UpstreamConfig,
         *,
         allow_private: bool = False,
+        storage_retry_s: float = 60.0,
         transport: Any = None,  # tests: an httpx transport for the provider's calls and the result fetches
     ) -> None:
         self._transport = transport
+        self.storage_retry_s = storage_retry_s
         self._jobs = jobs
         self._storage = storage
         self._registry = registry
@@ -177,8 +179,8 @@ class UpstreamWorker(LeasedWorker):
             self._fail(job, exc.message)
             return
         except OSError as exc:
-            log.error("job %s: storing the upstream's images failed: %s", job.id, exc)
-            self._fail(job, f"The server could not store the image ({exc.strerror or exc}).")
+            log.error("job %s: the image storage failed: %s", job.id, exc)
+            self._fail(job, f"The server's image storage failed ({exc.strerror or exc}).")
             return
         self.health.succeeded()
         self._end(job, lambda j: self._jobs.complete(j, outputs))
@@ -195,8 +197,8 @@ class UpstreamWorker(LeasedWorker):
     def _tasks(self, job: Job, abort: Callable[[], str | None]) -> list[Done]:
         model = self._registry.upstream_model(job.spec.model, self.config.name)
         known, submitting = self._recorded(job)
-        mask = self._storage.read(job.spec.mask) if job.spec.mask else None
-        inputs = Inputs([self._storage.read(k) for k in job.spec.images], mask)
+        mask = self._storage_io(self._storage.read, job.spec.mask) if job.spec.mask else None
+        inputs = Inputs([self._storage_io(self._storage.read, k) for k in job.spec.images], mask)
         deadline = time.monotonic() + self.config.timeout_s
         results: list[Done] = []
         for index, part in enumerate(self._parts(job.spec, model)):
@@ -370,7 +372,7 @@ class UpstreamWorker(LeasedWorker):
             meta: dict[str, object] = {"prompt": spec.prompt, "seed": seed, "model": spec.model}
             meta["upstream"] = self.config.name
             key = f"{job.id}/out-{i}.{EXTENSIONS[spec.output_format]}"
-            self._storage.put(key, _encoded(image, spec, meta))
+            self._storage_io(self._storage.put, key, _encoded(image, spec, meta))
             outputs.append(Output(key, seed, image.width, image.height, spec.output_format))
         if len(outputs) < spec.num_images:
             raise Unavailable(f"the upstream returned {len(outputs)} of {spec.num_images} images")
