@@ -201,7 +201,13 @@ def build_core(settings: Settings, store: Store) -> Core:
     registry = build_registry(settings)
     secret = server_secret(settings, store)
     storage = build_storage(
-        settings.storage, settings.outputs_dir, secret, settings.base_url, settings.url_ttl_s, settings.s3_endpoint_url
+        settings.storage,
+        settings.outputs_dir,
+        secret,
+        settings.base_url,
+        settings.url_ttl_s,
+        settings.s3_endpoint_url,
+        settings.s3_public_url,
     )
     defaults = Limits(settings.max_queued_per_key, settings.rpm_per_key, settings.images_per_day_per_key)
     jobs = JobService(
@@ -273,9 +279,10 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
         jobs.on_change(webhooks.wake)
         if queue.name == "postgres":  # changes committed by other nodes wake this node's waiters and sender
 
-            def on_notify(job_id: str, event: str) -> None:
+            def on_notify(job_id: str, event: str, hooked: bool) -> None:
                 jobs.wake(job_id)
-                if event not in (EventKind.PROGRESS.value, EventKind.PREVIEW.value):  # steps: the sender's poll
+                # Steps are left to the sender's poll; jobs without a webhook wrote nothing to send.
+                if hooked and event not in (EventKind.PROGRESS.value, EventKind.PREVIEW.value):
                     webhooks.wake()
 
             background.append(asyncio.create_task(listen(settings.database, on_notify)))

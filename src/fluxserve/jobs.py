@@ -19,7 +19,6 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import Conflict, NotFound, PaymentRequired
@@ -392,11 +391,9 @@ class JobService:
 
     def get_sync(self, job_id: str, owner: str, dialect: str | None = None) -> Job:
         """Another owner's job, or another dialect's when one is named, is indistinguishable from a missing one."""
-        job = self.store.get_job(job_id)
+        job = self.store.get_job(job_id, with_position=True)
         if job is None or not secrets.compare_digest(job.owner, owner) or dialect not in (None, job.dialect):
             raise NotFound(f"No job with id {job_id!r}.", param="id")
-        if job.status is Status.QUEUED:
-            job = replace(job, queue_position=self.store.queue_position(job))
         return job
 
     def cancel_sync(self, job_id: str, owner: str, dialect: str | None = None) -> Job:

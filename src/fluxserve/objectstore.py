@@ -19,20 +19,25 @@ SIGV4_MAX_S = 7 * 24 * 3600
 
 
 class S3Storage:
-    def __init__(self, store: Any, ttl_s: int) -> None:
+    def __init__(self, store: Any, ttl_s: int, signer: Any = None) -> None:
         self._store = store  # an obstore store: S3Store here, MemoryStore in unit tests
+        self._signer = signer or store  # the same store at the address clients use (signing is offline)
         self._ttl = dt.timedelta(seconds=min(ttl_s, SIGV4_MAX_S))
 
     @classmethod
-    def from_env(cls, bucket: str, prefix: str, ttl_s: int, endpoint_url: str | None) -> S3Storage:
+    def from_env(
+        cls, bucket: str, prefix: str, ttl_s: int, endpoint_url: str | None, public_url: str | None = None
+    ) -> S3Storage:
         from obstore.store import S3Store
 
-        config: dict[str, Any] = {}
-        if endpoint_url:  # path-style, as S3-compatible servers expect
-            config = {"endpoint": endpoint_url, "virtual_hosted_style_request": False}
-        client: Any = {"allow_http": bool(endpoint_url and endpoint_url.startswith("http://"))}
-        store = S3Store(bucket, prefix=prefix or None, client_options=client, **config)  # AWS_* from the environment
-        return cls(store, ttl_s)
+        def store(endpoint: str | None) -> Any:
+            config: dict[str, Any] = {}
+            if endpoint:  # path-style, as S3-compatible servers expect
+                config = {"endpoint": endpoint, "virtual_hosted_style_request": False}
+            client: Any = {"allow_http": bool(endpoint and endpoint.startswith("http://"))}
+            return S3Store(bucket, prefix=prefix or None, client_options=client, **config)  # AWS_* from the env
+
+        return cls(store(endpoint_url), ttl_s, store(public_url) if public_url else None)
 
     @staticmethod
     def _key(key: str) -> str:
@@ -66,7 +71,7 @@ class S3Storage:
     def url(self, key: str) -> str:
         import obstore
 
-        return str(obstore.sign(self._store, "GET", self._key(key), self._ttl))
+        return str(obstore.sign(self._signer, "GET", self._key(key), self._ttl))
 
     def delete(self, key: str) -> None:
         import obstore

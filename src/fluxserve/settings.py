@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     api_only: bool = False
     storage: str | None = None  # file:///path (default: DATA_DIR/outputs) or s3://bucket/prefix
     s3_endpoint_url: str | None = None  # S3-compatible servers; the AWS_* variables give keys and region
+    # Where clients reach that server when it differs from where the nodes do (containers: http://s3:9000
+    # inside, http://localhost:9000 outside): presigned URLs are signed for this address.
+    s3_public_url: str | None = None
     secret: str | None = None
     # SIGTERM to a worker: the running job may finish within this long, then it is given back.
     shutdown_grace_s: float = Field(default=60.0, ge=0)

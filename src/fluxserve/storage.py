@@ -108,7 +108,13 @@ class LocalStorage:
 
 
 def build_storage(
-    spec: str | None, default_root: Path, secret: bytes, base_url: str, ttl_s: int, endpoint_url: str | None = None
+    spec: str | None,
+    default_root: Path,
+    secret: bytes,
+    base_url: str,
+    ttl_s: int,
+    endpoint_url: str | None = None,
+    public_url: str | None = None,
 ) -> Storage:
     """--storage: file:///path (or none: the data dir's outputs folder) or s3://bucket/prefix."""
     if spec is None or spec.startswith("file://"):
@@ -118,5 +124,5 @@ def build_storage(
         from .objectstore import S3Storage
 
         bucket, _, prefix = spec.removeprefix("s3://").partition("/")
-        return S3Storage.from_env(bucket, prefix.strip("/"), ttl_s, endpoint_url)
+        return S3Storage.from_env(bucket, prefix.strip("/"), ttl_s, endpoint_url, public_url)
     raise ValueError(f"storage must be file:///path or s3://bucket/prefix; got {spec!r}")

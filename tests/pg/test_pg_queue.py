@@ -205,7 +205,7 @@ def test_changes_committed_elsewhere_reach_listeners(jobs: JobService, pg_url: s
 
     async def main() -> None:
         ready = asyncio.Event()
-        task = asyncio.create_task(listen(pg_url, lambda job_id, event: got.append((job_id, event)), ready))
+        task = asyncio.create_task(listen(pg_url, lambda job_id, event, _hooked: got.append((job_id, event)), ready))
         await asyncio.wait_for(ready.wait(), 10)
         job = await asyncio.to_thread(_submit, jobs)
         await asyncio.to_thread(jobs.cancel_sync, job.id, "o")

@@ -19,8 +19,9 @@ log = logging.getLogger(__name__)
 PING_S = 30.0
 
 
-async def listen(url: str, on_change: Callable[[str, str], None], ready: asyncio.Event | None = None) -> None:
-    """Call ``on_change(job_id, event)`` for each notification, until cancelled."""
+async def listen(url: str, on_change: Callable[[str, str, bool], None], ready: asyncio.Event | None = None) -> None:
+    """Call ``on_change(job_id, event, hooked)`` for each notification, until cancelled; ``hooked``: the
+    transition may have written webhook deliveries."""
     import psycopg
 
     backoff = 0.1
@@ -34,7 +35,8 @@ async def listen(url: str, on_change: Callable[[str, str], None], ready: asyncio
                 while True:
                     async for note in conn.notifies(timeout=PING_S):
                         job_id, _, event = note.payload.partition(":")
-                        on_change(job_id, event)
+                        event, _, flag = event.partition(":")
+                        on_change(job_id, event, flag == "w")
                     await conn.execute("SELECT 1")  # quiet for PING_S: is the connection still there?
         except asyncio.CancelledError:
             raise

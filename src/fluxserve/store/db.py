@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import create_engine, event, func, select
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from ..errors import StoreUnavailable
@@ -31,6 +31,11 @@ BUSY_S = 5.0  # how long a write waits for a locked database before it is StoreU
 POOL_SIZE = 5
 POOL_OVERFLOW = 5
 POOL_WAIT_S = 10.0  # a thread that waits longer for a connection gets StoreUnavailable (503), not a hang
+# A pooled connection idle this long is pinged before use (a server restart or an idle timeout may have
+# closed it); one used more recently is trusted: a ping on every checkout was a third of a poll's CPU
+# (bench/api_cpu.py). If the server went away meanwhile, that one statement fails (StoreUnavailable:
+# a 503 with Retry-After, or a worker's retry) and SQLAlchemy drops every connection older than it.
+IDLE_PING_S = 5.0
 
 
 def clock(conn: Connection) -> float:
@@ -67,6 +72,26 @@ def _private_file(path: Path) -> None:
     os.chmod(path, 0o600)
 
 
+def _used(_dbapi_conn: Any, record: Any) -> None:
+    record.info["used_at"] = time.monotonic()
+
+
+def _ping_if_idle(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+    """SQLAlchemy's pessimistic disconnect handling, for idle connections only: DisconnectionError makes
+    the pool discard this one and check out another (a new connection when every old one is gone)."""
+    if time.monotonic() - record.info.get("used_at", 0.0) < IDLE_PING_S:
+        return
+    try:
+        autocommit = dbapi_conn.autocommit
+        dbapi_conn.autocommit = True  # the ping opens no transaction
+        try:
+            dbapi_conn.execute("SELECT 1")
+        finally:
+            dbapi_conn.autocommit = autocommit
+    except Exception as exc:  # psycopg's errors for a closed or broken connection, whichever it is
+        raise DisconnectionError(str(exc)) from exc
+
+
 def application_name(role: str) -> str:
     """How this process's connections show in pg_stat_activity: the role and the pid."""
     return f"fluxserve-{role}:{os.getpid()}"
@@ -94,12 +119,16 @@ class Database:
         else:
             self.engine = create_engine(
                 url,
-                pool_pre_ping=True,
                 pool_size=pool_size,
                 max_overflow=pool_overflow,
                 pool_timeout=POOL_WAIT_S,
                 connect_args={"application_name": application_name(role)},
             )
+            event.listen(self.engine, "checkout", _ping_if_idle)
+            event.listen(self.engine, "checkin", _used)
+            event.listen(self.engine, "connect", _used)  # a new connection needs no ping
+        # Reads are single statements or don't need one snapshot: no BEGIN and ROLLBACK round trips.
+        self._reader = self.engine if self.is_sqlite else self.engine.execution_options(isolation_level="AUTOCOMMIT")
         # SQLite has one writer: threads of this process take turns here instead of in SQLite's
         # busy handler, which sleeps in steps of up to 100 ms.
         self._write_lock = threading.Lock() if self.is_sqlite else _NoLock()
@@ -132,7 +161,7 @@ class Database:
     @contextlib.contextmanager
     def _read(self) -> Iterator[Connection]:
         try:
-            with self.engine.connect() as conn:
+            with self._reader.connect() as conn:
                 yield conn
         except DBAPIError as exc:
             raise self._unavailable(exc) from exc

@@ -28,9 +28,11 @@ def append_event(
             job_id=job.id, attempt=job.attempts, kind=kind.value, payload=json.dumps(payload), at=now
         )
     )
+    hooked = bool(job.webhook) and job.dialect in rules
     if conn.dialect.name == "postgresql":  # delivered at commit: a listener that re-reads sees this row
-        conn.execute(select(func.pg_notify(NOTIFY_CHANNEL, f"{job.id}:{kind.value}")))
-    if job.webhook and job.dialect in rules:
+        # ":w" when this transition may have written webhook deliveries: only then do senders look.
+        conn.execute(select(func.pg_notify(NOTIFY_CHANNEL, f"{job.id}:{kind.value}{':w' if hooked else ''}")))
+    if hooked:
         enqueue_webhooks(conn, job, kind, now, rules[job.dialect])
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
@@ -42,10 +42,14 @@ class JobQueries(Database):
     queue: Any  # queue.base.QueueHooks, set by Store
     webhook_rules: Mapping[str, WebhookRules]
 
-    def get_job(self, job_id: str) -> Job | None:
+    def get_job(self, job_id: str, *, with_position: bool = False) -> Job | None:
+        """``with_position``: a queued job's queue_position too, read on the same connection."""
         with self._read() as conn:
             row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
-        return to_job(row) if row else None
+            job = to_job(row) if row else None
+            if with_position and job is not None and job.status is Status.QUEUED:
+                job = replace(job, queue_position=self.queue.position(conn, job.id) or 1)
+        return job
 
     def find_idempotent(self, owner: str, key: str) -> Job | None:
         with self._read() as conn:
