@@ -53,6 +53,11 @@ def test_presigned_urls_are_checked_and_expire(s3_server: S3Server, monkeypatch:
     assert got.headers["content-type"] == "image/png"
     assert httpx.get(url.replace("X-Amz-Signature=", "X-Amz-Signature=0"), timeout=10).status_code == 403
     assert httpx.get(url.replace("out-0.png", "out-1.png"), timeout=10).status_code == 403  # another key
+    # Clients reach the store at another address than the nodes do (containers): signed for that one.
+    public = s3_server.endpoint.replace("127.0.0.1", "localhost")
+    outside = S3Storage.from_env(bucket, "prefix", 3600, s3_server.endpoint, public).url("job/out-0.png")
+    assert outside.startswith(public + "/") and httpx.get(outside, timeout=10).status_code == 200
+    assert httpx.get(outside.replace("localhost", "127.0.0.1"), timeout=10).status_code == 403  # host is signed
     short = S3Storage.from_env(bucket, "prefix", 1, s3_server.endpoint).url("job/out-0.png")
     assert httpx.get(short, timeout=10).status_code == 200
     time.sleep(2.2)
