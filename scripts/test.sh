@@ -19,6 +19,18 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb 
     || { $sudo apt-get update >/dev/null && $sudo apt-get install -y --no-install-recommends postgresql >/dev/null; }
 fi
 
+# The container test (tests/e2e/test_container.py): Debian's Docker engine and compose, debootstrap for a base
+# image without a registry; systemd-analyze checks the units in deploy/systemd.
+if ! command -v dockerd >/dev/null 2>&1 || ! command -v docker-compose >/dev/null 2>&1 \
+   || ! command -v debootstrap >/dev/null 2>&1 || ! command -v systemd-analyze >/dev/null 2>&1; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  pkgs="docker.io docker-compose debootstrap iptables systemd"
+  # shellcheck disable=SC2086
+  $sudo apt-get install -y --no-install-recommends $pkgs >/dev/null \
+    || { $sudo apt-get update >/dev/null && $sudo apt-get install -y --no-install-recommends $pkgs >/dev/null; }
+fi
+
 # The Node clients of the e2e tests (tests/e2e/js, versions pinned in its lockfile).
 if ! command -v npm >/dev/null 2>&1; then
   sudo=""
