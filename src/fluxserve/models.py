@@ -25,14 +25,27 @@ from .spec import (
 from .upstream.config import UpstreamConfig
 
 # text2img: FLUX.1 (img2img too); kontext: FLUX.1 Kontext; fill: FLUX.1 Fill;
-# flux2: any FLUX.2 pipeline (dev, klein, klein KV), references passed natively.
-PipelineKind = Literal["text2img", "kontext", "fill", "flux2"]
+# flux2: any FLUX.2 pipeline (dev, klein, klein KV), references passed natively; flux3: FLUX 3 Image
+# Klein (diffusers' modular pipelines, distilled or base), up to 10 references.
+PipelineKind = Literal["text2img", "kontext", "fill", "flux2", "flux3"]
 DEFAULT_STRENGTH = 0.8  # Replicate flux-dev's prompt_strength default
 # FLUX.1 Kontext sees several references as one side-by-side canvas; past this the canvas is mush.
 KONTEXT_MAX_IMAGES = 16
 # FLUX.2's image processor refuses references smaller than this or longer than 8:1.
 FLUX2_MIN_REFERENCE_SIDE = 64
 FLUX2_MAX_REFERENCE_ASPECT = 8
+FLUX3_MAX_IMAGES = 10  # diffusers' flux3 MAX_REFERENCES
+
+
+def refuse_prompt_upsampling(model: ModelSpec, asked: bool, *, param: str) -> None:
+    """FLUX 3's prompt upsampler (flux-3-image-klein-pup) is not served: a request that asks for it is told so,
+    not given an image of the prompt as written. Other models accept the flag as before (a no-op)."""
+    if asked and model.kind == "flux3":
+        raise InvalidInput(
+            f"{model.name}: no prompt upsampler is served here (flux-3-image-klein-pup is not loaded); "
+            f"send {param}: false, or a prompt written out in full.",
+            param=param,
+        )
 
 
 @dataclass(frozen=True)
@@ -92,13 +105,13 @@ class ModelSpec:
     @property
     def takes_references(self) -> bool:
         """Input images are references to edit from (not an init image to redraw)."""
-        return self.kind in ("kontext", "flux2")
+        return self.kind in ("kontext", "flux2", "flux3")
 
     @property
     def image_limit(self) -> int:
         if self.max_images is not None:
             return self.max_images
-        return {"kontext": KONTEXT_MAX_IMAGES, "flux2": 4}.get(self.kind, 1)
+        return {"kontext": KONTEXT_MAX_IMAGES, "flux2": 4, "flux3": FLUX3_MAX_IMAGES}.get(self.kind, 1)
 
     def facts(self) -> dict[str, Any]:
         """What a client may send this model: /v1/models and the playground show it."""
@@ -110,6 +123,7 @@ class ModelSpec:
             "kontext": ["prompt", "images"],
             "fill": ["prompt", "image", "mask"],
             "flux2": ["prompt", "images"],
+            "flux3": ["prompt", "images"],
         }[self.kind]
         return {
             "kind": self.kind,
@@ -211,6 +225,10 @@ class ModelSpec:
                 f"for {self.name}; got {guidance:g}.",
                 param=names["guidance"],
             )
+        if loras and self.kind == "flux3":
+            raise InvalidInput(
+                f"{self.name} takes no LoRA adapters here (diffusers has no LoRA loader for FLUX 3).", param="loras"
+            )
         if seed is not None and not 0 <= seed <= MAX_SEED:
             raise InvalidInput(f"{names['seed']} must be between 0 and {MAX_SEED}; got {seed}.", param=names["seed"])
         return GenerationSpec(
@@ -234,7 +252,7 @@ class ModelSpec:
         )
 
     def _task(self, images: tuple[str, ...], mask: str | None, names: dict[str, str]) -> Task:
-        if self.kind == "flux2":
+        if self.kind in ("flux2", "flux3"):
             if mask is not None:
                 raise InvalidInput(f"{self.name} does not take a mask; use flux-fill.", param=names["mask"])
             self.check_image_count(len(images), param=names["image"])
@@ -259,6 +277,7 @@ _KONTEXT = "black-forest-labs/FLUX.1-Kontext-dev"
 _FILL = "black-forest-labs/FLUX.1-Fill-dev"
 _FLUX2_DEV = "black-forest-labs/FLUX.2-dev"
 _NC = "FLUX [dev] Non-Commercial"
+_KOMMUNITY = "FLUX Kommunity License"
 
 
 def _klein(name: str, weights: str, license: str, pipeline: str = "") -> ModelSpec:
@@ -329,6 +348,28 @@ DEFAULT_MODELS: tuple[ModelSpec, ...] = (
     # flex is the hosted FLUX.2 whose steps and guidance clients set (Replicate: 30 / 4.5, 1.5-10).
     _flux2_dev("flux-2-flex", steps=30, max_images=8, guidance=4.5, min_guidance=1.5),
     _flux2_dev("flux-2-max", steps=40, max_images=8),
+    # FLUX 3 Image Klein: step-distilled (flow map), 16 steps, no guidance; and its base, 50 steps with CFG.
+    ModelSpec(
+        "flux-3-image-klein",
+        "black-forest-labs/flux-3-image-klein",
+        kind="flux3",
+        default_steps=16,
+        max_steps=32,
+        default_guidance=None,
+        license=_KOMMUNITY,
+        pipeline="Flux3DistilledModularPipeline",
+    ),
+    ModelSpec(
+        "flux-3-image-klein-base",
+        "black-forest-labs/flux-3-image-klein-base",
+        kind="flux3",
+        default_steps=50,
+        max_steps=100,
+        default_guidance=4.0,
+        min_guidance=1.0,
+        license=_KOMMUNITY,
+        pipeline="Flux3ModularPipeline",
+    ),
 )
 
 # The fields a model table may set even with --demo: where its jobs run and what they cost.
@@ -353,7 +394,7 @@ _OVERRIDABLE = {
     "enabled",
     *_ROUTING,
 }
-_KINDS = ("text2img", "kontext", "fill", "flux2")
+_KINDS = ("text2img", "kontext", "fill", "flux2", "flux3")
 
 
 class ModelRegistry:
@@ -444,9 +485,16 @@ class ModelRegistry:
 
     @classmethod
     def demo(cls, demo_path: Path) -> ModelRegistry:
-        from .engine.demo import demo_weights
+        from .engine.demo import demo_kinds, demo_weights
 
-        return cls([replace(m, weights=str(demo_weights(demo_path, m.kind)), demo=True) for m in DEFAULT_MODELS])
+        kinds = demo_kinds()  # FLUX 3 only where torchvision is installed (its processor needs it)
+        return cls(
+            [
+                replace(m, weights=str(demo_weights(demo_path, m.kind, m.weights)), demo=True)
+                for m in DEFAULT_MODELS
+                if m.kind in kinds
+            ]
+        )
 
     @classmethod
     def from_toml(cls, path: Path) -> ModelRegistry:

@@ -293,7 +293,9 @@ class DeviceWorker(LeasedWorker):
         spec = job.spec
         cap = self._batch_max_pixels
         small = spec.width * spec.height <= (default_batch_max_pixels(self._engine.device) if cap is None else cap)
-        if not small or self._max_batch <= spec.num_images or spec.task != "text2img":
+        # FLUX 3's modular pipeline takes one prompt per call: its jobs run alone.
+        one_prompt = spec.model in self._registry and self._registry.get(spec.model).kind == "flux3"
+        if not small or self._max_batch <= spec.num_images or spec.task != "text2img" or one_prompt:
             return [job]
         try:
             return [job, *self._jobs.claim_compatible(job, self.worker_id, self._max_batch, lock)]

@@ -23,9 +23,12 @@ def _wait_state(client: TestClient, timeout: float = 60) -> dict:  # type: ignor
 
 
 def test_local_folder_from_model_config(tmp_path: Path, demo_model_dir: Path) -> None:
-    weights = {m.name: str(demo_weights(demo_model_dir, m.kind)) for m in ModelRegistry.default()}
+    # Every name the demo can serve here (FLUX 3's need torchvision), each pointed at its demo folder.
+    weights = {m.name: str(demo_weights(demo_model_dir, m.kind, ModelRegistry.default().get(m.name).weights))
+               for m in ModelRegistry.demo(demo_model_dir)}  # fmt: skip
     cfg = _toml(tmp_path, weights)
-    settings = Settings(data_dir=tmp_path / "d", api_key=API_KEY, model_config_file=cfg, offline=True, device="cpu")
+    settings = Settings(data_dir=tmp_path / "d", api_key=API_KEY, model_config_file=cfg, offline=True, device="cpu",
+                        models=list(weights))  # fmt: skip
     with TestClient(create_app(settings)) as client:
         assert _wait_state(client)["status"] == "ready"
         models = client.get("/v1/models", headers=AUTH).json()["data"]

@@ -23,7 +23,12 @@ def test_default_names_and_limits() -> None:
         "flux-2-pro",
         "flux-2-flex",
         "flux-2-max",
+        "flux-3-image-klein",
+        "flux-3-image-klein-base",
     ]
+    klein3, base3 = reg.get("flux-3-image-klein"), reg.get("flux-3-image-klein-base")
+    assert (klein3.kind, klein3.default_steps, klein3.default_guidance, klein3.image_limit) == ("flux3", 16, None, 10)
+    assert (base3.default_steps, base3.default_guidance, base3.pipeline) == (50, 4.0, "Flux3ModularPipeline")
     schnell = reg.get("flux-schnell")
     assert (schnell.default_steps, schnell.max_steps, schnell.default_guidance) == (4, 4, None)
     dev, pro = reg.get("flux-dev"), reg.get("flux-pro")

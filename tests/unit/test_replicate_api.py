@@ -293,9 +293,9 @@ def test_jobs_without_webhooks_cost_the_webhook_thread_one_read(settings: Settin
         real_get = store.get_job
         reads: list[str] = []
 
-        def counting_get(job_id: str) -> Any:
+        def counting_get(job_id: str, **kw: Any) -> Any:
             reads.append(threading.current_thread().name)
-            return real_get(job_id)
+            return real_get(job_id, **kw)
 
         store.get_job = counting_get
         body = {"input": {"prompt": "no hook", "num_inference_steps": 20}}

@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from ..errors import InvalidInput
-from ..models import ModelSpec
+from ..models import FLUX3_MAX_IMAGES, ModelSpec, refuse_prompt_upsampling
 from ..spec import GenerationSpec, ratio_size
 from .deps import Services
 from .inputs import Inputs, image_and_size
@@ -140,9 +140,16 @@ class _FlexBase(_Flux2Base):
         return self.steps, self.guidance
 
 
+class _Flux3Base(_FlexBase):
+    async def to_spec(self, services: Services, model: ModelSpec) -> tuple[GenerationSpec, Inputs]:
+        refuse_prompt_upsampling(model, self.prompt_upsampling, param="prompt_upsampling")
+        return await super().to_spec(services, model)
+
+
 Flux2ProInputs = _flux2_schema("Flux2ProInputs", 8)
 Flux2FlexInputs = _flux2_schema("Flux2FlexInputs", 8, _FlexBase)
 Flux2KleinInputs = _flux2_schema("Flux2KleinInputs", 4)
+Flux3Inputs = _flux2_schema("Flux3Inputs", FLUX3_MAX_IMAGES, _Flux3Base)
 
 ENDPOINTS: dict[str, tuple[str, type[_Common]]] = {
     "flux-dev": ("flux-dev", DevInputs),
@@ -158,4 +165,6 @@ ENDPOINTS: dict[str, tuple[str, type[_Common]]] = {
     "flux-2-klein-9b": ("flux-2-klein-9b", Flux2KleinInputs),
     # BFL's "latest klein 9B, with KV caching".
     "flux-2-klein-9b-preview": ("flux-2-klein-9b-kv", Flux2KleinInputs),
+    "flux-3-image-klein": ("flux-3-image-klein", Flux3Inputs),
+    "flux-3-image-klein-base": ("flux-3-image-klein-base", Flux3Inputs),
 }

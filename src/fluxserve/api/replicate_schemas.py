@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import InvalidInput
 from ..loras import LoraRequest
-from ..models import ModelSpec
+from ..models import ModelSpec, refuse_prompt_upsampling
 from ..spec import ASPECT_RATIOS, Adapter, GenerationSpec, fit_megapixel
 from .deps import Services
 from .inputs import Inputs, image_and_size, resolve_loras
@@ -315,6 +315,22 @@ class KleinInput(_Flux2Base):
         return self.output_megapixels
 
 
+class Flux3Input(KleinInput):
+    """black-forest-labs/flux-3-image-klein(-base): klein's shape (``images``, an array of URIs), up to 10
+    references, steps and guidance (the base model's) set by the client."""
+
+    num_inference_steps: int | None = None
+    guidance: float | None = None
+    prompt_upsampling: bool = False
+
+    def _steps_guidance(self) -> tuple[int | None, float | None]:
+        return self.num_inference_steps, self.guidance
+
+    async def to_spec(self, services: Services, model: ModelSpec) -> tuple[GenerationSpec, Inputs]:
+        refuse_prompt_upsampling(model, self.prompt_upsampling, param="input.prompt_upsampling")
+        return await super().to_spec(services, model)
+
+
 # Replicate model name -> (fluxserve model, input schema, output is a list?)
 MODELS: dict[str, tuple[str, type[_Input], bool]] = {
     "flux-schnell": ("flux-schnell", SchnellInput, True),
@@ -331,6 +347,8 @@ MODELS: dict[str, tuple[str, type[_Input], bool]] = {
     "flux-2-flex": ("flux-2-flex", Flux2FlexInput, False),
     "flux-2-klein-4b": ("flux-2-klein-4b", KleinInput, True),
     "flux-2-klein-9b": ("flux-2-klein-9b", KleinInput, True),
+    "flux-3-image-klein": ("flux-3-image-klein", Flux3Input, True),
+    "flux-3-image-klein-base": ("flux-3-image-klein-base", Flux3Input, True),
 }
 
 WebhookEvent = Literal["start", "output", "logs", "completed"]

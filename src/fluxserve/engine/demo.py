@@ -15,10 +15,17 @@ from pathlib import Path
 from typing import Any
 
 DEMO_MARKER = "fluxserve-demo.json"
-DEMO_VERSION = 3
+DEMO_VERSION = 4
 # One diffusers folder per pipeline kind; text2img's also serves img2img via from_pipe.
 # flux2 is FLUX.2 [klein] geometry: 32 latent channels, a Qwen3 text encoder, native references.
-DEMO_FOLDERS = {"text2img": "flux", "kontext": "kontext", "fill": "fill", "flux2": "flux2"}
+# flux2-dev (Mistral 3 text encoder, PixtralProcessor) and flux3 (FLUX 3 Image Klein's modular pipeline,
+# Qwen3-VL) need torchvision for their processors: built, and served, where it is installed.
+DEMO_FOLDERS = {"text2img": "flux", "kontext": "kontext", "fill": "fill", "flux2": "flux2", "flux3": "flux3"}
+# Names whose real weights differ in kind of pipeline from their kind's folder get a folder of their own.
+WEIGHT_FOLDERS = {
+    "black-forest-labs/FLUX.2-dev": "flux2-dev",
+    "black-forest-labs/flux-3-image-klein-base": "flux3-base",
+}
 # Qwen's chat format, as the real klein tokenizer has it: the pipeline renders the prompt through it.
 _QWEN_CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -44,7 +51,22 @@ def is_demo_model(path: Path) -> bool:
     return (path / DEMO_MARKER).is_file()
 
 
-def demo_weights(root: Path, kind: str) -> Path:
+def has_torchvision() -> bool:
+    """Installed, without importing it (nor torch): API nodes decide the demo's names too."""
+    import importlib.util
+
+    return importlib.util.find_spec("torchvision") is not None
+
+
+def demo_kinds() -> tuple[str, ...]:
+    return tuple(k for k in DEMO_FOLDERS if k != "flux3" or has_torchvision())
+
+
+def demo_weights(root: Path, kind: str, weights: str = "") -> Path:
+    """The folder that serves a name of this kind; FLUX.2 [dev]'s names and FLUX 3's base get their own where
+    they can be built (FLUX.2 [dev]'s are served by the klein folder elsewhere)."""
+    if weights in WEIGHT_FOLDERS and has_torchvision():
+        return root / WEIGHT_FOLDERS[weights]
     return root / DEMO_FOLDERS[kind]
 
 
@@ -67,8 +89,11 @@ def build_demo_model(path: Path) -> Path:
     transformers_logging.disable_progress_bar()
     path = Path(path)
     marker = path / DEMO_MARKER
-    if marker.is_file() and json.loads(marker.read_text()).get("version") == DEMO_VERSION:
-        return path
+    extras = has_torchvision()
+    if marker.is_file():
+        built = json.loads(marker.read_text())
+        if built.get("version") == DEMO_VERSION and built.get("torchvision", False) == extras:
+            return path
 
     torch.manual_seed(0)
     hidden = 32
@@ -154,14 +179,26 @@ def build_demo_model(path: Path) -> Path:
         # FLUX.1-Fill's transformer also takes the masked image (64) and the 8x8-packed mask (256).
         "fill": FluxFillPipeline(scheduler=scheduler(), transformer=transformer(in_channels=384), **shared),
     }
-    pipes["flux2"] = _flux2_klein()
+    folders: dict[str, Any] = {DEMO_FOLDERS[kind]: pipe for kind, pipe in pipes.items()}
+    folders[DEMO_FOLDERS["flux2"]] = _flux2_klein()
+    if extras:
+        from .demo_extra import flux2_dev, flux3_klein
+
+        folders["flux2-dev"] = flux2_dev()
+        folders[DEMO_FOLDERS["flux3"]] = flux3_klein(distilled=True)
+        folders["flux3-base"] = flux3_klein(distilled=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=path.parent))
     try:
-        marker_text = json.dumps({"version": DEMO_VERSION, "label": "fluxserve demo model"})
-        for kind, pipe in pipes.items():
-            pipe.save_pretrained(tmp / DEMO_FOLDERS[kind])
-            (tmp / DEMO_FOLDERS[kind] / DEMO_MARKER).write_text(marker_text)
+        marker_text = json.dumps({"version": DEMO_VERSION, "label": "fluxserve demo model", "torchvision": extras})
+        for folder, pipe in folders.items():
+            # Modular pipelines take a str only, and record each component's place (the save folder).
+            modular_args = {"overwrite_modular_index": True} if type(pipe).__name__.endswith("ModularPipeline") else {}
+            pipe.save_pretrained(str(tmp / folder), **modular_args)
+            (tmp / folder / DEMO_MARKER).write_text(marker_text)
+            modular = tmp / folder / "modular_model_index.json"
+            if modular.is_file():  # it names the folder it was saved in: the one it will be moved to
+                modular.write_text(modular.read_text().replace(str(tmp / folder), str(path / folder)))
         (tmp / DEMO_MARKER).write_text(marker_text)
         if path.exists():
             shutil.rmtree(path)

@@ -25,8 +25,26 @@ FLUX2_PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline", "Flux2KleinKVPipeline"
 _NEEDS_TORCHVISION = ("Flux2Pipeline",)
 
 
+def _check_torchvision(weights: str, name: str) -> None:
+    try:
+        import torchvision  # noqa: F401
+    except Exception as exc:  # ImportError, or a torchvision built for another torch (RuntimeError)
+        raise RuntimeError(
+            f"{weights} ({name}) needs torchvision for its prompt processor, and it did not import ({exc}); "
+            "install the torchvision build that matches your torch: pip install 'fluxserve[flux2-dev]'"
+        ) from exc
+
+
 def pipeline_class_name(weights: str, kind: str, *, local_files_only: bool, pipeline: str = "") -> str:
     """The diffusers class for the weights, checked before any weights are read."""
+    if kind == "flux3":  # Qwen3-VL's processor needs torchvision, whichever FLUX 3 pipeline
+        from . import flux3
+
+        name = pipeline or flux3.DISTILLED
+        if name not in flux3.PIPELINES:
+            raise RuntimeError(f"kind 'flux3' takes {' or '.join(flux3.PIPELINES)}; got {name}")
+        _check_torchvision(weights, name)
+        return name
     if kind != "flux2":
         return _PIPELINE_CLASSES[kind]
     from diffusers import DiffusionPipeline
@@ -35,13 +53,7 @@ def pipeline_class_name(weights: str, kind: str, *, local_files_only: bool, pipe
     if name not in FLUX2_PIPELINES:
         raise RuntimeError(f"kind 'flux2' needs FLUX.2 weights ({', '.join(FLUX2_PIPELINES)}); {weights} is a {name}")
     if name in _NEEDS_TORCHVISION:
-        try:
-            import torchvision  # noqa: F401
-        except Exception as exc:  # ImportError, or a torchvision built for another torch (RuntimeError)
-            raise RuntimeError(
-                f"{weights} ({name}) needs torchvision for its prompt processor, and it did not import ({exc}); "
-                "install the torchvision build that matches your torch: pip install 'fluxserve[flux2-dev]'"
-            ) from exc
+        _check_torchvision(weights, name)
     return name
 
 
@@ -81,8 +93,13 @@ def load_pipeline(
     diffusers_logging.disable_progress_bar()
     # bf16 is FLUX's native precision on accelerators; CPUs are slow and inexact in bf16.
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    cls = getattr(diffusers, pipeline_class_name(weights, kind, local_files_only=local_files_only, pipeline=pipeline))
-    pipe = cls.from_pretrained(weights, dtype=dtype, local_files_only=local_files_only)
+    name = pipeline_class_name(weights, kind, local_files_only=local_files_only, pipeline=pipeline)
+    if kind == "flux3":
+        from . import flux3
+
+        pipe = flux3.load(weights, name, dtype=dtype)
+    else:
+        pipe = getattr(diffusers, name).from_pretrained(weights, dtype=dtype, local_files_only=local_files_only)
     speed = speed or SpeedOptions()
     pipe.fluxserve_offload = place(pipe, speed, device)
     if speed.compile and speed.lora_hotswap_rank:
@@ -226,6 +243,10 @@ class DiffusersEngine:
         first = requests[0].spec
         model = self._registry.get(first.model)
         pipe = self._pipeline(first.model, first.task)
+        if model.kind == "flux3":
+            from . import flux3
+
+            return flux3.generate(pipe, model, list(requests), on_step)
         prompts = [r.spec.prompt for r in requests for _ in range(r.spec.num_images)]
         # CPU generators make a seed mean the same noise on every device.
         generators = [torch.Generator("cpu").manual_seed(s) for r in requests for s in r.spec.image_seeds()]

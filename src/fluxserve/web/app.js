@@ -143,10 +143,11 @@ function updateControls() {
   }
   if (f.steps) Object.assign($("steps"), { max: f.steps.max, placeholder: `default ${f.steps.default}` });
   // Only adapters trained for the chosen model's generation are offered.
-  const family = f.kind === "flux2" ? "FLUX.2" : "FLUX.1";
+  // FLUX 3 takes none here (diffusers has no LoRA loader for it).
+  const family = { flux2: "FLUX.2", flux3: "FLUX 3" }[f.kind] || "FLUX.1";
   for (const opt of $("lora").options) {
     const l = state.loras.find((x) => x.name === opt.value);
-    opt.disabled = Boolean(l && l.family && l.family !== family);
+    opt.disabled = Boolean(l && (f.kind === "flux3" || (l.family && l.family !== family)));
   }
   if ($("lora").selectedOptions[0]?.disabled) $("lora").value = "";
   $("lora-scale").disabled = !$("lora").value;

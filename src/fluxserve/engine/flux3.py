@@ -1,0 +1,149 @@
+"""FLUX 3 Image Klein through diffusers' modular pipelines (Flux3DistilledModularPipeline, Flux3ModularPipeline).
+
+They have no ``callback_on_step_end`` and no ``interrupt``: a loop block of ours, run after each denoising
+step inside the pipeline's own loop, reports progress, decodes previews and raises Cancelled between steps,
+so FLUX 3 jobs show steps, previews and stop on cancel as FLUX.1 and FLUX.2 jobs do."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from PIL.Image import Image
+
+from ..errors import OutOfMemory
+from ..models import ModelSpec
+from .base import Cancelled, EngineRequest, OnStep
+
+DISTILLED = "Flux3DistilledModularPipeline"
+BASE = "Flux3ModularPipeline"
+PIPELINES = (DISTILLED, BASE)
+
+
+def _step_block() -> Any:
+    """The block class, made when diffusers is imported (never at fluxserve's import time)."""
+    import torch
+    from diffusers.modular_pipelines import ModularPipelineBlocks
+
+    class FluxserveStep(ModularPipelineBlocks):  # type: ignore[misc]
+        model_name = "flux3"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.on_step: Callable[[int, Any, Any], None] | None = None  # set for each call
+
+        @property
+        def description(self) -> str:
+            return "fluxserve: progress, previews and cancellation after each denoising step"
+
+        @torch.no_grad()  # type: ignore[untyped-decorator]
+        def __call__(self, components: Any, block_state: Any, i: int, t: Any) -> tuple[Any, Any]:
+            if self.on_step is not None:
+                self.on_step(i + 1, components, block_state.latents)
+            return components, block_state
+
+    return FluxserveStep()
+
+
+def _loops(blocks: Any) -> list[Any]:
+    """Every denoising loop inside the (nested) blocks: text-to-image and edits each have their own."""
+    from diffusers.modular_pipelines import LoopSequentialPipelineBlocks
+
+    if isinstance(blocks, LoopSequentialPipelineBlocks):
+        return [blocks]
+    return [loop for block in getattr(blocks, "sub_blocks", {}).values() for loop in _loops(block)]
+
+
+def _not_a_cancel(record: logging.LogRecord) -> bool:
+    """The modular loop logs every exception out of a block with its traceback; a cancel is not an error."""
+    return "Cancelled" not in record.getMessage()
+
+
+def load(weights: str, pipeline: str, *, dtype: Any) -> Any:
+    """The modular pipeline without its prompt upsampler (none is served: prompt_upsampling is refused),
+    with our step block in its denoising loop."""
+    from diffusers.modular_pipelines import Flux3AutoBlocks, Flux3DistilledAutoBlocks
+
+    if pipeline not in PIPELINES:
+        raise RuntimeError(f"kind 'flux3' takes {' or '.join(PIPELINES)}; got {pipeline or 'none'}")
+    for name in ("diffusers.modular_pipelines.modular_pipeline",):
+        if _not_a_cancel not in logging.getLogger(name).filters:
+            logging.getLogger(name).addFilter(_not_a_cancel)
+    blocks = (Flux3DistilledAutoBlocks if pipeline == DISTILLED else Flux3AutoBlocks)()
+    blocks.sub_blocks.pop("prompt_upsampler", None)
+    step = _step_block()
+    loops = _loops(blocks)
+    if not loops:
+        raise RuntimeError(f"{pipeline}: no denoising loop found in its blocks to report progress from")
+    for loop in loops:
+        loop.sub_blocks["fluxserve_step"] = step
+    pipe = blocks.init_pipeline(weights)  # runs a deep copy of the blocks: find ours again with _step()
+    pipe.load_components(dtype=dtype)
+    return pipe
+
+
+def _step(pipe: Any) -> Any:
+    """Our step block as the pipeline runs it (its ``blocks`` property hands out copies; ``_blocks`` is it).
+    One object: the deep copy kept the loops' shared block shared."""
+    [step] = {id(b): b for b in (loop.sub_blocks["fluxserve_step"] for loop in _loops(pipe._blocks))}.values()
+    return step
+
+
+def generate(pipe: Any, model: ModelSpec, requests: list[EngineRequest], on_step: OnStep) -> list[list[Image]]:
+    """One request per call (the pipeline takes one prompt); its n images from n generators."""
+    import torch
+
+    [request] = requests  # the worker never batches FLUX 3 jobs (worker._batch_for)
+    spec = request.spec
+    preview_steps = spec.preview_steps()
+
+    def step(done: int, components: Any, latents: Any) -> None:
+        previews = _previews(components, latents, spec.height, spec.width) if done in preview_steps else None
+        on_step(done, spec.steps, previews)  # Cancelled goes up through the pipeline's loop
+
+    kwargs: dict[str, Any] = {}
+    guider = getattr(pipe, "guider", None)  # the base model's classifier-free guidance; none when distilled
+    if spec.guidance is not None and guider is not None and guider.guidance_scale != spec.guidance:
+        pipe.update_components(guider=guider.new(guidance_scale=spec.guidance))
+    if request.images:
+        kwargs["image"] = list(request.images)
+    hook = _step(pipe)
+    hook.on_step = step
+    try:
+        with torch.inference_mode():
+            images = pipe(
+                prompt=spec.prompt,
+                height=spec.height,
+                width=spec.width,
+                num_inference_steps=spec.steps,
+                num_images_per_prompt=spec.num_images,
+                generator=[torch.Generator("cpu").manual_seed(s) for s in spec.image_seeds()],
+                output="images",
+                **kwargs,
+            )
+    except Cancelled:
+        raise
+    except torch.OutOfMemoryError as exc:
+        torch.cuda.empty_cache()
+        raise OutOfMemory(
+            f"Out of device memory at {spec.width}x{spec.height} x{spec.num_images}; try a smaller size or n."
+        ) from exc
+    finally:
+        hook.on_step = None
+    return [list(images)]
+
+
+def _previews(components: Any, latents: Any, height: int, width: int) -> list[Image]:
+    """Packed tokens (B, h*w, 128) -> images, as the pipeline's unpack and decode steps do after the last step."""
+    import torch
+    from diffusers import Flux2Pipeline
+
+    vae = components.vae
+    h, w = height // (components.vae_scale_factor * 2), width // (components.vae_scale_factor * 2)
+    x = latents.reshape(latents.shape[0], h, w, latents.shape[-1]).permute(0, 3, 1, 2)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
+    x = x * std.to(x.dtype) + vae.bn.running_mean.view(1, -1, 1, 1).to(x.dtype)
+    decoded = vae.decode(Flux2Pipeline._unpatchify_latents(x).to(vae.dtype), return_dict=False)[0]
+    images: list[Image] = components.image_processor.postprocess(decoded, output_type="pil")
+    return images
