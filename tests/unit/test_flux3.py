@@ -220,3 +220,18 @@ def test_prompt_upsampling_is_refused_without_an_upsampler(client: Any) -> None:
     gen = client.post("/v1/images/generations", headers=AUTH, json={"model": "flux-3-image-klein", "prompt": "p",
                       "size": "256x256", "loras": [{"path": "x.safetensors", "scale": 1.0}]})  # fmt: skip
     assert gen.status_code == 400 and gen.json()["error"]["param"] in ("loras", "loras[0].path"), gen.text
+
+
+@pytest.mark.timeout(600)
+def test_flux3_under_compile_warms_up_and_keeps_pixels_close(registry: ModelRegistry, engine: DiffusersEngine) -> None:
+    from fluxserve.engine.speed import SpeedOptions
+
+    only = registry.only(["flux-3-image-klein"])
+    fast = DiffusersEngine(only, device="cpu", local_files_only=True,
+                           speed=SpeedOptions(compile=True, warmup_sizes=((256, 256),)))  # fmt: skip
+    fast.load()  # the warm-up compiles text-to-image and one-reference shapes before any request
+    req = _req(registry, "flux-3-image-klein", seed=5)
+    [[compiled]] = fast.generate([req], lambda *_: None)
+    [[eager]] = engine.generate([req], lambda *_: None)
+    diff = np.abs(np.asarray(compiled).astype(int) - np.asarray(eager).astype(int))
+    assert diff.max() <= 8 and diff.mean() < 0.5

@@ -178,7 +178,7 @@ class DiffusersEngine:
             gray = PILImage.new("RGB", (64, 64), (128, 128, 128))
             # Kontext with a reference image runs twice the tokens of one without: warm the shape edits use.
             # FLUX.2 serves text-to-image and edits alike: both shapes (one reference; more compile on first use).
-            references = {"fill": [1], "kontext": [1], "flux2": [0, 1]}.get(model.kind, [0])
+            references = {"fill": [1], "kontext": [1], "flux2": [0, 1], "flux3": [0, 1]}.get(model.kind, [0])
             for (width, height), count in ((size, n) for size in self.speed.warmup_sizes for n in references):
                 images = [gray.resize((width, height))] * count
                 mask = PILImage.new("L", (width, height), 255) if model.kind == "fill" else None
