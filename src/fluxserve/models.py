@@ -37,17 +37,6 @@ FLUX2_MAX_REFERENCE_ASPECT = 8
 FLUX3_MAX_IMAGES = 10  # diffusers' flux3 MAX_REFERENCES
 
 
-def refuse_prompt_upsampling(model: ModelSpec, asked: bool, *, param: str) -> None:
-    """FLUX 3's prompt upsampler (flux-3-image-klein-pup) is not served: a request that asks for it is told so,
-    not given an image of the prompt as written. Other models accept the flag as before (a no-op)."""
-    if asked and model.kind == "flux3":
-        raise InvalidInput(
-            f"{model.name}: no prompt upsampler is served here (flux-3-image-klein-pup is not loaded); "
-            f"send {param}: false, or a prompt written out in full.",
-            param=param,
-        )
-
-
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
@@ -66,6 +55,8 @@ class ModelSpec:
     max_pixels: int = MAX_PIXELS
     license: str = ""
     pipeline: str = ""  # a diffusers class for kind flux2; empty: the one model_index.json names
+    # FLUX 3: the prompt upsampler's weights (flux-3-image-klein-pup); empty: none, prompt_upsampling is refused.
+    upsampler: str = ""
     description: str = ""
     demo: bool = False
     # Upstream providers ([upstreams.NAME], fluxserve.upstream): served only there, or local first and
@@ -180,6 +171,7 @@ class ModelSpec:
         params: dict[str, str] | None = None,
         allow_empty_prompt: bool = False,
         loras: tuple[Adapter, ...] = (),
+        upsample: bool = False,
     ) -> GenerationSpec:
         """Validate a request against this model's limits. ``params`` maps our names to the dialect's."""
         names = {
@@ -191,6 +183,7 @@ class ModelSpec:
             "image": "image",
             "mask": "mask",
             "strength": "strength",
+            "upsample": "prompt_upsampling",
         }
         names.update(params or {})
         names.setdefault("height", names["size"])
@@ -225,6 +218,14 @@ class ModelSpec:
                 f"for {self.name}; got {guidance:g}.",
                 param=names["guidance"],
             )
+        # FLUX.1 and FLUX.2 accept the flag as before (a no-op); FLUX 3 honours it, or says it can't.
+        upsample = upsample and self.kind == "flux3"
+        if upsample and not self.upsampler:
+            raise InvalidInput(
+                f'{self.name}: no prompt upsampler is configured here (upsampler = "..." in its [models] table); '
+                f"send {names['upsample']}: false, or a prompt written out in full.",
+                param=names["upsample"],
+            )
         if loras and self.kind == "flux3":
             raise InvalidInput(
                 f"{self.name} takes no LoRA adapters here (diffusers has no LoRA loader for FLUX 3).", param="loras"
@@ -249,6 +250,7 @@ class ModelSpec:
             mask=mask,
             strength=strength if task == "img2img" else None,
             loras=loras,
+            upsample=upsample,
         )
 
     def _task(self, images: tuple[str, ...], mask: str | None, names: dict[str, str]) -> Task:
@@ -390,6 +392,7 @@ _OVERRIDABLE = {
     "max_pixels",
     "license",
     "pipeline",
+    "upsampler",
     "description",
     "enabled",
     *_ROUTING,
@@ -485,12 +488,17 @@ class ModelRegistry:
 
     @classmethod
     def demo(cls, demo_path: Path) -> ModelRegistry:
-        from .engine.demo import demo_kinds, demo_weights
+        from .engine.demo import demo_kinds, demo_upsampler, demo_weights
 
         kinds = demo_kinds()  # FLUX 3 only where torchvision is installed (its processor needs it)
         return cls(
             [
-                replace(m, weights=str(demo_weights(demo_path, m.kind, m.weights)), demo=True)
+                replace(
+                    m,
+                    weights=str(demo_weights(demo_path, m.kind, m.weights)),
+                    upsampler=demo_upsampler(demo_path, m.kind),
+                    demo=True,
+                )
                 for m in DEFAULT_MODELS
                 if m.kind in kinds
             ]

@@ -183,6 +183,7 @@ class GenerationSpec:
     strength: float | None = None
     partial_images: int = 0  # previews of the image in progress (OpenAI streaming), 0-3
     loras: tuple[Adapter, ...] = ()  # active for this request only, with these scales
+    upsample: bool = False  # FLUX 3: the prompt rewritten by the model's prompt upsampler first
 
     def image_seeds(self) -> list[int]:
         return [(self.seed + i) % (MAX_SEED + 1) for i in range(self.num_images)]
@@ -208,6 +209,7 @@ class GenerationSpec:
             self.strength,
             self.partial_images,
             tuple((a.digest, a.scale) for a in self.loras),
+            self.upsample,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -5,6 +5,7 @@ scripts/test.sh); the main one has no torchvision, and there these names are not
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -209,17 +210,44 @@ def test_every_dialect_serves_flux3(client: Any) -> None:
     assert listed["flux-3-image-klein"]["max_images"] == 10 and listed["flux-3-image-klein"]["kind"] == "flux3"
 
 
-def test_prompt_upsampling_is_refused_without_an_upsampler(client: Any) -> None:
-    bfl = client.post("/v1/flux-3-image-klein", headers={"x-key": "test-key-0123456789"},
-                      json={"prompt": "p", "prompt_upsampling": True})  # fmt: skip
-    assert bfl.status_code == 422, bfl.text  # BFL's (FastAPI's) status for bad input
-    assert "prompt_upsampling" in bfl.text and "upsampler" in bfl.text
-    rep = client.post("/v1/models/black-forest-labs/flux-3-image-klein/predictions", headers=AUTH,
-                      json={"input": {"prompt": "p", "prompt_upsampling": True}})  # fmt: skip
-    assert rep.status_code == 422 and "input.prompt_upsampling" in rep.text, rep.text  # Replicate's
-    gen = client.post("/v1/images/generations", headers=AUTH, json={"model": "flux-3-image-klein", "prompt": "p",
-                      "size": "256x256", "loras": [{"path": "x.safetensors", "scale": 1.0}]})  # fmt: skip
-    assert gen.status_code == 400 and gen.json()["error"]["param"] in ("loras", "loras[0].path"), gen.text
+def test_prompt_upsampling_is_honoured_with_the_upsampler(client: Any) -> None:
+    """The demo configures FLUX 3's names with its prompt upsampler: asked for, it rewrites the prompt first,
+    so the same seed gives another image; not asked for, the prompt is encoded as written."""
+
+    def image(upsampling: bool) -> bytes:
+        bfl = client.post("/v1/flux-3-image-klein", headers={"x-key": "test-key-0123456789"},
+                          json={"prompt": "a lighthouse", "width": 256, "height": 256, "steps": 2, "seed": 3,
+                                "prompt_upsampling": upsampling, "output_format": "png"})  # fmt: skip
+        assert bfl.status_code == 200, bfl.text
+        polled = client.get(f"/v1/get_result?id={bfl.json()['id']}", headers={"x-key": "test-key-0123456789"})
+        for _ in range(200):
+            if polled.json()["status"] not in ("Pending", "Task not found"):
+                break
+            time.sleep(0.05)
+            polled = client.get(f"/v1/get_result?id={bfl.json()['id']}", headers={"x-key": "test-key-0123456789"})
+        assert polled.json()["status"] == "Ready", polled.text
+        return bytes(client.get(polled.json()["result"]["sample"]).content)
+
+    plain, again, upsampled = image(False), image(False), image(True)
+    assert plain == again and plain != upsampled
+    rep = client.post("/v1/models/black-forest-labs/flux-3-image-klein/predictions",
+                      headers=AUTH | {"Prefer": "wait=60"},
+                      json={"input": {"prompt": "p", "prompt_upsampling": True, "num_inference_steps": 2,
+                                      "output_megapixels": "0.25"}})  # fmt: skip
+    assert rep.status_code == 201 and rep.json()["status"] == "succeeded", rep.text
+    assert base64
+
+
+def test_prompt_upsampling_without_an_upsampler_is_a_clear_400(registry: ModelRegistry) -> None:
+    from dataclasses import replace
+
+    bare = replace(registry.get("flux-3-image-klein"), upsampler="")
+    with pytest.raises(InvalidInput, match="no prompt upsampler") as err:
+        bare.make_spec(prompt="p", width=256, height=256, upsample=True, params={"upsample": "input.prompt_upsampling"})
+    assert err.value.param == "input.prompt_upsampling"
+    assert bare.make_spec(prompt="p", width=256, height=256).upsample is False
+    # FLUX.1 and FLUX.2 accept the flag as before: a no-op, not a refusal.
+    assert registry.get("flux-2-dev").make_spec(prompt="p", width=256, height=256, upsample=True).upsample is False
 
 
 @pytest.mark.timeout(600)

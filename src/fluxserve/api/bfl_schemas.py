@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from ..errors import InvalidInput
-from ..models import FLUX3_MAX_IMAGES, ModelSpec, refuse_prompt_upsampling
+from ..models import FLUX3_MAX_IMAGES, ModelSpec
 from ..spec import GenerationSpec, ratio_size
 from .deps import Services
 from .inputs import Inputs, image_and_size
@@ -24,7 +24,7 @@ class _Common(BaseModel):
 
     prompt: str
     seed: int | None = None
-    prompt_upsampling: bool = False  # accepted; there is no prompt upsampler here
+    prompt_upsampling: bool = False  # FLUX 3: its upsampler rewrites the prompt; elsewhere accepted, a no-op
     safety_tolerance: int = Field(default=2, ge=0, le=6)  # accepted; no moderation model runs here
     output_format: Literal["jpeg", "png", "webp"] | None = "jpeg"
     webhook_url: str | None = Field(default=None, min_length=1, max_length=2083)
@@ -51,6 +51,7 @@ class _Common(BaseModel):
             quality=95,
             images=inputs.keys,
             params={"size": "width", "height": "height"},
+            upsample=self.prompt_upsampling,
         )
         return spec, inputs
 
@@ -140,16 +141,10 @@ class _FlexBase(_Flux2Base):
         return self.steps, self.guidance
 
 
-class _Flux3Base(_FlexBase):
-    async def to_spec(self, services: Services, model: ModelSpec) -> tuple[GenerationSpec, Inputs]:
-        refuse_prompt_upsampling(model, self.prompt_upsampling, param="prompt_upsampling")
-        return await super().to_spec(services, model)
-
-
 Flux2ProInputs = _flux2_schema("Flux2ProInputs", 8)
 Flux2FlexInputs = _flux2_schema("Flux2FlexInputs", 8, _FlexBase)
 Flux2KleinInputs = _flux2_schema("Flux2KleinInputs", 4)
-Flux3Inputs = _flux2_schema("Flux3Inputs", FLUX3_MAX_IMAGES, _Flux3Base)
+Flux3Inputs = _flux2_schema("Flux3Inputs", FLUX3_MAX_IMAGES, _FlexBase)
 
 ENDPOINTS: dict[str, tuple[str, type[_Common]]] = {
     "flux-dev": ("flux-dev", DevInputs),

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import InvalidInput
 from ..loras import LoraRequest
-from ..models import ModelSpec, refuse_prompt_upsampling
+from ..models import ModelSpec
 from ..spec import ASPECT_RATIOS, Adapter, GenerationSpec, fit_megapixel
 from .deps import Services
 from .inputs import Inputs, image_and_size, resolve_loras
@@ -23,6 +23,7 @@ _FORMATS = {"jpg": "jpeg", "png": "png", "webp": "webp"}
 # Our names -> Replicate's, for the messages make_spec writes.
 _PARAMS = {
     "prompt": "input.prompt",
+    "upsample": "input.prompt_upsampling",
     "steps": "input.num_inference_steps",
     "guidance": "input.guidance",
     "seed": "input.seed",
@@ -254,6 +255,7 @@ class _Flux2Base(_Input, _LoraFields):
             output_format=_FORMATS[getattr(self, "output_format", "png")],
             quality=max(1, getattr(self, "output_quality", 100)),
             params={**_PARAMS, "steps": "input.steps", "image": f"input.{self.refs_field}"},
+            upsample=getattr(self, "prompt_upsampling", False),
         )
 
 
@@ -290,7 +292,7 @@ class Flux2FlexInput(Flux2Input):
 
     steps: int | None = None
     guidance: float | None = None
-    prompt_upsampling: bool = True  # accepted; there is no prompt upsampler here
+    prompt_upsampling: bool = True  # accepted: FLUX.2 has no prompt upsampler here (a no-op)
 
     def _steps_guidance(self) -> tuple[int | None, float | None]:
         return self.steps, self.guidance
@@ -325,10 +327,6 @@ class Flux3Input(KleinInput):
 
     def _steps_guidance(self) -> tuple[int | None, float | None]:
         return self.num_inference_steps, self.guidance
-
-    async def to_spec(self, services: Services, model: ModelSpec) -> tuple[GenerationSpec, Inputs]:
-        refuse_prompt_upsampling(model, self.prompt_upsampling, param="input.prompt_upsampling")
-        return await super().to_spec(services, model)
 
 
 # Replicate model name -> (fluxserve model, input schema, output is a list?)

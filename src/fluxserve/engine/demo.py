@@ -21,6 +21,7 @@ DEMO_VERSION = 4
 # flux2-dev (Mistral 3 text encoder, PixtralProcessor) and flux3 (FLUX 3 Image Klein's modular pipeline,
 # Qwen3-VL) need torchvision for their processors: built, and served, where it is installed.
 DEMO_FOLDERS = {"text2img": "flux", "kontext": "kontext", "fill": "fill", "flux2": "flux2", "flux3": "flux3"}
+UPSAMPLER_FOLDER = "flux3-pup"  # FLUX 3's prompt upsampler (flux-3-image-klein-pup's role)
 # Names whose real weights differ in kind of pipeline from their kind's folder get a folder of their own.
 WEIGHT_FOLDERS = {
     "black-forest-labs/FLUX.2-dev": "flux2-dev",
@@ -60,6 +61,11 @@ def has_torchvision() -> bool:
 
 def demo_kinds() -> tuple[str, ...]:
     return tuple(k for k in DEMO_FOLDERS if k != "flux3" or has_torchvision())
+
+
+def demo_upsampler(root: Path, kind: str) -> str:
+    """FLUX 3's names get the demo's prompt upsampler (BFL: "do not use the model without it")."""
+    return str(root / UPSAMPLER_FOLDER) if kind == "flux3" and has_torchvision() else ""
 
 
 def demo_weights(root: Path, kind: str, weights: str = "") -> Path:
@@ -182,11 +188,12 @@ def build_demo_model(path: Path) -> Path:
     folders: dict[str, Any] = {DEMO_FOLDERS[kind]: pipe for kind, pipe in pipes.items()}
     folders[DEMO_FOLDERS["flux2"]] = _flux2_klein()
     if extras:
-        from .demo_extra import flux2_dev, flux3_klein
+        from .demo_extra import Upsampler, flux2_dev, flux3_klein
 
         folders["flux2-dev"] = flux2_dev()
         folders[DEMO_FOLDERS["flux3"]] = flux3_klein(distilled=True)
         folders["flux3-base"] = flux3_klein(distilled=False)
+        folders[UPSAMPLER_FOLDER] = Upsampler()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=path.parent))
     try:

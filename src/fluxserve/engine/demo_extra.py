@@ -6,9 +6,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from .demo import _QWEN_CHAT_TEMPLATE, _byte_alphabet
+from .demo import _byte_alphabet
 
 _HIDDEN = 16
+# Qwen-VL's chat format: a plain string, or parts where each image is its vision span (the processor
+# expands <|image_pad|> to the image's patches).
+_QWEN_VL_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and not enable_thinking %}"
+    "<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
 # Mistral's chat format over list-of-parts content, as Flux2Pipeline's format_input builds it.
 _MISTRAL_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}[SYSTEM_PROMPT]"
@@ -95,19 +104,8 @@ def flux2_dev() -> Any:
     )
 
 
-def flux3_klein(*, distilled: bool) -> Any:
-    """FLUX 3 Image Klein as diffusers' modular pipeline: Flux3Transformer2DModel (flow map when distilled),
-    a 32-layer Qwen3-VL (hidden states 4, 8, ... 32 stacked) and its processor, FLUX.2's VAE."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, Flux3Transformer2DModel
-    from diffusers.modular_pipelines import Flux3AutoBlocks, Flux3DistilledAutoBlocks
-    from diffusers.modular_pipelines.flux3.image_processor import Flux3ImageProcessor
-    from transformers import (
-        Qwen2TokenizerFast,
-        Qwen2VLImageProcessor,
-        Qwen3VLConfig,
-        Qwen3VLForConditionalGeneration,
-        Qwen3VLProcessor,
-    )
+def _qwen_vl_processor() -> tuple[Any, dict[str, int]]:
+    from transformers import Qwen2TokenizerFast, Qwen2VLImageProcessor, Qwen3VLProcessor
     from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"]
@@ -116,7 +114,7 @@ def flux3_klein(*, distilled: bool) -> Any:
     for tok in specials:
         vocab[tok] = len(vocab)
     tokenizer = Qwen2TokenizerFast(
-        vocab=vocab, merges=[], model_max_length=8192, chat_template=_QWEN_CHAT_TEMPLATE,
+        vocab=vocab, merges=[], model_max_length=8192, chat_template=_QWEN_VL_CHAT_TEMPLATE,
         additional_special_tokens=specials[1:], pad_token="<|endoftext|>", eos_token="<|im_end|>",
     )  # fmt: skip
     patches = {"patch_size": 16, "merge_size": 2, "temporal_patch_size": 2}
@@ -124,8 +122,56 @@ def flux3_klein(*, distilled: bool) -> Any:
         image_processor=Qwen2VLImageProcessor(**patches),
         tokenizer=tokenizer,
         video_processor=Qwen3VLVideoProcessor(**patches),
-        chat_template=_QWEN_CHAT_TEMPLATE,
+        chat_template=_QWEN_VL_CHAT_TEMPLATE,
     )
+    return processor, vocab
+
+
+def _vl_tokens(vocab: dict[str, int]) -> dict[str, int]:
+    return {
+        "image_token_id": vocab["<|image_pad|>"],
+        "video_token_id": vocab["<|video_pad|>"],
+        "vision_start_token_id": vocab["<|vision_start|>"],
+        "vision_end_token_id": vocab["<|vision_end|>"],
+    }
+
+
+class Upsampler:
+    """The prompt upsampler's folder: a Qwen3.5 vision-language model and its processor, side by side
+    (what ``upsampler = "..."`` names; black-forest-labs/flux-3-image-klein-pup in real life)."""
+
+    def __init__(self) -> None:
+        from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+        self.processor, vocab = _qwen_vl_processor()
+        text = {"vocab_size": len(vocab), "hidden_size": _HIDDEN, "intermediate_size": 32, "num_hidden_layers": 2,
+                "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8,
+                "layer_types": ["full_attention", "full_attention"], "tie_word_embeddings": True,
+                "rope_parameters": {"rope_type": "default", "mrope_section": [1, 1, 2], "mrope_interleaved": True,
+                                    "rope_theta": 10000.0, "partial_rotary_factor": 1.0},
+                "pad_token_id": vocab["<|endoftext|>"], "eos_token_id": vocab["<|im_end|>"]}  # fmt: skip
+        vision = {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": _HIDDEN,
+                  "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                  "num_position_embeddings": 16}  # fmt: skip
+        self.model = Qwen3_5ForConditionalGeneration(
+            Qwen3_5Config(text_config=text, vision_config=vision, **_vl_tokens(vocab))
+        )
+        self.model.generation_config.eos_token_id = vocab["<|im_end|>"]
+
+    def save_pretrained(self, folder: str) -> None:
+        self.model.save_pretrained(folder)
+        self.processor.save_pretrained(folder)
+
+
+def flux3_klein(*, distilled: bool) -> Any:
+    """FLUX 3 Image Klein as diffusers' modular pipeline: Flux3Transformer2DModel (flow map when distilled),
+    a 32-layer Qwen3-VL (hidden states 4, 8, ... 32 stacked) and its processor, FLUX.2's VAE."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux3Transformer2DModel
+    from diffusers.modular_pipelines import Flux3AutoBlocks, Flux3DistilledAutoBlocks
+    from diffusers.modular_pipelines.flux3.image_processor import Flux3ImageProcessor
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    processor, vocab = _qwen_vl_processor()
     text = {"vocab_size": len(vocab), "hidden_size": _HIDDEN, "intermediate_size": 32, "num_hidden_layers": 32,
             "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8, "max_position_embeddings": 8192,
             "rope_scaling": {"rope_type": "default", "mrope_section": [1, 1, 2], "mrope_interleaved": True},
@@ -134,12 +180,8 @@ def flux3_klein(*, distilled: bool) -> Any:
               "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2, "deepstack_visual_indexes": [0],
               "num_position_embeddings": 16}  # fmt: skip
     text_encoder = Qwen3VLForConditionalGeneration(
-        Qwen3VLConfig(
-            text_config=text, vision_config=vision, image_token_id=vocab["<|image_pad|>"],
-            video_token_id=vocab["<|video_pad|>"], vision_start_token_id=vocab["<|vision_start|>"],
-            vision_end_token_id=vocab["<|vision_end|>"],
-        )
-    )  # fmt: skip
+        Qwen3VLConfig(text_config=text, vision_config=vision, **_vl_tokens(vocab))
+    )
     transformer = Flux3Transformer2DModel(
         in_channels=128,
         cond_in_channels=128,

@@ -84,6 +84,7 @@ def load_pipeline(
     speed: SpeedOptions | None = None,
     pipeline: str = "",
     lora_slots: int = 4,
+    upsampler: str = "",
 ) -> Any:
     """The one loading path for real weights and the demo model alike."""
     import diffusers
@@ -97,11 +98,14 @@ def load_pipeline(
     if kind == "flux3":
         from . import flux3
 
-        pipe = flux3.load(weights, name, dtype=dtype)
+        pipe = flux3.load(weights, name, dtype=dtype, upsampler=upsampler, local_files_only=local_files_only)
     else:
         pipe = getattr(diffusers, name).from_pretrained(weights, dtype=dtype, local_files_only=local_files_only)
     speed = speed or SpeedOptions()
     pipe.fluxserve_offload = place(pipe, speed, device)
+    upsampling = getattr(pipe, "fluxserve_upsampling", None)  # FLUX 3's: shares pipe's modules but the upsampler
+    if upsampling is not None and pipe.fluxserve_offload == "none":
+        upsampling.prompt_upsampler.to(device)
     if speed.compile and speed.lora_hotswap_rank:
         # Before compiling: the slots' LoRA layers are part of the graph from the first call.
         # Kept on the transformer: img2img's pipeline (from_pipe) shares it, and so its slots.
@@ -139,10 +143,10 @@ class DiffusersEngine:
         if self.before_load is not None:
             self.before_load()
         self.device = pick_device(self._device_request)
-        loaded: dict[tuple[str, str, str], Any] = {}
+        loaded: dict[tuple[str, str, str, str], Any] = {}
         for model in self._registry:
             # Names that share weights (flux-dev / flux-pro, kontext pro / max) share one loaded pipeline.
-            key = (model.weights, model.kind, model.pipeline)
+            key = (model.weights, model.kind, model.pipeline, model.upsampler)
             if key not in loaded:
                 log.info("loading %s (%s) for %s on %s", model.weights, model.kind, model.name, self.device)
                 try:
@@ -154,6 +158,7 @@ class DiffusersEngine:
                         speed=self.speed,
                         pipeline=model.pipeline,
                         lora_slots=self.lora_slots,
+                        upsampler=model.upsampler,
                     )
                 except Exception as exc:
                     offline = (

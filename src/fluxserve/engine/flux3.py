@@ -60,26 +60,44 @@ def _not_a_cancel(record: logging.LogRecord) -> bool:
     return "Cancelled" not in record.getMessage()
 
 
-def load(weights: str, pipeline: str, *, dtype: Any) -> Any:
-    """The modular pipeline without its prompt upsampler (none is served: prompt_upsampling is refused),
-    with our step block in its denoising loop."""
+def _blocks(pipeline: str, *, upsampling: bool) -> Any:
+    """The pipeline's blocks with our step block in each denoising loop; with or without the upsampler step."""
     from diffusers.modular_pipelines import Flux3AutoBlocks, Flux3DistilledAutoBlocks
 
-    if pipeline not in PIPELINES:
-        raise RuntimeError(f"kind 'flux3' takes {' or '.join(PIPELINES)}; got {pipeline or 'none'}")
-    for name in ("diffusers.modular_pipelines.modular_pipeline",):
-        if _not_a_cancel not in logging.getLogger(name).filters:
-            logging.getLogger(name).addFilter(_not_a_cancel)
     blocks = (Flux3DistilledAutoBlocks if pipeline == DISTILLED else Flux3AutoBlocks)()
-    blocks.sub_blocks.pop("prompt_upsampler", None)
+    if not upsampling:
+        blocks.sub_blocks.pop("prompt_upsampler", None)
     step = _step_block()
     loops = _loops(blocks)
     if not loops:
         raise RuntimeError(f"{pipeline}: no denoising loop found in its blocks to report progress from")
     for loop in loops:
         loop.sub_blocks["fluxserve_step"] = step
-    pipe = blocks.init_pipeline(weights)  # runs a deep copy of the blocks: find ours again with _step()
+    return blocks
+
+
+def load(weights: str, pipeline: str, *, dtype: Any, upsampler: str = "", local_files_only: bool = False) -> Any:
+    """The modular pipeline as the prompt is written, with our step block in its denoising loop; with an
+    ``upsampler`` (its weights), a second pipeline over the same loaded modules, with the upsampler step
+    first, is kept as ``fluxserve_upsampling`` for requests that ask for prompt upsampling."""
+    if pipeline not in PIPELINES:
+        raise RuntimeError(f"kind 'flux3' takes {' or '.join(PIPELINES)}; got {pipeline or 'none'}")
+    modular_log = logging.getLogger("diffusers.modular_pipelines.modular_pipeline")
+    if _not_a_cancel not in modular_log.filters:
+        modular_log.addFilter(_not_a_cancel)
+    pipe = _blocks(pipeline, upsampling=False).init_pipeline(weights)  # a deep copy of the blocks: see _step()
     pipe.load_components(dtype=dtype)
+    pipe.fluxserve_upsampling = None
+    if upsampler:
+        from transformers import AutoProcessor, Qwen3_5ForConditionalGeneration
+
+        offline = {"local_files_only": local_files_only}
+        model = Qwen3_5ForConditionalGeneration.from_pretrained(upsampler, dtype=dtype, **offline)
+        processor = AutoProcessor.from_pretrained(upsampler, **offline)
+        upsampling = _blocks(pipeline, upsampling=True).init_pipeline(weights)
+        shared = {name: module for name, module in pipe.components.items() if module is not None}
+        upsampling.update_components(**shared, prompt_upsampler=model, prompt_upsampler_processor=processor)
+        pipe.fluxserve_upsampling = upsampling
     return pipe
 
 
@@ -96,6 +114,8 @@ def generate(pipe: Any, model: ModelSpec, requests: list[EngineRequest], on_step
 
     [request] = requests  # the worker never batches FLUX 3 jobs (worker._batch_for)
     spec = request.spec
+    if spec.upsample:  # make_spec refused it where no upsampler is configured
+        pipe = pipe.fluxserve_upsampling
     preview_steps = spec.preview_steps()
 
     def step(done: int, components: Any, latents: Any) -> None:
@@ -108,6 +128,8 @@ def generate(pipe: Any, model: ModelSpec, requests: list[EngineRequest], on_step
         pipe.update_components(guider=guider.new(guidance_scale=spec.guidance))
     if request.images:
         kwargs["image"] = list(request.images)
+    if spec.upsample and model.demo:  # the demo's upsampler writes noise: a short caption of it is enough
+        kwargs["max_new_tokens"] = 48
     hook = _step(pipe)
     hook.on_step = step
     try:
