@@ -204,8 +204,8 @@ def test_warm_up_covers_the_shapes_requests_use(monkeypatch: pytest.MonkeyPatch)
     engine._warm_up()
     # Each loaded pipeline once (names sharing weights share it), in the shape its requests have.
     by_task = {task: (n_images, has_mask, size) for _model, task, n_images, has_mask, size in seen}
-    assert len(pipes) == 8  # FLUX.1 schnell, dev, Kontext, Fill; FLUX.2 klein 4B, 9B, 9B-KV, dev
-    assert len(seen) == 12  # FLUX.2 pipelines warm both text-to-image and one-reference shapes
+    assert len(pipes) == 10  # FLUX.1 schnell, dev, Kontext, Fill; FLUX.2 klein 4B, 9B, 9B-KV, dev; FLUX 3 x2
+    assert len(seen) == 16  # FLUX.2 and FLUX 3 pipelines warm both text-to-image and one-reference shapes
     assert by_task == {
         "text2img": (0, False, (1024, 1024)),
         "kontext": (1, False, (1024, 1024)),

@@ -216,14 +216,25 @@ def build_demo_model(path: Path) -> Path:
     return path
 
 
+def flux2_vae() -> Any:
+    """FLUX.2's VAE (FLUX 3 shares it) at tiny widths: 32 latent channels, as real."""
+    from diffusers import AutoencoderKLFlux2
+
+    return AutoencoderKLFlux2(
+        block_out_channels=(8, 8, 8, 8),  # x8, then the 2x2 patchify: 16 px per token, as real
+        layers_per_block=1,
+        latent_channels=32,
+        norm_num_groups=4,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        mid_block_add_attention=False,
+        sample_size=256,
+    )
+
+
 def _flux2_klein() -> Any:
     """FLUX.2 [klein]: the real pipeline class and component classes, tiny widths."""
-    from diffusers import (
-        AutoencoderKLFlux2,
-        FlowMatchEulerDiscreteScheduler,
-        Flux2KleinPipeline,
-        Flux2Transformer2DModel,
-    )
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
     from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
@@ -266,16 +277,7 @@ def _flux2_klein() -> Any:
         axes_dims_rope=(4, 4, 4, 4),
         guidance_embeds=False,
     )
-    vae = AutoencoderKLFlux2(
-        block_out_channels=(8, 8, 8, 8),  # x8, then the 2x2 patchify: 16 px per token, as real
-        layers_per_block=1,
-        latent_channels=32,
-        norm_num_groups=4,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        mid_block_add_attention=False,
-        sample_size=256,
-    )
+    vae = flux2_vae()
     scheduler = FlowMatchEulerDiscreteScheduler(
         shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, time_shift_type="exponential"
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .demo import _byte_alphabet
+from .demo import _byte_alphabet, flux2_vae
 
 _HIDDEN = 16
 # Qwen-VL's chat format: a plain string, or parts where each image is its vision span (the processor
@@ -25,21 +25,6 @@ _MISTRAL_CHAT_TEMPLATE = (
     "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% else %}[IMG]{% endif %}{% endfor %}"
     "[/INST]{% else %}{% for c in m['content'] %}{{ c['text'] }}{% endfor %}{{ eos_token }}{% endif %}{% endfor %}"
 )
-
-
-def _flux2_vae() -> Any:
-    from diffusers import AutoencoderKLFlux2
-
-    return AutoencoderKLFlux2(
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        latent_channels=32,
-        norm_num_groups=4,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        mid_block_add_attention=False,
-        sample_size=256,
-    )
 
 
 def _mistral_processor() -> tuple[Any, dict[str, int]]:
@@ -100,7 +85,7 @@ def flux2_dev() -> Any:
         shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, time_shift_type="exponential"
     )
     return Flux2Pipeline(
-        scheduler=scheduler, vae=_flux2_vae(), text_encoder=text_encoder, tokenizer=processor, transformer=transformer
+        scheduler=scheduler, vae=flux2_vae(), text_encoder=text_encoder, tokenizer=processor, transformer=transformer
     )
 
 
@@ -196,7 +181,7 @@ def flux3_klein(*, distilled: bool) -> Any:
     pipe = (Flux3DistilledAutoBlocks if distilled else Flux3AutoBlocks)().init_pipeline()
     pipe.update_components(
         transformer=transformer,
-        vae=_flux2_vae(),
+        vae=flux2_vae(),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=6.93),
         text_encoder=text_encoder,
         tokenizer=processor,

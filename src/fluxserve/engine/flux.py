@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from PIL.Image import Image
@@ -294,7 +295,7 @@ class DiffusersEngine:
         try:
             if adapters is not None:
                 adapters.activate(pipe, first.loras)
-            with torch.inference_mode():
+            with out_of_memory_is_a_failure(first.width, first.height, len(prompts)), torch.inference_mode():
                 result = pipe(
                     prompt=prompts,
                     height=first.height,
@@ -306,11 +307,6 @@ class DiffusersEngine:
                     output_type="pil",
                     **kwargs,
                 )
-        except torch.OutOfMemoryError as exc:
-            torch.cuda.empty_cache()
-            raise OutOfMemory(
-                f"Out of device memory at {first.width}x{first.height} x{len(prompts)}; try a smaller size or n."
-            ) from exc
         finally:
             if adapters is not None:
                 adapters.deactivate(pipe)
@@ -320,6 +316,18 @@ class DiffusersEngine:
             out.append(images[: r.spec.num_images])
             images = images[r.spec.num_images :]
         return out
+
+
+@contextlib.contextmanager
+def out_of_memory_is_a_failure(width: int, height: int, count: int) -> Iterator[None]:
+    """A device out of memory for this call is the job's failure at this size (smaller calls may fit)."""
+    import torch
+
+    try:
+        yield
+    except torch.OutOfMemoryError as exc:
+        torch.cuda.empty_cache()
+        raise OutOfMemory(f"Out of device memory at {width}x{height} x{count}; try a smaller size or n.") from exc
 
 
 def _takes(pipe: Any, argument: str) -> bool:
@@ -348,4 +356,6 @@ def _flux2_latents(pipe: Any, latents: Any, height: int, width: int) -> Any:
     bn = pipe.vae.bn
     std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + pipe.vae.config.batch_norm_eps)
     x = x * std.to(x.dtype) + bn.running_mean.view(1, -1, 1, 1).to(x.dtype)
-    return pipe._unpatchify_latents(x)
+    from diffusers import Flux2Pipeline
+
+    return Flux2Pipeline._unpatchify_latents(x)  # static: FLUX 3's modular components have no such method

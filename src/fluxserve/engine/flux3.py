@@ -12,9 +12,9 @@ from typing import Any
 
 from PIL.Image import Image
 
-from ..errors import OutOfMemory
 from ..models import ModelSpec
-from .base import Cancelled, EngineRequest, OnStep
+from .base import EngineRequest, OnStep
+from .flux import _decode_preview, out_of_memory_is_a_failure
 
 DISTILLED = "Flux3DistilledModularPipeline"
 BASE = "Flux3ModularPipeline"
@@ -119,7 +119,7 @@ def generate(pipe: Any, model: ModelSpec, requests: list[EngineRequest], on_step
     preview_steps = spec.preview_steps()
 
     def step(done: int, components: Any, latents: Any) -> None:
-        previews = _previews(components, latents, spec.height, spec.width) if done in preview_steps else None
+        previews = _decode_preview(components, latents, spec.height, spec.width) if done in preview_steps else None
         on_step(done, spec.steps, previews)  # Cancelled goes up through the pipeline's loop
 
     kwargs: dict[str, Any] = {}
@@ -133,7 +133,7 @@ def generate(pipe: Any, model: ModelSpec, requests: list[EngineRequest], on_step
     hook = _step(pipe)
     hook.on_step = step
     try:
-        with torch.inference_mode():
+        with out_of_memory_is_a_failure(spec.width, spec.height, spec.num_images), torch.inference_mode():
             images = pipe(
                 prompt=spec.prompt,
                 height=spec.height,
@@ -144,28 +144,6 @@ def generate(pipe: Any, model: ModelSpec, requests: list[EngineRequest], on_step
                 output="images",
                 **kwargs,
             )
-    except Cancelled:
-        raise
-    except torch.OutOfMemoryError as exc:
-        torch.cuda.empty_cache()
-        raise OutOfMemory(
-            f"Out of device memory at {spec.width}x{spec.height} x{spec.num_images}; try a smaller size or n."
-        ) from exc
     finally:
         hook.on_step = None
     return [list(images)]
-
-
-def _previews(components: Any, latents: Any, height: int, width: int) -> list[Image]:
-    """Packed tokens (B, h*w, 128) -> images, as the pipeline's unpack and decode steps do after the last step."""
-    import torch
-    from diffusers import Flux2Pipeline
-
-    vae = components.vae
-    h, w = height // (components.vae_scale_factor * 2), width // (components.vae_scale_factor * 2)
-    x = latents.reshape(latents.shape[0], h, w, latents.shape[-1]).permute(0, 3, 1, 2)
-    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
-    x = x * std.to(x.dtype) + vae.bn.running_mean.view(1, -1, 1, 1).to(x.dtype)
-    decoded = vae.decode(Flux2Pipeline._unpatchify_latents(x).to(vae.dtype), return_dict=False)[0]
-    images: list[Image] = components.image_processor.postprocess(decoded, output_type="pil")
-    return images
