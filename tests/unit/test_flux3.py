@@ -262,3 +262,21 @@ def test_flux3_under_compile_warms_up_and_keeps_pixels_close(registry: ModelRegi
     [[eager]] = engine.generate([req], lambda *_: None)
     diff = np.abs(np.asarray(compiled).astype(int) - np.asarray(eager).astype(int))
     assert diff.max() <= 8 and diff.mean() < 0.5
+
+
+def test_an_upsampling_job_on_a_worker_without_the_upsampler_fails_clearly(
+    engine: DiffusersEngine, registry: ModelRegistry
+) -> None:
+    """The upsampler configured when the job was created, gone from the worker that runs it."""
+    from dataclasses import replace
+
+    from fluxserve.errors import GenerationFailed
+
+    req = _req(registry, "flux-3-image-klein", upsample=True)
+    pipe = engine._pipes["flux-3-image-klein"]
+    kept, pipe.fluxserve_upsampling = pipe.fluxserve_upsampling, None
+    try:
+        with pytest.raises(GenerationFailed, match="no upsampler"):
+            engine.generate([EngineRequest(replace(req.spec))], lambda *_: None)
+    finally:
+        pipe.fluxserve_upsampling = kept

@@ -23,9 +23,10 @@ DEMO_VERSION = 4
 DEMO_FOLDERS = {"text2img": "flux", "kontext": "kontext", "fill": "fill", "flux2": "flux2", "flux3": "flux3"}
 UPSAMPLER_FOLDER = "flux3-pup"  # FLUX 3's prompt upsampler (flux-3-image-klein-pup's role)
 # Names whose real weights differ in kind of pipeline from their kind's folder get a folder of their own.
+FLUX2_DEV_FOLDER, FLUX3_BASE_FOLDER = "flux2-dev", "flux3-base"
 WEIGHT_FOLDERS = {
-    "black-forest-labs/FLUX.2-dev": "flux2-dev",
-    "black-forest-labs/flux-3-image-klein-base": "flux3-base",
+    "black-forest-labs/FLUX.2-dev": FLUX2_DEV_FOLDER,
+    "black-forest-labs/flux-3-image-klein-base": FLUX3_BASE_FOLDER,
 }
 # Qwen's chat format, as the real klein tokenizer has it: the pipeline renders the prompt through it.
 _QWEN_CHAT_TEMPLATE = (
@@ -190,9 +191,9 @@ def build_demo_model(path: Path) -> Path:
     if extras:
         from .demo_extra import Upsampler, flux2_dev, flux3_klein
 
-        folders["flux2-dev"] = flux2_dev()
+        folders[FLUX2_DEV_FOLDER] = flux2_dev()
         folders[DEMO_FOLDERS["flux3"]] = flux3_klein(distilled=True)
-        folders["flux3-base"] = flux3_klein(distilled=False)
+        folders[FLUX3_BASE_FOLDER] = flux3_klein(distilled=False)
         folders[UPSAMPLER_FOLDER] = Upsampler()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=path.parent))

@@ -12,6 +12,7 @@ from typing import Any
 
 from PIL.Image import Image
 
+from ..errors import GenerationFailed
 from ..models import ModelSpec
 from .base import EngineRequest, OnStep
 from .flux import _decode_preview, out_of_memory_is_a_failure
@@ -114,7 +115,9 @@ def generate(pipe: Any, model: ModelSpec, requests: list[EngineRequest], on_step
 
     [request] = requests  # the worker never batches FLUX 3 jobs (worker._batch_for)
     spec = request.spec
-    if spec.upsample:  # make_spec refused it where no upsampler is configured
+    if spec.upsample:  # make_spec refused it where no upsampler is configured when the job was created
+        if pipe.fluxserve_upsampling is None:
+            raise GenerationFailed(f"{model.name} asks for prompt upsampling, and this worker has no upsampler.")
         pipe = pipe.fluxserve_upsampling
     preview_steps = spec.preview_steps()
 
