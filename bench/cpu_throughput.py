@@ -40,7 +40,8 @@ def main() -> None:
     import torch
     from diffusers import FluxPipeline
 
-    from fluxserve.engine.demo import build_demo_model, demo_weights
+    from fluxserve.engine.demo import build_demo_model
+    from fluxserve.models.demo import demo_weights
 
     tmp = Path(tempfile.mkdtemp(prefix="fluxserve-bench-"))
     results: dict[str, object] = {"machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}", "runs": []}
@@ -111,8 +112,12 @@ def main() -> None:
             for proc in procs:
                 stop_server(proc)
             plain_ips = statistics.median(rates["plain"])
-            run: dict[str, object] = {"size": size, "requests": n, "rounds": args.rounds,
-                                      "plain_sequential_images_per_s": round(plain_ips, 3)}  # fmt: skip
+            run: dict[str, object] = {
+                "size": size,
+                "requests": n,
+                "rounds": args.rounds,
+                "plain_sequential_images_per_s": round(plain_ips, 3),
+            }
             for mb in clients:
                 ips = statistics.median(rates[f"max_batch_{mb}"])
                 run[f"fluxserve_max_batch_{mb}_images_per_s"] = round(ips, 3)

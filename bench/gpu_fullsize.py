@@ -53,7 +53,8 @@ def build_pipeline(tiny: bool, guidance: bool, device: str, dtype: Any) -> Any:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from fluxserve.engine.demo import build_demo_model, demo_weights
+    from fluxserve.engine.demo import build_demo_model
+    from fluxserve.models.demo import demo_weights
 
     # Tokenizers come from the demo model (built offline); the encoders get real FLUX sizes.
     demo = FluxPipeline.from_pretrained(

@@ -70,8 +70,14 @@ class ServedPipeline:
         raise SystemExit("fluxserve did not become ready")
 
     def generate(self, http: httpx.Client, size: int) -> float:
-        body = {"model": "flux-schnell", "prompt": PROMPT, "size": f"{size}x{size}", "steps": 4, "seed": 1,
-                "response_format": "b64_json"}  # fmt: skip
+        body = {
+            "model": "flux-schnell",
+            "prompt": PROMPT,
+            "size": f"{size}x{size}",
+            "steps": 4,
+            "seed": 1,
+            "response_format": "b64_json",
+        }
         t = time.perf_counter()
         resp = http.post("/v1/images/generations", json=body)
         if resp.status_code != 200:

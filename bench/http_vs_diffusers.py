@@ -43,7 +43,8 @@ def main() -> None:
     import torch
     from PIL import Image
 
-    from fluxserve.engine.demo import build_demo_model, demo_weights
+    from fluxserve.engine.demo import build_demo_model
+    from fluxserve.models.demo import demo_weights
 
     flux2 = args.model.startswith("flux-2")
     if args.refs and not flux2:

@@ -41,11 +41,12 @@ def main() -> None:
     from torch._dynamo.utils import counters
 
     from fluxserve.engine.base import EngineRequest
-    from fluxserve.engine.demo import build_demo_lora, build_demo_model, demo_weights
+    from fluxserve.engine.demo import build_demo_lora, build_demo_model
     from fluxserve.engine.flux import DiffusersEngine
     from fluxserve.engine.speed import SpeedOptions
     from fluxserve.loras import LoraLibrary, LoraRequest
     from fluxserve.models import ModelRegistry
+    from fluxserve.models.demo import demo_weights
 
     tmp = Path(tempfile.mkdtemp(prefix="fluxserve-lora-bench-"))
     try:
@@ -54,20 +55,23 @@ def main() -> None:
         b_path = build_demo_lora(demo, "flux2", tmp / "loras" / "b.safetensors", seed=2)
         registry = ModelRegistry.demo(demo).only(["flux-2-klein-4b"])
         model = registry.get("flux-2-klein-4b")
-        library = LoraLibrary(tmp / "loras", tmp / "cache", cache_bytes=10**9, max_bytes=10**8, offline=True,
-                              allow_private=False)  # fmt: skip
+        library = LoraLibrary(
+            tmp / "loras", tmp / "cache", cache_bytes=10**9, max_bytes=10**8, offline=True, allow_private=False
+        )
         [a] = asyncio.run(library.resolve([LoraRequest("a", 1.0, "lora")], model))
         [b] = asyncio.run(library.resolve([LoraRequest("b", 1.0, "lora")], model))
         # Under --compile the engine takes adapters through hot-swap slots (rank 8 covers both demo adapters).
-        speed = SpeedOptions(compile=args.compile, warmup_sizes=((args.size, args.size),),
-                             lora_hotswap_rank=8 if args.compile else 0)  # fmt: skip
+        speed = SpeedOptions(
+            compile=args.compile, warmup_sizes=((args.size, args.size),), lora_hotswap_rank=8 if args.compile else 0
+        )
         engines = {}
         for slots in (4, 1):
             engine = DiffusersEngine(registry, device="cpu", local_files_only=True, speed=speed, lora_slots=slots)
             engine.load()
             engines[slots] = engine
-        plain = Flux2KleinPipeline.from_pretrained(demo_weights(demo, "flux2"), dtype=torch.float32,
-                                                   local_files_only=True)  # fmt: skip
+        plain = Flux2KleinPipeline.from_pretrained(
+            demo_weights(demo, "flux2"), dtype=torch.float32, local_files_only=True
+        )
         plain.set_progress_bar_config(disable=True)
         plain.load_lora_weights(str(a_path), adapter_name="a")
         plain.load_lora_weights(str(b_path), adapter_name="b")
@@ -75,13 +79,20 @@ def main() -> None:
             plain.transformer.compile_repeated_blocks(fullgraph=True)
 
         def spec_for(adapter: Any) -> Any:
-            return model.make_spec(prompt="a lighthouse", width=args.size, height=args.size, steps=args.steps,
-                                   seed=1, loras=(adapter,))  # fmt: skip
+            return model.make_spec(
+                prompt="a lighthouse", width=args.size, height=args.size, steps=args.steps, seed=1, loras=(adapter,)
+            )
 
         def run_plain(adapter: Any) -> None:
             plain.set_adapters([adapter.source], adapter_weights=[adapter.scale])
-            plain(prompt=["a lighthouse"], height=args.size, width=args.size, num_inference_steps=args.steps,
-                  guidance_scale=1.0, generator=[torch.Generator().manual_seed(1)])  # fmt: skip
+            plain(
+                prompt=["a lighthouse"],
+                height=args.size,
+                width=args.size,
+                num_inference_steps=args.steps,
+                guidance_scale=1.0,
+                generator=[torch.Generator().manual_seed(1)],
+            )
 
         def runner(name: str) -> Any:
             if name == "plain":
@@ -104,8 +115,10 @@ def main() -> None:
                     times[side][phase].append(time.perf_counter() - t)
                     if args.compile:
                         recompiles[side][phase] += int(sum(counters["stats"].values()) != before)
-        loads = {"fluxserve_4_slots": engines[4].adapter_slots(engines[4]._pipes[model.name]).loads,
-                 "fluxserve_1_slot": engines[1].adapter_slots(engines[1]._pipes[model.name]).loads}  # fmt: skip
+        loads = {
+            "fluxserve_4_slots": engines[4].adapter_slots(engines[4]._pipes[model.name]).loads,
+            "fluxserve_1_slot": engines[1].adapter_slots(engines[1]._pipes[model.name]).loads,
+        }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -55,8 +55,13 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 def _summary(ms: list[float]) -> dict[str, float]:
-    return {"n": len(ms), "p50_ms": round(statistics.median(ms), 2), "p95_ms": round(_pct(ms, 0.95), 2),
-            "p99_ms": round(_pct(ms, 0.99), 2), "max_ms": round(max(ms), 2)}  # fmt: skip
+    return {
+        "n": len(ms),
+        "p50_ms": round(statistics.median(ms), 2),
+        "p95_ms": round(_pct(ms, 0.95), 2),
+        "p99_ms": round(_pct(ms, 0.99), 2),
+        "max_ms": round(max(ms), 2),
+    }
 
 
 async def _completion(url: str, n: int, use_listen: bool) -> list[float]:
@@ -115,8 +120,19 @@ def _pickup(url: str, n: int, data_dir: Path) -> list[float]:
     jobs = JobService(store)
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLUXSERVE_")} | {"HF_HUB_OFFLINE": "1"}
     fluxserve = str(Path(sys.executable).with_name("fluxserve"))
-    cmd = [fluxserve, "worker", "--demo", "--device", "cpu", "--models", "flux-schnell", "--database", url,
-           "--data-dir", str(data_dir)]  # fmt: skip
+    cmd = [
+        fluxserve,
+        "worker",
+        "--demo",
+        "--device",
+        "cpu",
+        "--models",
+        "flux-schnell",
+        "--database",
+        url,
+        "--data-dir",
+        str(data_dir),
+    ]
     log = open(data_dir / "worker.log", "wb")  # noqa: SIM115
     worker = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     spec = ModelRegistry.default().get("flux-schnell").make_spec(prompt="p", width=256, height=256, seed=1, steps=1)

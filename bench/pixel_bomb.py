@@ -62,8 +62,13 @@ def main() -> None:
         prober.start()
         files = [("image[]", (f"{i}.png", buf.getvalue(), "image/png")) for i in range(args.images)]
         t = time.perf_counter()
-        resp = httpx.post(f"{base}/v1/images/edits", data={"prompt": "bomb"}, files=files,
-                          headers={"Authorization": f"Bearer {KEY}"}, timeout=300)  # fmt: skip
+        resp = httpx.post(
+            f"{base}/v1/images/edits",
+            data={"prompt": "bomb"},
+            files=files,
+            headers={"Authorization": f"Bearer {KEY}"},
+            timeout=300,
+        )
         answered = time.perf_counter() - t
         time.sleep(0.3)
         done.set()

@@ -176,10 +176,23 @@ def in_flight(n: int, hold_s: float, work: Path) -> dict[str, Any]:
         api = start_server(work / "api" / "data", api_port, "--database", db, "--api-only", "--storage", storage)
         log = open(work / "worker.log", "wb")  # noqa: SIM115 - the process owns it
         worker = subprocess.Popen(
-            [FLUXSERVE, "worker", "--upstreams-only", "--database", db, "--storage", storage,
-             "--data-dir", str(work / "w"), "--upstream-config", str(toml)],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [
+                FLUXSERVE,
+                "worker",
+                "--upstreams-only",
+                "--database",
+                db,
+                "--storage",
+                storage,
+                "--data-dir",
+                str(work / "w"),
+                "--upstream-config",
+                str(toml),
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             time.sleep(3)
             idle_threads, idle_rss = _proc_sample(worker.pid)

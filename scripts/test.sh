@@ -50,14 +50,15 @@ fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy src
+.venv/bin/lint-imports  # the layers contract (pyproject.toml [tool.importlinter])
 # The whole suite on SQLite, with line coverage of src/ (the floor is the figure when it was set), but for
 # the tests that need torchvision: FLUX 3's and FLUX.2 [dev]'s processors import it, and PyPI's torchvision
 # does not import beside the CPU torch above. They run in a second venv with a pair that does (a CUDA build
 # of torch, about 5.5 GB, that runs on the CPU here), and the coverage of both runs is counted together.
-.venv/bin/python -m pytest -m "not torchvision" --cov=fluxserve --cov-report=
+.venv/bin/python -m pytest -m "not torchvision and not slow" --cov=fluxserve --cov-report=
 python3 -m venv .venv-tv
 .venv-tv/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1 -e '.[engine,test]'
-.venv-tv/bin/python -m pytest -m torchvision --cov=fluxserve --cov-append --cov-report=term --cov-fail-under=85
+.venv-tv/bin/python -m pytest -m "torchvision and not slow" --cov=fluxserve --cov-append --cov-report=term --cov-fail-under=85
 # The dialects once more, on PostgreSQL + procrastinate instead of SQLite.
 .venv/bin/python -m pytest --on-postgres tests/unit/test_api.py tests/unit/test_replicate_api.py \
   tests/unit/test_bfl_api.py tests/unit/test_api_images.py tests/unit/test_api_bad_input.py \

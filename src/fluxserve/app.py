@@ -48,7 +48,7 @@ from .queue import build as build_queue
 from .queue.base import Queue
 from .queue.listen import listen
 from .retention import RetentionSweeper
-from .settings import Settings
+from .settings import Settings, parse_cache
 from .storage import Storage, build_storage, load_or_create_secret
 from .store import Store
 from .webhooks import WebhookSender
@@ -82,7 +82,7 @@ def devices(settings: Settings) -> list[str]:
 
 def build_engine(settings: Settings, registry: ModelRegistry, device: str | None = None) -> Engine:
     from .engine.flux import DiffusersEngine
-    from .engine.speed import SpeedOptions, parse_cache
+    from .engine.speed import SpeedOptions
     from .spec import parse_size
 
     speed = SpeedOptions(
@@ -102,6 +102,7 @@ def build_engine(settings: Settings, registry: ModelRegistry, device: str | None
         local_files_only=settings.offline or settings.demo,
         speed=speed,
         lora_slots=settings.lora_slots,
+        step_delay_s=settings.demo_step_delay_s if settings.demo else 0.0,
     )
     if settings.demo:
         from .engine.demo import build_demo_model

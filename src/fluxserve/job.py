@@ -6,7 +6,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from .spec import GenerationSpec
 
@@ -18,6 +18,10 @@ def new_job_id() -> str:
     # One read of the system's randomness rather than one per character (secrets.choice).
     n = int.from_bytes(secrets.token_bytes(17))
     return "".join(_ID_ALPHABET[(n >> (5 * i)) & 31] for i in range(26))
+
+
+# A worker's state as /health shows it (queue.base.Worker, worker.DeviceWorker, upstream.worker.UpstreamWorker).
+WorkerState = Literal["loading", "ready", "error", "stopped"]
 
 
 class Status(StrEnum):

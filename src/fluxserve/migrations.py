@@ -108,14 +108,25 @@ def upgrade(engine: Engine) -> list[str]:
         lock.execute(text("SELECT pg_advisory_lock(:k)"), {"k": UPGRADE_LOCK})
         try:
             applied = _upgrade(engine)
-            from .queue.pg import apply_queue_schema
-
             if apply_queue_schema(engine):
                 applied.append("procrastinate 3.10 schema")
             return applied
         finally:
             lock.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": UPGRADE_LOCK})
             lock.commit()
+
+
+def apply_queue_schema(engine: Engine) -> bool:
+    """procrastinate's schema (the PostgreSQL queue's tables), once: its apply is not idempotent.
+    Called under the upgrade lock."""
+    from procrastinate.schema import SchemaManager
+
+    with engine.begin() as conn:
+        if conn.execute(text("SELECT to_regclass('procrastinate_jobs')")).scalar() is not None:
+            return False
+        raw: Any = conn.connection.driver_connection
+        raw.execute(SchemaManager.get_schema())
+    return True
 
 
 UPGRADE_LOCK = 0x666C7578  # "flux": one upgrade at a time per database

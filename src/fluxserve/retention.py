@@ -18,17 +18,7 @@ from .store import Store
 
 log = logging.getLogger(__name__)
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 ORPHAN_GRACE_S = 3600.0
-
-
-def parse_retention(value: str | int | float) -> float:
-    """'7d', '36h', '90m', '3600s' or plain seconds; 0 keeps files forever."""
-    text = str(value).strip().lower()
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd]?)", text)
-    if not match:
-        raise ValueError(f"retention must be a duration such as 7d, 36h or 0 (keep forever); got {value!r}")
-    return float(match.group(1)) * _UNITS[match.group(2) or "s"]
 
 
 def sweep(

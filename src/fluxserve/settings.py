@@ -14,87 +14,201 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from .durations import parse_retention
+
+ENV_PREFIX = "FLUXSERVE_"
+DEFAULT_FBCACHE_THRESHOLD = 0.08
+
+
+def parse_cache(value: str | None) -> float | None:
+    """'first-block' or 'first-block=0.12' -> threshold; None or 'none' -> off."""
+    if value is None or value in ("", "none", "off"):
+        return None
+    name, _, threshold = value.partition("=")
+    if name != "first-block":
+        raise ValueError(f"--cache must be 'first-block' or 'first-block=THRESHOLD'; got {value!r}")
+    t = float(threshold) if threshold else DEFAULT_FBCACHE_THRESHOLD
+    if not 0 < t < 1:
+        raise ValueError(f"first-block cache threshold must be between 0 and 1; got {t}")
+    return t
+
+
+def attention_backends() -> list[str]:
+    """``auto`` plus the names diffusers' attention dispatcher knows (empty without diffusers)."""
+    try:
+        from diffusers.models.attention_dispatch import AttentionBackendName
+    except ImportError:
+        return []
+    return ["auto", *(b.value for b in AttentionBackendName)]
+
 
 def _default_data_dir() -> Path:
     return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "fluxserve"
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FLUXSERVE_", extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", populate_by_name=True)
 
-    data_dir: Path = Field(default_factory=_default_data_dir)
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
-    public_url: str | None = None
-    api_key: str | None = None
-    demo: bool = False
-    model_config_file: Path | None = Field(default=None, validation_alias="FLUXSERVE_MODEL_CONFIG")
+    data_dir: Path = Field(default_factory=_default_data_dir, description="SQLite file, outputs, demo model cache.")
+    host: str = Field(default="127.0.0.1", description="Listen address.")
+    port: int = Field(default=8000, ge=0, le=65535, description="Listen port.")
+    public_url: str | None = Field(default=None, description="Base of absolute URLs handed to clients.")
+    api_key: str | None = Field(
+        default=None, description="A key valid in addition to the stored ones (its owner is the operator)."
+    )
+    demo: bool = Field(default=False, description="Serve every model name with the demo model.")
+    # Tests that need a job to take a while (a kill -9 mid-job, a cancel) wait on this, not on big images.
+    demo_step_delay_s: float = Field(
+        default=0.0, ge=0, le=10, description="Demo model only: pause this many seconds after each step."
+    )
+    model_config_file: Path | None = Field(
+        default=None,
+        validation_alias="FLUXSERVE_MODEL_CONFIG",
+        description="TOML file mapping model names to weights.",
+        json_schema_extra={"flag": "--model-config"},
+    )
     # [upstreams.NAME] tables and the [models.NAME] tables that route to them (fluxserve.upstream).
-    upstream_config_file: Path | None = Field(default=None, validation_alias="FLUXSERVE_UPSTREAM_CONFIG")
-    allow_private_urls: bool = False
-    cors_origins: list[str] = ["*"]
+    upstream_config_file: Path | None = Field(
+        default=None,
+        validation_alias="FLUXSERVE_UPSTREAM_CONFIG",
+        description="TOML: [upstreams.NAME] providers and the [models.NAME] routed to them.",
+        json_schema_extra={"flag": "--upstream-config"},
+    )
+    allow_private_urls: bool = Field(
+        default=False, description="Let image-URL inputs and webhooks reach loopback and private hosts."
+    )
+    cors_origins: list[str] = Field(default=["*"], description="Allowed browser origins, comma-separated.")
     # The model names to serve (and load); empty: every name the registry has.
-    models: list[str] = []
+    models: list[str] = Field(default=[], description="Model names to serve, comma-separated (empty: all).")
     # LoRA adapters: a folder requests name files in; fetched ones cached by content hash (LRU).
-    lora_dir: Path | None = None
-    lora_cache_gb: float = Field(default=10.0, gt=0)
-    lora_max_mb: int = Field(default=2048, ge=1)  # one fetched adapter
-    lora_slots: int = Field(default=4, ge=1, le=64)  # adapters kept loaded per pipeline
+    lora_dir: Path | None = Field(default=None, description="Folder of LoRA adapters requests may name.")
+    lora_cache_gb: float = Field(
+        default=10.0, gt=0, description="Size of the cache of fetched LoRA adapters (LRU, by content hash), in GB."
+    )
+    lora_max_mb: int = Field(
+        default=2048, ge=1, description="The largest LoRA adapter fetched, in MB."
+    )  # one fetched adapter
+    lora_slots: int = Field(default=4, ge=1, le=64, description="LoRA adapters kept loaded per pipeline.")
     # Under --compile, adapters go into hot-swap slots of this rank (0: no adapters with --compile).
-    lora_max_rank: int = Field(default=0, ge=0, le=1024)
-    # Images, inputs and previews are deleted this long after their job ended ('7d', '36h'; 0 keeps them).
-    retention: str = "7d"
-    retention_sweep_s: float = Field(default=60.0, gt=0)
-    log_format: Literal["text", "json"] = "text"
-    header_timeout_s: float = Field(default=10.0, gt=0)  # request headers not complete by then: 408
-    body_idle_timeout_s: float = Field(default=30.0, gt=0)  # a request body that stalls this long: 408
+    lora_max_rank: int = Field(
+        default=0, ge=0, le=1024, description="With --compile: LoRA hot-swap slots of this rank (0: no adapters)."
+    )
+    # Images, inputs and previews are deleted this long after their job ('7d', '36h'; 0 keeps them).
+    retention: str = Field(
+        default="7d",
+        description="Images, inputs and previews are deleted this long after their job ('7d', '36h'; 0 keeps them).",
+    )
+    retention_sweep_s: float = Field(default=60.0, gt=0, description="How often the retention sweep runs, in seconds.")
+    log_format: Literal["text", "json"] = Field(default="text", description="text or json.")
+    header_timeout_s: float = Field(
+        default=10.0, gt=0, description="Request headers not complete within this many seconds: 408."
+    )  # request headers not complete by then: 408
+    body_idle_timeout_s: float = Field(
+        default=30.0, gt=0, description="A request body that stalls this many seconds: 408."
+    )  # a request body that stalls this long: 408
     # /metrics answers loopback, and elsewhere this bearer token (or api_key when this is unset).
-    metrics_token: str | None = None
+    metrics_token: str | None = Field(
+        default=None, description="Bearer token for /metrics from other than loopback (unset: the API key)."
+    )
     # Per-key limits (fluxserve.limits), defaults for keys without their own; 0 means no limit.
-    max_queued_per_key: int = Field(default=1000, ge=0)
-    rpm_per_key: int = Field(default=0, ge=0)
-    images_per_day_per_key: int = Field(default=0, ge=0)
-    max_batch: int = Field(default=8, ge=1, le=64)
+    max_queued_per_key: int = Field(
+        default=1000, ge=0, description="Queued jobs per key, for keys without their own limit (0: no limit)."
+    )
+    rpm_per_key: int = Field(
+        default=0, ge=0, description="Creates per minute per key, for keys without their own limit (0: no limit)."
+    )
+    images_per_day_per_key: int = Field(
+        default=0, ge=0, description="Images per UTC day per key, for keys without their own limit (0: no limit)."
+    )
+    max_batch: int = Field(default=8, ge=1, le=64, description="Largest batch of compatible jobs per pipeline call.")
     # None: by device (worker.default_batch_max_pixels); a number overrides it everywhere.
-    batch_max_pixels: int | None = Field(default=None, ge=0)
+    batch_max_pixels: int | None = Field(
+        default=None, ge=0, description="Batch images up to this many pixels (unset: 512*512 on CUDA, else 320*320)."
+    )
     # zlib level for PNG outputs (lossless at any level). Measured on a 1024x1024 photo-like image
     # (2-core CPU): level 6 (Pillow's default) 349 ms and 1.71 MB, level 1 166 ms and 1.96 MB.
-    png_compress_level: int = Field(default=1, ge=0, le=9)
-    database_url: str | None = None
+    png_compress_level: int = Field(
+        default=1, ge=0, le=9, description="zlib level of PNG outputs (lossless at any level; 1 is twice as fast as 6)."
+    )
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL (unset: SQLite in the data dir); postgresql://... past one machine.",
+        json_schema_extra={"flag": "--database"},
+    )
     # Past one machine (PostgreSQL): serve without workers (API nodes); where images live; the secret
     # every node signs URLs and derives webhook secrets with (else one kept in the database).
-    api_only: bool = False
-    storage: str | None = None  # file:///path (default: DATA_DIR/outputs) or s3://bucket/prefix
-    s3_endpoint_url: str | None = None  # S3-compatible servers; the AWS_* variables give keys and region
+    api_only: bool = Field(default=False, description="PostgreSQL: no workers here (`fluxserve worker` runs them).")
+    storage: str | None = Field(
+        default=None, description="file:///path (unset: DATA_DIR/outputs) or s3://bucket/prefix, as every node."
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None, description="An S3-compatible server's URL; the AWS_* variables give keys and region."
+    )  # S3-compatible servers; the AWS_* variables give keys and region
     # Where clients reach that server when it differs from where the nodes do (containers: http://s3:9000
     # inside, http://localhost:9000 outside): presigned URLs are signed for this address.
-    s3_public_url: str | None = None
-    secret: str | None = None
+    s3_public_url: str | None = Field(
+        default=None,
+        description="Where clients reach the S3 server when it differs from where nodes do: URLs are signed for it.",
+    )
+    secret: str | None = Field(
+        default=None,
+        description="The secret every node signs URLs and webhook secrets with (unset: one kept in the database).",
+    )
     # SIGTERM to a worker: the running job may finish within this long, then it is given back.
-    shutdown_grace_s: float = Field(default=60.0, ge=0)
-    device: str = "auto"
-    url_ttl_s: int = Field(default=3600, ge=60)
-    max_attempts: int = Field(default=2, ge=1)
+    shutdown_grace_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="SIGTERM to a worker: the running job may finish within this many seconds, then is given back.",
+    )
+    device: str = Field(
+        default="auto", description="auto, cpu, cuda, cuda:1, mps; cuda:0,cuda:1 or all: a worker each."
+    )
+    url_ttl_s: int = Field(default=3600, ge=60, description="Lifetime of signed file URLs, in seconds.")
+    max_attempts: int = Field(
+        default=2, ge=1, description="Runs of a job before it fails (a dead worker's job is re-queued until then)."
+    )
     # A worker's claim on a job lasts this long unless renewed (every quarter of it); a dead worker's
     # job is re-queued after at most this long.
-    lease_s: float = Field(default=20.0, ge=0.2)
+    lease_s: float = Field(
+        default=20.0,
+        ge=0.2,
+        description="A worker's claim on a job lasts this many seconds unless renewed (every quarter of it).",
+    )
     # An object store that does not answer is waited for this long by a worker storing a job's images
     # (its lease is renewed meanwhile) before the job fails saying so; the API answers 503 at once.
-    storage_retry_s: float = Field(default=60.0, ge=0)
+    storage_retry_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="A worker waits this many seconds for an object store that does not answer before the job fails.",
+    )
     # Niceness of the worker threads (and the torch threads they start): above 0, requests are served
     # before images are computed on a busy CPU. Measured (bench/load_accept.py, 2 cores, 200 clients):
     # 10 lowers accept p95 from ~5.2 s to ~4.1 s but takes 2.4x as long to finish the jobs, so 0.
-    worker_nice: int = Field(default=0, ge=0, le=19)
-    compile: bool = False
-    quantize: Literal["none", "fp8"] = "none"
-    attention: str = "auto"
-    cache: str | None = None
-    offload: Literal["none", "model", "group", "auto"] = "auto"
-    vae_tiling: bool = False
-    warmup_sizes: list[str] = ["1024x1024"]
-    webhook_retry_base_s: float = Field(default=1.0, gt=0)  # retries back off 1x, 2x, 4x, 8x this
+    worker_nice: int = Field(
+        default=0,
+        ge=0,
+        le=19,
+        description="Niceness of worker threads (above 0, requests are served before images on a busy CPU).",
+    )
+    compile: bool = Field(default=False, description="torch.compile the transformer blocks (warmed up at start).")
+    quantize: Literal["none", "fp8"] = Field(
+        default="none", description="none or fp8 (torchao; lossy; compute capability 8.9+)."
+    )
+    attention: str = Field(default="auto", description="auto, native, flash, _flash_3, sage, ...")
+    cache: str | None = Field(default=None, description="first-block[=THRESHOLD]: First-Block-Cache (lossy).")
+    offload: Literal["none", "model", "group", "auto"] = Field(default="auto", description="auto, none, model, group.")
+    vae_tiling: bool = Field(default=False, description="Decode large images in tiles.")
+    warmup_sizes: list[str] = Field(
+        default=["1024x1024"], description="With --compile: sizes compiled at start, comma-separated WxH."
+    )
+    webhook_retry_base_s: float = Field(
+        default=1.0, gt=0, description="Webhook retries back off 1x, 2x, 4x, 8x this many seconds."
+    )  # retries back off 1x, 2x, 4x, 8x this
     # Only for loading weights: hub ids resolve from the local cache, never the network.
-    offline: bool = Field(default_factory=lambda: os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"))
+    offline: bool = Field(
+        default_factory=lambda: os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"),
+        description="Load weights from local folders and the hub cache only (HF_HUB_OFFLINE).",
+    )
 
     @field_validator("cors_origins", "warmup_sizes", "models", mode="before")
     @classmethod
@@ -108,8 +222,6 @@ class Settings(BaseSettings):
     def _check_attention(cls, v: str) -> str:
         if v in ("auto", "native"):
             return v  # without importing diffusers: settings are built by every CLI command
-        from .engine.speed import attention_backends
-
         allowed = attention_backends()
         if allowed and v not in allowed:
             raise ValueError(f"attention must be one of {', '.join(allowed)}; got {v!r}")
@@ -118,23 +230,17 @@ class Settings(BaseSettings):
     @field_validator("cache")
     @classmethod
     def _check_cache(cls, v: str | None) -> str | None:
-        from .engine.speed import parse_cache
-
         parse_cache(v)
         return v
 
     @field_validator("retention", mode="before")
     @classmethod
     def _check_retention(cls, v: Any) -> str:
-        from .retention import parse_retention
-
         parse_retention(v)
         return str(v)
 
     @property
     def retention_s(self) -> float:
-        from .retention import parse_retention
-
         return parse_retention(self.retention)
 
     @classmethod

@@ -56,7 +56,7 @@ def check_size(
     multiple: int = SIDE_MULTIPLE,
     max_pixels: int = MAX_PIXELS,
 ) -> tuple[int, int]:
-    """Reject sizes FLUX can't make exactly; never round. The limits are the model's (models.py)."""
+    """Reject sizes FLUX can't make exactly; never round. The limits are the model's (models/spec.py)."""
     ok = (
         min_side <= width <= max_side
         and min_side <= height <= max_side

@@ -25,12 +25,11 @@ from PIL import Image, UnidentifiedImageError
 
 from .engine.base import Cancelled, Engine, EngineRequest
 from .errors import FluxServeError, OutOfMemory, StoreUnavailable
-from .job import Job, Output
+from .job import Job, Output, WorkerState
 from .jobs import JobService
 from .loras import LoraLibrary
 from .models import ModelRegistry
 from .outputs import EXTENSIONS, encode_image
-from .queue.base import WorkerState
 from .spec import GenerationSpec
 from .storage import Storage, StorageUnreachable
 
@@ -294,7 +293,7 @@ class DeviceWorker(LeasedWorker):
         cap = self._batch_max_pixels
         small = spec.width * spec.height <= (default_batch_max_pixels(self._engine.device) if cap is None else cap)
         # FLUX 3's modular pipeline takes one prompt per call: its jobs run alone.
-        one_prompt = spec.model in self._registry and self._registry.get(spec.model).kind == "flux3"
+        one_prompt = spec.model in self._registry and self._registry.get(spec.model).traits.one_prompt_per_batch
         if not small or self._max_batch <= spec.num_images or spec.task != "text2img" or one_prompt:
             return [job]
         try:

@@ -28,9 +28,10 @@ def test_an_endless_chunked_upload_gets_413_after_the_limit(tmp_path: Path, demo
     try:
         sock = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
         sock.sendall(
-            b"POST /v1/images/edits HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
+            b"POST /v1/images/edits HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + KEY.encode()
             + b"\r\nContent-Type: multipart/form-data; boundary=abc\r\nTransfer-Encoding: chunked\r\n\r\n"
-        )  # fmt: skip
+        )
         part = b'--abc\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
         sock.sendall(b"%x\r\n%s\r\n" % (len(part), part))  # a file part that never ends
         chunk = b"%x\r\n%s\r\n" % (65536, b"x" * 65536)
@@ -53,16 +54,18 @@ def test_an_endless_chunked_upload_gets_413_after_the_limit(tmp_path: Path, demo
 
 
 def test_a_stalled_body_gets_408_and_the_server_stays_responsive(tmp_path: Path, demo_model_dir: Path) -> None:
-    srv = RemoteServer(tmp_path / "data", api_key=KEY, demo_model=demo_model_dir,
-                       env={"FLUXSERVE_BODY_IDLE_TIMEOUT_S": "1"}).start()  # fmt: skip
+    srv = RemoteServer(
+        tmp_path / "data", api_key=KEY, demo_model=demo_model_dir, env={"FLUXSERVE_BODY_IDLE_TIMEOUT_S": "1"}
+    ).start()
     try:
         stalled = []
         for _ in range(20):  # slow clients that promise a body and never send it
             sock = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
             sock.sendall(
-                b"POST /v1/flux-dev HTTP/1.1\r\nHost: x\r\nx-key: " + KEY.encode()
-                + b"\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"prompt\""
-            )  # fmt: skip
+                b"POST /v1/flux-dev HTTP/1.1\r\nHost: x\r\nx-key: "
+                + KEY.encode()
+                + b'\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"prompt"'
+            )
             stalled.append(sock)
         start = time.monotonic()
         assert httpx.get(f"{srv.url}/health", timeout=5).status_code == 200  # others are served meanwhile
@@ -76,8 +79,9 @@ def test_a_stalled_body_gets_408_and_the_server_stays_responsive(tmp_path: Path,
 
 
 def test_slow_headers_get_408_and_the_server_stays_responsive(tmp_path: Path, demo_model_dir: Path) -> None:
-    srv = RemoteServer(tmp_path / "data", api_key=KEY, demo_model=demo_model_dir,
-                       env={"FLUXSERVE_HEADER_TIMEOUT_S": "1"}).start()  # fmt: skip
+    srv = RemoteServer(
+        tmp_path / "data", api_key=KEY, demo_model=demo_model_dir, env={"FLUXSERVE_HEADER_TIMEOUT_S": "1"}
+    ).start()
     try:
         slow = []
         for i in range(20):  # half send a few header bytes and stop, half send nothing at all

@@ -142,8 +142,9 @@ def test_models_get_versions_and_a_pinned_version_with_the_real_client(client: r
 
 def test_bfl_polling(server: RemoteServer) -> None:
     xkey = {"x-key": server.api_key or ""}
-    created = httpx.post(f"{server.url}/v1/flux-dev", json={"prompt": "bfl", "width": 512, "height": 256, "steps": 4},
-                         headers=xkey).json()  # fmt: skip
+    created = httpx.post(
+        f"{server.url}/v1/flux-dev", json={"prompt": "bfl", "width": 512, "height": 256, "steps": 4}, headers=xkey
+    ).json()
     deadline = time.time() + 60
     while time.time() < deadline:
         result = httpx.get(created["polling_url"], headers=xkey).json()

@@ -55,8 +55,21 @@ def _build(docker: Docker) -> dict[str, float]:
 
 
 def _psql(docker: Docker, project: str, query: str) -> str:
-    return docker.compose(project, "exec", "-T", "postgres", "psql", "-U", "fluxserve", "-d", "fluxserve", "-At",
-                          "-c", query, files=COMPOSE).strip()  # fmt: skip
+    return docker.compose(
+        project,
+        "exec",
+        "-T",
+        "postgres",
+        "psql",
+        "-U",
+        "fluxserve",
+        "-d",
+        "fluxserve",
+        "-At",
+        "-c",
+        query,
+        files=COMPOSE,
+    ).strip()
 
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -76,27 +89,55 @@ def _ready(url: str) -> bool:
 def _clients(api1: str, api2: str, s3_port: int) -> None:
     """The seed's first example, verbatim but for host and key (the image URL is the S3 server's); the
     relay's task API created on one node and polled on the other; a Replicate prediction, waited for."""
-    body = curl(f"{api1}/v1/images/generations", "-H", f"Authorization: Bearer {KEY}",
-                "-H", "Content-Type: application/json", "-d", SEED_BODY)  # fmt: skip
+    body = curl(
+        f"{api1}/v1/images/generations",
+        "-H",
+        f"Authorization: Bearer {KEY}",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        SEED_BODY,
+    )
     url = body["data"][0]["url"]
     assert url.startswith(f"http://localhost:{s3_port}/") and "X-Amz-Signature" in url
     png = subprocess.run(["curl", "-sS", "--fail", url], capture_output=True, check=True, timeout=60).stdout
     assert png.startswith(b"\x89PNG")
-    created = curl("--request", "POST", "--url", f"{api2}/vmodel/generate", "--header", f"Authorization: Bearer {KEY}",
-                   "--header", "Content-Type: application/json", "--data", TASK_BODY)  # fmt: skip
-    feed = wait_for(lambda: curl(f"{api1}/vmodel/feed/{created['id']}", "-H", f"Authorization: Bearer {KEY}"),
-                    lambda f: f["status"] in ("succeeded", "failed"), timeout=120)  # fmt: skip
+    created = curl(
+        "--request",
+        "POST",
+        "--url",
+        f"{api2}/vmodel/generate",
+        "--header",
+        f"Authorization: Bearer {KEY}",
+        "--header",
+        "Content-Type: application/json",
+        "--data",
+        TASK_BODY,
+    )
+    feed = wait_for(
+        lambda: curl(f"{api1}/vmodel/feed/{created['id']}", "-H", f"Authorization: Bearer {KEY}"),
+        lambda f: f["status"] in ("succeeded", "failed"),
+        timeout=120,
+    )
     assert feed["status"] == "succeeded", feed
-    pred = httpx.post(f"{api2}/v1/models/black-forest-labs/flux-schnell/predictions", timeout=120,
-                      headers=AUTH | {"Prefer": "wait=60"}, json={"input": {"prompt": "a lighthouse"}})  # fmt: skip
+    pred = httpx.post(
+        f"{api2}/v1/models/black-forest-labs/flux-schnell/predictions",
+        timeout=120,
+        headers=AUTH | {"Prefer": "wait=60"},
+        json={"input": {"prompt": "a lighthouse"}},
+    )
     assert pred.status_code == 201 and pred.json()["status"] == "succeeded", pred.text
 
 
 def _killed_worker(docker: Docker, project: str, api1: str, api2: str) -> None:
     """The worker container SIGKILLed mid-job: its lease runs out, the restarted worker runs the job again,
     and the job ends once."""
-    long = httpx.post(f"{api1}/v1/models/black-forest-labs/flux-dev/predictions", headers=AUTH, timeout=30,
-                      json={"input": {"prompt": "interrupted", "num_inference_steps": 50}})  # fmt: skip
+    long = httpx.post(
+        f"{api1}/v1/models/black-forest-labs/flux-dev/predictions",
+        headers=AUTH,
+        timeout=30,
+        json={"input": {"prompt": "interrupted", "num_inference_steps": 50}},
+    )
     job_id = long.json()["id"]
 
     def get(api: str) -> dict[str, Any]:
@@ -108,8 +149,12 @@ def _killed_worker(docker: Docker, project: str, api1: str, api2: str) -> None:
     final = wait_for(lambda: get(api2), lambda p: p["status"] in ("succeeded", "failed", "canceled"), timeout=240)
     assert final["status"] == "succeeded", final
     assert _psql(docker, project, f"SELECT attempts FROM jobs WHERE id = '{job_id}'") == "2"
-    ends = _psql(docker, project, f"SELECT count(*) FROM job_events WHERE job_id = '{job_id}' "
-                                  "AND kind IN ('succeeded', 'failed', 'canceled', 'aborted')")  # fmt: skip
+    ends = _psql(
+        docker,
+        project,
+        f"SELECT count(*) FROM job_events WHERE job_id = '{job_id}' "
+        "AND kind IN ('succeeded', 'failed', 'canceled', 'aborted')",
+    )
     assert ends == "1"
 
 
@@ -123,8 +168,15 @@ def test_the_images_and_compose_stack_serve_clients_and_survive_a_killed_worker(
             timings[f"build {name}"] = took
         sizes = {tag: docker.size_mb(tag) for tag in ("fluxserve:api", "fluxserve:cpu")}
         # The api image is the slim one: no torch in it.
-        no_torch = docker.run("run", "--rm", "--entrypoint", "python", "fluxserve:api", "-c",
-                              "import importlib.util as u; print(u.find_spec('torch') is None)")  # fmt: skip
+        no_torch = docker.run(
+            "run",
+            "--rm",
+            "--entrypoint",
+            "python",
+            "fluxserve:api",
+            "-c",
+            "import importlib.util as u; print(u.find_spec('torch') is None)",
+        )
         assert no_torch.strip() == "True"
 
         ports = {name: _free_port() for name in ("FLUXSERVE_API_PORT", "FLUXSERVE_API2_PORT", "FLUXSERVE_S3_PORT")}
@@ -138,8 +190,12 @@ def test_the_images_and_compose_stack_serve_clients_and_survive_a_killed_worker(
             wait_for(lambda: _ready(api1) and _ready(api2), lambda ok: ok, timeout=240, interval=1)
             timings["compose up to ready"] = time.monotonic() - up
             container = f"{project}_api-1_1"  # the image's HEALTHCHECK, and its non-root user
-            wait_for(lambda: docker.run("inspect", "-f", "{{.State.Health.Status}}", container).strip(),
-                     lambda s: s == "healthy", timeout=60, interval=1)  # fmt: skip
+            wait_for(
+                lambda: docker.run("inspect", "-f", "{{.State.Health.Status}}", container).strip(),
+                lambda s: s == "healthy",
+                timeout=60,
+                interval=1,
+            )
             assert docker.run("exec", container, "id", "-u").strip() != "0"
             _clients(api1, api2, ports["FLUXSERVE_S3_PORT"])
             _killed_worker(docker, project, api1, api2)

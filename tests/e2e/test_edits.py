@@ -29,14 +29,28 @@ def test_seed_edit_curl(server: RemoteServer, tmp_path: Path) -> None:
     lotion = tmp_path / "body-lotion.png"
     lotion.write_bytes(png_bytes((384, 512), (230, 220, 200)))
     out = subprocess.run(
-        ["curl", "-sS", "--fail-with-body", "-X", "POST", f"{server.url}/v1/images/edits",
-         "-H", f"Authorization: Bearer {server.api_key}",
-         "-F", "model=flux-kontext-pro",
-         "-F", "image[]=@body-lotion.png",
-         "-F", 'prompt=Generate a photorealistic image of a gift basket on a white background labeled "Relax & Unwind" '
-               "with a ribbon and handwriting-like font, containing all the items in the reference pictures"],
-        capture_output=True, cwd=tmp_path, timeout=180, check=True,
-    )  # fmt: skip
+        [
+            "curl",
+            "-sS",
+            "--fail-with-body",
+            "-X",
+            "POST",
+            f"{server.url}/v1/images/edits",
+            "-H",
+            f"Authorization: Bearer {server.api_key}",
+            "-F",
+            "model=flux-kontext-pro",
+            "-F",
+            "image[]=@body-lotion.png",
+            "-F",
+            'prompt=Generate a photorealistic image of a gift basket on a white background labeled "Relax & Unwind" '
+            "with a ribbon and handwriting-like font, containing all the items in the reference pictures",
+        ],
+        capture_output=True,
+        cwd=tmp_path,
+        timeout=180,
+        check=True,
+    )
     body = json.loads(out.stdout)
     assert len(body["data"]) == 1 and body["data"][0]["revised_prompt"].startswith("Generate a photorealistic")
     img = _img(httpx.get(body["data"][0]["url"], timeout=30).content)
@@ -46,32 +60,45 @@ def test_seed_edit_curl(server: RemoteServer, tmp_path: Path) -> None:
 
 def test_sdk_edit_one_file_and_a_list(client: openai.OpenAI) -> None:
     one = client.images.edit(
-        model="flux-kontext-pro", image=("a.png", png_bytes((512, 512)), "image/png"), prompt="make it blue",
-        size="512x512", response_format="b64_json",  # type: ignore[arg-type]
-    )  # fmt: skip
+        model="flux-kontext-pro",
+        image=("a.png", png_bytes((512, 512)), "image/png"),
+        prompt="make it blue",
+        size="512x512",
+        response_format="b64_json",  # type: ignore[arg-type]
+    )
     assert one.data is not None and _img(base64.b64decode(one.data[0].b64_json or "")).size == (512, 512)
     two = client.images.edit(
         model="flux-kontext-max",
-        image=[("a.png", png_bytes((512, 256), (200, 0, 0)), "image/png"),
-               ("b.png", png_bytes((256, 256)), "image/png")],
-        prompt="both items together", size="512x256", n=2, response_format="b64_json",  # type: ignore[arg-type]
-    )  # fmt: skip
+        image=[
+            ("a.png", png_bytes((512, 256), (200, 0, 0)), "image/png"),
+            ("b.png", png_bytes((256, 256)), "image/png"),
+        ],
+        prompt="both items together",
+        size="512x256",
+        n=2,
+        response_format="b64_json",  # type: ignore[arg-type]
+    )
     assert two.data is not None and len(two.data) == 2
     assert [_img(base64.b64decode(d.b64_json or "")).size for d in two.data] == [(512, 256)] * 2
 
 
 def test_sdk_mask_inpainting_and_variation(client: openai.OpenAI) -> None:
     filled = client.images.edit(
-        model="flux-fill", image=("room.png", png_bytes((256, 256)), "image/png"),
+        model="flux-fill",
+        image=("room.png", png_bytes((256, 256)), "image/png"),
         mask=("mask.png", mask_png((256, 256), (64, 64, 192, 192)), "image/png"),
-        prompt="a cat on the sofa", size="256x256", response_format="b64_json",  # type: ignore[arg-type]
-    )  # fmt: skip
+        prompt="a cat on the sofa",
+        size="256x256",
+        response_format="b64_json",  # type: ignore[arg-type]
+    )
     assert filled.data is not None and _img(base64.b64decode(filled.data[0].b64_json or "")).size == (256, 256)
     with pytest.raises(openai.BadRequestError) as err:
         client.images.edit(
-            model="flux-fill", image=("room.png", png_bytes((256, 256)), "image/png"),
-            mask=("mask.png", mask_png((128, 128), (0, 0, 8, 8)), "image/png"), prompt="x",
-        )  # fmt: skip
+            model="flux-fill",
+            image=("room.png", png_bytes((256, 256)), "image/png"),
+            mask=("mask.png", mask_png((128, 128), (0, 0, 8, 8)), "image/png"),
+            prompt="x",
+        )
     assert err.value.code == "invalid_mask_size"
     with pytest.deprecated_call():  # the SDK marks variations deprecated; the route still serves them
         variations = client.images.create_variation(
@@ -90,10 +117,18 @@ def test_vmodel_json_image_input(server: RemoteServer) -> None:
     data_url = "data:image/png;base64," + base64.b64encode(png_bytes((512, 256))).decode()
     resp = httpx.post(
         f"{server.url}/vmodel/generate",
-        json={"model": "flux-kontext-pro", "input": {"prompt": "p", "input_image": data_url, "megapixels": "0.25",
-                                                     "aspect_ratio": "match_input_image", "output_format": "png"}},
+        json={
+            "model": "flux-kontext-pro",
+            "input": {
+                "prompt": "p",
+                "input_image": data_url,
+                "megapixels": "0.25",
+                "aspect_ratio": "match_input_image",
+                "output_format": "png",
+            },
+        },
         headers=server.headers,
-    )  # fmt: skip
+    )
     assert resp.status_code == 200, resp.text
     feed = server.wait_feed(resp.json()["id"])
     assert feed["status"] == "succeeded", feed
@@ -107,12 +142,27 @@ HOSTILE_UPLOADS = [
     ("text-as-png", {"image[]": ("t.png", b"hello there", "image/png")}, 400, "image", "invalid_image_file"),
     ("tiff", {"image[]": ("t.tif", b"II*\x00" + b"\x00" * 64, "image/tiff")}, 400, "image", "invalid_image_file"),
     ("bomb", {"image[]": ("b.png", bomb_png(), "image/png")}, 400, "image", "image_too_large"),
-    ("big-mask", {"image": ("a.png", png_bytes((64, 64)), "image/png"),
-                  "mask": ("m.png", b"\x89PNG" + b"\x00" * (4 * 1024 * 1024 + 10), "image/png")},
-     413, "mask", "image_too_large"),
-    ("mask-size", {"image": ("a.png", png_bytes((64, 64)), "image/png"),
-                   "mask": ("m.png", mask_png((32, 32), (0, 0, 4, 4)), "image/png")}, 400, "mask", "invalid_mask_size"),
-]  # fmt: skip
+    (
+        "big-mask",
+        {
+            "image": ("a.png", png_bytes((64, 64)), "image/png"),
+            "mask": ("m.png", b"\x89PNG" + b"\x00" * (4 * 1024 * 1024 + 10), "image/png"),
+        },
+        413,
+        "mask",
+        "image_too_large",
+    ),
+    (
+        "mask-size",
+        {
+            "image": ("a.png", png_bytes((64, 64)), "image/png"),
+            "mask": ("m.png", mask_png((32, 32), (0, 0, 4, 4)), "image/png"),
+        },
+        400,
+        "mask",
+        "invalid_mask_size",
+    ),
+]
 
 
 @pytest.mark.parametrize(("name", "files", "status", "param", "code"), HOSTILE_UPLOADS)
@@ -139,25 +189,33 @@ def test_url_inputs_against_a_server_that_allows_private_hosts(
     with image_server() as base:
         refused = httpx.post(
             f"{server.url}/vmodel/generate",
-            json={"model": "flux-dev", "input": {"prompt": "p", "image": f"{base}/cat.png"}}, headers=server.headers,
-        )  # fmt: skip
+            json={"model": "flux-dev", "input": {"prompt": "p", "image": f"{base}/cat.png"}},
+            headers=server.headers,
+        )
         assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_image_url"
         srv = RemoteServer(
             tmp_path / "lan", api_key="k", demo_model=demo_model_dir, extra_args=("--allow-private-urls",)
         )
         with srv:
-            for inp in ({"image": f"{base}/redirect", "num_inference_steps": 2, "prompt_strength": 0.5},
-                        {"input_image": f"{base}/cat.png", "num_inference_steps": 2}):  # fmt: skip
+            for inp in (
+                {"image": f"{base}/redirect", "num_inference_steps": 2, "prompt_strength": 0.5},
+                {"input_image": f"{base}/cat.png", "num_inference_steps": 2},
+            ):
                 model = "flux-dev" if "image" in inp else "flux-kontext-pro"
-                resp = httpx.post(f"{srv.url}/vmodel/generate", json={"model": model, "input": {"prompt": "p", **inp}},
-                                  headers=srv.headers)  # fmt: skip
+                resp = httpx.post(
+                    f"{srv.url}/vmodel/generate",
+                    json={"model": model, "input": {"prompt": "p", **inp}},
+                    headers=srv.headers,
+                )
                 assert resp.status_code == 200, resp.text
                 feed = srv.wait_feed(resp.json()["id"])
                 assert feed["status"] == "succeeded", feed
                 assert _img(httpx.get(feed["output"][0]).content).size == (1248, 832)  # the 3:2 input's aspect
-            resp = httpx.post(f"{srv.url}/vmodel/generate",
-                              json={"model": "flux-dev", "input": {"prompt": "p", "image": f"{base}/notes.txt"}},
-                              headers=srv.headers)  # fmt: skip
+            resp = httpx.post(
+                f"{srv.url}/vmodel/generate",
+                json={"model": "flux-dev", "input": {"prompt": "p", "image": f"{base}/notes.txt"}},
+                headers=srv.headers,
+            )
             assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_image_file"
 
 

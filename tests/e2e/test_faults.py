@@ -227,8 +227,14 @@ def test_a_slow_receiver_does_not_delay_another(tmp_path: Path, demo_model_dir: 
 
 def test_a_stream_whose_client_leaves_cancels_its_job(tmp_path: Path, demo_model_dir: Path) -> None:
     with RemoteServer(tmp_path / "data", api_key=KEY, demo_model=demo_model_dir) as srv:
-        body = {"prompt": "leave", "model": "flux-dev", "steps": 50, "size": "512x512", "stream": True,
-                "partial_images": 3}  # fmt: skip
+        body = {
+            "prompt": "leave",
+            "model": "flux-dev",
+            "steps": 50,
+            "size": "512x512",
+            "stream": True,
+            "partial_images": 3,
+        }
         with httpx.stream(
             "POST", f"{srv.url}/v1/images/generations", json=body, headers=srv.headers, timeout=60
         ) as resp:

@@ -81,8 +81,9 @@ def test_usage_command_table_and_json(tmp_path: Path, demo_model_dir: Path) -> N
     srv = RemoteServer(data, api_key=None, demo_model=demo_model_dir).start()
     try:
         body = {"prompt": "u", "size": "256x256", "n": 2, "steps": 1}
-        resp = httpx.post(f"{srv.url}/v1/images/generations", json=body, headers={"Authorization": f"Bearer {key}"},
-                          timeout=120)  # fmt: skip
+        resp = httpx.post(
+            f"{srv.url}/v1/images/generations", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=120
+        )
         assert resp.status_code == 200, resp.text
     finally:
         srv.stop()

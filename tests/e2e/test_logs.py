@@ -11,12 +11,17 @@ KEY = "fs-log-test-key-0123456789"
 
 
 def test_json_request_and_job_lines_without_secrets(tmp_path: Path, demo_model_dir: Path) -> None:
-    srv = RemoteServer(tmp_path / "data", api_key=KEY, demo_model=demo_model_dir,
-                       env={"FLUXSERVE_LOG_FORMAT": "json"}).start()  # fmt: skip
+    srv = RemoteServer(
+        tmp_path / "data", api_key=KEY, demo_model=demo_model_dir, env={"FLUXSERVE_LOG_FORMAT": "json"}
+    ).start()
     try:
         auth = {"Authorization": f"Bearer {KEY}"}
-        resp = httpx.post(f"{srv.url}/v1/images/generations", json={"prompt": "logged", "size": "256x256",
-                          "steps": 1}, headers={**auth, "x-request-id": "req-abc.123"}, timeout=120)  # fmt: skip
+        resp = httpx.post(
+            f"{srv.url}/v1/images/generations",
+            json={"prompt": "logged", "size": "256x256", "steps": 1},
+            headers={**auth, "x-request-id": "req-abc.123"},
+            timeout=120,
+        )
         assert resp.status_code == 200 and resp.headers["x-request-id"] == "req-abc.123"
         url = resp.json()["data"][0]["url"]
         assert "sig=" in url and httpx.get(url).status_code == 200

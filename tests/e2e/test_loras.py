@@ -23,8 +23,9 @@ def lora_server(
     tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path, lora_dir: Path
 ) -> Iterator[RemoteServer]:
     args = ("--lora-dir", str(lora_dir), "--models", "flux-2-klein-4b,flux-dev,flux-schnell")
-    with RemoteServer(tmp_path_factory.mktemp("lora-server"), api_key=KEY, demo_model=demo_model_dir,
-                      extra_args=args) as srv:  # fmt: skip
+    with RemoteServer(
+        tmp_path_factory.mktemp("lora-server"), api_key=KEY, demo_model=demo_model_dir, extra_args=args
+    ) as srv:
         yield srv
 
 
@@ -33,8 +34,9 @@ def test_sdk_generation_with_adapters_records_them_in_the_image(lora_server: Rem
 
     def make(loras: list[dict[str, object]] | None) -> bytes:
         extra = {"seed": 3, "loras": loras} if loras is not None else {"seed": 3}
-        result = client.images.generate(model="flux-2-klein-4b", prompt="a lighthouse", size="256x256",
-                                        response_format="b64_json", extra_body=extra)  # fmt: skip
+        result = client.images.generate(
+            model="flux-2-klein-4b", prompt="a lighthouse", size="256x256", response_format="b64_json", extra_body=extra
+        )
         assert result.data is not None
         return base64.b64decode(result.data[0].b64_json or "")
 
@@ -55,15 +57,37 @@ def _pixels(png: bytes) -> bytes:
 
 
 def test_replicate_lora_model_with_curl(lora_server: RemoteServer) -> None:
-    body = {"input": {"prompt": "a fox", "lora_weights": "flux1-style", "lora_scale": 0.9, "num_inference_steps": 2,
-                      "megapixels": "0.25", "output_format": "png"}}  # fmt: skip
+    body = {
+        "input": {
+            "prompt": "a fox",
+            "lora_weights": "flux1-style",
+            "lora_scale": 0.9,
+            "num_inference_steps": 2,
+            "megapixels": "0.25",
+            "output_format": "png",
+        }
+    }
     out = subprocess.run(
-        ["curl", "-sS", "--fail-with-body", "-X", "POST",
-         f"{lora_server.url}/v1/models/black-forest-labs/flux-dev-lora/predictions",
-         "-H", f"Authorization: Bearer {KEY}", "-H", "Prefer: wait=60", "-H", "Content-Type: application/json",
-         "-d", json.dumps(body)],
-        capture_output=True, timeout=120, check=True,
-    )  # fmt: skip
+        [
+            "curl",
+            "-sS",
+            "--fail-with-body",
+            "-X",
+            "POST",
+            f"{lora_server.url}/v1/models/black-forest-labs/flux-dev-lora/predictions",
+            "-H",
+            f"Authorization: Bearer {KEY}",
+            "-H",
+            "Prefer: wait=60",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            json.dumps(body),
+        ],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
     prediction = json.loads(out.stdout)
     assert prediction["status"] == "succeeded", prediction
     meta = read_metadata(httpx.get(prediction["output"][0], timeout=30).content)

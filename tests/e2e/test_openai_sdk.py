@@ -64,7 +64,7 @@ def test_sdk_errors(client: openai.OpenAI, server: RemoteServer) -> None:
 
 
 def test_models_list(client: openai.OpenAI) -> None:
-    from fluxserve.engine.demo import demo_kinds
+    from fluxserve.models.demo import demo_kinds
 
     names = [m.id for m in client.models.list()]
     # The demo serves every default name it can build here (FLUX 3's need torchvision: tests/unit/test_flux3.py).

@@ -64,8 +64,11 @@ def test_postgres_restarted_mid_job_every_job_ends_exactly_once(tmp_path: Path, 
         final = wait_for(ends, lambda ps: all(s in ("succeeded", "failed") for _, s in ps), timeout=240)
         assert sorted(i for i, _ in final) == sorted(ids)
         assert all(s == "succeeded" for _, s in final), (final, worker.log()[-3000:])
-        events = sql(db, "SELECT job_id, count(*) FROM job_events WHERE kind IN "
-                         "('succeeded', 'failed', 'canceled', 'aborted') GROUP BY job_id")  # fmt: skip
+        events = sql(
+            db,
+            "SELECT job_id, count(*) FROM job_events WHERE kind IN "
+            "('succeeded', 'failed', 'canceled', 'aborted') GROUP BY job_id",
+        )
         assert sorted(str(j) for j, n in events if n == 1) == sorted(ids), events
         assert sql(db, "SELECT count(*) FROM procrastinate_jobs WHERE status IN ('todo', 'doing')") == [(0,)]
         assert httpx.get(f"{api.url}/health", timeout=10).json()["status"] == "ready"
@@ -78,8 +81,12 @@ def test_a_worker_cut_off_from_the_database_loses_its_job_to_a_rerun_once(tmp_pa
         body = {"input": {"prompt": "cut off", "num_inference_steps": 30, "megapixels": "0.25"}}
         url = f"{api.url}/v1/models/black-forest-labs/flux-dev/predictions"
         job_id = httpx.post(url, json=body, headers=AUTH, timeout=30).json()["id"]
-        wait_for(lambda: sql(db, "SELECT status FROM jobs WHERE id = %s", job_id)[0][0],
-                 lambda s: s == "processing", timeout=120, interval=0.1)  # fmt: skip
+        wait_for(
+            lambda: sql(db, "SELECT status FROM jobs WHERE id = %s", job_id)[0][0],
+            lambda s: s == "processing",
+            timeout=120,
+            interval=0.1,
+        )
         mine = f"fluxserve-worker:{worker.pid}"
         deadline = time.monotonic() + 6  # three leases (FLUXSERVE_LEASE_S=2) without a database
         while time.monotonic() < deadline:
@@ -91,8 +98,12 @@ def test_a_worker_cut_off_from_the_database_loses_its_job_to_a_rerun_once(tmp_pa
             timeout=240,
         )
         assert final["status"] == "succeeded", (final, worker.log()[-3000:])
-        [(ends,)] = sql(db, "SELECT count(*) FROM job_events WHERE job_id = %s AND kind IN "
-                            "('succeeded', 'failed', 'canceled', 'aborted')", job_id)  # fmt: skip
+        [(ends,)] = sql(
+            db,
+            "SELECT count(*) FROM job_events WHERE job_id = %s AND kind IN "
+            "('succeeded', 'failed', 'canceled', 'aborted')",
+            job_id,
+        )
         assert ends == 1
         assert worker.proc is not None and worker.proc.poll() is None  # the worker outlived it
         again = httpx.post(url, json={"input": {"prompt": "after", "num_inference_steps": 2}}, headers=AUTH).json()
@@ -115,8 +126,12 @@ def test_a_row_lock_held_60s_on_a_running_job_stalls_it_but_loses_nothing(tmp_pa
         body = {"input": {"prompt": "locked", "num_inference_steps": 20, "megapixels": "0.25"}}
         url = f"{api.url}/v1/models/black-forest-labs/flux-dev/predictions"
         job_id = httpx.post(url, json=body, headers=AUTH, timeout=30).json()["id"]
-        wait_for(lambda: sql(db, "SELECT status FROM jobs WHERE id = %s", job_id)[0][0],
-                 lambda s: s == "processing", timeout=120, interval=0.05)  # fmt: skip
+        wait_for(
+            lambda: sql(db, "SELECT status FROM jobs WHERE id = %s", job_id)[0][0],
+            lambda s: s == "processing",
+            timeout=120,
+            interval=0.05,
+        )
         with psycopg.connect(db) as holder:
             holder.execute("SELECT id FROM jobs WHERE id = %s FOR UPDATE", (job_id,))
             start = time.monotonic()
@@ -131,8 +146,12 @@ def test_a_row_lock_held_60s_on_a_running_job_stalls_it_but_loses_nothing(tmp_pa
             timeout=240,
         )
         assert final["status"] == "succeeded", (final, worker.log()[-3000:])
-        [(ends,)] = sql(db, "SELECT count(*) FROM job_events WHERE job_id = %s AND kind IN "
-                            "('succeeded', 'failed', 'canceled', 'aborted')", job_id)  # fmt: skip
+        [(ends,)] = sql(
+            db,
+            "SELECT count(*) FROM job_events WHERE job_id = %s AND kind IN "
+            "('succeeded', 'failed', 'canceled', 'aborted')",
+            job_id,
+        )
         assert ends == 1
         assert sql(db, "SELECT count(*) FROM procrastinate_jobs WHERE status IN ('todo', 'doing')") == [(0,)]
 
@@ -158,14 +177,22 @@ def test_the_object_store_away_then_back_jobs_wait_or_fail_clearly_none_lost(
             url = f"{api.url}/v1/models/black-forest-labs/flux-dev/predictions"
             body = {"input": {"prompt": "through an outage", "num_inference_steps": 6, "megapixels": "0.25"}}
             ids = [httpx.post(url, json=body, headers=AUTH, timeout=30).json()["id"] for _ in range(3)]
-            wait_for(lambda: sql(db, "SELECT count(*) FROM jobs WHERE status = 'processing'")[0][0],
-                     lambda n: n >= 1, timeout=120, interval=0.05)  # fmt: skip
+            wait_for(
+                lambda: sql(db, "SELECT count(*) FROM jobs WHERE status = 'processing'")[0][0],
+                lambda n: n >= 1,
+                timeout=120,
+                interval=0.05,
+            )
             stack.stop()
             png = io.BytesIO()
             Image.new("RGB", (64, 64), "red").save(png, "PNG")
-            edit = httpx.post(f"{api.url}/v1/images/edits", headers=AUTH, timeout=30,
-                              data={"prompt": "p", "model": "flux-kontext-pro"},
-                              files={"image": ("a.png", png.getvalue(), "image/png")})  # fmt: skip
+            edit = httpx.post(
+                f"{api.url}/v1/images/edits",
+                headers=AUTH,
+                timeout=30,
+                data={"prompt": "p", "model": "flux-kontext-pro"},
+                files={"image": ("a.png", png.getvalue(), "image/png")},
+            )
             assert edit.status_code == 503 and edit.headers.get("Retry-After"), edit.text
             assert edit.json()["error"]["code"] == "storage_unavailable", edit.text
             time.sleep(4)  # a job ends meanwhile and waits to store its image
@@ -191,8 +218,11 @@ def test_the_object_store_away_then_back_jobs_wait_or_fail_clearly_none_lost(
             [failed] = wait_for(lambda: statuses([late]), ended, timeout=240)
             stack.start()
             assert failed["status"] == "failed" and "object store" in str(failed["error"]), failed
-            events = sql(db, "SELECT job_id, count(*) FROM job_events WHERE kind IN "
-                             "('succeeded', 'failed', 'canceled', 'aborted') GROUP BY job_id")  # fmt: skip
+            events = sql(
+                db,
+                "SELECT job_id, count(*) FROM job_events WHERE kind IN "
+                "('succeeded', 'failed', 'canceled', 'aborted') GROUP BY job_id",
+            )
             assert sorted((str(j), n) for j, n in events) == sorted((i, 1) for i in [*ids, late])
             assert sql(db, "SELECT count(*) FROM procrastinate_jobs WHERE status IN ('todo', 'doing')") == [(0,)]
     finally:

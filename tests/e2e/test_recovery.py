@@ -9,9 +9,10 @@ from tests.support.polling import wait_for
 from tests.support.server import RemoteServer
 
 KEY = "fs-recovery-key"
-# A dead server's jobs come back when their lease runs out: short here, 20 s by default.
-LEASE = {"FLUXSERVE_LEASE_S": "2"}
-SLOW = {"prompt": "slow", "num_inference_steps": 50, "aspect_ratio": "1:1"}
+# A dead server's jobs come back when their lease runs out: short here, 20 s by default. A job takes a while
+# by the demo's pause after each step (50 x 0.1 s), not by computing a large image twice.
+LEASE = {"FLUXSERVE_LEASE_S": "2", "FLUXSERVE_DEMO_STEP_DELAY_S": "0.1"}
+SLOW = {"prompt": "slow", "num_inference_steps": 50, "aspect_ratio": "1:1", "megapixels": "0.25"}
 
 
 def _feed(srv: RemoteServer, job_id: str) -> dict[str, Any]:

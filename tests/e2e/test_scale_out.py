@@ -29,8 +29,10 @@ JOB = {"prompt": "chaos", "megapixels": "0.25", "aspect_ratio": "1:1", "num_infe
 def _predict(api: RemoteServer, i: int, **extra: Any) -> str:
     resp = httpx.post(
         f"{api.url}/v1/models/black-forest-labs/flux-dev/predictions",
-        json={"input": JOB | {"seed": i} | extra}, headers=AUTH, timeout=30,
-    )  # fmt: skip
+        json={"input": JOB | {"seed": i} | extra},
+        headers=AUTH,
+        timeout=30,
+    )
     assert resp.status_code == 201, resp.text
     return str(resp.json()["id"])
 
@@ -62,8 +64,11 @@ class ConnectionCounter:
     def _run(self) -> None:
         while not self._stop.wait(0.2):
             now: dict[str, int] = {}
-            for name, n in sql(self.db, "SELECT application_name, count(*) FROM pg_stat_activity "
-                                        "WHERE application_name LIKE 'fluxserve-%%' GROUP BY 1"):  # fmt: skip
+            for name, n in sql(
+                self.db,
+                "SELECT application_name, count(*) FROM pg_stat_activity "
+                "WHERE application_name LIKE 'fluxserve-%%' GROUP BY 1",
+            ):
                 pid = str(name).rsplit(":", 1)[1]
                 now[pid] = now.get(pid, 0) + int(n)  # type: ignore[call-overload]
             for pid, n in now.items():
@@ -136,8 +141,12 @@ def test_chaos_kill_cancel_sigterm_every_job_ends_once(
             def terminal() -> dict[str, tuple[str, int, str | None]]:
                 return _rows(db)
 
-            rows = wait_for(terminal, lambda r: all(s in ("succeeded", "canceled") for s, _, _ in r.values()),
-                            timeout=120, interval=0.5)  # fmt: skip
+            rows = wait_for(
+                terminal,
+                lambda r: all(s in ("succeeded", "canceled") for s, _, _ in r.values()),
+                timeout=120,
+                interval=0.5,
+            )
         finally:
             for w in (w1, w2, w3):
                 w.stop()
@@ -170,7 +179,7 @@ def test_chaos_kill_cancel_sigterm_every_job_ends_once(
     )
     assert found_s < 2 * LEASE_S + 1.0
     # Connections stay within what README's "Beyond one machine" tells operators to plan for.
-    from fluxserve.queue.runner import POOL_MAX, WORKER_POOL
+    from fluxserve.queue.pg.runner import POOL_MAX, WORKER_POOL
     from fluxserve.store import POOL_OVERFLOW, POOL_SIZE
 
     api_pid = str(api.proc.pid) if api.proc else ""
@@ -182,8 +191,9 @@ def test_chaos_kill_cancel_sigterm_every_job_ends_once(
 
 def _openai(api: RemoteServer, key: str, timeout: float = 120) -> httpx.Response:
     body = {"model": "flux-dev", "prompt": "wait for me", "size": "512x512", "seed": 7}
-    return httpx.post(f"{api.url}/v1/images/generations", json=body, timeout=timeout,
-                      headers=AUTH | {"Idempotency-Key": key})  # fmt: skip
+    return httpx.post(
+        f"{api.url}/v1/images/generations", json=body, timeout=timeout, headers=AUTH | {"Idempotency-Key": key}
+    )
 
 
 def test_api_nodes_share_jobs_webhooks_and_idempotency_keys(
@@ -206,25 +216,36 @@ def test_api_nodes_share_jobs_webhooks_and_idempotency_keys(
         assert a.proc is not None and "libtorch" not in Path(f"/proc/{a.proc.pid}/maps").read_text()
         # Webhooks: written by the worker's transitions, sent by whichever API node claims each delivery.
         resp = httpx.post(
-            f"{a.url}/v1/models/black-forest-labs/flux-dev/predictions", headers=AUTH, timeout=30,
-            json={"input": JOB | {"num_inference_steps": 4}, "webhook": hook,
-                  "webhook_events_filter": ["start", "output", "logs", "completed"]},
-        )  # fmt: skip
+            f"{a.url}/v1/models/black-forest-labs/flux-dev/predictions",
+            headers=AUTH,
+            timeout=30,
+            json={
+                "input": JOB | {"num_inference_steps": 4},
+                "webhook": hook,
+                "webhook_events_filter": ["start", "output", "logs", "completed"],
+            },
+        )
         assert resp.status_code == 201, resp.text
         hooked = resp.json()["id"]
         # Wait for the completed event itself: an earlier "output" delivery sent after the job ended
         # already reads "succeeded", and killing node A below while it holds the claim on the completed
         # delivery would leave that one for node B's next claim, after this test has ended.
         outbox_sql = "SELECT event, state FROM webhook_deliveries WHERE job_id = %s ORDER BY id"
-        wait_for(lambda: sql(db, outbox_sql, hooked),
-                 lambda rows: bool(rows) and rows[-1] == ("completed", "delivered"), timeout=60)  # fmt: skip
+        wait_for(
+            lambda: sql(db, outbox_sql, hooked),
+            lambda rows: bool(rows) and rows[-1] == ("completed", "delivered"),
+            timeout=60,
+        )
 
         # A client waits on node A for a synchronous image; node A is SIGKILLed meanwhile.
         first: list[BaseException | httpx.Response] = []
         waiting = threading.Thread(target=lambda: first.append(_catch(lambda: _openai(a, "same-key"))))
         waiting.start()
-        job_id = wait_for(lambda: sql(db, "SELECT id, status FROM jobs WHERE idempotency_key = 'same-key'"),
-                          lambda r: bool(r) and r[0][1] == "processing", timeout=60)[0][0]  # fmt: skip
+        job_id = wait_for(
+            lambda: sql(db, "SELECT id, status FROM jobs WHERE idempotency_key = 'same-key'"),
+            lambda r: bool(r) and r[0][1] == "processing",
+            timeout=60,
+        )[0][0]
         a.kill9()
         waiting.join(30)
         assert first and isinstance(first[0], httpx.HTTPError)  # the client saw its connection drop
@@ -256,17 +277,25 @@ def test_workers_take_only_their_models_and_a_second_sigterm_gives_the_job_back(
 ) -> None:
     db, storage = cluster_dirs
     with api_node(tmp_path / "api", db, storage, KEY) as api:
-        dev_only = RemoteWorker(tmp_path / "w1", db, storage, demo_model_dir, models="flux-dev",
-                                env={"FLUXSERVE_SHUTDOWN_GRACE_S": "60"}).start()  # fmt: skip
+        dev_only = RemoteWorker(
+            tmp_path / "w1", db, storage, demo_model_dir, models="flux-dev", env={"FLUXSERVE_SHUTDOWN_GRACE_S": "60"}
+        ).start()
         both = RemoteWorker(tmp_path / "w2", db, storage, demo_model_dir, models="flux-dev,flux-schnell")
         try:
-            resp = httpx.post(f"{api.url}/v1/models/black-forest-labs/flux-schnell/predictions", headers=AUTH,
-                              json={"input": {"prompt": "schnell", "megapixels": "0.25"}}, timeout=30)  # fmt: skip
+            resp = httpx.post(
+                f"{api.url}/v1/models/black-forest-labs/flux-schnell/predictions",
+                headers=AUTH,
+                json={"input": {"prompt": "schnell", "megapixels": "0.25"}},
+                timeout=30,
+            )
             schnell = resp.json()["id"]
             # Long enough to outlast the waits below on a loaded CI machine (0.25 MP was not, twice).
             slow = _predict(api, 1, num_inference_steps=50, megapixels="1", num_outputs=4)
-            wait_for(lambda: sql(db, "SELECT status, progress_done FROM jobs WHERE id = %s", slow)[0],
-                     lambda r: r[0] == "processing" and int(r[1]) >= 1, timeout=60)  # fmt: skip
+            wait_for(
+                lambda: sql(db, "SELECT status, progress_done FROM jobs WHERE id = %s", slow)[0],
+                lambda r: r[0] == "processing" and int(r[1]) >= 1,
+                timeout=60,
+            )
             # /health reads the registry in the background (every quarter lease): it catches up within one.
             health = wait_for(
                 lambda: httpx.get(f"{api.url}/health", timeout=10).json(),
@@ -285,8 +314,11 @@ def test_workers_take_only_their_models_and_a_second_sigterm_gives_the_job_back(
             assert sql(db, "SELECT status, attempts FROM jobs WHERE id = %s", slow) == [("queued", 0)]
 
             both.start()
-            rows = wait_for(lambda: sql(db, "SELECT status, attempts FROM jobs ORDER BY id"),
-                            lambda r: all(s == "succeeded" for s, _ in r), timeout=300)  # fmt: skip
+            rows = wait_for(
+                lambda: sql(db, "SELECT status, attempts FROM jobs ORDER BY id"),
+                lambda r: all(s == "succeeded" for s, _ in r),
+                timeout=300,
+            )
             assert sorted(int(a) for _, a in rows) == [1, 1]  # the given-back job kept its attempt
         finally:
             dev_only.stop()

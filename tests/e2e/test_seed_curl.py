@@ -23,15 +23,18 @@ def curl_bytes(url: str) -> bytes:
 def test_seed_generations_curl(server: RemoteServer) -> None:
     body = curl(
         f"{server.url}/v1/images/generations",
-        "-H", f"Authorization: Bearer {server.api_key}",
-        "-H", "Content-Type: application/json",
-        "-d", """{
+        "-H",
+        f"Authorization: Bearer {server.api_key}",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        """{
     "model": "flux",
     "prompt": "a white siamese cat",
     "n": 1,
     "size": "1024x1024"
   }""",
-    )  # fmt: skip
+    )
     assert len(body["data"]) == 1
     assert body["data"][0]["revised_prompt"] == "a white siamese cat"
     img = Image.open(io.BytesIO(curl_bytes(body["data"][0]["url"])))
@@ -40,11 +43,16 @@ def test_seed_generations_curl(server: RemoteServer) -> None:
 
 def test_seed_task_api_curl(server: RemoteServer) -> None:
     created = curl(
-        "--request", "POST",
-        "--url", f"{server.url}/vmodel/generate",
-        "--header", f"Authorization: Bearer {server.api_key}",
-        "--header", "Content-Type: application/json",
-        "--data", """{
+        "--request",
+        "POST",
+        "--url",
+        f"{server.url}/vmodel/generate",
+        "--header",
+        f"Authorization: Bearer {server.api_key}",
+        "--header",
+        "Content-Type: application/json",
+        "--data",
+        """{
     "model":"flux-schnell",
     "input": {
       "prompt": "空气",
@@ -55,7 +63,7 @@ def test_seed_task_api_curl(server: RemoteServer) -> None:
       "seed": 1900004
     }
   }""",
-    )  # fmt: skip
+    )
     assert list(created) == ["id"]
     statuses = []
     deadline = time.time() + 60
@@ -87,21 +95,45 @@ def test_provider_prefixes_a1111_and_async_with_curl(server: RemoteServer) -> No
     """The README's curl lines for the relay's prefixes, OpenAI async mode and A1111, against the real server."""
     auth = f"Authorization: Bearer {server.api_key}"
     json_body = "Content-Type: application/json"
-    created = curl("--url", f"{server.url}/bfl/v1/flux-kontext-pro", "--header", auth, "--header", json_body,
-                   "--data", '{"prompt": "a red fox", "aspect_ratio": "1:1"}')  # fmt: skip
+    created = curl(
+        "--url",
+        f"{server.url}/bfl/v1/flux-kontext-pro",
+        "--header",
+        auth,
+        "--header",
+        json_body,
+        "--data",
+        '{"prompt": "a red fox", "aspect_ratio": "1:1"}',
+    )
     deadline = time.time() + 60
     while (got := curl(f"{server.url}/bfl/v1/get_result?id={created['id']}", "--header", f"x-key: {server.api_key}"))[
         "status"
     ] == "Pending" and time.time() < deadline:
         time.sleep(0.2)
     assert got["status"] == "Ready" and Image.open(io.BytesIO(curl_bytes(got["result"]["sample"]))).size == (1024, 1024)
-    pred = curl("--url", f"{server.url}/replicate/v1/models/black-forest-labs/flux-schnell/predictions",
-                "--header", auth, "--header", "Prefer: wait", "--header", "Content-Type: application/json",
-                "--data", '{"input": {"prompt": "a fox", "megapixels": "0.25"}}')  # fmt: skip
+    pred = curl(
+        "--url",
+        f"{server.url}/replicate/v1/models/black-forest-labs/flux-schnell/predictions",
+        "--header",
+        auth,
+        "--header",
+        "Prefer: wait",
+        "--header",
+        "Content-Type: application/json",
+        "--data",
+        '{"input": {"prompt": "a fox", "megapixels": "0.25"}}',
+    )
     assert pred["status"] == "succeeded" and len(pred["output"]) == 1
-    task = curl("--url", f"{server.url}/v1/images/generations", "--header", auth,
-                "--header", "Content-Type: application/json",
-                "--data", '{"model": "flux-schnell", "prompt": "a fox", "size": "256x256", "async": true}')  # fmt: skip
+    task = curl(
+        "--url",
+        f"{server.url}/v1/images/generations",
+        "--header",
+        auth,
+        "--header",
+        "Content-Type: application/json",
+        "--data",
+        '{"model": "flux-schnell", "prompt": "a fox", "size": "256x256", "async": true}',
+    )
     assert task["status"] in ("queued", "in_progress", "completed")
     deadline = time.time() + 60
     while (done := curl(f"{server.url}/v1/images/tasks/{task['task_id']}", "--header", auth))["status"] != "completed":
@@ -109,7 +141,15 @@ def test_provider_prefixes_a1111_and_async_with_curl(server: RemoteServer) -> No
         time.sleep(0.2)
     assert done["data"][0]["url"].startswith(server.url)
     txt2img = '{"prompt": "a fox", "width": 768, "height": 512, "steps": 4, "batch_size": 2, "seed": 5}'
-    a1111 = curl("--url", f"{server.url}/sdapi/v1/txt2img", "-u", f"webui:{server.api_key}",
-                 "--header", json_body, "--data", txt2img)  # fmt: skip
+    a1111 = curl(
+        "--url",
+        f"{server.url}/sdapi/v1/txt2img",
+        "-u",
+        f"webui:{server.api_key}",
+        "--header",
+        json_body,
+        "--data",
+        txt2img,
+    )
     assert json.loads(a1111["info"])["all_seeds"] == [5, 6]
     assert Image.open(io.BytesIO(base64.b64decode(a1111["images"][1]))).size == (768, 512)

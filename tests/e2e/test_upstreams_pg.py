@@ -34,8 +34,19 @@ def b(tmp_path: Path, demo_model_dir: Path) -> Iterator[RemoteServer]:
 
 def upstream_worker(data: Path, db: str, storage: Path, toml: Path, demo: Path) -> RemoteWorker:
     worker = RemoteWorker(data, db, storage, demo, env={"B_KEY": B_KEY, "FAL_KEY": FAL_KEY})
-    worker.cmd = [FLUXSERVE, "worker", "--upstreams-only", "--database", db, "--storage", f"file://{storage}",
-                  "--data-dir", str(data), "--upstream-config", str(toml)]  # fmt: skip
+    worker.cmd = [
+        FLUXSERVE,
+        "worker",
+        "--upstreams-only",
+        "--database",
+        db,
+        "--storage",
+        f"file://{storage}",
+        "--data-dir",
+        str(data),
+        "--upstream-config",
+        str(toml),
+    ]
     return worker
 
 
@@ -51,9 +62,10 @@ def test_upstreams_only_worker_on_postgres_resumes_after_kill9(
     try:
         before = len(b_jobs(b))
         created = httpx.post(
-            f"{api.url}/v1/flux-pro-1.1", json={"prompt": "pg resume", "width": 1024, "height": 1024},
+            f"{api.url}/v1/flux-pro-1.1",
+            json={"prompt": "pg resume", "width": 1024, "height": 1024},
             headers={"x-key": A_KEY},
-        )  # fmt: skip
+        )
         assert created.status_code == 200, created.text
         job_id = created.json()["id"]
 

@@ -15,7 +15,8 @@ from fluxserve.jobs import JobService
 from fluxserve.migrations import open_store, upgrade
 from fluxserve.models import ModelRegistry
 from fluxserve.queue.listen import listen
-from fluxserve.queue.pg import PgQueue, queue_depths
+from fluxserve.queue.pg import PgQueue
+from fluxserve.queue.pg.rows import queue_depths
 from fluxserve.store import Store
 
 
@@ -43,9 +44,9 @@ PC = "jobs j JOIN procrastinate_jobs p ON p.id = j.pc_job_id"
 def _pc(jobs: JobService, job_id: str) -> tuple[str, str, int]:
     with jobs.store.transaction() as conn:
         row = conn.execute(
-            text(f"SELECT p.status, p.queue_name, p.priority FROM {PC} "
-                 "WHERE j.id = :id"), {"id": job_id},
-        ).one()  # fmt: skip
+            text(f"SELECT p.status, p.queue_name, p.priority FROM {PC} WHERE j.id = :id"),
+            {"id": job_id},
+        ).one()
     return str(row.status), str(row.queue_name), int(row.priority)
 
 
@@ -97,13 +98,16 @@ def test_cancel_of_a_queued_job_cancels_its_entry_and_of_a_running_one_asks_to_a
     assert jobs.cancel_sync(queued.id, "o").status is Status.CANCELED
     assert _pc(jobs, queued.id)[0] == "cancelled"  # never fetched
     with jobs.store.transaction() as conn:  # what procrastinate's fetch does for a worker
-        conn.execute(text("UPDATE procrastinate_jobs p SET status = 'doing' FROM jobs j WHERE j.pc_job_id = p.id "
-                          "AND j.id = :id"), {"id": running.id})  # fmt: skip
+        conn.execute(
+            text(
+                "UPDATE procrastinate_jobs p SET status = 'doing' FROM jobs j WHERE j.pc_job_id = p.id AND j.id = :id"
+            ),
+            {"id": running.id},
+        )
     assert jobs.claim_id(running.id, "w1") is not None
     assert jobs.cancel_sync(running.id, "o").cancel_requested
     with jobs.store.transaction() as conn:
-        abort = conn.execute(text(f"SELECT p.abort_requested FROM {PC} "
-                                  "WHERE j.id = :id"), {"id": running.id}).scalar()  # fmt: skip
+        abort = conn.execute(text(f"SELECT p.abort_requested FROM {PC} WHERE j.id = :id"), {"id": running.id}).scalar()
     assert abort is True
 
 
@@ -120,8 +124,13 @@ def test_two_workers_claiming_batches_at_once_never_share_a_job(jobs: JobService
     leads = [_submit(jobs) for _ in range(2)]
     members = [_submit(jobs) for _ in range(12)]
     with jobs.store.transaction() as conn:
-        conn.execute(text("UPDATE procrastinate_jobs p SET status = 'doing' FROM jobs j WHERE j.pc_job_id = p.id "
-                          "AND j.id = ANY(:ids)"), {"ids": [j.id for j in leads]})  # fmt: skip
+        conn.execute(
+            text(
+                "UPDATE procrastinate_jobs p SET status = 'doing' FROM jobs j WHERE j.pc_job_id = p.id "
+                "AND j.id = ANY(:ids)"
+            ),
+            {"ids": [j.id for j in leads]},
+        )
     claimed_leads = [jobs.claim_id(j.id, f"w{i}") for i, j in enumerate(leads)]
     got: dict[int, list[str]] = {}
     barrier = threading.Barrier(2)
@@ -162,11 +171,21 @@ def test_the_sweep_gives_back_a_dead_workers_jobs_and_redefers_orphans(jobs: Job
         # A worker that registered, fetched one job, then stopped beating.
         stale = "INSERT INTO procrastinate_workers (last_heartbeat) VALUES (now() - interval '1 hour') RETURNING id"
         worker = conn.execute(text(stale)).scalar()
-        conn.execute(text("UPDATE procrastinate_jobs p SET status = 'doing', worker_id = :w FROM jobs j "
-                          "WHERE j.pc_job_id = p.id AND j.id = :id"), {"w": worker, "id": dead.id})  # fmt: skip
+        conn.execute(
+            text(
+                "UPDATE procrastinate_jobs p SET status = 'doing', worker_id = :w FROM jobs j "
+                "WHERE j.pc_job_id = p.id AND j.id = :id"
+            ),
+            {"w": worker, "id": dead.id},
+        )
         # A queued job whose entry ended (a task that returned after its lease was taken).
-        conn.execute(text("UPDATE procrastinate_jobs p SET status = 'succeeded' FROM jobs j "
-                          "WHERE j.pc_job_id = p.id AND j.id = :id"), {"id": orphan.id})  # fmt: skip
+        conn.execute(
+            text(
+                "UPDATE procrastinate_jobs p SET status = 'succeeded' FROM jobs j "
+                "WHERE j.pc_job_id = p.id AND j.id = :id"
+            ),
+            {"id": orphan.id},
+        )
     claimed = jobs.claim_id(dead.id, "gone")
     assert claimed is not None
     # While our lease holds, the sweep leaves the job alone; once it expired, the job and its entry go back.

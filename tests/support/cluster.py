@@ -25,23 +25,44 @@ def storage_url(storage: Path | str) -> str:
 
 def api_node(data_dir: Path, db: str, storage: Path | str, api_key: str, **env: str) -> RemoteServer:
     return RemoteServer(
-        data_dir, api_key=api_key, extra_args=("--database", db, "--api-only", "--storage", storage_url(storage)),
+        data_dir,
+        api_key=api_key,
+        extra_args=("--database", db, "--api-only", "--storage", storage_url(storage)),
         env=FAST_LEASES | env,
-    )  # fmt: skip
+    )
 
 
 class RemoteWorker:
     """`fluxserve worker --demo --device cpu` on the shared database and storage."""
 
-    def __init__(self, data_dir: Path, db: str, storage: Path | str, demo_model: Path, *, models: str | None = None,
-                 env: dict[str, str] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        data_dir: Path,
+        db: str,
+        storage: Path | str,
+        demo_model: Path,
+        *,
+        models: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.data_dir = data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         if not (data_dir / "demo-model").exists():
             shutil.copytree(demo_model, data_dir / "demo-model")
-        self.cmd = [FLUXSERVE, "worker", "--demo", "--device", "cpu", "--database", db,
-                    "--storage", storage_url(storage), "--data-dir", str(data_dir),
-                    *(["--models", models] if models else [])]  # fmt: skip
+        self.cmd = [
+            FLUXSERVE,
+            "worker",
+            "--demo",
+            "--device",
+            "cpu",
+            "--database",
+            db,
+            "--storage",
+            storage_url(storage),
+            "--data-dir",
+            str(data_dir),
+            *(["--models", models] if models else []),
+        ]
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("FLUXSERVE_")}
         self.env |= {"HF_HUB_OFFLINE": "1"} | FAST_LEASES | (env or {})
         self.log_path = data_dir / "worker.log"

@@ -84,8 +84,12 @@ def _make_base(docker: Docker) -> None:
     rootfs = CACHE / "rootfs"
     if not (rootfs / "bin" / "sh").exists():
         shutil.rmtree(rootfs, ignore_errors=True)
-        subprocess.run(["debootstrap", "--variant=minbase", "bookworm", str(rootfs), debian_mirror()],
-                       check=True, capture_output=True, timeout=900)  # fmt: skip
+        subprocess.run(
+            ["debootstrap", "--variant=minbase", "bookworm", str(rootfs), debian_mirror()],
+            check=True,
+            capture_output=True,
+            timeout=900,
+        )
     (rootfs / "etc/apt/sources.list").write_text(f"deb {debian_mirror()} bookworm main\n")
     (rootfs / "etc/apt/apt.conf.d/docker-no-recommends").write_text(
         'APT::Install-Recommends "false";\nAPT::Install-Suggests "false";\n'
@@ -95,15 +99,39 @@ def _make_base(docker: Docker) -> None:
     for crt in Path("/usr/local/share/ca-certificates").glob("*.crt"):
         shutil.copy(crt, cas / crt.name)
     with subprocess.Popen(
-        ["tar", "-C", str(rootfs), "--numeric-owner", "--exclude=./proc/*", "--exclude=./sys/*", "--exclude=./dev/*",
-         "--exclude=./var/lib/apt/lists/*", "-c", "."], stdout=subprocess.PIPE,
-    ) as tar:  # fmt: skip
+        [
+            "tar",
+            "-C",
+            str(rootfs),
+            "--numeric-owner",
+            "--exclude=./proc/*",
+            "--exclude=./sys/*",
+            "--exclude=./dev/*",
+            "--exclude=./var/lib/apt/lists/*",
+            "-c",
+            ".",
+        ],
+        stdout=subprocess.PIPE,
+    ) as tar:
         subprocess.run(
-            [DEBIAN_CLI, "import", "-c", "ENV LANG=C.UTF-8",
-             "-c", "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "-c", 'CMD ["bash"]',
-             "-", "local/debian:bookworm"], stdin=tar.stdout, env=docker.env, check=True, capture_output=True,
+            [
+                DEBIAN_CLI,
+                "import",
+                "-c",
+                "ENV LANG=C.UTF-8",
+                "-c",
+                "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "-c",
+                'CMD ["bash"]',
+                "-",
+                "local/debian:bookworm",
+            ],
+            stdin=tar.stdout,
+            env=docker.env,
+            check=True,
+            capture_output=True,
             timeout=600,
-        )  # fmt: skip
+        )
 
 
 def _standins(docker: Docker) -> None:
@@ -120,10 +148,22 @@ def docker_engine() -> Iterator[Docker]:
     sock = CACHE / "docker.sock"
     log = open(CACHE / "dockerd.log", "ab")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        ["dockerd", "--data-root", str(CACHE / "data"), "--exec-root", str(CACHE / "exec"),
-         "--pidfile", str(CACHE / "dockerd.pid"), "-H", f"unix://{sock}", "--storage-driver", "overlay2"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        [
+            "dockerd",
+            "--data-root",
+            str(CACHE / "data"),
+            "--exec-root",
+            str(CACHE / "exec"),
+            "--pidfile",
+            str(CACHE / "dockerd.pid"),
+            "-H",
+            f"unix://{sock}",
+            "--storage-driver",
+            "overlay2",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     docker = Docker(sock)
     try:
         deadline = time.monotonic() + 60

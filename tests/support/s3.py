@@ -31,8 +31,12 @@ class S3Server:
     secret_key: str
 
     def env(self) -> dict[str, str]:
-        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
-                "AWS_REGION": "us-east-1", "FLUXSERVE_S3_ENDPOINT_URL": self.endpoint}  # fmt: skip
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_REGION": "us-east-1",
+            "FLUXSERVE_S3_ENDPOINT_URL": self.endpoint,
+        }
 
     def bucket(self) -> str:
         name = "t" + secrets.token_hex(6)
@@ -59,10 +63,16 @@ class MiniStack:
         self.data = Path(tempfile.mkdtemp(prefix="fluxserve-s3-"))
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "FLUXSERVE_"))}
         self.env = env | {
-            "AUTH": "true", "GATEWAY_PORT": str(port), "BIND_HOST": "127.0.0.1", "S3_DATA_DIR": str(self.data / "s3"),
-            "S3_PERSIST": "1", "PERSIST_STATE": "1", "STATE_DIR": str(self.data / "state"),
-            "AWS_ACCESS_KEY_ID": self.server.access_key, "AWS_SECRET_ACCESS_KEY": self.server.secret_key,
-        }  # fmt: skip
+            "AUTH": "true",
+            "GATEWAY_PORT": str(port),
+            "BIND_HOST": "127.0.0.1",
+            "S3_DATA_DIR": str(self.data / "s3"),
+            "S3_PERSIST": "1",
+            "PERSIST_STATE": "1",
+            "STATE_DIR": str(self.data / "state"),
+            "AWS_ACCESS_KEY_ID": self.server.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.server.secret_key,
+        }
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> MiniStack:

@@ -220,8 +220,12 @@ def test_unknown_fields_are_ignored_by_name_not_stored(client: TestClient) -> No
     resp = client.post(GEN, json={"prompt": "p", "size": "256x256", "future_option": "y" * 500_000}, headers=AUTH)
     assert resp.status_code == 200
     store = client.app.state.services.store  # type: ignore[attr-defined]
-    [job] = store.list_jobs(client.app.state.services.auth.env_owner(AUTH["Authorization"].split()[1]), "openai",  # type: ignore[attr-defined]
-                            before=None, limit=5)  # fmt: skip
+    [job] = store.list_jobs(
+        client.app.state.services.auth.env_owner(AUTH["Authorization"].split()[1]),
+        "openai",  # type: ignore[attr-defined]
+        before=None,
+        limit=5,
+    )
     assert job.request["ignored_fields"] == ["future_option"] and "future_option" not in job.request
     assert len(json.dumps(job.request)) < 1000
 

@@ -197,7 +197,7 @@ def test_encoding_runs_beside_the_next_generation(settings: Settings, monkeypatc
         services: Services = client.app.state.services  # type: ignore[attr-defined]
         done = [services.store.get_job(i).completed_at for i in ids]  # type: ignore[union-attr]
         if settings.on_postgres:
-            # A queue task returns only once its images are stored: no overlap (queue/runner.py).
+            # A queue task returns only once its images are stored: no overlap (queue/pg/runner.py).
             assert calls_at[1] >= done[0] and calls_at[2] >= done[1]
         else:
             # The second image was being generated while the first was still being encoded.

@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 
 from fluxserve.engine.base import Cancelled, EngineRequest
-from fluxserve.engine.demo import demo_weights, is_demo_model
 from fluxserve.engine.flux import DiffusersEngine
 from fluxserve.models import ModelRegistry
+from fluxserve.models.demo import demo_weights, is_demo_model
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +20,9 @@ def engine(demo_model_dir: Path) -> DiffusersEngine:
     return eng
 
 
-def _req(model: str = "flux-schnell", images: list[Image.Image] | None = None, mask: Image.Image | None = None,
-         **kw: object) -> EngineRequest:  # fmt: skip
+def _req(
+    model: str = "flux-schnell", images: list[Image.Image] | None = None, mask: Image.Image | None = None, **kw: object
+) -> EngineRequest:
     args: dict[str, object] = {"prompt": "a white siamese cat", "width": 256, "height": 256, "seed": 42, "steps": 2}
     args.update(kw)
     images = images or []
@@ -50,7 +51,7 @@ def test_demo_model_is_a_diffusers_folder(demo_model_dir: Path) -> None:
 
 def test_shared_weights_load_once(engine: DiffusersEngine) -> None:
     # Every default name the demo serves here: FLUX 3's only where torchvision is installed (test_flux3).
-    from fluxserve.engine.demo import demo_kinds
+    from fluxserve.models.demo import demo_kinds
 
     served = {m.name for m in ModelRegistry.default() if m.kind in demo_kinds()}
     assert set(engine.loaded_models()) == served and "flux-2-dev" in served

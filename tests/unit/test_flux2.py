@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 
 from fluxserve.engine.base import Cancelled, EngineRequest
-from fluxserve.engine.demo import demo_weights
 from fluxserve.engine.flux import DiffusersEngine, pipeline_class_name
 from fluxserve.engine.speed import SpeedOptions
 from fluxserve.models import ModelRegistry
+from fluxserve.models.demo import demo_weights
 
 FLUX2 = [m.name for m in ModelRegistry.default() if m.kind == "flux2"]
 
@@ -124,8 +124,9 @@ def test_kv_and_dev_names_generate(engine: DiffusersEngine) -> None:
 
 
 def _klein_engine(demo: Path, speed: SpeedOptions) -> DiffusersEngine:
-    eng = DiffusersEngine(ModelRegistry.demo(demo).only(["flux-2-klein-4b"]), device="cpu", local_files_only=True,
-                          speed=speed)  # fmt: skip
+    eng = DiffusersEngine(
+        ModelRegistry.demo(demo).only(["flux-2-klein-4b"]), device="cpu", local_files_only=True, speed=speed
+    )
     eng.load()
     return eng
 
@@ -136,14 +137,23 @@ def test_default_mode_is_plain_diffusers_pixel_for_pixel(engine: DiffusersEngine
 
     ref = _ref((40, 160, 90))
     [[ours]] = engine.generate([_req(images=[ref])], lambda d, t, p: None)
-    pipe = Flux2KleinPipeline.from_pretrained(demo_weights(demo_model_dir, "flux2"), dtype=torch.float32,
-                                              local_files_only=True)  # fmt: skip
+    pipe = Flux2KleinPipeline.from_pretrained(
+        demo_weights(demo_model_dir, "flux2"), dtype=torch.float32, local_files_only=True
+    )
     pipe.set_progress_bar_config(disable=True)
-    plain = pipe(prompt=["a red apple"], image=[ref], height=256, width=256, num_inference_steps=4,
-                 guidance_scale=1.0, generator=[torch.Generator("cpu").manual_seed(7)]).images[0]  # fmt: skip
+    plain = pipe(
+        prompt=["a red apple"],
+        image=[ref],
+        height=256,
+        width=256,
+        num_inference_steps=4,
+        guidance_scale=1.0,
+        generator=[torch.Generator("cpu").manual_seed(7)],
+    ).images[0]
     assert np.array_equal(np.asarray(ours), np.asarray(plain))
 
 
+@pytest.mark.slow  # compile is proven once in CI (test_speed); this one runs with -m slow
 def test_compile_and_cache_modes_on_flux2(demo_model_dir: Path, engine: DiffusersEngine) -> None:
     [[eager]] = engine.generate([_req(images=[_ref((1, 2, 3))])], lambda d, t, p: None)
     compiled = _klein_engine(demo_model_dir, SpeedOptions(compile=True, warmup_sizes=((256, 256),)))

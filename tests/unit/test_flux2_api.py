@@ -41,8 +41,9 @@ def test_openai_generations_and_edits_on_klein(client: TestClient, fake_engine: 
     assert resp.status_code == 200, resp.text
     spec = fake_engine.last_spec
     assert (spec.task, spec.steps, spec.guidance) == ("text2img", 4, None)
-    resp = client.post("/v1/images/edits", data={"model": "flux-2-klein-4b", "prompt": "p"}, files=_files(3),
-                       headers=AUTH)  # fmt: skip
+    resp = client.post(
+        "/v1/images/edits", data={"model": "flux-2-klein-4b", "prompt": "p"}, files=_files(3), headers=AUTH
+    )
     assert resp.status_code == 200, resp.text
     spec = fake_engine.last_spec
     # Output size: the first reference's aspect ratio (3:2) at about 1 MP.
@@ -84,8 +85,9 @@ def test_vmodel_input_images(client: TestClient, fake_engine: FakeEngine) -> Non
 
 
 def _predict(client: TestClient, name: str, inp: dict[str, Any]) -> Any:
-    return client.post(f"/v1/models/black-forest-labs/{name}/predictions", json={"input": inp},
-                       headers={**AUTH, "Prefer": "wait=30"})  # fmt: skip
+    return client.post(
+        f"/v1/models/black-forest-labs/{name}/predictions", json={"input": inp}, headers={**AUTH, "Prefer": "wait=30"}
+    )
 
 
 def test_replicate_flux2_models(client: TestClient, fake_engine: FakeEngine) -> None:
@@ -94,15 +96,20 @@ def test_replicate_flux2_models(client: TestClient, fake_engine: FakeEngine) -> 
     assert isinstance(resp.json()["output"], str)  # one URI, as replicate.com answers for pro/dev/flex/max
     spec = fake_engine.last_spec
     assert (spec.task, len(spec.images), spec.width, spec.height) == ("references", 2, 1024, 1024)  # 1:1 default
-    resp = _predict(client, "flux-2-klein-4b", {"prompt": "p", "images": [_data_url()],
-                                                "aspect_ratio": "match_input_image"})  # fmt: skip
+    resp = _predict(
+        client, "flux-2-klein-4b", {"prompt": "p", "images": [_data_url()], "aspect_ratio": "match_input_image"}
+    )
     assert resp.status_code == 201 and isinstance(resp.json()["output"], list), resp.text
     assert (fake_engine.last_spec.width, fake_engine.last_spec.height) == (1248, 832)
-    resp = _predict(client, "flux-2-klein-4b", {"prompt": "p", "images": [_data_url()], "output_megapixels": "2",
-                                                "aspect_ratio": "match_input_image"})  # fmt: skip
+    resp = _predict(
+        client,
+        "flux-2-klein-4b",
+        {"prompt": "p", "images": [_data_url()], "output_megapixels": "2", "aspect_ratio": "match_input_image"},
+    )
     assert resp.status_code == 201 and (fake_engine.last_spec.width, fake_engine.last_spec.height) == (1776, 1184)
-    resp = _predict(client, "flux-2-flex", {"prompt": "p", "steps": 12, "guidance": 2, "aspect_ratio": "16:9",
-                                            "resolution": "2 MP"})  # fmt: skip
+    resp = _predict(
+        client, "flux-2-flex", {"prompt": "p", "steps": 12, "guidance": 2, "aspect_ratio": "16:9", "resolution": "2 MP"}
+    )
     assert resp.status_code == 201, resp.text
     spec = fake_engine.last_spec
     assert (spec.steps, spec.guidance, spec.width, spec.height) == (12, 2, 1920, 1088)
@@ -131,8 +138,12 @@ def test_replicate_flux2_bad_input(client: TestClient, name: str, inp: dict[str,
 
 
 def test_bfl_flux2_endpoints(client: TestClient, fake_engine: FakeEngine) -> None:
-    spec = _bfl_spec(client, fake_engine, "flux-2-pro", {"prompt": "p", "input_image": _data_url(),
-                                                         "input_image_2": _data_url((256, 256))})  # fmt: skip
+    spec = _bfl_spec(
+        client,
+        fake_engine,
+        "flux-2-pro",
+        {"prompt": "p", "input_image": _data_url(), "input_image_2": _data_url((256, 256))},
+    )
     assert (spec.task, len(spec.images), spec.width, spec.height, spec.steps) == ("references", 2, 1248, 832, 28)
     spec = _bfl_spec(client, fake_engine, "flux-2-klein-4b", {"prompt": "p", "width": 512, "height": 768})
     assert (spec.model, spec.width, spec.height, spec.steps, spec.guidance) == ("flux-2-klein-4b", 512, 768, 4, None)
@@ -177,8 +188,9 @@ def tuned(tmp_path: Path, fake_engine: FakeEngine) -> Iterator[TestClient]:
         "steps = 4\nmax_steps = 8\nmax_images = 4\n"
         '[models.house-style]\nkind = "flux2"\nweights = "/models/klein"\nsteps = 6\nmax_steps = 8\n'
     )
-    settings = Settings(data_dir=tmp_path / "data", api_key=AUTH["Authorization"].split()[1], port=8123,
-                        model_config_file=cfg)  # fmt: skip
+    settings = Settings(
+        data_dir=tmp_path / "data", api_key=AUTH["Authorization"].split()[1], port=8123, model_config_file=cfg
+    )
     with TestClient(create_app(settings, engine=fake_engine)) as c:
         yield c
 
@@ -197,8 +209,12 @@ def test_an_operators_toml_reaches_every_dialect(tuned: TestClient, fake_engine:
     assert resp.status_code == 200 and fake_engine.last_spec.task == "references"
     resp = client.post("/v1/images/edits", data={"prompt": "p"}, files=_files(5), headers=AUTH)
     assert resp.status_code == 400 and "at most 4" in resp.json()["error"]["message"]
-    spec = _bfl_spec(client, fake_engine, "flux-kontext-pro", {"prompt": "p", "input_image": _data_url(),
-                                                               "input_image_2": _data_url()})  # fmt: skip
+    spec = _bfl_spec(
+        client,
+        fake_engine,
+        "flux-kontext-pro",
+        {"prompt": "p", "input_image": _data_url(), "input_image_2": _data_url()},
+    )
     assert (spec.task, spec.steps) == ("references", 4)
     resp = client.post("/vmodel/generate", json={"model": "house-style", "input": {"prompt": "p"}}, headers=AUTH)
     assert resp.status_code == 200

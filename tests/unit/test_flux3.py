@@ -16,10 +16,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from fluxserve.engine.base import Cancelled, EngineRequest
-from fluxserve.engine.demo import demo_weights
 from fluxserve.engine.flux import DiffusersEngine
 from fluxserve.errors import InvalidInput
 from fluxserve.models import ModelRegistry
+from fluxserve.models.demo import demo_weights
 
 pytestmark = pytest.mark.torchvision
 NAMES = ["flux-3-image-klein", "flux-3-image-klein-base", "flux-2-dev", "flux-2-pro"]
@@ -91,8 +91,15 @@ def test_flux3_is_pixel_identical_to_the_plain_modular_pipeline(
     kwargs: dict[str, Any] = {"image": images} if images else {}
     if not distilled:
         plain.update_components(guider=plain.guider.new(guidance_scale=4.0))
-    [theirs] = plain(prompt="a lighthouse at dusk", height=256, width=256, num_inference_steps=3,
-                     generator=[torch.Generator("cpu").manual_seed(11)], output="images", **kwargs)  # fmt: skip
+    [theirs] = plain(
+        prompt="a lighthouse at dusk",
+        height=256,
+        width=256,
+        num_inference_steps=3,
+        generator=[torch.Generator("cpu").manual_seed(11)],
+        output="images",
+        **kwargs,
+    )
     _same(ours, theirs)
 
 
@@ -153,8 +160,15 @@ def test_flux2_dev_is_pixel_identical_to_plain_flux2pipeline(
     plain = Flux2Pipeline.from_pretrained(demo_model_dir / "flux2-dev", dtype=torch.float32, local_files_only=True)
     assert type(plain.tokenizer).__name__ == "PixtralProcessor"  # the real processor, not a stand-in
     kwargs: dict[str, Any] = {"image": images} if images else {}
-    [theirs] = plain(prompt="a lighthouse at dusk", height=256, width=256, num_inference_steps=3, guidance_scale=4.0,
-                     generator=[torch.Generator("cpu").manual_seed(11)], **kwargs).images  # fmt: skip
+    [theirs] = plain(
+        prompt="a lighthouse at dusk",
+        height=256,
+        width=256,
+        num_inference_steps=3,
+        guidance_scale=4.0,
+        generator=[torch.Generator("cpu").manual_seed(11)],
+        **kwargs,
+    ).images
     _same(ours, theirs)
 
 
@@ -186,23 +200,48 @@ def _png(img: Image.Image) -> bytes:
 def test_every_dialect_serves_flux3(client: Any) -> None:
     import base64
 
-    gen = client.post("/v1/images/generations", headers=AUTH, json={"model": "flux-3-image-klein", "prompt": "p",
-                      "size": "256x256", "response_format": "b64_json", "steps": 2})  # fmt: skip
+    gen = client.post(
+        "/v1/images/generations",
+        headers=AUTH,
+        json={
+            "model": "flux-3-image-klein",
+            "prompt": "p",
+            "size": "256x256",
+            "response_format": "b64_json",
+            "steps": 2,
+        },
+    )
     assert gen.status_code == 200, gen.text
     assert Image.open(__import__("io").BytesIO(base64.b64decode(gen.json()["data"][0]["b64_json"]))).size == (256, 256)
     files = [("image[]", (f"{i}.png", _png(_ref(i)), "image/png")) for i in range(3)]
-    edit = client.post("/v1/images/edits", headers=AUTH, files=files,
-                       data={"model": "flux-3-image-klein", "prompt": "p", "size": "256x256"})  # fmt: skip
+    edit = client.post(
+        "/v1/images/edits",
+        headers=AUTH,
+        files=files,
+        data={"model": "flux-3-image-klein", "prompt": "p", "size": "256x256"},
+    )
     assert edit.status_code == 200, edit.text
     data_url = "data:image/png;base64," + base64.b64encode(_png(_ref(5))).decode()
     refs = {f"input_image_{i}" if i > 1 else "input_image": data_url for i in range(1, 11)}
-    bfl = client.post("/v1/flux-3-image-klein", headers={"x-key": "test-key-0123456789"},
-                      json={"prompt": "p", "width": 256, "height": 256, "steps": 2, **refs})  # fmt: skip
+    bfl = client.post(
+        "/v1/flux-3-image-klein",
+        headers={"x-key": "test-key-0123456789"},
+        json={"prompt": "p", "width": 256, "height": 256, "steps": 2, **refs},
+    )
     assert bfl.status_code == 200, bfl.text
-    rep = client.post("/v1/models/black-forest-labs/flux-3-image-klein-base/predictions",
-                      headers=AUTH | {"Prefer": "wait=60"},
-                      json={"input": {"prompt": "p", "images": [data_url], "num_inference_steps": 2,
-                                      "guidance": 3.0, "output_megapixels": "0.25"}})  # fmt: skip
+    rep = client.post(
+        "/v1/models/black-forest-labs/flux-3-image-klein-base/predictions",
+        headers=AUTH | {"Prefer": "wait=60"},
+        json={
+            "input": {
+                "prompt": "p",
+                "images": [data_url],
+                "num_inference_steps": 2,
+                "guidance": 3.0,
+                "output_megapixels": "0.25",
+            }
+        },
+    )
     assert rep.status_code == 201 and rep.json()["status"] == "succeeded", rep.text
     task = client.post("/vmodel/generate", headers=AUTH, json={"model": "flux-3-image-klein", "input": {"prompt": "p"}})
     assert task.status_code == 200, task.text
@@ -215,9 +254,19 @@ def test_prompt_upsampling_is_honoured_with_the_upsampler(client: Any) -> None:
     so the same seed gives another image; not asked for, the prompt is encoded as written."""
 
     def image(upsampling: bool) -> bytes:
-        bfl = client.post("/v1/flux-3-image-klein", headers={"x-key": "test-key-0123456789"},
-                          json={"prompt": "a lighthouse", "width": 256, "height": 256, "steps": 2, "seed": 3,
-                                "prompt_upsampling": upsampling, "output_format": "png"})  # fmt: skip
+        bfl = client.post(
+            "/v1/flux-3-image-klein",
+            headers={"x-key": "test-key-0123456789"},
+            json={
+                "prompt": "a lighthouse",
+                "width": 256,
+                "height": 256,
+                "steps": 2,
+                "seed": 3,
+                "prompt_upsampling": upsampling,
+                "output_format": "png",
+            },
+        )
         assert bfl.status_code == 200, bfl.text
         polled = client.get(f"/v1/get_result?id={bfl.json()['id']}", headers={"x-key": "test-key-0123456789"})
         for _ in range(200):
@@ -230,10 +279,13 @@ def test_prompt_upsampling_is_honoured_with_the_upsampler(client: Any) -> None:
 
     plain, again, upsampled = image(False), image(False), image(True)
     assert plain == again and plain != upsampled
-    rep = client.post("/v1/models/black-forest-labs/flux-3-image-klein/predictions",
-                      headers=AUTH | {"Prefer": "wait=60"},
-                      json={"input": {"prompt": "p", "prompt_upsampling": True, "num_inference_steps": 2,
-                                      "output_megapixels": "0.25"}})  # fmt: skip
+    rep = client.post(
+        "/v1/models/black-forest-labs/flux-3-image-klein/predictions",
+        headers=AUTH | {"Prefer": "wait=60"},
+        json={
+            "input": {"prompt": "p", "prompt_upsampling": True, "num_inference_steps": 2, "output_megapixels": "0.25"}
+        },
+    )
     assert rep.status_code == 201 and rep.json()["status"] == "succeeded", rep.text
 
 
@@ -249,13 +301,15 @@ def test_prompt_upsampling_without_an_upsampler_is_a_clear_400(registry: ModelRe
     assert registry.get("flux-2-dev").make_spec(prompt="p", width=256, height=256, upsample=True).upsample is False
 
 
+@pytest.mark.slow  # compile is proven once in CI (test_speed); this one runs with -m slow
 @pytest.mark.timeout(600)
 def test_flux3_under_compile_warms_up_and_keeps_pixels_close(registry: ModelRegistry, engine: DiffusersEngine) -> None:
     from fluxserve.engine.speed import SpeedOptions
 
     only = registry.only(["flux-3-image-klein"])
-    fast = DiffusersEngine(only, device="cpu", local_files_only=True,
-                           speed=SpeedOptions(compile=True, warmup_sizes=((256, 256),)))  # fmt: skip
+    fast = DiffusersEngine(
+        only, device="cpu", local_files_only=True, speed=SpeedOptions(compile=True, warmup_sizes=((256, 256),))
+    )
     fast.load()  # the warm-up compiles text-to-image and one-reference shapes before any request
     req = _req(registry, "flux-3-image-klein", seed=5)
     [[compiled]] = fast.generate([req], lambda *_: None)

@@ -25,10 +25,35 @@ json_values = st.recursive(
 )
 
 # Field names each route knows, so examples reach deep validation rather than failing on the first key.
-FIELDS = ["prompt", "model", "n", "size", "seed", "steps", "guidance", "response_format", "output_format",
-          "output_compression", "quality", "num_outputs", "aspect_ratio", "output_quality", "num_inference_steps",
-          "megapixels", "image", "input_image", "prompt_strength", "width", "height", "webhook", "version",
-          "webhook_url", "safety_tolerance", "stream", "partial_images"]  # fmt: skip
+FIELDS = [
+    "prompt",
+    "model",
+    "n",
+    "size",
+    "seed",
+    "steps",
+    "guidance",
+    "response_format",
+    "output_format",
+    "output_compression",
+    "quality",
+    "num_outputs",
+    "aspect_ratio",
+    "output_quality",
+    "num_inference_steps",
+    "megapixels",
+    "image",
+    "input_image",
+    "prompt_strength",
+    "width",
+    "height",
+    "webhook",
+    "version",
+    "webhook_url",
+    "safety_tolerance",
+    "stream",
+    "partial_images",
+]
 bodies = st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=6)
 
 ROUTES = [
@@ -75,8 +100,11 @@ def test_no_header_makes_a_server_error(client: TestClient, path: str) -> None:
     shape = dict(ROUTES).get(path, lambda b: b)
 
     @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(prefer=header_text | st.builds("wait={}".format, header_text), cancel_after=header_text | durations,
-           idem=header_text)  # fmt: skip
+    @given(
+        prefer=header_text | st.builds("wait={}".format, header_text),
+        cancel_after=header_text | durations,
+        idem=header_text,
+    )
     def check(prefer: str, cancel_after: str, idem: str) -> None:
         headers = {**auth, "Prefer": prefer, "Cancel-After": cancel_after, "Idempotency-Key": idem}
         encoded = {k: v.encode("latin-1") for k, v in headers.items()}

@@ -58,12 +58,25 @@ def test_mask_semantics_and_size() -> None:
 
 @pytest.mark.parametrize(
     "url",
-    ["http://127.0.0.1/x.png", "http://169.254.169.254/latest/meta-data", "http://10.0.0.1/", "http://[::1]/",
-     "file:///etc/passwd", "ftp://example.com/a.png", "http://localhost:1/a.png", "http://0.0.0.0/",
-     # IPv6 forms that carry a private IPv4 address: NAT64, 6to4, IPv4-compatible, IPv4-mapped.
-     "http://[64:ff9b::7f00:1]/", "http://[64:ff9b:1::a00:1]/", "http://[2002:a9fe:a9fe::]/", "http://[::127.0.0.1]/",
-     "http://[::ffff:10.0.0.1]/", "http://[::1/", "http://example.com:99999/"],
-)  # fmt: skip
+    [
+        "http://127.0.0.1/x.png",
+        "http://169.254.169.254/latest/meta-data",
+        "http://10.0.0.1/",
+        "http://[::1]/",
+        "file:///etc/passwd",
+        "ftp://example.com/a.png",
+        "http://localhost:1/a.png",
+        "http://0.0.0.0/",
+        # IPv6 forms that carry a private IPv4 address: NAT64, 6to4, IPv4-compatible, IPv4-mapped.
+        "http://[64:ff9b::7f00:1]/",
+        "http://[64:ff9b:1::a00:1]/",
+        "http://[2002:a9fe:a9fe::]/",
+        "http://[::127.0.0.1]/",
+        "http://[::ffff:10.0.0.1]/",
+        "http://[::1/",
+        "http://example.com:99999/",
+    ],
+)
 def test_private_and_non_http_urls_refused(url: str) -> None:
     with pytest.raises(InvalidInput) as err:
         asyncio.run(fetch_image_bytes(url, param="input_image", allow_private=False))
@@ -148,8 +161,11 @@ def test_the_request_goes_to_the_address_that_was_checked(monkeypatch: pytest.Mo
         seen.append((request.url.host, request.headers["host"], request.extensions["sni_hostname"]))
         return httpx.Response(200, content=png_bytes())
 
-    got = asyncio.run(fetch_image_bytes("https://rebind.example:8443/a.png", param="x", allow_private=False,
-                                        transport=httpx.MockTransport(handler)))  # fmt: skip
+    got = asyncio.run(
+        fetch_image_bytes(
+            "https://rebind.example:8443/a.png", param="x", allow_private=False, transport=httpx.MockTransport(handler)
+        )
+    )
     assert got == png_bytes() and calls == ["rebind.example"]
     assert seen == [("93.184.216.34", "rebind.example:8443", "rebind.example")]
 
@@ -178,8 +194,9 @@ def test_dns_rebinding_is_caught_at_connect_time(monkeypatch: pytest.MonkeyPatch
                 return await super().handle_async_request(request)
 
         with pytest.raises(InvalidInput, match="only connects to public http"):
-            asyncio.run(fetch_image_bytes("http://rebind.example/cat.png", param="x", allow_private=False,
-                                          transport=Loopback()))  # fmt: skip
+            asyncio.run(
+                fetch_image_bytes("http://rebind.example/cat.png", param="x", allow_private=False, transport=Loopback())
+            )
 
 
 def test_a_trickling_url_is_cut_at_the_total_deadline(monkeypatch: pytest.MonkeyPatch) -> None:

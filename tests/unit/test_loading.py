@@ -5,8 +5,8 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 
 from fluxserve.app import create_app
-from fluxserve.engine.demo import demo_weights
 from fluxserve.models import ModelRegistry
+from fluxserve.models.demo import demo_weights
 from fluxserve.settings import Settings
 from tests.conftest import API_KEY, AUTH
 from tests.support.polling import wait_for
@@ -24,19 +24,28 @@ def _wait_state(client: TestClient, timeout: float = 60) -> dict:  # type: ignor
 
 def test_local_folder_from_model_config(tmp_path: Path, demo_model_dir: Path) -> None:
     # Every name the demo can serve here (FLUX 3's need torchvision), each pointed at its demo folder.
-    weights = {m.name: str(demo_weights(demo_model_dir, m.kind, ModelRegistry.default().get(m.name).weights))
-               for m in ModelRegistry.demo(demo_model_dir)}  # fmt: skip
+    weights = {
+        m.name: str(demo_weights(demo_model_dir, m.kind, ModelRegistry.default().get(m.name).weights))
+        for m in ModelRegistry.demo(demo_model_dir)
+    }
     cfg = _toml(tmp_path, weights)
-    settings = Settings(data_dir=tmp_path / "d", api_key=API_KEY, model_config_file=cfg, offline=True, device="cpu",
-                        models=list(weights))  # fmt: skip
+    settings = Settings(
+        data_dir=tmp_path / "d",
+        api_key=API_KEY,
+        model_config_file=cfg,
+        offline=True,
+        device="cpu",
+        models=list(weights),
+    )
     with TestClient(create_app(settings)) as client:
         assert _wait_state(client)["status"] == "ready"
         models = client.get("/v1/models", headers=AUTH).json()["data"]
         assert all(m["demo"] for m in models)  # a demo folder is labelled demo wherever it is configured
         resp = client.post(
-            "/v1/images/generations", json={"model": "flux-dev", "prompt": "p", "size": "256x256", "steps": 2},
+            "/v1/images/generations",
+            json={"model": "flux-dev", "prompt": "p", "size": "256x256", "steps": 2},
             headers=AUTH,
-        )  # fmt: skip
+        )
         assert resp.status_code == 200, resp.text
 
 

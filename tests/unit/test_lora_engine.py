@@ -20,16 +20,26 @@ KLEIN = ModelRegistry.default().get("flux-2-klein-4b")
 
 @pytest.fixture(scope="module")
 def engine(demo_model_dir: Path) -> DiffusersEngine:
-    eng = DiffusersEngine(ModelRegistry.demo(demo_model_dir).only(["flux-2-klein-4b", "flux-dev"]), device="cpu",
-                          local_files_only=True, lora_slots=2)  # fmt: skip
+    eng = DiffusersEngine(
+        ModelRegistry.demo(demo_model_dir).only(["flux-2-klein-4b", "flux-dev"]),
+        device="cpu",
+        local_files_only=True,
+        lora_slots=2,
+    )
     eng.load()
     return eng
 
 
 @pytest.fixture(scope="module")
 def library(lora_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> LoraLibrary:
-    return LoraLibrary(lora_dir, tmp_path_factory.mktemp("cache"), cache_bytes=10**9, max_bytes=10**8, offline=True,
-                       allow_private=False)  # fmt: skip
+    return LoraLibrary(
+        lora_dir,
+        tmp_path_factory.mktemp("cache"),
+        cache_bytes=10**9,
+        max_bytes=10**8,
+        offline=True,
+        allow_private=False,
+    )
 
 
 def _adapters(library: LoraLibrary, model: str, *pairs: tuple[str, float]) -> tuple[Adapter, ...]:
@@ -37,10 +47,18 @@ def _adapters(library: LoraLibrary, model: str, *pairs: tuple[str, float]) -> tu
     return asyncio.run(library.resolve([LoraRequest(s, w, "loras") for s, w in pairs], spec))
 
 
-def _run(engine: DiffusersEngine, loras: tuple[Adapter, ...] = (), model: str = "flux-2-klein-4b", seed: int = 5,
-         prompt: str = "a lighthouse") -> np.ndarray:  # type: ignore[type-arg]  # fmt: skip
-    spec = ModelRegistry.default().get(model).make_spec(prompt=prompt, width=256, height=256, seed=seed, steps=3,
-                                                        loras=loras)  # fmt: skip
+def _run(
+    engine: DiffusersEngine,
+    loras: tuple[Adapter, ...] = (),
+    model: str = "flux-2-klein-4b",
+    seed: int = 5,
+    prompt: str = "a lighthouse",
+) -> np.ndarray:  # type: ignore[type-arg]
+    spec = (
+        ModelRegistry.default()
+        .get(model)
+        .make_spec(prompt=prompt, width=256, height=256, seed=seed, steps=3, loras=loras)
+    )
     [[img]] = engine.generate([EngineRequest(spec)], lambda d, t, p: None)
     return np.asarray(img, dtype=np.int16)
 
@@ -117,14 +135,18 @@ def test_flux1_adapters_on_flux_dev(engine: DiffusersEngine, library: LoraLibrar
     assert np.array_equal(_run(engine, model="flux-dev"), base)
     # img2img shares the text-to-image transformer: its adapters come and go with the same slots.
     init = Image.new("RGB", (256, 256), (120, 60, 30))
-    spec = ModelRegistry.default().get("flux-dev").make_spec(prompt="a lighthouse", width=256, height=256, seed=5,
-                                                             steps=3, images=("in/0.png",), loras=flux1)  # fmt: skip
+    spec = (
+        ModelRegistry.default()
+        .get("flux-dev")
+        .make_spec(prompt="a lighthouse", width=256, height=256, seed=5, steps=3, images=("in/0.png",), loras=flux1)
+    )
     engine.generate([EngineRequest(spec, images=[init])], lambda d, t, p: None)
     assert np.array_equal(_run(engine, model="flux-dev"), base)
 
 
-def test_an_evicted_or_unfitting_file_fails_the_job_clearly(engine: DiffusersEngine, library: LoraLibrary,
-                                                             tmp_path: Path) -> None:  # fmt: skip
+def test_an_evicted_or_unfitting_file_fails_the_job_clearly(
+    engine: DiffusersEngine, library: LoraLibrary, tmp_path: Path
+) -> None:
     [style] = _adapters(library, "flux-2-klein-4b", ("klein-style", 1.0))
     gone = replace(style, digest="f" * 64, path=str(tmp_path / "gone.safetensors"))
     with pytest.raises(GenerationFailed, match="no longer on this server"):
@@ -141,8 +163,13 @@ def test_compiled_pipelines_hot_swap_adapters_without_recompiling(
     from fluxserve.engine.speed import SpeedOptions
 
     speed = SpeedOptions(compile=True, warmup_sizes=((256, 256),), lora_hotswap_rank=8)
-    compiled = DiffusersEngine(ModelRegistry.demo(demo_model_dir).only(["flux-2-klein-4b"]), device="cpu",
-                               local_files_only=True, speed=speed, lora_slots=2)  # fmt: skip
+    compiled = DiffusersEngine(
+        ModelRegistry.demo(demo_model_dir).only(["flux-2-klein-4b"]),
+        device="cpu",
+        local_files_only=True,
+        speed=speed,
+        lora_slots=2,
+    )
     compiled.load()  # compiles in the warm-up, with the (empty) hot-swap slots in the graph
     style = _adapters(library, "flux-2-klein-4b", ("klein-style", 1.0))
     hero = _adapters(library, "flux-2-klein-4b", ("characters/klein-hero", 0.5))

@@ -63,8 +63,9 @@ def test_local_names_files_and_folders(lora_dir: Path, tmp_path: Path) -> None:
         ("http://169.254.169.254/latest", KLEIN, "invalid_lora_url", ["public"]),
     ],
 )
-def test_refused_adapters_say_why(lora_dir: Path, tmp_path: Path, source: str, model: Any, code: str,
-                                  words: list[str]) -> None:  # fmt: skip
+def test_refused_adapters_say_why(
+    lora_dir: Path, tmp_path: Path, source: str, model: Any, code: str, words: list[str]
+) -> None:
     with pytest.raises(InvalidInput) as err:
         _resolve(_library(lora_dir, tmp_path), source, model)
     assert err.value.param == "loras[0].path" and err.value.code == code, err.value.message
@@ -74,9 +75,14 @@ def test_refused_adapters_say_why(lora_dir: Path, tmp_path: Path, source: str, m
 def test_urls_are_fetched_once_per_content_and_the_cache_evicts_the_least_recent(
     lora_dir: Path, tmp_path: Path
 ) -> None:
-    files = {f"/{p.name}": p.read_bytes() for p in (lora_dir / "klein-style.safetensors",
-                                                    lora_dir / "characters/klein-hero/pytorch_lora_weights.safetensors",
-                                                    lora_dir / "pickled.bin")}  # fmt: skip
+    files = {
+        f"/{p.name}": p.read_bytes()
+        for p in (
+            lora_dir / "klein-style.safetensors",
+            lora_dir / "characters/klein-hero/pytorch_lora_weights.safetensors",
+            lora_dir / "pickled.bin",
+        )
+    }
     hits: list[str] = []
 
     class Handler(BaseHTTPRequestHandler):
@@ -108,8 +114,9 @@ def test_urls_are_fetched_once_per_content_and_the_cache_evicts_the_least_recent
             _resolve(small, f"{base}/klein-style.safetensors")
         # An unwritable cache (a full disk takes the same path): 503, the request was fine.
         (tmp_path / "blocked").write_text("a file where the cache folder should be")
-        unwritable = LoraLibrary(None, tmp_path / "blocked" / "cache", cache_bytes=10**9, max_bytes=10**8,
-                                 offline=True, allow_private=True)  # fmt: skip
+        unwritable = LoraLibrary(
+            None, tmp_path / "blocked" / "cache", cache_bytes=10**9, max_bytes=10**8, offline=True, allow_private=True
+        )
         with pytest.raises(StoreUnavailable, match="could not store the adapter"):
             _resolve(unwritable, f"{base}/klein-style.safetensors")
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".fetch-")]
@@ -130,8 +137,11 @@ def _wait_spec(client: TestClient, fake: FakeEngine, job_id: str) -> Any:
 
 
 def test_every_dialect_takes_adapters(client: TestClient, fake_engine: FakeEngine, lora_dir: Path) -> None:
-    body = {"model": "flux-2-klein-4b", "prompt": "p", "loras": [{"path": "klein-style", "scale": 0.7},
-                                                                  {"path": "characters/klein-hero"}]}  # fmt: skip
+    body = {
+        "model": "flux-2-klein-4b",
+        "prompt": "p",
+        "loras": [{"path": "klein-style", "scale": 0.7}, {"path": "characters/klein-hero"}],
+    }
     assert client.post("/v1/images/generations", json=body, headers=AUTH).status_code == 200
     spec = fake_engine.last_spec
     assert [(a.source, a.scale) for a in spec.loras] == [("klein-style", 0.7), ("characters/klein-hero", 1.0)]
@@ -145,17 +155,26 @@ def test_every_dialect_takes_adapters(client: TestClient, fake_engine: FakeEngin
     spec = _wait_spec(client, fake_engine, resp.json()["id"])
     assert [(a.source, a.scale) for a in spec.loras] == [("flux1-style", 1.5)]
     for name, model in [("flux-dev-lora", "flux-dev"), ("flux-schnell-lora", "flux-schnell")]:
-        inp = {"prompt": "p", "lora_weights": "flux1-style", "lora_scale": 0.8,
-               "extra_lora": "flux1-style.safetensors", "extra_lora_scale": 0.2}  # fmt: skip
-        resp = client.post(f"/v1/models/black-forest-labs/{name}/predictions", headers={**AUTH, "Prefer": "wait=30"},
-                           json={"input": inp})  # fmt: skip
+        inp = {
+            "prompt": "p",
+            "lora_weights": "flux1-style",
+            "lora_scale": 0.8,
+            "extra_lora": "flux1-style.safetensors",
+            "extra_lora_scale": 0.2,
+        }
+        resp = client.post(
+            f"/v1/models/black-forest-labs/{name}/predictions",
+            headers={**AUTH, "Prefer": "wait=30"},
+            json={"input": inp},
+        )
         assert resp.status_code == 201 and resp.json()["status"] == "succeeded", resp.text
         spec = fake_engine.last_spec
         assert spec.model == model and [a.scale for a in spec.loras] == [0.8, 0.2]
         assert "Using LoRA flux1-style" in resp.json()["logs"]
     klein = {"input": {"prompt": "p", "lora_weights": "klein-style"}}
-    resp = client.post("/v1/models/black-forest-labs/flux-2-klein-4b/predictions", json=klein,
-                       headers={**AUTH, "Prefer": "wait=30"})  # fmt: skip
+    resp = client.post(
+        "/v1/models/black-forest-labs/flux-2-klein-4b/predictions", json=klein, headers={**AUTH, "Prefer": "wait=30"}
+    )
     assert resp.status_code == 201 and fake_engine.last_spec.loras[0].source == "klein-style"
 
 
@@ -233,8 +252,7 @@ def test_bad_adapter_requests(client: TestClient, path: str, body: dict[str, Any
 
 def test_edit_form_loras_must_be_json(client: TestClient) -> None:
     form = {"model": "flux-2-klein-4b", "prompt": "p", "loras": "klein-style"}
-    resp = client.post("/v1/images/edits", data=form, files=[("image", ("a.png", _png(), "image/png"))],
-                       headers=AUTH)  # fmt: skip
+    resp = client.post("/v1/images/edits", data=form, files=[("image", ("a.png", _png(), "image/png"))], headers=AUTH)
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "loras"
 
 
@@ -264,11 +282,13 @@ def test_compiled_servers_take_adapters_only_through_hot_swap_slots(
 ) -> None:
     body = {"model": "flux-2-klein-4b", "prompt": "p", "loras": [{"path": "klein-style"}]}
     for rank, status, code in [(0, 400, "loras_unavailable"), (4, 400, "invalid_lora"), (8, 200, None)]:
-        settings = Settings(data_dir=tmp_path / f"d{rank}", api_key=API_KEY, lora_dir=lora_dir, compile=True,
-                            lora_max_rank=rank)  # fmt: skip
+        settings = Settings(
+            data_dir=tmp_path / f"d{rank}", api_key=API_KEY, lora_dir=lora_dir, compile=True, lora_max_rank=rank
+        )
         with TestClient(create_app(settings, engine=fake_engine)) as client:
-            resp = client.post("/v1/images/generations", json={**body, "loras": [{"path": "characters/klein-hero"}]},
-                               headers=AUTH)  # fmt: skip
+            resp = client.post(
+                "/v1/images/generations", json={**body, "loras": [{"path": "characters/klein-hero"}]}, headers=AUTH
+            )
             assert resp.status_code == status, resp.text
             if code:
                 assert resp.json()["error"]["code"] == code and resp.json()["error"]["param"] == "loras[0].path"

@@ -86,8 +86,12 @@ def test_usage_per_key_model_and_day(settings: Settings) -> None:
         for n in (2, 1):
             body = {"prompt": "u", "size": "512x512", "n": n}
             assert client.post("/v1/images/generations", json=body, headers=AUTH).status_code == 200
-        assert client.post("/v1/images/generations", json={"prompt": "u", "model": "flux-schnell"},
-                           headers=other_auth).status_code == 200  # fmt: skip
+        assert (
+            client.post(
+                "/v1/images/generations", json={"prompt": "u", "model": "flux-schnell"}, headers=other_auth
+            ).status_code
+            == 200
+        )
         mine = client.get("/v1/usage", headers=AUTH).json()
         assert [(r["model"], r["jobs"], r["images"]) for r in mine["data"]] == [("flux", 2, 3)]
         assert mine["data"][0]["megapixels"] == round(3 * 512 * 512 / 1e6, 3) and mine["data"][0]["worker_seconds"] > 0

@@ -67,8 +67,10 @@ def test_guidance_range_is_the_models() -> None:
     with pytest.raises(InvalidInput, match=r"between 1\.5 and 10 for flux-2-flex") as err:
         reg.get("flux-2-flex").make_spec(prompt="p", width=512, height=512, guidance=1.0, params={"guidance": "g"})
     assert err.value.param == "g"
-    assert reg.get("flux-fill").make_spec(prompt="p", width=512, height=512, guidance=60, images=("a",),
-                                          mask="m").guidance == 60  # fmt: skip
+    assert (
+        reg.get("flux-fill").make_spec(prompt="p", width=512, height=512, guidance=60, images=("a",), mask="m").guidance
+        == 60
+    )
     # Models without guidance take none, whatever is sent (clients send it to every model).
     assert reg.get("flux-2-klein-4b").make_spec(prompt="p", width=512, height=512, guidance=50).guidance is None
 

@@ -13,8 +13,8 @@ from fastapi.testclient import TestClient
 from obstore.store import MemoryStore
 
 from fluxserve.app import create_app
-from fluxserve.objectstore import S3Storage, expires_in
 from fluxserve.settings import Settings
+from fluxserve.storage.s3 import S3Storage, expires_in
 from tests.conftest import AUTH
 from tests.support.fakes import FakeEngine
 from tests.support.s3 import S3Server
@@ -69,8 +69,12 @@ def test_the_app_stores_and_hands_out_images_through_s3(
 ) -> None:
     for k, v in s3_server.env().items():
         monkeypatch.setenv(k, v)
-    settings = Settings(data_dir=tmp_path / "data", api_key="test-key-0123456789", storage=f"s3://{s3_server.bucket()}/fs",
-                        s3_endpoint_url=s3_server.endpoint)  # fmt: skip
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        api_key="test-key-0123456789",
+        storage=f"s3://{s3_server.bucket()}/fs",
+        s3_endpoint_url=s3_server.endpoint,
+    )
     with TestClient(create_app(settings, engine=FakeEngine())) as client:
         body = {"model": "flux-schnell", "prompt": "p", "size": "256x256"}
         url = client.post("/v1/images/generations", json=body, headers=AUTH).json()["data"][0]["url"]
@@ -80,8 +84,12 @@ def test_the_app_stores_and_hands_out_images_through_s3(
         b64 = client.post("/v1/images/generations", json=body | {"response_format": "b64_json"}, headers=AUTH)
         assert base64.b64decode(b64.json()["data"][0]["b64_json"]).startswith(b"\x89PNG")
         # An edit: the input goes to the object store, the worker reads it back from there.
-        edit = client.post("/v1/images/edits", data={"model": "flux-kontext-pro", "prompt": "p"},
-                           files={"image": ("in.png", image.content, "image/png")}, headers=AUTH)  # fmt: skip
+        edit = client.post(
+            "/v1/images/edits",
+            data={"model": "flux-kontext-pro", "prompt": "p"},
+            files={"image": ("in.png", image.content, "image/png")},
+            headers=AUTH,
+        )
         assert edit.status_code == 200, edit.text
         # Object stores hand out their own URLs: the local /files route has nothing to serve.
         key = url.split("/fs/", 1)[1].split("?", 1)[0]
@@ -96,14 +104,19 @@ def test_an_unreachable_store_is_a_503_with_retry_after_and_no_job(
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDNOTHING")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "nothing")
     dead = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
-    settings = Settings(data_dir=tmp_path / "data", api_key="test-key-0123456789", storage="s3://b/fs",
-                        s3_endpoint_url=dead)  # fmt: skip
+    settings = Settings(
+        data_dir=tmp_path / "data", api_key="test-key-0123456789", storage="s3://b/fs", s3_endpoint_url=dead
+    )
     with TestClient(create_app(settings, engine=FakeEngine())) as client:
         png = base64.b64decode(
             "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
         )
-        edit = client.post("/v1/images/edits", data={"model": "flux-kontext-pro", "prompt": "p"},
-                           files={"image": ("in.png", png, "image/png")}, headers=AUTH)  # fmt: skip
+        edit = client.post(
+            "/v1/images/edits",
+            data={"model": "flux-kontext-pro", "prompt": "p"},
+            files={"image": ("in.png", png, "image/png")},
+            headers=AUTH,
+        )
         assert edit.status_code == 503 and edit.headers["Retry-After"], edit.text
         assert edit.json()["error"]["code"] == "storage_unavailable"
         assert client.get("/v1/predictions", headers=AUTH).json()["results"] == []

@@ -103,8 +103,17 @@ def test_a1111_as_open_webui_calls_it(client: TestClient, fake_engine: Any) -> N
     )
     assert client.get("/sdapi/v1/options", headers=_basic()).json()["sd_model_checkpoint"] == "flux-dev"
     # Open WebUI's txt2img body (backend/open_webui/routers/images.py): prompt, batch_size, width, height, steps...
-    body = {"prompt": "a fox", "batch_size": 2, "width": 512, "height": 256, "steps": 10, "negative_prompt": "blurry",
-            "cfg_scale": 4.5, "sampler_name": "Euler a", "seed": 42}  # fmt: skip
+    body = {
+        "prompt": "a fox",
+        "batch_size": 2,
+        "width": 512,
+        "height": 256,
+        "steps": 10,
+        "negative_prompt": "blurry",
+        "cfg_scale": 4.5,
+        "sampler_name": "Euler a",
+        "seed": 42,
+    }
     got = client.post("/sdapi/v1/txt2img", json=body, headers=_basic())
     assert got.status_code == 200, got.text
     answer = got.json()
@@ -120,10 +129,14 @@ def test_a1111_as_open_webui_calls_it(client: TestClient, fake_engine: Any) -> N
     img = base64.b64encode(png_bytes((256, 256))).decode()
     i2i = client.post(
         "/sdapi/v1/img2img",
-        json={"prompt": "night", "init_images": [img], "denoising_strength": 0.4,
-              "override_settings": {"sd_model_checkpoint": "flux-schnell"}},
+        json={
+            "prompt": "night",
+            "init_images": [img],
+            "denoising_strength": 0.4,
+            "override_settings": {"sd_model_checkpoint": "flux-schnell"},
+        },
         headers=AUTH,
-    )  # fmt: skip
+    )
     assert i2i.status_code == 200, i2i.text
     assert (fake_engine.last_spec.task, fake_engine.last_spec.strength) == ("img2img", 0.4)
     assert client.post("/sdapi/v1/interrupt", headers=AUTH).status_code == 200
@@ -156,10 +169,17 @@ FAL_KEY = {"Authorization": f"Key {API_KEY}"}
 def test_fal_queue_submit_status_result(client: TestClient, fake_engine: Any) -> None:
     created = client.post(
         "/fal-ai/flux/dev",
-        json={"prompt": "a fox", "image_size": "landscape_16_9", "num_inference_steps": 12, "guidance_scale": 4,
-              "num_images": 2, "seed": 9, "output_format": "png"},
+        json={
+            "prompt": "a fox",
+            "image_size": "landscape_16_9",
+            "num_inference_steps": 12,
+            "guidance_scale": 4,
+            "num_images": 2,
+            "seed": 9,
+            "output_format": "png",
+        },
         headers=FAL_KEY,
-    )  # fmt: skip
+    )
     assert created.status_code == 200, created.text
     sub = created.json()
     assert set(sub) >= {"request_id", "status_url", "response_url", "cancel_url"}
@@ -210,8 +230,12 @@ def test_fal_errors_name_the_field(client: TestClient) -> None:
 def test_replicate_files_bad_input_and_ownership(client: TestClient, settings: Any) -> None:
     from fluxserve.auth import create_key
 
-    up = client.post("/v1/files", files={"content": ("a.png", png_bytes((64, 64)), "image/png")},
-                     data={"metadata": '{"k": 1}'}, headers=AUTH)  # fmt: skip
+    up = client.post(
+        "/v1/files",
+        files={"content": ("a.png", png_bytes((64, 64)), "image/png")},
+        data={"metadata": '{"k": 1}'},
+        headers=AUTH,
+    )
     assert up.status_code == 201, up.text
     made = up.json()
     assert made["metadata"] == {"k": 1} and made["content_type"] == "image/png" and made["expires_at"]

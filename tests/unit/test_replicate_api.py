@@ -47,8 +47,21 @@ def test_create_is_201_with_the_full_prediction(client: TestClient) -> None:
     resp = client.post(SCHNELL, json={"input": {"prompt": "a cat", "num_outputs": 2}}, headers=AUTH)
     assert resp.status_code == 201, resp.text
     p = resp.json()
-    assert {"id", "model", "version", "input", "output", "logs", "error", "status", "created_at", "started_at",
-            "completed_at", "metrics", "urls"} <= set(p)  # fmt: skip
+    assert {
+        "id",
+        "model",
+        "version",
+        "input",
+        "output",
+        "logs",
+        "error",
+        "status",
+        "created_at",
+        "started_at",
+        "completed_at",
+        "metrics",
+        "urls",
+    } <= set(p)
     assert p["model"] == "black-forest-labs/flux-schnell" and p["input"] == {"prompt": "a cat", "num_outputs": 2}
     assert p["status"] in ("starting", "processing", "succeeded")
     assert set(p["urls"]) == {"get", "cancel", "stream"}
@@ -66,8 +79,11 @@ def test_output_shape_per_model(client: TestClient) -> None:
         ("flux-1.1-pro", False),
         ("flux-kontext-max", False),
     ]:
-        resp = client.post(f"/v1/models/black-forest-labs/{name}/predictions", json={"input": {"prompt": "p"}},
-                           headers={**AUTH, "Prefer": "wait"})  # fmt: skip
+        resp = client.post(
+            f"/v1/models/black-forest-labs/{name}/predictions",
+            json={"input": {"prompt": "p"}},
+            headers={**AUTH, "Prefer": "wait"},
+        )
         assert resp.status_code == 201, resp.text
         assert resp.json()["status"] == "succeeded"
         assert isinstance(resp.json()["output"], list) is is_list, name
@@ -110,10 +126,12 @@ def test_bad_schnell_fields_are_422_naming_them(client: TestClient, inp: dict[st
 
 def test_bad_requests_per_model(client: TestClient) -> None:
     pro = "/v1/models/black-forest-labs/flux-pro/predictions"
-    for inp, field in [({"prompt": "p", "width": 1000, "aspect_ratio": "custom", "height": 512}, "input.width"),
-                       ({"prompt": "p", "aspect_ratio": "custom"}, "input.width"),
-                       ({"prompt": "p", "guidance": 11}, "input.guidance"),
-                       ({"prompt": "p", "image_prompt": "http://x"}, "input.image_prompt")]:  # fmt: skip
+    for inp, field in [
+        ({"prompt": "p", "width": 1000, "aspect_ratio": "custom", "height": 512}, "input.width"),
+        ({"prompt": "p", "aspect_ratio": "custom"}, "input.width"),
+        ({"prompt": "p", "guidance": 11}, "input.guidance"),
+        ({"prompt": "p", "image_prompt": "http://x"}, "input.image_prompt"),
+    ]:
         resp = client.post(pro, json={"input": inp}, headers=AUTH)
         assert resp.status_code == 422 and resp.json()["invalid_fields"][0]["field"] == field, resp.text
     kontext = "/v1/models/black-forest-labs/flux-kontext-pro/predictions"

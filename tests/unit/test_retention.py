@@ -14,7 +14,8 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from fluxserve.api.deps import Services
-from fluxserve.retention import parse_retention, sweep
+from fluxserve.durations import parse_retention
+from fluxserve.retention import sweep
 from fluxserve.settings import Settings
 from tests.conftest import AUTH
 from tests.support.images_util import png_bytes

@@ -49,6 +49,5 @@ schema = schemathesis.openapi.from_dict(
 @schema.parametrize()
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 def test_no_operation_answers_a_server_error(case: schemathesis.Case, served: str) -> None:
-    response = case.call(base_url=served, headers={"Authorization": f"Bearer {API_KEY}", "x-key": API_KEY},
-                         timeout=30)  # fmt: skip
+    response = case.call(base_url=served, headers={"Authorization": f"Bearer {API_KEY}", "x-key": API_KEY}, timeout=30)
     case.validate_response(response, checks=[not_a_server_error])

@@ -8,11 +8,11 @@ import torch
 from diffusers import FluxPipeline
 
 from fluxserve.engine.base import EngineRequest
-from fluxserve.engine.demo import demo_weights
 from fluxserve.engine.flux import DiffusersEngine
-from fluxserve.engine.speed import SpeedOptions, parse_cache, resolve_attention
+from fluxserve.engine.speed import SpeedOptions, resolve_attention
 from fluxserve.models import ModelRegistry
-from fluxserve.settings import Settings
+from fluxserve.models.demo import demo_weights
+from fluxserve.settings import Settings, parse_cache
 
 
 def _engine(demo: Path, speed: SpeedOptions) -> DiffusersEngine:
@@ -38,8 +38,15 @@ def test_default_mode_is_plain_diffusers_pixel_for_pixel(demo_model_dir: Path) -
         demo_weights(demo_model_dir, "text2img"), dtype=torch.float32, local_files_only=True
     )
     pipe.set_progress_bar_config(disable=True)
-    plain = pipe("a lighthouse", height=256, width=256, num_inference_steps=6, guidance_scale=3.5,
-                 generator=[torch.Generator("cpu").manual_seed(3)], max_sequence_length=512).images[0]  # fmt: skip
+    plain = pipe(
+        "a lighthouse",
+        height=256,
+        width=256,
+        num_inference_steps=6,
+        guidance_scale=3.5,
+        generator=[torch.Generator("cpu").manual_seed(3)],
+        max_sequence_length=512,
+    ).images[0]
     assert np.array_equal(ours, np.asarray(plain))
 
 

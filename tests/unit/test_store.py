@@ -246,8 +246,20 @@ def test_migrations_are_numbered_idempotent_and_upgrade_an_old_database(tmp_path
     assert upgrade(store.engine) == []
     assert current_version(store.engine) == LATEST
     columns = {c["name"] for c in inspect(store.engine).get_columns("jobs")}
-    added = {"previews", "webhook", "worker_id", "lease_expires_at", "images", "megapixels", "files_expired_at",
-             "encode_s", "pc_job_id", "route", "cost", "error_code"}  # fmt: skip
+    added = {
+        "previews",
+        "webhook",
+        "worker_id",
+        "lease_expires_at",
+        "images",
+        "megapixels",
+        "files_expired_at",
+        "encode_s",
+        "pc_job_id",
+        "route",
+        "cost",
+        "error_code",
+    }
     assert added <= columns
     key_columns = {c["name"] for c in inspect(store.engine).get_columns("api_keys")}
     assert {"max_queued", "rpm", "images_per_day"} <= key_columns
@@ -321,10 +333,16 @@ def test_one_receivers_backlog_never_fills_the_due_window(tmp_path: Path) -> Non
         for i, (receiver, due) in enumerate(rows):
             conn.execute(
                 webhook_deliveries.insert().values(
-                    msg_id=f"msg_{i}", job_id=f"job{i}", event="completed", receiver=receiver, state="pending",
-                    attempts=0, due_at=due, created_at=due,
+                    msg_id=f"msg_{i}",
+                    job_id=f"job{i}",
+                    event="completed",
+                    receiver=receiver,
+                    state="pending",
+                    attempts=0,
+                    due_at=due,
+                    created_at=due,
                 )
-            )  # fmt: skip
+            )
     due = store.due_deliveries(now + 1, limit=50)
     receivers = [r.receiver for r in due]
     assert "https://quiet.example:443" in receivers  # was left out: 80 older rows of one receiver came first

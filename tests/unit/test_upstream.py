@@ -18,10 +18,10 @@ from fluxserve.job import EventKind, Status
 from fluxserve.jobs import JobService
 from fluxserve.migrations import open_store
 from fluxserve.models import ModelRegistry
+from fluxserve.models.upstreams import parse_upstreams
 from fluxserve.store.keys import debit
 from fluxserve.upstream.base import Inputs, Rejected, Unavailable, call
 from fluxserve.upstream.bfl import BFL
-from fluxserve.upstream.config import parse_upstreams
 from fluxserve.upstream.fal import Fal
 from fluxserve.upstream.health import Health
 from fluxserve.upstream.openai import OpenAI
@@ -281,7 +281,7 @@ def test_spill_moves_only_waiting_local_jobs_once_and_failover_follows_the_fallb
 def test_upstream_worker_imports_no_torch() -> None:
     code = (
         "import sys; from fluxserve.upstream.worker import UpstreamWorker; import fluxserve.app; "
-        "import fluxserve.queue.runner; assert 'torch' not in sys.modules, 'torch imported'"
+        "import fluxserve.queue.pg.runner; assert 'torch' not in sys.modules, 'torch imported'"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -94,11 +94,13 @@ def _bfl(polls_pending: int = 1) -> Upstream:
             return httpx.Response(200, json={"id": "t1", "status": "Pending"})
         return httpx.Response(200, json={"id": "t1", "status": "Ready", "result": {"sample": f"{UP}/files/t1.png"}})
 
-    return Upstream({
-        ("POST", "/v1/flux-pro"): _json(200, {"id": "t1", "polling_url": f"{UP}/v1/get_result?id=t1"}),
-        ("GET", "/v1/get_result"): poll,
-        ("GET", "/files/t1.png"): _png,
-    })  # fmt: skip
+    return Upstream(
+        {
+            ("POST", "/v1/flux-pro"): _json(200, {"id": "t1", "polling_url": f"{UP}/v1/get_result?id=t1"}),
+            ("GET", "/v1/get_result"): poll,
+            ("GET", "/files/t1.png"): _png,
+        }
+    )
 
 
 def test_bfl_task_submitted_once_polled_and_copied_into_our_storage(core: Any, tmp_path: Path) -> None:
@@ -170,8 +172,12 @@ def test_an_idempotent_upstream_gets_the_lost_submit_again_with_the_same_key(cor
 
 def test_5xx_retried_then_failed_over_4xx_failed_once(core: Any, tmp_path: Path) -> None:
     jobs, _ = core
-    up = Upstream({("POST", "/v1/flux-pro"): _json(503, {"detail": "busy"}),
-                   ("POST", "/v1/flux-kontext-pro"): _json(400, {"detail": "Prompt refused"})})  # fmt: skip
+    up = Upstream(
+        {
+            ("POST", "/v1/flux-pro"): _json(503, {"detail": "busy"}),
+            ("POST", "/v1/flux-kontext-pro"): _json(400, {"detail": "Prompt refused"}),
+        }
+    )
     worker = _worker(core, _registry(tmp_path, "bfl"), up)
     pro = _job(jobs)
     worker.run_claimed(pro.id)
@@ -195,11 +201,13 @@ def test_a_cancel_while_polling_cancels_the_upstream_prediction(core: Any, tmp_p
         jobs.cancel_sync(holder["job"].id, "o")  # the client cancels while the task runs upstream
         return httpx.Response(200, json={"id": "p1", "status": "processing"})
 
-    up = Upstream({
-        ("POST", "/v1/models/black-forest-labs/flux-pro/predictions"): _json(201, {"id": "p1"}),
-        ("GET", "/v1/predictions/p1"): poll,
-        ("POST", "/v1/predictions/p1/cancel"): _json(200, {"id": "p1", "status": "canceled"}),
-    })  # fmt: skip
+    up = Upstream(
+        {
+            ("POST", "/v1/models/black-forest-labs/flux-pro/predictions"): _json(201, {"id": "p1"}),
+            ("GET", "/v1/predictions/p1"): poll,
+            ("POST", "/v1/predictions/p1/cancel"): _json(200, {"id": "p1", "status": "canceled"}),
+        }
+    )
     worker = _worker(core, _registry(tmp_path, "replicate"), up)
     holder["job"] = _job(jobs)
     worker.run_claimed(holder["job"].id)
@@ -210,23 +218,27 @@ def test_a_cancel_while_polling_cancels_the_upstream_prediction(core: Any, tmp_p
 
 def test_replicate_fal_and_openai_results(core: Any, tmp_path: Path) -> None:
     jobs, storage = core
-    rep = Upstream({
-        ("POST", "/v1/models/black-forest-labs/flux-pro/predictions"): _json(201, {"id": "p1"}),
-        ("GET", "/v1/predictions/p1"): _json(200, {"status": "succeeded", "output": f"{UP}/o.png"}),
-        ("GET", "/o.png"): _png,
-    })  # fmt: skip
+    rep = Upstream(
+        {
+            ("POST", "/v1/models/black-forest-labs/flux-pro/predictions"): _json(201, {"id": "p1"}),
+            ("GET", "/v1/predictions/p1"): _json(200, {"status": "succeeded", "output": f"{UP}/o.png"}),
+            ("GET", "/o.png"): _png,
+        }
+    )
     fal_state = {"n": 0}
 
     def fal_status(_: httpx.Request) -> httpx.Response:
         fal_state["n"] += 1
         return httpx.Response(200, json={"status": "IN_PROGRESS" if fal_state["n"] == 1 else "COMPLETED"})
 
-    fal = Upstream({
-        ("POST", "/fal-ai/flux-pro"): _json(200, {"request_id": "r1"}),
-        ("GET", "/fal-ai/flux-pro/requests/r1/status"): fal_status,
-        ("GET", "/fal-ai/flux-pro/requests/r1"): _json(200, {"images": [{"url": f"{UP}/f.png"}]}),
-        ("GET", "/f.png"): _png,
-    })  # fmt: skip
+    fal = Upstream(
+        {
+            ("POST", "/fal-ai/flux-pro"): _json(200, {"request_id": "r1"}),
+            ("GET", "/fal-ai/flux-pro/requests/r1/status"): fal_status,
+            ("GET", "/fal-ai/flux-pro/requests/r1"): _json(200, {"images": [{"url": f"{UP}/f.png"}]}),
+            ("GET", "/f.png"): _png,
+        }
+    )
     b64 = __import__("base64").b64encode(png_bytes((64, 64))).decode()
     oai = Upstream(
         {("POST", "/v1/images/generations"): lambda r: httpx.Response(200, json={"data": [{"b64_json": b64}]})}

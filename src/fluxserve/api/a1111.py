@@ -26,12 +26,21 @@ from .bodylimit import IMAGE_JSON_BODY_BYTES, JSON_BODY_BYTES
 from .deps import Services, ServicesDep, owner_for_key
 from .dialect import Dialect
 from .errors import field_details, http_status, json_body, read_json
-from .inputs import Inputs, image_from_value, known_fields, submit
+from .inputs import Inputs, known_fields, submit
 from .openai_schemas import DEFAULT_MODEL
+from .uploads import image_from_value
 
 router = APIRouter(prefix="/sdapi/v1")
-_PARAMS = {"prompt": "prompt", "size": "width", "height": "height", "steps": "steps", "guidance": "cfg_scale",
-           "seed": "seed", "image": "init_images", "strength": "denoising_strength"}  # fmt: skip
+_PARAMS = {
+    "prompt": "prompt",
+    "size": "width",
+    "height": "height",
+    "steps": "steps",
+    "guidance": "cfg_scale",
+    "seed": "seed",
+    "image": "init_images",
+    "strength": "denoising_strength",
+}
 
 
 async def require_owner_basic(request: Request) -> str:
@@ -205,10 +214,16 @@ async def skip(services: ServicesDep, owner: str = Owner) -> Response:
 @router.get("/sd-models")
 async def sd_models(services: ServicesDep, _owner: str = Owner) -> list[dict[str, Any]]:
     return [
-        {"title": m.name, "model_name": m.name, "hash": None, "sha256": None, "filename": m.weights or m.upstream,
-         "config": None}
+        {
+            "title": m.name,
+            "model_name": m.name,
+            "hash": None,
+            "sha256": None,
+            "filename": m.weights or m.upstream,
+            "config": None,
+        }
         for m in services.registry
-    ]  # fmt: skip
+    ]
 
 
 @router.get("/options")

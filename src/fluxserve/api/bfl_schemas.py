@@ -11,7 +11,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from ..errors import InvalidInput
-from ..models import FLUX3_MAX_IMAGES, ModelSpec
+from ..models import ModelSpec
+from ..models.families import KINDS
 from ..spec import GenerationSpec, ratio_size
 from .deps import Services
 from .inputs import Inputs, image_and_size
@@ -144,7 +145,7 @@ class _FlexBase(_Flux2Base):
 Flux2ProInputs = _flux2_schema("Flux2ProInputs", 8)
 Flux2FlexInputs = _flux2_schema("Flux2FlexInputs", 8, _FlexBase)
 Flux2KleinInputs = _flux2_schema("Flux2KleinInputs", 4)
-Flux3Inputs = _flux2_schema("Flux3Inputs", FLUX3_MAX_IMAGES, _FlexBase)
+Flux3Inputs = _flux2_schema("Flux3Inputs", KINDS["flux3"].max_images, _FlexBase)
 
 ENDPOINTS: dict[str, tuple[str, type[_Common]]] = {
     "flux-dev": ("flux-dev", DevInputs),

@@ -25,7 +25,8 @@ from ..webhooks import check_webhook_url
 from .deps import Services, ServicesDep, owner_for_key
 from .dialect import Dialect, images_at
 from .errors import json_body, read_json, render_bfl
-from .inputs import Inputs, LoraItem, images_from_values, known_fields, lora_items, resolve_loras, submit
+from .inputs import Inputs, LoraItem, known_fields, lora_items, resolve_loras, submit
+from .uploads import images_from_values
 
 router = APIRouter(prefix="/fal-ai")
 WEBHOOKS = WebhookRules(on={k: ("completed",) for k in EventKind if k.is_ending})
@@ -56,8 +57,14 @@ SIZES = {
     "landscape_4_3": (1024, 768),
     "landscape_16_9": (1024, 576),
 }
-_PARAMS = {"size": "image_size", "height": "image_size.height", "steps": "num_inference_steps",
-           "guidance": "guidance_scale", "image": "image_url", "strength": "strength"}  # fmt: skip
+_PARAMS = {
+    "size": "image_size",
+    "height": "image_size.height",
+    "steps": "num_inference_steps",
+    "guidance": "guidance_scale",
+    "image": "image_url",
+    "strength": "strength",
+}
 
 
 async def require_owner_key(request: Request) -> str:

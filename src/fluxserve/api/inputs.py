@@ -15,13 +15,14 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from ..errors import InvalidInput, PayloadTooLarge
-from ..images import MAX_IMAGE_BYTES, check_pixel_budget, decode_base64, decode_image_async, fetch_image_bytes
+from ..images import MAX_IMAGE_BYTES
 from ..job import Job
 from ..loras import LoraRequest, check_requests
 from ..models import ModelSpec
 from ..spec import MEGAPIXELS, Adapter, GenerationSpec, aspect_ratio_size, fit_megapixel
 from ..storage import Storage
 from .deps import Services, idempotency_key
+from .uploads import images_from_values
 
 
 def known_fields(body: BaseModel, *, exclude: Collection[str] = (), exclude_unset: bool = False) -> dict[str, Any]:
@@ -49,36 +50,6 @@ async def read_upload(value: object, *, param: str, max_bytes: int = MAX_IMAGE_B
     if len(data) > max_bytes:
         raise PayloadTooLarge(f"{param} is larger than {max_bytes} bytes.", param=param, code="image_too_large")
     return data
-
-
-async def _value_bytes(value: str, services: Services, *, param: str) -> bytes:
-    """An http(s) URL, a data: URL, or bare base64 (as BFL clients send); a file the caller uploaded
-    (Replicate's files API) by its URL is read from our storage."""
-    from .replicate_files import read_own_file
-
-    own = await read_own_file(services, value, param=param)
-    if own is not None:
-        return own
-    if value.startswith(("http://", "https://", "data:")) or "://" in value[:16]:
-        return await fetch_image_bytes(value, param=param, allow_private=services.settings.allow_private_urls)
-    return decode_base64(value, param=param)
-
-
-async def image_from_value(value: str, services: Services, *, param: str) -> Image.Image:
-    data = await _value_bytes(value, services, param=param)
-    return await decode_image_async(data, param=param, slots=services.decode_slots)
-
-
-async def images_from_values(values: list[tuple[str, str]], services: Services) -> list[Image.Image]:
-    """Every (param, value) image of a JSON request, within the per-request pixel budget (judged from
-    the headers, before anything is decoded), as multipart edits are."""
-    blobs = [await _value_bytes(value, services, param=param) for param, value in values]
-    if len(blobs) > 1:
-        check_pixel_budget(blobs, param=values[0][0])
-    return [
-        await decode_image_async(b, param=p, slots=services.decode_slots)
-        for (p, _), b in zip(values, blobs, strict=True)
-    ]
 
 
 @dataclass

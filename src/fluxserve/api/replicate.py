@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import json
-import math
-import re
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -16,6 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from .. import durations
 from ..errors import Forbidden, InvalidInput, NotFound
 from ..job import EventKind, Job, Status
 from ..store import WebhookRules
@@ -26,6 +24,7 @@ from .deps import OwnerDep, Services, ServicesDep, require_owner
 from .dialect import Dialect
 from .errors import inline_schema, json_body, read_json, render_replicate
 from .inputs import elide_inline_images, submit
+from .paging import decode_cursor, encode_cursor
 from .replicate_schemas import MODELS, ModelPredictionRequest, PredictionRequest
 
 router = APIRouter(prefix="/v1")
@@ -108,20 +107,17 @@ def render(services: Services, job: Job) -> dict[str, Any]:
     }
 
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
 MAX_DURATION_S = 7 * 24 * 3600  # a deadline beyond a week means nothing to a queue; huge ones overflow dates
 
 
 def parse_duration(value: str, *, param: str) -> float:
     """Go-style durations as Replicate takes them: '30s', '5m', '1h30m', '1.5s', '500ms'."""
-    text = value.strip()
-    parts = _DURATION.findall(text)
-    if not parts or "".join(n + u for n, u in parts) != text:
-        raise InvalidInput(f"{param} must be a duration such as '30s', '5m' or '1h30m'; got {value!r}.", param=param)
-    seconds = sum(float(n) * _UNITS[u] for n, u in parts)
+    try:
+        seconds = durations.parse_duration(value)
+    except ValueError:
+        raise InvalidInput(
+            f"{param} must be a duration such as '30s', '5m' or '1h30m'; got {value!r}.", param=param
+        ) from None
     if seconds <= 0:
         raise InvalidInput(f"{param} must be positive.", param=param)
     if seconds > MAX_DURATION_S:
@@ -312,22 +308,6 @@ async def list_predictions(services: ServicesDep, owner: OwnerDep, cursor: str |
         last = page[-1]
         next_url = f"{services.settings.base_url}/v1/predictions?cursor={encode_cursor(last.created_at, last.id)}"
     return {"previous": None, "next": next_url, "results": [render(services, j) for j in page]}
-
-
-def encode_cursor(created: float, item_id: str) -> str:
-    return base64.urlsafe_b64encode(json.dumps([created, item_id]).encode()).decode()
-
-
-def decode_cursor(cursor: str) -> tuple[float, str]:
-    try:
-        created, job_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-        if isinstance(created, bool) or not isinstance(created, int | float) or not isinstance(job_id, str):
-            raise TypeError("not a (created, id) pair")
-        if not math.isfinite(created):
-            raise ValueError("created is not finite")
-        return float(created), job_id
-    except (ValueError, TypeError, OverflowError, RecursionError) as exc:  # 10**400; JSON nested 3000 deep
-        raise InvalidInput("cursor is not a cursor this server handed out.", param="cursor") from exc
 
 
 @router.get("/webhooks/default/secret")

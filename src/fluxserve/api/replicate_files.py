@@ -21,8 +21,9 @@ from fastapi.responses import Response
 from ..errors import InvalidInput, NotFound, UnsupportedMediaType
 from ..images import MAX_IMAGE_BYTES
 from ..store import StoredFile
-from .deps import OwnerDep, Services, ServicesDep, current_owner
+from .deps import OwnerDep, Services, ServicesDep
 from .inputs import read_upload
+from .paging import decode_cursor, encode_cursor
 
 router = APIRouter(prefix="/v1")
 PAGE_SIZE = 100
@@ -74,9 +75,17 @@ async def create_file(request: Request, services: ServicesDep, owner: OwnerDep) 
         await form.close()
     file_id = secrets.token_hex(12)
     stored = StoredFile(
-        file_id, owner, name, mime, len(data), hashlib.sha256(data).hexdigest(), hashlib.md5(data).hexdigest(),
-        metadata, f"uploads/{file_id}/content", time.time(),
-    )  # fmt: skip
+        file_id,
+        owner,
+        name,
+        mime,
+        len(data),
+        hashlib.sha256(data).hexdigest(),
+        hashlib.md5(data).hexdigest(),
+        metadata,
+        f"uploads/{file_id}/content",
+        time.time(),
+    )
     await services.jobs.run_slow(services.storage.put, stored.key, data)
     await services.jobs.run(services.store.add_file, stored)
     return render(services, stored)
@@ -91,8 +100,6 @@ async def _get(services: Services, owner: str, file_id: str) -> StoredFile:
 
 @router.get("/files")
 async def list_files(services: ServicesDep, owner: OwnerDep, cursor: str | None = None) -> dict[str, Any]:
-    from .replicate import decode_cursor, encode_cursor
-
     before = decode_cursor(cursor) if cursor else None
     rows = await services.jobs.run(lambda: services.store.list_files(owner, before=before, limit=PAGE_SIZE + 1))
     page = rows[:PAGE_SIZE]
@@ -121,15 +128,3 @@ async def delete_file(file_id: str, services: ServicesDep, owner: OwnerDep) -> R
         raise NotFound(f"No file with id {file_id!r}.", param="file_id")
     await services.jobs.run_slow(services.storage.delete, gone.key)
     return Response(status_code=204)
-
-
-async def read_own_file(services: Services, url: str, *, param: str) -> bytes | None:
-    """The bytes of a file URL of ours the caller owns; None when ``url`` is not one of our file URLs."""
-    prefix = f"{services.settings.base_url}/v1/files/"
-    if not url.startswith(prefix):
-        return None
-    file_id = url.removeprefix(prefix).split("/", 1)[0].split("?", 1)[0]
-    found = await services.jobs.run(services.store.get_file, current_owner.get() or "", file_id)
-    if found is None:
-        raise InvalidInput(f"{param}: no file {file_id!r} was uploaded with this API key.", param=param)
-    return await services.jobs.run_slow(services.storage.read, found.key)

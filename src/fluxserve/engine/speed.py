@@ -26,7 +26,6 @@ from typing import Any, Literal
 log = logging.getLogger(__name__)
 
 Offload = Literal["none", "model", "group", "auto"]
-DEFAULT_FBCACHE_THRESHOLD = 0.08
 _EXACT_BACKENDS = ("_flash_3", "flash")  # tried in this order by auto
 
 
@@ -54,28 +53,6 @@ class SpeedOptions:
         if "sage" in self.attention:
             modes.append(f"attention={self.attention}")
         return modes
-
-
-def parse_cache(value: str | None) -> float | None:
-    """'first-block' or 'first-block=0.12' -> threshold; None or 'none' -> off."""
-    if value is None or value in ("", "none", "off"):
-        return None
-    name, _, threshold = value.partition("=")
-    if name != "first-block":
-        raise ValueError(f"--cache must be 'first-block' or 'first-block=THRESHOLD'; got {value!r}")
-    t = float(threshold) if threshold else DEFAULT_FBCACHE_THRESHOLD
-    if not 0 < t < 1:
-        raise ValueError(f"first-block cache threshold must be between 0 and 1; got {t}")
-    return t
-
-
-def attention_backends() -> list[str]:
-    """``auto`` plus the names diffusers' attention dispatcher knows (empty without diffusers)."""
-    try:
-        from diffusers.models.attention_dispatch import AttentionBackendName
-    except ImportError:
-        return []
-    return ["auto", *(b.value for b in AttentionBackendName)]
 
 
 def resolve_attention(name: str, device: str) -> str:

@@ -1,8 +1,9 @@
 """Where queued jobs wait and who runs them, behind one seam (base.py).
 
-local.py: the jobs table, worker threads in this process (SQLite, one box). pg.py: procrastinate on
-PostgreSQL (runner.py: its workers, `fluxserve worker`; cluster.py: /health over the workers registry;
-listen.py: other nodes' changes). fairness.py: the one order both fetch in. ``build`` chooses, once.
+local.py: the jobs table, worker threads in this process (SQLite, one box). pg/: procrastinate on
+PostgreSQL (rows.py: its SQL; runner.py: its workers, `fluxserve worker`; cluster.py: /health over the
+workers registry); listen.py: other nodes' changes. store.fairness: the one order both fetch in.
+``build`` chooses, once.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ def build(settings: Settings, jobs: JobService) -> Queue:
     all call. Imports procrastinate only on PostgreSQL."""
     queue: Queue
     if settings.on_postgres:
+        from .base import Timing
         from .pg import PgQueue
-        from .runner import Timing
 
         queue = PgQueue(jobs.store, jobs, Timing(settings.lease_s, settings.shutdown_grace_s))
     else:

@@ -2,7 +2,7 @@
 
 Two implementations, chosen once by ``queue.build`` (the wiring every process runs): ``local.LocalQueue``
 (the jobs table itself, worker threads in this process; SQLite or one box) and ``pg.PgQueue``
-(procrastinate on PostgreSQL, workers in any process). The store calls the three hooks inside its own
+(procrastinate on PostgreSQL, workers in any process). The store calls its hooks (store.hooks) inside its own
 transactions, so a queue entry commits with its job row or neither does. A ``Worker`` only runs the job
 it is handed; ``concurrency`` is how many it runs at once (1 for a device, many for a remote one).
 """
@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine, Sequence
-from typing import Any, Literal, Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
-from sqlalchemy.engine import Connection
-
-from ..job import Job
-
-WorkerState = Literal["loading", "ready", "error", "stopped"]
+from ..job import Job, WorkerState
+from ..store.hooks import QueueHooks
 
 
 class Worker(Protocol):
@@ -28,9 +26,19 @@ class Worker(Protocol):
     state: WorkerState
     route: str | None  # the upstream it runs jobs on (upstream.worker.UpstreamWorker); None: a device
 
+    load_error: str | None
+    current_job: str | None
+
+    @property
+    def device(self) -> str: ...
+
     def load(self) -> bool: ...
     def models(self) -> list[str]: ...
+    def loaded_models(self) -> list[str]: ...
     def run_claimed(self, job_id: str, lock: Any = None, abort: Any = None) -> list[Job]: ...
+    def start_heartbeat(self) -> None: ...
+    def begin_stop(self) -> None: ...
+    def stop(self, timeout: float = 10.0) -> None: ...
 
 
 class Dispatcher(Protocol):
@@ -50,15 +58,6 @@ class Dispatcher(Protocol):
     def engine_info(self) -> dict[str, Any]: ...
 
 
-class QueueHooks(Protocol):
-    """What the store asks of its queue, inside the store's own transactions."""
-
-    def deferred(self, conn: Connection, job: Job, priority: int) -> None: ...
-    def cancel(self, conn: Connection, job_id: str) -> None: ...
-    def rerouted(self, conn: Connection, job: Job) -> None: ...
-    def position(self, conn: Connection, job_id: str) -> int | None: ...
-
-
 class Queue(QueueHooks, Protocol):
     name: str  # "local" or "postgres"
 
@@ -73,3 +72,15 @@ class Queue(QueueHooks, Protocol):
     async def run_workers(self, workers: Sequence[Any], stop: asyncio.Event, stop_now: asyncio.Event) -> int:
         """`fluxserve worker`: load, then run handed jobs until ``stop``; the exit status."""
         ...
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Liveness: leases are renewed every lease_s / 4, and a worker silent for lease_s is stalled."""
+
+    lease_s: float
+    grace_s: float  # SIGTERM: how long the running job may take to finish
+
+    @property
+    def heartbeat_s(self) -> float:
+        return max(0.1, self.lease_s / 4)

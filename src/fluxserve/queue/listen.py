@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 
 from ..store import NOTIFY_CHANNEL
-from .pg import libpq_url
+from .pg.rows import libpq_url
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Every slot of every worker (DeviceWorker: one) runs a loop: the lease and deadline sweep
 (JobService.expire) at most every MAINTENANCE_S, then the next queued jobs in the fair order
-(queue.fairness), each handed to the worker, which claims it (another slot may have been first) and
+(store.fairness), each handed to the worker, which claims it (another slot may have been first) and
 runs it. A submit or re-queue in this process wakes the loops at once; otherwise they look again every
 MAINTENANCE_S. A worker whose models failed to load leaves jobs to healthy ones, and fails them itself
 (with its load error) only when none is left.
@@ -17,13 +17,10 @@ import time
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
-from sqlalchemy.engine import Connection
-
 from ..errors import StoreUnavailable
-from ..job import Job
+from ..job import WorkerState
 from ..jobs import JobService
-from . import fairness
-from .base import WorkerState
+from ..store.hooks import LocalHooks
 
 AnyWorker = Any  # a worker.DeviceWorker or an upstream.worker.UpstreamWorker (queue.base.Worker)
 
@@ -32,23 +29,6 @@ log = logging.getLogger(__name__)
 MAINTENANCE_S = 1.0
 STORE_RETRY_MAX_S = 5.0
 CANDIDATES = 16  # queued ids read per look; the first still queued is claimed
-
-
-class LocalHooks:
-    """The store's hooks: the job row is its own queue entry, so only the position needs a query."""
-
-    def deferred(self, conn: Connection, job: Job, priority: int) -> None:
-        pass  # the row, written with its priority, is the entry
-
-    def cancel(self, conn: Connection, job_id: str) -> None:
-        pass
-
-    def rerouted(self, conn: Connection, job: Job) -> None:
-        pass  # workers read the row's route
-
-    def position(self, conn: Connection, job_id: str) -> int | None:
-        ahead = fairness.ahead_of(conn, job_id)
-        return None if ahead is None else ahead + 1
 
 
 class LocalQueue(LocalHooks):

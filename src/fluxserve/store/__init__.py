@@ -13,6 +13,7 @@ from typing import Any
 from .db import BUSY_S, POOL_OVERFLOW, POOL_SIZE, POOL_WAIT_S, Database, application_name
 from .events import NOTIFY_CHANNEL, EventQueries
 from .files import FileQueries, StoredFile
+from .hooks import LocalHooks, QueueHooks
 from .jobs import Admission, Fence, JobQueries, outputs_json, to_job
 from .keys import KeyQueries, key_limits
 from .outbox import OutboxQueries, WebhookRules
@@ -23,10 +24,8 @@ from .schema import api_keys, files, job_events, jobs, metadata, server_secrets,
 class Store(JobQueries, EventQueries, OutboxQueries, KeyQueries, FileQueries, Reports, Database):
     def __init__(self, url: str, **pool: Any) -> None:
         super().__init__(url, **pool)
-        from ..queue.local import LocalHooks
-
         # The embedded queue until the wiring (queue.build) sets the PostgreSQL one.
-        self.queue: Any = LocalHooks()
+        self.queue: QueueHooks = LocalHooks()
         # Which webhook events each dialect sends (api/dialects.py); a dialect without rules sends none.
         self.webhook_rules: Mapping[str, WebhookRules] = {}
 
@@ -39,6 +38,8 @@ __all__ = [
     "POOL_WAIT_S",
     "Admission",
     "Fence",
+    "LocalHooks",
+    "QueueHooks",
     "Store",
     "StoredFile",
     "WebhookRules",

@@ -29,9 +29,17 @@ class StoredFile:
 
 def _file(row: Row[Any]) -> StoredFile:
     return StoredFile(
-        row.id, row.owner, row.name, row.content_type, row.size, row.sha256, row.md5,
-        json.loads(row.metadata or "{}"), row.key, row.created_at,
-    )  # fmt: skip
+        row.id,
+        row.owner,
+        row.name,
+        row.content_type,
+        row.size,
+        row.sha256,
+        row.md5,
+        json.loads(row.metadata or "{}"),
+        row.key,
+        row.created_at,
+    )
 
 
 class FileQueries(Database):

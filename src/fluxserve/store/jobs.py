@@ -16,6 +16,7 @@ from ..job import EventKind, Job, Output, Status
 from ..spec import GenerationSpec
 from .db import Database, clock
 from .events import append_event
+from .fairness import fetch_order, priority
 from .keys import refund
 from .outbox import WebhookRules
 from .schema import jobs
@@ -39,7 +40,7 @@ class Fence:
 
 
 class JobQueries(Database):
-    queue: Any  # queue.base.QueueHooks, set by Store
+    queue: Any  # store.hooks.QueueHooks, set by Store
     webhook_rules: Mapping[str, WebhookRules]
 
     def get_job(self, job_id: str, *, with_position: bool = False) -> Job | None:
@@ -102,7 +103,7 @@ class JobQueries(Database):
             return [r.id for r in conn.execute(query.order_by(jobs.c.created_at).limit(limit))]
 
     def queue_position(self, job: Job) -> int:
-        """1 = next to run, in the order the queue fetches (queue.fairness)."""
+        """1 = next to run, in the order the queue fetches (store.fairness)."""
         with self._read() as conn:
             return self.queue.position(conn, job.id) or 1
 
@@ -112,8 +113,6 @@ class JobQueries(Database):
         """(id, model, spec) of the next queued jobs in fair order: what a worker needs to choose, without rows.
 
         ``route``: only jobs routed to this upstream (None: the local devices' jobs)."""
-        from ..queue.fairness import fetch_order  # not at import: fairness reads this package's schema
-
         query = select(jobs.c.id, jobs.c.model, jobs.c.spec).where(jobs.c.status == Status.QUEUED.value)
         if models is not None:
             query = query.where(jobs.c.model.in_(list(models)))
@@ -128,8 +127,6 @@ class JobQueries(Database):
     def insert_job(self, job: Job, admit: Admission | None = None) -> dict[str, str] | None:
         """The job inserted with its fair priority: the admission's rate-limit headers, or None when
         another job already holds this owner's idempotency key. ``admit`` counts in the same transaction."""
-        from ..queue.fairness import priority
-
         try:
             with self._write() as conn:
                 if admit is not None and conn.dialect.name == "postgresql":

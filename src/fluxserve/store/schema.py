@@ -49,7 +49,7 @@ jobs = Table(
     Column("files_expired_at", Float),  # outputs, inputs and previews deleted (retention)
     Column("encode_s", Float),  # seconds spent encoding and storing its images (metrics)
     Column("pc_job_id", BigInteger),  # its procrastinate queue row (PostgreSQL); NULL on SQLite
-    # Its place between keys (fluxserve.queue.fairness), fixed at submit; both queues fetch in its order.
+    # Its place between keys (store.fairness), fixed at submit; both queues fetch in its order.
     Column("priority", Integer),
     # The upstream provider that runs it ([upstreams.NAME]); NULL: a local device.
     Column("route", String(64)),

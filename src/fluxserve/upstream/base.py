@@ -21,8 +21,8 @@ from urllib.parse import urlsplit
 import httpx
 
 from ..errors import FluxServeError
+from ..models.upstreams import UpstreamConfig
 from ..spec import GenerationSpec
-from .config import UpstreamConfig
 
 MAX_MESSAGE = 500  # an upstream's error text is passed on, but not a megabyte of it
 

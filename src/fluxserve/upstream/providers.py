@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from ..models.upstreams import UpstreamConfig
 from .base import Provider
 from .bfl import BFL
-from .config import UpstreamConfig
 from .fal import Fal
 from .openai import OpenAI
 from .replicate import Replicate

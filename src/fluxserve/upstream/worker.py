@@ -24,16 +24,15 @@ from PIL import Image
 
 from ..errors import FluxServeError, InvalidInput, StoreUnavailable
 from ..images import decode_image, fetch_url
-from ..job import EventKind, Job, Output, Status
+from ..job import EventKind, Job, Output, Status, WorkerState
 from ..jobs import JobService
 from ..models import ModelRegistry
+from ..models.upstreams import UpstreamConfig
 from ..outputs import EXTENSIONS, encode_image
-from ..queue.base import WorkerState
 from ..spec import GenerationSpec
 from ..storage import Storage
 from ..worker import LeasedWorker, new_worker_id
 from .base import Done, Inputs, Provider, Rejected, Task, Unavailable
-from .config import UpstreamConfig
 from .health import Health
 from .providers import provider_for
 

@@ -12,14 +12,29 @@ from typing import Any
 
 from PIL.Image import Image
 
-from ..errors import GenerationFailed
-from ..models import ModelSpec
-from .base import EngineRequest, OnStep
-from .flux import _decode_preview, out_of_memory_is_a_failure
+from ...errors import GenerationFailed
+from ...models import ModelSpec
+from ...models.demo import FLUX3_BASE_FOLDER, UPSAMPLER_FOLDER
+from ...models.families import KINDS
+from ..base import EngineRequest, OnStep
+from ..common import check_torchvision, decode_preview, out_of_memory_is_a_failure
+from ..tokens import qwen_vl_processor, vl_tokens
+from .base import EngineFamily
+from .flux2 import vae
 
 DISTILLED = "Flux3DistilledModularPipeline"
 BASE = "Flux3ModularPipeline"
 PIPELINES = (DISTILLED, BASE)
+_HIDDEN = 16
+
+
+def pipeline_class(weights: str, kind: str, pipeline: str, local_files_only: bool) -> str:
+    """Qwen3-VL's processor needs torchvision, whichever FLUX 3 pipeline."""
+    name = pipeline or DISTILLED
+    if name not in PIPELINES:
+        raise RuntimeError(f"kind 'flux3' takes {' or '.join(PIPELINES)}; got {name}")
+    check_torchvision(weights, name)
+    return name
 
 
 def _step_block() -> Any:
@@ -122,7 +137,7 @@ def generate(pipe: Any, model: ModelSpec, requests: list[EngineRequest], on_step
     preview_steps = spec.preview_steps()
 
     def step(done: int, components: Any, latents: Any) -> None:
-        previews = _decode_preview(components, latents, spec.height, spec.width) if done in preview_steps else None
+        previews = decode_preview(components, latents, spec.height, spec.width) if done in preview_steps else None
         on_step(done, spec.steps, previews)  # Cancelled goes up through the pipeline's loop
 
     kwargs: dict[str, Any] = {}
@@ -150,3 +165,126 @@ def generate(pipe: Any, model: ModelSpec, requests: list[EngineRequest], on_step
     finally:
         hook.on_step = None
     return [list(images)]
+
+
+class Upsampler:
+    """The prompt upsampler's folder: a Qwen3.5 vision-language model and its processor, side by side
+    (what ``upsampler = "..."`` names; black-forest-labs/flux-3-image-klein-pup in real life)."""
+
+    def __init__(self) -> None:
+        from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+        self.processor, vocab = qwen_vl_processor()
+        text = {
+            "vocab_size": len(vocab),
+            "hidden_size": _HIDDEN,
+            "intermediate_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 8,
+            "layer_types": ["full_attention", "full_attention"],
+            "tie_word_embeddings": True,
+            "rope_parameters": {
+                "rope_type": "default",
+                "mrope_section": [1, 1, 2],
+                "mrope_interleaved": True,
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 1.0,
+            },
+            "pad_token_id": vocab["<|endoftext|>"],
+            "eos_token_id": vocab["<|im_end|>"],
+        }
+        vision = {
+            "depth": 1,
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_heads": 2,
+            "out_hidden_size": _HIDDEN,
+            "patch_size": 16,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "num_position_embeddings": 16,
+        }
+        self.model = Qwen3_5ForConditionalGeneration(
+            Qwen3_5Config(text_config=text, vision_config=vision, **vl_tokens(vocab))
+        )
+        self.model.generation_config.eos_token_id = vocab["<|im_end|>"]
+
+    def save_pretrained(self, folder: str) -> None:
+        self.model.save_pretrained(folder)
+        self.processor.save_pretrained(folder)
+
+
+def klein(*, distilled: bool) -> Any:
+    """FLUX 3 Image Klein as diffusers' modular pipeline: Flux3Transformer2DModel (flow map when distilled),
+    a 32-layer Qwen3-VL (hidden states 4, 8, ... 32 stacked) and its processor, FLUX.2's VAE."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux3Transformer2DModel
+    from diffusers.modular_pipelines import Flux3AutoBlocks, Flux3DistilledAutoBlocks
+    from diffusers.modular_pipelines.flux3.image_processor import Flux3ImageProcessor
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    processor, vocab = qwen_vl_processor()
+    text = {
+        "vocab_size": len(vocab),
+        "hidden_size": _HIDDEN,
+        "intermediate_size": 32,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 8,
+        "max_position_embeddings": 8192,
+        "rope_scaling": {"rope_type": "default", "mrope_section": [1, 1, 2], "mrope_interleaved": True},
+        "tie_word_embeddings": True,
+        "pad_token_id": vocab["<|endoftext|>"],
+    }
+    vision = {
+        "depth": 1,
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_heads": 2,
+        "out_hidden_size": _HIDDEN,
+        "patch_size": 16,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "deepstack_visual_indexes": [0],
+        "num_position_embeddings": 16,
+    }
+    text_encoder = Qwen3VLForConditionalGeneration(
+        Qwen3VLConfig(text_config=text, vision_config=vision, **vl_tokens(vocab))
+    )
+    transformer = Flux3Transformer2DModel(
+        in_channels=128,
+        cond_in_channels=128,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=8 * _HIDDEN,
+        axes_dims_rope=(4, 4, 4, 4),
+        flow_map=distilled,
+    )
+    pipe = (Flux3DistilledAutoBlocks if distilled else Flux3AutoBlocks)().init_pipeline()
+    pipe.update_components(
+        transformer=transformer,
+        vae=vae(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=6.93),
+        text_encoder=text_encoder,
+        tokenizer=processor,
+        image_processor=Flux3ImageProcessor(),
+    )
+    return pipe
+
+
+def demo(with_torchvision: bool) -> dict[str, Any]:
+    """Distilled and base klein, and the prompt upsampler: only where torchvision imports."""
+    if not with_torchvision:
+        return {}
+    return {
+        KINDS["flux3"].demo_folder: klein(distilled=True),
+        FLUX3_BASE_FOLDER: klein(distilled=False),
+        UPSAMPLER_FOLDER: Upsampler(),
+    }
+
+
+FAMILY = EngineFamily(name="flux3", pipeline_class=pipeline_class, demo=demo, load=load, generate=generate)

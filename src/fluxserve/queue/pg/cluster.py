@@ -13,13 +13,13 @@ from typing import Any
 
 from sqlalchemy import select
 
-from ..errors import StoreUnavailable
-from ..jobs import JobService
-from ..store import Store, workers
-from ..worker import DeviceWorker
-from .base import WorkerState
-from .pg import PgQueue, queue_depths
-from .runner import Timing, run_devices
+from ...errors import StoreUnavailable
+from ...job import WorkerState
+from ...jobs import JobService
+from ...store import Store, workers
+from ..base import Timing, Worker
+from .rows import PgRows, queue_depths
+from .runner import run_devices
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +112,8 @@ class LocalQueueWorkers:
         self,
         url: str,
         jobs: JobService,
-        queue: PgQueue,
-        devices: Sequence[DeviceWorker],
+        queue: PgRows,
+        devices: Sequence[Worker],
         models: list[str],
         timing: Timing,
     ) -> None:

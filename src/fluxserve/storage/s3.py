@@ -13,7 +13,7 @@ import datetime as dt
 import time
 from typing import Any
 
-from .storage import StorageUnreachable, valid_key
+from .base import StorageUnreachable, valid_key
 
 SIGV4_MAX_S = 7 * 24 * 3600
 

@@ -15,7 +15,7 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.engine import Connection
 
 from ..job import Status
-from ..store.schema import jobs
+from .schema import jobs
 
 ACTIVE = (Status.QUEUED.value, Status.PROCESSING.value)
 

@@ -1,6 +1,6 @@
 """GPU workers fed by procrastinate: `fluxserve worker`, and `serve` on PostgreSQL without --api-only.
 
-One procrastinate worker per device (its slot count: 1 for a DeviceWorker, the only caller of its
+One procrastinate worker per device (its slot count: 1 for a Worker, the only caller of its
 pipelines), fetching from the queues of the models it loaded, after they loaded: a worker that fails to
 load fetches nothing, so its models' jobs wait for a healthy one. The task claims our job row (the fence
 is its attempt), takes compatible queued jobs into a batch (SKIP LOCKED on their queue rows), runs them,
@@ -20,18 +20,17 @@ import socket
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import delete
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from ..errors import StoreUnavailable
-from ..job import Status
-from ..jobs import JobService
-from ..store import Store, workers
-from ..worker import DeviceWorker
-from .pg import TASK, PgQueue, libpq_url, worker_queues
+from ...errors import StoreUnavailable
+from ...job import Status
+from ...jobs import JobService
+from ...store import Store, workers
+from ..base import Timing, Worker
+from .rows import TASK, PgRows, libpq_url, worker_queues
 
 log = logging.getLogger(__name__)
 
@@ -46,20 +45,8 @@ class Requeue(Exception):
     """The job went back to the queue (clean shutdown, or its lease was taken): its queue row too."""
 
 
-@dataclass(frozen=True)
-class Timing:
-    """Liveness: leases are renewed every lease_s / 4, and a worker silent for lease_s is stalled."""
-
-    lease_s: float
-    grace_s: float  # SIGTERM: how long the running job may take to finish
-
-    @property
-    def heartbeat_s(self) -> float:
-        return max(0.1, self.lease_s / 4)
-
-
 def worker_app(url: str) -> Any:
-    """A procrastinate App with our task, for running workers (opened async; sync calls use pg.PgQueue's)."""
+    """A procrastinate App with our task, for running workers (opened async; sync calls use pg.PgRows's)."""
     import procrastinate
     from procrastinate.exceptions import JobAborted
     from procrastinate.job_context import AbortReason, JobContext
@@ -74,8 +61,8 @@ def worker_app(url: str) -> Any:
     )
 
     def generate(context: JobContext, job_id: str) -> None:
-        device: DeviceWorker = context.additional_context["device_worker"]
-        queue: PgQueue = context.additional_context["queue"]
+        device: Worker = context.additional_context["device_worker"]
+        queue: PgRows = context.additional_context["queue"]
 
         def abort() -> str | None:
             if not context.should_abort():
@@ -97,7 +84,7 @@ def worker_app(url: str) -> Any:
 class Registry:
     """This process's rows in fluxserve_workers: what /health on every node shows."""
 
-    def __init__(self, store: Store, devices: Sequence[DeviceWorker], models: list[str]) -> None:
+    def __init__(self, store: Store, devices: Sequence[Worker], models: list[str]) -> None:
         self.store = store
         self.devices = devices
         self.models = models
@@ -125,7 +112,7 @@ class Registry:
             conn.execute(delete(workers).where(workers.c.id.in_([d.worker_id for d in self.devices])))
 
 
-async def sweep_forever(jobs: JobService, queue: PgQueue, timing: Timing) -> None:
+async def sweep_forever(jobs: JobService, queue: PgRows, timing: Timing) -> None:
     """Expired leases and Cancel-After deadlines (JobService.expire), then stalled queue rows; on every node,
     one sweep at a time (advisory lock)."""
     while True:
@@ -143,8 +130,8 @@ async def sweep_forever(jobs: JobService, queue: PgQueue, timing: Timing) -> Non
 async def run_devices(
     url: str,
     jobs: JobService,
-    queue: PgQueue,
-    devices: Sequence[DeviceWorker],
+    queue: PgRows,
+    devices: Sequence[Worker],
     models: list[str],
     timing: Timing,
     stop: asyncio.Event,

@@ -2,7 +2,7 @@
 
 Our ``jobs`` row stays the truth for clients and is fenced by attempt; procrastinate's row is the
 dispatch and liveness layer: a queue per model (workers fetch only the models they serve), ``SKIP
-LOCKED`` fetches, heartbeats, abort. Fairness between keys (queue.fairness) is the job row's priority,
+LOCKED`` fetches, heartbeats, abort. Fairness between keys (store.fairness) is the job row's priority,
 handed to procrastinate, whose fetch is priority-first.
 
 Only the ``connection=`` forms of procrastinate's sync API are used here, on an App that is never
@@ -11,23 +11,20 @@ opened (an async-opened connector refuses sync calls; workers open their own in 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select, text, update
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection
 
-from ..job import Job, Status
-from ..store import Store, application_name, jobs
+from ...job import Job, Status
+from ...store import Store, application_name, jobs
 
 if TYPE_CHECKING:
-    from ..jobs import JobService
-    from ..worker import DeviceWorker
-    from .cluster import ClusterView
-    from .runner import Timing
+    from ...jobs import JobService
+    from ..base import Timing
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +54,6 @@ def queue_name(model: str, route: str | None = None) -> str:
     return f"upstream:{route}" if route else f"model:{model}"
 
 
-def apply_queue_schema(engine: Engine) -> bool:
-    """procrastinate's schema, once (its apply is not idempotent). Called under the upgrade lock."""
-    from procrastinate.schema import SchemaManager
-
-    with engine.begin() as conn:
-        if conn.execute(text("SELECT to_regclass('procrastinate_jobs')")).scalar() is not None:
-            return False
-        raw: Any = conn.connection.driver_connection
-        raw.execute(SchemaManager.get_schema())
-    return True
-
-
 def _app(url: str) -> Any:
     """Never opened: every call passes the store's connection, so it holds none of its own."""
     import procrastinate
@@ -76,8 +61,8 @@ def _app(url: str) -> Any:
     return procrastinate.App(connector=procrastinate.SyncPsycopgConnector(conninfo=libpq_url(url)))
 
 
-class PgQueue:
-    """The store's queue hooks (queue.base.QueueHooks) plus what workers and sweepers do to queue rows."""
+class PgRows:
+    """The store's queue hooks (store.hooks.QueueHooks) plus what workers and sweepers do to queue rows."""
 
     name = "postgres"
 
@@ -86,44 +71,6 @@ class PgQueue:
         self.app = _app(store.url)
         self.jobs = jobs
         self.timing = timing
-
-    # -- the Queue seam (queue.base.Queue) ------------------------------------------
-
-    def _wired(self) -> tuple[JobService, Timing]:
-        assert self.jobs is not None and self.timing is not None, "built by queue.build"
-        return self.jobs, self.timing
-
-    def dispatcher(self, workers: Sequence[DeviceWorker] | None) -> ClusterView:
-        """The workers seen through the database, plus this node's own queue workers (`serve` without
-        --api-only), which run on a thread of their own."""
-        from .cluster import ClusterView, LocalQueueWorkers
-
-        jobs, timing = self._wired()
-        local = None
-        if workers:
-            local = LocalQueueWorkers(self.store.url, jobs, self, workers, _models(workers), timing)
-        self.view = ClusterView(self.store, timing, local)
-        return self.view
-
-    def background(self) -> list[Coroutine[Any, Any, None]]:
-        """The /health view's refresh and the stall sweep (one node at a time)."""
-        from .runner import sweep_forever
-
-        jobs, timing = self._wired()
-        view = self.view
-
-        async def refresh_forever() -> None:
-            while True:
-                await asyncio.to_thread(view.refresh)
-                await asyncio.sleep(timing.heartbeat_s)
-
-        return [refresh_forever(), sweep_forever(jobs, self, timing)]
-
-    async def run_workers(self, workers: Sequence[Any], stop: asyncio.Event, stop_now: asyncio.Event) -> int:
-        from .runner import run_devices
-
-        jobs, timing = self._wired()
-        return await run_devices(self.store.url, jobs, self, workers, _models(workers), timing, stop, stop_now)
 
     # -- inside the store's transactions ---------------------------------------
 
@@ -273,7 +220,7 @@ class PgQueue:
         return counts
 
 
-def _models(workers: Sequence[Any]) -> list[str]:
+def models_of(workers: Sequence[Any]) -> list[str]:
     """Every model these workers serve."""
     return sorted({m for w in workers for m in w.models()})
 

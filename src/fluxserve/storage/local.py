@@ -6,15 +6,13 @@ import contextlib
 import hashlib
 import hmac
 import os
-import re
 import secrets
 import shutil
 import time
 from pathlib import Path
-from typing import Protocol
 from urllib.parse import quote
 
-_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_.-]+)*$")
+from .base import valid_key
 
 
 def load_or_create_secret(path: Path) -> bytes:
@@ -27,24 +25,6 @@ def load_or_create_secret(path: Path) -> bytes:
     with os.fdopen(fd, "w") as f:
         f.write(secret.hex())
     return secret
-
-
-class StorageUnreachable(OSError):
-    """The object store did not answer (down, partitioned, refusing): worth retrying, unlike a full disk.
-    Workers retry it for a while (FLUXSERVE_STORAGE_RETRY_S); the API answers 503 with Retry-After."""
-
-
-class Storage(Protocol):
-    def put(self, key: str, data: bytes) -> None: ...
-    def read(self, key: str) -> bytes: ...
-    def url(self, key: str) -> str: ...
-    def delete(self, key: str) -> None: ...
-    def stale_input_folders(self, before: float) -> list[str]: ...
-    def delete_folder(self, prefix: str) -> None: ...
-
-
-def valid_key(key: str) -> bool:
-    return bool(_KEY_RE.match(key)) and ".." not in key
 
 
 class LocalStorage:
@@ -105,24 +85,3 @@ class LocalStorage:
     def url(self, key: str) -> str:
         expires = int(time.time()) + self._ttl_s
         return f"{self._base_url}/files/{quote(key)}?expires={expires}&sig={self.sign(key, expires)}"
-
-
-def build_storage(
-    spec: str | None,
-    default_root: Path,
-    secret: bytes,
-    base_url: str,
-    ttl_s: int,
-    endpoint_url: str | None = None,
-    public_url: str | None = None,
-) -> Storage:
-    """--storage: file:///path (or none: the data dir's outputs folder) or s3://bucket/prefix."""
-    if spec is None or spec.startswith("file://"):
-        root = Path(spec.removeprefix("file://")) if spec else default_root
-        return LocalStorage(root, secret, base_url, ttl_s)
-    if spec.startswith("s3://"):
-        from .objectstore import S3Storage
-
-        bucket, _, prefix = spec.removeprefix("s3://").partition("/")
-        return S3Storage.from_env(bucket, prefix.strip("/"), ttl_s, endpoint_url, public_url)
-    raise ValueError(f"storage must be file:///path or s3://bucket/prefix; got {spec!r}")

@@ -1,0 +1,50 @@
+"""Image inputs named by value in JSON requests: an http(s) URL, a data: URL, bare base64, or the URL of a
+file the caller uploaded (Replicate's files API), which is read from our storage, never fetched over HTTP."""
+
+from __future__ import annotations
+
+from PIL import Image
+
+from ..errors import InvalidInput
+from ..images import check_pixel_budget, decode_base64, decode_image_async, fetch_image_bytes
+from .deps import Services, current_owner
+
+
+async def read_own_file(services: Services, url: str, *, param: str) -> bytes | None:
+    """The bytes of a file URL of ours the caller owns; None when ``url`` is not one of our file URLs."""
+    prefix = f"{services.settings.base_url}/v1/files/"
+    if not url.startswith(prefix):
+        return None
+    file_id = url.removeprefix(prefix).split("/", 1)[0].split("?", 1)[0]
+    found = await services.jobs.run(services.store.get_file, current_owner.get() or "", file_id)
+    if found is None:
+        raise InvalidInput(f"{param}: no file {file_id!r} was uploaded with this API key.", param=param)
+    return await services.jobs.run_slow(services.storage.read, found.key)
+
+
+async def _value_bytes(value: str, services: Services, *, param: str) -> bytes:
+    """An http(s) URL, a data: URL, or bare base64 (as BFL clients send); a file the caller uploaded
+    (Replicate's files API) by its URL is read from our storage."""
+    own = await read_own_file(services, value, param=param)
+    if own is not None:
+        return own
+    if value.startswith(("http://", "https://", "data:")) or "://" in value[:16]:
+        return await fetch_image_bytes(value, param=param, allow_private=services.settings.allow_private_urls)
+    return decode_base64(value, param=param)
+
+
+async def image_from_value(value: str, services: Services, *, param: str) -> Image.Image:
+    data = await _value_bytes(value, services, param=param)
+    return await decode_image_async(data, param=param, slots=services.decode_slots)
+
+
+async def images_from_values(values: list[tuple[str, str]], services: Services) -> list[Image.Image]:
+    """Every (param, value) image of a JSON request, within the per-request pixel budget (judged from
+    the headers, before anything is decoded), as multipart edits are."""
+    blobs = [await _value_bytes(value, services, param=param) for param, value in values]
+    if len(blobs) > 1:
+        check_pixel_budget(blobs, param=values[0][0])
+    return [
+        await decode_image_async(b, param=p, slots=services.decode_slots)
+        for (p, _), b in zip(values, blobs, strict=True)
+    ]

@@ -1,0 +1,35 @@
+"""What the store asks of its queue inside its own transactions, so a queue entry commits with its job row
+or neither does; and the embedded queue's answers, where the job row is its own queue entry."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from sqlalchemy.engine import Connection
+
+from ..job import Job
+from . import fairness
+
+
+class QueueHooks(Protocol):
+    def deferred(self, conn: Connection, job: Job, priority: int) -> None: ...
+    def cancel(self, conn: Connection, job_id: str) -> None: ...
+    def rerouted(self, conn: Connection, job: Job) -> None: ...
+    def position(self, conn: Connection, job_id: str) -> int | None: ...
+
+
+class LocalHooks:
+    """The job row is its own queue entry, so only the position needs a query."""
+
+    def deferred(self, conn: Connection, job: Job, priority: int) -> None:
+        pass  # the row, written with its priority, is the entry
+
+    def cancel(self, conn: Connection, job_id: str) -> None:
+        pass
+
+    def rerouted(self, conn: Connection, job: Job) -> None:
+        pass  # workers read the row's route
+
+    def position(self, conn: Connection, job_id: str) -> int | None:
+        ahead = fairness.ahead_of(conn, job_id)
+        return None if ahead is None else ahead + 1
