@@ -52,7 +52,7 @@ from .settings import Settings, parse_cache
 from .storage import Storage, build_storage, load_or_create_secret
 from .store import Store
 from .webhooks import WebhookSender
-from .worker import DeviceWorker
+from .workers import DeviceWorker
 
 log = logging.getLogger(__name__)
 

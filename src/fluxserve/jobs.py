@@ -18,13 +18,13 @@ import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from .errors import Conflict, NotFound, PaymentRequired
 from .job import EventKind, Job, Output, Status, new_job_id
 from .limits import Limits, admit
 from .limits import note as note_rate_headers
+from .offload import Offload
 from .spec import GenerationSpec
 from .store import Fence, Store, key_limits, outputs_json, usage
 from .store.keys import debit
@@ -33,7 +33,6 @@ if TYPE_CHECKING:
     from .models import ModelRegistry
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 POLL_S = 0.5  # how often a watcher looks for events written by other processes
 
@@ -55,38 +54,19 @@ class JobService:
         self.limits = limits  # the server's per-key defaults; keys may override them
         self.max_attempts = max_attempts
         self.lease_s = lease_s
-        # Store calls from request handlers run here, never on the event loop. Key lookups and the slow
-        # work of requests (webhook DNS checks, image encoding, file reads and writes) have pools of their
-        # own: a create whose webhook host resolves slowly never makes another tenant's GET wait.
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fluxserve-store")
-        self._auth_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fluxserve-auth")
-        self._slow_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fluxserve-io")
+        # Store calls from request handlers run on these pools, never on the event loop (offload.py).
+        self.offload = Offload(store_threads=threads)
+        self.run, self.run_auth, self.run_slow = self.offload.run, self.offload.run_auth, self.offload.run_slow
         self._lock = threading.Lock()
         self._waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
         self._on_change: list[Callable[[Job, EventKind], None]] = []
 
     def close(self) -> None:
-        for pool in (self._pool, self._auth_pool, self._slow_pool):
-            pool.shutdown(wait=True)
+        self.offload.close()
 
     def on_change(self, callback: Callable[[Job, EventKind], None]) -> None:
         """A local shortcut (webhook sender, worker wake-up); the events table stays the truth."""
         self._on_change.append(callback)
-
-    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """A store call, off the event loop."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
-
-    async def run_auth(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """An API key lookup: its own threads, so authentication never queues behind other work."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._auth_pool, lambda: fn(*args, **kwargs))
-
-    async def run_slow(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """A request's slow blocking work (DNS lookups, image encoding, file reads and writes)."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._slow_pool, lambda: fn(*args, **kwargs))
 
     # -- transitions --------------------------------------------------------
 
@@ -414,7 +394,7 @@ class JobService:
             except Exception:
                 log.exception("canceling job %s failed", job_id)
 
-        self._pool.submit(cancel)
+        self.offload.submit(cancel)
 
     async def submit(self, *args: Any, **kwargs: Any) -> Job:
         """submit_sync off the loop; an admitted create's x-ratelimit-* headers go to the response."""

@@ -175,7 +175,7 @@ def test_a_worker_that_failed_to_load_leaves_jobs_to_the_others(settings: Settin
 
 
 def test_encoding_runs_beside_the_next_generation(settings: Settings, monkeypatch: Any) -> None:
-    import fluxserve.worker as dispatch
+    import fluxserve.workers.device as dispatch
 
     real_encode = dispatch.encode_image
     calls_at: list[float] = []

@@ -126,7 +126,7 @@ def test_a_worker_waits_for_the_store_then_gives_up_with_its_error() -> None:
     import threading
 
     from fluxserve.storage import StorageUnreachable
-    from fluxserve.worker import LeasedWorker
+    from fluxserve.workers import LeasedWorker
 
     class Bare(LeasedWorker):
         def __init__(self, retry_s: float) -> None:

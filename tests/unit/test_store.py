@@ -288,7 +288,7 @@ def test_a_stale_claim_neither_renews_nor_releases_a_later_claim(tmp_path: Path)
     # A job re-claimed by the same worker (attempt 2) must stay held when its stale attempt 1 ends:
     # before, renew matched by job id and release popped by job id, and a healthy job ran out of lease.
     from fluxserve.storage import LocalStorage
-    from fluxserve.worker import DeviceWorker
+    from fluxserve.workers import DeviceWorker
     from tests.support.fakes import FakeEngine
 
     jobs = _service(tmp_path, lease_s=0.2)

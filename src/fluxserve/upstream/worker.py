@@ -31,7 +31,7 @@ from ..models.upstreams import UpstreamConfig
 from ..outputs import EXTENSIONS, encode_image
 from ..spec import GenerationSpec
 from ..storage import Storage
-from ..worker import LeasedWorker, new_worker_id
+from ..workers import LeasedWorker, new_worker_id
 from .base import Done, Inputs, Provider, Rejected, Task, Unavailable
 from .health import Health
 from .providers import provider_for
