@@ -29,9 +29,9 @@ def graph(mods: dict[str, Path]) -> tuple[dict[str, set[str]], list[str]]:
     for name, path in mods.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         tree = ast.parse(path.read_text())
-        top = {id(n) for n in tree.body} | {
-            id(n) for n in ast.walk(tree) if isinstance(n, ast.If) for n in n.body  # TYPE_CHECKING blocks
-        }
+        # Module level, and inside module-level ifs (TYPE_CHECKING blocks): not hidden in a function.
+        top = {id(node) for node in tree.body}
+        top |= {id(inner) for node in tree.body if isinstance(node, ast.If) for inner in node.body}
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]

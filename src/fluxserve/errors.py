@@ -97,9 +97,3 @@ class StoreUnavailable(FluxServeError):
     """The database could not be reached or written (locked, disk full, connection lost); retry later."""
 
     code = "store_unavailable"
-
-
-class LeaseLost(FluxServeError):
-    """This worker's claim on a job was taken away (its lease expired); it must not write the result."""
-
-    code = "lease_lost"

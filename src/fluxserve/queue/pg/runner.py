@@ -35,8 +35,8 @@ from .rows import TASK, PgRows, libpq_url, worker_queues
 log = logging.getLogger(__name__)
 
 # Connections a worker process holds: procrastinate's pool (fetch, heartbeat, finish) up to POOL_MAX, its
-# LISTEN connection, and our pool for job rows, leases, the registry and sweeps (WORKER_POOL, no overflow:
-# its threads are the task, the lease heartbeat, the registry beat and the sweep).
+# LISTEN connection, and our pool for job rows, leases, the worker rows and sweeps (WORKER_POOL, no overflow:
+# its threads are the task, the lease heartbeat, the worker rows' beat and the sweep).
 POOL_MAX = 3
 WORKER_POOL = 4
 
@@ -81,7 +81,7 @@ def worker_app(url: str) -> Any:
     return app
 
 
-class Registry:
+class WorkerRows:
     """This process's rows in fluxserve_workers: what /health on every node shows."""
 
     def __init__(self, store: Store, devices: Sequence[Worker], models: list[str]) -> None:
@@ -146,11 +146,11 @@ async def run_devices(
         asyncio.get_running_loop().set_default_executor(
             ThreadPoolExecutor(max_workers=slots + 8, thread_name_prefix="fluxserve-task")
         )
-    registry = Registry(jobs.store, devices, models)
-    beats = asyncio.create_task(_beat_forever(registry, timing))  # "loading" shows on /health meanwhile
+    rows = WorkerRows(jobs.store, devices, models)
+    beats = asyncio.create_task(_beat_forever(rows, timing))  # "loading" shows on /health meanwhile
     loaded = await asyncio.gather(*(asyncio.to_thread(d.load) for d in devices))
     with contextlib.suppress(StoreUnavailable):  # ready (or failed) shows now, not at the next beat
-        await asyncio.to_thread(registry.beat)
+        await asyncio.to_thread(rows.beat)
     try:
         ready = [d for d, ok in zip(devices, loaded, strict=True) if ok]
         if not ready:
@@ -203,13 +203,13 @@ async def run_devices(
         for d in devices:
             d.stop(timeout=5)
         with contextlib.suppress(StoreUnavailable):
-            await asyncio.to_thread(registry.leave)
+            await asyncio.to_thread(rows.leave)
 
 
-async def _beat_forever(registry: Registry, timing: Timing) -> None:
+async def _beat_forever(rows: WorkerRows, timing: Timing) -> None:
     while True:
         try:
-            await asyncio.to_thread(registry.beat)
+            await asyncio.to_thread(rows.beat)
         except StoreUnavailable as exc:
             log.warning("worker registry: %s", exc.message)
         await asyncio.sleep(timing.heartbeat_s)
