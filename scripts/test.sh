@@ -19,7 +19,7 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb 
     || { $sudo apt-get update >/dev/null && $sudo apt-get install -y --no-install-recommends postgresql >/dev/null; }
 fi
 
-# The container test (tests/e2e/test_container.py): Debian's Docker engine and compose, debootstrap for a base
+# The container test (tests/deploy/test_container.py): Debian's Docker engine and compose, debootstrap for a base
 # image without a registry; systemd-analyze checks the units in deploy/systemd.
 if ! command -v dockerd >/dev/null 2>&1 || ! command -v docker-compose >/dev/null 2>&1 \
    || ! command -v debootstrap >/dev/null 2>&1 || ! command -v systemd-analyze >/dev/null 2>&1; then
@@ -60,6 +60,6 @@ python3 -m venv .venv-tv
 .venv-tv/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1 -e '.[engine,test]'
 .venv-tv/bin/python -m pytest -m "torchvision and not slow" --cov=fluxserve --cov-append --cov-report=term --cov-fail-under=85
 # The dialects once more, on PostgreSQL + procrastinate instead of SQLite.
-.venv/bin/python -m pytest --on-postgres tests/unit/test_api.py tests/unit/test_replicate_api.py \
-  tests/unit/test_bfl_api.py tests/unit/test_api_images.py tests/unit/test_api_bad_input.py \
-  tests/unit/test_batching.py tests/unit/test_flux2_api.py tests/unit/test_relay_surface.py
+.venv/bin/python -m pytest --on-postgres tests/api/test_api.py tests/api/test_replicate_api.py \
+  tests/api/test_bfl_api.py tests/api/test_api_images.py tests/api/test_api_bad_input.py \
+  tests/api/test_batching.py tests/api/test_flux2_api.py tests/api/test_relay_surface.py

@@ -67,7 +67,7 @@ def test_models_list(client: openai.OpenAI) -> None:
     from fluxserve.models.demo import demo_kinds
 
     names = [m.id for m in client.models.list()]
-    # The demo serves every default name it can build here (FLUX 3's need torchvision: tests/unit/test_flux3.py).
+    # The demo serves every default name it can build here (FLUX 3's need torchvision: tests/engine/test_flux3.py).
     assert names == [m.name for m in ModelRegistry.default() if m.kind in demo_kinds()]
     assert all(m.owned_by == "fluxserve-demo" for m in client.models.list())
 

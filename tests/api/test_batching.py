@@ -18,9 +18,9 @@ from fluxserve.engine.flux import DiffusersEngine
 from fluxserve.errors import OutOfMemory
 from fluxserve.models import ModelRegistry
 from fluxserve.settings import Settings
+from tests.api.test_api import _wait_feed
 from tests.conftest import API_KEY, AUTH
 from tests.support.fakes import FakeEngine
-from tests.unit.test_api import _wait_feed
 
 
 def _submit(client: TestClient, model: str, prompt: str, **inp: Any) -> str:

@@ -118,7 +118,7 @@ def _vmodel(client: TestClient, model: str, inp: dict[str, Any]) -> Any:
 
 
 def _finish(client: TestClient, job_id: str) -> dict[str, Any]:
-    from tests.unit.test_api import _wait_feed
+    from tests.api.test_api import _wait_feed
 
     return _wait_feed(client, job_id)
 

@@ -17,9 +17,9 @@ from fluxserve.api.deps import Services
 from fluxserve.durations import parse_retention
 from fluxserve.retention import sweep
 from fluxserve.settings import Settings
+from tests.api.test_api import _wait_feed
 from tests.conftest import AUTH
 from tests.support.images_util import png_bytes
-from tests.unit.test_api import _wait_feed
 
 
 def _job_with_input(client: TestClient) -> dict[str, Any]:

