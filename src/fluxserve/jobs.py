@@ -15,22 +15,22 @@ import hashlib
 import json
 import logging
 import secrets
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .errors import Conflict, NotFound, PaymentRequired
-from .job import EventKind, Job, Output, Status, new_job_id
+from .job import EventKind, Job, JobEvent, Output, Status, new_job_id
 from .limits import Limits, admit
 from .limits import note as note_rate_headers
+from .logs import job_fields, job_line
+from .models import ModelRegistry
 from .offload import Offload
 from .spec import GenerationSpec
-from .store import Fence, Store, key_limits, outputs_json, usage
+from .store import DuplicateJob, Fence, Store, fairness, insert_row, key_limits, outputs_json, serialize_owner, usage
+from .store.events import append_event
 from .store.keys import debit
-
-if TYPE_CHECKING:
-    from .models import ModelRegistry
+from .waiters import Waiters
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,7 @@ class JobService:
         # Store calls from request handlers run on these pools, never on the event loop (offload.py).
         self.offload = Offload(store_threads=threads)
         self.run, self.run_auth, self.run_slow = self.offload.run, self.offload.run_auth, self.offload.run_slow
-        self._lock = threading.Lock()
-        self._waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
+        self._waiters = Waiters()
         self._on_change: list[Callable[[Job, EventKind], None]] = []
 
     def close(self) -> None:
@@ -74,22 +73,7 @@ class JobService:
         if job is None:
             return None
         if kind is not EventKind.PROGRESS and kind is not EventKind.PREVIEW:  # one line per transition, not step
-            log.info(
-                "job %s %s model=%s attempt=%d",
-                job.id,
-                kind.value,
-                job.spec.model,
-                job.attempts,
-                extra={
-                    "job_id": job.id,
-                    "event": kind.value,
-                    "model": job.spec.model,
-                    "status": job.status.value,
-                    "attempt": job.attempts,
-                    "owner": job.owner,
-                    "worker": job.worker_id,
-                },
-            )
+            log.info("job %s %s model=%s attempt=%d", *job_line(job, kind), extra=job_fields(job, kind))
         self.wake(job.id)
         for callback in self._on_change:
             try:
@@ -100,11 +84,7 @@ class JobService:
 
     def wake(self, job_id: str) -> None:
         """Watchers of this job look now; called on each change here and on each NOTIFY from another node."""
-        with self._lock:
-            waiters = list(self._waiters.get(job_id, []))
-        for loop, ev in waiters:
-            with contextlib.suppress(RuntimeError):  # that watcher's loop has closed
-                loop.call_soon_threadsafe(ev.set)
+        self._waiters.wake(job_id)
 
     def submit_sync(self, *args: Any, **kwargs: Any) -> Job:
         return self._submit(*args, **kwargs)[0]
@@ -145,8 +125,7 @@ class JobService:
             route=(model.upstream or None) if model is not None else None,
             cost=self.registry.cost(spec) if model is not None and self.registry is not None else None,
         )
-        metered = self.limits is not None or job.cost is not None
-        headers = self.store.insert_job(job, self._admit if metered else None)
+        headers = self._insert(job, metered=self.limits is not None or job.cost is not None)
         if headers is None:  # a concurrent request with the same key won the insert
             existing = self.store.find_idempotent(owner, idempotency_key or "")
             assert existing is not None
@@ -154,9 +133,25 @@ class JobService:
         self._changed(job, EventKind.SUBMITTED)
         return job, headers
 
+    def _insert(self, job: Job, *, metered: bool) -> dict[str, str] | None:
+        """The create, in one transaction: admission (limits, credits) -> fair priority -> the row -> its
+        submitted event -> its queue entry, so all of them commit or none does. Returns the admission's
+        rate-limit headers; None when a concurrent create with the same idempotency key won the insert."""
+        try:
+            with self.store.transaction() as conn:
+                headers = self._admit(conn, job) if metered else {}
+                priority = fairness.priority(conn, job.owner)
+                insert_row(conn, job, priority)
+                append_event(conn, job, EventKind.SUBMITTED, {}, self.store.webhook_rules)
+                self.store.queue.deferred(conn, job, priority)
+        except DuplicateJob:
+            return None
+        return headers
+
     def _admit(self, conn: Any, job: Job) -> dict[str, str]:
         """Per-key limits and credits, inside the insert's transaction: RateLimited past a limit,
         PaymentRequired past the balance (the price is held now, given back if the job does not succeed)."""
+        serialize_owner(conn, job.owner)
         if job.cost and not debit(conn, job.owner, job.cost):
             raise PaymentRequired(
                 f"This request costs {job.cost:g} credits ({job.spec.model}, {job.spec.num_images} image(s)); "
@@ -304,11 +299,8 @@ class JobService:
         payload = {"from": job.route, "to": upstream, "reason": reason}
         return self._fenced(job, EventKind.ROUTED, values, payload) is not None
 
-    def next_route(self, job: Job, registry: ModelRegistry) -> str | None:
-        """The model's next fallback upstream this job has not been on yet (None: none left)."""
-        model = registry.get(job.spec.model)
-        tried = {job.route} | {e.payload.get("from") for e in self.store.events(job.id) if e.kind is EventKind.ROUTED}
-        return next((u for u in model.fallback if u not in tried and u in registry.upstreams), None)
+    def events(self, job_id: str) -> list[JobEvent]:
+        return self.store.events(job_id)
 
     def spill(self, now: float | None = None) -> int:
         """Local jobs no local worker started within their model's spill_after_s go to its spill_to upstream.
@@ -418,13 +410,9 @@ class JobService:
     async def watch(self, job_id: str, owner: str, timeout: float | None = None) -> AsyncIterator[Job]:
         """Yield the job now and after every change, until it is terminal or ``timeout`` passes."""
         loop = asyncio.get_running_loop()
-        wake = asyncio.Event()
-        waiter = (loop, wake)
-        with self._lock:
-            self._waiters.setdefault(job_id, []).append(waiter)
         deadline = None if timeout is None else loop.time() + timeout
         last_event = -1
-        try:
+        with self._waiters.waiting(job_id) as wake:
             while True:
                 wake.clear()
                 seen = await self.run(self.store.last_event_id, job_id)
@@ -439,13 +427,6 @@ class JobService:
                     return
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), POLL_S if remaining is None else min(POLL_S, remaining))
-        finally:
-            with self._lock:
-                waiters = self._waiters.get(job_id, [])
-                if waiter in waiters:
-                    waiters.remove(waiter)
-                if not waiters:
-                    self._waiters.pop(job_id, None)
 
     async def wait(self, job_id: str, owner: str, timeout: float | None = None) -> Job:
         """Wait until the job is terminal (or ``timeout`` passes) and return it as it is then."""

@@ -17,6 +17,8 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .job import EventKind, Job
+
 request_log = logging.getLogger("fluxserve.request")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
@@ -94,3 +96,21 @@ class RequestLog:
                     "ms": ms,
                 },
             )
+
+
+def job_line(job: Job, kind: EventKind) -> tuple[str, str, str, int]:
+    """The arguments of a transition's log line: "job %s %s model=%s attempt=%d"."""
+    return job.id, kind.value, job.spec.model, job.attempts
+
+
+def job_fields(job: Job, kind: EventKind) -> dict[str, object]:
+    """A transition's fields for JSON logs (FLUXSERVE_LOG_FORMAT=json)."""
+    return {
+        "job_id": job.id,
+        "event": kind.value,
+        "model": job.spec.model,
+        "status": job.status.value,
+        "attempt": job.attempts,
+        "owner": job.owner,
+        "worker": job.worker_id,
+    }

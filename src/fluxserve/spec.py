@@ -78,6 +78,12 @@ def check_size(
     return width, height
 
 
+def output_quality(quality: int | None) -> int:
+    """A dialect's 0-100 quality (JPEG/WebP) as the encoder takes it: unset is 100, and 0 is 1, the lowest
+    Pillow encodes (both dialects that send it document 0 as their floor)."""
+    return max(1, 100 if quality is None else quality)
+
+
 def parse_size(size: str | None, *, param: str = "size") -> tuple[int, int]:
     """OpenAI ``size``: 'WxH' used as given, or 'auto' (1024x1024)."""
     if size is None or size == "auto":

@@ -26,6 +26,7 @@ from fluxserve.upstream.fal import Fal
 from fluxserve.upstream.health import Health
 from fluxserve.upstream.openai import OpenAI
 from fluxserve.upstream.replicate import Replicate
+from fluxserve.upstream.routing import next_route
 
 BASE = {"kind": "bfl", "base_url": "https://api.bfl.ai"}
 
@@ -268,12 +269,14 @@ def test_spill_moves_only_waiting_local_jobs_once_and_failover_follows_the_fallb
     assert [i for i, _, _ in jobs.store.queued(10, route="rep")] == [waiting.id]
     pro = jobs.submit_sync("o", "openai", reg.get("flux-pro").make_spec(prompt="p", width=256, height=256), {})
     claimed = jobs.claim_id(pro.id, "upstream-worker")
-    assert claimed is not None and jobs.next_route(claimed, reg) == "rep"
+    assert claimed is not None and next_route(claimed, reg, jobs.events(claimed.id)) == "rep"
     assert jobs.reroute(claimed, "rep", "bfl down")
     again = jobs.store.get_job(pro.id)
     assert again is not None and again.route == "rep" and again.attempts == 0  # the attempt was given back
     on_rep = jobs.claim_id(pro.id, "upstream-worker")
-    assert on_rep is not None and jobs.next_route(on_rep, reg) is None  # bfl and rep tried: none left
+    assert (
+        on_rep is not None and next_route(on_rep, reg, jobs.events(on_rep.id)) is None
+    )  # bfl and rep tried: none left
     kinds = [e.kind for e in jobs.store.events(pro.id)]
     assert kinds.count(EventKind.ROUTED) == 1
 

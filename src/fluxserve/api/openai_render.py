@@ -16,6 +16,7 @@ from ..job import Job, Status
 from ..spec import GenerationSpec
 from .deps import Services, idempotency_key
 from .inputs import Inputs, submit
+from .sse import sse_frame
 
 
 def stream_response(
@@ -85,7 +86,7 @@ def _sse(event: dict[str, Any], image: bytes | None = None) -> bytes:
     images = _Base64Images()
     if image is not None:
         event = {"b64_json": images.add(image)} | event
-    return f"event: {event['type']}\ndata: ".encode() + images.dumps(event) + b"\n\n"
+    return sse_frame(str(event["type"]), images.dumps(event))
 
 
 class _Base64Images:

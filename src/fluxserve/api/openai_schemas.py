@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..models import ModelSpec
-from ..spec import Adapter, GenerationSpec, parse_size
+from ..spec import Adapter, GenerationSpec, output_quality, parse_size
 from .deps import Services
 from .inputs import LoraItem, known_fields, lora_items, resolve_loras
 
@@ -41,7 +41,7 @@ class ImageFields(BaseModel):
             guidance=self.guidance,
             seed=self.seed,
             output_format=self.output_format or "png",
-            quality=max(1, self.output_compression if self.output_compression is not None else 100),
+            quality=output_quality(self.output_compression),
             loras=loras,
             **extra,
         )

@@ -26,6 +26,7 @@ from .errors import inline_schema, json_body, read_json, render_replicate
 from .inputs import elide_inline_images, submit
 from .paging import decode_cursor, encode_cursor
 from .replicate_schemas import MODELS, ModelPredictionRequest, PredictionRequest
+from .sse import sse_frame
 
 router = APIRouter(prefix="/v1")
 
@@ -334,31 +335,26 @@ async def stream_prediction(
         owner = await require_owner(request)
     await _replicate_job(services, job_id, owner)
 
-    async def events() -> AsyncIterator[str]:
+    async def events() -> AsyncIterator[bytes]:
         sent_logs = 0
         ids = iter(range(1, 1 << 62))
         async for job in services.jobs.watch(job_id, owner):
             lines = job.log_lines()
             for line in lines[sent_logs:]:
-                yield _sse("logs", line, next(ids))
+                yield sse_frame("logs", line, next(ids))
             sent_logs = len(lines)
             if job.status is Status.SUCCEEDED:
                 for url in services.output_urls(job):
-                    yield _sse("output", url, next(ids))
+                    yield sse_frame("output", url, next(ids))
             if job.status in (Status.FAILED, Status.ABORTED):
-                yield _sse("error", json.dumps({"detail": job.error}), next(ids))
+                yield sse_frame("error", json.dumps({"detail": job.error}), next(ids))
             if job.status.is_terminal:
                 reason = {Status.CANCELED: "canceled", Status.ABORTED: "aborted", Status.FAILED: "error"}
                 done = {"reason": reason[job.status]} if job.status in reason else {}
-                yield _sse("done", json.dumps(done), next(ids))
+                yield sse_frame("done", json.dumps(done), next(ids))
 
     headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
     return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
-
-
-def _sse(event: str, data: str, event_id: int) -> str:
-    lines = "".join(f"data: {line}\n" for line in data.split("\n"))
-    return f"event: {event}\nid: {event_id}\n{lines}\n"
 
 
 # Replicate's paths: every error under them, a 404 or 405 of a route not served here too, is a problem detail.

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import InvalidInput
 from ..loras import LoraRequest
 from ..models import ModelSpec
-from ..spec import ASPECT_RATIOS, Adapter, GenerationSpec, fit_megapixel
+from ..spec import ASPECT_RATIOS, Adapter, GenerationSpec, fit_megapixel, output_quality
 from .deps import Services
 from .inputs import Inputs, image_and_size, resolve_loras
 
@@ -120,7 +120,7 @@ class SchnellInput(_Input):
             steps=self.num_inference_steps,
             guidance=getattr(self, "guidance", None),
             output_format=_FORMATS[self.output_format],
-            quality=max(1, self.output_quality),
+            quality=output_quality(self.output_quality),
             strength=getattr(self, "prompt_strength", None) if values else None,
         )
 
@@ -166,7 +166,7 @@ class Pro11Input(_Input):
             steps=steps,
             guidance=guidance,
             output_format=_FORMATS[self.output_format],
-            quality=max(1, self.output_quality),
+            quality=output_quality(self.output_quality),
         )
 
 
@@ -253,7 +253,7 @@ class _Flux2Base(_Input, _LoraFields):
             steps=steps,
             guidance=guidance,
             output_format=_FORMATS[getattr(self, "output_format", "png")],
-            quality=max(1, getattr(self, "output_quality", 100)),
+            quality=output_quality(getattr(self, "output_quality", None)),
             params={**_PARAMS, "steps": "input.steps", "image": f"input.{self.refs_field}"},
             upsample=getattr(self, "prompt_upsampling", False),
         )

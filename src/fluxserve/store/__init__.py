@@ -14,7 +14,7 @@ from .db import BUSY_S, POOL_OVERFLOW, POOL_SIZE, POOL_WAIT_S, Database, applica
 from .events import NOTIFY_CHANNEL, EventQueries
 from .files import FileQueries, StoredFile
 from .hooks import LocalHooks, QueueHooks
-from .jobs import Admission, Fence, JobQueries, outputs_json, to_job
+from .jobs import DuplicateJob, Fence, JobQueries, insert_row, outputs_json, serialize_owner, to_job
 from .keys import KeyQueries, key_limits
 from .outbox import OutboxQueries, WebhookRules
 from .reports import Reports, usage
@@ -36,7 +36,7 @@ __all__ = [
     "POOL_OVERFLOW",
     "POOL_SIZE",
     "POOL_WAIT_S",
-    "Admission",
+    "DuplicateJob",
     "Fence",
     "LocalHooks",
     "QueueHooks",
@@ -46,11 +46,13 @@ __all__ = [
     "api_keys",
     "application_name",
     "files",
+    "insert_row",
     "job_events",
     "jobs",
     "key_limits",
     "metadata",
     "outputs_json",
+    "serialize_owner",
     "server_secrets",
     "to_job",
     "usage",

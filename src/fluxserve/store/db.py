@@ -155,7 +155,7 @@ class Database:
             self._write_lock.release()
 
     def transaction(self) -> contextlib.AbstractContextManager[Connection]:
-        """A write transaction for statements of the queue's own (fluxserve.queue.pg)."""
+        """A write transaction for statements composed elsewhere: JobService's create, the queue's own."""
         return self._write()
 
     @contextlib.contextmanager

@@ -16,7 +16,7 @@ from ..job import EventKind, Job, Output, Status
 from ..spec import GenerationSpec
 from .db import Database, clock
 from .events import append_event
-from .fairness import fetch_order, priority
+from .fairness import fetch_order
 from .keys import refund
 from .outbox import WebhookRules
 from .schema import jobs
@@ -26,7 +26,6 @@ ANY_ROUTE: Any = object()  # queued(): jobs of every route
 Values = dict[str, Any] | Callable[[Job], dict[str, Any]]
 # Run inside the insert's transaction before the row is written: a per-key admission that may refuse
 # (RateLimited) and returns the response's rate-limit headers.
-Admission = Callable[[Connection, Job], dict[str, str]]
 
 
 @dataclass(frozen=True)
@@ -123,26 +122,6 @@ class JobQueries(Database):
         return [(r.id, r.model, GenerationSpec.from_dict(json.loads(r.spec))) for r in rows]
 
     # writes (JobService only) ---------------------------------------------------
-
-    def insert_job(self, job: Job, admit: Admission | None = None) -> dict[str, str] | None:
-        """The job inserted with its fair priority: the admission's rate-limit headers, or None when
-        another job already holds this owner's idempotency key. ``admit`` counts in the same transaction."""
-        try:
-            with self._write() as conn:
-                if admit is not None and conn.dialect.name == "postgresql":
-                    # One key's creates take turns until commit: its counts (queued, per minute, per
-                    # day) are read and the new row written with no concurrent create between them.
-                    conn.execute(select(func.pg_advisory_xact_lock(ADMIT_LOCK, func.hashtext(job.owner))))
-                headers = admit(conn, job) if admit is not None else {}
-                fair = priority(conn, job.owner)
-                conn.execute(jobs.insert().values(**job_row(job), priority=fair))
-                append_event(conn, job, EventKind.SUBMITTED, {}, self.webhook_rules)
-                self.queue.deferred(conn, job, fair)  # its queue entry commits with it, or neither does
-        except IntegrityError:
-            if job.idempotency_key is None:
-                raise
-            return None
-        return headers
 
     def transition(
         self,
@@ -350,3 +329,24 @@ def to_job(row: Row[Any]) -> Job:
         cost=row.cost,
         error_code=row.error_code,
     )
+
+
+class DuplicateJob(Exception):
+    """Another job already holds this owner's idempotency key (a concurrent create won the insert)."""
+
+
+def serialize_owner(conn: Connection, owner: str) -> None:
+    """On PostgreSQL, one key's creates take turns until commit: its counts (queued, per minute, per day)
+    are read and the new row written with no concurrent create between them. SQLite writes one at a time."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(select(func.pg_advisory_xact_lock(ADMIT_LOCK, func.hashtext(owner))))
+
+
+def insert_row(conn: Connection, job: Job, priority: int) -> None:
+    """The job's row, with its fair priority (store.fairness), in the caller's transaction."""
+    try:
+        conn.execute(jobs.insert().values(**job_row(job), priority=priority))
+    except IntegrityError as exc:
+        if job.idempotency_key is None:
+            raise
+        raise DuplicateJob(job.idempotency_key) from exc

@@ -35,6 +35,7 @@ from ..workers import LeasedWorker, new_worker_id
 from .base import Done, Inputs, Provider, Rejected, Task, Unavailable
 from .health import Health
 from .providers import provider_for
+from .routing import next_route
 
 log = logging.getLogger(__name__)
 
@@ -332,7 +333,7 @@ class UpstreamWorker(LeasedWorker):
 
     def _fail_over(self, job: Job, reason: str) -> bool:
         """Send the job to the model's next fallback upstream (fenced); False when there is none left."""
-        nxt = self._jobs.next_route(job, self._registry)
+        nxt = next_route(job, self._registry, self._jobs.events(job.id))
         if nxt is None:
             return False
         log.warning("job %s: %s; failing over to upstream %s", job.id, reason, nxt)
