@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -24,14 +23,14 @@ from PIL import Image
 
 from ..errors import FluxServeError, InvalidInput, StoreUnavailable
 from ..images import decode_image, fetch_url
-from ..job import EventKind, Job, Output, Status, WorkerState
+from ..job import EventKind, Job, Output, Status
 from ..jobs import JobService
 from ..models import ModelRegistry
 from ..models.upstreams import UpstreamConfig
 from ..outputs import EXTENSIONS, encode_image
 from ..spec import GenerationSpec
 from ..storage import Storage
-from ..workers import LeasedWorker, new_worker_id
+from ..workers import LeasedWorker
 from .base import Done, Inputs, Provider, Rejected, Task, Unavailable
 from .health import Health
 from .providers import provider_for
@@ -67,16 +66,13 @@ class UpstreamWorker(LeasedWorker):
         storage_retry_s: float = 60.0,
         transport: Any = None,  # tests: an httpx transport for the provider's calls and the result fetches
     ) -> None:
+        super().__init__(jobs, storage, f"upstream:{config.name}", storage_retry_s=storage_retry_s)
         self._transport = transport
-        self.storage_retry_s = storage_retry_s
-        self._jobs = jobs
-        self._storage = storage
         self._registry = registry
         self.config = config
         self.route = config.name
         self.device = f"upstream:{config.name}"
         self.concurrency = config.max_in_flight
-        self.worker_id = new_worker_id(self.device)
         self.provider: Provider = provider_for(config)
         self.health = Health(config.unhealthy_after, config.cooldown_s)
         self._allow_private = allow_private
@@ -86,16 +82,6 @@ class UpstreamWorker(LeasedWorker):
             transport=transport,
             follow_redirects=False,
         )
-        self.state: WorkerState = "loading"
-        self.load_error: str | None = None
-        self.degraded: str | None = None
-        self.current_job: str | None = None
-        self._held: dict[str, Job] = {}  # claim per job id, renewed by the heartbeat
-        self._lost: set[str] = set()
-        self._held_lock = threading.Lock()
-        self._heartbeat_stop = threading.Event()
-        self._stopping = threading.Event()
-        self._heartbeat: threading.Thread | None = None
 
     # -- the Worker seam (queue.base.Worker) -------------------------------------------
 
@@ -120,20 +106,9 @@ class UpstreamWorker(LeasedWorker):
     def lower_priority(self) -> None:
         pass  # waits on the network, never on the CPU
 
-    def start_heartbeat(self) -> None:
-        self._heartbeat = threading.Thread(target=self._renew_leases, name="fluxserve-upstream-lease", daemon=True)
-        self._heartbeat.start()
-
-    def begin_stop(self) -> None:
-        self._stopping.set()
-
     def stop(self, timeout: float = 10.0) -> None:
-        self.begin_stop()
-        self._heartbeat_stop.set()
-        if self._heartbeat is not None:
-            self._heartbeat.join(timeout)
+        super().stop(timeout)
         self._client.close()
-        self.state = "stopped"
 
     def run_claimed(self, job_id: str, lock: Any = None, abort: Callable[[], str | None] | None = None) -> list[Job]:
         job = self._store(self._jobs.claim_id, job_id, self.worker_id)

@@ -16,7 +16,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..engine.base import Cancelled, Engine, EngineRequest
 from ..errors import FluxServeError, OutOfMemory, StoreUnavailable
-from ..job import Job, Output, WorkerState
+from ..job import Job, Output
 from ..jobs import JobService
 from ..loras import LoraLibrary
 from ..models import ModelRegistry
@@ -30,7 +30,6 @@ from .leases import (
     Lock,
     _ShuttingDown,
     default_batch_max_pixels,
-    new_worker_id,
 )
 
 log = logging.getLogger(__name__)
@@ -57,20 +56,19 @@ class DeviceWorker(LeasedWorker):
         loras: LoraLibrary | None = None,
         storage_retry_s: float = 60.0,
     ) -> None:
-        self.storage_retry_s = storage_retry_s
+        super().__init__(
+            jobs, storage, getattr(engine, "device_request", engine.device), storage_retry_s=storage_retry_s
+        )
         # Adapters an API node on another machine fetched are fetched again here (LoraLibrary.localize).
         self._loras = loras
         self._nice = nice
         # A queue task (fluxserve.queue.runner) must not return before its images are stored.
         self._may_overlap = overlap_encoding
-        self._jobs = jobs
-        self._storage = storage
         self._engine = engine
         self._registry = registry
         self._max_batch = max_batch
         self._png_level = png_compress_level
         self._batch_max_pixels = batch_max_pixels
-        self.worker_id = new_worker_id(getattr(engine, "device_request", engine.device))
         # On an accelerator, encoding and writing the images runs beside the next job's denoising: a
         # 1024x1024 PNG takes a good part of a schnell image's time. At most two batches wait for it.
         # On CPU the encoder would take cores from torch's threads (measured: 0.85x throughput at
@@ -78,42 +76,16 @@ class DeviceWorker(LeasedWorker):
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fluxserve-encode")
         self._overlap_encoding = False
         self._encode_slots = threading.Semaphore(2)
-        self._stopping = threading.Event()
-        self._heartbeat_stop = threading.Event()
-        self._heartbeat: threading.Thread | None = None
-        # Jobs this worker holds a lease on (the running batch and batches waiting for the encoder).
-        self._held: dict[str, Job] = {}
-        self._lost: set[str] = set()
-        self._held_lock = threading.Lock()
-        self.state: WorkerState = "loading"
-        self.load_error: str | None = None
-        self.degraded: str | None = None
         self._abort: AbortCheck = lambda: None
-        self.current_job: str | None = None
-
-    def start_heartbeat(self) -> None:
-        self._heartbeat = threading.Thread(target=self._renew_leases, name="fluxserve-heartbeat", daemon=True)
-        self._heartbeat.start()
 
     @property
     def device(self) -> str:
         return self._engine.device
 
-    @property
-    def stopping(self) -> bool:
-        return self._stopping.is_set()
-
-    def begin_stop(self) -> None:
-        """The running batch gives its jobs back at its next step; nothing new is run."""
-        self._stopping.set()
-
     def stop(self, timeout: float = 10.0) -> None:
         self.begin_stop()
         self._encoder.shutdown(wait=True)  # generated images are written before the store closes
-        self._heartbeat_stop.set()
-        if self._heartbeat is not None:
-            self._heartbeat.join(timeout)
-        self.state = "stopped"
+        super().stop(timeout)
 
     def models(self) -> list[str]:
         """The names this worker serves (its registry, narrowed by --models; never an upstream-only name)."""

@@ -19,9 +19,9 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ..errors import StoreUnavailable
-from ..job import Job
+from ..job import Job, WorkerState
 from ..jobs import JobService
-from ..storage import StorageUnreachable
+from ..storage import Storage, StorageUnreachable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -59,15 +59,45 @@ class LeasedWorker:
     backoff until made, giving up only when stopping (the job's lease then runs out and another claim
     re-runs it)."""
 
-    worker_id: str
-    degraded: str | None
-    _jobs: JobService
-    _stopping: threading.Event
-    _heartbeat_stop: threading.Event
-    _held: dict[str, Job]  # the claims it holds, by job id
-    _held_lock: threading.Lock
-    _lost: set[str]  # held claims the heartbeat found taken
-    storage_retry_s: float = 60.0  # how long an unreachable object store is waited for before a job fails
+    concurrency: int
+    route: str | None
+
+    def __init__(self, jobs: JobService, storage: Storage, device: str, *, storage_retry_s: float = 60.0) -> None:
+        self._jobs = jobs
+        self._storage = storage
+        self.worker_id = new_worker_id(device)
+        self.storage_retry_s = storage_retry_s  # how long an unreachable object store is waited for
+        self.state: WorkerState = "loading"
+        self.load_error: str | None = None
+        self.degraded: str | None = None
+        self.current_job: str | None = None
+        # The claims it holds, by job id (a running batch, batches waiting for the encoder, upstream tasks),
+        # renewed by the heartbeat; ``_lost``: held claims the heartbeat found taken.
+        self._held: dict[str, Job] = {}
+        self._lost: set[str] = set()
+        self._held_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._heartbeat_stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+
+    def start_heartbeat(self) -> None:
+        self._heartbeat = threading.Thread(target=self._renew_leases, name="fluxserve-heartbeat", daemon=True)
+        self._heartbeat.start()
+
+    def begin_stop(self) -> None:
+        """Nothing new is run; a running device batch gives its jobs back at its next step."""
+        self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.begin_stop()
+        self._heartbeat_stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout)
+        self.state = "stopped"
 
     def _renew_leases(self) -> None:
         """Heartbeat: leases stay fresh through long steps, model loads and image encoding."""
