@@ -398,6 +398,10 @@ class JobService:
     async def get(self, job_id: str, owner: str, dialect: str | None = None) -> Job:
         return await self.run(self.get_sync, job_id, owner, dialect)
 
+    async def find(self, job_id: str) -> Job | None:
+        """Any owner's job: for a request whose signed URL already proves it may see it."""
+        return await self.run(self.store.get_job, job_id)
+
     async def cancel(self, job_id: str, owner: str, dialect: str | None = None) -> Job:
         return await self.run(self.cancel_sync, job_id, owner, dialect)
 

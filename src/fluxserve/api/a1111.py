@@ -159,7 +159,7 @@ async def txt2img(request: Request, services: ServicesDep, owner: str = Owner) -
 @router.post("/img2img", openapi_extra=json_body(Img2Img))
 async def img2img(request: Request, services: ServicesDep, owner: str = Owner) -> Any:
     body = await read_json(request, Img2Img)
-    image = await image_from_value(body.init_images[0], services, param="init_images[0]")
+    image = await image_from_value(body.init_images[0], services, owner, param="init_images[0]")
     return await _generate(request, services, owner, body, [image])
 
 

@@ -38,7 +38,7 @@ async def _create(endpoint: str, request: Request, services: Services, owner: st
             code="too_many_images",
         )
     model = services.registry.get(model_name)
-    spec, inputs = await body.to_spec(services, model)
+    spec, inputs = await body.to_spec(services, owner, model)
     webhook = None
     if body.webhook_url:
         await services.jobs.run_slow(

@@ -31,15 +31,15 @@ class _Common(BaseModel):
     webhook_url: str | None = Field(default=None, min_length=1, max_length=2083)
     webhook_secret: str | None = Field(default=None, max_length=1024)
 
-    async def _sized_inputs(self, services: Services, model: ModelSpec) -> tuple[Inputs, int, int]:
+    async def _sized_inputs(self, services: Services, owner: str, model: ModelSpec) -> tuple[Inputs, int, int]:
         raise NotImplementedError
 
     def _steps_guidance(self) -> tuple[int | None, float | None]:
         return None, None
 
-    async def to_spec(self, services: Services, model: ModelSpec) -> tuple[GenerationSpec, Inputs]:
+    async def to_spec(self, services: Services, owner: str, model: ModelSpec) -> tuple[GenerationSpec, Inputs]:
         """The spec and the decoded input images (stored only once the job is admitted)."""
-        inputs, width, height = await self._sized_inputs(services, model)
+        inputs, width, height = await self._sized_inputs(services, owner, model)
         steps, guidance = self._steps_guidance()
         spec = model.make_spec(
             prompt=self.prompt,
@@ -62,10 +62,10 @@ class Pro11Inputs(_Common):
     height: int = 768
     image_prompt: str | None = None
 
-    async def _sized_inputs(self, services: Services, model: ModelSpec) -> tuple[Inputs, int, int]:
+    async def _sized_inputs(self, services: Services, owner: str, model: ModelSpec) -> tuple[Inputs, int, int]:
         if self.image_prompt:
             raise InvalidInput("image_prompt (Redux) is not supported by this server.", param="image_prompt")
-        inputs, _, _ = await image_and_size(services, model, [], aspect_ratio="1:1", aspect_explicit=True)
+        inputs, _, _ = await image_and_size(services, owner, model, [], aspect_ratio="1:1", aspect_explicit=True)
         return inputs, self.width, self.height
 
 
@@ -89,15 +89,17 @@ class KontextInputs(_Common):
     aspect_ratio: str | None = None
     output_format: Literal["jpeg", "png", "webp"] | None = "png"
 
-    async def _sized_inputs(self, services: Services, model: ModelSpec) -> tuple[Inputs, int, int]:
+    async def _sized_inputs(self, services: Services, owner: str, model: ModelSpec) -> tuple[Inputs, int, int]:
         names = ("input_image", "input_image_2", "input_image_3", "input_image_4")
         values = [(n, v) for n, v in zip(names, self._images(), strict=True) if v]
         if self.aspect_ratio:
             width, height = ratio_size(self.aspect_ratio)
-            inputs, _, _ = await image_and_size(services, model, values, aspect_ratio="1:1", aspect_explicit=True)
+            inputs, _, _ = await image_and_size(
+                services, owner, model, values, aspect_ratio="1:1", aspect_explicit=True
+            )
             return inputs, width, height
         aspect = "match_input_image" if values else "1:1"
-        return await image_and_size(services, model, values, aspect_ratio=aspect, aspect_explicit=False)
+        return await image_and_size(services, owner, model, values, aspect_ratio=aspect, aspect_explicit=False)
 
     def _images(self) -> tuple[str | None, ...]:
         return self.input_image, self.input_image_2, self.input_image_3, self.input_image_4
@@ -108,13 +110,13 @@ class _Flux2Base(_Common):
     width: int | None = None
     height: int | None = None
 
-    async def _sized_inputs(self, services: Services, model: ModelSpec) -> tuple[Inputs, int, int]:
+    async def _sized_inputs(self, services: Services, owner: str, model: ModelSpec) -> tuple[Inputs, int, int]:
         count = sum(1 for name in type(self).model_fields if name.startswith("input_image"))
         named = [(image_field(i), getattr(self, image_field(i))) for i in range(1, count + 1)]
         values = [(n, v) for n, v in named if v]
         aspect = "match_input_image" if values else "1:1"
         inputs, width, height = await image_and_size(
-            services, model, values, aspect_ratio=aspect, aspect_explicit=False
+            services, owner, model, values, aspect_ratio=aspect, aspect_explicit=False
         )
         if self.width or self.height:
             if not (self.width and self.height):

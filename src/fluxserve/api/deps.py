@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -45,17 +44,11 @@ def get_services(request: Request) -> Services:
     return services
 
 
-# The authenticated caller of the request being handled (set with the route's auth dependency): what an
-# input naming one of the caller's uploaded files (api/replicate_files.py) is checked against.
-current_owner: ContextVar[str | None] = ContextVar("fluxserve_current_owner", default=None)
-
-
 async def _owner_for(request: Request, key: str | None) -> str:
     services = get_services(request)
     # The operator's key needs no database read; stored keys are looked up off the event loop.
     owner = services.auth.env_owner(key)
     owner = owner if owner is not None else await services.jobs.run_auth(services.auth.owner_for, key)
-    current_owner.set(owner)
     return owner
 
 

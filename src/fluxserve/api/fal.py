@@ -101,13 +101,13 @@ class FalInput(BaseModel):
     sync_mode: bool = False
     enable_safety_checker: bool = True  # accepted; fluxserve runs no safety checker
 
-    async def to_spec(self, services: Services, app: str) -> tuple[Any, Inputs]:
+    async def to_spec(self, services: Services, owner: str, app: str) -> tuple[Any, Inputs]:
         model = services.registry.get(APPS[app])
         values = [("image_url", self.image_url)] if self.image_url else []
         values += [(f"image_urls[{i}]", u) for i, u in enumerate(self.image_urls)]
         if len(values) > model.image_limit:
             model.check_image_count(len(values), param=values[model.image_limit][0])
-        inputs = Inputs(await images_from_values(values, services))
+        inputs = Inputs(await images_from_values(values, services, owner))
         if isinstance(self.image_size, Size):
             width, height = self.image_size.width, self.image_size.height
         elif self.image_size is None and inputs.images:
@@ -174,7 +174,7 @@ async def create(app: str, request: Request, services: ServicesDep, owner: str =
         allow = services.settings.allow_private_urls
         await services.jobs.run_slow(check_webhook_url, hook, param="fal_webhook", allow_private=allow)
         webhook = {"url": hook, "events": ["completed"]}
-    spec, inputs = await body.to_spec(services, app)
+    spec, inputs = await body.to_spec(services, owner, app)
     echo = {"app": app, "input": known_fields(body, exclude={"image_url", "image_urls"})}
     job = await submit(services, request, owner, "fal", spec, echo, inputs, webhook=webhook)
     if body.sync_mode:

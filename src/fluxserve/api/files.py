@@ -23,7 +23,7 @@ async def get_file(key: str, services: ServicesDep, expires: int = 0, sig: str =
         raise Forbidden("This file URL is invalid or has expired; fetch the job again for a fresh URL.")
     path = storage.open(key)
     if not path.is_file():
-        job = await services.jobs.run(services.store.get_job, key.split("/", 1)[0])
+        job = await services.jobs.find(key.split("/", 1)[0])
         if job is not None and job.files_expired_at is not None:
             raise Gone(
                 f"This file was deleted after the server's retention period ({services.settings.retention}); "

@@ -185,6 +185,7 @@ def _elided(value: object) -> object:
 
 async def image_and_size(
     services: Services,
+    owner: str,
     model: ModelSpec,
     values: list[tuple[str, str]],
     *,
@@ -201,7 +202,7 @@ async def image_and_size(
     """
     if len(values) > model.image_limit:  # before fetching anything; names the first field past the limit
         model.check_image_count(len(values), param=values[model.image_limit][0])
-    inputs = Inputs(await images_from_values(values, services))
+    inputs = Inputs(await images_from_values(values, services, owner))
     for (param, _), image in zip(values, inputs.images, strict=True):
         model.check_reference(image.size, param=param)
     match_input = aspect_ratio == "match_input_image" or (

@@ -25,7 +25,7 @@ router = APIRouter(prefix="/v1")
 async def create_image(request: Request, services: ServicesDep, owner: OwnerDep) -> Any:
     body = await read_json(request, ImageGenerationRequest)
     model = services.registry.get(body.model or DEFAULT_MODEL)
-    spec = await body.to_spec(services, model)
+    spec = await body.to_spec(services, owner, model)
     echo = known_fields(body)
     if body.stream:
         spec = replace(spec, partial_images=body.partial_images or 0)

@@ -64,7 +64,7 @@ class ImageGenerationRequest(ImageFields):
     # fluxserve extensions
     loras: list[LoraItem] | None = None  # LoRA adapters for this request: [{"path", "scale"}]
 
-    async def to_spec(self, services: Services, model: ModelSpec) -> GenerationSpec:
+    async def to_spec(self, services: Services, owner: str, model: ModelSpec) -> GenerationSpec:
         width, height = parse_size(self.size)
         loras = await resolve_loras(services, model, lora_items(self.loras), param="loras")
         return self.make_spec(model, width, height, loras)

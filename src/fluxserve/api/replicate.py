@@ -156,7 +156,7 @@ async def _create(request: Request, services: Services, owner: str, name: str, b
         inp = schema.model_validate(body.input)
     except ValidationError as exc:
         raise from_validation_errors(list(exc.errors()), prefix="input.") from exc
-    spec, inputs = await inp.to_spec(services, model)
+    spec, inputs = await inp.to_spec(services, owner, model)
     wait_s = parse_prefer_wait(request.headers.get("prefer"))
     cancel_after = request.headers.get("cancel-after")
     deadline = time.time() + parse_duration(cancel_after, param="Cancel-After") if cancel_after else None
@@ -327,7 +327,7 @@ async def stream_prediction(
         good = _stream_signature(services.secret, job_id, expires).encode()
         if expires < time.time() or not hmac.compare_digest(good, sig.encode("utf-8", "surrogateescape")):
             raise Forbidden("This stream URL is invalid or has expired; fetch the prediction again for a fresh one.")
-        found = await services.jobs.run(services.store.get_job, job_id)
+        found = await services.jobs.find(job_id)
         if found is None or found.dialect != "replicate":
             raise NotFound(f"No job with id {job_id!r}.", param="id")
         owner = found.owner

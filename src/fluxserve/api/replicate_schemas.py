@@ -38,7 +38,7 @@ class _Input(BaseModel):
     prompt: str
     seed: int | None = None
 
-    async def to_spec(self, services: Services, model: ModelSpec) -> tuple[GenerationSpec, Inputs]:
+    async def to_spec(self, services: Services, owner: str, model: ModelSpec) -> tuple[GenerationSpec, Inputs]:
         """The spec and the decoded input images (stored only once the job is admitted)."""
         raise NotImplementedError
 
@@ -47,12 +47,19 @@ class _Input(BaseModel):
         return await resolve_loras(services, model, requests, param="input.lora_weights")
 
     async def _sized(
-        self, services: Services, model: ModelSpec, values: list[tuple[str, str]], aspect: str, megapixels: str = "1"
+        self,
+        services: Services,
+        owner: str,
+        model: ModelSpec,
+        values: list[tuple[str, str]],
+        aspect: str,
+        megapixels: str = "1",
     ) -> tuple[Inputs, int, int]:
         """The images and the size an aspect ratio (explicit only when the client sent one) gives them."""
         explicit = "aspect_ratio" in self.model_fields_set
         return await image_and_size(
             services,
+            owner,
             model,
             values,
             aspect_ratio=aspect,
@@ -107,10 +114,10 @@ class SchnellInput(_Input):
     def _image(self) -> list[tuple[str, str]]:
         return []
 
-    async def to_spec(self, services: Services, model: ModelSpec) -> tuple[GenerationSpec, Inputs]:
+    async def to_spec(self, services: Services, owner: str, model: ModelSpec) -> tuple[GenerationSpec, Inputs]:
         loras = await self._loras(services, model)
         values = self._image()
-        inputs, width, height = await self._sized(services, model, values, self.aspect_ratio, self.megapixels)
+        inputs, width, height = await self._sized(services, owner, model, values, self.aspect_ratio, self.megapixels)
         return self._spec(
             model,
             inputs,
@@ -147,7 +154,7 @@ class Pro11Input(_Input):
     def _steps_guidance(self) -> tuple[int | None, float | None]:
         return None, None
 
-    async def to_spec(self, services: Services, model: ModelSpec) -> tuple[GenerationSpec, Inputs]:
+    async def to_spec(self, services: Services, owner: str, model: ModelSpec) -> tuple[GenerationSpec, Inputs]:
         loras = await self._loras(services, model)
         if self.image_prompt:
             raise InvalidInput(
@@ -156,7 +163,7 @@ class Pro11Input(_Input):
         if self.aspect_ratio == "custom":
             inputs, (width, height) = Inputs([]), _custom_size(self.width, self.height)
         else:
-            inputs, width, height = await self._sized(services, model, [], self.aspect_ratio)
+            inputs, width, height = await self._sized(services, owner, model, [], self.aspect_ratio)
         steps, guidance = self._steps_guidance()
         return self._spec(
             model,
@@ -194,7 +201,7 @@ class KontextInput(_Input):
     safety_tolerance: int = Field(default=2, ge=0, le=6)
     output_format: Literal["jpg", "png"] = "png"
 
-    async def to_spec(self, services: Services, model: ModelSpec) -> tuple[GenerationSpec, Inputs]:
+    async def to_spec(self, services: Services, owner: str, model: ModelSpec) -> tuple[GenerationSpec, Inputs]:
         loras = await self._loras(services, model)
         values = [("input.input_image", self.input_image)] if self.input_image else []
         if values and self.safety_tolerance > 2:
@@ -203,7 +210,7 @@ class KontextInput(_Input):
             )
         # Kontext without an input image generates from text.
         aspect = "1:1" if self.aspect_ratio == "match_input_image" and not values else self.aspect_ratio
-        inputs, width, height = await self._sized(services, model, values, aspect)
+        inputs, width, height = await self._sized(services, owner, model, values, aspect)
         return self._spec(model, inputs, (width, height), loras, output_format=_FORMATS[self.output_format])
 
 
@@ -224,15 +231,18 @@ class _Flux2Base(_Input, _LoraFields):
     def _steps_guidance(self) -> tuple[int | None, float | None]:
         return None, None
 
-    async def _sized_inputs(self, services: Services, model: ModelSpec) -> tuple[Inputs, int, int]:
+    async def _sized_inputs(self, services: Services, owner: str, model: ModelSpec) -> tuple[Inputs, int, int]:
         values = [(f"input.{self.refs_field}[{i}]", v) for i, v in enumerate(self._refs())]
         aspect: str = getattr(self, "aspect_ratio", "1:1")
         if aspect == "custom":
             width, height = _custom_size(getattr(self, "width", None), getattr(self, "height", None))
-            inputs, _, _ = await image_and_size(services, model, values, aspect_ratio="1:1", aspect_explicit=True)
+            inputs, _, _ = await image_and_size(
+                services, owner, model, values, aspect_ratio="1:1", aspect_explicit=True
+            )
             return inputs, width, height
         return await image_and_size(
             services,
+            owner,
             model,
             values,
             aspect_ratio=aspect,
@@ -241,9 +251,9 @@ class _Flux2Base(_Input, _LoraFields):
             aspect_param="input.aspect_ratio",
         )
 
-    async def to_spec(self, services: Services, model: ModelSpec) -> tuple[GenerationSpec, Inputs]:
+    async def to_spec(self, services: Services, owner: str, model: ModelSpec) -> tuple[GenerationSpec, Inputs]:
         loras = await self._loras(services, model)
-        inputs, width, height = await self._sized_inputs(services, model)
+        inputs, width, height = await self._sized_inputs(services, owner, model)
         steps, guidance = self._steps_guidance()
         return self._spec(
             model,
@@ -279,8 +289,8 @@ class Flux2Input(_Flux2Base):
     def _megapixels(self) -> str:
         return "1" if self.resolution == "match_input_image" else self.resolution.split()[0]
 
-    async def _sized_inputs(self, services: Services, model: ModelSpec) -> tuple[Inputs, int, int]:
-        inputs, width, height = await super()._sized_inputs(services, model)
+    async def _sized_inputs(self, services: Services, owner: str, model: ModelSpec) -> tuple[Inputs, int, int]:
+        inputs, width, height = await super()._sized_inputs(services, owner, model)
         if self.aspect_ratio != "custom" and self.resolution == "match_input_image" and inputs.images:
             first = inputs.images[0]
             width, height = fit_megapixel(*first.size, target=first.width * first.height)

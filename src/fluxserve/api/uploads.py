@@ -7,25 +7,25 @@ from PIL import Image
 
 from ..errors import InvalidInput
 from ..images import check_pixel_budget, decode_base64, decode_image_async, fetch_image_bytes
-from .deps import Services, current_owner
+from .deps import Services
 
 
-async def read_own_file(services: Services, url: str, *, param: str) -> bytes | None:
+async def read_own_file(services: Services, owner: str, url: str, *, param: str) -> bytes | None:
     """The bytes of a file URL of ours the caller owns; None when ``url`` is not one of our file URLs."""
     prefix = f"{services.settings.base_url}/v1/files/"
     if not url.startswith(prefix):
         return None
     file_id = url.removeprefix(prefix).split("/", 1)[0].split("?", 1)[0]
-    found = await services.jobs.run(services.store.get_file, current_owner.get() or "", file_id)
+    found = await services.jobs.run(services.store.get_file, owner, file_id)
     if found is None:
         raise InvalidInput(f"{param}: no file {file_id!r} was uploaded with this API key.", param=param)
     return await services.jobs.run_slow(services.storage.read, found.key)
 
 
-async def _value_bytes(value: str, services: Services, *, param: str) -> bytes:
+async def _value_bytes(value: str, services: Services, owner: str, *, param: str) -> bytes:
     """An http(s) URL, a data: URL, or bare base64 (as BFL clients send); a file the caller uploaded
     (Replicate's files API) by its URL is read from our storage."""
-    own = await read_own_file(services, value, param=param)
+    own = await read_own_file(services, owner, value, param=param)
     if own is not None:
         return own
     if value.startswith(("http://", "https://", "data:")) or "://" in value[:16]:
@@ -33,15 +33,15 @@ async def _value_bytes(value: str, services: Services, *, param: str) -> bytes:
     return decode_base64(value, param=param)
 
 
-async def image_from_value(value: str, services: Services, *, param: str) -> Image.Image:
-    data = await _value_bytes(value, services, param=param)
+async def image_from_value(value: str, services: Services, owner: str, *, param: str) -> Image.Image:
+    data = await _value_bytes(value, services, owner, param=param)
     return await decode_image_async(data, param=param, slots=services.decode_slots)
 
 
-async def images_from_values(values: list[tuple[str, str]], services: Services) -> list[Image.Image]:
+async def images_from_values(values: list[tuple[str, str]], services: Services, owner: str) -> list[Image.Image]:
     """Every (param, value) image of a JSON request, within the per-request pixel budget (judged from
     the headers, before anything is decoded), as multipart edits are."""
-    blobs = [await _value_bytes(value, services, param=param) for param, value in values]
+    blobs = [await _value_bytes(value, services, owner, param=param) for param, value in values]
     if len(blobs) > 1:
         check_pixel_budget(blobs, param=values[0][0])
     return [

@@ -48,7 +48,7 @@ class VmodelInput(BaseModel):
     go_fast: bool | None = None
     disable_safety_checker: bool | None = None
 
-    async def to_spec(self, services: Services, model: ModelSpec) -> tuple[GenerationSpec, Inputs]:
+    async def to_spec(self, services: Services, owner: str, model: ModelSpec) -> tuple[GenerationSpec, Inputs]:
         """The spec and the decoded input images (stored only once the job is admitted)."""
         given = [name for name in ("image", "input_image", "input_images") if getattr(self, name) is not None]
         if len(given) > 1:
@@ -65,6 +65,7 @@ class VmodelInput(BaseModel):
         param = values[0][0].split("[")[0] if values else "input.image"
         inputs, width, height = await image_and_size(
             services,
+            owner,
             model,
             values,
             aspect_ratio=self.aspect_ratio,
@@ -113,7 +114,7 @@ async def generate(request: Request, services: ServicesDep, owner: OwnerDep) -> 
     body = await read_json(request, VmodelRequest)
     model = services.registry.get(body.model)
     inp = body.input
-    spec, inputs = await inp.to_spec(services, model)
+    spec, inputs = await inp.to_spec(services, owner, model)
     echo = {"model": body.model, "input": elide_inline_images(inp.model_dump(exclude_unset=True))}
     job = await submit(services, request, owner, "vmodel", spec, echo, inputs)
     return {"id": job.id}
