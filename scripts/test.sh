@@ -41,7 +41,9 @@ fi
 npm ci --prefix tests/e2e/js --silent --no-audit --no-fund
 
 python3 -m venv .venv
-.venv/bin/pip install --quiet torch==2.13.0 -e '.[engine,test]'
+# pip 25.1 or newer reads the PEP 735 dependency groups (pyproject.toml [dependency-groups]).
+.venv/bin/pip install --quiet --upgrade 'pip>=25.1'
+.venv/bin/pip install --quiet torch==2.13.0 -e '.[engine]' --group dev
 if [ $# -gt 0 ]; then
   .venv/bin/python -m pytest "$@"
   exit
@@ -57,7 +59,8 @@ fi
 # of torch, about 5.5 GB, that runs on the CPU here), and the coverage of both runs is counted together.
 .venv/bin/python -m pytest -m "not torchvision and not slow" --cov=fluxserve --cov-report=
 python3 -m venv .venv-tv
-.venv-tv/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1 -e '.[engine,test]'
+.venv-tv/bin/pip install --quiet --upgrade 'pip>=25.1'
+.venv-tv/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1 -e '.[engine]' --group test
 .venv-tv/bin/python -m pytest -m "torchvision and not slow" --cov=fluxserve --cov-append --cov-report=term --cov-fail-under=85
 # The dialects once more, on PostgreSQL + procrastinate instead of SQLite.
 .venv/bin/python -m pytest --on-postgres tests/api/test_api.py tests/api/test_replicate_api.py \
