@@ -57,7 +57,7 @@ fi
 # the tests that need torchvision: FLUX 3's and FLUX.2 [dev]'s processors import it, and PyPI's torchvision
 # does not import beside the CPU torch above. They run in a second venv with a pair that does (a CUDA build
 # of torch, about 5.5 GB, that runs on the CPU here), and the coverage of both runs is counted together.
-.venv/bin/python -m pytest -m "not torchvision and not slow" --cov=fluxserve --cov-report=
+.venv/bin/python -m pytest -m "not torchvision and not slow" --cov=fluxserve --cov-report= --durations=30
 python3 -m venv .venv-tv
 .venv-tv/bin/pip install --quiet --upgrade 'pip>=25.1'
 .venv-tv/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1 -e '.[engine]' --group test

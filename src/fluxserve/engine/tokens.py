@@ -46,17 +46,21 @@ def byte_alphabet() -> list[str]:
 
 def qwen_tokenizer() -> tuple[Any, dict[str, int]]:
     """FLUX.2 [klein]'s Qwen3 tokenizer with its chat format."""
+    return _qwen(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"], 512, QWEN_CHAT_TEMPLATE)
+
+
+def _qwen(specials: list[str], max_length: int, template: str) -> tuple[Any, dict[str, int]]:
+    """A byte-level Qwen tokenizer: the byte alphabet, then ``specials`` (the first is the padding)."""
     from transformers import Qwen2TokenizerFast
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
     vocab = {ch: i for i, ch in enumerate(byte_alphabet())}
     for tok in specials:
         vocab[tok] = len(vocab)
     tokenizer = Qwen2TokenizerFast(
         vocab=vocab,
         merges=[],
-        model_max_length=512,
-        chat_template=QWEN_CHAT_TEMPLATE,
+        model_max_length=max_length,
+        chat_template=template,
         additional_special_tokens=specials[1:],
         pad_token="<|endoftext|>",
         eos_token="<|im_end|>",
@@ -96,23 +100,12 @@ def mistral_processor() -> tuple[Any, dict[str, int]]:
 
 
 def qwen_vl_processor() -> tuple[Any, dict[str, int]]:
-    from transformers import Qwen2TokenizerFast, Qwen2VLImageProcessor, Qwen3VLProcessor
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor
     from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"]
     specials += ["<|image_pad|>", "<|video_pad|>", "<think>", "</think>"]
-    vocab = {ch: i for i, ch in enumerate(byte_alphabet())}
-    for tok in specials:
-        vocab[tok] = len(vocab)
-    tokenizer = Qwen2TokenizerFast(
-        vocab=vocab,
-        merges=[],
-        model_max_length=8192,
-        chat_template=QWEN_VL_CHAT_TEMPLATE,
-        additional_special_tokens=specials[1:],
-        pad_token="<|endoftext|>",
-        eos_token="<|im_end|>",
-    )
+    tokenizer, vocab = _qwen(specials, 8192, QWEN_VL_CHAT_TEMPLATE)
     patches = {"patch_size": 16, "merge_size": 2, "temporal_patch_size": 2}
     processor = Qwen3VLProcessor(
         image_processor=Qwen2VLImageProcessor(**patches),

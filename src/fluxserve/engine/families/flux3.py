@@ -26,6 +26,18 @@ DISTILLED = "Flux3DistilledModularPipeline"
 BASE = "Flux3ModularPipeline"
 PIPELINES = (DISTILLED, BASE)
 _HIDDEN = 16
+# The demo's vision tower, as the upsampler (Qwen3.5) and the text encoder (Qwen3-VL) both have it.
+_VISION = {
+    "depth": 1,
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_heads": 2,
+    "out_hidden_size": _HIDDEN,
+    "patch_size": 16,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "num_position_embeddings": 16,
+}
 
 
 def pipeline_class(weights: str, kind: str, pipeline: str, local_files_only: bool) -> str:
@@ -195,17 +207,7 @@ class Upsampler:
             "pad_token_id": vocab["<|endoftext|>"],
             "eos_token_id": vocab["<|im_end|>"],
         }
-        vision = {
-            "depth": 1,
-            "hidden_size": 16,
-            "intermediate_size": 32,
-            "num_heads": 2,
-            "out_hidden_size": _HIDDEN,
-            "patch_size": 16,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "num_position_embeddings": 16,
-        }
+        vision = dict(_VISION)
         self.model = Qwen3_5ForConditionalGeneration(
             Qwen3_5Config(text_config=text, vision_config=vision, **vl_tokens(vocab))
         )
@@ -238,18 +240,7 @@ def klein(*, distilled: bool) -> Any:
         "tie_word_embeddings": True,
         "pad_token_id": vocab["<|endoftext|>"],
     }
-    vision = {
-        "depth": 1,
-        "hidden_size": 16,
-        "intermediate_size": 32,
-        "num_heads": 2,
-        "out_hidden_size": _HIDDEN,
-        "patch_size": 16,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
-        "deepstack_visual_indexes": [0],
-        "num_position_embeddings": 16,
-    }
+    vision = {**_VISION, "deepstack_visual_indexes": [0]}
     text_encoder = Qwen3VLForConditionalGeneration(
         Qwen3VLConfig(text_config=text, vision_config=vision, **vl_tokens(vocab))
     )
