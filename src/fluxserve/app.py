@@ -36,6 +36,7 @@ from .api.ratelimit import RateLimitHeaders
 from .auth import Authenticator
 from .engine.base import Engine
 from .errors import StoreUnavailable
+from .files import FileService
 from .job import EventKind
 from .jobs import JobService
 from .limits import Limits
@@ -262,6 +263,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
             Authenticator(store, settings.api_key),
             core.secret,
             core.loras,
+            FileService(store, storage, jobs.offload),
         )
         app.state.services = services
         upstreams = [w for w in device_workers or [] if w.route]

@@ -10,6 +10,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from ..auth import Authenticator, bearer_token
+from ..files import FileService
 from ..job import Job
 from ..jobs import JobService
 from ..loras import LoraLibrary
@@ -31,6 +32,7 @@ class Services:
     auth: Authenticator
     secret: bytes  # the server secret: signs file URLs, derives webhook secrets
     loras: LoraLibrary
+    files: FileService  # uploads (Replicate's files API)
     # Image decodes at once across requests: each can hold up to 40 MP (160 MB) while it runs.
     decode_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
     started_at: float = field(default_factory=time.time)

@@ -8,17 +8,14 @@ after the server's retention period (FLUXSERVE_RETENTION); ``expires_at`` says w
 
 from __future__ import annotations
 
-import hashlib
 import json
-import secrets
-import time
 from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from ..errors import InvalidInput, NotFound, UnsupportedMediaType
+from ..errors import InvalidInput, UnsupportedMediaType
 from ..images import MAX_IMAGE_BYTES
 from ..store import StoredFile
 from .deps import OwnerDep, Services, ServicesDep
@@ -73,35 +70,14 @@ async def create_file(request: Request, services: ServicesDep, owner: OwnerDep) 
             raise InvalidInput("metadata must be a JSON object of at most 8 KB.", param="metadata")
     finally:
         await form.close()
-    file_id = secrets.token_hex(12)
-    stored = StoredFile(
-        file_id,
-        owner,
-        name,
-        mime,
-        len(data),
-        hashlib.sha256(data).hexdigest(),
-        hashlib.md5(data).hexdigest(),
-        metadata,
-        f"uploads/{file_id}/content",
-        time.time(),
-    )
-    await services.jobs.run_slow(services.storage.put, stored.key, data)
-    await services.jobs.run(services.store.add_file, stored)
+    stored = await services.files.add(owner, name, mime, data, metadata)
     return render(services, stored)
-
-
-async def _get(services: Services, owner: str, file_id: str) -> StoredFile:
-    found = await services.jobs.run(services.store.get_file, owner, file_id)
-    if found is None:
-        raise NotFound(f"No file with id {file_id!r}.", param="file_id")
-    return found
 
 
 @router.get("/files")
 async def list_files(services: ServicesDep, owner: OwnerDep, cursor: str | None = None) -> dict[str, Any]:
     before = decode_cursor(cursor) if cursor else None
-    rows = await services.jobs.run(lambda: services.store.list_files(owner, before=before, limit=PAGE_SIZE + 1))
+    rows = await services.files.list(owner, before=before, limit=PAGE_SIZE + 1)
     page = rows[:PAGE_SIZE]
     nxt = None
     if len(rows) > PAGE_SIZE:
@@ -111,20 +87,17 @@ async def list_files(services: ServicesDep, owner: OwnerDep, cursor: str | None 
 
 @router.get("/files/{file_id}")
 async def get_file(file_id: str, services: ServicesDep, owner: OwnerDep) -> dict[str, Any]:
-    return render(services, await _get(services, owner, file_id))
+    return render(services, await services.files.get(owner, file_id))
 
 
 @router.get("/files/{file_id}/download")
 async def download_file(file_id: str, services: ServicesDep, owner: OwnerDep) -> Response:
-    found = await _get(services, owner, file_id)
-    data = await services.jobs.run_slow(services.storage.read, found.key)
+    found = await services.files.get(owner, file_id)
+    data = await services.files.read(found)
     return Response(data, media_type=found.content_type)
 
 
 @router.delete("/files/{file_id}", status_code=204)
 async def delete_file(file_id: str, services: ServicesDep, owner: OwnerDep) -> Response:
-    gone = await services.jobs.run(services.store.delete_file, owner, file_id)
-    if gone is None:
-        raise NotFound(f"No file with id {file_id!r}.", param="file_id")
-    await services.jobs.run_slow(services.storage.delete, gone.key)
+    await services.files.delete(owner, file_id)
     return Response(status_code=204)

@@ -16,10 +16,10 @@ async def read_own_file(services: Services, owner: str, url: str, *, param: str)
     if not url.startswith(prefix):
         return None
     file_id = url.removeprefix(prefix).split("/", 1)[0].split("?", 1)[0]
-    found = await services.jobs.run(services.store.get_file, owner, file_id)
+    found = await services.files.find(owner, file_id)
     if found is None:
         raise InvalidInput(f"{param}: no file {file_id!r} was uploaded with this API key.", param=param)
-    return await services.jobs.run_slow(services.storage.read, found.key)
+    return await services.files.read(found)
 
 
 async def _value_bytes(value: str, services: Services, owner: str, *, param: str) -> bytes:
