@@ -98,10 +98,10 @@ def family(names: list[str]) -> str | None:
 
 
 def _family_of(model: ModelSpec) -> str:
-    return "flux2" if model.kind == "flux2" else "flux1"
+    return model.traits.family
 
 
-_FAMILY_NAMES = {"flux1": "FLUX.1", "flux2": "FLUX.2"}
+_FAMILY_NAMES = {"flux1": "FLUX.1", "flux2": "FLUX.2", "flux3": "FLUX 3"}
 
 
 HUB_METADATA_S = 20.0  # the hub's answer about a repo's files

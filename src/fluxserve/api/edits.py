@@ -163,7 +163,7 @@ async def image_variation(request: Request, services: ServicesDep, owner: OwnerD
         await form.close()
     image = await decode_image_async(upload_bytes, param="image", slots=services.decode_slots)
     model = services.registry.get(body.model or "flux-dev")
-    if model.kind != "text2img":
+    if model.traits.image_task != "img2img":  # a variation redraws the one image it is given
         raise InvalidInput(f"Variations need a text-to-image model such as flux-dev; got {model.name}.", param="model")
     width, height = _size(body, image.size)
     strength = VARIATION_STRENGTH if body.strength is None else body.strength
