@@ -24,6 +24,8 @@ def test_openai_node_edit_stream_and_replicate_js_models_stream_cancel(server: R
     out = json.loads(done.stdout.strip().splitlines()[-1])
     # Edits stream as the OpenAI spec does (before: plain JSON, and the SDK yielded nothing).
     assert out["edit_stream"] == ["image_edit.partial_image", "image_edit.completed"]
+    # files.create sends its metadata as a second file part: a 422 "Too many files" before.
+    assert out["file"] == ["js upload", 155, True]
     # models.get was a 404; the stream URL needed a token replicate-js does not send.
     assert out["model"] == ["black-forest-labs", "flux-schnell", 64]
     assert out["stream"][-2:] == ["output", "done"] and "logs" in out["stream"]

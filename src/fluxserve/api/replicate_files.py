@@ -9,11 +9,13 @@ after the server's retention period (FLUXSERVE_RETENTION); ``expires_at`` says w
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from starlette.datastructures import UploadFile
 
 from ..errors import InvalidInput, UnsupportedMediaType
 from ..images import MAX_IMAGE_BYTES
@@ -24,6 +26,8 @@ from .paging import decode_cursor, encode_cursor
 
 router = APIRouter(prefix="/v1")
 PAGE_SIZE = 100
+METADATA_BYTES = 8192
+_MEDIA_TYPE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+/[!#$%&'*+.^_`|~0-9A-Za-z-]+(\s*;[ -~]*)?")
 
 
 def _iso(ts: float | None) -> str | None:
@@ -55,23 +59,35 @@ async def create_file(request: Request, services: ServicesDep, owner: OwnerDep) 
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "multipart/form-data":
         raise UnsupportedMediaType(f"Content-Type must be multipart/form-data; got {ctype or 'none'!r}.")
-    form = await request.form(max_files=1, max_fields=8)
+    # replicate-js sends metadata as a second file part (a JSON Blob); replicate-python as a field.
+    form = await request.form(max_files=2, max_fields=8)
     try:
         content = form.get("content")
         data = await read_upload(content, param="content", max_bytes=MAX_IMAGE_BYTES)
         name = str(form.get("filename") or getattr(content, "filename", None) or "file")[:255]
         mime = str(form.get("type") or getattr(content, "content_type", None) or "application/octet-stream")[:128]
-        raw_meta = form.get("metadata") or "{}"
-        try:
-            metadata = json.loads(str(raw_meta))
-        except ValueError as exc:
-            raise InvalidInput("metadata must be a JSON object.", param="metadata") from exc
-        if not isinstance(metadata, dict) or len(str(raw_meta)) > 8192:
-            raise InvalidInput("metadata must be a JSON object of at most 8 KB.", param="metadata")
+        if not _MEDIA_TYPE.fullmatch(mime):  # it becomes the download's Content-Type header
+            raise InvalidInput(f"type must be a media type such as image/png; got {mime!r}.", param="type")
+        metadata = await _metadata(form.get("metadata"))
     finally:
         await form.close()
     stored = await services.files.add(owner, name, mime, data, metadata)
     return render(services, stored)
+
+
+async def _metadata(value: UploadFile | str | None) -> dict[str, Any]:
+    """A JSON object of at most 8 KB, sent as a field or as a file part."""
+    raw = (await value.read(METADATA_BYTES + 1)).decode("utf-8", "replace") if isinstance(value, UploadFile) else value
+    raw = raw or "{}"
+    if len(raw) > METADATA_BYTES:
+        raise InvalidInput("metadata must be a JSON object of at most 8 KB.", param="metadata")
+    try:
+        metadata = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # RecursionError: "[[[[..." nested thousands deep
+        raise InvalidInput("metadata must be a JSON object.", param="metadata") from exc
+    if not isinstance(metadata, dict):
+        raise InvalidInput("metadata must be a JSON object.", param="metadata")
+    return metadata
 
 
 @router.get("/files")

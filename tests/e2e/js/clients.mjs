@@ -17,6 +17,8 @@ out.edit_stream = [];
 for await (const event of stream) out.edit_stream.push(event.type);
 
 const replicate = new Replicate({ auth: key, baseUrl: `${base}/v1`, useFileOutput: false });
+const uploaded = await replicate.files.create(png, { purpose: "js upload" });
+out.file = [uploaded.metadata.purpose, uploaded.size, uploaded.urls.get.startsWith(`${base}/v1/files/`)];
 const model = await replicate.models.get("black-forest-labs", "flux-schnell");
 out.model = [model.owner, model.name, model.latest_version.id.length];
 out.stream = [];
