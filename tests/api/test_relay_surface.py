@@ -186,6 +186,10 @@ def test_fal_queue_submit_status_result(client: TestClient, fake_engine: Any) ->
     assert sub["status_url"] == f"{BASE}/fal-ai/flux/requests/{sub['request_id']}/status"  # fal drops the sub-path
     status = _until(client, sub["status_url"] + "?logs=1", lambda b: b["status"] == "COMPLETED", FAL_KEY)
     assert status["logs"] and status["logs"][0]["message"].startswith("Using seed")
+    # fal-client polls with logs=true and reads "logs" on every status (a 422 and a KeyError before).
+    as_client = client.get(sub["status_url"].removeprefix(BASE) + "?logs=true", headers=FAL_KEY)
+    assert as_client.status_code == 200 and as_client.json()["logs"][0]["message"].startswith("Using seed")
+    assert client.get(sub["status_url"].removeprefix(BASE), headers=FAL_KEY).json()["logs"] is None
     result = client.get(sub["response_url"].removeprefix(BASE), headers=FAL_KEY).json()
     assert [(i["width"], i["height"], i["content_type"]) for i in result["images"]] == [(1024, 576, "image/png")] * 2
     assert result["seed"] == 9 and result["has_nsfw_concepts"] == [False, False] and result["prompt"] == "a fox"
@@ -200,13 +204,19 @@ def test_fal_sync_mode_kontext_references_and_cancel(client: TestClient, fake_en
     import base64
 
     ref = "data:image/png;base64," + base64.b64encode(png_bytes((320, 256))).decode()
-    sync = client.post(
-        "/fal-ai/flux-pro/kontext",
-        json={"prompt": "night", "image_url": ref, "image_size": {"width": 512, "height": 512}, "sync_mode": True},
-        headers=FAL_KEY,
-    )
+    body = {"prompt": "night", "image_url": ref, "image_size": {"width": 512, "height": 512}, "sync_mode": True}
+    # fal.run (synchronous): the result itself; sync_mode makes its images data URIs.
+    sync = client.post("/fal-run/fal-ai/flux-pro/kontext", json=body, headers=FAL_KEY)
     assert sync.status_code == 200, sync.text
     assert sync.json()["images"][0]["url"].startswith("data:image/jpeg;base64,")
+    assert sync.headers["x-fal-request-id"]
+    # The queue (queue.fal.run) answers a receipt even with sync_mode (fal-client reads request_id); the
+    # result it leads to has the data URIs.
+    receipt = client.post("/fal-ai/flux-pro/kontext", json=body, headers=FAL_KEY)
+    assert receipt.status_code == 200 and receipt.headers["x-fal-request-id"] == receipt.json()["request_id"]
+    _until(client, receipt.json()["status_url"], lambda b: b["status"] == "COMPLETED", FAL_KEY)
+    fetched = client.get(receipt.json()["response_url"].removeprefix(BASE), headers=FAL_KEY).json()
+    assert fetched["images"][0]["url"].startswith("data:image/jpeg;base64,")
     assert fake_engine.last_spec.model == "flux-kontext-pro" and len(fake_engine.last_spec.images) == 1
     queued = client.post("/fal-ai/flux/schnell", json={"prompt": "p"}, headers=FAL_KEY).json()
     cancel = client.put(queued["cancel_url"].removeprefix(BASE), headers=FAL_KEY)

@@ -3,8 +3,9 @@
 ``POST /fal-ai/{app}`` (``flux/dev``, ``flux-pro/kontext``...) queues a job: ``{request_id, status_url,
 response_url, cancel_url}``. Its URLs drop the app's sub-path as fal's do: ``/fal-ai/{alias}/requests/{id}``
 (the result), ``.../status`` (``IN_QUEUE`` with ``queue_position``, ``IN_PROGRESS``, ``COMPLETED``; ``logs=1``
-adds log lines) and ``PUT .../cancel``. ``sync_mode: true`` in the input answers at once with the result,
-images as data URIs, as fal's synchronous run does. ``?fal_webhook=URL`` posts fal's webhook body when the
+or ``logs=true`` fills ``logs``) and ``PUT .../cancel``; every answer names the job in ``x-fal-request-id``.
+``sync_mode: true`` makes the result's images data URIs. fal's synchronous host (fal.run) is
+``POST /fal-run/fal-ai/{app}``: the result itself, once ready. ``?fal_webhook=URL`` posts fal's webhook body when the
 job ends (signed with Standard Webhooks headers, not fal's ED25519). Auth: ``Authorization: Key <key>``
 or ``Bearer``.
 """
@@ -18,7 +19,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import InvalidInput, NotFound
+from ..errors import ClientDisconnected, InvalidInput, NotFound
 from ..job import EventKind, Job, Status
 from ..store import WebhookRules
 from ..webhooks import check_webhook_url
@@ -29,6 +30,8 @@ from .inputs import Inputs, LoraItem, known_fields, lora_items, resolve_loras, s
 from .uploads import images_from_values
 
 router = APIRouter(prefix="/fal-ai")
+# fal.run, the synchronous host, under a prefix of its own: fal-client and @ai-sdk/fal reach it by its URL.
+run_router = APIRouter(prefix="/fal-run/fal-ai")
 WEBHOOKS = WebhookRules(on={k: ("completed",) for k in EventKind if k.is_ending})
 
 # fal's app ids (after fal-ai/) -> our names.
@@ -160,8 +163,7 @@ def result_body(services: Services, job: Job, *, inline: bool = False) -> dict[s
     }
 
 
-@router.post("/{app:path}", openapi_extra=json_body(FalInput))
-async def create(app: str, request: Request, services: ServicesDep, owner: str = Owner) -> Any:
+async def _create(app: str, request: Request, services: Services, owner: str) -> tuple[Job, bool]:
     if app not in APPS:
         raise NotFound(f"fal-ai/{app} is not served here; served: {', '.join(f'fal-ai/{a}' for a in APPS)}.")
     if APPS[app] not in services.registry:
@@ -177,12 +179,33 @@ async def create(app: str, request: Request, services: ServicesDep, owner: str =
     spec, inputs = await body.to_spec(services, owner, app)
     echo = {"app": app, "input": known_fields(body, exclude={"image_url", "image_urls"})}
     job = await submit(services, request, owner, "fal", spec, echo, inputs, webhook=webhook)
-    if body.sync_mode:
-        job = await services.jobs.wait(job.id, owner)
-        if job.status is not Status.SUCCEEDED:
-            return JSONResponse({"detail": job.error or job.status.value}, status_code=500)
-        return await services.jobs.run_slow(result_body, services, job, inline=True)
-    return {"request_id": job.id, **_urls(services, job), "queue_position": job.queue_position or 0}
+    return job, body.sync_mode
+
+
+@router.post("/{app:path}", openapi_extra=json_body(FalInput))
+async def create(app: str, request: Request, services: ServicesDep, owner: str = Owner) -> Any:
+    """The queue (queue.fal.run): always a receipt. ``sync_mode`` makes the result's images data URIs."""
+    job, _ = await _create(app, request, services, owner)
+    receipt = {"request_id": job.id, **_urls(services, job), "queue_position": job.queue_position or 0}
+    return JSONResponse(receipt, headers={"x-fal-request-id": job.id})
+
+
+@run_router.post("/{app:path}", openapi_extra=json_body(FalInput))
+async def run(app: str, request: Request, services: ServicesDep, owner: str = Owner) -> Any:
+    """fal's synchronous run (fal.run): the result itself, once the images are ready; a client that leaves
+    cancels its job, as the OpenAI route does."""
+    job, inline = await _create(app, request, services, owner)
+    while not job.status.is_terminal:
+        job = await services.jobs.wait(job.id, owner, timeout=1.0)
+        if not job.status.is_terminal and await request.is_disconnected():
+            await services.jobs.cancel(job.id, owner)
+            raise ClientDisconnected("The client closed the connection before the images were ready.")
+    headers = {"x-fal-request-id": job.id}
+    if job.status is not Status.SUCCEEDED:
+        status = 422 if job.error_code == "upstream_rejected" else 500
+        return JSONResponse({"detail": job.error or job.status.value}, status_code=status, headers=headers)
+    body = await services.jobs.run_slow(result_body, services, job, inline=inline)
+    return JSONResponse(body, headers=headers)
 
 
 async def _job(services: Services, alias: str, request_id: str, owner: str) -> Job:
@@ -197,6 +220,8 @@ def status_body(services: Services, job: Job, logs: bool) -> dict[str, Any]:
     body: dict[str, Any] = {"status": status, "request_id": job.id, **_urls(services, job)}
     if job.status is Status.QUEUED:
         body["queue_position"] = max(0, (job.queue_position or 1) - 1)
+    # fal-client reads "logs" on every status: null unless asked for.
+    body["logs"] = None
     if logs:
         body["logs"] = [{"message": line, "level": "INFO", "source": "user"} for line in job.log_lines()]
     if job.status.is_terminal:
@@ -208,9 +233,10 @@ def status_body(services: Services, job: Job, logs: bool) -> dict[str, Any]:
 
 @router.get("/{alias}/requests/{request_id}/status")
 async def get_status(
-    alias: str, request_id: str, services: ServicesDep, owner: str = Owner, logs: int = 0
+    alias: str, request_id: str, services: ServicesDep, owner: str = Owner, logs: bool = False
 ) -> dict[str, Any]:
-    return status_body(services, await _job(services, alias, request_id, owner), bool(logs))
+    """``logs``: 1, true (fal-client sends ``logs=true``), or 0, false."""
+    return status_body(services, await _job(services, alias, request_id, owner), logs)
 
 
 @router.get("/{alias}/requests/{request_id}")
@@ -220,7 +246,8 @@ async def get_result(alias: str, request_id: str, services: ServicesDep, owner: 
         return JSONResponse({"detail": "Request is still in progress"}, status_code=400)
     if job.status is not Status.SUCCEEDED:
         return JSONResponse({"detail": job.error or job.status.value}, status_code=422)
-    return await services.jobs.run_slow(result_body, services, job)
+    inline = bool(job.request.get("input", {}).get("sync_mode"))
+    return await services.jobs.run_slow(result_body, services, job, inline=inline)
 
 
 @router.put("/{alias}/requests/{request_id}/cancel")
@@ -246,10 +273,10 @@ def render_webhook(services: Services, job: Job) -> dict[str, Any]:
 
 DIALECT = Dialect(
     "fal",
-    (router,),
-    lambda path: path.startswith("/fal-ai/"),
+    (router, run_router),
+    lambda path: path.startswith(("/fal-ai/", "/fal-run/fal-ai/")),
     render_bfl,  # fal answers as FastAPI does: {"detail": [...]} for bad input, {"detail": "..."} otherwise
     render_webhook,
     webhook_rules=WEBHOOKS,
-    body_limit=images_at("/fal-ai/"),
+    body_limit=images_at("/fal-ai/", "/fal-run/fal-ai/"),
 )
