@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi.testclient import TestClient
 
 from tests.conftest import AUTH
+from tests.support.fakes import FakeEngine
 from tests.support.images_util import png_bytes
 
 
@@ -55,3 +56,23 @@ def test_files_refuse_deep_metadata_and_types_that_would_break_the_download(clie
     assert client.get(f"/v1/files/{ok.json()['id']}/download", headers=AUTH).headers["content-type"] == (
         "image/png; q=1"
     )
+
+
+def test_a_blocking_create_not_done_when_its_wait_ends_says_starting(
+    client: TestClient, fake_engine: FakeEngine
+) -> None:
+    """replicate-python's run(wait=N) polls on only for "starting" (replicate.com's answer then) and returned
+    None for "processing" (tests/e2e/test_async_clients.py drives the client itself)."""
+    fake_engine.step_s = 0.1  # flux-dev's 28 steps: about 3 s
+    created = client.post(
+        "/v1/models/black-forest-labs/flux-dev/predictions",
+        json={"input": {"prompt": "slower than the wait"}},
+        headers={**AUTH, "Prefer": "wait=1"},
+    )
+    assert created.status_code == 201 and created.json()["status"] == "starting", created.json()["status"]
+    done = client.post(
+        "/v1/models/black-forest-labs/flux-schnell/predictions",
+        json={"input": {"prompt": "quick"}},
+        headers={**AUTH, "Prefer": "wait=10"},
+    )
+    assert done.json()["status"] == "succeeded"

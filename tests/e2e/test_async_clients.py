@@ -39,6 +39,14 @@ def test_run_schnell_and_kontext(client: replicate.Client) -> None:
     assert img.format == "PNG" and img.size == (1456, 720)
 
 
+def test_run_with_a_wait_shorter_than_the_job_still_returns_its_output(client: replicate.Client) -> None:
+    """run() polls on only when the blocking create says "starting"; "processing" made it return None."""
+    out = client.run(
+        "black-forest-labs/flux-dev", input={"prompt": "longer than a second", "num_inference_steps": 20}, wait=1
+    )
+    assert isinstance(out, list) and len(out) == 1, out
+
+
 def test_create_wait_cancel_list(client: replicate.Client) -> None:
     p = client.models.predictions.create(model="black-forest-labs/flux-schnell", input={"prompt": "wait for me"})
     p.wait()

@@ -169,11 +169,15 @@ async def _create(request: Request, services: Services, owner: str, name: str, b
         webhook = {"url": body.webhook, "events": events}
     echo = {"model": f"{OWNER}/{name}", "input": elide_inline_images(body.input), "list_output": list_output}
     job = await submit(services, request, owner, "replicate", spec, echo, inputs, deadline=deadline, webhook=webhook)
-    if wait_s is not None:
-        job = await services.jobs.wait(job.id, owner, timeout=wait_s)
-    else:
-        job = await services.jobs.get(job.id, owner)
-    return JSONResponse(render(services, job), status_code=201)
+    if wait_s is None:
+        return JSONResponse(render(services, await services.jobs.get(job.id, owner)), status_code=201)
+    job = await services.jobs.wait(job.id, owner, timeout=wait_s)
+    body = render(services, job)
+    if not job.status.is_terminal:
+        # As replicate.com: a blocking create that is not done when the wait ends says "starting", which
+        # replicate-python's run() takes as "poll on" (any other status it returns as final: None).
+        body["status"] = "starting"
+    return JSONResponse(body, status_code=201)
 
 
 @router.post("/models/{owner_name}/{name}/predictions", openapi_extra=json_body(ModelPredictionRequest))
