@@ -76,3 +76,29 @@ def test_a_blocking_create_not_done_when_its_wait_ends_says_starting(
         headers={**AUTH, "Prefer": "wait=10"},
     )
     assert done.json()["status"] == "succeeded"
+
+
+def test_replicate_ignores_unknown_input_fields_and_still_checks_known_ones(
+    client: TestClient, fake_engine: FakeEngine
+) -> None:
+    """@ai-sdk/replicate sends `size` and `num_outputs` to every model; replicate.com's cog ignores fields a
+    model does not have, and so does this dialect now (a 422 before). Known fields are checked as before."""
+    sdk = client.post(
+        "/v1/models/black-forest-labs/flux-kontext-pro/predictions",
+        json={"input": {"prompt": "p", "size": "1024x1024", "num_outputs": 1, "aspect_ratio": "1:1"}},
+        headers={**AUTH, "Prefer": "wait=10"},
+    )
+    assert sdk.status_code == 201 and sdk.json()["status"] == "succeeded", sdk.text
+    assert (fake_engine.last_spec.width, fake_engine.last_spec.height) == (1024, 1024)
+    pro = client.post(
+        "/v1/models/black-forest-labs/flux-2-pro/predictions",
+        json={"input": {"prompt": "p", "steps": 10}},  # hosted pro has no steps: ignored, not applied
+        headers={**AUTH, "Prefer": "wait=10"},
+    )
+    assert pro.status_code == 201 and fake_engine.last_spec.steps != 10
+    bad = client.post(
+        "/v1/models/black-forest-labs/flux-kontext-pro/predictions",
+        json={"input": {"prompt": "p", "size": "whatever", "aspect_ratio": "7:3"}},
+        headers=AUTH,
+    )
+    assert bad.status_code == 422 and bad.json()["invalid_fields"][0]["field"].startswith("input.aspect_ratio")

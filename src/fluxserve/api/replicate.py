@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -12,6 +13,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
 
 from .. import durations
 from ..errors import Forbidden, InvalidInput, NotFound
@@ -22,12 +24,13 @@ from . import replicate_files
 from .bodylimit import IMAGE_JSON_BODY_BYTES, JSON_BODY_BYTES, UPLOAD_BODY_BYTES
 from .deps import OwnerDep, Services, ServicesDep, require_owner
 from .dialect import Dialect
-from .errors import inline_schema, json_body, read_json, render_replicate
+from .errors import from_validation_errors, inline_schema, json_body, read_json, render_replicate
 from .inputs import elide_inline_images, submit
 from .paging import decode_cursor, encode_cursor
 from .replicate_schemas import MODELS, ModelPredictionRequest, PredictionRequest
 from .sse import sse_frame
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1")
 
 PAGE_SIZE = 100
@@ -148,14 +151,12 @@ def parse_prefer_wait(header: str | None) -> float | None:
 async def _create(request: Request, services: Services, owner: str, name: str, body: PredictionRequest) -> Any:
     model_name, schema, list_output = _served(services, name)
     model = services.registry.get(model_name)
-    from pydantic import ValidationError
-
-    from .errors import from_validation_errors
-
     try:
         inp = schema.model_validate(body.input)
     except ValidationError as exc:
         raise from_validation_errors(list(exc.errors()), prefix="input.") from exc
+    if inp.model_extra:
+        log.info("replicate %s: ignored input fields %s", name, sorted(k[:64] for k in inp.model_extra)[:20])
     spec, inputs = await inp.to_spec(services, owner, model)
     wait_s = parse_prefer_wait(request.headers.get("prefer"))
     cancel_after = request.headers.get("cancel-after")
@@ -172,12 +173,12 @@ async def _create(request: Request, services: Services, owner: str, name: str, b
     if wait_s is None:
         return JSONResponse(render(services, await services.jobs.get(job.id, owner)), status_code=201)
     job = await services.jobs.wait(job.id, owner, timeout=wait_s)
-    body = render(services, job)
+    answer = render(services, job)
     if not job.status.is_terminal:
         # As replicate.com: a blocking create that is not done when the wait ends says "starting", which
         # replicate-python's run() takes as "poll on" (any other status it returns as final: None).
-        body["status"] = "starting"
-    return JSONResponse(body, status_code=201)
+        answer["status"] = "starting"
+    return JSONResponse(answer, status_code=201)
 
 
 @router.post("/models/{owner_name}/{name}/predictions", openapi_extra=json_body(ModelPredictionRequest))

@@ -33,7 +33,9 @@ _PARAMS = {
 
 
 class _Input(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # Unknown fields are dropped (and logged by the route), as replicate.com's cog does: @ai-sdk/replicate
+    # sends `size` and `num_outputs` to every model. Known ones are checked strictly.
+    model_config = ConfigDict(extra="allow", strict=True)
 
     prompt: str
     seed: int | None = None
