@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi.testclient import TestClient
 
+from fluxserve.app import create_app
+from fluxserve.settings import Settings
 from tests.conftest import AUTH
 from tests.support.fakes import FakeEngine
 from tests.support.images_util import png_bytes
@@ -102,3 +106,27 @@ def test_replicate_ignores_unknown_input_fields_and_still_checks_known_ones(
         headers=AUTH,
     )
     assert bad.status_code == 422 and bad.json()["invalid_fields"][0]["field"].startswith("input.aspect_ratio")
+
+
+def test_gpt_image_names_answer_b64_json_unless_asked_otherwise(
+    settings: Settings, fake_engine: FakeEngine, tmp_path: Path
+) -> None:
+    """OpenAI answers gpt-image models with b64_json only; the AI SDK's OpenAI provider reads that field and
+    found none when an alias answered URLs."""
+    config = tmp_path / "models.toml"
+    config.write_text('[aliases]\n"gpt-image-1" = "flux-schnell"\n"dall-e-3" = "flux-schnell"\n')
+    with TestClient(create_app(settings.model_copy(update={"model_config_file": config}), engine=fake_engine)) as c:
+        gpt = c.post("/v1/images/generations", json={"prompt": "p", "model": "gpt-image-1"}, headers=AUTH).json()
+        assert gpt["data"][0].get("b64_json") and not gpt["data"][0].get("url"), gpt
+        dalle = c.post("/v1/images/generations", json={"prompt": "p", "model": "dall-e-3"}, headers=AUTH).json()
+        assert dalle["data"][0].get("url") and not dalle["data"][0].get("b64_json")
+        asked = {"prompt": "p", "model": "gpt-image-1", "response_format": "url"}
+        assert c.post("/v1/images/generations", json=asked, headers=AUTH).json()["data"][0].get("url")
+        edit = c.post(
+            "/v1/images/edits",
+            files={"image": ("a.png", png_bytes((64, 64)), "image/png")},
+            data={"prompt": "p", "model": "gpt-image-1", "size": "256x256"},
+            headers=AUTH,
+        )
+        assert edit.status_code == 200, edit.text
+        assert edit.json()["data"][0].get("b64_json")

@@ -18,7 +18,7 @@ from .deps import OwnerDep, Services, ServicesDep
 from .errors import from_validation_errors
 from .inputs import Inputs, LoraItem, lora_items, read_upload, resolve_loras, submit
 from .openai_render import run_and_render, stream_response
-from .openai_schemas import ImageFields, known_fields
+from .openai_schemas import ImageFields, known_fields, response_format
 
 router = APIRouter(prefix="/v1")
 _LORA_LIST = TypeAdapter(list[LoraItem])
@@ -131,7 +131,8 @@ async def _run(
         spec = replace(spec, partial_images=body.partial_images)
         job = await submit(services, request, owner, "openai", spec, echo, inputs)
         return stream_response(request, services, job, owner, body.quality, "image_edit")
-    return await run_and_render(request, services, owner, spec, echo, body.response_format, body.quality, inputs)
+    answer_as = response_format(body.response_format, body.model)
+    return await run_and_render(request, services, owner, spec, echo, answer_as, body.quality, inputs)
 
 
 def _form_loras(body: EditForm) -> list[LoraRequest]:

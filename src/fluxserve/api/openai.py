@@ -16,7 +16,7 @@ from .dialect import Dialect
 from .errors import json_body, read_json, render_openai
 from .inputs import submit
 from .openai_render import run_and_render, stream_response, task_body
-from .openai_schemas import DEFAULT_MODEL, ImageGenerationRequest, known_fields
+from .openai_schemas import DEFAULT_MODEL, ImageGenerationRequest, known_fields, response_format
 
 router = APIRouter(prefix="/v1")
 
@@ -31,7 +31,8 @@ async def create_image(request: Request, services: ServicesDep, owner: OwnerDep)
         spec = replace(spec, partial_images=body.partial_images or 0)
         job = await submit(services, request, owner, "openai", spec, echo)
         return stream_response(request, services, job, owner, body.quality, "image_generation")
-    return await run_and_render(request, services, owner, spec, echo, body.response_format, body.quality)
+    answer_as = response_format(body.response_format, body.model)
+    return await run_and_render(request, services, owner, spec, echo, answer_as, body.quality)
 
 
 @router.get("/images/tasks/{task_id}")

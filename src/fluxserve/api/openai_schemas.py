@@ -68,3 +68,11 @@ class ImageGenerationRequest(ImageFields):
         width, height = parse_size(self.size)
         loras = await resolve_loras(services, model, lora_items(self.loras), param="loras")
         return self.make_spec(model, width, height, loras)
+
+
+def response_format(requested: str | None, model: str | None) -> str:
+    """What the images come back as: as asked; else b64_json for gpt-image names (OpenAI answers those only
+    so, and their clients, the AI SDK's among them, read b64_json), url for the rest (dall-e's default)."""
+    if requested:
+        return requested
+    return "b64_json" if (model or "").startswith("gpt-image") else "url"
