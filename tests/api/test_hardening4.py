@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 
 from fluxserve.app import create_app
 from fluxserve.settings import Settings
-from tests.conftest import AUTH
+from tests.conftest import API_KEY, AUTH
 from tests.support.fakes import FakeEngine
 from tests.support.images_util import png_bytes
 
@@ -130,3 +130,24 @@ def test_gpt_image_names_answer_b64_json_unless_asked_otherwise(
         )
         assert edit.status_code == 200, edit.text
         assert edit.json()["data"][0].get("b64_json")
+
+
+def test_a1111_model_list_shows_names_not_paths_on_the_servers_disk(
+    settings: Settings, fake_engine: FakeEngine
+) -> None:
+    import base64
+
+    weights = str(settings.data_dir / "secret-models" / "flux-dev")
+    registry_toml = settings.data_dir / "models.toml"
+    registry_toml.parent.mkdir(parents=True, exist_ok=True)
+    registry_toml.write_text(f'[models.flux-dev]\nweights = "{weights}"\n')
+    basic = {"Authorization": "Basic " + base64.b64encode(f"u:{API_KEY}".encode()).decode()}
+    with TestClient(
+        create_app(settings.model_copy(update={"model_config_file": registry_toml}), engine=fake_engine)
+    ) as c:
+        listed = c.get("/sdapi/v1/sd-models", headers=basic)
+        assert listed.status_code == 200
+        assert "secret-models" not in listed.text
+        assert {"title": "flux-dev", "filename": "flux-dev"}.items() <= next(
+            m for m in listed.json() if m["title"] == "flux-dev"
+        ).items()

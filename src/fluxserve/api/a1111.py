@@ -219,7 +219,7 @@ async def sd_models(services: ServicesDep, _owner: str = Owner) -> list[dict[str
             "model_name": m.name,
             "hash": None,
             "sha256": None,
-            "filename": m.weights or m.upstream,
+            "filename": m.name,  # a name, never a path on this server's disk
             "config": None,
         }
         for m in services.registry
