@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from fastapi.testclient import TestClient
@@ -151,3 +152,21 @@ def test_a1111_model_list_shows_names_not_paths_on_the_servers_disk(
         assert {"title": "flux-dev", "filename": "flux-dev"}.items() <= next(
             m for m in listed.json() if m["title"] == "flux-dev"
         ).items()
+
+
+def test_a1111_keeps_only_the_override_setting_it_reads(client: TestClient) -> None:
+    import base64
+
+    basic = {"Authorization": "Basic " + base64.b64encode(f"u:{API_KEY}".encode()).decode()}
+    big = {"sd_model_checkpoint": "flux-schnell", "sd_vae": "x" * 500_000, "CLIP_stop_at_last_layers": 2}
+    done = client.post("/sdapi/v1/txt2img", json={"prompt": "p", "override_settings": big}, headers=basic)
+    assert done.status_code == 200, done.text
+    services = client.app.state.services  # type: ignore[attr-defined]
+    owner = services.auth.env_owner(API_KEY)
+    [job] = services.store.list_jobs(owner, "a1111", before=None, limit=1)
+    assert job.spec.model == "flux-schnell"
+    assert job.request["override_settings"] == {
+        "sd_model_checkpoint": "flux-schnell",
+        "ignored": ["CLIP_stop_at_last_layers", "sd_vae"],
+    }
+    assert len(json.dumps(job.request)) < 10_000

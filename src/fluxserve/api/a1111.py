@@ -96,6 +96,19 @@ def _model(request: Request, services: Services, owner: str, body: Txt2Img) -> M
     return services.registry.get(chosen.split(" [")[0], param="override_settings.sd_model_checkpoint")
 
 
+def _used_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """What a job row keeps of override_settings: the one setting read, and the names of the others (their
+    values, any size, are not copied into the row and every event and webhook of the job)."""
+    kept: dict[str, Any] = {}
+    checkpoint = settings.get("sd_model_checkpoint")
+    if isinstance(checkpoint, str):
+        kept["sd_model_checkpoint"] = checkpoint[:255]
+    ignored = sorted(name[:64] for name in settings if name != "sd_model_checkpoint")[:20]
+    if ignored:
+        kept["ignored"] = ignored
+    return kept
+
+
 async def _generate(request: Request, services: Services, owner: str, body: Txt2Img, images: list[Any]) -> Any:
     model = _model(request, services, owner, body)
     if body.batch_size * body.n_iter > 10:
@@ -114,7 +127,9 @@ async def _generate(request: Request, services: Services, owner: str, body: Txt2
         strength=body.denoising_strength if isinstance(body, Img2Img) else None,
         params=_PARAMS,
     )
-    echo = known_fields(body, exclude={"init_images"})
+    echo = known_fields(body, exclude={"init_images", "override_settings"})
+    if body.override_settings:
+        echo["override_settings"] = _used_settings(body.override_settings)
     job = await submit(services, request, owner, "a1111", spec, echo, inputs)
     while not job.status.is_terminal:
         job = await services.jobs.wait(job.id, owner, timeout=1.0)
