@@ -65,7 +65,7 @@ def build_registry(settings: Settings) -> ModelRegistry:
     registry = ModelRegistry.demo(settings.demo_model_dir) if demo else ModelRegistry.default()
     for path in (settings.model_config_file, settings.upstream_config_file):
         if path is not None:
-            registry = registry.layered(path, routing_only=demo)
+            registry = registry.layered(path, demo_weights=demo)
     if not demo:
         registry = registry.label_demo_weights()
     return registry.only(settings.models) if settings.models else registry

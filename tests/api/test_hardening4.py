@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
+import pytest
 from fastapi.testclient import TestClient
 
 from fluxserve.app import create_app
+from fluxserve.models import ModelRegistry
 from fluxserve.settings import Settings
 from tests.conftest import API_KEY, AUTH
 from tests.support.fakes import FakeEngine
@@ -170,3 +173,18 @@ def test_a1111_keeps_only_the_override_setting_it_reads(client: TestClient) -> N
         "ignored": ["CLIP_stop_at_last_layers", "sd_vae"],
     }
     assert len(json.dumps(job.request)) < 10_000
+
+
+def test_demo_applies_a_model_tables_defaults_and_says_what_it_does_not_apply(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`serve --demo --model-config` dropped `steps` for demo names without a word."""
+    path = tmp_path / "m.toml"
+    path.write_text('[models.flux-dev]\nsteps = 12\nmax_steps = 20\nweights = "/elsewhere/flux-dev"\n')
+    demo = ModelRegistry.demo(tmp_path / "demo")
+    with caplog.at_level(logging.WARNING, logger="fluxserve.models.registry"):
+        layered = demo.layered(path, demo_weights=True)
+    dev = layered.get("flux-dev")
+    assert (dev.default_steps, dev.max_steps) == (12, 20)
+    assert dev.weights == demo.get("flux-dev").weights
+    assert "[models.flux-dev] weights not applied" in caplog.text

@@ -96,7 +96,7 @@ def test_registry_routes_prices_and_the_local_subset(tmp_path: Path) -> None:
 def test_demo_registry_takes_routes_but_keeps_demo_weights(tmp_path: Path) -> None:
     path = tmp_path / "m.toml"
     path.write_text(UPSTREAMS + '[models.flux-dev2]\nweights = "/somewhere"\n')
-    reg = ModelRegistry.demo(tmp_path / "demo").layered(path, routing_only=True)
+    reg = ModelRegistry.demo(tmp_path / "demo").layered(path, demo_weights=True)
     assert reg.get("flux-pro").upstream == "bfl"
     assert reg.get("flux-dev").weights == ModelRegistry.demo(tmp_path / "demo").get("flux-dev").weights
 

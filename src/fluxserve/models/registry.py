@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import tomllib
 from dataclasses import replace
 from pathlib import Path
@@ -15,7 +16,10 @@ from .families import KINDS
 from .spec import ModelSpec
 from .upstreams import UpstreamConfig, parse_upstreams
 
-# The fields a model table may set even with --demo: where its jobs run and what they cost.
+log = logging.getLogger(__name__)
+
+# What names a model's weights: with --demo, the demo model's folders stand in for them.
+_WEIGHTS = ("weights", "kind", "pipeline", "upsampler")
 _ROUTING = ("upstream", "upstream_model", "spill_to", "spill_after_s", "fallback", "price", "price_per_mp")
 _OVERRIDABLE = {
     "weights",
@@ -145,11 +149,12 @@ class ModelRegistry:
         """``[models.NAME]`` tables override a default name's fields or add a new name."""
         return cls.default().layered(path)
 
-    def layered(self, path: Path, *, routing_only: bool = False) -> ModelRegistry:
+    def layered(self, path: Path, *, demo_weights: bool = False) -> ModelRegistry:
         """This registry with a TOML file's ``[models.*]``, ``[upstreams.*]`` and ``[aliases]`` on top.
 
-        ``routing_only`` (--demo): a model table sets only where its jobs run and what they cost; the
-        demo model keeps answering the local names."""
+        ``demo_weights`` (--demo): the demo model keeps answering the local names, so what names their weights
+        (weights, kind, pipeline, upsampler) is not applied, and a warning says so; defaults, limits, routes
+        and prices are."""
         with open(path, "rb") as f:
             data = tomllib.load(f)
         upstreams = {**self.upstreams, **parse_upstreams(data.get("upstreams", {}), str(path))}
@@ -169,8 +174,16 @@ class ModelRegistry:
                 fields["default_guidance"] = fields.pop("guidance")
             if "fallback" in fields:
                 fields["fallback"] = tuple(fields["fallback"])
-            if routing_only and name in models:
-                fields = {k: v for k, v in fields.items() if k in _ROUTING or k == "enabled"}
+            if demo_weights and name in models:
+                kept = {k: v for k, v in fields.items() if k not in _WEIGHTS}
+                if len(kept) < len(fields):
+                    log.warning(
+                        "%s: [models.%s] %s not applied: with --demo the demo model serves it",
+                        path,
+                        name,
+                        ", ".join(sorted(set(fields) - set(kept))),
+                    )
+                fields = kept
             if not fields.pop("enabled", True):
                 models.pop(name, None)
             elif name in models:
@@ -183,7 +196,7 @@ class ModelRegistry:
             _check_routes(model, upstreams, path)
         aliases = {**self.aliases, **self.aliases_from_toml(path)}
         dangling = {a: t for a, t in aliases.items() if t not in models}
-        if dangling and not routing_only:
+        if dangling and not demo_weights:
             raise ValueError(f"{path}: [aliases] name models that are not configured: {dangling}")
         return ModelRegistry(list(models.values()), aliases, upstreams)
 
