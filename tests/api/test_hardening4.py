@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -188,3 +189,20 @@ def test_demo_applies_a_model_tables_defaults_and_says_what_it_does_not_apply(
     assert (dev.default_steps, dev.max_steps) == (12, 20)
     assert dev.weights == demo.get("flux-dev").weights
     assert "[models.flux-dev] weights not applied" in caplog.text
+
+
+def test_bfl_kontext_applies_width_and_height_instead_of_dropping_them(
+    client: TestClient, fake_engine: FakeEngine
+) -> None:
+    xkey = {"x-key": API_KEY}
+    made = client.post("/v1/flux-kontext-pro", json={"prompt": "p", "width": 768, "height": 512}, headers=xkey)
+    assert made.status_code == 200, made.text
+    for _ in range(200):
+        if fake_engine.calls:
+            break
+        time.sleep(0.02)
+    assert (fake_engine.last_spec.width, fake_engine.last_spec.height) == (768, 512)
+    half = client.post("/v1/flux-kontext-pro", json={"prompt": "p", "width": 768}, headers=xkey)
+    assert half.status_code == 422 and "height" in half.text
+    odd = client.post("/v1/flux-kontext-pro", json={"prompt": "p", "width": 770, "height": 512}, headers=xkey)
+    assert odd.status_code == 422 and "width" in odd.text

@@ -87,11 +87,22 @@ class KontextInputs(_Common):
     input_image_3: str | None = None
     input_image_4: str | None = None
     aspect_ratio: str | None = None
+    # Not in BFL's Kontext schema, but clients send them (as for the other endpoints): applied, never dropped.
+    width: int | None = None
+    height: int | None = None
     output_format: Literal["jpeg", "png", "webp"] | None = "png"
 
     async def _sized_inputs(self, services: Services, owner: str, model: ModelSpec) -> tuple[Inputs, int, int]:
         names = ("input_image", "input_image_2", "input_image_3", "input_image_4")
         values = [(n, v) for n, v in zip(names, self._images(), strict=True) if v]
+        if self.width is not None or self.height is not None:
+            if self.width is None or self.height is None or self.aspect_ratio:
+                param = "aspect_ratio" if self.aspect_ratio else ("height" if self.width is not None else "width")
+                raise InvalidInput("Send width and height together, or aspect_ratio, not both.", param=param)
+            inputs, _, _ = await image_and_size(
+                services, owner, model, values, aspect_ratio="1:1", aspect_explicit=True
+            )
+            return inputs, self.width, self.height
         if self.aspect_ratio:
             width, height = ratio_size(self.aspect_ratio)
             inputs, _, _ = await image_and_size(
