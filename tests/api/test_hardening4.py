@@ -204,5 +204,6 @@ def test_bfl_kontext_applies_width_and_height_instead_of_dropping_them(
     assert (fake_engine.last_spec.width, fake_engine.last_spec.height) == (768, 512)
     half = client.post("/v1/flux-kontext-pro", json={"prompt": "p", "width": 768}, headers=xkey)
     assert half.status_code == 422 and "height" in half.text
+    # Beside an aspect ratio (LiteLLM sends both) the ratio wins: tests/api/test_bfl_api.py.
     odd = client.post("/v1/flux-kontext-pro", json={"prompt": "p", "width": 770, "height": 512}, headers=xkey)
     assert odd.status_code == 422 and "width" in odd.text

@@ -46,10 +46,10 @@ async def _create(endpoint: str, request: Request, services: Services, owner: st
         )
         secret = seal(services.secret, body.webhook_secret) if body.webhook_secret else None
         webhook = {"url": body.webhook_url, "events": ["completed"], "secret": secret}
-    echo = {
-        "endpoint": endpoint,
-        "input": elide_inline_images(known_fields(body, exclude={"webhook_secret"}, exclude_unset=True)),
-    }
+    given = known_fields(body, exclude={"webhook_secret", *body.unapplied()}, exclude_unset=True)
+    if body.unapplied():
+        given["ignored_fields"] = sorted([*given.get("ignored_fields", []), *body.unapplied()])
+    echo = {"endpoint": endpoint, "input": elide_inline_images(given)}
     job = await submit(services, request, owner, "bfl", spec, echo, inputs, webhook=webhook)
     polling_url = f"{services.settings.base_url}/v1/get_result?id={job.id}"
     mp = round(spec.width * spec.height / 1_000_000, 2)

@@ -37,6 +37,10 @@ class _Common(BaseModel):
     def _steps_guidance(self) -> tuple[int | None, float | None]:
         return None, None
 
+    def unapplied(self) -> list[str]:
+        """Known fields this request's others override: the job's input names them as ignored."""
+        return []
+
     async def to_spec(self, services: Services, owner: str, model: ModelSpec) -> tuple[GenerationSpec, Inputs]:
         """The spec and the decoded input images (stored only once the job is admitted)."""
         inputs, width, height = await self._sized_inputs(services, owner, model)
@@ -87,7 +91,8 @@ class KontextInputs(_Common):
     input_image_3: str | None = None
     input_image_4: str | None = None
     aspect_ratio: str | None = None
-    # Not in BFL's Kontext schema, but clients send them (as for the other endpoints): applied, never dropped.
+    # Not in BFL's Kontext schema, but clients send them: applied without an aspect_ratio; beside one (LiteLLM
+    # sends both) the aspect ratio wins and the job's input names them as ignored.
     width: int | None = None
     height: int | None = None
     output_format: Literal["jpeg", "png", "webp"] | None = "png"
@@ -95,10 +100,10 @@ class KontextInputs(_Common):
     async def _sized_inputs(self, services: Services, owner: str, model: ModelSpec) -> tuple[Inputs, int, int]:
         names = ("input_image", "input_image_2", "input_image_3", "input_image_4")
         values = [(n, v) for n, v in zip(names, self._images(), strict=True) if v]
-        if self.width is not None or self.height is not None:
-            if self.width is None or self.height is None or self.aspect_ratio:
-                param = "aspect_ratio" if self.aspect_ratio else ("height" if self.width is not None else "width")
-                raise InvalidInput("Send width and height together, or aspect_ratio, not both.", param=param)
+        if not self.aspect_ratio and (self.width is not None or self.height is not None):
+            if self.width is None or self.height is None:
+                param = "height" if self.width is not None else "width"
+                raise InvalidInput(f"width and height go together; {param} is missing.", param=param)
             inputs, _, _ = await image_and_size(
                 services, owner, model, values, aspect_ratio="1:1", aspect_explicit=True
             )
@@ -114,6 +119,9 @@ class KontextInputs(_Common):
 
     def _images(self) -> tuple[str | None, ...]:
         return self.input_image, self.input_image_2, self.input_image_3, self.input_image_4
+
+    def unapplied(self) -> list[str]:
+        return [n for n in ("height", "width") if self.aspect_ratio and getattr(self, n) is not None]
 
 
 class _Flux2Base(_Common):
