@@ -81,6 +81,16 @@ def devices(settings: Settings) -> list[str]:
     return [d.strip() for d in settings.device.split(",") if d.strip()] or ["auto"]
 
 
+def preloaded(settings: Settings, registry: ModelRegistry) -> list[str] | None:
+    """The names loaded at start (None: every one); an unknown name is a start-up error."""
+    if "all" in settings.preload or (settings.compile and not settings.preload):
+        return None
+    unknown = [name for name in settings.preload if name not in registry]
+    if unknown:
+        raise ValueError(f"--preload names unknown models {unknown}; served: {', '.join(registry.names)}")
+    return [registry.get(name).name for name in settings.preload]
+
+
 def build_engine(settings: Settings, registry: ModelRegistry, device: str | None = None) -> Engine:
     from .engine.flux import DiffusersEngine
     from .engine.speed import SpeedOptions
@@ -104,6 +114,7 @@ def build_engine(settings: Settings, registry: ModelRegistry, device: str | None
         speed=speed,
         lora_slots=settings.lora_slots,
         step_delay_s=settings.demo_step_delay_s if settings.demo else 0.0,
+        preload=preloaded(settings, registry),
     )
     if settings.demo:
         from .engine.demo import build_demo_model

@@ -80,6 +80,11 @@ class Settings(BaseSettings):
     cors_origins: list[str] = Field(default=["*"], description="Allowed browser origins, comma-separated.")
     # The model names to serve (and load); empty: every name the registry has.
     models: list[str] = Field(default=[], description="Model names to serve, comma-separated (empty: all).")
+    preload: list[str] = Field(
+        default=[],
+        description="Names to load at start, comma-separated, or all; the others load when their first job runs "
+        "(unset with --compile: all, so the warm-up runs at start).",
+    )
     # LoRA adapters: a folder requests name files in; fetched ones cached by content hash (LRU).
     lora_dir: Path | None = Field(default=None, description="Folder of LoRA adapters requests may name.")
     lora_cache_gb: float = Field(
@@ -210,7 +215,7 @@ class Settings(BaseSettings):
         description="Load weights from local folders and the hub cache only (HF_HUB_OFFLINE).",
     )
 
-    @field_validator("cors_origins", "warmup_sizes", "models", mode="before")
+    @field_validator("cors_origins", "warmup_sizes", "models", "preload", mode="before")
     @classmethod
     def _split_origins(cls, v: Any) -> Any:
         if isinstance(v, str) and not v.startswith("["):

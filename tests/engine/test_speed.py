@@ -208,7 +208,8 @@ def test_warm_up_covers_the_shapes_requests_use(monkeypatch: pytest.MonkeyPatch)
         return [[]]
 
     monkeypatch.setattr(engine, "generate", record)
-    engine._warm_up()
+    for model in {id(engine._pipes[m.name]): m for m in reversed(list(registry))}.values():
+        engine._warm_up(model)  # once a pipeline, as _ensure does when it loads one
     # Each loaded pipeline once (names sharing weights share it), in the shape its requests have.
     by_task = {task: (n_images, has_mask, size) for _model, task, n_images, has_mask, size in seen}
     assert len(pipes) == 10  # FLUX.1 schnell, dev, Kontext, Fill; FLUX.2 klein 4B, 9B, 9B-KV, dev; FLUX 3 x2

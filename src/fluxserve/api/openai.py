@@ -44,6 +44,7 @@ async def get_image_task(task_id: str, services: ServicesDep, owner: OwnerDep) -
 @router.get("/models")
 async def list_models(services: ServicesDep, _owner: OwnerDep) -> dict[str, Any]:
     created = int(time.time())
+    loaded = set(services.dispatcher.loaded_models())
 
     def entry(name: str, m: ModelSpec) -> dict[str, Any]:
         return {
@@ -55,6 +56,8 @@ async def list_models(services: ServicesDep, _owner: OwnerDep) -> dict[str, Any]
             "demo": m.demo,
             **({"alias_of": m.name} if name != m.name else {}),
             **m.facts(),  # defaults and limits every dialect applies: clients and the playground read them
+            # Loaded on a worker, or loaded when its first job runs; a provider's names are always ready.
+            "state": "ready" if m.name in loaded or not m.is_local else "unloaded",
         }
 
     aliases = [entry(alias, services.registry.get(target)) for alias, target in services.registry.aliases.items()]

@@ -6,6 +6,7 @@ import contextlib
 import inspect
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from PIL.Image import Image
@@ -37,6 +38,29 @@ def check_torchvision(weights: str, name: str) -> None:
             f"{weights} ({name}) needs torchvision for its prompt processor, and it did not import ({exc}); "
             "install the torchvision build that matches your torch: pip install 'fluxserve[flux2-dev]'"
         ) from exc
+
+
+INDEX_FILES = ("model_index.json", "modular_model_index.json")  # a diffusers pipeline's, a modular one's
+
+
+def check_weights(weights: str, *, local_files_only: bool) -> None:
+    """The weights' pipeline index is there (a local folder; the hub, or only its cache offline): read at
+    start for every name, so a wrong path fails the start, not a job, while no weight is read yet."""
+    folder = Path(weights)
+    if folder.is_dir():
+        if not any((folder / name).is_file() for name in INDEX_FILES):
+            raise RuntimeError(f"{weights} is a folder without {' or '.join(INDEX_FILES)}")
+        return
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    for name in INDEX_FILES:
+        try:
+            hf_hub_download(weights, name, local_files_only=local_files_only)
+            return
+        except EntryNotFoundError:
+            continue
+    raise RuntimeError(f"{weights} has no {' or '.join(INDEX_FILES)}")
 
 
 def pil_fallback_notice(record: logging.LogRecord) -> bool:

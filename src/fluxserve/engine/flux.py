@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from PIL.Image import Image
 
 from ..errors import GenerationFailed
 from ..images import compose_references
-from ..models import ModelRegistry
+from ..models import ModelRegistry, ModelSpec
 from .base import Cancelled, EngineRequest, OnStep
-from .common import decode_preview, out_of_memory_is_a_failure, pil_fallback_notice, takes
+from .common import check_weights, decode_preview, out_of_memory_is_a_failure, pil_fallback_notice, takes
 from .families import for_kind
 from .lora import AdapterSlots, HotswapSlots
 from .speed import SpeedOptions, apply, place, resolve_attention
@@ -82,6 +82,7 @@ class DiffusersEngine:
         speed: SpeedOptions | None = None,
         lora_slots: int = 4,
         step_delay_s: float = 0.0,
+        preload: Collection[str] | None = None,
     ) -> None:
         self.speed = speed or SpeedOptions()
         self.step_delay_s = step_delay_s  # the demo's: a pause after each step, so a job takes a while
@@ -90,7 +91,10 @@ class DiffusersEngine:
         self._registry = registry
         self._device_request = device
         self._local_files_only = local_files_only
-        self._pipes: dict[str, Any] = {}
+        self._pipes: dict[str, Any] = {}  # by name, once loaded
+        self._loaded: dict[tuple[str, str, str, str], Any] = {}  # by (weights, kind, pipeline, upsampler)
+        # Names loaded at start (None: every name); the rest load when their first job runs.
+        self._preload = None if preload is None else set(preload)
         self._by_task: dict[tuple[str, str], Any] = {}  # (name, task): another class over the same modules
         self.device = "unloaded"
         self.device_request = device  # what the operator asked for: names the worker before loading
@@ -98,66 +102,87 @@ class DiffusersEngine:
         self.before_load: Callable[[], object] | None = None
 
     def load(self) -> None:
+        """Pick the device and check every name's weights resolve (config files only, no weights read);
+        load the preloaded names. The others load when their first job runs (``generate``)."""
         logging.getLogger("transformers.utils.import_utils").addFilter(pil_fallback_notice)
         if self.before_load is not None:
             self.before_load()
         self.device = pick_device(self._device_request)
-        loaded: dict[tuple[str, str, str, str], Any] = {}
+        checked: set[str] = set()
         for model in self._registry:
-            # Names that share weights (flux-dev / flux-pro, kontext pro / max) share one loaded pipeline.
-            key = (model.weights, model.kind, model.pipeline, model.upsampler)
-            if key not in loaded:
-                log.info("loading %s (%s) for %s on %s", model.weights, model.kind, model.name, self.device)
-                try:
-                    loaded[key] = load_pipeline(
-                        model.weights,
-                        model.kind,
-                        device=self.device,
-                        local_files_only=self._local_files_only,
-                        speed=self.speed,
-                        pipeline=model.pipeline,
-                        lora_slots=self.lora_slots,
-                        upsampler=model.upsampler,
-                    )
-                except Exception as exc:
-                    offline = (
-                        " (offline: only local folders and the hub cache are used)" if self._local_files_only else ""
-                    )
-                    raise RuntimeError(
-                        f"could not load weights {model.weights!r} for model {model.name!r}{offline}: {exc}"
-                    ) from exc
-            self._pipes[model.name] = loaded[key]
-        if self.speed.compile:
-            self._warm_up()
+            if model.weights not in checked:
+                self._guard(model, self._check)
+                checked.add(model.weights)
+        for model in self._registry:
+            if self._preload is None or model.name in self._preload:
+                self._ensure(model.name)
 
-    def _warm_up(self) -> None:
+    def _check(self, model: ModelSpec) -> None:
+        check_weights(model.weights, local_files_only=self._local_files_only)
+        pipeline_class_name(model.weights, model.kind, local_files_only=self._local_files_only, pipeline=model.pipeline)
+
+    def _guard(self, model: ModelSpec, step: Callable[[ModelSpec], object]) -> object:
+        try:
+            return step(model)
+        except Exception as exc:
+            offline = " (offline: only local folders and the hub cache are used)" if self._local_files_only else ""
+            raise RuntimeError(
+                f"could not load weights {model.weights!r} for model {model.name!r}{offline}: {exc}"
+            ) from exc
+
+    def _ensure(self, name: str) -> Any:
+        """The name's pipeline, loading it now if this is its first use. Names that share weights (flux-dev /
+        flux-pro, kontext pro / max) share one loaded pipeline; under --compile a new one is warmed up first."""
+        if name in self._pipes:
+            return self._pipes[name]
+        model = self._registry.get(name)
+        key = (model.weights, model.kind, model.pipeline, model.upsampler)
+        if key not in self._loaded:
+            log.info("loading %s (%s) for %s on %s", model.weights, model.kind, model.name, self.device)
+            started = time.monotonic()
+            self._loaded[key] = self._guard(
+                model,
+                lambda m: load_pipeline(
+                    m.weights,
+                    m.kind,
+                    device=self.device,
+                    local_files_only=self._local_files_only,
+                    speed=self.speed,
+                    pipeline=m.pipeline,
+                    lora_slots=self.lora_slots,
+                    upsampler=m.upsampler,
+                ),
+            )
+            log.info("loaded %s for %s in %.1f s", model.weights, model.name, time.monotonic() - started)
+            self._pipes[name] = self._loaded[key]
+            if self.speed.compile:
+                self._warm_up(model)
+        self._pipes[name] = self._loaded[key]
+        return self._pipes[name]
+
+    def _warm_up(self, model: ModelSpec) -> None:
         """Compile for each configured size now, so no user request pays for it."""
         from PIL import Image as PILImage
 
-        seen: set[int] = set()
-        for model in self._registry:
-            if id(self._pipes[model.name]) in seen:
-                continue
-            seen.add(id(self._pipes[model.name]))
-            gray = PILImage.new("RGB", (64, 64), (128, 128, 128))
-            # Kontext with a reference image runs twice the tokens of one without: warm the shape edits use.
-            # FLUX.2 serves text-to-image and edits alike: both shapes (one reference; more compile on first use).
-            references = model.traits.warmup_references
-            for (width, height), count in ((size, n) for size in self.speed.warmup_sizes for n in references):
-                images = [gray.resize((width, height))] * count
-                mask = PILImage.new("L", (width, height), 255) if model.traits.takes_mask else None
-                keys = tuple(f"warmup/{i}.png" for i in range(len(images)))
-                spec = model.make_spec(
-                    prompt="warm-up",
-                    width=width,
-                    height=height,
-                    steps=2,
-                    seed=0,
-                    images=keys,
-                    mask="warmup/mask.png" if mask else None,
-                )
-                log.info("warming up %s at %dx%d with %d reference(s)", model.name, width, height, count)
-                self.generate([EngineRequest(spec, images=images, mask=mask)], lambda d, t, p: None)
+        gray = PILImage.new("RGB", (64, 64), (128, 128, 128))
+        # Kontext with a reference image runs twice the tokens of one without: warm the shape edits use.
+        # FLUX.2 serves text-to-image and edits alike: both shapes (one reference; more compile on first use).
+        references = model.traits.warmup_references
+        for (width, height), count in ((size, n) for size in self.speed.warmup_sizes for n in references):
+            images = [gray.resize((width, height))] * count
+            mask = PILImage.new("L", (width, height), 255) if model.traits.takes_mask else None
+            keys = tuple(f"warmup/{i}.png" for i in range(len(images)))
+            spec = model.make_spec(
+                prompt="warm-up",
+                width=width,
+                height=height,
+                steps=2,
+                seed=0,
+                images=keys,
+                mask="warmup/mask.png" if mask else None,
+            )
+            log.info("warming up %s at %dx%d with %d reference(s)", model.name, width, height, count)
+            self.generate([EngineRequest(spec, images=images, mask=mask)], lambda d, t, p: None)
 
     def info(self) -> dict[str, Any]:
         pipes = list({id(p): p for p in self._pipes.values()}.values())
@@ -209,6 +234,7 @@ class DiffusersEngine:
             on_step = _paced(on_step, self.step_delay_s)
         first = requests[0].spec
         model = self._registry.get(first.model)
+        self._ensure(first.model)
         pipe = self._pipeline(first.model, first.task)
         family = for_kind(model.kind)
         if family.generate is not None:
