@@ -155,6 +155,7 @@ def test_an_evicted_or_unfitting_file_fails_the_job_clearly(
     assert np.array_equal(_run(engine), base)  # the pipeline is fine after it
 
 
+@pytest.mark.slow  # compile is proven once in CI (test_speed); this one runs with -m slow
 def test_compiled_pipelines_hot_swap_adapters_without_recompiling(
     demo_model_dir: Path, library: LoraLibrary, engine: DiffusersEngine
 ) -> None:
