@@ -13,6 +13,7 @@ from fluxserve.settings import Settings
 from tests.conftest import AUTH
 from tests.support.fakes import FakeEngine
 from tests.support.images_util import png_bytes
+from tests.support.polling import wait_for
 
 XKEY = {"x-key": AUTH["Authorization"].split()[1]}
 
@@ -29,10 +30,9 @@ def _bfl_spec(client: TestClient, fake: FakeEngine, endpoint: str, body: dict[st
     resp = client.post(f"/v1/{endpoint}", json=body, headers=XKEY)
     assert resp.status_code == 200, resp.text
     poll = resp.json()["polling_url"].split("8123")[1]
-    for _ in range(200):
-        if client.get(poll, headers=XKEY).json()["status"] != "Pending":
-            break
-    assert client.get(poll, headers=XKEY).json()["status"] == "Ready"
+    # Time-bounded, not a count of polls: on PostgreSQL 200 quick polls could end before the job did.
+    ended = wait_for(lambda: client.get(poll, headers=XKEY).json(), lambda b: b["status"] != "Pending", interval=0.02)
+    assert ended["status"] == "Ready", ended
     return fake.last_spec
 
 
@@ -71,9 +71,9 @@ def test_vmodel_input_images(client: TestClient, fake_engine: FakeEngine) -> Non
     resp = client.post("/vmodel/generate", json={"model": "flux-2-pro", "input": inp}, headers=AUTH)
     assert resp.status_code == 200, resp.text
     job = resp.json()["id"]
-    for _ in range(200):
-        if client.get(f"/vmodel/feed/{job}", headers=AUTH).json()["status"] == "succeeded":
-            break
+    wait_for(
+        lambda: client.get(f"/vmodel/feed/{job}", headers=AUTH).json(), lambda f: f["status"] == "succeeded", interval=0.02
+    )
     spec = fake_engine.last_spec
     assert (spec.task, len(spec.images), spec.steps, spec.guidance) == ("references", 2, 28, 4.0)
     both = {"prompt": "p", "input_image": _data_url(), "input_images": [_data_url()]}

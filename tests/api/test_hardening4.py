@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from fluxserve.settings import Settings
 from tests.conftest import API_KEY, AUTH
 from tests.support.fakes import FakeEngine
 from tests.support.images_util import png_bytes
+from tests.support.polling import wait_for
 
 
 def test_files_take_metadata_as_a_file_part_as_replicate_js_sends_it(client: TestClient) -> None:
@@ -197,10 +197,7 @@ def test_bfl_kontext_applies_width_and_height_instead_of_dropping_them(
     xkey = {"x-key": API_KEY}
     made = client.post("/v1/flux-kontext-pro", json={"prompt": "p", "width": 768, "height": 512}, headers=xkey)
     assert made.status_code == 200, made.text
-    for _ in range(200):
-        if fake_engine.calls:
-            break
-        time.sleep(0.02)
+    wait_for(lambda: len(fake_engine.calls), lambda n: n >= 1, interval=0.02)
     assert (fake_engine.last_spec.width, fake_engine.last_spec.height) == (768, 512)
     half = client.post("/v1/flux-kontext-pro", json={"prompt": "p", "width": 768}, headers=xkey)
     assert half.status_code == 422 and "height" in half.text
