@@ -71,9 +71,8 @@ def test_vmodel_input_images(client: TestClient, fake_engine: FakeEngine) -> Non
     resp = client.post("/vmodel/generate", json={"model": "flux-2-pro", "input": inp}, headers=AUTH)
     assert resp.status_code == 200, resp.text
     job = resp.json()["id"]
-    wait_for(
-        lambda: client.get(f"/vmodel/feed/{job}", headers=AUTH).json(), lambda f: f["status"] == "succeeded", interval=0.02
-    )
+    url = f"/vmodel/feed/{job}"
+    wait_for(lambda: client.get(url, headers=AUTH).json(), lambda f: f["status"] == "succeeded", interval=0.02)
     spec = fake_engine.last_spec
     assert (spec.task, len(spec.images), spec.steps, spec.guidance) == ("references", 2, 28, 4.0)
     both = {"prompt": "p", "input_image": _data_url(), "input_images": [_data_url()]}
