@@ -50,6 +50,7 @@ from .queue.base import Queue
 from .queue.listen import listen
 from .retention import RetentionSweeper
 from .settings import Settings, parse_cache
+from .sizes import parse_bytes
 from .storage import Storage, build_storage, load_or_create_secret
 from .store import Store
 from .webhooks import WebhookSender
@@ -115,6 +116,8 @@ def build_engine(settings: Settings, registry: ModelRegistry, device: str | None
         lora_slots=settings.lora_slots,
         step_delay_s=settings.demo_step_delay_s if settings.demo else 0.0,
         preload=preloaded(settings, registry),
+        memory_budget=None if settings.memory_budget is None else parse_bytes(settings.memory_budget),
+        cpu_memory_budget=None if settings.cpu_memory_budget is None else parse_bytes(settings.cpu_memory_budget),
     )
     if settings.demo:
         from .engine.demo import build_demo_model

@@ -15,6 +15,7 @@ from pydantic_settings import (
 )
 
 from .durations import parse_retention
+from .sizes import parse_bytes
 
 ENV_PREFIX = "FLUXSERVE_"
 DEFAULT_FBCACHE_THRESHOLD = 0.08
@@ -84,6 +85,31 @@ class Settings(BaseSettings):
         default=[],
         description="Names to load at start, comma-separated, or all; the others load when their first job runs "
         "(unset with --compile: all, so the warm-up runs at start).",
+    )
+    # The device's memory ledger (engine.pool): bytes, or with a unit; None: measured at start.
+    memory_budget: str | None = Field(
+        default=None,
+        description="Device memory the loaded pipelines may take, e.g. 20GiB (unset: the GPU's free memory at "
+        "start less 6 GiB for activations; on CPU half the RAM). Least recently used pipelines make room.",
+    )
+    cpu_memory_budget: str | None = Field(
+        default=None,
+        description="Host memory that keeps pipelines moved off the device, so warming them again is a copy, "
+        "not a disk read (unset: a quarter of the RAM; 0: none kept).",
+    )
+    idle_unload_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="Seconds a loaded pipeline may sit unused before it leaves the device (0: never); never "
+        "a preloaded name, nor one a queued job waits for.",
+        json_schema_extra={"flag": "--idle-unload"},
+    )
+    max_model_wait_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="A worker prefers jobs for the models it has loaded, but no job waits longer than this "
+        "many seconds because of that preference.",
+        json_schema_extra={"flag": "--max-model-wait"},
     )
     # LoRA adapters: a folder requests name files in; fetched ones cached by content hash (LRU).
     lora_dir: Path | None = Field(default=None, description="Folder of LoRA adapters requests may name.")
@@ -220,6 +246,13 @@ class Settings(BaseSettings):
     def _split_origins(cls, v: Any) -> Any:
         if isinstance(v, str) and not v.startswith("["):
             return [o.strip() for o in v.split(",") if o.strip()]
+        return v
+
+    @field_validator("memory_budget", "cpu_memory_budget")
+    @classmethod
+    def _check_bytes(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_bytes(v)
         return v
 
     @field_validator("attention")

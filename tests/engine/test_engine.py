@@ -55,9 +55,9 @@ def test_shared_weights_load_once(engine: DiffusersEngine) -> None:
 
     served = {m.name for m in ModelRegistry.default() if m.kind in demo_kinds()}
     assert set(engine.loaded_models()) == served and "flux-2-dev" in served
-    assert engine._pipes["flux"] is engine._pipes["flux-pro"]
-    assert engine._pipes["flux-kontext-pro"] is engine._pipes["flux-kontext-max"]
-    assert engine._pipes["flux-kontext-pro"] is not engine._pipes["flux"]
+    assert engine.pipeline("flux") is engine.pipeline("flux-pro")
+    assert engine.pipeline("flux-kontext-pro") is engine.pipeline("flux-kontext-max")
+    assert engine.pipeline("flux-kontext-pro") is not engine.pipeline("flux")
 
 
 def test_same_seed_same_pixels_different_seed_differs(engine: DiffusersEngine) -> None:

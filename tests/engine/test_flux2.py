@@ -50,7 +50,7 @@ def test_demo_flux2_folder_is_klein_geometry(demo_model_dir: Path) -> None:
 
 def test_every_flux2_name_loads_and_kv_uses_its_own_pipeline(engine: DiffusersEngine) -> None:
     assert set(engine.loaded_models()) == set(FLUX2)
-    pipes = engine._pipes
+    pipes = {name: engine.pipeline(name) for name in engine.loaded_models()}
     assert type(pipes["flux-2-klein-4b"]).__name__ == "Flux2KleinPipeline"
     assert type(pipes["flux-2-klein-9b-kv"]).__name__ == "Flux2KleinKVPipeline"
     assert pipes["flux-2-dev"] is pipes["flux-2-pro"] is pipes["flux-2-max"]

@@ -327,7 +327,7 @@ def test_an_upsampling_job_on_a_worker_without_the_upsampler_fails_clearly(
     from fluxserve.errors import GenerationFailed
 
     req = _req(registry, "flux-3-image-klein", upsample=True)
-    pipe = engine._pipes["flux-3-image-klein"]
+    pipe = engine.pipeline("flux-3-image-klein")
     kept, pipe.fluxserve_upsampling = pipe.fluxserve_upsampling, None
     try:
         with pytest.raises(GenerationFailed, match="no upsampler"):

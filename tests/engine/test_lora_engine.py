@@ -89,7 +89,7 @@ def test_switching_adapters_loads_each_once_and_never_the_base_model(
 
     base_loads: list[str] = []
     monkeypatch.setattr(flux, "load_pipeline", lambda *a, **k: base_loads.append(a[0]))
-    pipe = engine._pipes["flux-2-klein-4b"]
+    pipe = engine.pipeline("flux-2-klein-4b")
     slots = engine.adapter_slots(pipe)
     style = _adapters(library, "flux-2-klein-4b", ("klein-style", 1.0))
     hero = _adapters(library, "flux-2-klein-4b", ("characters/klein-hero", 1.0))
@@ -108,7 +108,7 @@ def test_switching_adapters_loads_each_once_and_never_the_base_model(
 def test_the_least_recently_used_adapter_leaves_when_slots_are_full(
     engine: DiffusersEngine, library: LoraLibrary
 ) -> None:
-    pipe = engine._pipes["flux-2-klein-4b"]
+    pipe = engine.pipeline("flux-2-klein-4b")
     slots = engine.adapter_slots(pipe)  # 2 slots in this engine
     style = _adapters(library, "flux-2-klein-4b", ("klein-style", 1.0))
     hero = _adapters(library, "flux-2-klein-4b", ("characters/klein-hero", 1.0))

@@ -176,16 +176,16 @@ def test_compile_mode_warms_up_fuses_and_keeps_pixels_close(
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "unset-by-the-test")
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
     eager = _engine(demo_model_dir, SpeedOptions())
-    params = sum(p.numel() for p in eager._pipes["flux-dev"].transformer.parameters())
+    params = sum(p.numel() for p in eager.pipeline("flux-dev").transformer.parameters())
     cache = tmp_path / "compile-cache"
     fast = _engine(demo_model_dir, SpeedOptions(compile=True, compile_cache_dir=cache, warmup_sizes=((256, 256),)))
-    transformer = fast._pipes["flux-dev"].transformer
+    transformer = fast.pipeline("flux-dev").transformer
     attn = transformer.transformer_blocks[0].attn
     assert attn.fused_projections and not hasattr(attn, "to_q") and hasattr(attn, "to_added_qkv")
     # Fused, without keeping the unfused copies: the same parameter count as before.
     assert sum(p.numel() for p in transformer.parameters()) == params
     # The VAE is left as loaded: channels-last and fused VAE attention made the decode slower on an H100.
-    vae = fast._pipes["flux-dev"].vae
+    vae = fast.pipeline("flux-dev").vae
     assert not any(getattr(m, "fused_projections", False) for m in vae.modules())
     assert all(p.is_contiguous() for p in vae.parameters())
     # The warm-up at load compiled into the configured cache, before any request.

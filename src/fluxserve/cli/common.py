@@ -59,7 +59,7 @@ def check_engine_installed() -> None:
 def check_fp8(settings: Settings) -> None:
     """Refuse fp8 on hardware without fp8 kernels before the server starts, not after it loads."""
     from ..app import devices
-    from ..engine.flux import pick_device
+    from ..engine.loading import pick_device
     from ..engine.speed import check_fp8
 
     for device in devices(settings):

@@ -20,11 +20,15 @@ from ..base import EngineRequest, OnStep
 Generate = Callable[[Any, ModelSpec, list[EngineRequest], OnStep], list[list[Image]]]
 
 
-def load_classic(weights: str, class_name: str, *, dtype: Any, upsampler: str, local_files_only: bool) -> Any:
-    """A diffusers pipeline class by name, from its folder or hub id."""
+def load_classic(
+    weights: str, class_name: str, *, dtype: Any, upsampler: str, local_files_only: bool, reuse: dict[str, Any]
+) -> Any:
+    """A diffusers pipeline class by name, from its folder or hub id; ``reuse`` holds components already loaded
+    (the same weights, by content): from_pretrained takes them as they are and reads only the others."""
     import diffusers
 
-    return getattr(diffusers, class_name).from_pretrained(weights, dtype=dtype, local_files_only=local_files_only)
+    cls = getattr(diffusers, class_name)
+    return cls.from_pretrained(weights, dtype=dtype, local_files_only=local_files_only, **reuse)
 
 
 @dataclass(frozen=True)

@@ -104,7 +104,15 @@ def _blocks(pipeline: str, *, upsampling: bool) -> Any:
     return blocks
 
 
-def load(weights: str, pipeline: str, *, dtype: Any, upsampler: str = "", local_files_only: bool = False) -> Any:
+def load(
+    weights: str,
+    pipeline: str,
+    *,
+    dtype: Any,
+    upsampler: str = "",
+    local_files_only: bool = False,
+    reuse: dict[str, Any] | None = None,
+) -> Any:
     """The modular pipeline as the prompt is written, with our step block in its denoising loop; with an
     ``upsampler`` (its weights), a second pipeline over the same loaded modules, with the upsampler step
     first, is kept as ``fluxserve_upsampling`` for requests that ask for prompt upsampling."""
@@ -114,13 +122,17 @@ def load(weights: str, pipeline: str, *, dtype: Any, upsampler: str = "", local_
     if _not_a_cancel not in modular_log.filters:
         modular_log.addFilter(_not_a_cancel)
     pipe = _blocks(pipeline, upsampling=False).init_pipeline(weights)  # a deep copy of the blocks: see _step()
+    reuse = dict(reuse or {})
+    shared_upsampler = reuse.pop("prompt_upsampler", None)
+    if reuse:
+        pipe.update_components(**reuse)  # already loaded elsewhere: load_components reads only the others
     pipe.load_components(dtype=dtype)
     pipe.fluxserve_upsampling = None
     if upsampler:
         from transformers import AutoProcessor, Qwen3_5ForConditionalGeneration
 
         offline = {"local_files_only": local_files_only}
-        model = Qwen3_5ForConditionalGeneration.from_pretrained(upsampler, dtype=dtype, **offline)
+        model = shared_upsampler or Qwen3_5ForConditionalGeneration.from_pretrained(upsampler, dtype=dtype, **offline)
         processor = AutoProcessor.from_pretrained(upsampler, **offline)
         upsampling = _blocks(pipeline, upsampling=True).init_pipeline(weights)
         shared = {name: module for name, module in pipe.components.items() if module is not None}

@@ -1,0 +1,148 @@
+"""What a pipeline's weights take in memory, and which of its components are the same weights as another's,
+known before any weight is read: model_index.json (or a modular pipeline's index), each component's config and
+its safetensors headers, a few kilobytes per file, from a local folder or the hub cache.
+
+A component's identity is its content, never its name: the config plus, for each weight file, its size, its
+header (every tensor's name, dtype, shape and offsets) and a sample of its bytes spread over the file, so two
+fine-tunes of one architecture (same header, same size) are still two components.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+# Floating tensors load in the pipeline's dtype; the others (fp8 scales, int indices) as they are stored.
+_FLOATING = ("F64", "F32", "F16", "BF16")
+_ITEM_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
+_SAMPLES, _SAMPLE_BYTES = 8, 4096
+_MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str  # the pipeline's name for it ("text_encoder_2")
+    key: str  # content identity: equal keys are the same weights, loaded once
+    nbytes: int  # resident size at the load dtype
+
+
+def _cached_folder(repo: str) -> Path | None:
+    """A hub repository's snapshot in the local cache, or None (not downloaded yet)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo, local_files_only=True))
+    except (LocalEntryNotFoundError, ValueError, OSError):
+        return None
+
+
+def folder_of(weights: str) -> Path | None:
+    path = Path(weights)
+    if path.is_dir():
+        return path
+    return _cached_folder(weights) if weights.count("/") == 1 else None
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The safetensors files from_pretrained reads in a component folder (sharded ones through their index)."""
+    for index in sorted(folder.glob("*.safetensors.index.json")):
+        if ".fp16." in index.name:  # a variant: from_pretrained only reads it when asked
+            continue
+        shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+        return [folder / s for s in shards]
+    return sorted(p for p in folder.glob("*.safetensors") if p.name.count(".") == 1)
+
+
+def _header(path: Path) -> tuple[bytes, int]:
+    with path.open("rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        if length > _MAX_HEADER:
+            raise ValueError(f"{path}: not a safetensors file (header of {length} bytes)")
+        return f.read(length), 8 + length
+
+
+def _samples(path: Path, start: int, size: int) -> bytes:
+    body = size - start
+    if body <= 0:
+        return b""
+    out = bytearray()
+    with path.open("rb") as f:
+        for i in range(_SAMPLES):
+            f.seek(start + body * i // _SAMPLES)
+            out += f.read(_SAMPLE_BYTES)
+    return bytes(out)
+
+
+def _tensor_bytes(header: bytes, item_bytes: int) -> int:
+    total = 0
+    for name, entry in json.loads(header).items():
+        if name == "__metadata__":
+            continue
+        numel = 1
+        for dim in entry["shape"]:
+            numel *= dim
+        if entry["dtype"] in _FLOATING:
+            total += numel * item_bytes
+        else:
+            start, end = entry["data_offsets"]
+            total += end - start
+    return total
+
+
+def component(name: str, folder: Path, item_bytes: int) -> Part | None:
+    """One component's identity and size, or None when it has no safetensors weights (a tokenizer, a
+    scheduler; or weights in another format, sized after loading instead)."""
+    files = _weight_files(folder)
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for config in ("config.json", "generation_config.json"):
+        if (folder / config).is_file():
+            digest.update((folder / config).read_bytes())
+    nbytes = 0
+    for path in files:
+        size = path.stat().st_size
+        header, start = _header(path)
+        digest.update(struct.pack("<Q", size) + header + _samples(path, start, size))
+        nbytes += _tensor_bytes(header, item_bytes)
+    return Part(name=name, key=digest.hexdigest(), nbytes=nbytes)
+
+
+def _component_folders(folder: Path) -> dict[str, Path]:
+    """Each weight-carrying component's folder, as the pipeline's index names it."""
+    out: dict[str, Path] = {}
+    classic = folder / "model_index.json"
+    if classic.is_file():
+        for name, value in json.loads(classic.read_text()).items():
+            if not name.startswith("_") and isinstance(value, list) and value and value[0] is not None:
+                out[name] = folder / name
+        return out
+    modular = folder / "modular_model_index.json"
+    if modular.is_file():
+        for name, value in json.loads(modular.read_text()).items():
+            spec = value[2] if isinstance(value, list) and len(value) > 2 and isinstance(value[2], dict) else None
+            if spec and spec.get("pretrained_model_name_or_path"):
+                base = folder_of(str(spec["pretrained_model_name_or_path"]))
+                if base is not None:
+                    out[name] = base / (spec.get("subfolder") or "")
+    return out
+
+
+def inventory(weights: str, item_bytes: int, *, extra: dict[str, str] | None = None) -> list[Part] | None:
+    """Every weight-carrying component of the pipeline at ``weights`` (a folder or a cached hub id), or None
+    when its files are not here yet (a hub repository not downloaded: sized when loaded). ``extra`` adds
+    components from folders of their own (FLUX 3's prompt upsampler)."""
+    folder = folder_of(weights)
+    if folder is None:
+        return None
+    folders = _component_folders(folder)
+    for name, path in (extra or {}).items():
+        found = folder_of(path)
+        if found is not None:
+            folders[name] = found
+    parts = [component(name, path, item_bytes) for name, path in sorted(folders.items()) if path.is_dir()]
+    return [p for p in parts if p is not None]
