@@ -17,6 +17,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from . import __version__
+from .api import device as device_routes
 from .api import files, usage
 from .api import loras as lora_routes
 from .api.bodylimit import BodyLimit
@@ -154,6 +155,7 @@ def build_device_workers(
             nice=settings.worker_nice,
             loras=loras,
             storage_retry_s=settings.storage_retry_s,
+            idle_unload_s=settings.idle_unload_s,
             **kw,
         )
         for e in chosen
@@ -281,9 +283,15 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
         )
         app.state.services = services
         upstreams = [w for w in device_workers or [] if w.route]
-        app.state.metrics = Metrics(
-            store, lambda: workers.state, settings.metrics_token or settings.api_key, lambda: upstreams
+        app.state.metrics = metrics = Metrics(
+            store,
+            lambda: workers.state,
+            settings.metrics_token or settings.api_key,
+            lambda: upstreams,
+            lambda: [w.engine_info() for w in workers.local_workers() if not w.route],
         )
+        for worker in workers.local_workers():
+            worker.observe(metrics.model_loaded, metrics.model_evicted)
         webhooks = WebhookSender(
             store,
             render=lambda job: render_for_webhook(services, job),
@@ -337,6 +345,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
             app.include_router(router)
     app.include_router(files.router)
     app.include_router(usage.router)
+    app.include_router(device_routes.router)
     app.include_router(lora_routes.router)
     web_dir = Path(__file__).parent / "web"
     app.mount("/web", StaticFiles(directory=web_dir), name="web")
@@ -372,6 +381,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
             "demo": settings.demo,
             "queue_depth": queue_depth,
             "version": __version__,
+            "sleeping": any(w.sleeping for w in d.local_workers()),  # POST /sleep: jobs wait for /wake_up
         }
         if reasons:
             body["reason"] = "; ".join(reasons)

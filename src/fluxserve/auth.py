@@ -23,11 +23,11 @@ class NewKey:
     key: str
 
 
-def create_key(store: Store, name: str) -> NewKey:
+def create_key(store: Store, name: str, *, admin: bool = False) -> NewKey:
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     digest = hash_key(key)
     key_id = "key_" + digest[:12]
-    store.add_key(key_id, name, digest, key[:7])
+    store.add_key(key_id, name, digest, key[:7], admin=admin)
     return NewKey(key_id, name, key)
 
 
@@ -56,6 +56,10 @@ class Authenticator:
         if row is None:
             raise Unauthorized("Incorrect API key provided.")
         return str(row.id)
+
+    def is_admin(self, owner: str) -> bool:
+        """The operator's key, or a key created with --admin."""
+        return owner.startswith("env_") or self._store.key_is_admin(owner)
 
 
 def bearer_token(header: str | None) -> str | None:

@@ -112,6 +112,17 @@ class Job:
     route: str | None = None  # the upstream provider running it; None: a local device
     cost: float | None = None  # credits held for it (None: its key is not metered)
     error_code: str | None = None
+    note: str | None = None  # set by its worker before the first step: "loading flux-dev: ..."
+
+    @property
+    def loading(self) -> bool:
+        """Claimed, its model still loading: dialects with a place for it say so (Replicate's "starting")."""
+        return self.status is Status.PROCESSING and self.note is not None and self.progress_done == 0
+
+    @property
+    def public_status(self) -> str:
+        """The seed's and Replicate's lifecycle name: queued and loading jobs are 'starting'."""
+        return "starting" if self.loading else self.status.public
 
     @property
     def progress(self) -> float:
@@ -123,6 +134,8 @@ class Job:
         """Progress as log lines, for dialects (Replicate) that report it as logs."""
         lines = [f"Using seed: {self.spec.seed}"]
         lines += [f"Using LoRA {a.source} (sha256 {a.digest[:12]}) at scale {a.scale:g}" for a in self.spec.loras]
+        if self.note is not None:
+            lines.append(self.note)
         if self.started_at is not None:
             lines.append(f"Running {self.spec.model} at {self.spec.width}x{self.spec.height}, {self.spec.steps} steps")
         lines += [f"step {i}/{self.progress_total}" for i in range(1, self.progress_done + 1)]

@@ -241,6 +241,19 @@ class JobService:
             self._changed(job, EventKind.PROGRESS)
         return now
 
+    def queued_models(self, models: list[str]) -> set[str]:
+        """Which of these names queued jobs wait for (idle unload spares them)."""
+        return {model for _, model, _ in self.store.queued(limit=256, models=models, route=None)}
+
+    def loading(self, batch: list[Job], note: str) -> None:
+        """Say what the batch waits for before its first step (its model loading), as a progress event."""
+        fences = [Fence(j.id, j.attempts, j.worker_id) for j in batch]
+        now = self.store.transition_many(
+            fences, EventKind.PROGRESS, expect=[Status.PROCESSING], values={"note": note[:300]}, payload={"note": note}
+        )
+        for job in now:
+            self._changed(job, EventKind.PROGRESS)
+
     def add_preview(self, job: Job, key: str) -> bool:
         def values(current: Job) -> dict[str, Any]:
             return {"previews": json.dumps([*current.previews, key])}

@@ -12,7 +12,7 @@ import secrets
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -89,6 +89,37 @@ class StoreCollector(Collector):
         yield from (healthy, in_flight, failures)
 
 
+class EngineCollector(Collector):
+    """This process's engines: device memory against the budget, and each name's state."""
+
+    def __init__(self, engines: Callable[[], list[dict[str, Any]]]) -> None:
+        self._engines = engines  # each local device worker's engine_info()
+
+    def collect(self) -> Iterator[Metric]:
+        used = GaugeMetricFamily(
+            "fluxserve_memory_used_bytes", "Device memory the loaded pipelines take.", labels=["device"]
+        )
+        budget = GaugeMetricFamily("fluxserve_memory_budget_bytes", "The device memory budget.", labels=["device"])
+        state = GaugeMetricFamily(
+            "fluxserve_model_state",
+            "1 for each model's current state on a device.",
+            labels=["model", "device", "state"],
+        )
+        for info in self._engines():
+            memory, device = info.get("memory"), str(info.get("device", ""))
+            if not isinstance(memory, dict):
+                continue  # not loaded yet, or an engine without a ledger
+            used.add_metric([device], memory["used_bytes"])
+            budget.add_metric([device], memory["budget_bytes"])
+            for name, view in info.get("models", {}).items():
+                for s in MODEL_STATES:
+                    state.add_metric([name, device, s], 1.0 if view["state"] == s else 0.0)
+        yield from (used, budget, state)
+
+
+MODEL_STATES = ("unloaded", "loading", "ready")
+
+
 class Metrics:
     """The app's registry, its HTTP request counter and the scrape."""
 
@@ -98,9 +129,23 @@ class Metrics:
         worker_state: Callable[[], str],
         token: str | None,
         upstreams: Callable[[], list[Any]] | None = None,
+        engines: Callable[[], list[dict[str, Any]]] = list,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(StoreCollector(store, worker_state, upstreams))
+        self.registry.register(EngineCollector(engines))
+        self.model_loads = Counter(
+            "fluxserve_model_loads", "Pipelines loaded or warmed back onto a device.", ["model"], registry=self.registry
+        )
+        self.model_evictions = Counter(
+            "fluxserve_model_evictions", "Pipelines moved off a device to make room.", ["model"], registry=self.registry
+        )
+        self.model_load_seconds = Histogram(
+            "fluxserve_model_load_seconds",
+            "Seconds to load a pipeline (from disk or the host tier).",
+            registry=self.registry,
+            buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+        )
         self.requests = Counter(
             "fluxserve_http_requests",
             "HTTP requests by route and status.",
@@ -121,6 +166,13 @@ class Metrics:
             "/metrics is open on loopback only; elsewhere send 'Authorization: Bearer <FLUXSERVE_METRICS_TOKEN>'.",
             code="metrics_forbidden",
         )
+
+    def model_loaded(self, model: str, seconds: float) -> None:
+        self.model_loads.labels(model).inc()
+        self.model_load_seconds.observe(seconds)
+
+    def model_evicted(self, model: str) -> None:
+        self.model_evictions.labels(model).inc()
 
     def count_request(self, route: str, method: str, status: int) -> None:
         self.requests.labels(route, method, str(status)).inc()

@@ -76,6 +76,11 @@ def _files(conn: Connection) -> None:
     store.metadata.create_all(conn, tables=[store.files])
 
 
+def _notes_admin_keys(conn: Connection) -> None:
+    _add_missing_columns(conn, store.jobs)  # note
+    _add_missing_columns(conn, store.api_keys)  # admin
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "jobs and api keys", _baseline),
     (2, "worker leases, job events, webhook outbox", _leases_events_outbox),
@@ -85,6 +90,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (6, "fair priority", _fair_priority),
     (7, "upstream routes, credits", _upstreams_credits),
     (8, "replicate files", _files),
+    (9, "job notes, admin keys", _notes_admin_keys),
 ]
 LATEST = MIGRATIONS[-1][0]
 

@@ -3,6 +3,7 @@ job runs, --preload loads names at start; the demo model through the real loadin
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,72 @@ def test_preload_names_must_be_served(tmp_path: Path, demo_model_dir: Path) -> N
     ]
     compiled = settings.model_copy(update={"preload": [], "compile": True})
     assert preloaded(compiled, build_registry(settings)) is None  # --compile warms every name up at start
+
+
+def _replicate(client: TestClient, headers: dict[str, str] | None = None) -> dict[str, object]:
+    body = {"input": {"prompt": "a cat", "width": 256, "height": 256, "num_inference_steps": 2}}
+    made = client.post("/v1/models/black-forest-labs/flux-schnell/predictions", json=body, headers=headers or AUTH)
+    assert made.status_code == 201, made.text
+    return made.json()  # type: ignore[no-any-return]
+
+
+def _prediction(client: TestClient, pid: str, headers: dict[str, str] | None = None) -> dict[str, object]:
+    return client.get(f"/v1/predictions/{pid}", headers=headers or AUTH).json()  # type: ignore[no-any-return]
+
+
+def test_a_first_job_says_its_model_is_loading_and_memory_shows_everywhere(
+    tmp_path: Path, demo_model_dir: Path
+) -> None:
+    loopback = ("127.0.0.1", 50000)
+    with TestClient(create_app(_settings(tmp_path, demo_model_dir)), client=loopback) as client:
+        health = _ready(client)
+        memory = health["engine"]["memory"]  # type: ignore[index]
+        assert memory["used_bytes"] == 0 and memory["budget_bytes"] > 0
+        sizes = {m["id"]: m["memory_bytes"] for m in client.get("/v1/models", headers=AUTH).json()["data"]}
+        assert sizes["flux-schnell"] > 0 and sizes["flux-kontext-pro"] == sizes["flux-schnell"]  # same files
+        pid = str(_replicate(client)["id"])
+        done = wait_for(lambda: _prediction(client, pid), lambda p: p["status"] == "succeeded", timeout=120)
+        logs = str(done["logs"]).splitlines()
+        loading = [line for line in logs if line.startswith("loading flux-schnell: ")]
+        assert loading and "KiB to read" in loading[0], logs
+        assert logs.index(loading[0]) < logs.index("step 1/2")
+        used = client.get("/health").json()["engine"]["memory"]["used_bytes"]
+        assert used >= sizes["flux-schnell"] * 0.9
+        # Kontext's pipeline is the same weights: no second copy, nothing more read.
+        text = client.get("/metrics").text
+        assert 'fluxserve_model_loads_total{model="flux-schnell"} 1.0' in text
+        assert "fluxserve_model_load_seconds_count 1.0" in text
+        assert f'fluxserve_memory_used_bytes{{device="cpu"}} {float(used)}' in text
+        assert 'fluxserve_model_state{device="cpu",model="flux-schnell",state="ready"} 1.0' in text
+        # A second job for a loaded model has no loading line.
+        again = str(_replicate(client)["id"])
+        second = wait_for(lambda: _prediction(client, again), lambda p: p["status"] == "succeeded", timeout=120)
+        assert not [line for line in str(second["logs"]).splitlines() if line.startswith("loading")]
+
+
+def test_sleep_and_wake_are_for_admin_keys_and_jobs_wait_meanwhile(tmp_path: Path, demo_model_dir: Path) -> None:
+    from fluxserve.auth import create_key
+
+    settings = _settings(tmp_path, demo_model_dir, preload=["flux-schnell"])
+    with TestClient(create_app(settings)) as client:
+        _ready(client)
+        store = client.app.state.services.store  # type: ignore[attr-defined]
+        user = {"Authorization": f"Bearer {create_key(store, 'user').key}"}
+        admin = {"Authorization": f"Bearer {create_key(store, 'ops', admin=True).key}"}
+        for method, path in (("post", "/sleep"), ("post", "/wake_up"), ("get", "/is_sleeping")):
+            refused = client.request(method, path, headers=user)
+            assert refused.status_code == 403, refused.text
+            assert refused.json()["error"]["code"] == "admin_key_required"
+        assert client.get("/is_sleeping").status_code == 401
+        assert client.get("/is_sleeping", headers=admin).json() == {"is_sleeping": False}
+        assert client.post("/sleep", headers=admin).json() == {"is_sleeping": True}
+        health = client.get("/health")
+        assert health.status_code == 200 and health.json()["sleeping"] is True
+        assert health.json()["models"] == [] and health.json()["engine"]["memory"]["used_bytes"] == 0
+        pid = str(_replicate(client, user)["id"])  # accepted while asleep
+        time.sleep(2.5)
+        assert _prediction(client, pid, user)["status"] == "starting"  # still queued
+        assert client.post("/wake_up", headers=AUTH).json() == {"is_sleeping": False}  # the operator's key too
+        wait_for(lambda: _prediction(client, pid, user), lambda p: p["status"] == "succeeded", timeout=120)
+        assert client.get("/health").json()["sleeping"] is False
+        assert "flux-schnell" in client.get("/health").json()["models"]

@@ -14,6 +14,8 @@ from fluxserve.engine.base import EngineRequest, OnStep
 class FakeEngine:
     device = "fake"  # not "cpu": the dispatcher overlaps output encoding as it does on a GPU
 
+    sleeping = False
+
     def __init__(self, step_s: float = 0.0, fail_with: Exception | None = None) -> None:
         self.step_s = step_s
         self.fail_with = fail_with
@@ -28,6 +30,22 @@ class FakeEngine:
 
     def loaded_models(self) -> list[str]:
         return ["fake"]
+
+    def load_note(self, name: str) -> str | None:
+        return None  # always loaded
+
+    def on_load(self, name: str, seconds: float) -> None: ...
+
+    def on_evict(self, name: str) -> None: ...
+
+    def sleep(self) -> None:
+        self.sleeping = True
+
+    def wake_up(self) -> None:
+        self.sleeping = False
+
+    def unload_idle(self, idle_s: float, keep: object = ()) -> list[str]:
+        return []
 
     def generate(self, requests: Sequence[EngineRequest], on_step: OnStep) -> list[list[Image.Image]]:
         self.calls.append(list(requests))

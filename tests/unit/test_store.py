@@ -242,6 +242,7 @@ def test_migrations_are_numbered_idempotent_and_upgrade_an_old_database(tmp_path
         "6: fair priority",
         "7: upstream routes, credits",
         "8: replicate files",
+        "9: job notes, admin keys",
     ]
     assert upgrade(store.engine) == []
     assert current_version(store.engine) == LATEST
@@ -259,10 +260,11 @@ def test_migrations_are_numbered_idempotent_and_upgrade_an_old_database(tmp_path
         "route",
         "cost",
         "error_code",
+        "note",
     }
     assert added <= columns
     key_columns = {c["name"] for c in inspect(store.engine).get_columns("api_keys")}
-    assert {"max_queued", "rpm", "images_per_day"} <= key_columns
+    assert {"max_queued", "rpm", "images_per_day", "admin"} <= key_columns
     jobs = JobService(store)
     assert _submit(jobs).status is Status.QUEUED
 

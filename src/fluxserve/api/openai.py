@@ -45,6 +45,7 @@ async def get_image_task(task_id: str, services: ServicesDep, owner: OwnerDep) -
 async def list_models(services: ServicesDep, _owner: OwnerDep) -> dict[str, Any]:
     created = int(time.time())
     loaded = set(services.dispatcher.loaded_models())
+    states = _model_states(services.dispatcher.engine_info())
 
     def entry(name: str, m: ModelSpec) -> dict[str, Any]:
         return {
@@ -57,11 +58,28 @@ async def list_models(services: ServicesDep, _owner: OwnerDep) -> dict[str, Any]
             **({"alias_of": m.name} if name != m.name else {}),
             **m.facts(),  # defaults and limits every dialect applies: clients and the playground read them
             # Loaded on a worker, or loaded when its first job runs; a provider's names are always ready.
-            "state": "ready" if m.name in loaded or not m.is_local else "unloaded",
+            "state": "ready" if m.name in loaded or not m.is_local else states.get(m.name, {}).get("state", "unloaded"),
+            # What its pipeline takes on the device (what it shares with another name counted in both).
+            "memory_bytes": states.get(m.name, {}).get("memory_bytes"),
         }
 
     aliases = [entry(alias, services.registry.get(target)) for alias, target in services.registry.aliases.items()]
     return {"object": "list", "data": [entry(m.name, m) for m in services.registry] + aliases}
+
+
+def _model_states(info: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each name's state on this process's engines: ready on one beats loading beats unloaded."""
+    rank = {"ready": 2, "loading": 1, "unloaded": 0}
+    out: dict[str, dict[str, Any]] = {}
+    engines = info["workers"] if isinstance(info.get("workers"), list) else [info]
+    for engine in engines:
+        models = engine.get("models")
+        if not isinstance(models, dict):
+            continue  # a cluster row lists names only
+        for name, state in models.items():
+            if name not in out or rank[state["state"]] > rank[out[name]["state"]]:
+                out[name] = state
+    return out
 
 
 def _body_limit(path: str) -> int:

@@ -60,7 +60,7 @@ def _status(job: Job) -> str:
     next step and JobService.complete ends it canceled even when its images were already made)."""
     if job.status is Status.PROCESSING and job.cancel_requested:
         return Status.CANCELED.value
-    return job.status.public
+    return job.public_status
 
 
 def _stream_signature(secret: bytes, job_id: str, expires: int) -> str:

@@ -128,7 +128,7 @@ async def feed(job_id: str, services: ServicesDep, owner: OwnerDep) -> dict[str,
 
 def render(job: Job, urls: list[str] | None) -> dict[str, Any]:
     """The seed's fields exactly (the relay has no 'canceled': it reports 'failed'), then additions."""
-    status = "failed" if job.status is Status.CANCELED else job.status.public
+    status = "failed" if job.status is Status.CANCELED else job.public_status
     return {
         "id": job.id,
         "model": job.request["model"],

@@ -21,6 +21,9 @@ def keys_create(
     max_queued: MaxQueued = None,
     rpm: Rpm = None,
     images_per_day: ImagesPerDay = None,
+    admin: Annotated[
+        bool, typer.Option("--admin", help="The key may also put the engine to sleep and wake it (POST /sleep).")
+    ] = False,
     data_dir: DataDir = None,
     database: Annotated[str | None, typer.Option()] = None,
 ) -> None:
@@ -30,7 +33,7 @@ def keys_create(
     from ..limits import Limits
 
     store = store_at(data_dir, database)
-    new = create_key(store, name)
+    new = create_key(store, name, admin=admin)
     store.set_key_limits(new.id, Limits(max_queued, rpm, images_per_day))
     store.close()
     typer.echo(new.key)
@@ -118,7 +121,8 @@ def keys_list(data_dir: DataDir = None, database: Annotated[str | None, typer.Op
         names = ("max_queued", "rpm", "images_per_day")
         limits = " ".join(f"{n}={'-' if getattr(row, n) is None else getattr(row, n)}" for n in names)
         credits = "-" if row.credits is None else f"{row.credits:g}"
-        typer.echo(f"{row.id}\t{row.name}\t{row.prefix}...\t{state}\t{limits} credits={credits}")
+        admin = " admin" if row.admin else ""
+        typer.echo(f"{row.id}\t{row.name}\t{row.prefix}...\t{state}\t{limits} credits={credits}{admin}")
     store.close()
 
 

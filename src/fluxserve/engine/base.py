@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -34,8 +34,26 @@ class Engine(Protocol):
 
     def loaded_models(self) -> list[str]: ...
 
+    def load_note(self, name: str) -> str | None:
+        """What a job for ``name`` waits for before its first step ("loading flux-dev: ..."), or None when
+        its pipeline is on the device."""
+        ...
+
     def info(self) -> dict[str, Any]:
         """What /health shows of the engine (device, dtype, speed modes)."""
+        ...
+
+    def sleep(self) -> None:
+        """Everything off the device; jobs wait until wake_up()."""
+
+    def wake_up(self) -> None: ...
+
+    sleeping: bool
+    on_load: Callable[[str, float], None]  # (name, seconds) after a pipeline loads or comes back (metrics)
+    on_evict: Callable[[str], None]  # (name) when its pipeline leaves the device
+
+    def unload_idle(self, idle_s: float, keep: Collection[str] = ()) -> list[str]:
+        """Move pipelines unused for ``idle_s`` seconds off the device, but those ``keep`` names; which went."""
         ...
 
     def generate(self, requests: Sequence[EngineRequest], on_step: OnStep) -> list[list[Image]]:

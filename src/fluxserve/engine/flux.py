@@ -255,6 +255,22 @@ class DiffusersEngine:
         entry = self.pool.entries.get(key_of(self._registry.get(name)))
         return entry.pipe if entry is not None and entry.on_device else None
 
+    def load_note(self, name: str) -> str | None:
+        if name in self._pipes or name not in self._registry:
+            return None
+        entry = self.pool.entries.get(key_of(self._registry.get(name)))
+        if entry is not None and entry.on_device:
+            return None
+        if entry is not None:
+            total = sum(p.nbytes for p in entry.parts.values())
+            return f"loading {name}: {human_bytes(total)} back from host memory"
+        parts = self._parts.get(key_of(self._registry.get(name)))
+        if parts is None:
+            return f"loading {name}: its size is known once loaded"
+        need, total = self.pool.need(parts), sum(p.nbytes for p in parts)
+        shared = f" ({human_bytes(total - need)} of it already loaded for other models)" if need < total else ""
+        return f"loading {name}: {human_bytes(need)} of {human_bytes(total)} to read{shared}"
+
     def loaded_models(self) -> list[str]:
         on_device = {e.key for e in self.pool.entries.values() if e.on_device}
         return [m.name for m in self._registry if key_of(m) in on_device] + [n for n in self._pipes]
@@ -264,9 +280,9 @@ class DiffusersEngine:
     def sleep(self) -> None:
         """Everything off the device (to the host tier, within its budget), preloaded names too; generate()
         waits until wake_up(). Waits for a running job to end first."""
+        self.sleeping = True  # first: a job claimed from now waits in generate() instead of loading
+        self._awake.clear()
         with self.lock:
-            self.sleeping = True
-            self._awake.clear()
             for entry in [e for e in self.pool.entries.values() if e.on_device]:
                 self.pool.to_tier(entry)
 

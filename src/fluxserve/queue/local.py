@@ -106,6 +106,9 @@ class LocalDispatcher:
     def loaded_models(self) -> list[str]:
         return sorted({m for w in self.workers for m in w.loaded_models()})
 
+    def local_workers(self) -> list[AnyWorker]:
+        return list(self.workers)
+
     def engine_info(self) -> dict[str, Any]:
         infos = [w.engine_info() | {"state": w.state} for w in self.workers]
         return infos[0] if len(infos) == 1 else {"workers": infos}
@@ -162,6 +165,8 @@ class LocalDispatcher:
             self._jobs.spill()
         if worker.state == "error" and self._others_healthy(worker):
             return False
+        if worker.sleeping:
+            return False  # POST /sleep: jobs stay queued until /wake_up
         for job_id, _, _ in self._jobs.store.queued(limit=CANDIDATES, models=worker.models(), route=worker.route):
             if self._stopping.is_set():
                 return False

@@ -328,6 +328,7 @@ def to_job(row: Row[Any]) -> Job:
         route=row.route,
         cost=row.cost,
         error_code=row.error_code,
+        note=row.note,
     )
 
 

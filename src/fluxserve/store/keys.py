@@ -49,11 +49,17 @@ def refund(conn: Connection, owner: str, cost: float | None) -> None:
 
 
 class KeyQueries(Database):
-    def add_key(self, key_id: str, name: str, key_hash: str, prefix: str) -> None:
+    def add_key(self, key_id: str, name: str, key_hash: str, prefix: str, *, admin: bool = False) -> None:
         with self._write() as conn:
             conn.execute(
-                api_keys.insert().values(id=key_id, name=name, key_hash=key_hash, prefix=prefix, created_at=time.time())
+                api_keys.insert().values(
+                    id=key_id, name=name, key_hash=key_hash, prefix=prefix, created_at=time.time(), admin=admin
+                )
             )
+
+    def key_is_admin(self, key_id: str) -> bool:
+        with self._read() as conn:
+            return bool(conn.execute(select(api_keys.c.admin).where(api_keys.c.id == key_id)).scalar())
 
     def find_key(self, key_hash: str) -> Row[Any] | None:
         with self._read() as conn:

@@ -55,6 +55,7 @@ jobs = Table(
     Column("route", String(64)),
     Column("cost", Float),  # credits held for it at submit; given back when it does not succeed
     Column("error_code", String(32)),  # why it failed, as a code ("upstream_rejected": the provider refused it)
+    Column("note", String(300)),  # what its worker is doing before the first step ("loading flux-dev: ...")
     UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency"),
 )
 
@@ -72,6 +73,7 @@ api_keys = Table(
     Column("rpm", Integer),
     Column("images_per_day", Integer),
     Column("credits", Float),  # the key's balance; NULL: not metered
+    Column("admin", Boolean),  # may put the engine to sleep and wake it (NULL: no)
 )
 
 job_events = Table(

@@ -55,6 +55,7 @@ class DeviceWorker(LeasedWorker):
         overlap_encoding: bool = True,
         loras: LoraLibrary | None = None,
         storage_retry_s: float = 60.0,
+        idle_unload_s: float = 0.0,
     ) -> None:
         super().__init__(
             jobs, storage, getattr(engine, "device_request", engine.device), storage_retry_s=storage_retry_s
@@ -65,6 +66,7 @@ class DeviceWorker(LeasedWorker):
         # A queue task (fluxserve.queue.runner) must not return before its images are stored.
         self._may_overlap = overlap_encoding
         self._engine = engine
+        self._idle_unload_s = idle_unload_s
         self._registry = registry
         self._max_batch = max_batch
         self._png_level = png_compress_level
@@ -96,6 +98,35 @@ class DeviceWorker(LeasedWorker):
 
     def engine_info(self) -> dict[str, Any]:
         return self._engine.info() if self.state == "ready" else {}
+
+    # -- sharing the device ------------------------------------------------------
+
+    @property
+    def sleeping(self) -> bool:
+        return self._engine.sleeping
+
+    def sleep(self) -> None:
+        """Off the device (waits for a running job to end); jobs stay queued until wake_up."""
+        if self.state == "ready":
+            self._engine.sleep()
+
+    def wake_up(self) -> None:
+        if self.state == "ready":
+            self._engine.wake_up()
+
+    def observe(self, loaded: Callable[[str, float], None], evicted: Callable[[str], None]) -> None:
+        self._engine.on_load, self._engine.on_evict = loaded, evicted
+
+    def idle(self) -> None:
+        """--idle-unload: pipelines unused that long leave the device, but those queued jobs wait for."""
+        if self._idle_unload_s <= 0 or self.state != "ready" or self._engine.sleeping:
+            return
+        try:
+            waiting = self._jobs.queued_models(self.models())
+        except StoreUnavailable:
+            return  # unknown: unload nothing
+        for name in self._engine.unload_idle(self._idle_unload_s, keep=waiting):
+            log.info("%s unloaded after %g s idle", name, self._idle_unload_s)
 
     # -- the loop -------------------------------------------------------------
 
@@ -204,6 +235,9 @@ class DeviceWorker(LeasedWorker):
                 )
                 for job in batch
             ]
+            note = self._engine.load_note(batch[0].spec.model)
+            if note is not None:  # the job's logs and events say why its first step is late
+                self._store(self._jobs.loading, batch, note)
             results = self._engine.generate(requests, on_step)
             self._encode_slots.acquire()
             # Once stopping, the encoder may already be shut down: finish here.

@@ -106,6 +106,7 @@ class LeasedWorker:
             with self._held_lock:
                 held = list(self._held.values())
             if not held:
+                self.idle()
                 continue
             try:
                 kept = self._jobs.renew(held, self.worker_id)
@@ -118,6 +119,21 @@ class LeasedWorker:
                 self._lost |= lost
             for job_id in lost:
                 log.warning("worker %s lost its lease on job %s", self.worker_id, job_id)
+
+    def idle(self) -> None:
+        """Called by the heartbeat while the worker holds no job."""
+
+    def observe(self, loaded: Callable[[str, float], None], evicted: Callable[[str], None]) -> None:
+        """Metrics' callbacks for model loads and evictions (a device worker's engine calls them)."""
+
+    @property
+    def sleeping(self) -> bool:
+        return False  # a device worker's engine can sleep (POST /sleep); others have nothing to free
+
+    def sleep(self) -> None:
+        """Free the device for another program; jobs stay queued."""
+
+    def wake_up(self) -> None: ...
 
     def degrade(self, reason: str) -> None:
         if self.degraded is None:

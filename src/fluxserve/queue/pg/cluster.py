@@ -98,6 +98,9 @@ class ClusterView:
         local = self._local.loaded_models() if self._local is not None else []
         return sorted({*local, *(m for w in self.workers if w["state"] == "ready" for m in w["models"])})
 
+    def local_workers(self) -> list[Worker]:
+        return list(self._local.devices) if self._local is not None else []
+
     def engine_info(self) -> dict[str, Any]:
         body: dict[str, Any] = {"workers": self.workers, "queues": self.queues}
         if not self.workers:
@@ -120,7 +123,7 @@ class LocalQueueWorkers:
         self._run: Callable[[asyncio.Event, asyncio.Event], Any] = lambda stop, now: run_devices(
             url, jobs, queue, devices, models, timing, stop, now, sweep=False
         )
-        self._devices = devices
+        self.devices = devices
         self._grace_s = timing.grace_s
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -129,14 +132,14 @@ class LocalQueueWorkers:
         self._ready = threading.Event()
 
     def loaded_models(self) -> list[str]:
-        return sorted({m for d in self._devices for m in d.loaded_models()})
+        return sorted({m for d in self.devices for m in d.loaded_models()})
 
     def load_errors(self) -> dict[str, str]:
-        return {d.worker_id: d.load_error for d in self._devices if d.load_error}
+        return {d.worker_id: d.load_error for d in self.devices if d.load_error}
 
     @property
     def state(self) -> WorkerState:
-        states = [d.state for d in self._devices]
+        states = [d.state for d in self.devices]
         return "ready" if "ready" in states else ("loading" if "loading" in states else "error")
 
     def _main(self) -> None:
