@@ -156,6 +156,7 @@ def build_device_workers(
             loras=loras,
             storage_retry_s=settings.storage_retry_s,
             idle_unload_s=settings.idle_unload_s,
+            max_model_wait_s=settings.max_model_wait_s,
             **kw,
         )
         for e in chosen

@@ -175,7 +175,7 @@ class JobService:
 
     def claim(self, worker_id: str, models: set[str] | None = None) -> Job | None:
         """The next queued job this worker serves (keys take turns), now processing under its lease."""
-        ids = [job_id for job_id, _, _ in self.store.queued(limit=16, models=models)]
+        ids = [job_id for job_id, *_ in self.store.queued(limit=16, models=models)]
         claimed = self.store.claim(ids, worker_id, self.lease_s, first_only=True) if ids else []
         for job in claimed:
             self._changed(job, EventKind.STARTED)
@@ -195,7 +195,7 @@ class JobService:
         key = first.spec.batch_key()
         budget = max_images - first.spec.num_images
         ids: list[str] = []
-        for job_id, _, spec in self.store.queued(limit=64, models=[first.spec.model]):
+        for job_id, _, spec, _ in self.store.queued(limit=64, models=[first.spec.model]):
             if budget <= 0:
                 break
             if spec.batch_key() == key and spec.num_images <= budget:
@@ -243,7 +243,7 @@ class JobService:
 
     def queued_models(self, models: list[str]) -> set[str]:
         """Which of these names queued jobs wait for (idle unload spares them)."""
-        return {model for _, model, _ in self.store.queued(limit=256, models=models, route=None)}
+        return {model for _, model, *_ in self.store.queued(limit=256, models=models, route=None)}
 
     def loading(self, batch: list[Job], note: str) -> None:
         """Say what the batch waits for before its first step (its model loading), as a progress event."""

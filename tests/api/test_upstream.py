@@ -265,8 +265,8 @@ def test_spill_moves_only_waiting_local_jobs_once_and_failover_follows_the_fallb
     assert jobs.spill() == 1 and jobs.spill() == 0  # the second sweep finds nothing left to move
     moved = jobs.store.get_job(waiting.id)
     assert moved is not None and moved.route == "rep" and moved.status is Status.QUEUED
-    assert [i for i, _, _ in jobs.store.queued(10, route=None)] == []
-    assert [i for i, _, _ in jobs.store.queued(10, route="rep")] == [waiting.id]
+    assert [i for i, *_ in jobs.store.queued(10, route=None)] == []
+    assert [i for i, *_ in jobs.store.queued(10, route="rep")] == [waiting.id]
     pro = jobs.submit_sync("o", "openai", reg.get("flux-pro").make_spec(prompt="p", width=256, height=256), {})
     claimed = jobs.claim_id(pro.id, "upstream-worker")
     assert claimed is not None and next_route(claimed, reg, jobs.events(claimed.id)) == "rep"

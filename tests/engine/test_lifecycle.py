@@ -63,9 +63,11 @@ def test_preload_names_must_be_served(tmp_path: Path, demo_model_dir: Path) -> N
     assert preloaded(compiled, build_registry(settings)) is None  # --compile warms every name up at start
 
 
-def _replicate(client: TestClient, headers: dict[str, str] | None = None) -> dict[str, object]:
+def _replicate(
+    client: TestClient, headers: dict[str, str] | None = None, model: str = "flux-schnell"
+) -> dict[str, object]:
     body = {"input": {"prompt": "a cat", "width": 256, "height": 256, "num_inference_steps": 2}}
-    made = client.post("/v1/models/black-forest-labs/flux-schnell/predictions", json=body, headers=headers or AUTH)
+    made = client.post(f"/v1/models/black-forest-labs/{model}/predictions", json=body, headers=headers or AUTH)
     assert made.status_code == 201, made.text
     return made.json()  # type: ignore[no-any-return]
 
@@ -130,3 +132,47 @@ def test_sleep_and_wake_are_for_admin_keys_and_jobs_wait_meanwhile(tmp_path: Pat
         wait_for(lambda: _prediction(client, pid, user), lambda p: p["status"] == "succeeded", timeout=120)
         assert client.get("/health").json()["sleeping"] is False
         assert "flux-schnell" in client.get("/health").json()["models"]
+
+
+@pytest.mark.parametrize("max_wait", [60.0, 0.0])
+def test_alternating_jobs_run_warm_first_within_the_wait_bound(
+    tmp_path: Path, demo_model_dir: Path, max_wait: float
+) -> None:
+    """A, B, A, B, A, B under a budget for one pipeline: the worker runs the jobs for what it has loaded first
+    (two loads, not six); with --max-model-wait 0 the fair order holds and every switch is a load."""
+    from fluxserve.engine.inventory import inventory
+    from fluxserve.models.demo import demo_weights
+
+    folders = [demo_weights(demo_model_dir, kind) for kind in ("text2img", "flux2")]
+    budget = max(sum(p.nbytes for p in inventory(str(f), 4) or []) for f in folders) + 10_000  # one at a time
+    settings = _settings(
+        tmp_path, demo_model_dir, demo_step_delay_s=0.15, memory_budget=str(budget), max_model_wait_s=max_wait
+    ).model_copy(update={"models": ["flux-schnell", "flux-2-klein-4b"]})
+    loopback = ("127.0.0.1", 50000)
+    with TestClient(create_app(settings), client=loopback) as client:
+        _ready(client)
+        order = ["flux-schnell", "flux-2-klein-4b"] * 3
+        ids = [str(_replicate(client, model=m)["id"]) for m in order]
+        done = [
+            wait_for(lambda i=i: _prediction(client, i), lambda p: p["status"] == "succeeded", timeout=120) for i in ids
+        ]
+        ran = [order[ids.index(str(p["id"]))] for p in sorted(done, key=lambda p: str(p["started_at"]))]
+        text = client.get("/metrics").text
+        counted = [line for line in text.splitlines() if line.startswith("fluxserve_model_loads_total{")]
+        loads = sum(float(line.split()[-1]) for line in counted)
+        if max_wait:
+            assert ran == ["flux-schnell"] * 3 + ["flux-2-klein-4b"] * 3 and loads == 2
+        else:
+            assert ran == order and loads == 6
+        memory = client.get("/health").json()["engine"]["memory"]
+        assert memory["used_bytes"] <= memory["budget_bytes"]
+
+
+def test_warm_first_keeps_the_fair_order_once_a_cold_job_waited_too_long() -> None:
+    from fluxserve.queue.local import warm_first
+
+    queued = [("b1", "B", None, 100.0), ("a1", "A", None, 101.0), ("b2", "B", None, 102.0), ("a2", "A", None, 103.0)]
+    assert warm_first(queued, ["A"], 30.0, now=110.0) == ["a1", "a2", "b1", "b2"]
+    assert warm_first(queued, ["A"], 30.0, now=130.0) == ["b1", "a1", "b2", "a2"]  # b1 has waited 30 s
+    assert warm_first(queued, [], 30.0, now=110.0) == ["b1", "a1", "b2", "a2"]
+    assert warm_first(queued, ["A"], 0.0, now=110.0) == ["b1", "a1", "b2", "a2"]  # 0: no preference

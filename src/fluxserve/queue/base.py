@@ -25,6 +25,7 @@ class Worker(Protocol):
     concurrency: int
     state: WorkerState
     route: str | None  # the upstream it runs jobs on (upstream.worker.UpstreamWorker); None: a device
+    max_model_wait_s: float  # how long a job may wait while the worker prefers its loaded models' jobs
 
     load_error: str | None
     current_job: str | None

@@ -167,9 +167,26 @@ class LocalDispatcher:
             return False
         if worker.sleeping:
             return False  # POST /sleep: jobs stay queued until /wake_up
-        for job_id, _, _ in self._jobs.store.queued(limit=CANDIDATES, models=worker.models(), route=worker.route):
+        queued = self._jobs.store.queued(limit=CANDIDATES, models=worker.models(), route=worker.route)
+        for job_id in warm_first(queued, worker.loaded_models(), worker.max_model_wait_s, time.time()):
             if self._stopping.is_set():
                 return False
             if worker.run_claimed(job_id):
                 return True
         return False
+
+
+def warm_first(
+    queued: Sequence[tuple[str, str, Any, float]], loaded: Sequence[str], max_wait_s: float, now: float
+) -> list[str]:
+    """The candidates' ids in the order to try them: jobs for a loaded model before the rest (no reload
+    between them), unless a job for another model has waited ``max_wait_s`` or more: then the fair order.
+
+    ``queued``: (id, model, spec, created_at) in the fair order (store.fairness)."""
+    if max_wait_s <= 0 or not loaded:
+        return [job_id for job_id, *_ in queued]
+    warm = set(loaded)
+    overdue = any(model not in warm and now - created >= max_wait_s for _, model, _, created in queued)
+    if overdue:
+        return [job_id for job_id, *_ in queued]
+    return [j for j, m, *_ in queued if m in warm] + [j for j, m, *_ in queued if m not in warm]

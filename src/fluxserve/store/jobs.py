@@ -108,18 +108,21 @@ class JobQueries(Database):
 
     def queued(
         self, limit: int, models: Collection[str] | None = None, *, route: str | Any | None = ANY_ROUTE
-    ) -> list[tuple[str, str, GenerationSpec]]:
-        """(id, model, spec) of the next queued jobs in fair order: what a worker needs to choose, without rows.
+    ) -> list[tuple[str, str, GenerationSpec, float]]:
+        """(id, model, spec, created_at) of the next queued jobs in fair order: what a worker needs to choose,
+        without rows.
 
         ``route``: only jobs routed to this upstream (None: the local devices' jobs)."""
-        query = select(jobs.c.id, jobs.c.model, jobs.c.spec).where(jobs.c.status == Status.QUEUED.value)
+        query = select(jobs.c.id, jobs.c.model, jobs.c.spec, jobs.c.created_at).where(
+            jobs.c.status == Status.QUEUED.value
+        )
         if models is not None:
             query = query.where(jobs.c.model.in_(list(models)))
         if route is not ANY_ROUTE:
             query = query.where(jobs.c.route.is_(None) if route is None else jobs.c.route == route)
         with self._read() as conn:
             rows = conn.execute(query.order_by(*fetch_order()).limit(limit)).all()
-        return [(r.id, r.model, GenerationSpec.from_dict(json.loads(r.spec))) for r in rows]
+        return [(r.id, r.model, GenerationSpec.from_dict(json.loads(r.spec)), r.created_at) for r in rows]
 
     # writes (JobService only) ---------------------------------------------------
 

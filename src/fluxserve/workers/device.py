@@ -56,6 +56,7 @@ class DeviceWorker(LeasedWorker):
         loras: LoraLibrary | None = None,
         storage_retry_s: float = 60.0,
         idle_unload_s: float = 0.0,
+        max_model_wait_s: float = 30.0,
     ) -> None:
         super().__init__(
             jobs, storage, getattr(engine, "device_request", engine.device), storage_retry_s=storage_retry_s
@@ -67,6 +68,7 @@ class DeviceWorker(LeasedWorker):
         self._may_overlap = overlap_encoding
         self._engine = engine
         self._idle_unload_s = idle_unload_s
+        self.max_model_wait_s = max_model_wait_s
         self._registry = registry
         self._max_batch = max_batch
         self._png_level = png_compress_level

@@ -126,6 +126,8 @@ class LeasedWorker:
     def observe(self, loaded: Callable[[str, float], None], evicted: Callable[[str], None]) -> None:
         """Metrics' callbacks for model loads and evictions (a device worker's engine calls them)."""
 
+    max_model_wait_s = 0.0  # a device worker prefers jobs for its loaded models, this long at most
+
     @property
     def sleeping(self) -> bool:
         return False  # a device worker's engine can sleep (POST /sleep); others have nothing to free
