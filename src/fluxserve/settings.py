@@ -86,7 +86,7 @@ class Settings(BaseSettings):
         description="Names to load at start, comma-separated, or all; the others load when their first job runs "
         "(unset with --compile: all, so the warm-up runs at start).",
     )
-    # The device's memory ledger (engine.pool): bytes, or with a unit; None: measured at start.
+    # The device's memory ledger (engine.memory): bytes, or with a unit; None: measured at start.
     memory_budget: str | None = Field(
         default=None,
         description="Device memory the loaded pipelines may take, e.g. 20GiB (unset: the GPU's free memory at "

@@ -1,4 +1,4 @@
-"""DiffusersEngine: real diffusers FLUX pipelines, loaded when first needed within a memory budget (engine.pool),
+"""DiffusersEngine: real diffusers FLUX pipelines, loaded when first needed within a memory budget (engine.memory),
 called by one worker thread."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from .families import for_kind
 from .inventory import Part, inventory
 from .loading import load_pipeline, pick_device, pipeline_class_name, warmup_requests
 from .lora import AdapterSlots, HotswapSlots
-from .pool import Entry, Pool, default_budgets, measured
+from .memory import Entry, Pool, default_budgets, measured
 from .speed import SpeedOptions, resolve_attention
 
 log = logging.getLogger(__name__)
