@@ -53,16 +53,25 @@ fi
 .venv/bin/ruff format --check .
 .venv/bin/mypy src
 .venv/bin/lint-imports  # the layers contract (pyproject.toml [tool.importlinter])
-# The whole suite on SQLite, with line coverage of src/ (the floor is the figure when it was set), but for
-# the tests that need torchvision: FLUX 3's and FLUX.2 [dev]'s processors import it, and PyPI's torchvision
-# does not import beside the CPU torch above. They run in a second venv with a pair that does (a CUDA build
-# of torch, about 5.5 GB, that runs on the CPU here), and the coverage of both runs is counted together.
-.venv/bin/python -m pytest -m "not torchvision and not slow" --cov=fluxserve --cov-report= --durations=30
-python3 -m venv .venv-tv
-.venv-tv/bin/pip install --quiet --upgrade 'pip>=25.1'
-.venv-tv/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1 -e '.[engine]' --group test
+# The tests that need torchvision (FLUX 3's and FLUX.2 [dev]'s processors import it; PyPI's torchvision does
+# not import beside the CPU torch above) run in a second venv with a pair that does (a CUDA build of torch,
+# about 5.5 GB, that runs on the CPU here). It is installed while the suite runs: two minutes of unpacking
+# that would otherwise wait for the suite, or the suite for it.
+(
+  python3 -m venv .venv-tv
+  .venv-tv/bin/pip install --quiet --upgrade 'pip>=25.1'
+  .venv-tv/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1 -e '.[engine]' --group test
+) > .venv-tv.log 2>&1 &
+tv_install=$!
+# The whole suite on SQLite, with line coverage of src/ (the floor is the figure when it was set), in two
+# processes (pytest-xdist, a file per process at a time: module fixtures stay whole): much of the suite
+# waits (held locks, leases running out, kill -9 and restarts), so two processes on two cores finish sooner.
+.venv/bin/python -m pytest -n 2 --dist loadfile -m "not torchvision and not slow" --cov=fluxserve --cov-report= \
+  --durations=30
+wait "$tv_install" || { cat .venv-tv.log; exit 1; }
+# Coverage of both venvs' runs is counted together.
 .venv-tv/bin/python -m pytest -m "torchvision and not slow" --cov=fluxserve --cov-append --cov-report=term --cov-fail-under=85
 # The dialects once more, on PostgreSQL + procrastinate instead of SQLite.
-.venv/bin/python -m pytest --on-postgres tests/api/test_api.py tests/api/test_replicate_api.py \
+.venv/bin/python -m pytest -n 2 --dist loadfile --on-postgres tests/api/test_api.py tests/api/test_replicate_api.py \
   tests/api/test_bfl_api.py tests/api/test_api_images.py tests/api/test_api_bad_input.py \
   tests/api/test_batching.py tests/api/test_flux2_api.py tests/api/test_relay_surface.py

