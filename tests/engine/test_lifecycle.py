@@ -66,7 +66,7 @@ def test_preload_names_must_be_served(tmp_path: Path, demo_model_dir: Path) -> N
 def _replicate(
     client: TestClient, headers: dict[str, str] | None = None, model: str = "flux-schnell"
 ) -> dict[str, object]:
-    body = {"input": {"prompt": "a cat", "width": 256, "height": 256, "num_inference_steps": 2}}
+    body = {"input": {"prompt": "a cat", "megapixels": "0.25", "num_inference_steps": 2}}
     made = client.post(f"/v1/models/black-forest-labs/{model}/predictions", json=body, headers=headers or AUTH)
     assert made.status_code == 201, made.text
     return made.json()  # type: ignore[no-any-return]

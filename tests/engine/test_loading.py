@@ -49,13 +49,33 @@ def test_local_folder_from_model_config(tmp_path: Path, demo_model_dir: Path) ->
         assert resp.status_code == 200, resp.text
 
 
-def test_hub_id_offline_fails_clearly_and_jobs_do_not_hang(tmp_path: Path) -> None:
-    cfg = _toml(tmp_path, {"flux-schnell": "black-forest-labs/FLUX.1-schnell"})
-    settings = Settings(data_dir=tmp_path / "d", api_key=API_KEY, model_config_file=cfg, offline=True, device="cpu")
+def test_hub_id_offline_fails_its_jobs_clearly_and_the_server_serves_the_rest(
+    tmp_path: Path, demo_model_dir: Path
+) -> None:
+    """Offline, a hub id that is not in the cache is not a broken server: its jobs fail at once naming the
+    weights to fetch; a name whose weights are here serves."""
+    local = str(demo_weights(demo_model_dir, "text2img"))
+    cfg = _toml(tmp_path, {"flux-schnell": "black-forest-labs/FLUX.1-schnell", "flux-dev": local})
+    settings = Settings(
+        data_dir=tmp_path / "d",
+        api_key=API_KEY,
+        model_config_file=cfg,
+        offline=True,
+        device="cpu",
+        models=["flux-schnell", "flux-dev"],
+    )
     with TestClient(create_app(settings)) as client:
         health = _wait_state(client)
-        assert health["status"] == "error" and "FLUX.1-schnell" in health["error"]
-        assert client.get("/health").status_code == 503
+        assert health["status"] == "ready" and client.get("/health").status_code == 200
+        assert "FLUX.1-schnell" in health["engine"]["unavailable"]["flux-schnell"]
         resp = client.post("/v1/images/generations", json={"model": "flux-schnell", "prompt": "p"}, headers=AUTH)
         assert resp.status_code == 500
-        assert "failed to load" in resp.json()["error"]["message"]
+        message = resp.json()["error"]["message"]
+        assert "black-forest-labs/FLUX.1-schnell" in message and "not in the hub cache" in message
+        assert "huggingface-cli download black-forest-labs/FLUX.1-schnell" in message
+        ok = client.post(
+            "/v1/images/generations",
+            json={"model": "flux-dev", "prompt": "p", "size": "256x256", "steps": 2},
+            headers=AUTH,
+        )
+        assert ok.status_code == 200, ok.text

@@ -106,7 +106,7 @@ def test_a_budget_for_two_serves_three_in_turn_least_recently_used_first(demo_mo
         seen.append(engine.memory()["used_bytes"])
         assert name in engine.loaded_models()
     assert max(seen) <= budget
-    pool = engine.memory
+    pool = engine.pool
     registry = ModelRegistry.demo(demo_model_dir)
     # fill came in: schnell (least recently used) went; schnell came back: klein went; klein: fill went.
     assert [engine._names(k)[0] for k in pool.evictions] == ["flux-schnell", "flux-2-klein-4b", "flux-fill"]
@@ -172,7 +172,7 @@ def test_nothing_moves_while_a_job_runs(demo_model_dir: Path) -> None:
     def slow(done: int, total: int, previews: object) -> None:
         started.set()
         release.wait(10)
-        evicted_during.extend(engine.memory.evictions)
+        evicted_during.extend(engine.pool.evictions)
 
     slow_job = threading.Thread(target=_run, args=(engine, "flux-schnell", slow))
     slow_job.start()
@@ -181,7 +181,7 @@ def test_nothing_moves_while_a_job_runs(demo_model_dir: Path) -> None:
     other.start()
     time.sleep(0.5)
     assert engine.unload_idle(0.001) == []  # busy: not idle
-    assert engine.memory.evictions == [] and engine.loaded_models() == ["flux-schnell"]
+    assert engine.pool.evictions == [] and engine.loaded_models() == ["flux-schnell"]
     release.set()
     slow_job.join(60)
     other.join(60)

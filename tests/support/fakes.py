@@ -38,6 +38,8 @@ class FakeEngine:
 
     def on_evict(self, name: str) -> None: ...
 
+    def on_note(self, text: str) -> None: ...
+
     def sleep(self) -> None:
         self.sleeping = True
 

@@ -37,7 +37,9 @@ class RemoteServer:
         extra_args: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
         wrap: tuple[str, ...] = (),
+        demo: bool = True,
     ) -> None:
+        self.demo = demo  # False: the real-weights path (--model-config), e.g. from a fake hub
         self.extra_args = extra_args
         self.extra_env = env or {}
         self.wrap = wrap  # a command the server runs under (unshare for a private tmpfs)
@@ -57,7 +59,7 @@ class RemoteServer:
         env["HF_HUB_OFFLINE"] = "1"
         if self.api_key:
             env["FLUXSERVE_API_KEY"] = self.api_key
-        cmd = [FLUXSERVE, "serve", "--demo", "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd = [FLUXSERVE, "serve", *(["--demo"] if self.demo else []), "--host", "127.0.0.1", "--port", str(self.port)]
         cmd += ["--data-dir", str(self.data_dir), *self.extra_args]
         env |= self.extra_env
         cmd = [*self.wrap, *cmd]

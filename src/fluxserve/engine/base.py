@@ -51,6 +51,7 @@ class Engine(Protocol):
     sleeping: bool
     on_load: Callable[[str, float], None]  # (name, seconds) after a pipeline loads or comes back (metrics)
     on_evict: Callable[[str], None]  # (name) when its pipeline leaves the device
+    on_note: Callable[[str], None]  # (text) what the running batch waits for (a download's progress)
 
     def unload_idle(self, idle_s: float, keep: Collection[str] = ()) -> list[str]:
         """Move pipelines unused for ``idle_s`` seconds off the device, but those ``keep`` names; which went."""

@@ -12,13 +12,14 @@ from typing import Any
 from PIL.Image import Image
 
 from ..errors import GenerationFailed
-from ..images import compose_references
 from ..models import ModelRegistry, ModelSpec
 from ..sizes import human_bytes
-from .base import Cancelled, EngineRequest, OnStep
-from .common import check_weights, decode_preview, out_of_memory_is_a_failure, pil_fallback_notice, takes
+from .base import EngineRequest, OnStep
+from .classic import run_classic
+from .common import check_weights, pil_fallback_notice
+from .downloads import Downloads
 from .families import for_kind
-from .inventory import Part, inventory
+from .inventory import Part, folder_of, inventory, is_hub_id
 from .loading import load_pipeline, pick_device, pipeline_class_name, warmup_requests
 from .lora import AdapterSlots, HotswapSlots
 from .memory import Entry, Pool, default_budgets, measured
@@ -72,6 +73,10 @@ class DiffusersEngine:
         self.before_load: Callable[[], object] | None = None
         self.on_load: Callable[[str, float], None] = lambda name, seconds: None  # metrics
         self.on_evict: Callable[[str], None] = lambda name: None
+        # What the running job's log says while it waits (a download's progress); its worker sets it.
+        self.on_note: Callable[[str], None] = lambda text: None
+        self.downloads = Downloads()
+        self.missing: dict[str, str] = {}  # names whose hub weights are not here while offline: why
 
     def load(self) -> None:
         """Pick the device and check every name's weights resolve (config files and safetensors headers, no
@@ -92,7 +97,8 @@ class DiffusersEngine:
         item_bytes = 4 if self.device == "cpu" else 2  # float32 on CPUs, bfloat16 elsewhere (load_pipeline)
         for model in self._registry:
             if key_of(model) not in self._parts:
-                self._guard(model, self._check)
+                if not self._checked(model):
+                    continue
                 extra = {"prompt_upsampler": model.upsampler} if model.upsampler else None
                 self._parts[key_of(model)] = inventory(model.weights, item_bytes, extra=extra)
                 self._check_fits(model)
@@ -103,6 +109,24 @@ class DiffusersEngine:
     def _check(self, model: ModelSpec) -> None:
         check_weights(model.weights, local_files_only=self._local_files_only)
         pipeline_class_name(model.weights, model.kind, local_files_only=self._local_files_only, pipeline=model.pipeline)
+
+    def _checked(self, model: ModelSpec) -> bool:
+        """Whether the weights resolve. A wrong local path or a hub id that does not exist stops the start; a
+        hub id not in the cache while offline only makes that name's jobs fail, saying which weights to fetch."""
+        try:
+            self._guard(model, self._check)
+            return True
+        except RuntimeError as exc:
+            if not (self._local_files_only and is_hub_id(model.weights)):
+                raise
+            for name in self._names(key_of(model)):
+                self.missing[name] = (
+                    f"The weights of {name} ({model.weights}) are not in the hub cache and this server is offline "
+                    f"(HF_HUB_OFFLINE / --demo): download them first (huggingface-cli download {model.weights}). "
+                    f"{exc.__cause__ or exc}"
+                )
+            log.warning("%s", self.missing[model.name])
+            return False
 
     def _check_fits(self, model: ModelSpec) -> None:
         """A name whose pipeline can never be resident within the budget, even offloaded, stops the start."""
@@ -133,6 +157,8 @@ class DiffusersEngine:
         share components that are the same weights; under --compile a new pipeline is warmed up first."""
         if name in self._pipes:
             return self._pipes[name]
+        if name in self.missing:
+            raise GenerationFailed(self.missing[name])
         model = self._registry.get(name)
         key = key_of(model)
         entry = self.pool.entries.get(key)
@@ -161,6 +187,10 @@ class DiffusersEngine:
 
     def _load(self, model: ModelSpec, key: LoadKey) -> Entry:
         parts = self._parts.get(key)
+        if parts is None and not self._local_files_only and is_hub_id(model.weights):
+            self._fetch(model)
+            extra = {"prompt_upsampler": model.upsampler} if model.upsampler else None
+            parts = self._parts[key] = inventory(model.weights, 4 if self.device == "cpu" else 2, extra=extra)
         offload = "none" if self.device == "cpu" or self.speed.offload == "auto" else self.speed.offload
         self.pool.make_room(parts or [], offload, for_key=key, label=model.name)
         reuse = self.pool.shared(parts or []) if offload == "none" else {}
@@ -190,6 +220,16 @@ class DiffusersEngine:
         if self.speed.compile:
             self._warm_up(model)
         return entry
+
+    def _fetch(self, model: ModelSpec) -> None:
+        """Download the weights now, the job's log following along."""
+        for repo in [model.weights, *([model.upsampler] if is_hub_id(model.upsampler) else [])]:
+            if folder_of(repo) is not None and inventory(repo, 2) is not None:
+                continue
+            try:
+                self.downloads.fetch(repo, lambda p: self.on_note(p.line(model.name)))
+            except Exception as exc:
+                raise GenerationFailed(f"could not download {repo} for {model.name}: {exc}") from exc
 
     def _names(self, key: object) -> list[str]:
         return [m.name for m in self._registry if key_of(m) == key]
@@ -221,6 +261,11 @@ class DiffusersEngine:
             "offload": sorted({getattr(p, "fluxserve_offload", "none") for p in pipes}),
             "lossy_modes": self.speed.lossy,
             "memory": self.memory(),
+            "downloads": {
+                repo: {"done_bytes": p.done_bytes, "total_bytes": p.total_bytes}
+                for repo, p in self.downloads.active.items()
+            },
+            **({"unavailable": dict(self.missing)} if self.missing else {}),
             "sleeping": self.sleeping,
             "models": self.model_states(),
         }
@@ -351,8 +396,6 @@ class DiffusersEngine:
             return self._generate(requests, on_step)
 
     def _generate(self, requests: Sequence[EngineRequest], on_step: OnStep) -> list[list[Image]]:
-        import torch
-
         if not requests or len({r.spec.batch_key() for r in requests}) != 1:
             raise ValueError("generate() takes a non-empty batch of requests with the same spec.batch_key()")
         if self.step_delay_s:
@@ -363,69 +406,9 @@ class DiffusersEngine:
         family = for_kind(model.kind)
         if family.generate is not None:
             return family.generate(pipe, model, list(requests), on_step)
-        prompts = [r.spec.prompt for r in requests for _ in range(r.spec.num_images)]
-        # CPU generators make a seed mean the same noise on every device.
-        generators = [torch.Generator("cpu").manual_seed(s) for r in requests for s in r.spec.image_seeds()]
-
-        preview_steps = first.preview_steps()
-
-        def callback(pipeline: Any, step: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-            done = step + 1
-            previews = None
-            if done in preview_steps:
-                previews = decode_preview(pipeline, tensors["latents"], first.height, first.width)
-            try:
-                on_step(done, first.steps, previews)
-            except Cancelled:
-                pipeline._interrupt = True
-                raise
-            return tensors
-
-        kwargs: dict[str, Any] = {}
-        if takes(pipe, "guidance_scale"):  # klein KV takes no guidance at all
-            if first.guidance is not None:
-                kwargs["guidance_scale"] = first.guidance
-            elif model.traits.guidance_when_none is not None:
-                kwargs["guidance_scale"] = model.traits.guidance_when_none
-        inputs = requests[0]
-        if first.task == "img2img":
-            kwargs.update(image=inputs.images[0], strength=first.strength)
-        elif first.task == "kontext":
-            if inputs.images:
-                kwargs["image"] = compose_references(inputs.images)
-            kwargs["max_area"] = first.width * first.height  # keeps the requested size exactly
-        elif first.task == "references":
-            # Each reference in its own position slot; the pipeline scales any above 1 MP down itself.
-            kwargs["image"] = list(inputs.images)
-        elif first.task == "fill":
-            kwargs.update(image=inputs.images[0], mask_image=inputs.mask)
         # Hot-swap slots always take part (unused ones are zeroed); plain slots only when asked for.
         uses_slots = first.loras or hasattr(pipe.transformer, "fluxserve_hotswap")
-        adapters = self.adapter_slots(pipe) if uses_slots else None
-        try:
-            if adapters is not None:
-                adapters.activate(pipe, first.loras)
-            with out_of_memory_is_a_failure(first.width, first.height, len(prompts)), torch.inference_mode():
-                result = pipe(
-                    prompt=prompts,
-                    height=first.height,
-                    width=first.width,
-                    num_inference_steps=first.steps,
-                    generator=generators,
-                    max_sequence_length=model.max_sequence_length,
-                    callback_on_step_end=callback,
-                    output_type="pil",
-                    **kwargs,
-                )
-        finally:
-            if adapters is not None:
-                adapters.deactivate(pipe)
-        images: list[Image] = list(result.images)
-        out: list[list[Image]] = []
-        for r in requests:
-            out.append(images[: r.spec.num_images])
-            images = images[r.spec.num_images :]
-        return out
+        return run_classic(pipe, model, list(requests), on_step, self.adapter_slots(pipe) if uses_slots else None)
 
 
 def _paced(on_step: OnStep, delay_s: float) -> OnStep:

@@ -40,11 +40,17 @@ def _cached_folder(repo: str) -> Path | None:
         return None
 
 
+def is_hub_id(weights: str) -> bool:
+    """``org/name`` that is not a folder here: a hub repository."""
+    local = weights.startswith((".", "/", "~")) or Path(weights).exists()
+    return bool(weights) and weights.count("/") == 1 and not local
+
+
 def folder_of(weights: str) -> Path | None:
     path = Path(weights)
     if path.is_dir():
         return path
-    return _cached_folder(weights) if weights.count("/") == 1 else None
+    return _cached_folder(weights) if is_hub_id(weights) else None
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -55,6 +61,12 @@ def _weight_files(folder: Path) -> list[Path]:
         shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
         return [folder / s for s in shards]
     return sorted(p for p in folder.glob("*.safetensors") if p.name.count(".") == 1)
+
+
+def _unfinished(folder: Path) -> bool:
+    """A model's folder (it has a config.json) without its weights yet: a download cut off."""
+    weights = [*folder.glob("*.safetensors"), *folder.glob("*.bin"), *folder.glob("*.safetensors.index.json")]
+    return (folder / "config.json").is_file() and not weights
 
 
 def _header(path: Path) -> tuple[bytes, int]:
@@ -127,22 +139,25 @@ def _component_folders(folder: Path) -> dict[str, Path]:
             spec = value[2] if isinstance(value, list) and len(value) > 2 and isinstance(value[2], dict) else None
             if spec and spec.get("pretrained_model_name_or_path"):
                 base = folder_of(str(spec["pretrained_model_name_or_path"]))
-                if base is not None:
-                    out[name] = base / (spec.get("subfolder") or "")
+                # Another repository not downloaded yet: a folder that is not there, so not ready to size.
+                out[name] = (base or folder / ".missing" / name) / (spec.get("subfolder") or "")
     return out
 
 
 def inventory(weights: str, item_bytes: int, *, extra: dict[str, str] | None = None) -> list[Part] | None:
     """Every weight-carrying component of the pipeline at ``weights`` (a folder or a cached hub id), or None
-    when its files are not here yet (a hub repository not downloaded: sized when loaded). ``extra`` adds
-    components from folders of their own (FLUX 3's prompt upsampler)."""
+    when its files are not all here yet (a hub repository not downloaded, or only its index: fetched and
+    sized when first needed). ``extra`` adds components from folders of their own (FLUX 3's upsampler)."""
     folder = folder_of(weights)
     if folder is None:
         return None
     folders = _component_folders(folder)
     for name, path in (extra or {}).items():
         found = folder_of(path)
-        if found is not None:
-            folders[name] = found
-    parts = [component(name, path, item_bytes) for name, path in sorted(folders.items()) if path.is_dir()]
+        if found is None:
+            return None
+        folders[name] = found
+    if any(not path.is_dir() or _unfinished(path) for path in folders.values()):
+        return None
+    parts = [component(name, path, item_bytes) for name, path in sorted(folders.items())]
     return [p for p in parts if p is not None]

@@ -240,6 +240,7 @@ class DeviceWorker(LeasedWorker):
             note = self._engine.load_note(batch[0].spec.model)
             if note is not None:  # the job's logs and events say why its first step is late
                 self._store(self._jobs.loading, batch, note)
+            self._engine.on_note = lambda text: self._store(self._jobs.loading, batch, text)  # downloads
             results = self._engine.generate(requests, on_step)
             self._encode_slots.acquire()
             # Once stopping, the encoder may already be shut down: finish here.

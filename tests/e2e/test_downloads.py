@@ -1,0 +1,112 @@
+"""Weights from the hub when a name first needs them (issue 34): a fake hub on loopback serves a demo folder as
+``acme/tiny-flux``; the first job downloads it with progress in its log and in /health, each file once; a
+kill -9 halfway resumes where it stopped."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import httpx
+
+from fluxserve.models.demo import demo_weights
+from tests.support.fake_hub import Repo, fake_hub
+from tests.support.polling import wait_for
+from tests.support.server import RemoteServer
+
+KEY = "fs-download-test-key"
+
+
+def _server(tmp_path: Path, hub: str, cache: Path, data: Path) -> RemoteServer:
+    cfg = tmp_path / "models.toml"
+    cfg.write_text('[models.flux-schnell]\nweights = "acme/tiny-flux"\n')
+    env = {"HF_ENDPOINT": hub, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "0", "FLUXSERVE_LEASE_S": "2"}
+    args = ("--model-config", str(cfg), "--models", "flux-schnell", "--device", "cpu")
+    return RemoteServer(data, api_key=KEY, extra_args=args, env=env, demo=False)
+
+
+def _create(server: RemoteServer) -> str:
+    body = {"input": {"prompt": "a cat", "megapixels": "0.25", "num_inference_steps": 2}}
+    made = httpx.post(
+        f"{server.url}/v1/models/black-forest-labs/flux-schnell/predictions", json=body, headers=server.headers
+    )
+    assert made.status_code == 201, made.text
+    return str(made.json()["id"])
+
+
+def _get(server: RemoteServer, pid: str) -> dict[str, object]:
+    return httpx.get(f"{server.url}/v1/predictions/{pid}", headers=server.headers).json()  # type: ignore[no-any-return]
+
+
+def test_a_first_job_downloads_its_weights_once_with_progress(tmp_path: Path, demo_model_dir: Path) -> None:
+    folder = demo_weights(demo_model_dir, "text2img")
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    repo = Repo(folder, bytes_per_s=size / 4)  # about four seconds
+    with fake_hub({"acme/tiny-flux": repo}) as hub:
+        server = _server(tmp_path, hub, tmp_path / "hub-cache", tmp_path / "data").start()
+        try:
+            models = httpx.get(f"{server.url}/v1/models", headers=server.headers).json()["data"]
+            schnell = next(m for m in models if m["id"] == "flux-schnell")
+            assert schnell["state"] == "unloaded" and schnell["memory_bytes"] is None  # not here to size yet
+            pid = _create(server)
+            seen = wait_for(
+                lambda: httpx.get(f"{server.url}/health").json()["engine"].get("downloads", {}),
+                lambda d: "acme/tiny-flux" in d and d["acme/tiny-flux"]["done_bytes"] > 0,
+                timeout=60,
+                interval=0.1,
+            )
+            assert seen["acme/tiny-flux"]["total_bytes"] > seen["acme/tiny-flux"]["done_bytes"]
+            done = wait_for(lambda: _get(server, pid), lambda p: p["status"] in ("succeeded", "failed"), timeout=120)
+            assert done["status"] == "succeeded", done
+            logs = str(done["logs"]).splitlines()
+            assert any(line.startswith("downloading acme/tiny-flux for flux-schnell: ") for line in logs), logs
+            weights = [name for name, _ in repo.served if name.endswith(".safetensors")]
+            assert sorted(weights) == sorted(set(weights)) and len(weights) == 4  # each file once
+            # Sized now that the files are here; a second job downloads nothing.
+            models = httpx.get(f"{server.url}/v1/models", headers=server.headers).json()["data"]
+            schnell = next(m for m in models if m["id"] == "flux-schnell")
+            assert schnell["memory_bytes"] > 0
+            before = len(repo.served)
+            again = _create(server)
+            wait_for(lambda: _get(server, again), lambda p: p["status"] == "succeeded", timeout=60)
+            assert len(repo.served) == before
+        finally:
+            server.stop()
+
+
+def test_a_download_killed_halfway_resumes_after_a_restart(tmp_path: Path, demo_model_dir: Path) -> None:
+    big = tmp_path / "repo"
+    shutil.copytree(demo_weights(demo_model_dir, "text2img"), big)
+    # A weights file the pipeline needs, large enough to be cut off halfway at the hub's pace: the T5 encoder's
+    # tensors plus one it does not use (loading ignores it).
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    encoder = big / "text_encoder_2" / "model.safetensors"
+    tensors = load_file(encoder)
+    save_file({**tensors, "unused_padding": torch.ones(6 * 1024 * 1024)}, encoder, metadata={"format": "pt"})  # 24 MiB
+    repo = Repo(big, bytes_per_s=6 * 1024 * 1024)
+    cache, data = tmp_path / "hub-cache", tmp_path / "data"
+    with fake_hub({"acme/tiny-flux": repo}) as hub:
+        server = _server(tmp_path, hub, cache, data).start()
+        try:
+            pid = _create(server)
+            wait_for(
+                lambda: list(cache.rglob("*.part")),
+                lambda found: any(p.stat().st_size >= 10 * 1024 * 1024 for p in found),
+                timeout=60,
+                interval=0.1,
+            )
+            server.kill9()
+            partial = {p.name: p.stat().st_size for p in cache.rglob("*.part")}
+            assert partial
+            served_before = len(repo.served)
+            repo.bytes_per_s = 0
+            server = _server(tmp_path, hub, cache, data).start()
+            done = wait_for(lambda: _get(server, pid), lambda p: p["status"] in ("succeeded", "failed"), timeout=120)
+            assert done["status"] == "succeeded", done
+            resumed = [r for _, r in repo.served[served_before:] if r.startswith("bytes=") and r != "bytes=0-"]
+            assert resumed, repo.served  # asked for the rest, not the whole file again
+            assert not list(cache.rglob("*.part"))
+        finally:
+            server.stop()
