@@ -57,6 +57,7 @@ class JobService:
         # Store calls from request handlers run on these pools, never on the event loop (offload.py).
         self.offload = Offload(store_threads=threads)
         self.run, self.run_auth, self.run_slow = self.offload.run, self.offload.run_auth, self.offload.run_slow
+        self.run_dns = self.offload.run_dns
         self._waiters = Waiters()
         self._on_change: list[Callable[[Job, EventKind], None]] = []
 

@@ -204,3 +204,45 @@ def test_bfl_kontext_applies_width_and_height_instead_of_dropping_them(
     # Beside an aspect ratio (LiteLLM sends both) the ratio wins: tests/api/test_bfl_api.py.
     odd = client.post("/v1/flux-kontext-pro", json={"prompt": "p", "width": 770, "height": 512}, headers=xkey)
     assert odd.status_code == 422 and "width" in odd.text
+
+
+def test_a_webhook_host_that_resolves_slowly_is_refused_in_time_and_holds_up_no_one(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """T4-06: webhook DNS checks run on their own threads with a deadline: four creates whose webhook host
+    hangs in the resolver neither wait past it nor make another request's file read wait."""
+    import socket
+    import threading
+    import time
+
+    real = socket.getaddrinfo
+
+    def resolver(host: str, *args: object, **kwargs: object) -> object:
+        if host == "slow.example":
+            time.sleep(8)
+        return real(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    made = client.post("/v1/images/generations", json={"prompt": "p", "size": "256x256"}, headers=AUTH)
+    image_url = made.json()["data"][0]["url"]
+    answers: list[tuple[int, float, dict[str, object]]] = []
+
+    def create() -> None:
+        t0 = time.monotonic()
+        body = {"input": {"prompt": "p"}, "webhook": "https://slow.example/hook"}
+        resp = client.post("/v1/models/black-forest-labs/flux-schnell/predictions", json=body, headers=AUTH)
+        answers.append((resp.status_code, time.monotonic() - t0, resp.json()))
+
+    creates = [threading.Thread(target=create) for _ in range(4)]
+    for thread in creates:
+        thread.start()
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    assert client.get(image_url.removeprefix("http://testserver")).status_code == 200
+    assert time.monotonic() - t0 < 2.0  # the slow pool is free
+    for thread in creates:
+        thread.join(30)
+    assert len(answers) == 4
+    for status, took, body in answers:
+        assert status == 422 and took < 7.5, (status, took, body)
+        assert "did not resolve within 5 s" in str(body["detail"]) and "webhook" in str(body)

@@ -11,9 +11,8 @@ from ..errors import InvalidInput, NotFound
 from ..job import EventKind, Job, Status
 from ..sealed import seal, unseal
 from ..store import WebhookRules
-from ..webhooks import check_webhook_url
 from .bfl_schemas import ENDPOINTS
-from .deps import Services, ServicesDep, XKeyOwnerDep
+from .deps import Services, ServicesDep, XKeyOwnerDep, check_webhook
 from .dialect import Dialect, images_at
 from .errors import json_body, read_json, render_bfl
 from .inputs import elide_inline_images, known_fields, submit
@@ -41,9 +40,7 @@ async def _create(endpoint: str, request: Request, services: Services, owner: st
     spec, inputs = await body.to_spec(services, owner, model)
     webhook = None
     if body.webhook_url:
-        await services.jobs.run_slow(
-            check_webhook_url, body.webhook_url, param="webhook_url", allow_private=services.settings.allow_private_urls
-        )
+        await check_webhook(services, body.webhook_url, param="webhook_url")
         secret = seal(services.secret, body.webhook_secret) if body.webhook_secret else None
         webhook = {"url": body.webhook_url, "events": ["completed"], "secret": secret}
     given = known_fields(body, exclude={"webhook_secret", *body.unapplied()}, exclude_unset=True)

@@ -10,15 +10,18 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from ..auth import Authenticator, bearer_token
+from ..errors import InvalidInput
 from ..files import FileService
 from ..job import Job
 from ..jobs import JobService
 from ..loras import LoraLibrary
 from ..models import ModelRegistry
+from ..offload import DNS_DEADLINE_S
 from ..queue.base import Dispatcher
 from ..settings import Settings
 from ..storage import Storage
 from ..store import Store
+from ..webhooks import check_webhook_url
 
 
 @dataclass
@@ -75,3 +78,15 @@ async def require_owner_xkey(request: Request) -> str:
 ServicesDep = Annotated[Services, Depends(get_services)]
 OwnerDep = Annotated[str, Depends(require_owner)]
 XKeyOwnerDep = Annotated[str, Depends(require_owner_xkey)]
+
+
+async def check_webhook(services: Services, url: str, *, param: str) -> None:
+    """A webhook URL must reach a public host (unless --allow-private-urls): resolved on the DNS threads, and
+    a host that does not resolve within their deadline is refused, not waited for."""
+    allow = services.settings.allow_private_urls
+    try:
+        await services.jobs.run_dns(check_webhook_url, url, param=param, allow_private=allow)
+    except TimeoutError:
+        raise InvalidInput(
+            f"{param}: its host did not resolve within {DNS_DEADLINE_S:g} s.", param=param, code="invalid_webhook_url"
+        ) from None

@@ -22,8 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import ClientDisconnected, InvalidInput, NotFound
 from ..job import EventKind, Job, Status
 from ..store import WebhookRules
-from ..webhooks import check_webhook_url
-from .deps import Services, ServicesDep, owner_for_key
+from .deps import Services, ServicesDep, check_webhook, owner_for_key
 from .dialect import Dialect, images_at
 from .errors import json_body, read_json, render_bfl
 from .inputs import Inputs, LoraItem, known_fields, lora_items, resolve_loras, submit
@@ -173,8 +172,7 @@ async def _create(app: str, request: Request, services: Services, owner: str) ->
     if hook := request.query_params.get("fal_webhook"):
         if len(hook) > 2083:
             raise InvalidInput("fal_webhook may be at most 2083 characters.", param="fal_webhook")
-        allow = services.settings.allow_private_urls
-        await services.jobs.run_slow(check_webhook_url, hook, param="fal_webhook", allow_private=allow)
+        await check_webhook(services, hook, param="fal_webhook")
         webhook = {"url": hook, "events": ["completed"]}
     spec, inputs = await body.to_spec(services, owner, app)
     echo = {"app": app, "input": known_fields(body, exclude={"image_url", "image_urls"})}

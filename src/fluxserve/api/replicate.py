@@ -19,10 +19,10 @@ from .. import durations
 from ..errors import Forbidden, InvalidInput, NotFound
 from ..job import EventKind, Job, Status
 from ..store import WebhookRules
-from ..webhooks import check_webhook_url, owner_secret
+from ..webhooks import owner_secret
 from . import replicate_files
 from .bodylimit import IMAGE_JSON_BODY_BYTES, JSON_BODY_BYTES, UPLOAD_BODY_BYTES
-from .deps import OwnerDep, Services, ServicesDep, require_owner
+from .deps import OwnerDep, Services, ServicesDep, check_webhook, require_owner
 from .dialect import Dialect
 from .errors import from_validation_errors, inline_schema, json_body, read_json, render_replicate
 from .inputs import elide_inline_images, submit
@@ -163,9 +163,7 @@ async def _create(request: Request, services: Services, owner: str, name: str, b
     deadline = time.time() + parse_duration(cancel_after, param="Cancel-After") if cancel_after else None
     webhook = None
     if body.webhook:
-        await services.jobs.run_slow(
-            check_webhook_url, body.webhook, param="webhook", allow_private=services.settings.allow_private_urls
-        )
+        await check_webhook(services, body.webhook, param="webhook")
         events: list[str] = list(body.webhook_events_filter) if body.webhook_events_filter else list(WEBHOOKS.names)
         webhook = {"url": body.webhook, "events": events}
     echo = {"model": f"{OWNER}/{name}", "input": elide_inline_images(body.input), "list_output": list_output}
