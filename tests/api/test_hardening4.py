@@ -246,3 +246,26 @@ def test_a_webhook_host_that_resolves_slowly_is_refused_in_time_and_holds_up_no_
     for status, took, body in answers:
         assert status == 422 and took < 7.5, (status, took, body)
         assert "did not resolve within 5 s" in str(body["detail"]) and "webhook" in str(body)
+
+
+def test_large_json_bodies_are_parsed_off_the_event_loop(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """T4-05: a body of megabytes (inline base64 images) is parsed on the slow-work threads, so /health and
+    every other request keep being answered meanwhile; a small one is parsed where it arrives."""
+    import threading
+
+    import fluxserve.api.errors as errors
+
+    threads: list[str] = []
+    real = errors.parse_json
+
+    def parse(*args: object) -> object:
+        threads.append(threading.current_thread().name)
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(errors, "parse_json", parse)
+    small = {"input": {"prompt": "p"}}
+    big = {"input": {"prompt": "p", "image": "data:image/png;base64," + "A" * (2 * 1024 * 1024)}}
+    for body in (small, big):
+        client.post("/v1/models/black-forest-labs/flux-schnell/predictions", json=body, headers=AUTH)
+    assert len(threads) == 2
+    assert not threads[0].startswith("fluxserve-io") and threads[1].startswith("fluxserve-io"), threads
