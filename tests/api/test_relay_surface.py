@@ -280,16 +280,16 @@ def test_slow_webhook_dns_never_stalls_another_tenants_request(client: TestClien
     """Creates whose webhook host resolves slowly hold threads of their own pool, not the store's or auth's."""
     import threading
 
-    from fluxserve.api import replicate as replicate_api
+    from fluxserve.api import deps
     from fluxserve.auth import create_key
 
-    real = replicate_api.check_webhook_url
+    real = deps.check_webhook_url
 
     def slow_dns(*args: Any, **kwargs: Any) -> None:
         time.sleep(2.0)
         real(*args, **kwargs)
 
-    monkeypatch.setattr(replicate_api, "check_webhook_url", slow_dns)
+    monkeypatch.setattr(deps, "check_webhook_url", slow_dns)
     other = {"Authorization": f"Bearer {create_key(client.app.state.services.store, 'other').key}"}  # type: ignore[attr-defined]
     body = {"input": {"prompt": "p"}, "webhook": "https://example.com/hook"}
     url = "/v1/models/black-forest-labs/flux-schnell/predictions"
