@@ -229,12 +229,15 @@ class JobService:
             kind,
         )
 
-    def progress(self, batch: list[Job], done: int, total: int) -> list[Job | None]:
-        """Step ``done`` of ``total`` for each job of a batch, in one transaction. A job comes back as it is
-        now (its ``cancel_requested`` is fresh), or None where this claim is no longer the job's (lease lost)."""
+    def progress(self, batch: list[Job], done: int, total: int, note: str | None = None) -> list[Job | None]:
+        """Step ``done`` of ``total`` for each job of a batch, in one transaction; with a ``note``, what the
+        batch waits for before its first step instead (its model loading). A job comes back as it is now (its
+        ``cancel_requested`` is fresh), or None where this claim is no longer the job's (lease lost)."""
         fences = [Fence(j.id, j.attempts, j.worker_id) for j in batch]
-        values = {"progress_done": done, "progress_total": total}
-        payload = {"step": done, "total": total}
+        values: dict[str, Any] = {"progress_done": done, "progress_total": total}
+        payload: dict[str, Any] = {"step": done, "total": total}
+        if note is not None:
+            values, payload = {"note": note[:300]}, {"note": note}
         now = self.store.transition_many(
             fences, EventKind.PROGRESS, expect=[Status.PROCESSING], values=values, payload=payload
         )
@@ -245,15 +248,6 @@ class JobService:
     def queued_models(self, models: list[str]) -> set[str]:
         """Which of these names queued jobs wait for (idle unload spares them)."""
         return {model for _, model, *_ in self.store.queued(limit=256, models=models, route=None)}
-
-    def loading(self, batch: list[Job], note: str) -> None:
-        """Say what the batch waits for before its first step (its model loading), as a progress event."""
-        fences = [Fence(j.id, j.attempts, j.worker_id) for j in batch]
-        now = self.store.transition_many(
-            fences, EventKind.PROGRESS, expect=[Status.PROCESSING], values={"note": note[:300]}, payload={"note": note}
-        )
-        for job in now:
-            self._changed(job, EventKind.PROGRESS)
 
     def add_preview(self, job: Job, key: str) -> bool:
         def values(current: Job) -> dict[str, Any]:

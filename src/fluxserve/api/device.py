@@ -35,27 +35,28 @@ def _sleeping(services: Any) -> bool:
     return any(w.sleeping for w in workers)
 
 
+async def _on_every_worker(services: Any, step: str) -> dict[str, bool]:
+    """``sleep`` or ``wake_up`` on each of this process's workers, off the event loop (a sleep waits for a
+    running job to end)."""
+
+    def run() -> None:
+        for worker in services.dispatcher.local_workers():
+            getattr(worker, step)()
+
+    await services.jobs.run_slow(run)
+    return {"is_sleeping": _sleeping(services)}
+
+
 @router.post("/sleep")
 async def sleep(services: ServicesDep, _admin: AdminDep) -> dict[str, bool]:
-    """Returns once the devices are free: a running job ends first."""
-
-    def all_asleep() -> None:
-        for worker in services.dispatcher.local_workers():
-            worker.sleep()
-
-    await services.jobs.run_slow(all_asleep)
-    return {"is_sleeping": _sleeping(services)}
+    return await _on_every_worker(services, "sleep")
 
 
 @router.post("/wake_up")
 async def wake_up(services: ServicesDep, _admin: AdminDep) -> dict[str, bool]:
-    def all_awake() -> None:
-        for worker in services.dispatcher.local_workers():
-            worker.wake_up()
-
-    await services.jobs.run_slow(all_awake)
+    awake = await _on_every_worker(services, "wake_up")
     services.dispatcher.wake()  # queued jobs start now, not at the next look
-    return {"is_sleeping": _sleeping(services)}
+    return awake
 
 
 @router.get("/is_sleeping")

@@ -237,10 +237,13 @@ class DeviceWorker(LeasedWorker):
                 )
                 for job in batch
             ]
-            note = self._engine.load_note(batch[0].spec.model)
-            if note is not None:  # the job's logs and events say why its first step is late
-                self._store(self._jobs.loading, batch, note)
-            self._engine.on_note = lambda text: self._store(self._jobs.loading, batch, text)  # downloads
+
+            def noted(text: str) -> None:  # the job's logs and events say why its first step is late
+                self._store(self._jobs.progress, batch, 0, 0, text)
+
+            if (note := self._engine.load_note(batch[0].spec.model)) is not None:
+                noted(note)
+            self._engine.on_note = noted  # a download's progress, while the engine fetches the weights
             results = self._engine.generate(requests, on_step)
             self._encode_slots.acquire()
             # Once stopping, the encoder may already be shut down: finish here.
