@@ -252,7 +252,7 @@ class DiffusersEngine:
             self.generate([request], lambda d, t, p: None)
 
     def info(self) -> dict[str, Any]:
-        resident = [e.pipe for e in self.pool.entries.values() if e.on_device] + list(self._pipes.values())
+        resident = [e.pipe for e in self.pool.all() if e.on_device] + list(self._pipes.values())
         pipes = list({id(p): p for p in resident}.values())
         return {
             "device": self.device,
@@ -263,7 +263,7 @@ class DiffusersEngine:
             "memory": self.memory(),
             "downloads": {
                 repo: {"done_bytes": p.done_bytes, "total_bytes": p.total_bytes}
-                for repo, p in self.downloads.active.items()
+                for repo, p in list(self.downloads.active.items())
             },
             **({"unavailable": dict(self.missing)} if self.missing else {}),
             "sleeping": self.sleeping,
@@ -317,7 +317,7 @@ class DiffusersEngine:
         return f"loading {name}: {human_bytes(need)} of {human_bytes(total)} to read{shared}"
 
     def loaded_models(self) -> list[str]:
-        on_device = {e.key for e in self.pool.entries.values() if e.on_device}
+        on_device = {e.key for e in self.pool.all() if e.on_device}
         return [m.name for m in self._registry if key_of(m) in on_device] + [n for n in self._pipes]
 
     # -- sharing the device ------------------------------------------------------
@@ -328,7 +328,7 @@ class DiffusersEngine:
         self.sleeping = True  # first: a job claimed from now waits in generate() instead of loading
         self._awake.clear()
         with self.lock:
-            for entry in [e for e in self.pool.entries.values() if e.on_device]:
+            for entry in [e for e in self.pool.all() if e.on_device]:
                 self.pool.to_tier(entry)
 
     def wake_up(self) -> None:
@@ -350,7 +350,7 @@ class DiffusersEngine:
             kept = {key_of(self._registry.get(n)) for n in keep if n in self._registry}
             idle = [
                 e
-                for e in self.pool.entries.values()
+                for e in self.pool.all()
                 if e.on_device and not e.pinned and e.key not in kept and now - e.last_used >= idle_s
             ]
             for entry in idle:

@@ -91,27 +91,32 @@ class Pool:
 
     # -- the ledger -------------------------------------------------------------
 
+    def all(self) -> list[Entry]:
+        """A snapshot: /health reads the ledger from the HTTP threads while the worker's thread changes it
+        (list() of a dict's values runs without giving up the GIL; a generator over it would not)."""
+        return list(self.entries.values())
+
     def _keys(self, entries: Iterable[Entry]) -> dict[str, int]:
         return {p.key: p.nbytes for e in entries for p in e.resident()}
 
     def used_bytes(self) -> int:
-        return sum(self._keys(e for e in self.entries.values() if e.on_device).values())
+        return sum(self._keys(e for e in self.all() if e.on_device).values())
 
     def cpu_bytes(self) -> int:
-        device = self._keys(e for e in self.entries.values() if e.on_device)
-        tier = self._keys(e for e in self.entries.values() if not e.on_device)
+        device = self._keys(e for e in self.all() if e.on_device)
+        tier = self._keys(e for e in self.all() if not e.on_device)
         return sum(n for k, n in tier.items() if k not in device)
 
     def need(self, parts: list[Part], offload: str = "none") -> int:
         """Bytes a load or re-warm adds on the device: its parts not already resident."""
         probe = Entry(key=None, pipe=None, parts={p.name: p for p in parts}, offload=offload)
-        device = self._keys(e for e in self.entries.values() if e.on_device)
+        device = self._keys(e for e in self.all() if e.on_device)
         return sum(p.nbytes for p in probe.resident() if p.key not in device)
 
     def shared(self, parts: list[Part]) -> dict[str, Any]:
         """Modules already loaded (on the device or in the tier) for these parts, by component name."""
         by_key: dict[str, Any] = {}
-        for entry in self.entries.values():
+        for entry in self.all():
             if entry.offload != "none":
                 continue  # offload hooks are attached to those modules: they stay that pipeline's
             modules = _modules(entry.pipe)
@@ -125,7 +130,7 @@ class Pool:
         """Send least recently used entries to the tier until ``parts`` fit the budget beside what stays
         (what they share with an entry sent away is counted again: it then has to be on the device for them)."""
         while self.used_bytes() + (need := self.need(parts, offload)) > self.budget:
-            movable = [e for e in self.entries.values() if e.on_device and not e.pinned and e.key != for_key]
+            movable = [e for e in self.all() if e.on_device and not e.pinned and e.key != for_key]
             if not movable:
                 held = self.used_bytes()
                 raise GenerationFailed(
@@ -140,7 +145,7 @@ class Pool:
         entry.on_device = False
         self.evictions.append(entry.key)
         self.on_evict(entry)
-        staying = self._keys(e for e in self.entries.values() if e.on_device)
+        staying = self._keys(e for e in self.all() if e.on_device)
         if self.device != "cpu" and entry.offload == "none":
             modules = _modules(entry.pipe)
             for part in entry.parts.values():
@@ -151,7 +156,7 @@ class Pool:
 
     def trim_tier(self) -> None:
         while self.cpu_bytes() > self.cpu_budget:
-            tier = [e for e in self.entries.values() if not e.on_device]
+            tier = [e for e in self.all() if not e.on_device]
             if not tier:
                 return
             self.drop(min(tier, key=lambda e: e.last_used))
