@@ -334,3 +334,26 @@ def test_an_upsampling_job_on_a_worker_without_the_upsampler_fails_clearly(
             engine.generate([EngineRequest(replace(req.spec))], lambda *_: None)
     finally:
         pipe.fluxserve_upsampling = kept
+
+
+def test_klein_and_klein_base_share_their_encoder_and_vae_by_content(
+    engine: DiffusersEngine, demo_model_dir: Path
+) -> None:
+    """Two modular pipelines from folders holding the same text encoder and VAE files: loaded once
+    (update_components), counted once."""
+    from fluxserve.engine.inventory import inventory
+
+    distilled, base = engine.pipeline("flux-3-image-klein"), engine.pipeline("flux-3-image-klein-base")
+    for name in ("text_encoder", "vae"):
+        assert distilled.components[name] is base.components[name], name
+    assert distilled.components["transformer"] is not base.components["transformer"]
+    parts = {p.name: p for p in inventory(str(demo_model_dir / "flux3"), 4) or []}
+    base_parts = {p.name: p for p in inventory(str(demo_model_dir / "flux3-base"), 4) or []}
+    assert parts["text_encoder"].key == base_parts["text_encoder"].key
+    # Counted once: both entries list the same key, and the ledger holds each key's bytes once.
+    entries = [e for e in engine.pool.all() if e.on_device]
+    mine, theirs = (next(e for e in entries if e.pipe is p).parts for p in (distilled, base))
+    assert mine["text_encoder"].key == theirs["text_encoder"].key and mine["vae"].key == theirs["vae"].key
+    distinct = {p.key: p.nbytes for e in entries for p in e.parts.values()}
+    each = sum(p.nbytes for e in entries for p in e.parts.values())
+    assert engine.memory()["used_bytes"] == sum(distinct.values()) <= each - mine["text_encoder"].nbytes

@@ -18,7 +18,7 @@ from ..models.demo import DEMO_MARKER, demo_weights
 from ..models.families import has_torchvision
 from .families import FAMILIES, for_kind
 
-DEMO_VERSION = 4
+DEMO_VERSION = 5  # 5: FLUX 3 klein and klein base share their text encoder and VAE, as the real ones
 
 
 def build_demo_model(path: Path) -> Path:

@@ -230,9 +230,10 @@ class Upsampler:
         self.processor.save_pretrained(folder)
 
 
-def klein(*, distilled: bool) -> Any:
+def klein(*, distilled: bool, like: Any = None) -> Any:
     """FLUX 3 Image Klein as diffusers' modular pipeline: Flux3Transformer2DModel (flow map when distilled),
-    a 32-layer Qwen3-VL (hidden states 4, 8, ... 32 stacked) and its processor, FLUX.2's VAE."""
+    a 32-layer Qwen3-VL (hidden states 4, 8, ... 32 stacked) and its processor, FLUX.2's VAE. ``like``: a
+    klein whose text encoder, processor and VAE this one shares, as the real distilled and base models do."""
     from diffusers import FlowMatchEulerDiscreteScheduler, Flux3Transformer2DModel
     from diffusers.modular_pipelines import Flux3AutoBlocks, Flux3DistilledAutoBlocks
     from diffusers.modular_pipelines.flux3.image_processor import Flux3ImageProcessor
@@ -268,13 +269,16 @@ def klein(*, distilled: bool) -> Any:
         flow_map=distilled,
     )
     pipe = (Flux3DistilledAutoBlocks if distilled else Flux3AutoBlocks)().init_pipeline()
+    shared = (
+        {name: like.components[name] for name in ("vae", "text_encoder", "tokenizer")}
+        if like is not None
+        else {"vae": vae(), "text_encoder": text_encoder, "tokenizer": processor}
+    )
     pipe.update_components(
         transformer=transformer,
-        vae=vae(),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=6.93),
-        text_encoder=text_encoder,
-        tokenizer=processor,
         image_processor=Flux3ImageProcessor(),
+        **shared,
     )
     return pipe
 
@@ -283,9 +287,10 @@ def demo(with_torchvision: bool) -> dict[str, Any]:
     """Distilled and base klein, and the prompt upsampler: only where torchvision imports."""
     if not with_torchvision:
         return {}
+    distilled = klein(distilled=True)
     return {
-        KINDS["flux3"].demo_folder: klein(distilled=True),
-        FLUX3_BASE_FOLDER: klein(distilled=False),
+        KINDS["flux3"].demo_folder: distilled,
+        FLUX3_BASE_FOLDER: klein(distilled=False, like=distilled),
         UPSAMPLER_FOLDER: Upsampler(),
     }
 
