@@ -253,3 +253,23 @@ def test_replicate_fal_and_openai_results(core: Any, tmp_path: Path) -> None:
         assert done is not None and done.status is Status.SUCCEEDED, (kind, done.error if done else None)
         assert storage.read(done.outputs[0].key)[:3] == b"\xff\xd8\xff"  # re-encoded as the job asked
         worker.stop()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [["not", "an", "object"], {"data": [{"b64_json": "!!! not base64 !!!"}]}, {"data": ["a string, not an item"]}],
+)
+def test_a_malformed_answer_fails_the_job_at_once_saying_so(core: Any, tmp_path: Path, answer: Any) -> None:
+    """T4-13: an answer of the wrong shape is the provider's fault, said as such, at once: not an exception
+    that escapes the worker and leaves the job running until its lease runs out twice."""
+    jobs, _ = core
+    up = Upstream({("POST", "/v1/images/generations"): _json(200, answer)})
+    worker = _worker(core, _registry(tmp_path, "openai"), up)
+    job = _job(jobs)
+    assert [j.id for j in worker.run_claimed(job.id)] == [job.id]
+    failed = jobs.store.get_job(job.id)
+    assert failed is not None and failed.status is Status.FAILED and failed.error_code == "upstream_malformed"
+    assert failed.error is not None and failed.error.startswith("The upstream up gave an answer that could not be read")
+    assert up.count("POST", "/v1/images/generations") == 1  # never sent twice, never failed over
+    assert worker.engine_info()["upstream"]["consecutive_failures"] == 1
+    worker.stop()

@@ -33,6 +33,17 @@ class Rejected(FluxServeError):
     code = "upstream_rejected"
 
 
+class Malformed(Rejected):
+    """The provider answered, but not in its documented shape (a JSON list, bad base64, a field missing):
+    the job fails once with what was wrong, and the upstream counts a failure."""
+
+    code = "upstream_malformed"
+
+
+# What a provider's parsing code raises on an answer of the wrong shape (binascii.Error is a ValueError).
+MALFORMED = (KeyError, TypeError, ValueError, AttributeError, IndexError)
+
+
 class Unavailable(FluxServeError):
     """The provider could not answer now (429, 5xx, timeout, connection): retry, then fail over."""
 
@@ -112,8 +123,8 @@ def call(client: httpx.Client, method: str, url: str, **kw: Any) -> Any:
         raise Rejected(_message(resp))
     try:
         return resp.json()
-    except ValueError as exc:
-        raise Unavailable(f"the upstream answered HTTP {resp.status_code} with a body that is not JSON") from exc
+    except ValueError as exc:  # it answered: a task may exist, so this is never retried or failed over
+        raise Malformed(f"HTTP {resp.status_code} with a body that is not JSON: {resp.text[:200]!r}") from exc
 
 
 def ratio(width: int, height: int) -> str:

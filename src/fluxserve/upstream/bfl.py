@@ -9,7 +9,7 @@ from urllib.parse import quote
 import httpx
 
 from ..spec import GenerationSpec
-from .base import Done, Inputs, Provider, Rejected, Task, Unavailable, call, ratio
+from .base import Done, Inputs, Malformed, Provider, Rejected, Task, Unavailable, call, ratio
 
 
 class BFL(Provider):
@@ -43,7 +43,7 @@ class BFL(Provider):
             client, "POST", f"{self.config.base_url}/v1/{quote(model)}", json=body, headers=self.submit_headers(key, kw)
         )
         if not isinstance(answer, dict) or not answer.get("id"):
-            raise Unavailable("the upstream's answer had no task id")
+            raise Malformed(f"the answer had no task id: {str(answer)[:200]}")
         return Task(str(answer["id"]), {"poll": str(answer.get("polling_url") or "")})
 
     def poll(self, client: httpx.Client, task: Task, key: str | None) -> Done | None:

@@ -7,7 +7,7 @@ from typing import Any
 import httpx
 
 from ..spec import GenerationSpec
-from .base import MAX_MESSAGE, Done, Inputs, Provider, Rejected, Task, Unavailable, call
+from .base import MAX_MESSAGE, Done, Inputs, Malformed, Provider, Rejected, Task, call
 
 
 class Fal(Provider):
@@ -37,7 +37,7 @@ class Fal(Provider):
             body["strength"] = spec.strength
         answer = call(client, "POST", f"{self.config.base_url}/{path}", json=body, headers=self.submit_headers(key, kw))
         if not isinstance(answer, dict) or not answer.get("request_id"):
-            raise Unavailable("the upstream's answer had no request_id")
+            raise Malformed(f"the answer had no request_id: {str(answer)[:200]}")
         base = f"{self.config.base_url}/{path}/requests/{answer['request_id']}"
         urls = {
             "status": self.own_url(answer.get("status_url"), f"{base}/status"),

@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 
 from ..spec import GenerationSpec
-from .base import Done, Inputs, Provider, Unavailable, call
+from .base import Done, Inputs, Malformed, Provider, Unavailable, call
 
 
 class OpenAI(Provider):
@@ -39,7 +39,9 @@ class OpenAI(Provider):
         else:
             url = f"{self.config.base_url}/v1/images/generations"
             answer = call(client, "POST", url, json=fields, headers=self.submit_headers(key, kw))
-        data_items = answer.get("data") if isinstance(answer, dict) else None
+        if not isinstance(answer, dict):
+            raise Malformed(f"the answer is a JSON {type(answer).__name__}, not an object")
+        data_items = answer.get("data")
         if not data_items:
             raise Unavailable("the upstream's answer had no images")
         blobs = [base64.b64decode(d["b64_json"]) for d in data_items if d.get("b64_json")]

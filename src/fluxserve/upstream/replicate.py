@@ -8,7 +8,7 @@ from urllib.parse import quote
 import httpx
 
 from ..spec import GenerationSpec
-from .base import Done, Inputs, Provider, Rejected, Task, Unavailable, call, ratio
+from .base import Done, Inputs, Malformed, Provider, Rejected, Task, Unavailable, call, ratio
 
 
 class Replicate(Provider):
@@ -67,7 +67,7 @@ class Replicate(Provider):
             headers=self.submit_headers(key, kw),
         )
         if not isinstance(answer, dict) or not answer.get("id"):
-            raise Unavailable("the upstream's answer had no prediction id")
+            raise Malformed(f"the answer had no prediction id: {str(answer)[:200]}")
         return Task(str(answer["id"]))
 
     def poll(self, client: httpx.Client, task: Task, key: str | None) -> Done | None:

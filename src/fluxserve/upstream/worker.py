@@ -31,7 +31,7 @@ from ..outputs import EXTENSIONS, encode_image
 from ..spec import GenerationSpec
 from ..storage import Storage
 from ..workers import LeasedWorker
-from .base import Done, Inputs, Provider, Rejected, Task, Unavailable
+from .base import MALFORMED, Done, Inputs, Malformed, Provider, Rejected, Task, Unavailable
 from .health import Health
 from .providers import provider_for
 from .routing import next_route
@@ -142,6 +142,10 @@ class UpstreamWorker(LeasedWorker):
         except _Stop as stop:
             self._stopped(job, stop.why)
             return
+        except Malformed as exc:
+            self.health.failed(exc.message)
+            self._fail(job, f"The upstream {name} gave an answer that could not be read: {exc.message}", code=exc.code)
+            return
         except Rejected as exc:
             self._fail(job, f"The upstream {name} refused the request: {exc.message}", code="upstream_rejected")
             return
@@ -228,6 +232,8 @@ class UpstreamWorker(LeasedWorker):
                     self._client, spec, model, inputs, key, idempotency_key=f"{job.id}-{index}"
                 )
                 break
+            except MALFORMED as exc:  # it answered, so it may have started a task: never sent again
+                raise Malformed(f"{type(exc).__name__}: {exc}") from exc
             except Unavailable as exc:
                 # Sent but unanswered (a read timeout, a dropped connection): a second send may be a second task.
                 if exc.maybe_sent and not self.config.idempotent:
@@ -257,6 +263,9 @@ class UpstreamWorker(LeasedWorker):
             try:
                 done = self.provider.poll(self._client, task, key)
                 errors = 0
+            except MALFORMED as exc:
+                self._cancel_upstream(task, key)
+                raise Malformed(f"{type(exc).__name__}: {exc}") from exc
             except Unavailable as exc:  # a poll is a read: retried until the deadline, never resubmitted
                 errors += 1
                 log.warning("job %s: polling upstream %s: %s", job.id, self.config.name, exc.message)
