@@ -38,6 +38,17 @@ def _get(server: RemoteServer, pid: str) -> dict[str, object]:
     return httpx.get(f"{server.url}/v1/predictions/{pid}", headers=server.headers).json()  # type: ignore[no-any-return]
 
 
+def _part_sizes(cache: Path) -> list[int]:
+    """Sizes of the partial downloads now; a small file's ``.part`` may be renamed between listing and stat."""
+    sizes = []
+    for part in cache.rglob("*.part"):
+        try:
+            sizes.append(part.stat().st_size)
+        except FileNotFoundError:
+            continue  # finished and renamed in between: not partial any more
+    return sizes
+
+
 def test_a_first_job_downloads_its_weights_once_with_progress(tmp_path: Path, demo_model_dir: Path) -> None:
     folder = demo_weights(demo_model_dir, "text2img")
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
@@ -91,12 +102,7 @@ def test_a_download_killed_halfway_resumes_after_a_restart(tmp_path: Path, demo_
         server = _server(tmp_path, hub, cache, data).start()
         try:
             pid = _create(server)
-            wait_for(
-                lambda: list(cache.rglob("*.part")),
-                lambda found: any(p.stat().st_size >= 10 * 1024 * 1024 for p in found),
-                timeout=60,
-                interval=0.1,
-            )
+            wait_for(lambda: _part_sizes(cache), lambda sizes: max(sizes, default=0) >= 10 * 1024 * 1024, timeout=60)
             server.kill9()
             partial = {p.name: p.stat().st_size for p in cache.rglob("*.part")}
             assert partial
