@@ -35,10 +35,9 @@ def _worker_side(url: str, inbox: Any, outbox: Any) -> None:
     from fluxserve.job import Output
     from fluxserve.jobs import JobService
     from fluxserve.migrations import open_store
-    from fluxserve.queue.pg import PgQueue
+    from fluxserve.queue.pg.rows import PgHooks
 
-    store = open_store(url)
-    store.queue = PgQueue(store)
+    store = open_store(url, queue=PgHooks(url))
     jobs = JobService(store)
     while (job_id := inbox.get()) is not None:
         job = jobs.claim_id(job_id, "bench-worker")
@@ -69,10 +68,9 @@ async def _completion(url: str, n: int, use_listen: bool) -> list[float]:
     from fluxserve.migrations import open_store
     from fluxserve.models import ModelRegistry
     from fluxserve.queue.listen import listen
-    from fluxserve.queue.pg import PgQueue
+    from fluxserve.queue.pg.rows import PgHooks
 
-    store = open_store(url)
-    store.queue = PgQueue(store)
+    store = open_store(url, queue=PgHooks(url))
     jobs = JobService(store)
     ctx = mp.get_context("spawn")
     inbox, outbox = ctx.Queue(), ctx.Queue()
@@ -113,10 +111,9 @@ def _pickup(url: str, n: int, data_dir: Path) -> list[float]:
     from fluxserve.jobs import JobService
     from fluxserve.migrations import open_store
     from fluxserve.models import ModelRegistry
-    from fluxserve.queue.pg import PgQueue
+    from fluxserve.queue.pg.rows import PgHooks
 
-    store = open_store(url)
-    store.queue = PgQueue(store)
+    store = open_store(url, queue=PgHooks(url))
     jobs = JobService(store)
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLUXSERVE_")} | {"HF_HUB_OFFLINE": "1"}
     fluxserve = str(Path(sys.executable).with_name("fluxserve"))

@@ -47,6 +47,7 @@ from .metrics import Metrics
 from .migrations import open_store
 from .models import ModelRegistry
 from .queue import build as build_queue
+from .queue import hooks as queue_hooks
 from .queue.base import Queue
 from .queue.listen import listen
 from .retention import RetentionSweeper
@@ -213,10 +214,14 @@ class Core:
         self.store.close()
 
 
+def store_options(settings: Settings) -> dict[str, Any]:
+    """What every process's store is built with: its queue's hooks and the dialects' webhook rules."""
+    return {"queue": queue_hooks(settings.database), "webhook_rules": webhook_rules()}
+
+
 def build_core(settings: Settings, store: Store) -> Core:
     """The one wiring: registry, secret, storage, the job service and its queue (chosen here, once) over
-    an opened store, with the dialects' webhook rules."""
-    store.webhook_rules = webhook_rules()
+    a store opened with ``store_options``."""
     registry = build_registry(settings)
     secret = server_secret(settings, store)
     storage = build_storage(
@@ -259,7 +264,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        core = build_core(settings, open_store(settings.database))
+        core = build_core(settings, open_store(settings.database, **store_options(settings)))
         store, registry, storage, jobs, queue = core.store, core.registry, core.storage, core.jobs, core.queue
         # The queue's workers run on a thread (SQLite) or as this node's queue workers (PostgreSQL; their
         # images are stored before the task returns, so no overlapped encoding); an API node runs none.

@@ -16,14 +16,13 @@ from fluxserve.migrations import open_store, upgrade
 from fluxserve.models import ModelRegistry
 from fluxserve.queue.listen import listen
 from fluxserve.queue.pg import PgQueue
-from fluxserve.queue.pg.rows import queue_depths
+from fluxserve.queue.pg.rows import PgHooks, queue_depths
 from fluxserve.store import Store
 
 
 @pytest.fixture
 def jobs(pg_url: str) -> Iterator[JobService]:
-    store = open_store(pg_url)
-    store.queue = PgQueue(store)
+    store = open_store(pg_url, queue=PgHooks(pg_url))
     service = JobService(store, lease_s=5.0)
     yield service
     service.close()
@@ -65,14 +64,14 @@ def test_a_job_and_its_queue_entry_commit_together_or_not_at_all(
     assert (_count(jobs, "jobs"), _count(jobs, "procrastinate_jobs")) == (1, 1)
 
     # The defer fails after our INSERT: neither row stays.
-    queue = jobs.store.queue
-    assert isinstance(queue, PgQueue)
+    hooks = jobs.store.queue
+    assert isinstance(hooks, PgHooks)
 
     def broken(conn: object, job_id: str, model: str, priority: int, route: str | None = None) -> None:
-        PgQueue._defer(queue, conn, job_id, model, priority, route)  # type: ignore[arg-type]
+        PgHooks.defer(hooks, conn, job_id, model, priority, route)  # type: ignore[arg-type]
         raise RuntimeError("the database went away between the two statements")
 
-    monkeypatch.setattr(queue, "_defer", broken)
+    monkeypatch.setattr(hooks, "defer", broken)
     with pytest.raises(RuntimeError):
         _submit(jobs, idempotency_key="k2")
     assert (_count(jobs, "jobs"), _count(jobs, "procrastinate_jobs")) == (1, 1)
@@ -119,8 +118,7 @@ def test_a_queued_job_past_its_deadline_leaves_the_queue(jobs: JobService) -> No
 
 
 def test_two_workers_claiming_batches_at_once_never_share_a_job(jobs: JobService) -> None:
-    queue = jobs.store.queue
-    assert isinstance(queue, PgQueue)
+    queue = PgQueue(jobs.store)
     leads = [_submit(jobs) for _ in range(2)]
     members = [_submit(jobs) for _ in range(12)]
     with jobs.store.transaction() as conn:
@@ -164,8 +162,7 @@ def test_two_workers_claiming_batches_at_once_never_share_a_job(jobs: JobService
 
 
 def test_the_sweep_gives_back_a_dead_workers_jobs_and_redefers_orphans(jobs: JobService) -> None:
-    queue = jobs.store.queue
-    assert isinstance(queue, PgQueue)
+    queue = PgQueue(jobs.store)
     dead, orphan = _submit(jobs), _submit(jobs)
     with jobs.store.transaction() as conn:
         # A worker that registered, fetched one job, then stopped beating.
@@ -266,8 +263,7 @@ def test_per_key_limits_and_credits_hold_under_20_concurrent_creates(pg_url: str
     from fluxserve.errors import RateLimited
     from fluxserve.limits import Limits
 
-    store = open_store(pg_url, pool_size=20, pool_overflow=0)
-    store.queue = PgQueue(store)
+    store = open_store(pg_url, pool_size=20, pool_overflow=0, queue=PgHooks(pg_url))
     jobs = JobService(store, limits=Limits(), threads=1)
     store.add_key("k1", "limited", "a" * 64, "fs-")
     store.set_key_limits("k1", Limits(max_queued=2))

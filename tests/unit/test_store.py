@@ -177,8 +177,9 @@ def test_other_owner_sees_nothing(tmp_path: Path) -> None:
 
 
 def test_webhook_deliveries_are_written_with_the_transition_and_throttled(tmp_path: Path) -> None:
-    jobs = _service(tmp_path)
-    jobs.store.webhook_rules = {"vmodel": REPLICATE_WEBHOOKS}  # the dialects' rules, as app.build_core sets them
+    # The dialects' rules, as app.store_options builds every store.
+    store = open_store(f"sqlite:///{tmp_path / 'db.sqlite'}", webhook_rules={"vmodel": REPLICATE_WEBHOOKS})
+    jobs = JobService(store)
     webhook = {"url": "https://example.com/hook", "events": ["start", "logs", "completed"]}
     job = _submit(jobs, webhook=webhook)
     claimed = jobs.claim("w1")

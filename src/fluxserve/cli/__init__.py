@@ -74,7 +74,7 @@ def worker(
     SIGTERM gives the running job back to the queue now."""
     import asyncio
 
-    from ..app import build_core
+    from ..app import build_core, store_options
     from ..logs import configure as configure_logging
     from ..queue.pg.runner import WORKER_POOL, install_stop_signals
 
@@ -90,7 +90,7 @@ def worker(
     settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # demo model, compile cache, LoRA cache
     # Upstream slots each write their job's events and leases: a pool that grows with them.
     pool = {"pool_size": 8, "pool_overflow": 8} if upstreams_only else {"pool_size": WORKER_POOL, "pool_overflow": 0}
-    core = build_core(settings, open_store(settings.database, role="worker", **pool))
+    core = build_core(settings, open_store(settings.database, role="worker", **pool, **store_options(settings)))
     # procrastinate's task returns only once the images are stored: no overlapped encoding.
     workers = [] if upstreams_only else core.device_workers(settings, overlap_encoding=False)
     workers += core.upstream_workers(settings)

@@ -10,15 +10,27 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..store import LocalHooks, QueueHooks
+
 if TYPE_CHECKING:
     from ..jobs import JobService
     from ..settings import Settings
     from .base import Queue
 
 
+def hooks(url: str) -> QueueHooks:
+    """What the store of this database writes to its queue inside its own transactions: given to the store
+    when it is built (app.store_options). Imports procrastinate only on PostgreSQL."""
+    if url.startswith("postgresql"):
+        from .pg.rows import PgHooks
+
+        return PgHooks(url)
+    return LocalHooks()
+
+
 def build(settings: Settings, jobs: JobService) -> Queue:
-    """The queue of this database, set as its store's hooks: what `serve`, `serve --api-only` and `worker`
-    all call. Imports procrastinate only on PostgreSQL."""
+    """The queue of this database over a store built with its hooks: what `serve`, `serve --api-only` and
+    `worker` all call. Imports procrastinate only on PostgreSQL."""
     queue: Queue
     if settings.on_postgres:
         from .base import Timing
@@ -29,5 +41,4 @@ def build(settings: Settings, jobs: JobService) -> Queue:
         from .local import LocalQueue
 
         queue = LocalQueue(jobs)
-    jobs.store.queue = queue
     return queue

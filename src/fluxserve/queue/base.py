@@ -2,8 +2,9 @@
 
 Two implementations, chosen once by ``queue.build`` (the wiring every process runs): ``local.LocalQueue``
 (the jobs table itself, worker threads in this process; SQLite or one box) and ``pg.PgQueue``
-(procrastinate on PostgreSQL, workers in any process). The store calls its hooks (store.hooks) inside its own
-transactions, so a queue entry commits with its job row or neither does. A ``Worker`` only runs the job
+(procrastinate on PostgreSQL, workers in any process). The store is built with its queue's hooks
+(``queue.hooks``: store.hooks.QueueHooks) and calls them inside its own transactions, so a queue entry commits
+with its job row or neither does. A ``Worker`` only runs the job
 it is handed; ``concurrency`` is how many it runs at once (1 for a device, many for a remote one).
 """
 
@@ -15,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..job import Job, WorkerState
-from ..store.hooks import QueueHooks
 
 
 class Worker(Protocol):
@@ -68,7 +68,7 @@ class Dispatcher(Protocol):
         ...
 
 
-class Queue(QueueHooks, Protocol):
+class Queue(Protocol):
     name: str  # "local" or "postgres"
 
     def dispatcher(self, workers: Sequence[Any] | None) -> Dispatcher:

@@ -20,7 +20,6 @@ from typing import Any
 from ..errors import StoreUnavailable
 from ..job import WorkerState
 from ..jobs import JobService
-from ..store.hooks import LocalHooks
 
 AnyWorker = Any  # a worker.DeviceWorker or an upstream.worker.UpstreamWorker (queue.base.Worker)
 
@@ -31,7 +30,7 @@ STORE_RETRY_MAX_S = 5.0
 CANDIDATES = 16  # queued ids read per look; the first still queued is claimed
 
 
-class LocalQueue(LocalHooks):
+class LocalQueue:
     name = "local"
 
     def __init__(self, jobs: JobService) -> None:

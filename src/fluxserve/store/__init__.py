@@ -22,12 +22,20 @@ from .schema import api_keys, files, job_events, jobs, metadata, server_secrets,
 
 
 class Store(JobQueries, EventQueries, OutboxQueries, KeyQueries, FileQueries, Reports, Database):
-    def __init__(self, url: str, **pool: Any) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        queue: QueueHooks | None = None,
+        webhook_rules: Mapping[str, WebhookRules] | None = None,
+        **pool: Any,
+    ) -> None:
+        """``queue``: what the queue writes inside the store's transactions (queue.hooks: the embedded one by
+        default; PostgreSQL's needs procrastinate). ``webhook_rules``: which webhook events each dialect sends
+        (api/dialects.py); a dialect without rules sends none. Both are fixed for the store's life."""
         super().__init__(url, **pool)
-        # The embedded queue until the wiring (queue.build) sets the PostgreSQL one.
-        self.queue: QueueHooks = LocalHooks()
-        # Which webhook events each dialect sends (api/dialects.py); a dialect without rules sends none.
-        self.webhook_rules: Mapping[str, WebhookRules] = {}
+        self.queue: QueueHooks = queue if queue is not None else LocalHooks()
+        self.webhook_rules: Mapping[str, WebhookRules] = dict(webhook_rules or {})
 
 
 __all__ = [

@@ -61,23 +61,17 @@ def _app(url: str) -> Any:
     return procrastinate.App(connector=procrastinate.SyncPsycopgConnector(conninfo=libpq_url(url)))
 
 
-class PgRows:
-    """The store's queue hooks (store.hooks.QueueHooks) plus what workers and sweepers do to queue rows."""
+class PgHooks:
+    """The store's queue hooks (store.hooks.QueueHooks) on PostgreSQL: procrastinate rows written inside the
+    store's own transactions. Needs only the database's address, so the store is built with it."""
 
-    name = "postgres"
-
-    def __init__(self, store: Store, jobs: JobService | None = None, timing: Timing | None = None) -> None:
-        self.store = store
-        self.app = _app(store.url)
-        self.jobs = jobs
-        self.timing = timing
-
-    # -- inside the store's transactions ---------------------------------------
+    def __init__(self, url: str) -> None:
+        self.app = _app(url)
 
     def deferred(self, conn: Connection, job: Job, priority: int) -> None:
-        self._defer(conn, job.id, job.spec.model, priority, job.route)
+        self.defer(conn, job.id, job.spec.model, priority, job.route)
 
-    def _defer(self, conn: Connection, job_id: str, model: str, priority: int, route: str | None = None) -> None:
+    def defer(self, conn: Connection, job_id: str, model: str, priority: int, route: str | None = None) -> None:
         deferrer = self.app.configure_task(
             TASK, connection=conn.connection.driver_connection, queue=queue_name(model, route), priority=priority
         )
@@ -118,6 +112,20 @@ class PgRows:
             {"id": job_id},
         ).scalar()
         return None if ahead is None else int(ahead) + 1
+
+
+class PgRows:
+    """What workers and sweepers do to queue rows, over a store built with PgHooks."""
+
+    name = "postgres"
+
+    def __init__(self, store: Store, jobs: JobService | None = None, timing: Timing | None = None) -> None:
+        if not isinstance(store.queue, PgHooks):
+            raise TypeError("a PostgreSQL queue needs a store opened with queue=PgHooks(url)")
+        self.store = store
+        self.hooks: PgHooks = store.queue
+        self.jobs = jobs
+        self.timing = timing
 
     # -- batches: members claimed by the lead's worker ----------------------------
 
@@ -213,7 +221,7 @@ class PgRows:
                 )
             ).all()
             for row in orphans:
-                self._defer(conn, row.id, row.model, int(row.priority or 0), row.route)
+                self.hooks.defer(conn, row.id, row.model, int(row.priority or 0), row.route)
                 counts["redeferred"] += 1
         if any(counts.values()):
             log.warning("queue sweep: %s", counts)
