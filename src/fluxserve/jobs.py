@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from .errors import Conflict, NotFound, PaymentRequired
+from .errors import Conflict, NotFound
 from .job import EventKind, Job, JobEvent, Output, Status, new_job_id
 from .limits import Limits, admit
 from .limits import note as note_rate_headers
@@ -28,8 +28,8 @@ from .models import ModelRegistry
 from .offload import Offload
 from .spec import GenerationSpec
 from .store import DuplicateJob, Fence, Store, fairness, insert_row, key_limits, outputs_json, serialize_owner, usage
+from .store.credits import hold
 from .store.events import append_event
-from .store.keys import debit
 from .waiters import Waiters
 
 log = logging.getLogger(__name__)
@@ -153,12 +153,7 @@ class JobService:
         """Per-key limits and credits, inside the insert's transaction: RateLimited past a limit,
         PaymentRequired past the balance (the price is held now, given back if the job does not succeed)."""
         serialize_owner(conn, job.owner)
-        if job.cost and not debit(conn, job.owner, job.cost):
-            raise PaymentRequired(
-                f"This request costs {job.cost:g} credits ({job.spec.model}, {job.spec.num_images} image(s)); "
-                "the API key's balance is lower. Top it up with `fluxserve keys update --credits`.",
-                param="credits",
-            )
+        hold(conn, job)
         if self.limits is None:
             return {}
         effective = self.limits.over(key_limits(conn, job.owner))

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -19,7 +20,7 @@ from fluxserve.jobs import JobService
 from fluxserve.migrations import open_store
 from fluxserve.models import ModelRegistry
 from fluxserve.models.upstreams import parse_upstreams
-from fluxserve.store.keys import debit
+from fluxserve.store.credits import hold
 from fluxserve.upstream.base import Inputs, Rejected, Unavailable, call
 from fluxserve.upstream.bfl import BFL
 from fluxserve.upstream.fal import Fal
@@ -242,17 +243,23 @@ def test_concurrent_debits_never_overspend(tmp_path: Path) -> None:
     store.add_key("k1", "payg", "h" * 64, "fs-")
     store.set_key_credits("k1", 0.2)
     paid: list[bool] = []
+    job = SimpleNamespace(owner="k1", cost=0.04, spec=SimpleNamespace(model="flux-pro", num_images=1))
 
     def one() -> None:
-        with store.transaction() as conn:
-            paid.append(debit(conn, "k1", 0.04))
+        try:
+            with store.transaction() as conn:
+                hold(conn, job)  # type: ignore[arg-type]
+            paid.append(True)
+        except PaymentRequired as exc:
+            assert exc.param == "credits" and "costs 0.04 credits" in exc.message
+            paid.append(False)
 
     threads = [threading.Thread(target=one) for _ in range(12)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert paid.count(True) == 5 and store.key_credits("k1") == pytest.approx(0.0, abs=1e-9)
+    assert paid.count(True) == 5 and paid.count(False) == 7 and store.key_credits("k1") == pytest.approx(0.0, abs=1e-9)
 
 
 def test_spill_moves_only_waiting_local_jobs_once_and_failover_follows_the_fallbacks(tmp_path: Path) -> None:

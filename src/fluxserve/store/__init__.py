@@ -1,6 +1,7 @@
 """The database, split along its tables: schema.py (tables), db.py (engine, pools, write lock, errors),
 jobs.py (job rows and fenced transitions), events.py (job_events, NOTIFY), outbox.py (webhook deliveries),
-keys.py (API keys, the shared secret, credits), files.py (uploads), reports.py (usage, metrics, retention reads).
+keys.py (API keys, the shared secret), credits.py (the credit ledger), files.py (uploads), reports.py (usage,
+metrics, retention reads).
 
 ``Store`` is all of them over one engine. Only JobService calls the methods that change a job.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from .credits import CreditQueries
 from .db import BUSY_S, POOL_OVERFLOW, POOL_SIZE, POOL_WAIT_S, Database, application_name
 from .events import NOTIFY_CHANNEL, EventQueries
 from .files import FileQueries, StoredFile
@@ -21,7 +23,7 @@ from .reports import Reports, usage
 from .schema import api_keys, files, job_events, jobs, metadata, server_secrets, webhook_deliveries, workers
 
 
-class Store(JobQueries, EventQueries, OutboxQueries, KeyQueries, FileQueries, Reports, Database):
+class Store(JobQueries, EventQueries, OutboxQueries, KeyQueries, CreditQueries, FileQueries, Reports, Database):
     def __init__(
         self,
         url: str,

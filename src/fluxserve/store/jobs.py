@@ -14,10 +14,10 @@ from sqlalchemy.exc import IntegrityError
 
 from ..job import EventKind, Job, Output, Status
 from ..spec import GenerationSpec
+from .credits import give_back
 from .db import Database, clock
 from .events import append_event
 from .fairness import fetch_order
-from .keys import refund
 from .outbox import WebhookRules
 from .schema import jobs
 
@@ -185,7 +185,7 @@ class JobQueries(Database):
             job = to_job(conn.execute(select(jobs).where(jobs.c.id == job_id)).one())
             kind = EventKind.CANCELED if canceled else EventKind.CANCEL_REQUESTED
             if canceled:
-                refund(conn, job.owner, job.cost)
+                give_back(conn, job)
             append_event(conn, job, kind, {}, self.webhook_rules)
             self.queue.cancel(conn, job_id)
         return job
@@ -267,7 +267,7 @@ def _transition(
         return None
     job = to_job(conn.execute(select(jobs).where(jobs.c.id == fence.job_id)).one())
     if kind.is_ending and kind is not EventKind.SUCCEEDED:
-        refund(conn, job.owner, job.cost)  # exactly once: only the one transition that ended it gets here
+        give_back(conn, job)  # exactly once: only the one transition that ended it gets here
     append_event(conn, job, kind, payload, rules)
     return job
 

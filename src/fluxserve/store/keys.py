@@ -23,31 +23,6 @@ def key_limits(conn: Connection, owner: str) -> Limits:
     return Limits(row.max_queued, row.rpm, row.images_per_day) if row else Limits()
 
 
-def debit(conn: Connection, owner: str, cost: float) -> bool:
-    """Hold ``cost`` of a metered key's credits, in the caller's transaction; False: not enough left.
-
-    One conditional UPDATE: concurrent creates of one key can never spend more than it has."""
-    paid = conn.execute(
-        update(api_keys)
-        .where(and_(api_keys.c.id == owner, api_keys.c.credits.is_not(None), api_keys.c.credits >= cost - 1e-9))
-        .values(credits=api_keys.c.credits - cost)
-    ).rowcount
-    if paid:
-        return True
-    metered = conn.execute(select(api_keys.c.credits).where(api_keys.c.id == owner)).scalar()
-    return metered is None
-
-
-def refund(conn: Connection, owner: str, cost: float | None) -> None:
-    """Give back what a job held when it did not succeed (only metered keys hold anything)."""
-    if cost:
-        conn.execute(
-            update(api_keys)
-            .where(and_(api_keys.c.id == owner, api_keys.c.credits.is_not(None)))
-            .values(credits=api_keys.c.credits + cost)
-        )
-
-
 class KeyQueries(Database):
     def add_key(self, key_id: str, name: str, key_hash: str, prefix: str, *, admin: bool = False) -> None:
         with self._write() as conn:
@@ -79,15 +54,6 @@ class KeyQueries(Database):
         """Set the given limits (None leaves one as it is) on the active key(s) with this id or name."""
         values = {k: v for k, v in vars(limits).items() if v is not None}
         return self._update_active_key(id_or_name, values) if values else 0
-
-    def set_key_credits(self, id_or_name: str, credits: float | None) -> int:
-        """A key's balance (None: not metered)."""
-        return self._update_active_key(id_or_name, {"credits": credits})
-
-    def key_credits(self, owner: str) -> float | None:
-        with self._read() as conn:
-            value = conn.execute(select(api_keys.c.credits).where(api_keys.c.id == owner)).scalar()
-        return None if value is None else float(value)
 
     def revoke_key(self, id_or_name: str) -> int:
         return self._update_active_key(id_or_name, {"revoked_at": time.time()})
