@@ -26,6 +26,10 @@ class Repo:
     bytes_per_s: float = 0.0  # 0: as fast as it goes
     served: list[tuple[str, str]] = field(default_factory=list)  # (path, Range header or "") per GET
 
+    def downloads(self) -> list[tuple[str, str]]:
+        """The GETs that fetched a file or its rest, not the few bytes read to size it (``bytes=a-b``)."""
+        return [(name, r) for name, r in self.served if not re.fullmatch(r"bytes=\d+-\d+", r)]
+
     def files(self) -> dict[str, Path]:
         return {str(p.relative_to(self.folder)): p for p in sorted(self.folder.rglob("*")) if p.is_file()}
 
@@ -93,25 +97,27 @@ class _Handler(BaseHTTPRequestHandler):
         repo, name = route[1], route[3]
         path = repo.files()[name]
         data = path.read_bytes()
-        start = 0
+        start, end = 0, len(data)
         ranged = self.headers.get("Range", "")
-        if match := re.match(r"bytes=(\d+)-", ranged):
+        if match := re.match(r"bytes=(\d+)-(\d*)", ranged):
             start = int(match.group(1))
-        self.send_response(206 if start else 200)
+            end = min(end, int(match.group(2)) + 1) if match.group(2) else end
+        partial = match is not None
+        self.send_response(206 if partial else 200)
         self.send_header("X-Repo-Commit", COMMIT)
         etag = _sha256(path) if _lfs(path) else _oid(path)
         self.send_header("ETag", f'"{etag}"')
         if _lfs(path):
             self.send_header("X-Linked-Etag", f'"{etag}"')
             self.send_header("X-Linked-Size", str(len(data)))
-        self.send_header("Content-Length", str(len(data) - start if not head else len(data)))
-        if start:
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.send_header("Content-Length", str(end - start if not head else len(data)))
+        if partial:
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
         self.end_headers()
         if head:
             return
         repo.served.append((name, ranged))
-        body, chunk = data[start:], 16 * 1024
+        body, chunk = data[start:end], 16 * 1024
         for offset in range(0, len(body), chunk):
             self.wfile.write(body[offset : offset + chunk])
             if repo.bytes_per_s:

@@ -54,7 +54,8 @@ class RemoteServer:
         self.log_path = data_dir / f"server-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 120) -> RemoteServer:
+    def start(self, timeout: float = 120, *, until: str = "ready") -> RemoteServer:
+        """Start it and wait until /health shows ``until`` ("error": a model that could not load)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLUXSERVE_")}
         env["HF_HUB_OFFLINE"] = "1"
         if self.api_key:
@@ -70,7 +71,7 @@ class RemoteServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if httpx.get(f"{self.url}/health", timeout=2).json().get("status") == "ready":
+                if httpx.get(f"{self.url}/health", timeout=2).json().get("status") == until:
                     return self
             except (httpx.HTTPError, ValueError):
                 pass

@@ -20,6 +20,7 @@ from .common import check_weights, pil_fallback_notice
 from .downloads import Downloads
 from .families import for_kind
 from .inventory import Part, folder_of, inventory, is_hub_id
+from .listing import listed
 from .loading import load_pipeline, pick_device, pipeline_class_name, warmup_requests
 from .lora import AdapterSlots, HotswapSlots
 from .memory import Entry, Pool, default_budgets, measured
@@ -100,7 +101,10 @@ class DiffusersEngine:
                 if not self._checked(model):
                     continue
                 extra = {"prompt_upsampler": model.upsampler} if model.upsampler else None
-                self._parts[key_of(model)] = inventory(model.weights, item_bytes, extra=extra)
+                parts = inventory(model.weights, item_bytes, extra=extra)
+                if parts is None and not extra and not self._local_files_only and is_hub_id(model.weights):
+                    parts = self._listed(model, item_bytes)
+                self._parts[key_of(model)] = parts
                 self._check_fits(model)
         for model in self._registry:
             if self._preload is None or model.name in self._preload:
@@ -127,6 +131,16 @@ class DiffusersEngine:
                 )
             log.warning("%s", self.missing[model.name])
             return False
+
+    @staticmethod
+    def _listed(model: ModelSpec, item_bytes: int) -> list[Part] | None:
+        """Sized from the hub's listing and headers before downloading; None when the hub cannot say (it is
+        then sized once downloaded, and a name too big for the budget is refused by its first job)."""
+        try:
+            return listed(model.weights, item_bytes)
+        except Exception as exc:  # an unreachable hub must not stop the start: the weights may come later
+            log.warning("could not size %s from the hub before downloading it: %s", model.weights, exc)
+            return None
 
     def _check_fits(self, model: ModelSpec) -> None:
         """A name whose pipeline can never be resident within the budget, even offloaded, stops the start."""
@@ -187,8 +201,8 @@ class DiffusersEngine:
 
     def _load(self, model: ModelSpec, key: LoadKey) -> Entry:
         parts = self._parts.get(key)
-        if parts is None and not self._local_files_only and is_hub_id(model.weights):
-            self._fetch(model)
+        if not self._local_files_only and is_hub_id(model.weights) and self._fetch(model):
+            # Sized again from the files now here (a listing's figures are the same by construction).
             extra = {"prompt_upsampler": model.upsampler} if model.upsampler else None
             parts = self._parts[key] = inventory(model.weights, 4 if self.device == "cpu" else 2, extra=extra)
         offload = "none" if self.device == "cpu" or self.speed.offload == "auto" else self.speed.offload
@@ -221,8 +235,9 @@ class DiffusersEngine:
             self._warm_up(model)
         return entry
 
-    def _fetch(self, model: ModelSpec) -> None:
-        """Download the weights now, the job's log following along."""
+    def _fetch(self, model: ModelSpec) -> bool:
+        """Download the weights not here yet, the job's log following along; whether anything was fetched."""
+        fetched = False
         for repo in [model.weights, *([model.upsampler] if is_hub_id(model.upsampler) else [])]:
             if folder_of(repo) is not None and inventory(repo, 2) is not None:
                 continue
@@ -230,6 +245,8 @@ class DiffusersEngine:
                 self.downloads.fetch(repo, lambda p: self.on_note(p.line(model.name)))
             except Exception as exc:
                 raise GenerationFailed(f"could not download {repo} for {model.name}: {exc}") from exc
+            fetched = True
+        return fetched
 
     def _names(self, key: object) -> list[str]:
         return [m.name for m in self._registry if key_of(m) == key]

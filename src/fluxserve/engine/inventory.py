@@ -12,14 +12,17 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # Floating tensors load in the pipeline's dtype; the others (fp8 scales, int indices) as they are stored.
 _FLOATING = ("F64", "F32", "F16", "BF16")
 _ITEM_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
 _SAMPLES, _SAMPLE_BYTES = 8, 4096
 _MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
+CONFIGS = ("config.json", "generation_config.json")  # part of a component's identity
 
 
 @dataclass(frozen=True)
@@ -53,14 +56,19 @@ def folder_of(weights: str) -> Path | None:
     return _cached_folder(weights) if is_hub_id(weights) else None
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    """The safetensors files from_pretrained reads in a component folder (sharded ones through their index)."""
-    for index in sorted(folder.glob("*.safetensors.index.json")):
-        if ".fp16." in index.name:  # a variant: from_pretrained only reads it when asked
+def weight_names(names: list[str], read_text: Callable[[str], str]) -> list[str]:
+    """The safetensors files from_pretrained reads among a component folder's file ``names`` (sharded ones
+    through their index, read with ``read_text``): the same rule for a local folder and a hub listing."""
+    for index in sorted(n for n in names if n.endswith(".safetensors.index.json")):
+        if ".fp16." in index:  # a variant: from_pretrained only reads it when asked
             continue
-        shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
-        return [folder / s for s in shards]
-    return sorted(p for p in folder.glob("*.safetensors") if p.name.count(".") == 1)
+        return sorted(set(json.loads(read_text(index)).get("weight_map", {}).values()))
+    return sorted(n for n in names if n.endswith(".safetensors") and n.count(".") == 1)
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    names = [p.name for p in folder.iterdir() if p.is_file()]
+    return [folder / n for n in weight_names(names, lambda n: (folder / n).read_text())]
 
 
 def _unfinished(folder: Path) -> bool:
@@ -69,24 +77,30 @@ def _unfinished(folder: Path) -> bool:
     return (folder / "config.json").is_file() and not weights
 
 
-def _header(path: Path) -> tuple[bytes, int]:
-    with path.open("rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        if length > _MAX_HEADER:
-            raise ValueError(f"{path}: not a safetensors file (header of {length} bytes)")
-        return f.read(length), 8 + length
+Reader = Callable[[int, int], bytes]  # (offset, size) -> those bytes of one file (fewer at its end)
 
 
-def _samples(path: Path, start: int, size: int) -> bytes:
+def header_of(read: Reader, where: str) -> tuple[bytes, int]:
+    """A safetensors file's JSON header and where its data starts."""
+    (length,) = struct.unpack("<Q", read(0, 8))
+    if length > _MAX_HEADER:
+        raise ValueError(f"{where}: not a safetensors file (header of {length} bytes)")
+    return read(8, length), 8 + length
+
+
+def samples_of(read: Reader, start: int, size: int) -> bytes:
+    """A few kilobytes spread over the data: two files with one header but other values differ here."""
     body = size - start
     if body <= 0:
         return b""
-    out = bytearray()
-    with path.open("rb") as f:
-        for i in range(_SAMPLES):
-            f.seek(start + body * i // _SAMPLES)
-            out += f.read(_SAMPLE_BYTES)
-    return bytes(out)
+    return b"".join(read(start + body * i // _SAMPLES, _SAMPLE_BYTES) for i in range(_SAMPLES))
+
+
+def identity(digest: Any, size: int, read: Reader, where: str, item_bytes: int) -> int:
+    """Feed one weight file's identity into ``digest``; its resident bytes at ``item_bytes`` per element."""
+    header, start = header_of(read, where)
+    digest.update(struct.pack("<Q", size) + header + samples_of(read, start, size))
+    return _tensor_bytes(header, item_bytes)
 
 
 def _tensor_bytes(header: bytes, item_bytes: int) -> int:
@@ -112,16 +126,24 @@ def component(name: str, folder: Path, item_bytes: int) -> Part | None:
     if not files:
         return None
     digest = hashlib.sha256()
-    for config in ("config.json", "generation_config.json"):
+    for config in CONFIGS:
         if (folder / config).is_file():
             digest.update((folder / config).read_bytes())
     nbytes = 0
     for path in files:
-        size = path.stat().st_size
-        header, start = _header(path)
-        digest.update(struct.pack("<Q", size) + header + _samples(path, start, size))
-        nbytes += _tensor_bytes(header, item_bytes)
+        with path.open("rb") as f:
+
+            def read(offset: int, size: int, f: Any = f) -> bytes:
+                f.seek(offset)
+                return bytes(f.read(size))
+
+            nbytes += identity(digest, path.stat().st_size, read, str(path), item_bytes)
     return Part(name=name, key=digest.hexdigest(), nbytes=nbytes)
+
+
+def classic_components(index: dict[str, Any]) -> list[str]:
+    """The components a model_index.json names with a class (not the ``_class_name`` and the like)."""
+    return [n for n, v in index.items() if not n.startswith("_") and isinstance(v, list) and v and v[0] is not None]
 
 
 def _component_folders(folder: Path) -> dict[str, Path]:
@@ -129,10 +151,7 @@ def _component_folders(folder: Path) -> dict[str, Path]:
     out: dict[str, Path] = {}
     classic = folder / "model_index.json"
     if classic.is_file():
-        for name, value in json.loads(classic.read_text()).items():
-            if not name.startswith("_") and isinstance(value, list) and value and value[0] is not None:
-                out[name] = folder / name
-        return out
+        return {name: folder / name for name in classic_components(json.loads(classic.read_text()))}
     modular = folder / "modular_model_index.json"
     if modular.is_file():
         for name, value in json.loads(modular.read_text()).items():
