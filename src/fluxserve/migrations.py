@@ -81,6 +81,10 @@ def _notes_admin_keys(conn: Connection) -> None:
     _add_missing_columns(conn, store.api_keys)  # admin
 
 
+def _warm_workers(conn: Connection) -> None:
+    _add_missing_columns(conn, store.workers)  # warm
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "jobs and api keys", _baseline),
     (2, "worker leases, job events, webhook outbox", _leases_events_outbox),
@@ -91,6 +95,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (7, "upstream routes, credits", _upstreams_credits),
     (8, "replicate files", _files),
     (9, "job notes, admin keys", _notes_admin_keys),
+    (10, "warm models per worker", _warm_workers),
 ]
 LATEST = MIGRATIONS[-1][0]
 

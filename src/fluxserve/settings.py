@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -48,7 +49,11 @@ def _default_data_dir() -> Path:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", populate_by_name=True)
+    # enable_decoding=False: list settings come from the environment as written in the docs, comma-separated
+    # (FLUXSERVE_MODELS=flux-dev,flux-schnell), not only as JSON; _split_lists reads both.
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="ignore", populate_by_name=True, enable_decoding=False
+    )
 
     data_dir: Path = Field(default_factory=_default_data_dir, description="SQLite file, outputs, demo model cache.")
     host: str = Field(default="127.0.0.1", description="Listen address.")
@@ -243,8 +248,10 @@ class Settings(BaseSettings):
 
     @field_validator("cors_origins", "warmup_sizes", "models", "preload", mode="before")
     @classmethod
-    def _split_origins(cls, v: Any) -> Any:
-        if isinstance(v, str) and not v.startswith("["):
+    def _split_lists(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.lstrip().startswith("["):
+            return json.loads(v)  # a JSON list, as pydantic-settings would decode it
+        if isinstance(v, str):
             return [o.strip() for o in v.split(",") if o.strip()]
         return v
 

@@ -323,3 +323,58 @@ def test_workers_take_only_their_models_and_a_second_sigterm_gives_the_job_back(
         finally:
             dev_only.stop()
             both.stop()
+
+
+def test_jobs_go_to_the_worker_that_has_their_model_warm(
+    tmp_path: Path, cluster_dirs: tuple[str, Path], demo_model_dir: Path
+) -> None:
+    """Two workers serve two names of different weights (demo names of one family share one pipeline), each
+    with one of them loaded: every job, whichever worker fetched it, runs
+    on the worker that has its model warm, and neither loads the other's model."""
+    db, storage = cluster_dirs
+    cheap = {"prompt": "warm", "megapixels": "0.25", "aspect_ratio": "1:1", "num_inference_steps": 2}
+    with api_node(tmp_path / "api", db, storage, KEY) as api:
+        workers = {
+            model: RemoteWorker(
+                tmp_path / model,
+                db,
+                storage,
+                demo_model_dir,
+                models="flux-dev,flux-2-klein-4b",
+                env={"FLUXSERVE_PRELOAD": model, "FLUXSERVE_MAX_MODEL_WAIT_S": "60"},
+            ).start()
+            for model in ("flux-dev", "flux-2-klein-4b")
+        }
+        try:
+            wait_for(
+                lambda: sql(db, "SELECT warm, current_job, state FROM fluxserve_workers"),
+                lambda rows: sorted(str(r[0]) for r in rows if r[1] is None) == ['["flux-2-klein-4b"]', '["flux-dev"]'],
+                timeout=120,
+            )
+            ran_on: dict[str, str] = {}
+            for i in range(8):
+                model = ("flux-dev", "flux-2-klein-4b")[i % 2]
+                made = httpx.post(
+                    f"{api.url}/v1/models/black-forest-labs/{model}/predictions",
+                    json={"input": cheap | {"seed": i}},
+                    headers=AUTH,
+                    timeout=30,
+                )
+                assert made.status_code == 201, made.text
+                job_id = made.json()["id"]
+                done = wait_for(
+                    lambda job_id=job_id: sql(db, "SELECT status, worker_id FROM jobs WHERE id = %s", job_id)[0],
+                    lambda r: r[0] in ("succeeded", "failed"),
+                    timeout=60,
+                )
+                assert done[0] == "succeeded", done
+                ran_on[f"{model}#{i}"] = next(m for m, w in workers.items() if f":{w.pid}:" in str(done[1]))
+            assert all(key.split("#")[0] == warm for key, warm in ran_on.items()), ran_on
+            # Each loaded only its preloaded model: a hand-off, never a second load.
+            warm = sql(db, "SELECT warm FROM fluxserve_workers ORDER BY warm")
+            assert [str(r[0]) for r in warm] == ['["flux-2-klein-4b"]', '["flux-dev"]'], warm
+            handed = sum(w.log().count("is warm on another worker") for w in workers.values())
+            print(f"{handed} of 8 jobs were fetched by the cold worker and handed to the warm one")
+        finally:
+            for w in workers.values():
+                w.stop()

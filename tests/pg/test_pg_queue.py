@@ -186,12 +186,47 @@ def test_the_sweep_gives_back_a_dead_workers_jobs_and_redefers_orphans(jobs: Job
     claimed = jobs.claim_id(dead.id, "gone")
     assert claimed is not None
     # While our lease holds, the sweep leaves the job alone; once it expired, the job and its entry go back.
-    assert queue.sweep(stalled_s=1) == {"retried": 0, "closed": 0, "redeferred": 1}
+    assert queue.sweep(stalled_s=1) == {"retried": 0, "closed": 0, "redeferred": 1, "unwarmed": 0}
     assert _pc(jobs, dead.id)[0] == "doing"
     jobs.expire(now=time.time() + 60)
-    assert queue.sweep(stalled_s=1) == {"retried": 1, "closed": 0, "redeferred": 0}
+    assert queue.sweep(stalled_s=1) == {"retried": 1, "closed": 0, "redeferred": 0, "unwarmed": 0}
     assert _pc(jobs, dead.id)[0] == "todo" and _pc(jobs, orphan.id)[0] == "todo"
     assert jobs.store.get_job(dead.id).status is Status.QUEUED  # type: ignore[union-attr]
+
+
+def test_a_job_handed_to_a_warm_worker_goes_back_past_the_wait_bound_or_when_it_stops(jobs: JobService) -> None:
+    queue = PgQueue(jobs.store)
+    young, old, orphaned = _submit(jobs), _submit(jobs), _submit(jobs)
+    now = time.time()
+    with jobs.store.transaction() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO fluxserve_workers (id, host, pid, device, models, warm, state, started_at, last_seen) "
+                "VALUES ('w-alive', 'h', 1, 'cpu', '[\"flux-dev\"]', '[\"flux-dev\"]', 'ready', :t, :t)"
+            ),
+            {"t": now},
+        )
+        for job, target, age in ((young, "w-alive", 0), (old, "w-alive", 120), (orphaned, "w-gone", 0)):
+            conn.execute(text("UPDATE jobs SET created_at = :c WHERE id = :id"), {"c": now - age, "id": job.id})
+            conn.execute(
+                text(
+                    "UPDATE procrastinate_jobs p SET queue_name = :q FROM jobs j "
+                    "WHERE j.pc_job_id = p.id AND j.id = :id"
+                ),
+                {"q": f"warm:{target}", "id": job.id},
+            )
+    assert queue.warm_elsewhere("flux-dev", "w-other", fresh_s=5) == "w-alive"
+    assert queue.warm_elsewhere("flux-dev", "w-alive", fresh_s=5) is None  # not to itself
+    assert queue.warm_elsewhere("flux-schnell", "w-other", fresh_s=5) is None
+    assert queue_depths_now(jobs) == {"flux-dev": 3}  # handed off, still counted for their model
+    assert queue.sweep(stalled_s=5, model_wait_s=60)["unwarmed"] == 2
+    assert _pc(jobs, young.id)[1] == "warm:w-alive"  # within the bound, its warm worker alive: stays
+    assert _pc(jobs, old.id)[1] == "model:flux-dev" and _pc(jobs, orphaned.id)[1] == "model:flux-dev"
+
+
+def queue_depths_now(jobs: JobService) -> dict[str, int]:
+    with jobs.store.transaction() as conn:
+        return queue_depths(conn)
 
 
 def test_every_node_on_a_database_gets_the_same_secret(pg_url: str) -> None:

@@ -62,3 +62,16 @@ def test_a_bad_flag_value_is_refused_naming_it() -> None:
     result = runner.invoke(app, ["serve", "--offload", "sideways"])
     assert result.exit_code == 2
     assert "offload" in result.output
+
+
+def test_list_settings_read_from_the_environment_as_the_docs_write_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Comma-separated, as the reference shows (pydantic-settings alone wants JSON and fails with a traceback).
+    monkeypatch.setenv("FLUXSERVE_MODELS", "flux-dev, flux-schnell")
+    monkeypatch.setenv("FLUXSERVE_PRELOAD", "flux-dev")
+    monkeypatch.setenv("FLUXSERVE_CORS_ORIGINS", '["https://a.example", "https://b.example"]')  # JSON too
+    settings = Settings()
+    assert settings.models == ["flux-dev", "flux-schnell"] and settings.preload == ["flux-dev"]
+    assert settings.cors_origins == ["https://a.example", "https://b.example"]
+    monkeypatch.setenv("FLUXSERVE_MODELS", "[not json")
+    result = runner.invoke(app, ["serve", "--port", "1"])
+    assert result.exit_code == 2 and "models" in result.output and "Traceback" not in result.output, result.output

@@ -244,6 +244,7 @@ def test_migrations_are_numbered_idempotent_and_upgrade_an_old_database(tmp_path
         "7: upstream routes, credits",
         "8: replicate files",
         "9: job notes, admin keys",
+        "10: warm models per worker",
     ]
     assert upgrade(store.engine) == []
     assert current_version(store.engine) == LATEST

@@ -36,7 +36,9 @@ def build(settings: Settings, jobs: JobService) -> Queue:
         from .base import Timing
         from .pg import PgQueue
 
-        queue = PgQueue(jobs.store, jobs, Timing(settings.lease_s, settings.shutdown_grace_s))
+        queue = PgQueue(
+            jobs.store, jobs, Timing(settings.lease_s, settings.shutdown_grace_s, settings.max_model_wait_s)
+        )
     else:
         from .local import LocalQueue
 

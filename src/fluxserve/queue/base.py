@@ -90,6 +90,7 @@ class Timing:
 
     lease_s: float
     grace_s: float  # SIGTERM: how long the running job may take to finish
+    model_wait_s: float = 30.0  # the longest a job waits for a worker that has its model warm
 
     @property
     def heartbeat_s(self) -> float:

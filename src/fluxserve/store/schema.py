@@ -145,6 +145,7 @@ workers = Table(
     Column("state", String(16), nullable=False),
     Column("error", Text),
     Column("current_job", String(32)),
+    Column("warm", Text),  # JSON list: the names resident on its device now (jobs for them go to it first)
     Column("started_at", Float, nullable=False),
     Column("last_seen", Float, nullable=False),
 )

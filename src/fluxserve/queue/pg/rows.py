@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +21,7 @@ from sqlalchemy import func, select, text, update
 from sqlalchemy.engine import Connection
 
 from ...job import Job, Status
-from ...store import Store, application_name, jobs
+from ...store import Store, application_name, jobs, workers
 
 if TYPE_CHECKING:
     from ...jobs import JobService
@@ -52,6 +53,11 @@ def libpq_url(url: str, role: str | None = None) -> str:
 def queue_name(model: str, route: str | None = None) -> str:
     """A local model's queue, or an upstream's (every name it runs shares it)."""
     return f"upstream:{route}" if route else f"model:{model}"
+
+
+def warm_queue(worker_id: str) -> str:
+    """A device worker's own queue: jobs handed to it because it has their model loaded (runner.HandOff)."""
+    return f"warm:{worker_id}"
 
 
 def _app(url: str) -> Any:
@@ -185,15 +191,57 @@ class PgRows:
             )
         # processing: the job's lease decides (it ends, or it expires and is re-queued)
 
+    # -- warm first: a job goes to a free worker that has its model loaded ---------
+
+    def warm_elsewhere(self, model: str, me: str, fresh_s: float) -> str | None:
+        """Another worker with ``model`` resident and no job running, as its last beat (within ``fresh_s``)
+        said; None when there is none."""
+        with self.store.transaction() as conn:
+            rows = conn.execute(
+                select(workers.c.id, workers.c.warm).where(
+                    workers.c.id != me,
+                    workers.c.state == "ready",
+                    workers.c.current_job.is_(None),
+                    workers.c.last_seen > time.time() - fresh_s,
+                )
+            ).all()
+        return next((str(r.id) for r in rows if model in json.loads(r.warm or "[]")), None)
+
+    def notify(self, queue: str) -> None:
+        """Wake the workers of ``queue`` (LISTEN): procrastinate notifies on insert, not on retry."""
+        payload = json.dumps({"type": "job_inserted"})
+        with self.store.transaction() as conn:
+            conn.execute(select(func.pg_notify(f"procrastinate_queue_v1#{queue}", payload)))
+
+    def _unwarm(self, conn: Connection, model_wait_s: float, stalled_s: float) -> int:
+        """Handed-off jobs go back to their model's queue once they waited ``model_wait_s`` in all, or when
+        the worker they were handed to stopped beating: the warm-first preference never holds a job longer."""
+        now = time.time()
+        moved = conn.execute(
+            text(
+                "UPDATE procrastinate_jobs p SET queue_name = 'model:' || j.model FROM jobs j "
+                "WHERE j.pc_job_id = p.id AND p.status = 'todo' AND p.queue_name LIKE 'warm:%' "
+                "AND (j.created_at < :cutoff OR NOT EXISTS (SELECT 1 FROM fluxserve_workers w "
+                "WHERE 'warm:' || w.id = p.queue_name AND w.last_seen > :alive)) RETURNING p.id, p.queue_name"
+            ),
+            {"cutoff": now - model_wait_s, "alive": now - stalled_s},
+        ).all()
+        for row in moved:
+            payload = json.dumps({"type": "job_inserted", "job_id": row.id})
+            conn.execute(select(func.pg_notify(f"procrastinate_queue_v1#{row.queue_name}", payload)))
+        return len(moved)
+
     # -- the stall sweep (any node; one at a time) -------------------------------
 
-    def sweep(self, stalled_s: float) -> dict[str, int]:
-        """Queue rows of workers whose heartbeat stopped go back to do (or end, where our job ended), and a
-        queued job whose queue row is gone gets a new one. Our rows' leases were expired first (JobService)."""
-        counts = {"retried": 0, "closed": 0, "redeferred": 0}
+    def sweep(self, stalled_s: float, model_wait_s: float = 30.0) -> dict[str, int]:
+        """Queue rows of workers whose heartbeat stopped go back to do (or end, where our job ended), a
+        queued job whose queue row is gone gets a new one, and a job handed to a warm worker goes back to its
+        model's queue past the wait bound. Our rows' leases were expired first (JobService)."""
+        counts = {"retried": 0, "closed": 0, "redeferred": 0, "unwarmed": 0}
         with self.store.transaction() as conn:
             if not conn.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": SWEEP_LOCK}).scalar():
                 return counts
+            counts["unwarmed"] = self._unwarm(conn, model_wait_s, stalled_s)
             # procrastinate's select_stalled_jobs_by_heartbeat, joined to our rows, locked.
             stalled = conn.execute(
                 text(
@@ -223,8 +271,10 @@ class PgRows:
             for row in orphans:
                 self.hooks.defer(conn, row.id, row.model, int(row.priority or 0), row.route)
                 counts["redeferred"] += 1
-        if any(counts.values()):
+        if any(n for k, n in counts.items() if k != "unwarmed"):
             log.warning("queue sweep: %s", counts)
+        elif counts["unwarmed"]:  # the preference's bound at work: normal, not a fault
+            log.info("queue sweep: %d handed-off job(s) back to their model's queue", counts["unwarmed"])
         return counts
 
 
@@ -234,13 +284,18 @@ def models_of(workers: Sequence[Any]) -> list[str]:
 
 
 def worker_queues(worker: Any) -> list[str]:
-    """The queues one worker fetches from: its models' (a device), or its upstream's."""
-    return [queue_name("", worker.route)] if worker.route else [queue_name(m) for m in worker.models()]
+    """The queues one worker fetches from: its own and its models' (a device), or its upstream's."""
+    if worker.route:
+        return [queue_name("", worker.route)]
+    return [warm_queue(worker.worker_id), *(queue_name(m) for m in worker.models())]
 
 
 def queue_depths(conn: Connection) -> dict[str, int]:
-    """Queued jobs per model, as the queues hold them."""
+    """Queued jobs per model, as the queues hold them (a job handed to a warm worker counts for its model)."""
     rows = conn.execute(
-        text("SELECT queue_name, count(*) FROM procrastinate_jobs WHERE status = 'todo' GROUP BY queue_name")
+        text(
+            "SELECT CASE WHEN p.queue_name LIKE 'warm:%' THEN 'model:' || j.model ELSE p.queue_name END, count(*) "
+            "FROM procrastinate_jobs p LEFT JOIN jobs j ON j.pc_job_id = p.id WHERE p.status = 'todo' GROUP BY 1"
+        )
     ).all()
-    return {name.removeprefix("model:"): int(n) for name, n in rows if name.startswith("model:")}
+    return {name.removeprefix("model:"): int(n) for name, n in rows if name and name.startswith("model:")}

@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +31,7 @@ from ...job import Status
 from ...jobs import JobService
 from ...store import Store, workers
 from ..base import Timing, Worker
-from .rows import TASK, PgRows, libpq_url, worker_queues
+from .rows import TASK, PgRows, libpq_url, warm_queue, worker_queues
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,29 @@ class Requeue(Exception):
     """The job went back to the queue (clean shutdown, or its lease was taken): its queue row too."""
 
 
+class HandOff(Exception):
+    """A job for a model this worker has not loaded, while another worker that has it runs nothing: its queue
+    row goes to that worker's own queue (rows.warm_queue) instead of this worker loading the model."""
+
+    def __init__(self, queue: str) -> None:
+        super().__init__(queue)
+        self.queue = queue
+
+
+def hand_off_to(job: Any, device: Worker, rows: WorkerRows, queue: PgRows, fetched_from: str) -> str | None:
+    """Where a fetched job should run instead of here (a warm worker's queue), or None: run it here.
+
+    Here when its model is loaded here, when it already waited ``max_model_wait_s`` (the preference never
+    holds a job longer), when it was handed to this worker, or when no free worker has it warm."""
+    model = job.spec.model
+    if job.route is not None or model in device.loaded_models() or fetched_from == warm_queue(device.worker_id):
+        return None
+    if time.time() - job.created_at >= getattr(device, "max_model_wait_s", 0.0):
+        return None
+    target = queue.warm_elsewhere(model, device.worker_id, rows.fresh_s)
+    return warm_queue(target) if target else None
+
+
 def worker_app(url: str) -> Any:
     """A procrastinate App with our task, for running workers (opened async; sync calls use pg.PgRows's)."""
     import procrastinate
@@ -54,6 +78,8 @@ def worker_app(url: str) -> Any:
 
     class RequeueAtOnce(BaseRetryStrategy):
         def get_retry_decision(self, *, exception: BaseException, job: Any) -> RetryDecision | None:
+            if isinstance(exception, HandOff):
+                return RetryDecision(retry_in={"seconds": 0}, queue=exception.queue)
             return RetryDecision(retry_in={"seconds": 0}) if isinstance(exception, Requeue) else None
 
     app = procrastinate.App(
@@ -63,13 +89,26 @@ def worker_app(url: str) -> Any:
     def generate(context: JobContext, job_id: str) -> None:
         device: Worker = context.additional_context["device_worker"]
         queue: PgRows = context.additional_context["queue"]
+        rows: WorkerRows = context.additional_context["rows"]
+        job = queue.store.get_job(job_id)
+        if job is not None and job.status is Status.QUEUED:
+            target = hand_off_to(job, device, rows, queue, str(context.job.queue))
+            if target is not None:
+                log.info("job %s: %s is warm on another worker: handed to %s", job_id, job.spec.model, target)
+                # procrastinate's retry commits just after the task returns and notifies nobody: wake the target.
+                threading.Timer(0.2, queue.notify, args=(target,)).start()
+                raise HandOff(target)
 
         def abort() -> str | None:
             if not context.should_abort():
                 return None
             return "shutdown" if context.abort_reason() == AbortReason.SHUTDOWN else "user"
 
-        batch = device.run_claimed(job_id, queue.member_lock(context.job.worker_id), abort)
+        rows.beat_one(device, job_id)  # busy now: no hand-offs to this worker meanwhile
+        try:
+            batch = device.run_claimed(job_id, queue.member_lock(context.job.worker_id), abort)
+        finally:
+            rows.beat_one(device, None)  # free again, and what it has loaded now
         queue.settle([j.id for j in batch[1:]])
         lead = queue.store.get_job(job_id)
         if lead is not None and lead.status is Status.QUEUED:
@@ -84,28 +123,38 @@ def worker_app(url: str) -> Any:
 class WorkerRows:
     """This process's rows in fluxserve_workers: what /health on every node shows."""
 
-    def __init__(self, store: Store, devices: Sequence[Worker], models: list[str]) -> None:
+    def __init__(self, store: Store, devices: Sequence[Worker], models: list[str], timing: Timing) -> None:
         self.store = store
         self.devices = devices
         self.models = models
         self.started = time.time()
+        self.fresh_s = timing.lease_s  # a row older than that is a worker that stopped beating
 
     def beat(self) -> None:
-        now = time.time()
         with self.store.transaction() as conn:
             for d in self.devices:
-                row = {
-                    "host": socket.gethostname(),
-                    "pid": os.getpid(),
-                    "device": d.device,
-                    "models": json.dumps(d.loaded_models() or self.models),
-                    "state": d.state,
-                    "error": d.load_error,
-                    "current_job": d.current_job,
-                    "last_seen": now,
-                }
-                stmt = pg_insert(workers).values(id=d.worker_id, started_at=self.started, **row)
-                conn.execute(stmt.on_conflict_do_update(index_elements=[workers.c.id], set_=row))
+                self._upsert(conn, d, d.current_job)
+
+    def beat_one(self, device: Worker, current_job: str | None) -> None:
+        """Its row now, not at the next beat: a job started or ended (hand-offs read it)."""
+        with contextlib.suppress(StoreUnavailable), self.store.transaction() as conn:
+            self._upsert(conn, device, current_job)
+
+    def _upsert(self, conn: Any, d: Worker, current_job: str | None) -> None:
+        warm = d.loaded_models()
+        row = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "device": d.device,
+            "models": json.dumps(warm or self.models),
+            "warm": json.dumps(warm),
+            "state": d.state,
+            "error": d.load_error,
+            "current_job": current_job,
+            "last_seen": time.time(),
+        }
+        stmt = pg_insert(workers).values(id=d.worker_id, started_at=self.started, **row)
+        conn.execute(stmt.on_conflict_do_update(index_elements=[workers.c.id], set_=row))
 
     def leave(self) -> None:
         with self.store.transaction() as conn:
@@ -120,7 +169,7 @@ async def sweep_forever(jobs: JobService, queue: PgRows, timing: Timing) -> None
         try:
             await asyncio.to_thread(jobs.expire)
             await asyncio.to_thread(jobs.spill)
-            await asyncio.to_thread(queue.sweep, timing.lease_s)
+            await asyncio.to_thread(queue.sweep, timing.lease_s, timing.model_wait_s)
         except StoreUnavailable as exc:
             log.warning("queue sweep skipped: %s", exc.message)
         except Exception:  # the sweeper outlives any one bad row
@@ -146,7 +195,7 @@ async def run_devices(
         asyncio.get_running_loop().set_default_executor(
             ThreadPoolExecutor(max_workers=slots + 8, thread_name_prefix="fluxserve-task")
         )
-    rows = WorkerRows(jobs.store, devices, models)
+    rows = WorkerRows(jobs.store, devices, models, timing)
     beats = asyncio.create_task(_beat_forever(rows, timing))  # "loading" shows on /health meanwhile
     loaded = await asyncio.gather(*(asyncio.to_thread(d.load) for d in devices))
     with contextlib.suppress(StoreUnavailable):  # ready (or failed) shows now, not at the next beat
@@ -175,7 +224,7 @@ async def run_devices(
                         fetch_job_polling_interval=max(1.0, timing.lease_s / 4),
                         abort_job_polling_interval=1.0,
                         shutdown_graceful_timeout=timing.grace_s,
-                        additional_context={"device_worker": d, "queue": queue},
+                        additional_context={"device_worker": d, "queue": queue, "rows": rows},
                     )
                 )
                 for d in ready
