@@ -69,9 +69,18 @@ tv_install=$!
 .venv/bin/python -m pytest -n 2 --dist loadfile -m "not torchvision and not slow" --cov=fluxserve --cov-report= \
   --durations=30
 wait "$tv_install" || { cat .venv-tv.log; exit 1; }
-# Coverage of both venvs' runs is counted together.
-.venv-tv/bin/python -m pytest -m "torchvision and not slow" --cov=fluxserve --cov-append --cov-report=term --cov-fail-under=85
-# The dialects once more, on PostgreSQL + procrastinate instead of SQLite.
+# Coverage of both venvs' runs is counted together. The dialects run once more on PostgreSQL + procrastinate
+# instead of SQLite beside the torchvision round (mostly waits on the database while torch computes): their log
+# is printed after it.
 .venv/bin/python -m pytest -n 2 --dist loadfile --on-postgres tests/api/test_api.py tests/api/test_replicate_api.py \
   tests/api/test_bfl_api.py tests/api/test_api_images.py tests/api/test_api_bad_input.py \
-  tests/api/test_batching.py tests/api/test_flux2_api.py tests/api/test_relay_surface.py
+  tests/api/test_batching.py tests/api/test_flux2_api.py tests/api/test_relay_surface.py > .pg-round.log 2>&1 &
+pg_round=$!
+tv_status=0
+.venv-tv/bin/python -m pytest -m "torchvision and not slow" --cov=fluxserve --cov-append --cov-report=term \
+  --cov-fail-under=85 || tv_status=$?
+pg_status=0
+wait "$pg_round" || pg_status=$?
+echo "--- the dialects on PostgreSQL ---"
+cat .pg-round.log
+[ "$tv_status" -eq 0 ] && [ "$pg_status" -eq 0 ]
