@@ -202,6 +202,30 @@ def test_openai_upstream_edits_send_every_reference() -> None:
     assert seen[0].url.path == "/v1/images/edits" and seen[0].content.count(b'name="image[]"') == 3
 
 
+@pytest.mark.parametrize("base_url", ["https://up.example", "https://up.example/v1", "https://up.example/v1/"])
+def test_openai_upstream_forwards_seed_steps_guidance_and_reports_the_seed_used(base_url: str) -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"data": [{"b64_json": "aGk=", "seed": 77}, {"b64_json": "aG8="}]})
+
+    client = httpx.Client(transport=httpx.MockTransport(handler), timeout=httpx.Timeout(60.0, connect=10.0))
+    config = parse_upstreams({"u": {"kind": "openai", "base_url": base_url}}, "t")["u"]
+    spec = ModelRegistry.default().get("flux-dev").make_spec(prompt="p", width=512, height=512, seed=5, steps=9)
+    done = OpenAI(config).submit(client, spec, "flux-dev", Inputs([]), None)
+    assert seen[0].url.path == "/v1/images/generations"  # never /v1/v1
+    sent = json.loads(seen[0].content)
+    assert (sent["seed"], sent["steps"], sent["guidance"]) == (5, 9, spec.guidance)
+    assert done.seeds == [77, None]  # what the upstream says it used, where it says
+    assert seen[0].extensions["timeout"]["read"] == 60.0  # the client's default when no wait is given
+    # OpenAI's own models refuse unknown parameters: none are sent to them. A generation may take as long as
+    # the job may still wait (a fixed minute lost answers the provider had billed).
+    OpenAI(config).submit(client, spec, "gpt-image-1", Inputs([]), None, wait_s=540.0)
+    assert not {"seed", "steps", "guidance"} & set(json.loads(seen[1].content))
+    assert seen[1].extensions["timeout"]["read"] == 540.0 and seen[1].extensions["timeout"]["connect"] == 10.0
+
+
 def test_health_cools_down_after_consecutive_failures() -> None:
     health = Health(unhealthy_after=2, cooldown_s=60)
     health.failed()
@@ -318,3 +342,14 @@ def test_an_upstream_without_its_key_fails_its_jobs_clearly_never_leaves_them_qu
         assert got.status_code == 500 and "bfl is not usable" in got.json()["error"]["message"]
         local = client.post("/v1/images/generations", json={"model": "flux-schnell", "prompt": "p"}, headers=AUTH)
         assert local.status_code == 200  # the device worker serves the local names meanwhile
+
+
+def test_an_upstream_call_waits_as_long_as_the_job_may_still_wait() -> None:
+    import time
+
+    from fluxserve.upstream.worker import wait_s
+
+    later = time.monotonic() + 600
+    assert 599 < wait_s(SimpleNamespace(deadline=None), later) <= 600  # type: ignore[arg-type]
+    assert 29 < wait_s(SimpleNamespace(deadline=time.time() + 30), later) <= 30  # type: ignore[arg-type]
+    assert wait_s(SimpleNamespace(deadline=time.time() - 5), later) == 1.0  # type: ignore[arg-type]

@@ -77,6 +77,8 @@ class Done:
 
     urls: list[str] = field(default_factory=list)
     blobs: list[bytes] = field(default_factory=list)
+    # The seed the provider says it used for each image (blobs first, then urls); None where it does not say.
+    seeds: list[int | None] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -151,16 +153,17 @@ class Provider:
         return default
 
     def submit(
-        self, client: httpx.Client, spec: GenerationSpec, model: str, inputs: Inputs, key: str | None, **kw: str
+        self, client: httpx.Client, spec: GenerationSpec, model: str, inputs: Inputs, key: str | None, **kw: Any
     ) -> Any:
-        """``idempotency_key``: sent as Idempotency-Key (a fluxserve upstream replays the first answer)."""
+        """``idempotency_key``: sent as Idempotency-Key (a fluxserve upstream replays the first answer).
+        ``wait_s``: how long the job may still wait, for a provider that answers with the images themselves."""
         raise NotImplementedError
 
     def images_per_task(self, spec: GenerationSpec, model: str) -> int:
         """How many of a job's images one task makes (BFL: one; the rest take a count)."""
         return spec.num_images
 
-    def submit_headers(self, key: str | None, kw: dict[str, str]) -> dict[str, str]:
+    def submit_headers(self, key: str | None, kw: dict[str, Any]) -> dict[str, str]:
         extra = {"Idempotency-Key": kw["idempotency_key"]} if kw.get("idempotency_key") else {}
         return self.headers(key) | extra
 

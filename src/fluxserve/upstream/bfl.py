@@ -22,7 +22,7 @@ class BFL(Provider):
         return {"x-key": key} if key else {}
 
     def submit(
-        self, client: httpx.Client, spec: GenerationSpec, model: str, inputs: Inputs, key: str | None, **kw: str
+        self, client: httpx.Client, spec: GenerationSpec, model: str, inputs: Inputs, key: str | None, **kw: Any
     ) -> Task:
         body: dict[str, Any] = {
             "prompt": spec.prompt,

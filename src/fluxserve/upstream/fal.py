@@ -17,7 +17,7 @@ class Fal(Provider):
         return {"Authorization": f"Key {key}"} if key else {}
 
     def submit(
-        self, client: httpx.Client, spec: GenerationSpec, model: str, inputs: Inputs, key: str | None, **kw: str
+        self, client: httpx.Client, spec: GenerationSpec, model: str, inputs: Inputs, key: str | None, **kw: Any
     ) -> Task:
         path = model if model.startswith("fal-ai/") else f"fal-ai/{model}"
         body: dict[str, Any] = {

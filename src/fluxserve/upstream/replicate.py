@@ -56,7 +56,7 @@ class Replicate(Provider):
         return body
 
     def submit(
-        self, client: httpx.Client, spec: GenerationSpec, model: str, inputs: Inputs, key: str | None, **kw: str
+        self, client: httpx.Client, spec: GenerationSpec, model: str, inputs: Inputs, key: str | None, **kw: Any
     ) -> Task:
         url = f"{self.config.base_url}/v1/models/{self.model_path(model)}/predictions"
         answer = call(

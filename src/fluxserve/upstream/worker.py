@@ -229,7 +229,13 @@ class UpstreamWorker(LeasedWorker):
         for attempt in range(self.config.retries + 1):
             try:
                 answer: Task | Done = self.provider.submit(
-                    self._client, spec, model, inputs, key, idempotency_key=f"{job.id}-{index}"
+                    self._client,
+                    spec,
+                    model,
+                    inputs,
+                    key,
+                    idempotency_key=f"{job.id}-{index}",
+                    wait_s=wait_s(job, deadline),
                 )
                 break
             except MALFORMED as exc:  # it answered, so it may have started a task: never sent again
@@ -348,10 +354,15 @@ class UpstreamWorker(LeasedWorker):
         return bytes(body)
 
     def _save(self, job: Job, results: list[Done]) -> list[Output]:
-        blobs = [b for done in results for b in done.blobs] + [self._fetch(u) for done in results for u in done.urls]
+        got: list[tuple[bytes, int | None]] = []
+        for done in results:
+            said = [*done.seeds, *[None] * (len(done.blobs) + len(done.urls))]
+            got += [(b, said[i]) for i, b in enumerate(done.blobs)]
+            got += [(self._fetch(u), said[len(done.blobs) + i]) for i, u in enumerate(done.urls)]
         spec = job.spec
         outputs = []
-        for i, (blob, seed) in enumerate(zip(blobs[: spec.num_images], spec.image_seeds(), strict=False)):
+        for i, ((blob, used), asked) in enumerate(zip(got[: spec.num_images], spec.image_seeds(), strict=False)):
+            seed = asked if used is None else used  # the seed the provider used, where it says
             image = decode_image(blob, param="upstream result")
             meta: dict[str, object] = {"prompt": spec.prompt, "seed": seed, "model": spec.model}
             meta["upstream"] = self.config.name
@@ -367,6 +378,14 @@ class UpstreamWorker(LeasedWorker):
     def _end(self, job: Job, outcome: Callable[[Job], bool]) -> None:
         if not self._store(outcome, job):
             log.warning("job %s: result not recorded, the claim was taken from worker %s", job.id, self.worker_id)
+
+
+def wait_s(job: Job, deadline: float) -> float:
+    """Seconds the job may still wait for its upstream: its timeout_s left, and its Cancel-After."""
+    left = deadline - time.monotonic()
+    if job.deadline is not None:
+        left = min(left, job.deadline - time.time())
+    return max(1.0, left)
 
 
 def _encoded(image: Image.Image, spec: GenerationSpec, meta: dict[str, object]) -> bytes:
