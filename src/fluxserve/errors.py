@@ -89,6 +89,13 @@ class GenerationFailed(FluxServeError):
     code = "generation_failed"
 
 
+class UpstreamFailed(GenerationFailed):
+    """The provider behind this server could not serve the job (its account, its setup): a 502, not the
+    client's fault."""
+
+    code = "upstream_account_error"
+
+
 class OutOfMemory(GenerationFailed):
     """The device ran out of memory for this call; smaller calls may still fit."""
 

@@ -21,7 +21,7 @@ from fluxserve.migrations import open_store
 from fluxserve.models import ModelRegistry
 from fluxserve.models.upstreams import parse_upstreams
 from fluxserve.store.credits import hold
-from fluxserve.upstream.base import Inputs, Rejected, Unavailable, call
+from fluxserve.upstream.base import AccountError, Inputs, Rejected, Unavailable, call
 from fluxserve.upstream.bfl import BFL
 from fluxserve.upstream.fal import Fal
 from fluxserve.upstream.health import Health
@@ -170,6 +170,12 @@ def test_failure_mapping_from_status_codes() -> None:
         call(answer(400, {"error": {"message": "Prompt is not allowed"}}), "GET", "https://x/")
     with pytest.raises(Rejected, match="Invalid input"):
         call(answer(422, {"detail": "Invalid input"}), "GET", "https://x/")
+    for status in (401, 402, 403):  # our key or account: the operator's problem, a 502 to the client
+        with pytest.raises(AccountError, match=f"HTTP {status}: no"):
+            call(answer(status, {"detail": "no"}), "GET", "https://x/")
+    with pytest.raises(Rejected) as missing:
+        call(answer(404, {"detail": "Not Found"}), "GET", "https://x/")
+    assert missing.value.status == 404  # on a submit, the worker reads it as an unknown model
     for status in (429, 500, 503):
         with pytest.raises(Unavailable) as info:
             call(answer(status, {}), "GET", "https://x/")

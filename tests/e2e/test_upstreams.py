@@ -55,6 +55,17 @@ kind = "fal"
 base_url = "{b}"
 api_key_env = "B_KEY"
 {common}
+[upstreams.typo]
+kind = "bfl"
+base_url = "{b}"
+api_key_env = "B_KEY"
+{common}
+[upstreams.badkey]
+kind = "openai"
+base_url = "{b}/v1"
+api_key_env = "WRONG_KEY"
+idempotent = true
+{common}
 [upstreams.dead]
 kind = "bfl"
 base_url = "{dead}"
@@ -81,9 +92,13 @@ upstream = "bfal"
 upstream_model = "fal-ai/flux-2-flex"
 
 [models.flux-pro-typo]
-upstream = "bfl"
+upstream = "typo"
 upstream_model = "no-such-endpoint"
 price = 0.04
+
+[models.flux-2-klein-9b]
+upstream = "badkey"
+fallback = ["oai"]
 
 [models.flux-2-max]
 upstream = "dead"
@@ -112,7 +127,7 @@ def start_a(data: Path, demo: Path, b: RemoteServer, fal_base: str, **kw: Any) -
     data.mkdir(parents=True, exist_ok=True)
     path = data / "upstreams.toml"
     path.write_text(config(b.url, fal_base))
-    env = {"B_KEY": B_KEY, "FAL_KEY": FAL_KEY, **LEASE, **kw.pop("env", {})}
+    env = {"B_KEY": B_KEY, "FAL_KEY": FAL_KEY, "WRONG_KEY": "fs-not-a-key-of-b", **LEASE, **kw.pop("env", {})}
     return RemoteServer(
         data, api_key=A_KEY, demo_model=demo, env=env, extra_args=("--upstream-config", str(path)), **kw
     ).start()
@@ -222,13 +237,33 @@ def test_fluxserve_b_as_a_fal_upstream(a: RemoteServer, b: RemoteServer) -> None
     assert b_jobs(b)[-1][1:] == ("fal", "flux-2-flex")
 
 
-def test_upstream_400_fails_the_job_with_its_message_once(a: RemoteServer, b: RemoteServer) -> None:
+def _upstream_health(a: RemoteServer) -> dict[str, dict[str, Any]]:
+    workers = httpx.get(f"{a.url}/health").json()["engine"]["workers"]
+    return {w["upstream"]["name"]: w["upstream"] for w in workers if "upstream" in w}
+
+
+def test_a_model_the_provider_does_not_know_is_a_provider_problem_asked_once(a: RemoteServer, b: RemoteServer) -> None:
     before = b.log().count("POST unmatched 404")
     got = typo_request(a, A_KEY)
-    assert got.status_code == 400, got.text  # B's 404, passed on as a client error in OpenAI's shape
+    # B's 404 for the model: the operator's route is wrong, not the client's request (a 502, not a 400).
+    assert got.status_code == 502, got.text
     err = got.json()["error"]
-    assert err["code"] == "upstream_rejected" and err["message"] == "The upstream bfl refused the request: Not Found"
+    assert err["code"] == "upstream_account_error" and err["type"] == "server_error", err
+    assert "The upstream typo could not serve it" in err["message"] and "'no-such-endpoint'" in err["message"]
     assert b.log().count("POST unmatched 404") - before == 1  # asked once, not retried
+    assert _upstream_health(a)["typo"]["healthy"] is False  # at once, not after unhealthy_after failures
+
+
+def test_a_refused_key_marks_the_upstream_unhealthy_and_fails_over(a: RemoteServer, b: RemoteServer) -> None:
+    made = httpx.post(
+        f"{a.url}/v1/images/generations",
+        json={"model": "flux-2-klein-9b", "prompt": "a key B does not know", "size": "256x256"},
+        headers=auth(),
+        timeout=90,
+    )
+    assert made.status_code == 200, made.text  # B's 401 to badkey, then the fallback oai served it
+    assert _upstream_health(a)["badkey"]["healthy"] is False and _upstream_health(a)["oai"]["healthy"] is True
+    assert 'fluxserve_upstream_healthy{upstream="badkey"} 0.0' in httpx.get(f"{a.url}/metrics").text
 
 
 def typo_request(a: RemoteServer, key: str) -> httpx.Response:
@@ -259,7 +294,7 @@ def test_credits_pay_for_one_image_then_402(tmp_path: Path, demo_model_dir: Path
     try:
         # A priced job that fails upstream holds nothing afterwards: its 0.04 comes back.
         typo = typo_request(srv, key)
-        assert typo.status_code == 400, typo.text
+        assert typo.status_code == 502, typo.text
         assert httpx.get(f"{srv.url}/v1/usage", headers=auth(key)).json()["credits"] == pytest.approx(0.05)
         ok = httpx.post(
             f"{srv.url}/v1/images/generations",

@@ -29,6 +29,7 @@ from ..errors import (
     StoreUnavailable,
     Unauthorized,
     UnsupportedMediaType,
+    UpstreamFailed,
 )
 from ..storage import StorageUnreachable
 
@@ -60,6 +61,7 @@ _HTTP: dict[type[FluxServeError], tuple[int, str]] = {
     RateLimited: (429, "requests"),
     PaymentRequired: (402, "insufficient_quota"),
     ClientDisconnected: (499, "invalid_request_error"),
+    UpstreamFailed: (502, "server_error"),
     GenerationFailed: (500, "server_error"),
     StoreUnavailable: (503, "server_error"),
 }

@@ -19,7 +19,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import ClientDisconnected, InvalidInput, NotFound
+from ..errors import ClientDisconnected, InvalidInput, NotFound, UpstreamFailed
 from ..job import EventKind, Job, Status
 from ..store import WebhookRules
 from .deps import Services, ServicesDep, check_webhook, owner_for_key
@@ -200,7 +200,7 @@ async def run(app: str, request: Request, services: ServicesDep, owner: str = Ow
             raise ClientDisconnected("The client closed the connection before the images were ready.")
     headers = {"x-fal-request-id": job.id}
     if job.status is not Status.SUCCEEDED:
-        status = 422 if job.error_code == "upstream_rejected" else 500
+        status = {"upstream_rejected": 422, UpstreamFailed.code: 502}.get(job.error_code or "", 500)
         return JSONResponse({"detail": job.error or job.status.value}, status_code=status, headers=headers)
     body = await services.jobs.run_slow(result_body, services, job, inline=inline)
     return JSONResponse(body, headers=headers)

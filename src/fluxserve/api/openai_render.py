@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ..errors import ClientDisconnected, GenerationFailed, InvalidInput
+from ..errors import ClientDisconnected, GenerationFailed, InvalidInput, UpstreamFailed
 from ..job import Job, Status
 from ..spec import GenerationSpec
 from .deps import Services, idempotency_key
@@ -139,6 +139,8 @@ async def run_and_render(
             raise ClientDisconnected("The client closed the connection before the images were ready.")
     if job.status is not Status.SUCCEEDED and job.error_code == "upstream_rejected":
         raise InvalidInput(job.error or "The upstream provider refused the request.", code="upstream_rejected")
+    if job.status is not Status.SUCCEEDED and job.error_code == UpstreamFailed.code:
+        raise UpstreamFailed(job.error or "The upstream provider could not serve the request.")
     if job.status is not Status.SUCCEEDED:
         raise GenerationFailed(job.error or f"The image generation ended as {job.status.value}.")
     body = {

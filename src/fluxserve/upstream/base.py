@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from ..errors import FluxServeError
+from ..errors import FluxServeError, UpstreamFailed
 from ..models.upstreams import UpstreamConfig
 from ..spec import GenerationSpec
 
@@ -32,12 +32,22 @@ class Rejected(FluxServeError):
 
     code = "upstream_rejected"
 
+    def __init__(self, message: str, *, status: int | None = None, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.status = status  # the provider's HTTP status, where it answered one
+
 
 class Malformed(Rejected):
     """The provider answered, but not in its documented shape (a JSON list, bad base64, a field missing):
     the job fails once with what was wrong, and the upstream counts a failure."""
 
     code = "upstream_malformed"
+
+
+class AccountError(UpstreamFailed):
+    """The provider refused our credentials or our account (401, 402, 403), or does not know the model we
+    asked for (404 on submit): the operator's problem, not the client's. The upstream is marked unhealthy at
+    once, the job fails over, and the client is told of a provider problem (502), never of a bad request."""
 
 
 # What a provider's parsing code raises on an answer of the wrong shape (binascii.Error is a ValueError).
@@ -121,8 +131,10 @@ def call(client: httpx.Client, method: str, url: str, **kw: Any) -> Any:
         raise Unavailable(f"the upstream did not answer ({type(exc).__name__})", maybe_sent=not unsent) from exc
     if resp.status_code == 429 or resp.status_code >= 500:
         raise Unavailable(f"the upstream answered HTTP {resp.status_code}: {_message(resp)}")
+    if resp.status_code in (401, 402, 403):
+        raise AccountError(f"HTTP {resp.status_code}: {_message(resp)}")
     if resp.status_code >= 400:
-        raise Rejected(_message(resp))
+        raise Rejected(_message(resp), status=resp.status_code)
     try:
         return resp.json()
     except ValueError as exc:  # it answered: a task may exist, so this is never retried or failed over

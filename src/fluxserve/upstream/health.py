@@ -23,6 +23,13 @@ class Health:
             if self._failures >= self._after:
                 self._until = time.monotonic() + self._cooldown_s
 
+    def trip(self, error: str) -> None:
+        """Unhealthy now, for the cool-down: a failure no retry can mend (credentials, credit, a wrong model)."""
+        with self._lock:
+            self._failures = max(self._failures + 1, self._after)
+            self.last_error = error
+            self._until = time.monotonic() + self._cooldown_s
+
     def succeeded(self) -> None:
         with self._lock:
             self._failures = 0

@@ -31,7 +31,7 @@ from ..outputs import EXTENSIONS, encode_image
 from ..spec import GenerationSpec
 from ..storage import Storage
 from ..workers import LeasedWorker
-from .base import MALFORMED, Done, Inputs, Malformed, Provider, Rejected, Task, Unavailable
+from .base import MALFORMED, AccountError, Done, Inputs, Malformed, Provider, Rejected, Task, Unavailable
 from .health import Health
 from .providers import provider_for
 from .routing import next_route
@@ -142,6 +142,13 @@ class UpstreamWorker(LeasedWorker):
         except _Stop as stop:
             self._stopped(job, stop.why)
             return
+        except AccountError as exc:  # the operator's account or configuration: another upstream may serve it
+            self.health.trip(exc.message)
+            if not self._fail_over(job, exc.message):
+                self._fail(
+                    job, f"The upstream {name} could not serve it (its account or setup): {exc.message}", code=exc.code
+                )
+            return
         except Malformed as exc:
             self.health.failed(exc.message)
             self._fail(job, f"The upstream {name} gave an answer that could not be read: {exc.message}", code=exc.code)
@@ -240,6 +247,10 @@ class UpstreamWorker(LeasedWorker):
                 break
             except MALFORMED as exc:  # it answered, so it may have started a task: never sent again
                 raise Malformed(f"{type(exc).__name__}: {exc}") from exc
+            except Rejected as exc:
+                if exc.status == 404:  # on a submit: the provider has no such model (the route's upstream_model)
+                    raise AccountError(f"the provider does not know the model {model!r}: {exc.message}") from exc
+                raise
             except Unavailable as exc:
                 # Sent but unanswered (a read timeout, a dropped connection): a second send may be a second task.
                 if exc.maybe_sent and not self.config.idempotent:
