@@ -144,7 +144,7 @@ async def fetch_url(
     sink: Callable[[bytes], object],
     *,
     param: str,
-    allow_private: bool,
+    allow_private: bool | Callable[[str], bool],
     max_bytes: int,
     timeout_s: float | None = None,  # None: FETCH_TIMEOUT_S, read when called
     what: str = "the image",
@@ -152,7 +152,8 @@ async def fetch_url(
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> None:
     """An http(s) URL's body, chunk by chunk into ``sink``: public addresses only (each redirect hop
-    re-checked, the checked address is the one connected to), a size cap, one deadline for it all."""
+    re-checked, the checked address is the one connected to), a size cap, one deadline for it all.
+    ``allow_private``: True, or a predicate asked of every hop's URL (an upstream's own host, and no other)."""
     timeout_s = FETCH_TIMEOUT_S if timeout_s is None else timeout_s
     try:
         # One deadline for the whole fetch, redirects and a trickling body included.
@@ -178,7 +179,7 @@ async def _fetch(
     sink: Callable[[bytes], object],
     *,
     param: str,
-    allow_private: bool,
+    allow_private: bool | Callable[[str], bool],
     max_bytes: int,
     what: str,
     code: str,
@@ -186,13 +187,14 @@ async def _fetch(
 ) -> None:
     async with httpx.AsyncClient(timeout=FETCH_TIMEOUT_S, follow_redirects=False, transport=transport) as client:
         for _ in range(MAX_REDIRECTS + 1):
+            private_ok = allow_private(url) if callable(allow_private) else allow_private
             # getaddrinfo blocks: off the event loop.
-            pinned = await asyncio.to_thread(pin_public_url, url, param=param, allow_private=allow_private, code=code)
+            pinned = await asyncio.to_thread(pin_public_url, url, param=param, allow_private=private_ok, code=code)
             try:
                 async with client.stream(
                     "GET", pinned.url, headers=pinned.headers, extensions=pinned.extensions
                 ) as resp:
-                    if not allow_private:
+                    if not private_ok:
                         check_peer(resp, param=param)
                     if resp.is_redirect and "location" in resp.headers:
                         url = urljoin(url, resp.headers["location"])

@@ -58,9 +58,10 @@ def test_presigned_urls_are_checked_and_expire(s3_server: S3Server, monkeypatch:
     outside = S3Storage.from_env(bucket, "prefix", 3600, s3_server.endpoint, public).url("job/out-0.png")
     assert outside.startswith(public + "/") and httpx.get(outside, timeout=10).status_code == 200
     assert httpx.get(outside.replace("localhost", "127.0.0.1"), timeout=10).status_code == 403  # host is signed
-    short = S3Storage.from_env(bucket, "prefix", 1, s3_server.endpoint).url("job/out-0.png")
+    # 3 s: time enough for the first fetch on a loaded machine (1 s failed once under two test processes).
+    short = S3Storage.from_env(bucket, "prefix", 3, s3_server.endpoint).url("job/out-0.png")
     assert httpx.get(short, timeout=10).status_code == 200
-    time.sleep(2.2)
+    time.sleep(4.2)
     assert httpx.get(short, timeout=10).status_code == 403  # expired
 
 

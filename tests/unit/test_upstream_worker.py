@@ -273,3 +273,29 @@ def test_a_malformed_answer_fails_the_job_at_once_saying_so(core: Any, tmp_path:
     assert up.count("POST", "/v1/images/generations") == 1  # never sent twice, never failed over
     assert worker.engine_info()["upstream"]["consecutive_failures"] == 1
     worker.stop()
+
+
+def test_a_redirect_from_the_upstreams_host_to_another_private_address_is_refused(core: Any, tmp_path: Path) -> None:
+    jobs, _ = core
+    up = _bfl(polls_pending=0)
+    up.routes[("GET", "/files/t1.png")] = lambda _: httpx.Response(302, headers={"location": "http://10.0.0.5/x.png"})
+    up.routes[("GET", "/x.png")] = _png  # an internal image: must never become an output
+    worker = _worker(core, _registry(tmp_path, "bfl"), up)
+    job = _job(jobs)
+    worker.run_claimed(job.id)
+    moved = jobs.store.get_job(job.id)
+    # The exemption covers the upstream's own host only: the second hop is checked, refused, and the job fails
+    # over as with any result that could not be fetched.
+    assert moved is not None and moved.status is Status.QUEUED and moved.route == "other", moved
+    assert up.count("GET", "/x.png") == 0
+    worker.stop()
+
+
+def test_the_api_key_follows_urls_on_the_providers_own_scheme_host_and_port_only(tmp_path: Path) -> None:
+    from fluxserve.upstream.bfl import BFL
+
+    provider = BFL(_registry(tmp_path, "bfl").upstreams["up"])
+    assert provider.own_url(f"{UP}/v1/get_result?id=1", "d") == f"{UP}/v1/get_result?id=1"
+    assert provider.own_url(f"{UP}:443/v1/get_result?id=1", "d") == f"{UP}:443/v1/get_result?id=1"
+    for elsewhere in ("http://up.example/v1/get_result", "https://up.example:8443/x", "https://evil.example/x"):
+        assert provider.own_url(elsewhere, "default") == "default", elsewhere

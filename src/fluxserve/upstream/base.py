@@ -141,6 +141,11 @@ def call(client: httpx.Client, method: str, url: str, **kw: Any) -> Any:
         raise Malformed(f"HTTP {resp.status_code} with a body that is not JSON: {resp.text[:200]!r}") from exc
 
 
+def _origin(url: str) -> tuple[str, str, int]:
+    parts = urlsplit(url)
+    return parts.scheme, (parts.hostname or ""), parts.port or (443 if parts.scheme == "https" else 80)
+
+
 def ratio(width: int, height: int) -> str:
     d = math.gcd(width, height)
     return f"{width // d}:{height // d}"
@@ -156,11 +161,9 @@ class Provider:
         return {"Authorization": f"Bearer {key}"} if key else {}
 
     def own_url(self, url: str | None, default: str) -> str:
-        """A URL the provider handed back is followed only on its own host (no redirecting our worker)."""
-        if url and (urlsplit(url).hostname, urlsplit(url).port) == (
-            urlsplit(self.config.base_url).hostname,
-            urlsplit(self.config.base_url).port,
-        ):
+        """A URL the provider handed back is followed (with our API key) only on its own scheme, host and port:
+        never redirecting our worker, nor sending the key elsewhere or over plain HTTP."""
+        if url and _origin(url) == _origin(self.config.base_url):
             return url
         return default
 

@@ -344,9 +344,8 @@ class UpstreamWorker(LeasedWorker):
     # -- results -------------------------------------------------------------------
 
     def _fetch(self, url: str) -> bytes:
-        """The guarded fetch (size, time, public addresses) with the upstream's own host allowed."""
-        parts = httpx.URL(url)
-        own = (parts.host, parts.port or (443 if parts.scheme == "https" else 80)) == self.config.host
+        """The guarded fetch (size, time, public addresses), the upstream's own host allowed: each redirect hop
+        is asked again, so a redirect from it to another private address is refused."""
         body = bytearray()
         try:
             asyncio.run(
@@ -354,7 +353,7 @@ class UpstreamWorker(LeasedWorker):
                     url,
                     body.extend,
                     param="upstream result",
-                    allow_private=own or self._allow_private,
+                    allow_private=self._allow_private or self._own_host,
                     max_bytes=self.config.max_image_mb * 1024 * 1024,
                     timeout_s=min(120.0, self.config.timeout_s),
                     transport=self._transport,
@@ -363,6 +362,10 @@ class UpstreamWorker(LeasedWorker):
         except InvalidInput as exc:
             raise Unavailable(f"fetching its result failed: {exc.message}") from exc
         return bytes(body)
+
+    def _own_host(self, url: str) -> bool:
+        parts = httpx.URL(url)
+        return (parts.host, parts.port or (443 if parts.scheme == "https" else 80)) == self.config.host
 
     def _save(self, job: Job, results: list[Done]) -> list[Output]:
         got: list[tuple[bytes, int | None]] = []
