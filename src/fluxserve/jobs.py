@@ -289,8 +289,9 @@ class JobService:
         """An upstream task's step as a job event (fenced: only the attempt holding the job writes it)."""
         return self._fenced(job, EventKind.UPSTREAM, {"worker_id": job.worker_id}, payload) is not None
 
-    def reroute(self, job: Job, upstream: str, reason: str) -> bool:
-        """Failover: back to the queue on another upstream, the attempt given back (it was not the job's fault)."""
+    def reroute(self, job: Job, upstream: str | None, reason: str) -> bool:
+        """Failover: back to the queue on another upstream (None: a local device, where a spilled job came
+        from), the attempt given back (it was not the job's fault)."""
         values: dict[str, Any] = {
             "status": Status.QUEUED.value,
             "route": upstream,
@@ -306,7 +307,8 @@ class JobService:
         return self.store.events(job_id)
 
     def spill(self, now: float | None = None) -> int:
-        """Local jobs no local worker started within their model's spill_after_s go to its spill_to upstream.
+        """Local jobs no local worker started within their model's spill_after_s go to its spill_to upstream,
+        but not those an upstream cannot honour (LoRA adapters: no provider takes ours) nor one that came back.
 
         Each move is a fenced transition (still queued, still local): the job runs once, here or there."""
         if self.registry is None:
@@ -316,7 +318,9 @@ class JobService:
         for model in self.registry:
             if not (model.spill_to and model.is_local):
                 continue
-            for job_id in self.store.spillable(model.name, now - model.spill_after_s):
+            for job_id, spec in self.store.spillable(model.name, now - model.spill_after_s):
+                if GenerationSpec.from_dict(json.loads(spec)).loras:
+                    continue
                 job = self.store.transition(
                     job_id,
                     EventKind.ROUTED,

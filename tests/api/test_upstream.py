@@ -318,6 +318,27 @@ def test_spill_moves_only_waiting_local_jobs_once_and_failover_follows_the_fallb
     assert kinds.count(EventKind.ROUTED) == 1
 
 
+def test_jobs_an_upstream_cannot_honour_or_that_came_back_are_not_spilled(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from fluxserve.spec import Adapter
+
+    reg = registry(tmp_path, UPSTREAMS)
+    jobs = _jobs(tmp_path, reg)
+    dev = reg.get("flux-dev").make_spec(prompt="p", width=256, height=256)
+    lora = replace(dev, loras=(Adapter("style.safetensors", "d" * 64, "/loras/style.safetensors", 0.8),))
+    with_lora = jobs.submit_sync("o", "openai", lora, {})  # no provider takes our adapters: it waits here
+    spilled = jobs.submit_sync("o", "openai", dev, {})
+    assert jobs.spill() == 1
+    assert jobs.store.get_job(with_lora.id).route is None  # type: ignore[union-attr]
+    # The upstream was down: it came back to the local queue, and stays there however long it waits.
+    on_rep = jobs.claim_id(spilled.id, "upstream-worker")
+    assert on_rep is not None and jobs.reroute(on_rep, None, "spilled upstream rep: down")
+    assert jobs.spill() == 0
+    back = jobs.store.get_job(spilled.id)
+    assert back is not None and back.route is None and back.status is Status.QUEUED and back.attempts == 0
+
+
 def test_upstream_worker_imports_no_torch() -> None:
     code = (
         "import sys; from fluxserve.upstream.worker import UpstreamWorker; import fluxserve.app; "

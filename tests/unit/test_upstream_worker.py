@@ -299,3 +299,23 @@ def test_the_api_key_follows_urls_on_the_providers_own_scheme_host_and_port_only
     assert provider.own_url(f"{UP}:443/v1/get_result?id=1", "d") == f"{UP}:443/v1/get_result?id=1"
     for elsewhere in ("http://up.example/v1/get_result", "https://up.example:8443/x", "https://evil.example/x"):
         assert provider.own_url(elsewhere, "default") == "default", elsewhere
+
+
+def test_a_spilled_job_whose_upstream_is_down_goes_back_to_the_local_queue(core: Any, tmp_path: Path) -> None:
+    jobs, _ = core
+    (tmp_path / "u.toml").write_text(
+        f'[upstreams.up]\nkind = "bfl"\nbase_url = "{UP}"\nretry_base_s = 0.01\nretries = 1\n'
+        '[models.flux-dev]\nspill_to = "up"\nspill_after_s = 0\n'
+    )
+    reg = ModelRegistry.default().layered(tmp_path / "u.toml")
+    up = Upstream({("POST", "/v1/flux-dev"): _json(503, {"detail": "down"})})
+    worker = _worker(core, reg, up)
+    job = _job(jobs, "flux-dev")
+    assert jobs.spill() == 1
+    worker.run_claimed(job.id)
+    back = jobs.store.get_job(job.id)
+    # A local worker runs it: not failed because the upstream it was sent to as a favour is down.
+    assert back is not None and back.status is Status.QUEUED and back.route is None, back
+    assert up.count("POST", "/v1/flux-dev") == 2  # retries = 1
+    assert jobs.spill() == 0  # and it is not sent there again
+    worker.stop()

@@ -19,7 +19,7 @@ from .db import Database, clock
 from .events import append_event
 from .fairness import fetch_order
 from .outbox import WebhookRules
-from .schema import jobs
+from .schema import job_events, jobs
 
 ADMIT_LOCK = 0x6B657973  # "keys": the advisory lock space of per-key admission (with the key's hash)
 ANY_ROUTE: Any = object()  # queued(): jobs of every route
@@ -88,18 +88,23 @@ class JobQueries(Database):
             ).all()
         return [to_job(r) for r in rows]
 
-    def spillable(self, model: str, queued_before: float, limit: int = 100) -> list[str]:
-        """Local jobs of this model queued since before ``queued_before`` (no local worker started them)."""
-        query = select(jobs.c.id).where(
+    def spillable(self, model: str, queued_before: float, limit: int = 100) -> list[tuple[str, str]]:
+        """(id, spec JSON) of local jobs of this model queued since before ``queued_before`` (no local worker
+        started them) that were never routed: one that came back from an upstream stays here."""
+        routed = select(job_events.c.id).where(
+            and_(job_events.c.job_id == jobs.c.id, job_events.c.kind == EventKind.ROUTED.value)
+        )
+        query = select(jobs.c.id, jobs.c.spec).where(
             and_(
                 jobs.c.model == model,
                 jobs.c.status == Status.QUEUED.value,
                 jobs.c.route.is_(None),
                 jobs.c.created_at < queued_before,
+                ~routed.exists(),
             )
         )
         with self._read() as conn:
-            return [r.id for r in conn.execute(query.order_by(jobs.c.created_at).limit(limit))]
+            return [(r.id, r.spec) for r in conn.execute(query.order_by(jobs.c.created_at).limit(limit))]
 
     def queue_position(self, job: Job) -> int:
         """1 = next to run, in the order the queue fetches (store.fairness)."""

@@ -333,10 +333,17 @@ class UpstreamWorker(LeasedWorker):
             self._end(job, self._jobs.finish_canceled)
 
     def _fail_over(self, job: Job, reason: str) -> bool:
-        """Send the job to the model's next fallback upstream (fenced); False when there is none left."""
-        nxt = next_route(job, self._registry, self._jobs.events(job.id))
+        """Send the job to the model's next fallback upstream (fenced), or back to the local queue where it was
+        spilled from (a local worker will run it); False when there is nowhere left."""
+        events = self._jobs.events(job.id)
+        nxt = next_route(job, self._registry, events)
         if nxt is None:
-            return False
+            spilled = any(e.kind is EventKind.ROUTED and e.payload.get("reason") == "spill" for e in events)
+            if not (spilled and self._registry.get(job.spec.model).is_local):
+                return False
+            log.warning("job %s: %s; back to the local queue it was spilled from", job.id, reason)
+            self._end(job, lambda j: self._jobs.reroute(j, None, f"spilled upstream {self.config.name}: {reason}"))
+            return True
         log.warning("job %s: %s; failing over to upstream %s", job.id, reason, nxt)
         self._end(job, lambda j: self._jobs.reroute(j, nxt, reason))
         return True
