@@ -17,9 +17,10 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
-from .errors import Conflict, NotFound
+from .errors import Conflict, NotFound, PaymentRequired
 from .job import EventKind, Job, JobEvent, Output, Status, new_job_id
 from .limits import Limits, admit
 from .limits import note as note_rate_headers
@@ -140,7 +141,14 @@ class JobService:
         rate-limit headers; None when a concurrent create with the same idempotency key won the insert."""
         try:
             with self.store.transaction() as conn:
-                headers = self._admit(conn, job) if metered else {}
+                headers: dict[str, str] = {}
+                if metered:  # credits (PaymentRequired), then limits (RateLimited), one key at a time
+                    serialize_owner(conn, job.owner)
+                    job = replace(job, cost=hold(conn, job))  # the row records what was held, not the price
+                    effective = self.limits.over(key_limits(conn, job.owner)) if self.limits else None
+                    if effective is not None and effective.any:
+                        now = job.created_at
+                        headers = admit(effective, usage(conn, job.owner, now), job.spec.num_images, now)
                 priority = fairness.priority(conn, job.owner)
                 insert_row(conn, job, priority)
                 append_event(conn, job, EventKind.SUBMITTED, {}, self.store.webhook_rules)
@@ -148,18 +156,6 @@ class JobService:
         except DuplicateJob:
             return None
         return headers
-
-    def _admit(self, conn: Any, job: Job) -> dict[str, str]:
-        """Per-key limits and credits, inside the insert's transaction: RateLimited past a limit,
-        PaymentRequired past the balance (the price is held now, given back if the job does not succeed)."""
-        serialize_owner(conn, job.owner)
-        hold(conn, job)
-        if self.limits is None:
-            return {}
-        effective = self.limits.over(key_limits(conn, job.owner))
-        if not effective.any:
-            return {}
-        return admit(effective, usage(conn, job.owner, job.created_at), job.spec.num_images, job.created_at)
 
     @staticmethod
     def _replay(existing: Job, fingerprint: str | None) -> Job:
@@ -209,6 +205,7 @@ class JobService:
         values: Any,
         payload: dict[str, Any] | None = None,
         lease_before: float | None = None,
+        price: Callable[[Job], float | None] | None = None,
     ) -> Job | None:
         return self._changed(
             self.store.transition(
@@ -218,6 +215,7 @@ class JobService:
                 values=values,
                 attempt=job.attempts,
                 worker_id=job.worker_id,
+                price=price,
                 payload=payload,
                 lease_before=lease_before,
             ),
@@ -301,34 +299,36 @@ class JobService:
             "attempts": job.attempts - 1,
         }
         payload = {"from": job.route, "to": upstream, "reason": reason}
-        return self._fenced(job, EventKind.ROUTED, values, payload) is not None
+        return self._fenced(job, EventKind.ROUTED, values, payload, price=self._price_on(upstream)) is not None
+
+    def _price_on(self, route: str | None) -> Callable[[Job], float | None]:
+        """What a job costs where it goes (PaymentRequired from the move when its key cannot pay)."""
+        return lambda job: self.registry.cost(job.spec, route=route) if self.registry is not None else None
 
     def events(self, job_id: str) -> list[JobEvent]:
         return self.store.events(job_id)
 
     def spill(self, now: float | None = None) -> int:
-        """Local jobs no local worker started within their model's spill_after_s go to its spill_to upstream,
-        but not those an upstream cannot honour (LoRA adapters: no provider takes ours) nor one that came back.
-
-        Each move is a fenced transition (still queued, still local): the job runs once, here or there."""
-        if self.registry is None:
-            return 0
-        now = time.time() if now is None else now
-        moved = 0
-        for model in self.registry:
+        """Local jobs no local worker started within their model's spill_after_s go to its spill_to upstream
+        (store.spillable: those it can honour). Each move is a fenced transition (still queued, still local):
+        the job runs once, here or there, and costs the upstream's price."""
+        now, moved = time.time() if now is None else now, 0
+        for model in self.registry or []:
             if not (model.spill_to and model.is_local):
                 continue
-            for job_id, spec in self.store.spillable(model.name, now - model.spill_after_s):
-                if GenerationSpec.from_dict(json.loads(spec)).loras:
-                    continue
-                job = self.store.transition(
-                    job_id,
-                    EventKind.ROUTED,
-                    expect=[Status.QUEUED],
-                    values={"route": model.spill_to},
-                    payload={"from": None, "to": model.spill_to, "reason": "spill"},
-                    route=None,
-                )
+            for job_id in self.store.spillable(model.name, now - model.spill_after_s):
+                try:
+                    job = self.store.transition(
+                        job_id,
+                        EventKind.ROUTED,
+                        expect=[Status.QUEUED],
+                        values={"route": model.spill_to},
+                        payload={"from": None, "to": model.spill_to, "reason": "spill"},
+                        route=None,
+                        price=self._price_on(model.spill_to),
+                    )
+                except PaymentRequired:
+                    continue  # the key cannot pay the upstream's price: it waits for a local worker
                 moved += self._changed(job, EventKind.ROUTED) is not None
         return moved
 

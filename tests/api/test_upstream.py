@@ -268,6 +268,54 @@ def test_credits_are_held_once_and_refunded_once(tmp_path: Path) -> None:
     assert jobs.store.get_job(second.id).error_code == "upstream_rejected"  # type: ignore[union-attr]
 
 
+PAID_SPILL = """
+[upstreams.paid]
+kind = "bfl"
+base_url = "https://api.bfl.ai"
+price = 0.05
+[models.flux-schnell]
+spill_to = "paid"
+spill_after_s = 0
+"""
+
+
+def test_a_job_costs_the_price_of_the_route_that_runs_it(tmp_path: Path) -> None:
+    reg = registry(tmp_path, PAID_SPILL)
+    jobs = _jobs(tmp_path, reg)
+    for key, credits in (("rich", 0.12), ("poor", 0.01)):
+        jobs.store.add_key(key, key, key[0] * 64, "fs-")
+        jobs.store.set_key_credits(key, credits)
+    spec = reg.get("flux-schnell").make_spec(prompt="p", width=256, height=256)
+    rich, poor = jobs.submit_sync("rich", "openai", spec, {}), jobs.submit_sync("poor", "openai", spec, {})
+    assert rich.cost is None and jobs.store.key_credits("rich") == pytest.approx(0.12)  # free here
+    # Spilled to a priced upstream: the key pays that price at the move; one that cannot stays local.
+    assert jobs.spill() == 1
+    moved = jobs.store.get_job(rich.id)
+    assert moved is not None and moved.route == "paid" and moved.cost == pytest.approx(0.05)
+    assert jobs.store.key_credits("rich") == pytest.approx(0.07)
+    assert jobs.store.get_job(poor.id).route is None and jobs.store.key_credits("poor") == pytest.approx(0.01)  # type: ignore[union-attr]
+    # Back from the upstream (it was down): free again, the difference given back, exactly once.
+    claimed = jobs.claim_id(rich.id, "upstream-worker")
+    assert claimed is not None and jobs.reroute(claimed, None, "spilled upstream paid: down")
+    back = jobs.store.get_job(rich.id)
+    assert back is not None and back.cost is None and jobs.store.key_credits("rich") == pytest.approx(0.12)
+    local = jobs.claim_id(rich.id, "local")
+    assert local is not None and jobs.fail(local, "broke")
+    assert jobs.store.key_credits("rich") == pytest.approx(0.12)  # nothing held, nothing more given back
+
+
+def test_a_job_made_while_its_key_was_not_metered_is_not_refunded_later(tmp_path: Path) -> None:
+    reg = registry(tmp_path, UPSTREAMS)
+    jobs = _jobs(tmp_path, reg)
+    jobs.store.add_key("k1", "later", "h" * 64, "fs-")
+    job = jobs.submit_sync("k1", "openai", reg.get("flux-pro").make_spec(prompt="p", width=256, height=256), {})
+    assert jobs.store.get_job(job.id).cost is None  # type: ignore[union-attr]  # nothing was held
+    jobs.store.set_key_credits("k1", 1.0)  # metering starts while it waits
+    claimed = jobs.claim_id(job.id, "w")
+    assert claimed is not None and jobs.fail(claimed, "upstream down")
+    assert jobs.store.key_credits("k1") == pytest.approx(1.0)  # not "refunded" 0.05 it never paid
+
+
 def test_concurrent_debits_never_overspend(tmp_path: Path) -> None:
     store = open_store(f"sqlite:///{tmp_path / 'db.sqlite'}")
     store.add_key("k1", "payg", "h" * 64, "fs-")

@@ -100,11 +100,15 @@ class ModelRegistry:
         model = self.get(name)
         return model.upstream_model if model.upstream_model and upstream == model.upstream else name
 
-    def cost(self, spec: GenerationSpec) -> float | None:
+    def cost(self, spec: GenerationSpec, *, route: str | object | None = ...) -> float | None:
+        """A job's price: the model's own, else that of the upstream it runs on (``route``; by default the
+        model's own upstream; None: this server's devices)."""
         model = self.get(spec.model)
         price = model.cost(spec)
-        if price is None and model.upstream and self.upstreams[model.upstream].price is not None:
-            price = replace(model, price=self.upstreams[model.upstream].price).cost(spec)
+        upstream = model.upstream if route is ... else route
+        fallback = self.upstreams[upstream].price if isinstance(upstream, str) and upstream in self.upstreams else None
+        if price is None and fallback is not None:
+            price = replace(model, price=fallback).cost(spec)
         return price
 
     def label_demo_weights(self) -> ModelRegistry:

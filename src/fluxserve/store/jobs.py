@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 
 from ..job import EventKind, Job, Output, Status
 from ..spec import GenerationSpec
-from .credits import give_back
+from .credits import give_back, reprice
 from .db import Database, clock
 from .events import append_event
 from .fairness import fetch_order
@@ -88,9 +88,10 @@ class JobQueries(Database):
             ).all()
         return [to_job(r) for r in rows]
 
-    def spillable(self, model: str, queued_before: float, limit: int = 100) -> list[tuple[str, str]]:
-        """(id, spec JSON) of local jobs of this model queued since before ``queued_before`` (no local worker
-        started them) that were never routed: one that came back from an upstream stays here."""
+    def spillable(self, model: str, queued_before: float, limit: int = 100) -> list[str]:
+        """Local jobs of this model queued since before ``queued_before`` (no local worker started them) that an
+        upstream can honour (no LoRA adapters: no provider takes ours) and that were never routed (one that
+        came back from an upstream stays here)."""
         routed = select(job_events.c.id).where(
             and_(job_events.c.job_id == jobs.c.id, job_events.c.kind == EventKind.ROUTED.value)
         )
@@ -104,7 +105,8 @@ class JobQueries(Database):
             )
         )
         with self._read() as conn:
-            return [(r.id, r.spec) for r in conn.execute(query.order_by(jobs.c.created_at).limit(limit))]
+            rows = conn.execute(query.order_by(jobs.c.created_at).limit(limit)).all()
+        return [r.id for r in rows if not GenerationSpec.from_dict(json.loads(r.spec)).loras]
 
     def queue_position(self, job: Job) -> int:
         """1 = next to run, in the order the queue fetches (store.fairness)."""
@@ -143,14 +145,21 @@ class JobQueries(Database):
         payload: dict[str, Any] | None = None,
         lease_before: float | None = None,
         route: Any = ANY_ROUTE,
+        price: Callable[[Job], float | None] | None = None,
     ) -> Job | None:
         """Change one job if it is still in an expected status (and, when given, the same claim or route).
 
         The event row and any webhook deliveries are written in the same transaction. None: refused.
+        ``price``: a route change's price for the job where it goes; the difference with what it holds is
+        held or given back in the same transaction (PaymentRequired: nothing changes).
         """
         fence = Fence(job_id, attempt, worker_id, route)
         with self._write() as conn:
             job = _transition(conn, fence, kind, list(expect), values, payload or {}, lease_before, self.webhook_rules)
+            if job is not None and price is not None:
+                held = reprice(conn, job.owner, job.cost, price(job), job.route or "this server")
+                conn.execute(update(jobs).where(jobs.c.id == job_id).values(cost=held))
+                job = replace(job, cost=held)
             if job is not None and kind is EventKind.ABORTED:
                 self.queue.cancel(conn, job_id)  # past its Cancel-After while queued: no worker fetches it
             if job is not None and kind is EventKind.ROUTED:

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 from PIL import Image
 
-from ..errors import FluxServeError, InvalidInput, StoreUnavailable
+from ..errors import FluxServeError, InvalidInput, PaymentRequired, StoreUnavailable
 from ..images import decode_image, fetch_url
 from ..job import EventKind, Job, Output, Status
 from ..jobs import JobService
@@ -342,10 +342,17 @@ class UpstreamWorker(LeasedWorker):
             if not (spilled and self._registry.get(job.spec.model).is_local):
                 return False
             log.warning("job %s: %s; back to the local queue it was spilled from", job.id, reason)
-            self._end(job, lambda j: self._jobs.reroute(j, None, f"spilled upstream {self.config.name}: {reason}"))
-            return True
+            return self._reroute(job, None, f"spilled upstream {self.config.name}: {reason}")
         log.warning("job %s: %s; failing over to upstream %s", job.id, reason, nxt)
-        self._end(job, lambda j: self._jobs.reroute(j, nxt, reason))
+        return self._reroute(job, nxt, reason)
+
+    def _reroute(self, job: Job, route: str | None, reason: str) -> bool:
+        """The fenced move; False when the key cannot pay the price where it would go (the job then fails)."""
+        try:
+            self._end(job, lambda j: self._jobs.reroute(j, route, reason))
+        except PaymentRequired as exc:
+            log.warning("job %s: not moved to %s: %s", job.id, route or "this server", exc.message)
+            return False
         return True
 
     # -- results -------------------------------------------------------------------
