@@ -285,7 +285,13 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
             Authenticator(store, settings.api_key),
             core.secret,
             core.loras,
-            FileService(store, storage, jobs.offload),
+            FileService(
+                store,
+                storage,
+                jobs.offload,
+                max_files=settings.files_per_key,
+                max_bytes=parse_bytes(settings.file_bytes_per_key),
+            ),
         )
         app.state.services = services
         upstreams = [w for w in device_workers or [] if w.route]

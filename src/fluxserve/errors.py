@@ -73,6 +73,12 @@ class RateLimited(FluxServeError):
         self.headers = headers
 
 
+class QuotaExceeded(FluxServeError):
+    """A key's stored files would pass its quota; deleting files (or their expiry) makes room."""
+
+    code = "file_quota_exceeded"
+
+
 class PaymentRequired(FluxServeError):
     """The key's credits do not cover this request's price."""
 

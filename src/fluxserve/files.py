@@ -8,20 +8,44 @@ import secrets
 import time
 from typing import Any
 
-from .errors import NotFound
+from .errors import NotFound, QuotaExceeded
 from .offload import Offload
+from .sizes import human_bytes
 from .storage import Storage
 from .store import Store, StoredFile
 
 
 class FileService:
-    def __init__(self, store: Store, storage: Storage, offload: Offload) -> None:
+    def __init__(
+        self, store: Store, storage: Storage, offload: Offload, *, max_files: int = 0, max_bytes: int = 0
+    ) -> None:
         self._store = store
         self._storage = storage
         self._offload = offload
+        self.max_files, self.max_bytes = max_files, max_bytes  # per key; 0: no limit
+
+    def _refuse(self, totals: tuple[int, int], size: int) -> QuotaExceeded:
+        count, used = totals
+        limits = []
+        if self.max_files:
+            limits.append(f"{count} of {self.max_files} files")
+        if self.max_bytes:
+            limits.append(f"{human_bytes(used)} of {human_bytes(self.max_bytes)}")
+        return QuotaExceeded(
+            f"This key keeps {' and '.join(limits)} of uploads; this file ({human_bytes(size)}) would pass its "
+            "quota. Delete files it no longer needs (DELETE /v1/files/{id}); uploads also expire.",
+            param="content",
+        )
 
     async def add(self, owner: str, name: str, content_type: str, data: bytes, metadata: dict[str, Any]) -> StoredFile:
-        """The bytes first, then the row: a row never names bytes that are not there."""
+        """The bytes first, then the row: a row never names bytes that are not there. Within the key's quota:
+        checked before the bytes are stored, and again with the row (a concurrent upload may have won)."""
+        if self.max_files or self.max_bytes:
+            count, used = await self._offload.run(self._store.file_totals, owner)
+            if (self.max_files and count + 1 > self.max_files) or (
+                self.max_bytes and used + len(data) > self.max_bytes
+            ):
+                raise self._refuse((count, used), len(data))
         file_id = secrets.token_hex(12)
         stored = StoredFile(
             file_id,
@@ -36,8 +60,18 @@ class FileService:
             time.time(),
         )
         await self._offload.run_slow(self._storage.put, stored.key, data)
-        await self._offload.run(self._store.add_file, stored)
+        refused = await self._offload.run(
+            lambda: self._store.add_file(stored, max_count=self.max_files, max_bytes=self.max_bytes)
+        )
+        if refused is not None:
+            await self._offload.run_slow(self._storage.delete, stored.key)
+            raise self._refuse(refused, len(data))
         return stored
+
+    async def totals(self, owner: str) -> dict[str, int]:
+        """What the key keeps uploaded now, for its usage."""
+        count, used = await self._offload.run(self._store.file_totals, owner)
+        return {"count": count, "bytes": used}
 
     async def find(self, owner: str, file_id: str) -> StoredFile | None:
         return await self._offload.run(self._store.get_file, owner, file_id)

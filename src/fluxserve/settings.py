@@ -156,6 +156,12 @@ class Settings(BaseSettings):
     images_per_day_per_key: int = Field(
         default=0, ge=0, description="Images per UTC day per key, for keys without their own limit (0: no limit)."
     )
+    files_per_key: int = Field(
+        default=500, ge=0, description="Files a key may keep uploaded (/v1/files) at once (0: no limit)."
+    )
+    file_bytes_per_key: str = Field(
+        default="2GiB", description="Bytes of uploaded files a key may keep at once, e.g. 500MiB (0: no limit)."
+    )
     max_batch: int = Field(default=8, ge=1, le=64, description="Largest batch of compatible jobs per pipeline call.")
     # None: by device (worker.default_batch_max_pixels); a number overrides it everywhere.
     batch_max_pixels: int | None = Field(
@@ -255,7 +261,7 @@ class Settings(BaseSettings):
             return [o.strip() for o in v.split(",") if o.strip()]
         return v
 
-    @field_validator("memory_budget", "cpu_memory_budget")
+    @field_validator("memory_budget", "cpu_memory_budget", "file_bytes_per_key")
     @classmethod
     def _check_bytes(cls, v: str | None) -> str | None:
         if v is not None:

@@ -6,6 +6,7 @@ import json
 import logging
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -269,3 +270,27 @@ def test_large_json_bodies_are_parsed_off_the_event_loop(client: TestClient, mon
         client.post("/v1/models/black-forest-labs/flux-schnell/predictions", json=body, headers=AUTH)
     assert len(threads) == 2
     assert not threads[0].startswith("fluxserve-io") and threads[1].startswith("fluxserve-io"), threads
+
+
+def test_uploads_stay_within_a_per_key_quota_counted_in_usage(settings: Settings, fake_engine: FakeEngine) -> None:
+    """/v1/files was outside every quota (any number of 50 MB files for 7 days); each key now keeps at most
+    so many files and bytes, shown in /v1/usage; deleting one makes room."""
+    quota = settings.model_copy(update={"files_per_key": 2, "file_bytes_per_key": "100KiB"})
+    with TestClient(create_app(quota, engine=fake_engine)) as c:
+
+        def upload(size: int) -> httpx.Response:
+            return c.post("/v1/files", files={"content": ("a.bin", b"x" * size, "image/png")}, headers=AUTH)
+
+        first = upload(60 * 1024)
+        assert first.status_code == 201, first.text
+        too_big = upload(50 * 1024)
+        assert too_big.status_code == 403, too_big.text
+        detail = too_big.json()
+        assert "60 KiB of 100 KiB" in json.dumps(detail) and "DELETE /v1/files" in json.dumps(detail), detail
+        assert upload(10 * 1024).status_code == 201
+        third = upload(1)
+        assert third.status_code == 403 and "2 of 2 files" in third.text
+        usage = c.get("/v1/usage", headers=AUTH).json()["files"]
+        assert usage == {"count": 2, "bytes": 70 * 1024, "max_count": 2, "max_bytes": 100 * 1024}, usage
+        assert c.delete(f"/v1/files/{first.json()['id']}", headers=AUTH).status_code == 204
+        assert upload(50 * 1024).status_code == 201

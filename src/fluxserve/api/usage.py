@@ -21,5 +21,8 @@ async def own_usage(services: ServicesDep, owner: OwnerDep, since: str | None = 
         "object": "list",
         "since": start,
         "credits": credits,  # the key's balance now; null: not metered
+        # Uploads it keeps now (/v1/files), and its quota (0: no limit).
+        "files": await services.files.totals(owner)
+        | {"max_count": services.files.max_files, "max_bytes": services.files.max_bytes},
         "data": [{k: v for k, v in r.to_dict().items() if k != "key"} for r in rows],
     }

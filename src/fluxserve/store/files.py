@@ -6,11 +6,13 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, delete, or_, select
-from sqlalchemy.engine import Row
+from sqlalchemy import and_, delete, func, or_, select
+from sqlalchemy.engine import Connection, Row
 
 from .db import Database
 from .schema import files
+
+FILES_LOCK = 0x666C6669  # one key's uploads take turns while its quota is counted (PostgreSQL)
 
 
 @dataclass(frozen=True)
@@ -42,10 +44,32 @@ def _file(row: Row[Any]) -> StoredFile:
     )
 
 
+def _totals(conn: Connection, owner: str) -> tuple[int, int]:
+    row = conn.execute(
+        select(func.count(), func.coalesce(func.sum(files.c.size), 0)).where(files.c.owner == owner)
+    ).one()
+    return int(row[0]), int(row[1])
+
+
 class FileQueries(Database):
-    def add_file(self, f: StoredFile) -> None:
+    def add_file(self, f: StoredFile, *, max_count: int = 0, max_bytes: int = 0) -> tuple[int, int] | None:
+        """The row, unless the owner's files would then pass ``max_count`` files or ``max_bytes`` (0: no
+        limit), counted in the same transaction (one key's uploads take turns on PostgreSQL). None: added;
+        else the owner's (count, bytes) that refused it."""
         with self._write() as conn:
+            if max_count or max_bytes:
+                if conn.dialect.name == "postgresql":
+                    conn.execute(select(func.pg_advisory_xact_lock(FILES_LOCK, func.hashtext(f.owner))))
+                count, size = _totals(conn, f.owner)
+                if (max_count and count + 1 > max_count) or (max_bytes and size + f.size > max_bytes):
+                    return count, size
             conn.execute(files.insert().values(**{**f.__dict__, "metadata": json.dumps(f.metadata)}))
+        return None
+
+    def file_totals(self, owner: str) -> tuple[int, int]:
+        """(files, bytes) the owner keeps now."""
+        with self._read() as conn:
+            return _totals(conn, owner)
 
     def get_file(self, owner: str, file_id: str) -> StoredFile | None:
         with self._read() as conn:
