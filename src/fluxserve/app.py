@@ -298,7 +298,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
         app.state.metrics = metrics = Metrics(
             store,
             lambda: workers.state,
-            settings.metrics_token or settings.api_key,
+            settings.metrics_token,  # its own token: the API key would let every scraper create jobs
             lambda: upstreams,
             lambda: [w.engine_info() for w in workers.local_workers() if not w.route],
         )

@@ -155,7 +155,7 @@ class Metrics:
         self._token = token
 
     def check_access(self, client_host: str | None, authorization: str | None) -> None:
-        """Open on loopback; elsewhere only with the operator's metrics token (or the operator API key)."""
+        """Open on loopback; elsewhere only with the operator's metrics token (FLUXSERVE_METRICS_TOKEN)."""
         if client_host is not None and _is_loopback(client_host):
             return
         presented = (authorization or "").partition(" ")[2].strip()

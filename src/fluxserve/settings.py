@@ -142,9 +142,10 @@ class Settings(BaseSettings):
     body_idle_timeout_s: float = Field(
         default=30.0, gt=0, description="A request body that stalls this many seconds: 408."
     )  # a request body that stalls this long: 408
-    # /metrics answers loopback, and elsewhere this bearer token (or api_key when this is unset).
+    # /metrics answers loopback, and elsewhere this bearer token only (never the API key: a scraper's
+    # credential would create jobs).
     metrics_token: str | None = Field(
-        default=None, description="Bearer token for /metrics from other than loopback (unset: the API key)."
+        default=None, description="Bearer token for /metrics from other than loopback (unset: loopback only)."
     )
     # Per-key limits (fluxserve.limits), defaults for keys without their own; 0 means no limit.
     max_queued_per_key: int = Field(
@@ -259,6 +260,14 @@ class Settings(BaseSettings):
             return json.loads(v)  # a JSON list, as pydantic-settings would decode it
         if isinstance(v, str):
             return [o.strip() for o in v.split(",") if o.strip()]
+        return v
+
+    @field_validator("secret", "api_key", "metrics_token")
+    @classmethod
+    def _not_an_example(cls, v: str | None) -> str | None:
+        # The deploy files' placeholders and any value that says it is one: a known secret is no secret.
+        if v is not None and any(mark in v.lower() for mark in ("change-me", "changeme", "replace-with", "example")):
+            raise ValueError("this is an example value from the docs; set one of your own (openssl rand -hex 32)")
         return v
 
     @field_validator("memory_budget", "cpu_memory_budget", "file_bytes_per_key")

@@ -64,8 +64,8 @@ def test_metrics_need_loopback_or_the_token(settings: Settings, tmp_path: Path) 
         refused = client.get("/metrics")
         assert refused.status_code == 403 and "loopback" in refused.json()["error"]["message"]
         assert client.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 403
-        # Without FLUXSERVE_METRICS_TOKEN, the operator's FLUXSERVE_API_KEY opens it.
-        assert client.get("/metrics", headers=AUTH).status_code == 200
+        # Without FLUXSERVE_METRICS_TOKEN, loopback only: the API key is no scrape token.
+        assert client.get("/metrics", headers=AUTH).status_code == 403
     token = settings.model_copy(update={"metrics_token": "scrape-me", "data_dir": tmp_path / "other"})
     with TestClient(create_app(token, engine=FakeEngine()), client=remote) as client:
         assert client.get("/metrics", headers=AUTH).status_code == 403

@@ -180,9 +180,11 @@ def test_the_images_and_compose_stack_serve_clients_and_survive_a_killed_worker(
         assert no_torch.strip() == "True"
 
         ports = {name: _free_port() for name in ("FLUXSERVE_API_PORT", "FLUXSERVE_API2_PORT", "FLUXSERVE_S3_PORT")}
-        docker.env |= {k: str(v) for k, v in ports.items()} | {"FLUXSERVE_API_KEY": KEY, "FLUXSERVE_LEASE_S": "3"}
-        project = "fsci" + secrets.token_hex(3)
         api1 = f"http://127.0.0.1:{ports['FLUXSERVE_API_PORT']}"
+        # compose.yaml refuses to start without these (no example secret ships in it).
+        keys = {"FLUXSERVE_API_KEY": KEY, "FLUXSERVE_S3_PASSWORD": secrets.token_hex(12), "FLUXSERVE_PUBLIC_URL": api1}
+        docker.env |= {k: str(v) for k, v in ports.items()} | keys | {"FLUXSERVE_LEASE_S": "3"}
+        project = "fsci" + secrets.token_hex(3)
         api2 = f"http://127.0.0.1:{ports['FLUXSERVE_API2_PORT']}"
         try:
             up = time.monotonic()

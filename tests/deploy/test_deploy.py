@@ -48,9 +48,10 @@ def test_the_chart_lints_and_renders_valid_kubernetes_manifests() -> None:
     lint = _helm("lint", "--strict", str(CHART), *values)
     assert lint.returncode == 0, lint.stdout + lint.stderr
     docs = _rendered(*values)
-    kinds = {d["kind"]: d for d in docs if d["kind"] != "Deployment"}
+    kinds = {d["kind"]: d for d in docs if (d["kind"] != "Deployment" and not _hook(d)) or d["kind"] == "Job"}
     deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
     assert set(kinds) == {"Secret", "ConfigMap", "Service", "HorizontalPodAutoscaler", "ScaledObject", "Job"}
+    assert kinds["Secret"]["metadata"]["name"] == "t-fluxserve"  # the release's own, not the hook's
     for doc in docs:
         if doc["kind"] != "ScaledObject":  # KEDA's CRD: checked by hand below
             validate(doc, K8S, strict=True)
@@ -73,6 +74,9 @@ def test_the_chart_lints_and_renders_valid_kubernetes_manifests() -> None:
     assert job["spec"]["template"]["spec"]["containers"][0]["args"] == ["db", "upgrade"]
     secret = kinds["Secret"]["stringData"]
     assert {"FLUXSERVE_DATABASE_URL", "FLUXSERVE_SECRET", "FLUXSERVE_API_KEY", "AWS_ACCESS_KEY_ID"} <= set(secret)
+    assert secret["FLUXSERVE_METRICS_TOKEN"] == "ci-metrics" != secret["FLUXSERVE_API_KEY"]  # a scrape token of its own
+    [api_env] = [c["env"] for c in api["spec"]["template"]["spec"]["containers"]]
+    assert {"name": "FLUXSERVE_PUBLIC_URL", "value": "https://fluxserve.example.com"} in api_env
     models = tomllib.loads(kinds["ConfigMap"]["data"]["models.toml"])
     assert models["models"]["flux-dev"]["weights"] == "black-forest-labs/FLUX.1-dev"
 
@@ -84,13 +88,33 @@ def test_the_chart_lints_and_renders_valid_kubernetes_manifests() -> None:
         assert {n for n in env if n.startswith("FLUXSERVE_")} <= known
 
 
-def test_the_chart_refuses_to_render_without_a_database_or_secret() -> None:
-    done = _helm("template", "t", str(CHART))
+def _hook(doc: dict[str, Any]) -> bool:
+    return "helm.sh/hook" in (doc["metadata"].get("annotations") or {})
+
+
+def test_a_first_install_creates_what_the_schema_hook_reads_before_it() -> None:
+    """Helm creates the release's resources after the pre-install hooks: a hook Job reading the release's
+    Secret would wait forever on a first install. Whatever the Job reads is a hook itself, weighed before it."""
+    docs = _rendered("-f", str(ROOT / "deploy" / "helm" / "ci-values.yaml"))
+    hooks = {(d["kind"], d["metadata"]["name"]): d for d in docs if _hook(d)}
+    job = hooks[("Job", "t-fluxserve-migrate")]
+    job_weight = int(job["metadata"]["annotations"]["helm.sh/hook-weight"])
+    [container] = job["spec"]["template"]["spec"]["containers"]
+    for source in container["envFrom"]:
+        name = source["secretRef"]["name"]
+        assert ("Secret", name) in hooks, f"the schema Job reads Secret {name}, which a first install creates later"
+        read = hooks[("Secret", name)]["metadata"]["annotations"]
+        assert "pre-install" in read["helm.sh/hook"] and int(read["helm.sh/hook-weight"]) < job_weight
+        assert "FLUXSERVE_DATABASE_URL" in hooks[("Secret", name)]["stringData"]
+
+
+def test_the_chart_refuses_to_render_without_a_database_or_public_url() -> None:
+    done = _helm("template", "t", str(CHART), "--set", "publicUrl=https://i.example.com")
     assert done.returncode != 0 and "database.url" in done.stderr
     done = _helm("template", "t", str(CHART), "--set", "database.url=postgresql://x/y")
-    assert done.returncode != 0 and "secret" in done.stderr
+    assert done.returncode != 0 and "publicUrl" in done.stderr  # URLs would point at 127.0.0.1
     # Keys from a Secret of one's own: none rendered, every pod reads that one.
-    docs = _rendered("--set", "existingSecret=mine")
+    docs = _rendered("--set", "existingSecret=mine", "--set", "publicUrl=https://i.example.com")
     assert "Secret" not in {d["kind"] for d in docs}
     for d in docs:
         if d["kind"] == "Deployment":

@@ -23,6 +23,7 @@ app.kubernetes.io/component: {{ .component }}
 {{/* The settings every fluxserve pod shares: database, storage, keys (from the Secret), models. */}}
 {{- define "fluxserve.env" -}}
 - {name: FLUXSERVE_DATA_DIR, value: /data}
+- {name: FLUXSERVE_PUBLIC_URL, value: {{ required "publicUrl is required: where clients reach the API (the base of the URLs it hands out)" .Values.publicUrl | quote }}}
 - {name: FLUXSERVE_STORAGE, value: {{ .Values.storage.url | quote }}}
 {{- with .Values.storage.endpointUrl }}
 - {name: FLUXSERVE_S3_ENDPOINT_URL, value: {{ . | quote }}}
