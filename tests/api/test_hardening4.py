@@ -294,3 +294,29 @@ def test_uploads_stay_within_a_per_key_quota_counted_in_usage(settings: Settings
         assert usage == {"count": 2, "bytes": 70 * 1024, "max_count": 2, "max_bytes": 100 * 1024}, usage
         assert c.delete(f"/v1/files/{first.json()['id']}", headers=AUTH).status_code == 204
         assert upload(50 * 1024).status_code == 201
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "error_type"),
+    [
+        ("upstream_rejected", 400, "invalid_request_error"),
+        ("upstream_account_error", 502, "server_error"),
+        (None, 500, "server_error"),
+    ],
+)
+def test_a_failed_job_answers_synchronous_dialects_by_why_it_failed(
+    code: str | None, status: int, error_type: str
+) -> None:
+    """A provider's moderation refusal under A1111 (and fal's sync mode) was a 500: the client's request was
+    refused, so a 4xx with the provider's words; an account problem is a 502; anything else a 500."""
+    from dataclasses import replace
+
+    from fluxserve.api.errors import http_status, job_failure
+    from fluxserve.job import Job, Status
+
+    spec = ModelRegistry.default().get("flux-pro").make_spec(prompt="p", width=256, height=256)
+    job = Job(id="j", owner="o", dialect="a1111", spec=spec, request={})
+    failed = replace(job, status=Status.FAILED, error="Content Moderated: nsfw", error_code=code)
+    exc = job_failure(failed)
+    assert http_status(exc) == (status, error_type) and exc.message == "Content Moderated: nsfw"
+    assert "job_failure(job)" in (Path(__file__).parents[2] / "src/fluxserve/api/a1111.py").read_text()

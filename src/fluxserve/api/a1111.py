@@ -19,13 +19,13 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import ClientDisconnected, FluxServeError, GenerationFailed, InvalidInput
+from ..errors import ClientDisconnected, FluxServeError, InvalidInput
 from ..job import Job, Status
 from ..models import ModelSpec
 from .bodylimit import IMAGE_JSON_BODY_BYTES, JSON_BODY_BYTES
 from .deps import Services, ServicesDep, owner_for_key
 from .dialect import Dialect
-from .errors import field_details, http_status, json_body, read_json
+from .errors import field_details, http_status, job_failure, json_body, read_json
 from .inputs import Inputs, known_fields, submit
 from .openai_schemas import DEFAULT_MODEL
 from .uploads import image_from_value
@@ -137,7 +137,7 @@ async def _generate(request: Request, services: Services, owner: str, body: Txt2
             await services.jobs.cancel(job.id, owner)
             raise ClientDisconnected("The client closed the connection before the images were ready.")
     if job.status is Status.FAILED:
-        raise GenerationFailed(job.error or "The generation failed.")
+        raise job_failure(job)  # a provider's refusal is the client's 400, not a 500
     return await services.jobs.run_slow(_response, services, job, body, model)
 
 

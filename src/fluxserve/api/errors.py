@@ -32,6 +32,7 @@ from ..errors import (
     UnsupportedMediaType,
     UpstreamFailed,
 )
+from ..job import Job
 from ..storage import StorageUnreachable
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,16 @@ _HTTP: dict[type[FluxServeError], tuple[int, str]] = {
     GenerationFailed: (500, "server_error"),
     StoreUnavailable: (503, "server_error"),
 }
+
+
+def job_failure(job: Job) -> FluxServeError:
+    """What a synchronous dialect answers for a job that did not succeed: a provider's refusal (moderation,
+    bad input) is the client's 400, a provider's account or setup problem a 502, anything else a 500."""
+    if job.error_code == "upstream_rejected":
+        return InvalidInput(job.error or "The upstream provider refused the request.", code="upstream_rejected")
+    if job.error_code == UpstreamFailed.code:
+        return UpstreamFailed(job.error or "The upstream provider could not serve the request.")
+    return GenerationFailed(job.error or f"The image generation ended as {job.status.value}.")
 
 
 def http_status(exc: FluxServeError) -> tuple[int, str]:

@@ -11,10 +11,11 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ..errors import ClientDisconnected, GenerationFailed, InvalidInput, UpstreamFailed
+from ..errors import ClientDisconnected
 from ..job import Job, Status
 from ..spec import GenerationSpec
 from .deps import Services, idempotency_key
+from .errors import job_failure
 from .inputs import Inputs, submit
 from .sse import sse_frame
 
@@ -137,12 +138,8 @@ async def run_and_render(
             if key is None:
                 await services.jobs.cancel(job.id, owner)
             raise ClientDisconnected("The client closed the connection before the images were ready.")
-    if job.status is not Status.SUCCEEDED and job.error_code == "upstream_rejected":
-        raise InvalidInput(job.error or "The upstream provider refused the request.", code="upstream_rejected")
-    if job.status is not Status.SUCCEEDED and job.error_code == UpstreamFailed.code:
-        raise UpstreamFailed(job.error or "The upstream provider could not serve the request.")
     if job.status is not Status.SUCCEEDED:
-        raise GenerationFailed(job.error or f"The image generation ended as {job.status.value}.")
+        raise job_failure(job)
     body = {
         "created": int(job.created_at),
         "data": [],
