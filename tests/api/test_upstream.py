@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from fluxserve.errors import PaymentRequired
+from fluxserve.errors import InvalidInput, PaymentRequired
 from fluxserve.job import EventKind, Status
 from fluxserve.jobs import JobService
 from fluxserve.migrations import open_store
@@ -428,3 +428,22 @@ def test_an_upstream_call_waits_as_long_as_the_job_may_still_wait() -> None:
     assert 599 < wait_s(SimpleNamespace(deadline=None), later) <= 600  # type: ignore[arg-type]
     assert 29 < wait_s(SimpleNamespace(deadline=time.time() + 30), later) <= 30  # type: ignore[arg-type]
     assert wait_s(SimpleNamespace(deadline=time.time() - 5), later) == 1.0  # type: ignore[arg-type]
+
+
+def test_a_name_served_upstream_takes_no_more_references_than_its_routes_carry(tmp_path: Path) -> None:
+    """The replicate kind sent only the first of 16 references Kontext advertised: a route's limit is now the
+    name's, so the rest are refused at create (400 naming the limit) instead of dropped."""
+    reg = registry(
+        tmp_path,
+        '[upstreams.rep]\nkind = "replicate"\nbase_url = "https://api.replicate.com"\n'
+        '[upstreams.bfl]\nkind = "bfl"\nbase_url = "https://api.bfl.ai"\n'
+        '[models.flux-kontext-pro]\nupstream = "rep"\n[models.flux-2-pro]\nupstream = "rep"\n'
+        '[models.flux-kontext-max]\nupstream = "bfl"\nfallback = ["rep"]\n[models.flux-2-flex]\nupstream = "bfl"\n',
+    )
+    default = ModelRegistry.default()
+    assert default.get("flux-kontext-pro").image_limit > 1  # what it takes locally
+    assert reg.get("flux-kontext-pro").image_limit == 1 and reg.get("flux-2-pro").image_limit == 8
+    assert reg.get("flux-kontext-max").image_limit == 1  # its fallback carries one
+    assert reg.get("flux-2-flex").image_limit == default.get("flux-2-flex").image_limit  # BFL carries them all
+    with pytest.raises(InvalidInput, match=r"flux-kontext-pro takes at most 1 input image\(s\); got 2"):
+        reg.get("flux-kontext-pro").check_image_count(2, param="input_images")

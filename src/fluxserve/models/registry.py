@@ -14,7 +14,7 @@ from .catalog import DEFAULT_MODELS
 from .demo import demo_kinds, demo_upsampler, demo_weights, is_demo_model
 from .families import KINDS
 from .spec import ModelSpec
-from .upstreams import UpstreamConfig, parse_upstreams
+from .upstreams import UpstreamConfig, parse_upstreams, reference_limit
 
 log = logging.getLogger(__name__)
 
@@ -196,13 +196,25 @@ class ModelRegistry:
                 models[name] = ModelSpec(name=name, **{"weights": "", **fields})
             else:
                 raise ValueError(f"{path}: new model [models.{name}] needs 'weights' (or an 'upstream')")
-        for model in models.values():
+        for name, model in list(models.items()):
             _check_routes(model, upstreams, path)
+            models[name] = _capped(model, upstreams)
         aliases = {**self.aliases, **self.aliases_from_toml(path)}
         dangling = {a: t for a, t in aliases.items() if t not in models}
         if dangling and not demo_weights:
             raise ValueError(f"{path}: [aliases] name models that are not configured: {dangling}")
         return ModelRegistry(list(models.values()), aliases, upstreams)
+
+
+def _capped(model: ModelSpec, upstreams: dict[str, UpstreamConfig]) -> ModelSpec:
+    """A name served upstream takes no more references than every route it may run on carries."""
+    limits = [
+        reference_limit(upstreams[route].kind, (model.upstream_model if route == model.upstream else "") or model.name)
+        for route in (model.upstream, *model.fallback)
+        if route
+    ]
+    known = [n for n in limits if n is not None]
+    return replace(model, max_images=min([model.image_limit, *known])) if known else model
 
 
 def _check_routes(model: ModelSpec, upstreams: dict[str, UpstreamConfig], path: Path) -> None:

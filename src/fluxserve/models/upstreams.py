@@ -76,3 +76,18 @@ def parse_upstreams(tables: dict[str, Any], where: str) -> dict[str, UpstreamCon
             )
         found[name] = config
     return found
+
+
+def reference_limit(kind: str, model: str) -> int | None:
+    """How many reference images a provider kind's request shape carries for this upstream model (None: as
+    many as the model takes). Replicate's FLUX schemas name one field each: Kontext and dev/schnell one image
+    (``input_image``, ``image``), FLUX 1.1 [pro] none that fluxserve sends, FLUX.2 an ``input_images`` list
+    (up to 8 on replicate.com). What a route cannot carry is refused at create, never dropped."""
+    if kind != "replicate":
+        return None
+    name = model.rsplit("/", 1)[-1]
+    if "kontext" in name or name in ("flux-dev", "flux-schnell"):
+        return 1
+    if name.startswith("flux-2"):
+        return 8
+    return 0
