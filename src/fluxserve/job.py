@@ -120,6 +120,14 @@ class Job:
         return self.status is Status.PROCESSING and self.note is not None and self.progress_done == 0
 
     @property
+    def size(self) -> tuple[int, int]:
+        """The size its images are: the first output's once there are outputs (a provider may answer another
+        size than asked, and no answer claims one that isn't), else the size asked for."""
+        if self.outputs:
+            return self.outputs[0].width, self.outputs[0].height
+        return self.spec.width, self.spec.height
+
+    @property
     def public_status(self) -> str:
         """The seed's and Replicate's lifecycle name: queued and loading jobs are 'starting'."""
         return "starting" if self.loading else self.status.public

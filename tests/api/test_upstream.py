@@ -150,7 +150,10 @@ def test_replicate_and_fal_shapes() -> None:
     rep.submit(client, _spec(), "flux-kontext-pro", Inputs([b"\x89PNG"]), "k")
     sent = json.loads(seen[0].content)["input"]
     assert seen[0].url.path == "/v1/models/black-forest-labs/flux-kontext-pro/predictions"
-    assert sent["input_image"].startswith("data:image/png;base64,") and sent["aspect_ratio"] == "match_input_image"
+    # The size asked for (512x768), as the nearest ratio Kontext takes, not the input's whatever it is.
+    assert sent["input_image"].startswith("data:image/png;base64,") and sent["aspect_ratio"] == "2:3"
+    odd = ModelRegistry.default().get("flux-kontext-pro").make_spec(prompt="p", width=880, height=1184)
+    assert rep.build_input(odd, "flux-kontext-pro", Inputs([]))["aspect_ratio"] == "3:4"  # 55:74, nearest allowed
     dev = ModelRegistry.default().get("flux-dev").make_spec(prompt="p", width=1024, height=1024, num_images=2)
     built = rep.build_input(dev, "flux-dev", Inputs([]))
     assert built["num_outputs"] == 2 and built["num_inference_steps"] == 28 and built["guidance"] == 3.5

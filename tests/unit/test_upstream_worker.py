@@ -112,6 +112,8 @@ def test_bfl_task_submitted_once_polled_and_copied_into_our_storage(core: Any, t
     done = jobs.store.get_job(job.id)
     assert done is not None and done.status is Status.SUCCEEDED, done.error if done else None
     assert read_metadata(storage.read(done.outputs[0].key))["upstream"] == "up"
+    # Asked for 256x256, answered 64x64: the job says what it got, and the dialects read that (Job.size).
+    assert done.size == (64, 64) != (done.spec.width, done.spec.height)
     assert up.count("POST", "/v1/flux-pro") == 1 and up.count("GET", "/v1/get_result") == 3
     phases = [e.payload.get("phase") for e in jobs.store.events(job.id) if e.kind is EventKind.UPSTREAM]
     assert phases == ["submitting", "task"]

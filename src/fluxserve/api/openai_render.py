@@ -146,7 +146,7 @@ async def run_and_render(
         "background": "opaque",
         "output_format": spec.output_format,
         "quality": quality or "auto",
-        "size": f"{spec.width}x{spec.height}",
+        "size": "{}x{}".format(*job.size),
     }
     # Reading and base64-encoding the images is work for a thread, not the event loop.
     return await services.jobs.run_slow(_images_response, services, job, body, response_format or "url")
@@ -181,7 +181,7 @@ def task_body(services: Services, job: Job) -> dict[str, Any]:
         body["data"] = [
             {"url": services.storage.url(o.key), "revised_prompt": job.spec.prompt, "seed": o.seed} for o in job.outputs
         ]
-        body["size"] = f"{job.spec.width}x{job.spec.height}"
+        body["size"] = "{}x{}".format(*job.size)
         body["output_format"] = job.spec.output_format
     elif job.status.is_terminal:
         code = job.error_code or ("canceled" if job.status is not Status.FAILED else "generation_failed")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 from urllib.parse import quote
 
@@ -9,6 +10,17 @@ import httpx
 
 from ..spec import GenerationSpec
 from .base import Done, Inputs, Malformed, Provider, Rejected, Task, Unavailable, call, ratio
+
+# The aspect ratios replicate.com's FLUX Kontext models take.
+KONTEXT_RATIOS = ("1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3", "4:5", "5:4", "21:9", "9:21", "2:1", "1:2")
+
+
+def nearest_ratio(width: int, height: int) -> str:
+    def off(r: str) -> float:
+        w, h = (int(n) for n in r.split(":"))
+        return abs(math.log((width / height) / (w / h)))
+
+    return min(KONTEXT_RATIOS, key=off)
 
 
 class Replicate(Provider):
@@ -29,7 +41,9 @@ class Replicate(Provider):
         body: dict[str, Any] = {"prompt": spec.prompt, "seed": spec.seed, "output_format": fmt}
         flux2 = name.startswith("flux-2")
         if "kontext" in name:
-            body["aspect_ratio"] = ratio(spec.width, spec.height) if not inputs.images else "match_input_image"
+            # The size asked for, as the nearest ratio Kontext takes (it makes about 1 MP at that ratio);
+            # fluxserve reports the size the image comes back at.
+            body["aspect_ratio"] = nearest_ratio(spec.width, spec.height)
             if inputs.images:
                 body["input_image"] = inputs.data_urls()[0]
             return body
