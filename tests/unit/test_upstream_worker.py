@@ -157,6 +157,39 @@ def test_a_lost_submit_answer_is_not_resent_to_a_non_idempotent_upstream(core: A
     worker.stop()
 
 
+def test_a_stop_while_waiting_to_retry_an_unsent_submit_is_no_lost_answer(core: Any, tmp_path: Path) -> None:
+    jobs, _ = core
+    up = _bfl(polls_pending=0)
+    worker = _worker(core, _registry(tmp_path, "bfl"), up)
+    job = _job(jobs)
+    # An earlier attempt's submit got a 503 (no task made), and it stopped during the backoff.
+    _died_after(jobs, job, {"phase": "submitting", "index": 0}, {"phase": "unsent", "index": 0})
+    worker.run_claimed(job.id)
+    done = jobs.store.get_job(job.id)
+    assert done is not None and done.status is Status.SUCCEEDED, done.error if done else None
+    assert up.count("POST", "/v1/flux-pro") == 1
+    worker.stop()
+
+
+def test_polling_that_keeps_failing_cancels_the_task_before_failing_over(core: Any, tmp_path: Path) -> None:
+    jobs, _ = core
+    up = Upstream(
+        {
+            ("POST", "/v1/models/black-forest-labs/flux-pro/predictions"): _json(201, {"id": "p1"}),
+            ("GET", "/v1/predictions/p1"): _json(503, {"detail": "busy"}),
+            ("POST", "/v1/predictions/p1/cancel"): _json(200, {"id": "p1", "status": "canceled"}),
+        }
+    )
+    worker = _worker(core, _registry(tmp_path, "replicate"), up)
+    job = _job(jobs)
+    worker.run_claimed(job.id)
+    moved = jobs.store.get_job(job.id)
+    assert moved is not None and moved.status is Status.QUEUED and moved.route == "other"
+    # The first provider's task would otherwise run on, and be billed, beside the fallback's.
+    assert up.count("POST", "/v1/predictions/p1/cancel") == 1
+    worker.stop()
+
+
 def test_an_idempotent_upstream_gets_the_lost_submit_again_with_the_same_key(core: Any, tmp_path: Path) -> None:
     jobs, _ = core
     keys: list[str] = []

@@ -212,6 +212,8 @@ class UpstreamWorker(LeasedWorker):
                 tasks[int(p["index"])] = Task.from_dict(p)
             elif p.get("phase") == "submitting":
                 submitting.add(int(p["index"]))
+            elif p.get("phase") == "unsent":  # that submit failed before any task could exist
+                submitting.discard(int(p["index"]))
         return tasks, submitting
 
     def _record(self, job: Job, payload: dict[str, Any]) -> None:
@@ -255,10 +257,13 @@ class UpstreamWorker(LeasedWorker):
                 # Sent but unanswered (a read timeout, a dropped connection): a second send may be a second task.
                 if exc.maybe_sent and not self.config.idempotent:
                     raise Rejected(LOST_ANSWER.format(name=self.config.name)) from exc
+                if not exc.maybe_sent:  # never reached it, or answered an error: a stop now is no lost answer
+                    self._record(job, {"phase": "unsent", "index": index})
                 if attempt == self.config.retries or time.monotonic() + backoff > deadline:
                     raise
                 log.warning("job %s: upstream %s: %s; retry in %.1f s", job.id, self.config.name, exc.message, backoff)
                 self._sleep(job, backoff, abort)
+                self._record(job, {"phase": "submitting", "index": index})
                 backoff *= 2
         if isinstance(answer, Task):
             self._record(job, {"phase": "task", "index": index, **answer.to_dict()})
@@ -288,6 +293,8 @@ class UpstreamWorker(LeasedWorker):
                 log.warning("job %s: polling upstream %s: %s", job.id, self.config.name, exc.message)
                 done = None
                 if errors > self.config.retries * 4:
+                    # It fails over next: the task may still run there and be billed a second time.
+                    self._cancel_upstream(task, key)
                     raise
             if done is not None:
                 return done
