@@ -28,25 +28,46 @@ MAX_REDIRECTS = 5
 
 
 MAX_REQUEST_PIXELS = 64_000_000  # all of one request's images together (16 uploads of 4 MP)
+MAX_REQUEST_BYTES = 200 * 1024 * 1024  # all of one request's image files together, as they arrive
 
 
-def check_pixel_budget(blobs: list[bytes], *, param: str) -> None:
-    """Refuse a request whose images together declare more than MAX_REQUEST_PIXELS, from their
-    headers alone: sixteen 40-megapixel one-colour PNGs are 600 KB to send but 2.5 GB decoded."""
-    total = 0
-    for data in blobs:
-        try:
-            with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as img:
-                total += img.size[0] * img.size[1]
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-            continue  # decode_image names what is wrong with this one
-    if total > MAX_REQUEST_PIXELS:
-        raise InvalidInput(
-            f"{param}: the images of one request may have {MAX_REQUEST_PIXELS // 1_000_000} megapixels in all; "
-            f"these have {total / 1e6:.1f}.",
-            param=param,
-            code="image_too_large",
-        )
+def declared_pixels(data: bytes) -> int:
+    """Width x height from an image's header alone (0 when it is not one: decode_image says why later)."""
+    try:
+        with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as img:
+            return int(img.size[0] * img.size[1])
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return 0
+
+
+class InputBudget:
+    """One request's input images judged as each arrives, from its header: a running total of pixels and
+    bytes, refused the moment it passes either, before the next input is fetched or anything is decoded
+    (sixteen 40-megapixel one-colour PNGs are 600 KB to send but 2.5 GB decoded; sixteen 50 MB files would
+    be held at once)."""
+
+    def __init__(self, max_pixels: int = MAX_REQUEST_PIXELS, max_bytes: int = MAX_REQUEST_BYTES) -> None:
+        self.max_pixels, self.max_bytes = max_pixels, max_bytes
+        self.pixels = self.bytes = 0
+
+    def add(self, data: bytes, *, param: str) -> bytes:
+        self.bytes += len(data)
+        self.pixels += declared_pixels(data)
+        if self.pixels > self.max_pixels:
+            raise InvalidInput(
+                f"{param}: the images of one request may have {self.max_pixels // 1_000_000} megapixels in all; "
+                f"these have {self.pixels / 1e6:.1f} so far.",
+                param=param,
+                code="image_too_large",
+            )
+        if self.bytes > self.max_bytes:
+            raise PayloadTooLarge(
+                f"{param}: the images of one request may take {self.max_bytes // 2**20} MiB in all; these take "
+                f"{self.bytes / 2**20:.1f} MiB so far.",
+                param=param,
+                code="image_too_large",
+            )
+        return data
 
 
 async def decode_image_async(data: bytes, *, slots: asyncio.Semaphore | None = None, **kwargs: Any) -> Image.Image:

@@ -320,3 +320,69 @@ def test_a_failed_job_answers_synchronous_dialects_by_why_it_failed(
     exc = job_failure(failed)
     assert http_status(exc) == (status, error_type) and exc.message == "Content Moderated: nsfw"
     assert "job_failure(job)" in (Path(__file__).parents[2] / "src/fluxserve/api/a1111.py").read_text()
+
+
+def test_inputs_are_judged_as_they_arrive_and_fetching_stops_at_the_budget(
+    settings: Settings, fake_engine: FakeEngine
+) -> None:
+    """One request fetched all of its up to 16 inputs (50 MB each) before the pixel budget was judged: now each
+    is judged from its header as it arrives, and a request past the budget fetches nothing more."""
+    import io
+    from http.server import BaseHTTPRequestHandler
+
+    from PIL import Image
+
+    from tests.support.image_server import serve_loopback
+
+    buf = io.BytesIO()
+    Image.new("L", (6000, 6000)).save(buf, format="PNG")  # 36 MP of one colour: small to send
+    bomb, fetched = buf.getvalue(), []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            fetched.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(bomb)))
+            self.end_headers()
+            self.wfile.write(bomb)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    with (
+        serve_loopback(Handler) as base,
+        TestClient(create_app(settings.model_copy(update={"allow_private_urls": True}), engine=fake_engine)) as c,
+    ):
+        urls = [f"{base}/{i}.png" for i in range(4)]
+        got = c.post(
+            "/v1/models/black-forest-labs/flux-2-pro/predictions",
+            json={"input": {"prompt": "p", "input_images": urls}},
+            headers=AUTH,
+        )
+    assert got.status_code == 422 and "72.0 so far" in got.text, got.text
+    assert fetched == ["/0.png", "/1.png"]  # the third and fourth were never fetched
+
+
+def test_one_keys_burst_waits_on_its_own_intake_slots() -> None:
+    import asyncio
+
+    from fluxserve.api.intake import IntakeSlots
+
+    async def run() -> tuple[int, int, int]:
+        slots = IntakeSlots(per_node=3, per_key=2)
+        inside = {"a": 0, "b": 0}
+        most = {"a": 0, "b": 0}
+
+        async def gather(owner: str) -> None:
+            async with slots.hold(owner):
+                inside[owner] += 1
+                most[owner] = max(most[owner], inside[owner])
+                await asyncio.sleep(0.02)
+                inside[owner] -= 1
+
+        await asyncio.gather(*(gather("a") for _ in range(6)), *(gather("b") for _ in range(2)))
+        return most["a"], most["b"], len(slots._keys)
+
+    most_a, most_b, remembered = asyncio.run(run())
+    assert most_a == 2 and most_b <= 2 and remembered == 0  # a key's burst holds two; none kept afterwards

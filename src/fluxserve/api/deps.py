@@ -22,6 +22,7 @@ from ..settings import Settings
 from ..storage import Storage
 from ..store import Store
 from ..webhooks import check_webhook_url
+from .intake import IntakeSlots
 
 
 @dataclass
@@ -38,6 +39,8 @@ class Services:
     files: FileService  # uploads (Replicate's files API)
     # Image decodes at once across requests: each can hold up to 40 MP (160 MB) while it runs.
     decode_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
+    # Requests gathering input images at once, per node and per key (intake.py).
+    intake: IntakeSlots = field(default_factory=IntakeSlots)
     started_at: float = field(default_factory=time.time)
 
     def output_urls(self, job: Job) -> list[str]:

@@ -10,7 +10,7 @@ from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from starlette.datastructures import FormData
 
 from ..errors import InvalidInput, UnsupportedMediaType
-from ..images import MAX_MASK_BYTES, check_pixel_budget, decode_image_async, mask_from_alpha
+from ..images import MAX_MASK_BYTES, InputBudget, decode_image_async, mask_from_alpha
 from ..loras import LoraRequest
 from ..models import ModelSpec
 from ..spec import fit_megapixel, parse_size
@@ -89,12 +89,16 @@ async def edit_image(request: Request, services: ServicesDep, owner: OwnerDep) -
         model = services.registry.get(body.model or ("flux-fill" if has_mask else "flux-kontext-pro"))
         if model.takes_references:
             model.check_image_count(len(uploads), param="image")
-        blobs = [await read_upload(u, param="image") for u in uploads]
-        mask_blob = await read_upload(form.get("mask"), param="mask", max_bytes=MAX_MASK_BYTES) if has_mask else None
+        # Each upload judged as it is read (pixels from its header, bytes), with this node's and key's slots.
+        budget = InputBudget()
+        async with services.intake.hold(owner):
+            blobs = [budget.add(await read_upload(u, param="image"), param="image") for u in uploads]
+            mask_blob = (
+                await read_upload(form.get("mask"), param="mask", max_bytes=MAX_MASK_BYTES) if has_mask else None
+            )
+            images = [await decode_image_async(blob, param="image", slots=services.decode_slots) for blob in blobs]
     finally:
         await form.close()
-    check_pixel_budget(blobs, param="image")
-    images = [await decode_image_async(blob, param="image", slots=services.decode_slots) for blob in blobs]
     for image in images:
         model.check_reference(image.size, param="image")
     mask = None

@@ -6,7 +6,7 @@ from __future__ import annotations
 from PIL import Image
 
 from ..errors import InvalidInput
-from ..images import check_pixel_budget, decode_base64, decode_image_async, fetch_image_bytes
+from ..images import InputBudget, decode_base64, decode_image_async, fetch_image_bytes
 from .deps import Services
 
 
@@ -34,17 +34,21 @@ async def _value_bytes(value: str, services: Services, owner: str, *, param: str
 
 
 async def image_from_value(value: str, services: Services, owner: str, *, param: str) -> Image.Image:
-    data = await _value_bytes(value, services, owner, param=param)
-    return await decode_image_async(data, param=param, slots=services.decode_slots)
+    async with services.intake.hold(owner):
+        data = await _value_bytes(value, services, owner, param=param)
+        return await decode_image_async(data, param=param, slots=services.decode_slots)
 
 
 async def images_from_values(values: list[tuple[str, str]], services: Services, owner: str) -> list[Image.Image]:
-    """Every (param, value) image of a JSON request, within the per-request pixel budget (judged from
-    the headers, before anything is decoded), as multipart edits are."""
-    blobs = [await _value_bytes(value, services, owner, param=param) for param, value in values]
-    if len(blobs) > 1:
-        check_pixel_budget(blobs, param=values[0][0])
-    return [
-        await decode_image_async(b, param=p, slots=services.decode_slots)
-        for (p, _), b in zip(values, blobs, strict=True)
-    ]
+    """Every (param, value) image of a JSON request, within the per-request pixel and byte budget: each judged
+    from its header as it arrives, before the next is fetched and before anything is decoded, with this
+    node's and this key's intake slots held meanwhile."""
+    budget = InputBudget()
+    async with services.intake.hold(owner):
+        blobs = [
+            budget.add(await _value_bytes(value, services, owner, param=param), param=param) for param, value in values
+        ]
+        return [
+            await decode_image_async(b, param=p, slots=services.decode_slots)
+            for (p, _), b in zip(values, blobs, strict=True)
+        ]
