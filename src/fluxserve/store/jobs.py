@@ -175,11 +175,16 @@ class JobQueries(Database):
         values: Values,
         payload: dict[str, Any] | None = None,
     ) -> list[Job | None]:
-        """The same transition for several jobs (a batch) in one transaction."""
+        """The same transition for several jobs (a batch) in one transaction, their rows taken in id order (no
+        deadlock with another multi-row write); the results in the order of ``fences``."""
         statuses = list(expect)
         with self._write() as conn:
             rules = self.webhook_rules
-            return [_transition(conn, f, kind, statuses, values, payload or {}, None, rules) for f in fences]
+            done = {
+                f.job_id: _transition(conn, f, kind, statuses, values, payload or {}, None, rules)
+                for f in sorted(fences, key=lambda f: f.job_id)
+            }
+            return [done[f.job_id] for f in fences]
 
     def request_cancel(self, job_id: str) -> Job | None:
         """Flag a job for cancellation; a queued one is canceled at once. None: it had already ended."""
@@ -249,8 +254,12 @@ class JobQueries(Database):
         mine = or_(*(and_(jobs.c.id == job_id, jobs.c.attempts == attempt) for job_id, attempt in claims))
         held = and_(mine, jobs.c.worker_id == worker_id, jobs.c.status == Status.PROCESSING.value)
         with self._write() as conn:
-            conn.execute(update(jobs).where(held).values(lease_expires_at=clock(conn) + lease_s))
-            return {r.id for r in conn.execute(select(jobs.c.id).where(held))}
+            # Rows locked in id order, as every multi-row write here takes them: a batch's renewal and its
+            # progress (transition_many) deadlocked on PostgreSQL when each took the rows in its own order.
+            ids = [r.id for r in conn.execute(select(jobs.c.id).where(held).order_by(jobs.c.id).with_for_update())]
+            if ids:
+                conn.execute(update(jobs).where(jobs.c.id.in_(ids)).values(lease_expires_at=clock(conn) + lease_s))
+            return set(ids)
 
 
 def _transition(
