@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -51,7 +52,8 @@ class RemoteServer:
         if demo_model is not None and not (data_dir / "demo-model").exists():
             # The same folder `serve --demo` would build; copied to keep each test from rebuilding it.
             shutil.copytree(demo_model, data_dir / "demo-model")
-        self.log_path = data_dir / f"server-{self.port}.log"
+        # Its own log even when a later server gets the same port back from the OS.
+        self.log_path = data_dir / f"server-{self.port}-{secrets.token_hex(3)}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 120, *, until: str = "ready") -> RemoteServer:
