@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -328,7 +328,11 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
         workers.start()
         sweeper.start()
         try:
-            yield
+            async with AsyncExitStack() as running:
+                for dialect in DIALECTS:
+                    if dialect.lifespan is not None:
+                        await running.enter_async_context(dialect.lifespan(app, services))
+                yield
         finally:
             for task in background:
                 task.cancel()

@@ -381,3 +381,40 @@ def test_jobs_go_to_the_worker_that_has_their_model_warm(
         finally:
             for w in workers.values():
                 w.stop()
+
+
+def test_mcp_calls_on_api_only_nodes_follow_one_job_across_nodes(
+    tmp_path: Path, cluster_dirs: tuple[str, Path], demo_model_dir: Path
+) -> None:
+    """/mcp is stateless: a generate_image on node A that outlives its wait is followed by get_task on node B,
+    with progress notifications carried by PostgreSQL's notifications to whichever node waits."""
+    import mcp.types as mt
+
+    from tests.support.mcp_client import over_http
+
+    db, storage = cluster_dirs
+    progress: list[float] = []
+
+    async def on_progress(done: float, total: float | None, message: str | None) -> None:
+        progress.append(done)
+
+    slow = {"FLUXSERVE_DEMO_STEP_DELAY_S": "0.1"}
+    with (
+        api_node(tmp_path / "a", db, storage, KEY) as a,
+        api_node(tmp_path / "b", db, storage, KEY) as b,
+        RemoteWorker(tmp_path / "w", db, storage, demo_model_dir, models="flux-dev", env=slow),
+    ):
+        # Node A waits for the whole job: its steps reach A through PostgreSQL's notifications.
+        args = {"prompt": "relay", "model": "flux-dev", "steps": 20, "size": "256x256", "wait_s": 120}
+        whole = over_http(a.url, KEY, lambda c: c.call_tool("generate_image", args, progress_callback=on_progress))
+        assert whole.structured_content["status"] == "succeeded", whole.content
+        # A job that outlives its call on node A is followed by get_task on node B.
+        first = over_http(a.url, KEY, lambda c: c.call_tool("generate_image", args | {"wait_s": 0}))
+        assert not first.is_error, first.content
+        assert first.structured_content["status"] in ("queued", "processing")
+        task_id = first.structured_content["id"]
+        done = over_http(b.url, KEY, lambda c: c.call_tool("get_task", {"id": task_id, "wait_s": 60}))
+        assert done.structured_content["status"] == "succeeded", done.structured_content
+        assert [c.mime_type for c in done.content if isinstance(c, mt.ImageContent)] == ["image/png"]
+        assert httpx.get(done.structured_content["images"][0]["url"], timeout=10).status_code == 200
+    assert progress and progress == sorted(progress) and progress[-1] == 20, progress

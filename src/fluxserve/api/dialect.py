@@ -7,10 +7,11 @@ plus one line in api/dialects.py's list.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse
 
 from ..errors import FluxServeError
@@ -38,6 +39,8 @@ class Dialect:
     body_limit: Callable[[str], int] = json_only
     # Its routes are served under this prefix too ("/bfl": /bfl/v1/flux-pro), as the seed relay does.
     prefix: str = ""
+    # Runs while the app serves (entered once its services are wired): what the dialect's routes need running.
+    lifespan: Callable[[FastAPI, Services], AbstractAsyncContextManager[None]] | None = None
 
 
 def images_at(*prefixes: str) -> Callable[[str], int]:

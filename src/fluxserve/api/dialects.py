@@ -11,7 +11,7 @@ from ..errors import FluxServeError
 from ..job import Job
 from ..store import WebhookRules
 from ..webhooks import owner_secret
-from . import a1111, bfl, fal, openai, replicate, vmodel
+from . import a1111, bfl, fal, mcp, openai, replicate, vmodel
 from .deps import Services
 from .dialect import Dialect
 
@@ -22,6 +22,7 @@ DIALECTS: tuple[Dialect, ...] = (
     vmodel.DIALECT,
     a1111.DIALECT,
     fal.DIALECT,
+    mcp.DIALECT,
     openai.DIALECT,
 )
 _BY_NAME = {d.name: d for d in DIALECTS}

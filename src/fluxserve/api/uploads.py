@@ -33,10 +33,12 @@ async def _value_bytes(value: str, services: Services, owner: str, *, param: str
     return decode_base64(value, param=param)
 
 
-async def image_from_value(value: str, services: Services, owner: str, *, param: str) -> Image.Image:
+async def image_from_value(
+    value: str, services: Services, owner: str, *, param: str, keep_alpha: bool = False
+) -> Image.Image:
     async with services.intake.hold(owner):
         data = await _value_bytes(value, services, owner, param=param)
-        return await decode_image_async(data, param=param, slots=services.decode_slots)
+        return await decode_image_async(data, param=param, slots=services.decode_slots, keep_alpha=keep_alpha)
 
 
 async def images_from_values(values: list[tuple[str, str]], services: Services, owner: str) -> list[Image.Image]:

@@ -7,11 +7,11 @@ from typing import Annotated, Any
 
 import typer
 
-from . import keys, tools
+from . import keys, mcp_bridge, tools
 from .common import app, check_engine_installed, check_fp8, open_store, settings_from
 from .options import SERVE_FIELDS, WORKER_FIELDS, settings_options
 
-__all__ = ["app", "keys", "main", "tools"]
+__all__ = ["app", "keys", "main", "mcp_bridge", "tools"]
 
 
 @app.command()

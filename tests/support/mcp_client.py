@@ -1,0 +1,24 @@
+"""The official MCP SDK's client, driven from synchronous tests: over Streamable HTTP with a Bearer key."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import httpx2
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+
+
+def over_http(base_url: str, key: str, work: Callable[[Client], Awaitable[Any]]) -> Any:
+    """Run ``work`` with a client connected to ``base_url``/mcp and return what it returns."""
+
+    async def main() -> Any:
+        async with (
+            httpx2.AsyncClient(headers={"Authorization": f"Bearer {key}"}, timeout=120) as http,
+            Client(streamable_http_client(f"{base_url}/mcp", http_client=http)) as client,
+        ):
+            return await work(client)
+
+    return anyio.run(main)
