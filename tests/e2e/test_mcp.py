@@ -103,7 +103,12 @@ def test_edit_with_two_references_from_a_data_url_and_an_uploaded_file(server: R
         headers=server.headers,
     )
     assert uploaded.status_code == 201, uploaded.text
-    data_url = "data:image/png;base64," + base64.b64encode(png("red", (768, 512))).decode()
+    # Noise: a PNG of about 6 MB, past the SDK's default body limit of 4 MB.
+    noise = Image.frombytes("RGB", (1536, 1024), os.urandom(1536 * 1024 * 3))
+    buf = io.BytesIO()
+    noise.save(buf, format="PNG", compress_level=1)
+    assert buf.tell() > 4 * 1024 * 1024
+    data_url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
     args = {"prompt": "combine them", "images": [data_url, uploaded.json()["id"]], "model": "flux-kontext-pro"}
     args |= {"steps": 2}
     result = over_http(server, lambda c: c.call_tool("edit_image", args))

@@ -70,7 +70,11 @@ class McpTools:
             on_list_tools=self._list_tools,
             on_call_tool=self._call_tool,
         )
-        self.manager = StreamableHTTPSessionManager(app=self.server, stateless=True)
+        # Reference images come inline as data: URLs: the body limit is the dialects' for JSON with images
+        # (BodyLimit enforces it first), not the SDK's 4 MB default.
+        self.manager = StreamableHTTPSessionManager(
+            app=self.server, stateless=True, max_request_body_size=IMAGE_JSON_BODY_BYTES
+        )
 
     async def _list_tools(self, ctx: Ctx, params: mt.PaginatedRequestParams | None) -> mt.ListToolsResult:
         registry = self.services.registry
