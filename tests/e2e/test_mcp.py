@@ -37,8 +37,10 @@ def server(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> It
         yield srv
 
 
-def over_http(server: RemoteServer, work: Callable[[Client], Awaitable[Any]], key: str = E2E_KEY) -> Any:
-    return mcp_client.over_http(server.url, key, work)
+def over_http(
+    server: RemoteServer, work: Callable[[Client], Awaitable[Any]], key: str = E2E_KEY, mode: str = "auto"
+) -> Any:
+    return mcp_client.over_http(server.url, key, work, mode=mode)
 
 
 def over_stdio(server: RemoteServer, work: Callable[[Client], Awaitable[Any]]) -> Any:
@@ -58,8 +60,9 @@ def images_of(result: mt.CallToolResult) -> list[Image.Image]:
     return [Image.open(io.BytesIO(base64.b64decode(c.data))) for c in result.content if isinstance(c, mt.ImageContent)]
 
 
-def test_tools_are_listed_with_the_registrys_models_and_limits(server: RemoteServer) -> None:
-    listed = over_http(server, lambda c: c.list_tools())
+@pytest.mark.parametrize("mode", ["auto", "legacy"])
+def test_tools_are_listed_with_the_registrys_models_and_limits(server: RemoteServer, mode: str) -> None:
+    listed = over_http(server, lambda c: c.list_tools(), mode=mode)
     tools = {t.name: t for t in listed.tools}
     assert set(tools) == TOOLS
     schema = tools["generate_image"].input_schema
@@ -70,14 +73,15 @@ def test_tools_are_listed_with_the_registrys_models_and_limits(server: RemoteSer
     assert tools["edit_image"].input_schema["properties"]["images"]["maxItems"] == 16  # Kontext's
 
 
-def test_generate_returns_the_image_a_link_to_it_and_progress(server: RemoteServer) -> None:
+@pytest.mark.parametrize("mode", ["auto", "legacy"])
+def test_generate_returns_the_image_a_link_to_it_and_progress(server: RemoteServer, mode: str) -> None:
     progress: Progress = []
 
     async def on_progress(done: float, total: float | None, message: str | None) -> None:
         progress.append((done, total, message))
 
     args = {"prompt": "a red fox", "model": "flux", "size": "512x384", "seed": 7, "output_format": "jpeg"}
-    result = over_http(server, lambda c: c.call_tool("generate_image", args, progress_callback=on_progress))
+    result = over_http(server, lambda c: c.call_tool("generate_image", args, progress_callback=on_progress), mode=mode)
     assert not result.is_error, result.content
     (image,) = images_of(result)
     assert image.format == "JPEG" and image.size == (512, 384)

@@ -11,13 +11,14 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 
-def over_http(base_url: str, key: str, work: Callable[[Client], Awaitable[Any]]) -> Any:
-    """Run ``work`` with a client connected to ``base_url``/mcp and return what it returns."""
+def over_http(base_url: str, key: str, work: Callable[[Client], Awaitable[Any]], *, mode: str = "auto") -> Any:
+    """Run ``work`` with a client connected to ``base_url``/mcp and return what it returns. ``mode``
+    "legacy": the initialize handshake of protocol versions before 2026-07-28, as most hosts still send."""
 
     async def main() -> Any:
         async with (
             httpx2.AsyncClient(headers={"Authorization": f"Bearer {key}"}, timeout=120) as http,
-            Client(streamable_http_client(f"{base_url}/mcp", http_client=http)) as client,
+            Client(streamable_http_client(f"{base_url}/mcp", http_client=http), mode=mode) as client,
         ):
             return await work(client)
 
