@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install fluxserve with its test tools into .venv, then lint, type-check and run the whole test suite
+# Install fluxserve with its test tools into .venv, then lint, type-check, build the docs and run the whole test suite
 # (CPU only, no network but the package registries); with arguments, only `pytest ARGS`. Browser tests drive Debian's Chromium, installed here when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -53,6 +53,7 @@ fi
 .venv/bin/ruff format --check .
 .venv/bin/mypy src
 .venv/bin/lint-imports  # the layers contract (pyproject.toml [tool.importlinter])
+bash scripts/docs.sh  # the documentation site, strict (a broken link or a page left out of the nav fails it)
 # The tests that need torchvision (FLUX 3's and FLUX.2 [dev]'s processors import it; PyPI's torchvision does
 # not import beside the CPU torch above) run in a second venv with a pair that does (a CUDA build of torch,
 # about 5.5 GB, that runs on the CPU here). It is installed while the suite runs: two minutes of unpacking

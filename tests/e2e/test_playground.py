@@ -24,6 +24,8 @@ ARGS = [
     "--disable-sync",
 ]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+# The docs' pictures of the playground are these screenshots: FLUXSERVE_DOCS_SCREENSHOTS=1 writes them there too.
+DOCS_ASSETS = Path(__file__).resolve().parents[2] / "docs" / "assets"
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +54,11 @@ def _is_error(message: ConsoleMessage) -> bool:
     return message.type == "error" and not any(e in message.text for e in expected)
 
 
-def _shot(page: Page, name: str) -> None:
+def _shot(page: Page, name: str, *, docs_name: str | None = None) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+    if docs_name and os.environ.get("FLUXSERVE_DOCS_SCREENSHOTS") == "1":
+        page.screenshot(path=str(DOCS_ASSETS / f"{docs_name}.png"))
 
 
 def _connect(page: Page, server: RemoteServer, key: str | None = None) -> None:
@@ -77,7 +81,7 @@ def test_generate_and_see_the_image(page: Page, server: RemoteServer) -> None:
     expect(figure.locator(".seed")).to_have_text("seed 1234")
     expect(figure.locator(".size")).to_have_text("512\u00d7512")
     expect(page.locator(".turn .meta").last).to_contain_text("Done in")
-    _shot(page, "playground-generated")
+    _shot(page, "playground-generated", docs_name="playground")
     # Full view, keyboard included.
     figure.locator("img").focus()
     page.keyboard.press("Enter")

@@ -181,7 +181,7 @@ def test_chaos_kill_cancel_sigterm_every_job_ends_once(
         f"kill and re-started {restarted_s:.2f} s after it"
     )
     assert found_s < 2 * LEASE_S + 1.0
-    # Connections stay within what README's "Beyond one machine" tells operators to plan for.
+    # Connections stay within what the docs' "Beyond one machine" (docs/scale-out.md) tell operators to plan for.
     from fluxserve.queue.pg.runner import POOL_MAX, WORKER_POOL
     from fluxserve.store import POOL_OVERFLOW, POOL_SIZE
 

@@ -92,7 +92,8 @@ def test_seed_task_api_curl(server: RemoteServer) -> None:
 
 
 def test_provider_prefixes_a1111_and_async_with_curl(server: RemoteServer) -> None:
-    """The README's curl lines for the relay's prefixes, OpenAI async mode and A1111, against the real server."""
+    """The docs' curl lines (clients/more-dialects.md) for the relay's prefixes, OpenAI async mode and A1111,
+    against the real server."""
     auth = f"Authorization: Bearer {server.api_key}"
     json_body = "Content-Type: application/json"
     created = curl(
