@@ -7,6 +7,7 @@ that ran batched together each count the batch's whole time.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime
@@ -27,9 +28,13 @@ class UsageRow:
     megapixels: float = 0.0
     worker_seconds: float = 0.0
     cost: float = 0.0  # credits charged: priced jobs that succeeded (the rest were refunded)
+    # By end user only: the request's safety_identifier (OpenAI's successor of `user`), else its user.
+    end_user: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
+        if self.end_user is None:
+            del out["end_user"]
         out["cost"] = round(self.cost, 6)
         out["megapixels"] = round(self.megapixels, 3)
         out["worker_seconds"] = round(self.worker_seconds, 3)
@@ -47,16 +52,16 @@ def parse_since(value: str | None, *, param: str = "since") -> float:
     return datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp()
 
 
-def usage(store: Store, since: float, owner: str | None = None) -> list[UsageRow]:
+def usage(store: Store, since: float, owner: str | None = None, *, by_end_user: bool = False) -> list[UsageRow]:
     names = {row.id: row.name for row in store.list_keys()}
-    rows: dict[tuple[str, str, str], UsageRow] = {}
-    acc: defaultdict[tuple[str, str, str], list[Any]] = defaultdict(list)
-    for r in store.job_usage(since, owner):
+    rows: dict[tuple[str, str, str, str | None], UsageRow] = {}
+    acc: defaultdict[tuple[str, str, str, str | None], list[Any]] = defaultdict(list)
+    for r in store.job_usage(since, owner, requests=by_end_user):
         day = datetime.fromtimestamp(r.created_at, UTC).date().isoformat()
         key = names.get(r.owner, "FLUXSERVE_API_KEY" if r.owner.startswith("env_") else r.owner)
-        acc[(day, key, r.model)].append(r)
-    for (day, key, model), jobs in acc.items():
-        row = rows[(day, key, model)] = UsageRow(day, key, model)
+        acc[(day, key, r.model, _end_user(r.request) if by_end_user else None)].append(r)
+    for (day, key, model, end_user), jobs in acc.items():
+        row = rows[(day, key, model, end_user)] = UsageRow(day, key, model, end_user=end_user)
         for r in jobs:
             row.jobs += 1
             if r.status == Status.SUCCEEDED.value:
@@ -65,4 +70,14 @@ def usage(store: Store, since: float, owner: str | None = None) -> list[UsageRow
                 row.cost += r.cost or 0.0
             if r.started_at is not None and r.completed_at is not None:
                 row.worker_seconds += max(0.0, r.completed_at - r.started_at)
-    return sorted(rows.values(), key=lambda u: (u.day, u.key, u.model))
+    return sorted(rows.values(), key=lambda u: (u.day, u.key, u.model, u.end_user or ""))
+
+
+def _end_user(request: str) -> str:
+    """The end user a request named (safety_identifier, else user; "" for none)."""
+    try:
+        fields = json.loads(request)
+    except ValueError:
+        return ""
+    value = fields.get("safety_identifier") or fields.get("user") if isinstance(fields, dict) else None
+    return value if isinstance(value, str) else ""

@@ -37,7 +37,6 @@ class EditForm(ImageFields):
     n: int = Field(default=1, ge=1, le=10)
     size: str | None = None
     response_format: Literal["url", "b64_json"] | None = None
-    quality: Literal["auto", "low", "medium", "high", "standard", "hd"] | None = None
     strength: float | None = None
     loras: str | None = None  # JSON, as in generations: [{"path": ..., "scale": ...}]
     stream: bool = False  # image_edit.partial_image events (previews), then image_edit.completed
@@ -76,6 +75,12 @@ def _multipart(*files: str) -> dict[str, Any]:
 async def edit_image(request: Request, services: ServicesDep, owner: OwnerDep) -> Response:
     form, body = await _read_form(request)
     try:  # the uploads' spooled files are closed as soon as their bytes are read
+        if form.get("markup") is not None:  # gpt-image-2.5's drawn-on annotations (a file or JSON): not read here
+            raise InvalidInput(
+                "markup: annotated edits are not supported here; describe the change in the prompt, or send a mask.",
+                param="markup",
+                code="unsupported_parameter",
+            )
         uploads = form.getlist("image") + form.getlist("image[]")
         if not uploads:
             raise InvalidInput(

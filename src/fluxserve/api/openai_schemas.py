@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..errors import InvalidInput
 from ..models import ModelSpec
 from ..spec import Adapter, GenerationSpec, output_quality, parse_size
 from .deps import Services
@@ -15,13 +16,27 @@ DEFAULT_MODEL = "flux"
 __all__ = ["DEFAULT_MODEL", "ImageFields", "ImageGenerationRequest", "known_fields"]
 
 
+Quality = Literal["auto", "low", "medium", "high", "standard", "hd", "xhigh", "max"]
+# gpt-image-2.5's qualities above "high": more denoising steps than the model's default, within its range.
+MORE_STEPS = {"xhigh": 1.5, "max": 2.0}
+# Formats OpenAI's newer models make that are not produced here; asked for, they are refused by name.
+NOT_PRODUCED = ("gif", "svg")
+
+
 class ImageFields(BaseModel):
     """What generations and edits both take, and the spec they make of it."""
 
     prompt: str
     n: int | None = Field(default=None, ge=1, le=10)
-    output_format: Literal["png", "jpeg", "webp"] | None = None
+    output_format: Literal["png", "jpeg", "webp", "gif", "svg"] | None = None
     output_compression: int | None = Field(default=None, ge=0, le=100)
+    quality: Quality | None = None
+    # The successor of `user` (gpt-image-2.5 clients): the end user a request is for, kept with the job and
+    # shown in usage (`GET /v1/usage?by=end_user`).
+    safety_identifier: str | None = Field(default=None, max_length=256)
+    # Animated output (gif frames): not produced here.
+    frame_count: int | None = None
+    frame_duration_ms: int | None = None
     # fluxserve extensions
     seed: int | None = None
     steps: int | None = None
@@ -32,19 +47,44 @@ class ImageFields(BaseModel):
     def make_spec(
         self, model: ModelSpec, width: int, height: int, loras: tuple[Adapter, ...], **extra: Any
     ) -> GenerationSpec:
+        self._check_producible()
         return model.make_spec(
             prompt=self.prompt,
             width=width,
             height=height,
             num_images=self.n or 1,
-            steps=self.steps,
+            steps=self.steps if self.steps is not None else quality_steps(model, self.quality),
             guidance=self.guidance,
             seed=self.seed,
-            output_format=self.output_format or "png",
+            output_format=self.output_format or "png",  # type: ignore[arg-type]  # gif, svg refused above
             quality=output_quality(self.output_compression),
             loras=loras,
             **extra,
         )
+
+    def _check_producible(self) -> None:
+        if self.output_format in NOT_PRODUCED:
+            raise InvalidInput(
+                f"output_format {self.output_format!r} is not produced here; use png, jpeg or webp.",
+                param="output_format",
+                code="unsupported_output_format",
+            )
+        for name in ("frame_count", "frame_duration_ms"):
+            if getattr(self, name) is not None:
+                raise InvalidInput(
+                    f"{name}: animated images are not produced here; send one still image per request.",
+                    param=name,
+                    code="unsupported_parameter",
+                )
+
+
+def quality_steps(model: ModelSpec, quality: str | None) -> int | None:
+    """The steps a quality asks for: xhigh and max are more than the model's default, never past its maximum;
+    the others leave the default (None)."""
+    factor = MORE_STEPS.get(quality or "")
+    return (
+        None if factor is None else min(model.max_steps, max(model.default_steps, round(model.default_steps * factor)))
+    )
 
 
 class ImageGenerationRequest(ImageFields):
@@ -54,7 +94,6 @@ class ImageGenerationRequest(ImageFields):
     model: str | None = None
     size: str | None = None
     response_format: Literal["url", "b64_json"] | None = None
-    quality: Literal["auto", "low", "medium", "high", "standard", "hd"] | None = None
     style: Literal["vivid", "natural"] | None = None
     background: Literal["auto", "opaque"] | None = None
     moderation: Literal["low", "auto"] | None = None

@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
+from ..errors import InvalidInput
 from ..usage import parse_since, usage
 from .deps import OwnerDep, ServicesDep
 
@@ -13,9 +14,15 @@ router = APIRouter(prefix="/v1")
 
 
 @router.get("/usage")
-async def own_usage(services: ServicesDep, owner: OwnerDep, since: str | None = None) -> dict[str, Any]:
+async def own_usage(
+    services: ServicesDep, owner: OwnerDep, since: str | None = None, by: str | None = None
+) -> dict[str, Any]:
+    """The key's usage per model and day; ``by=end_user`` splits it by each request's safety_identifier
+    (or user), as an app with many users of one key needs."""
     start = parse_since(since)
-    rows = await services.jobs.run(usage, services.store, start, owner)
+    if by not in (None, "end_user"):
+        raise InvalidInput(f"by must be end_user (or left out); got {by!r}.", param="by")
+    rows = await services.jobs.run(usage, services.store, start, owner, by_end_user=by == "end_user")
     credits = await services.jobs.run(services.store.key_credits, owner)
     return {
         "object": "list",

@@ -75,6 +75,9 @@ def usage_report(
     key: Annotated[str | None, typer.Option("--key", help="Only this key (id or name).")] = None,
     since: Annotated[str | None, typer.Option(help="From this UTC day, YYYY-MM-DD [default: today].")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
+    by_end_user: Annotated[
+        bool, typer.Option("--by-end-user", help="Split by each request's end user (safety_identifier or user).")
+    ] = False,
     data_dir: DataDir = None,
     database: Annotated[str | None, typer.Option()] = None,
 ) -> None:
@@ -97,18 +100,19 @@ def usage_report(
             typer.echo(f"No key with id or name {key!r}.", err=True)
             raise typer.Exit(1)
         owner = match[0]
-    rows = usage(store, start, owner)
+    rows = usage(store, start, owner, by_end_user=by_end_user)
     store.close()
     if as_json:
         for row in rows:
             typer.echo(json.dumps(row.to_dict()))
         return
     head = f"{'day':<10}  {'key':<20}  {'model':<20}  {'jobs':>6}  {'images':>7}  {'MP':>9}  {'worker s':>9}"
-    typer.echo(f"{head}  {'cost':>9}")
+    typer.echo(f"{head}  {'cost':>9}" + ("  end user" if by_end_user else ""))
     for r in rows:
         typer.echo(
             f"{r.day:<10}  {r.key[:20]:<20}  {r.model[:20]:<20}  {r.jobs:>6}  {r.images:>7}  "
             f"{r.megapixels:>9.2f}  {r.worker_seconds:>9.1f}  {r.cost:>9.4g}"
+            + (f"  {r.end_user or '-'}" if by_end_user else "")
         )
 
 

@@ -70,9 +70,12 @@ class Reports(Database):
         with self._read() as conn:
             return conn.execute(query.limit(1)).first() is not None
 
-    def job_usage(self, since: float, owner: str | None = None) -> list[Row[Any]]:
-        """The columns usage is computed from, for jobs created since then (one key's, or all)."""
+    def job_usage(self, since: float, owner: str | None = None, *, requests: bool = False) -> list[Row[Any]]:
+        """The columns usage is computed from, for jobs created since then (one key's, or all); with
+        ``requests``, each job's request too (its end user is read from it)."""
         cols = [jobs.c[n] for n in ("owner", "model", "status", "created_at", "started_at", "completed_at")]
+        if requests:
+            cols.append(jobs.c.request)
         query = select(*cols, jobs.c.images, jobs.c.megapixels, jobs.c.cost).where(jobs.c.created_at >= since)
         if owner is not None:
             query = query.where(jobs.c.owner == owner)
