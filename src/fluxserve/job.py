@@ -113,6 +113,7 @@ class Job:
     cost: float | None = None  # credits held for it (None: its key is not metered)
     error_code: str | None = None
     note: str | None = None  # set by its worker before the first step: "loading flux-dev: ..."
+    retain_s: float | None = None  # its files' own retention, shorter than the operator's (None: the operator's)
 
     @property
     def loading(self) -> bool:

@@ -102,6 +102,7 @@ class JobService:
         deadline: float | None = None,
         webhook: dict[str, Any] | None = None,
         input_digest: str | None = None,
+        retain_s: float | None = None,
     ) -> tuple[Job, dict[str, str]]:
         """Queue a job. The same Idempotency-Key with the same request (and input images, by digest)
         returns the first job; another is a 409."""
@@ -121,6 +122,7 @@ class JobService:
             request=request,
             deadline=deadline,
             webhook=webhook,
+            retain_s=retain_s,
             idempotency_key=idempotency_key,
             fingerprint=fingerprint,
             progress_total=spec.steps,
@@ -352,7 +354,7 @@ class JobService:
                 values={
                     "status": Status.ABORTED.value,
                     "completed_at": now,
-                    "error": "The Cancel-After deadline passed before the job started.",
+                    "error": "The job's deadline (Cancel-After, X-Fal-Request-Timeout) passed before it started.",
                 },
             )
             aborted += self._changed(done, EventKind.ABORTED) is not None

@@ -85,6 +85,10 @@ def _warm_workers(conn: Connection) -> None:
     _add_missing_columns(conn, store.workers)  # warm
 
 
+def _job_retention(conn: Connection) -> None:
+    _add_missing_columns(conn, store.jobs)  # retain_s
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "jobs and api keys", _baseline),
     (2, "worker leases, job events, webhook outbox", _leases_events_outbox),
@@ -96,6 +100,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (8, "replicate files", _files),
     (9, "job notes, admin keys", _notes_admin_keys),
     (10, "warm models per worker", _warm_workers),
+    (11, "per-job retention", _job_retention),
 ]
 LATEST = MIGRATIONS[-1][0]
 

@@ -24,18 +24,19 @@ ORPHAN_GRACE_S = 3600.0
 def sweep(
     store: Store, storage: Storage, retention_s: float, now: float | None = None, limit: int = 200
 ) -> tuple[int, int]:
-    """One pass: (jobs whose files were deleted, orphaned input folders removed)."""
-    if retention_s <= 0:
-        return 0, 0
+    """One pass: (jobs whose files were deleted, orphaned input folders removed). ``retention_s`` 0 keeps
+    files forever, but for jobs that asked for less (fal's lifecycle preference)."""
     now = time.time() if now is None else now
     expired = 0
-    for job in store.expirable(now - retention_s, limit):
+    for job in store.expirable(now, retention_s if retention_s > 0 else None, limit):
         keys = [o.key for o in job.outputs] + list(job.previews) + list(job.spec.images)
         if job.spec.mask:
             keys.append(job.spec.mask)
         for key in keys:
             storage.delete(key)
         expired += store.mark_files_expired(job.id, now)
+    if retention_s <= 0:
+        return expired, 0
     for upload in store.expired_files(now - retention_s, limit):  # Replicate files: their row, then bytes
         if store.delete_file(upload.owner, upload.id) is not None:
             storage.delete(upload.key)
@@ -57,8 +58,7 @@ class RetentionSweeper:
         self._thread = threading.Thread(target=self._run, name="fluxserve-retention", daemon=True)
 
     def start(self) -> None:
-        if self._retention_s > 0:
-            self._thread.start()
+        self._thread.start()  # with retention 0 too: a job may ask for its files to go sooner
 
     def stop(self) -> None:
         self._stop.set()

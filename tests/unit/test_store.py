@@ -245,6 +245,7 @@ def test_migrations_are_numbered_idempotent_and_upgrade_an_old_database(tmp_path
         "8: replicate files",
         "9: job notes, admin keys",
         "10: warm models per worker",
+        "11: per-job retention",
     ]
     assert upgrade(store.engine) == []
     assert current_version(store.engine) == LATEST

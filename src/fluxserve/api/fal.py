@@ -13,6 +13,8 @@ or ``Bearer``.
 from __future__ import annotations
 
 import base64
+import json
+import time
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
@@ -176,8 +178,61 @@ async def _create(app: str, request: Request, services: Services, owner: str) ->
         webhook = {"url": hook, "events": ["completed"]}
     spec, inputs = await body.to_spec(services, owner, app)
     echo = {"app": app, "input": known_fields(body, exclude={"image_url", "image_urls"})}
-    job = await submit(services, request, owner, "fal", spec, echo, inputs, webhook=webhook)
+    deadline = _start_deadline(request.headers.get("x-fal-request-timeout"))
+    retain_s = _retention(request.headers.get("x-fal-object-lifecycle-preference"), services.settings.retention_s)
+    job = await submit(
+        services, request, owner, "fal", spec, echo, inputs, webhook=webhook, deadline=deadline, retain_s=retain_s
+    )
     return job, body.sync_mode
+
+
+MAX_REQUEST_TIMEOUT_S = 7 * 24 * 3600.0
+
+
+def _start_deadline(header: str | None) -> float | None:
+    """X-Fal-Request-Timeout: seconds the request may wait to start; past them it is canceled (504)."""
+    if header is None:
+        return None
+    try:
+        seconds = float(header)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds <= MAX_REQUEST_TIMEOUT_S:  # NaN fails this too
+        raise InvalidInput(
+            f"X-Fal-Request-Timeout must be a number of seconds above 0 and at most {MAX_REQUEST_TIMEOUT_S:g}; "
+            f"got {header[:32]!r}.",
+            param="X-Fal-Request-Timeout",
+        )
+    return time.time() + seconds
+
+
+LIFECYCLE = "X-Fal-Object-Lifecycle-Preference"
+
+
+def _retention(header: str | None, operator_s: float) -> float | None:
+    """X-Fal-Object-Lifecycle-Preference: {"expiration_duration_seconds": N} keeps this request's files N
+    seconds after it ends, never longer than the operator's retention (0 there: forever)."""
+    if header is None:
+        return None
+    try:
+        value = json.loads(header).get("expiration_duration_seconds")
+    except (ValueError, AttributeError):
+        value = None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= MAX_REQUEST_TIMEOUT_S * 52:
+        raise InvalidInput(
+            f'{LIFECYCLE} must be JSON such as {{"expiration_duration_seconds": 3600}} (0 up to a year); '
+            f"got {header[:64]!r}.",
+            param=LIFECYCLE,
+        )
+    return float(value) if operator_s <= 0 else min(float(value), operator_s)
+
+
+def _timed_out(job: Job) -> JSONResponse | None:
+    """fal's answer for a request whose X-Fal-Request-Timeout passed before it started."""
+    if job.status is not Status.ABORTED:
+        return None
+    headers = {"x-fal-request-id": job.id, "X-Fal-Request-Timeout-Type": "user"}
+    return JSONResponse({"detail": job.error or "Request timed out."}, status_code=504, headers=headers)
 
 
 @router.post("/{app:path}", openapi_extra=json_body(FalInput))
@@ -199,6 +254,8 @@ async def run(app: str, request: Request, services: ServicesDep, owner: str = Ow
             await services.jobs.cancel(job.id, owner)
             raise ClientDisconnected("The client closed the connection before the images were ready.")
     headers = {"x-fal-request-id": job.id}
+    if (timed_out := _timed_out(job)) is not None:
+        return timed_out
     if job.status is not Status.SUCCEEDED:
         status = {"upstream_rejected": 422, UpstreamFailed.code: 502}.get(job.error_code or "", 500)
         return JSONResponse({"detail": job.error or job.status.value}, status_code=status, headers=headers)
@@ -232,9 +289,11 @@ def status_body(services: Services, job: Job, logs: bool) -> dict[str, Any]:
 @router.get("/{alias}/requests/{request_id}/status")
 async def get_status(
     alias: str, request_id: str, services: ServicesDep, owner: str = Owner, logs: bool = False
-) -> dict[str, Any]:
-    """``logs``: 1, true (fal-client sends ``logs=true``), or 0, false."""
-    return status_body(services, await _job(services, alias, request_id, owner), logs)
+) -> JSONResponse:
+    """``logs``: 1, true (fal-client sends ``logs=true``), or 0, false. 202 while queued or in progress, 200
+    once completed, as fal answers."""
+    job = await _job(services, alias, request_id, owner)
+    return JSONResponse(status_body(services, job, logs), status_code=200 if job.status.is_terminal else 202)
 
 
 @router.get("/{alias}/requests/{request_id}")
@@ -242,6 +301,8 @@ async def get_result(alias: str, request_id: str, services: ServicesDep, owner: 
     job = await _job(services, alias, request_id, owner)
     if not job.status.is_terminal:
         return JSONResponse({"detail": "Request is still in progress"}, status_code=400)
+    if (timed_out := _timed_out(job)) is not None:
+        return timed_out
     if job.status is not Status.SUCCEEDED:
         return JSONResponse({"detail": job.error or job.status.value}, status_code=422)
     inline = bool(job.request.get("input", {}).get("sync_mode"))

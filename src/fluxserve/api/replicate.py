@@ -112,6 +112,7 @@ def render(services: Services, job: Job) -> dict[str, Any]:
 
 
 MAX_DURATION_S = 7 * 24 * 3600  # a deadline beyond a week means nothing to a queue; huge ones overflow dates
+MIN_CANCEL_AFTER_S = 5.0
 
 
 def parse_duration(value: str, *, param: str) -> float:
@@ -160,7 +161,14 @@ async def _create(request: Request, services: Services, owner: str, name: str, b
     spec, inputs = await inp.to_spec(services, owner, model)
     wait_s = parse_prefer_wait(request.headers.get("prefer"))
     cancel_after = request.headers.get("cancel-after")
-    deadline = time.time() + parse_duration(cancel_after, param="Cancel-After") if cancel_after else None
+    deadline = None
+    if cancel_after:
+        seconds = parse_duration(cancel_after, param="Cancel-After")
+        if seconds < MIN_CANCEL_AFTER_S:  # replicate.com refuses shorter ones: a job can't start that fast
+            raise InvalidInput(
+                f"Cancel-After must be at least {MIN_CANCEL_AFTER_S:g}s; got {cancel_after!r}.", param="Cancel-After"
+            )
+        deadline = time.time() + seconds
     webhook = None
     if body.webhook:
         await check_webhook(services, body.webhook, param="webhook")

@@ -319,6 +319,7 @@ def job_row(job: Job) -> dict[str, Any]:
         "megapixels": job.spec.num_images * job.spec.width * job.spec.height / 1e6,
         "route": job.route,
         "cost": job.cost,
+        "retain_s": job.retain_s,
     }
 
 
@@ -355,6 +356,7 @@ def to_job(row: Row[Any]) -> Job:
         cost=row.cost,
         error_code=row.error_code,
         note=row.note,
+        retain_s=row.retain_s,
     )
 
 

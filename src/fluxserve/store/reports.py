@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.engine import Connection, Row
 
 from ..job import Job, Status
@@ -32,16 +32,14 @@ class Reports(Database):
         with self._read() as conn:
             return int(conn.execute(select(func.count()).where(jobs.c.status == Status.QUEUED.value)).scalar_one())
 
-    def expirable(self, cutoff: float, limit: int) -> list[Job]:
-        """Ended jobs whose files outlived the retention period and are not yet deleted."""
+    def expirable(self, now: float, retention_s: float | None, limit: int) -> list[Job]:
+        """Ended jobs whose files outlived their retention (their own, else ``retention_s``; None: jobs
+        without their own are kept) and are not yet deleted."""
         ended = jobs.c.status.in_([s.value for s in Status if s.is_terminal])
-        query = select(jobs).where(
-            and_(
-                ended,
-                jobs.c.files_expired_at.is_(None),
-                func.coalesce(jobs.c.completed_at, jobs.c.created_at) < cutoff,
-            )
-        )
+        ended_at = func.coalesce(jobs.c.completed_at, jobs.c.created_at)
+        own = and_(jobs.c.retain_s.is_not(None), ended_at + jobs.c.retain_s < now)
+        due = own if retention_s is None else or_(own, and_(jobs.c.retain_s.is_(None), ended_at < now - retention_s))
+        query = select(jobs).where(and_(ended, jobs.c.files_expired_at.is_(None), due))
         with self._read() as conn:
             return [to_job(r) for r in conn.execute(query.order_by(jobs.c.created_at).limit(limit))]
 

@@ -56,6 +56,7 @@ jobs = Table(
     Column("cost", Float),  # credits held for it at submit; given back when it does not succeed
     Column("error_code", String(32)),  # why it failed, as a code ("upstream_rejected": the provider refused it)
     Column("note", String(300)),  # what its worker is doing before the first step ("loading flux-dev: ...")
+    Column("retain_s", Float),  # its files' own retention (fal's lifecycle preference), never past the operator's
     UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency"),
 )
 
