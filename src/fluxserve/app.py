@@ -28,6 +28,7 @@ from .api.dialects import (
     prefixes,
     render_error,
     render_for_webhook,
+    webhook_headers_for,
     webhook_rules,
     webhook_secret_for,
 )
@@ -308,6 +309,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
             store,
             render=lambda job: render_for_webhook(services, job),
             secret_for=lambda job: webhook_secret_for(services, job),
+            extra_headers=webhook_headers_for,
             allow_private=settings.allow_private_urls,
             retry_base_s=settings.webhook_retry_base_s,
         )

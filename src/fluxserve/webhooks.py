@@ -69,6 +69,9 @@ class WebhookSender:
         secret_for: Callable[[Job], str | None],
         *,
         allow_private: bool,
+        # A dialect's own signature headers beside Standard Webhooks' (BFL's X-BFL-Signature), from the job,
+        # its secret and the raw body.
+        extra_headers: Callable[[Job, str, bytes], dict[str, str]] | None = None,
         retry_base_s: float = 1.0,
         max_attempts: int = 5,
         timeout_s: float = 10.0,
@@ -79,6 +82,7 @@ class WebhookSender:
         self._store = store
         self._render = render
         self._secret_for = secret_for
+        self._extra_headers = extra_headers
         self._allow_private = allow_private
         self._retry_base_s = retry_base_s
         self._max_attempts = max_attempts
@@ -179,6 +183,8 @@ class WebhookSender:
         if secret:
             ts = int(time.time())
             headers |= {"webhook-timestamp": str(ts), "webhook-signature": sign(secret, row.msg_id, ts, data)}
+            if self._extra_headers is not None:
+                headers |= self._extra_headers(job, secret, data)
         try:
             status = post_within(pinned.url, data, {**headers, **pinned.headers}, pinned.extensions, self._timeout_s)
             if status < 300:

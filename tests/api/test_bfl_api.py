@@ -1,6 +1,8 @@
 """Black Forest Labs' API over the HTTP and job layers (FakeEngine)."""
 
 import base64
+import hashlib
+import hmac
 import time
 from pathlib import Path
 from typing import Any
@@ -139,7 +141,13 @@ def test_webhook_with_secret(settings: Settings, fake_engine: FakeEngine) -> Non
     if local.database.startswith("sqlite:///"):
         assert secret.encode() not in Path(local.database.removeprefix("sqlite:///")).read_bytes()
     assert got.bad_signatures == 0
-    assert got.deliveries[0]["body"]["status"] == "Ready" and got.deliveries[0]["body"]["id"] == body["id"]
+    delivery = got.deliveries[0]
+    assert delivery["body"]["status"] == "Ready" and delivery["body"]["id"] == body["id"]
+    # BFL's payload and its own signature, beside Standard Webhooks': HMAC-SHA256 of the raw body.
+    result = delivery["body"]["result"]
+    assert {"sample", "prompt", "seed"} <= set(result) and isinstance(delivery["body"]["timestamp"], int)
+    expected = hmac.new(secret.encode(), delivery["raw"], hashlib.sha256).hexdigest()
+    assert delivery["headers"]["x-bfl-signature"] == f"sha256={expected}"
 
 
 def test_sealed_secrets_round_trip_and_resist_another_key() -> None:

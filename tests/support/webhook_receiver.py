@@ -41,7 +41,7 @@ def webhook_receiver(received: Received) -> Iterator[str]:
                     Webhook(received.secret).verify(body, headers)
                 except WebhookVerificationError:
                     received.bad_signatures += 1
-            received.deliveries.append({"headers": headers, "body": json.loads(body)})
+            received.deliveries.append({"headers": headers, "body": json.loads(body), "raw": body})
             received.event.set()
             self.send_response(200)
             self.end_headers()

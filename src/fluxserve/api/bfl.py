@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import time
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -114,7 +117,14 @@ def render(services: Services, job: Job) -> dict[str, Any]:
 
 
 def render_webhook(services: Services, job: Job) -> dict[str, Any]:
-    return {**render(services, job), "task_id": job.id}
+    """BFL's webhook payload ({id, status, result: {sample, prompt, seed}, timestamp}), with get_result's other
+    fields and task_id kept for receivers written against the earlier shape."""
+    return {**render(services, job), "task_id": job.id, "timestamp": int(time.time())}
+
+
+def sign_webhook(secret: str, body: bytes) -> dict[str, str]:
+    """X-BFL-Signature: sha256=<hex HMAC-SHA256 of the raw body, keyed with the request's webhook_secret>."""
+    return {"X-BFL-Signature": "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()}
 
 
 @router.get("/get_result")
@@ -141,6 +151,7 @@ DIALECT = Dialect(
     render_bfl,
     render_webhook,
     _webhook_secret,
+    webhook_headers=sign_webhook,
     webhook_rules=WEBHOOKS,
     body_limit=images_at("/v1/flux-"),
     prefix="/bfl",

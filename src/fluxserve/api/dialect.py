@@ -33,6 +33,8 @@ class Dialect:
     render_webhook: JobRenderer | None = None  # None: the dialect sends no webhooks
     # The key its webhooks are signed with; the default is the owner's Standard Webhooks secret.
     webhook_secret: Callable[[Services, Job], str | None] | None = None
+    # Its own signature headers beside Standard Webhooks', from the secret and the raw body (BFL's).
+    webhook_headers: Callable[[str, bytes], dict[str, str]] | None = None
     # Which transitions send which webhook events (the job's subscription picks among their names).
     webhook_rules: WebhookRules | None = None
     # The body limit of each of its routes (api/bodylimit.py), by path.

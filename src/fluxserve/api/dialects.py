@@ -56,6 +56,11 @@ def webhook_rules() -> dict[str, WebhookRules]:
     return {d.name: d.webhook_rules for d in DIALECTS if d.webhook_rules is not None}
 
 
+def webhook_headers_for(job: Job, secret: str, body: bytes) -> dict[str, str]:
+    dialect = _BY_NAME.get(job.dialect)
+    return dialect.webhook_headers(secret, body) if dialect and dialect.webhook_headers else {}
+
+
 def webhook_secret_for(services: Services, job: Job) -> str | None:
     dialect = _BY_NAME.get(job.dialect)
     if dialect and dialect.webhook_secret:
