@@ -81,6 +81,7 @@ class Output:
     width: int
     height: int
     format: str
+    prompt: str | None = None  # the prompt it was made from where the engine rewrote the request's (upsampling)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ scripts/test.sh); the main one has no torchvision, and there these names are not
 
 from __future__ import annotations
 
+import base64
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from fluxserve.engine.flux import DiffusersEngine
 from fluxserve.errors import InvalidInput
 from fluxserve.models import ModelRegistry
 from fluxserve.models.demo import demo_weights
+from tests.support.images_util import png_bytes
 
 pytestmark = pytest.mark.torchvision
 NAMES = ["flux-3-image-klein", "flux-3-image-klein-base", "flux-2-dev", "flux-2-pro"]
@@ -270,15 +272,21 @@ def test_prompt_upsampling_is_honoured_with_the_upsampler(client: Any) -> None:
         assert bfl.status_code == 200, bfl.text
         polled = client.get(f"/v1/get_result?id={bfl.json()['id']}", headers={"x-key": "test-key-0123456789"})
         for _ in range(200):
-            if polled.json()["status"] not in ("Pending", "Task not found"):
+            statuses.add(polled.json()["status"])
+            if polled.json()["status"] not in ("Pending", "Reasoning", "Task not found"):
                 break
             time.sleep(0.05)
             polled = client.get(f"/v1/get_result?id={bfl.json()['id']}", headers={"x-key": "test-key-0123456789"})
         assert polled.json()["status"] == "Ready", polled.text
+        prompts.append(polled.json()["result"]["prompt"])
         return bytes(client.get(polled.json()["result"]["sample"]).content)
 
+    statuses: set[str] = set()
+    prompts: list[str] = []
     plain, again, upsampled = image(False), image(False), image(True)
     assert plain == again and plain != upsampled
+    # The upsampler's rewrite is the prompt BFL's result shows; the others are the prompt as sent.
+    assert prompts[:2] == ["a lighthouse", "a lighthouse"] and prompts[2] and prompts[2] != "a lighthouse"
     rep = client.post(
         "/v1/models/black-forest-labs/flux-3-image-klein/predictions",
         headers=AUTH | {"Prefer": "wait=60"},
@@ -357,3 +365,25 @@ def test_klein_and_klein_base_share_their_encoder_and_vae_by_content(
     distinct = {p.key: p.nbytes for e in entries for p in e.parts.values()}
     each = sum(p.nbytes for e in entries for p in e.parts.values())
     assert engine.memory()["used_bytes"] == sum(distinct.values()) <= each - mine["text_encoder"].nbytes
+
+
+def test_bfl_flux3_shape_images_resolution_and_grounding(client: Any) -> None:
+    """BFL's FLUX 3 shape on the local klein: ``images`` (data URLs), ``resolution``, ``aspect_ratio``; grounding
+    (web search) is refused by name where no upstream serves the name."""
+    xkey = {"x-key": "test-key-0123456789"}
+    refs = [
+        "data:image/png;base64," + base64.b64encode(png_bytes((w, h))).decode() for w, h in ((640, 320), (320, 320))
+    ]
+    body = {"prompt": "p", "images": refs, "resolution": "768sq", "steps": 2, "output_format": "png"}
+    made = client.post("/v1/flux-3-image-klein", headers=xkey, json=body)
+    assert made.status_code == 200, made.text
+    job = client.app.state.services.store.get_job(made.json()["id"])
+    assert (job.spec.width, job.spec.height) == (768, 768) and len(job.spec.images) == 2
+    auto = client.post(
+        "/v1/flux-3-image-klein", headers=xkey, json={**body, "resolution": "1k", "aspect_ratio": "auto"}
+    )
+    job = client.app.state.services.store.get_job(auto.json()["id"])
+    assert (job.spec.width, job.spec.height) == (1440, 720)  # the first image's 2:1 at about a megapixel
+    for bad, param in (({"grounding": True}, "grounding"), ({"resolution": "4k"}, "resolution")):
+        refused = client.post("/v1/flux-3-image-klein", headers=xkey, json={**body, **bad})
+        assert refused.status_code == 422 and refused.json()["detail"][0]["loc"][-1] == param, refused.text

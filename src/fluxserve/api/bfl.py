@@ -93,7 +93,7 @@ def render(services: Services, job: Job) -> dict[str, Any]:
         out = job.outputs[0]
         result = {
             "sample": services.storage.url(out.key),
-            "prompt": job.spec.prompt,
+            "prompt": out.prompt or job.spec.prompt,  # FLUX 3's upsampler: the prompt as it rewrote it
             "seed": out.seed,
             "start_time": job.started_at,
             "end_time": job.completed_at,
@@ -106,9 +106,12 @@ def render(services: Services, job: Job) -> dict[str, Any]:
         "steps": job.progress_done,
         "total": job.progress_total,
     }
+    status = _STATUS[job.status]
+    if job.status is Status.PROCESSING and job.spec.upsample and job.progress_done == 0:
+        status = "Reasoning"  # FLUX 3: the prompt upsampler runs before the first step
     return {
         "id": job.id,
-        "status": _STATUS[job.status],
+        "status": status,
         "result": result,
         "progress": round(job.progress, 4),
         "details": details,

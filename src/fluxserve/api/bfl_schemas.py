@@ -163,10 +163,72 @@ class _FlexBase(_Flux2Base):
         return self.steps, self.guidance
 
 
+# FLUX 3's resolutions (BFL's FLUX 3 API): the pixels each asks for, at the request's aspect ratio.
+RESOLUTIONS = {"768sq": 768 * 768, "1k": 1024 * 1024, "1.5k": 1536 * 1536, "2k": 2048 * 2048, "4k": 4096 * 4096}
+
+
+class _Flux3Base(_FlexBase):
+    """BFL's FLUX 3 shape: ``images`` (1-10), ``aspect_ratio`` (``auto``, ``match_first_image`` or W:H),
+    ``resolution``, ``grounding``; FLUX.2's ``input_image...`` and ``width``/``height`` still work."""
+
+    images: list[str] | None = Field(default=None, min_length=1, max_length=KINDS["flux3"].max_images)
+    aspect_ratio: str | None = None
+    resolution: Literal["768sq", "1k", "1.5k", "2k", "4k"] | None = None
+    grounding: bool = False  # web search before generating: a hosted feature
+
+    async def _sized_inputs(self, services: Services, owner: str, model: ModelSpec) -> tuple[Inputs, int, int]:
+        if self.grounding and model.is_local:
+            raise InvalidInput(
+                "grounding (web search) is not available on this server's own models; send grounding: false.",
+                param="grounding",
+            )
+        if self.aspect_ratio is None and self.resolution is None and not self.images:
+            return await super()._sized_inputs(services, owner, model)  # FLUX.2's shape
+        named = [(image_field(i), getattr(self, image_field(i))) for i in range(1, KINDS["flux3"].max_images + 1)]
+        aliases = [(n, v) for n, v in named if v]
+        if self.images and aliases:
+            raise InvalidInput(f"Send images or {aliases[0][0]}, not both.", param="images")
+        values = [(f"images[{i}]", v) for i, v in enumerate(self.images)] if self.images else aliases
+        for name in ("width", "height"):
+            if getattr(self, name) and (self.aspect_ratio or self.resolution):
+                raise InvalidInput(f"{name} goes with FLUX.2's shape; with FLUX 3's, send resolution.", param=name)
+        inputs, _, _ = await image_and_size(services, owner, model, values, aspect_ratio="1:1", aspect_explicit=True)
+        first = inputs.images[0].size if inputs.images else None
+        return inputs, *self._size(model, first)
+
+    def _size(self, model: ModelSpec, first: tuple[int, int] | None) -> tuple[int, int]:
+        resolution = self.resolution or "1k"
+        pixels = RESOLUTIONS[resolution]
+        if pixels > model.max_pixels:
+            allowed = [r for r, p in RESOLUTIONS.items() if p <= model.max_pixels]
+            raise InvalidInput(
+                f"resolution {resolution!r} is {pixels / 1e6:.1f} MP; {model.name} makes at most "
+                f"{model.max_pixels / 1e6:.1f} MP here: use {', '.join(allowed)}.",
+                param="resolution",
+            )
+        aspect = self.aspect_ratio or "auto"
+        if resolution == "768sq":
+            if aspect not in ("auto", "1:1"):
+                raise InvalidInput(
+                    f"resolution '768sq' is square; aspect_ratio {aspect!r} is not.", param="aspect_ratio"
+                )
+            return 768, 768
+        if aspect == "match_first_image" and first is None:
+            raise InvalidInput("aspect_ratio 'match_first_image' needs an image in images.", param="aspect_ratio")
+        # A W:H ratio is checked for its form and the 21:9-9:21 range by ratio_size.
+        rw, rh = (first or (1, 1)) if aspect in ("auto", "match_first_image") else ratio_size(aspect)
+        # The pixels asked for at that ratio, within the model's longest side, never rounded up past them.
+        w = (pixels * rw / rh) ** 0.5
+        scale = min(1.0, model.max_side / max(w, w * rh / rw))
+        step = model.side_multiple
+        width, height = (max(model.min_side, int(side * scale // step) * step) for side in (w, w * rh / rw))
+        return width, height
+
+
 Flux2ProInputs = _flux2_schema("Flux2ProInputs", 8)
 Flux2FlexInputs = _flux2_schema("Flux2FlexInputs", 8, _FlexBase)
 Flux2KleinInputs = _flux2_schema("Flux2KleinInputs", 4)
-Flux3Inputs = _flux2_schema("Flux3Inputs", KINDS["flux3"].max_images, _FlexBase)
+Flux3Inputs = _flux2_schema("Flux3Inputs", KINDS["flux3"].max_images, _Flux3Base)
 
 ENDPOINTS: dict[str, tuple[str, type[_Common]]] = {
     "flux-dev": ("flux-dev", DevInputs),

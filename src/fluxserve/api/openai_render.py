@@ -179,7 +179,8 @@ def task_body(services: Services, job: Job) -> dict[str, Any]:
     }
     if job.status is Status.SUCCEEDED:
         body["data"] = [
-            {"url": services.storage.url(o.key), "revised_prompt": job.spec.prompt, "seed": o.seed} for o in job.outputs
+            {"url": services.storage.url(o.key), "revised_prompt": o.prompt or job.spec.prompt, "seed": o.seed}
+            for o in job.outputs
         ]
         body["size"] = "{}x{}".format(*job.size)
         body["output_format"] = job.spec.output_format
@@ -192,7 +193,7 @@ def task_body(services: Services, job: Job) -> dict[str, Any]:
 def _images_response(services: Services, job: Job, body: dict[str, Any], response_format: str) -> Response:
     images = _Base64Images()
     for out in job.outputs:
-        item: dict[str, Any] = {"revised_prompt": job.spec.prompt, "seed": out.seed}
+        item: dict[str, Any] = {"revised_prompt": out.prompt or job.spec.prompt, "seed": out.seed}
         if response_format == "b64_json":
             item["b64_json"] = images.add(services.storage.read(out.key))
         else:

@@ -24,6 +24,8 @@ class EngineRequest:
     spec: GenerationSpec
     images: list[Image] = field(default_factory=list)  # decoded spec.images, same order
     mask: Image | None = None  # "L" mode, white = repaint
+    # Set by the engine when it rewrote the prompt first (FLUX 3's prompt upsampler): what the images show.
+    revised_prompt: str | None = None
 
 
 class Engine(Protocol):

@@ -247,10 +247,11 @@ class DeviceWorker(LeasedWorker):
             results = self._engine.generate(requests, on_step)
             self._encode_slots.acquire()
             # Once stopping, the encoder may already be shut down: finish here.
+            prompts = [r.revised_prompt for r in requests]
             if self._overlap_encoding and not self._stopping.is_set():
-                self._encoder.submit(self._finish_batch, batch, results, dropped)
+                self._encoder.submit(self._finish_batch, batch, results, dropped, prompts)
             else:
-                self._finish_batch(batch, results, dropped)
+                self._finish_batch(batch, results, dropped, prompts)
         except Cancelled:
             for job in batch:
                 self._end_dropped(job)
@@ -340,16 +341,18 @@ class DeviceWorker(LeasedWorker):
                 except OSError as exc:  # a preview that could not be written is skipped, the image is not
                     log.warning("job %s: preview not stored: %s", job.id, exc)
 
-    def _finish_batch(self, batch: list[Job], results: list[list[Image.Image]], dropped: set[str]) -> None:
+    def _finish_batch(
+        self, batch: list[Job], results: list[list[Image.Image]], dropped: set[str], prompts: list[str | None]
+    ) -> None:
         """Each job's images encoded, stored and the job completed (on the encoder thread on a GPU)."""
         try:
-            for job, images in zip(batch, results, strict=True):
+            for job, images, revised in zip(batch, results, prompts, strict=True):
                 if job.id in dropped:  # dropped mid-batch: the others' call ran on, its images are not kept
                     self._end_dropped(job)
                     continue
                 try:
                     encode_start = time.monotonic()
-                    outputs = self._save_outputs(job, images)
+                    outputs = self._save_outputs(job, images, revised)
                     encode_s = time.monotonic() - encode_start
                 except OSError as exc:  # disk full, permissions: this job fails, the worker goes on
                     log.error("job %s: storing the images failed: %s", job.id, exc)
@@ -372,18 +375,20 @@ class DeviceWorker(LeasedWorker):
             img.load()
             return img
 
-    def _save_outputs(self, job: Job, images: list[Image.Image]) -> list[Output]:
+    def _save_outputs(self, job: Job, images: list[Image.Image], revised: str | None = None) -> list[Output]:
         spec = job.spec
         model = self._registry.get(spec.model)
         outputs = []
         for i, (image, seed) in enumerate(zip(images, spec.image_seeds(), strict=True)):
             key = f"{job.id}/out-{i}.{EXTENSIONS[spec.output_format]}"
             meta: dict[str, object] = {"prompt": spec.prompt, "seed": seed, "model": model.label, "steps": spec.steps}
+            if revised is not None:
+                meta["revised_prompt"] = revised
             if spec.guidance is not None:
                 meta["guidance"] = spec.guidance
             if spec.loras:  # what the image was made with: each adapter as asked for, its file's hash, its scale
                 meta["loras"] = [{"source": a.source, "sha256": a.digest, "scale": a.scale} for a in spec.loras]
             data = encode_image(image, spec.output_format, spec.quality, meta, png_compress_level=self._png_level)
             self._storage_io(self._storage.put, key, data)
-            outputs.append(Output(key, seed, image.width, image.height, spec.output_format))
+            outputs.append(Output(key, seed, image.width, image.height, spec.output_format, revised))
         return outputs

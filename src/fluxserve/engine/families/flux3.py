@@ -183,11 +183,14 @@ def generate(pipe: Any, model: ModelSpec, requests: list[EngineRequest], on_step
                 num_inference_steps=spec.steps,
                 num_images_per_prompt=spec.num_images,
                 generator=[torch.Generator("cpu").manual_seed(s) for s in spec.image_seeds()],
-                output="images",
+                output=["images", "prompt"] if spec.upsample else "images",
                 **kwargs,
             )
     finally:
         hook.on_step = None
+    if spec.upsample:  # the upsampler's caption replaced the prompt in the pipeline's state: the job keeps it
+        request.revised_prompt = str(images["prompt"])
+        images = images["images"]
     return [list(images)]
 
 
