@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from .errors import InvalidInput
@@ -19,6 +19,9 @@ MAX_PIXELS = 4 * 1024 * 1024
 SIDE_MULTIPLE = 16
 MAX_PROMPT_CHARS = 32000
 MAX_SEED = 2**32 - 1
+
+# FLUX 3's resolutions (BFL's FLUX 3 API): the pixels each asks for, at the request's aspect ratio.
+FLUX3_RESOLUTIONS = {"768sq": 768 * 768, "1k": 1024**2, "1.5k": 1536**2, "2k": 2048**2, "4k": 4096**2}
 
 # The ~1 MP sizes Replicate's FLUX models use for each aspect ratio.
 ASPECT_RATIOS: dict[str, tuple[int, int]] = {
@@ -190,6 +193,9 @@ class GenerationSpec:
     partial_images: int = 0  # previews of the image in progress (OpenAI streaming), 0-3
     loras: tuple[Adapter, ...] = ()  # active for this request only, with these scales
     upsample: bool = False  # FLUX 3: the prompt rewritten by the model's prompt upsampler first
+    # Fields only a hosted provider reads, passed to it as sent (FLUX 3.1's mode, bounding_boxes, search;
+    # FLUX 3's grounding): the BFL dialect fills it for names an upstream serves.
+    hosted: dict[str, Any] = field(default_factory=dict)
 
     def image_seeds(self) -> list[int]:
         return [(self.seed + i) % (MAX_SEED + 1) for i in range(self.num_images)]

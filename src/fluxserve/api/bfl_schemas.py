@@ -6,6 +6,7 @@ Field names and wire formats are BFL's; steps, guidance and size limits are the 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
@@ -13,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from ..errors import InvalidInput
 from ..models import ModelSpec
 from ..models.families import KINDS
+from ..spec import FLUX3_RESOLUTIONS as RESOLUTIONS
 from ..spec import GenerationSpec, ratio_size
 from .deps import Services
 from .inputs import Inputs, image_and_size
@@ -41,6 +43,10 @@ class _Common(BaseModel):
         """Known fields this request's others override: the job's input names them as ignored."""
         return []
 
+    def hosted(self) -> dict[str, Any]:
+        """Fields only the hosted provider serving the name reads (GenerationSpec.hosted)."""
+        return {}
+
     async def to_spec(self, services: Services, owner: str, model: ModelSpec) -> tuple[GenerationSpec, Inputs]:
         """The spec and the decoded input images (stored only once the job is admitted)."""
         inputs, width, height = await self._sized_inputs(services, owner, model)
@@ -58,7 +64,7 @@ class _Common(BaseModel):
             params={"size": "width", "height": "height"},
             upsample=self.prompt_upsampling,
         )
-        return spec, inputs
+        return (replace(spec, hosted=self.hosted()) if not model.is_local else spec), inputs
 
 
 class Pro11Inputs(_Common):
@@ -163,10 +169,6 @@ class _FlexBase(_Flux2Base):
         return self.steps, self.guidance
 
 
-# FLUX 3's resolutions (BFL's FLUX 3 API): the pixels each asks for, at the request's aspect ratio.
-RESOLUTIONS = {"768sq": 768 * 768, "1k": 1024 * 1024, "1.5k": 1536 * 1536, "2k": 2048 * 2048, "4k": 4096 * 4096}
-
-
 class _Flux3Base(_FlexBase):
     """BFL's FLUX 3 shape: ``images`` (1-10), ``aspect_ratio`` (``auto``, ``match_first_image`` or W:H),
     ``resolution``, ``grounding``; FLUX.2's ``input_image...`` and ``width``/``height`` still work."""
@@ -175,6 +177,9 @@ class _Flux3Base(_FlexBase):
     aspect_ratio: str | None = None
     resolution: Literal["768sq", "1k", "1.5k", "2k", "4k"] | None = None
     grounding: bool = False  # web search before generating: a hosted feature
+
+    def hosted(self) -> dict[str, Any]:
+        return {"grounding": True} if self.grounding else {}
 
     async def _sized_inputs(self, services: Services, owner: str, model: ModelSpec) -> tuple[Inputs, int, int]:
         if self.grounding and model.is_local:
@@ -230,6 +235,27 @@ Flux2FlexInputs = _flux2_schema("Flux2FlexInputs", 8, _FlexBase)
 Flux2KleinInputs = _flux2_schema("Flux2KleinInputs", 4)
 Flux3Inputs = _flux2_schema("Flux3Inputs", KINDS["flux3"].max_images, _Flux3Base)
 
+
+class Flux31Inputs(Flux3Inputs):  # type: ignore[valid-type,misc]
+    """FLUX 3.1 (hosted only): ``mode``, a resolution up to 16 MP or an exact width/height, ``bounding_boxes``,
+    ``search``. BFL refuses seed and steps for it: sent here, they are named as ignored and not passed on."""
+
+    mode: Literal["fast", "quality"] | None = None
+    bounding_boxes: list[dict[str, Any]] | None = Field(default=None, max_length=32)
+    search: bool | None = None
+    mask: str | None = None  # not passed on yet: refused by name rather than ignored (the image would be wrong)
+
+    def hosted(self) -> dict[str, Any]:
+        if self.mask is not None:
+            raise InvalidInput("mask (FLUX 3.1 inpainting) is not passed on to the upstream yet.", param="mask")
+        fields = {"mode": self.mode, "bounding_boxes": self.bounding_boxes, "search": self.search}
+        base: dict[str, Any] = super().hosted()
+        return base | {k: v for k, v in fields.items() if v is not None}
+
+    def unapplied(self) -> list[str]:
+        return [n for n in ("seed", "steps") if getattr(self, n) is not None]
+
+
 ENDPOINTS: dict[str, tuple[str, type[_Common]]] = {
     "flux-dev": ("flux-dev", DevInputs),
     "flux-pro": ("flux-pro", ProInputs),
@@ -246,4 +272,7 @@ ENDPOINTS: dict[str, tuple[str, type[_Common]]] = {
     "flux-2-klein-9b-preview": ("flux-2-klein-9b-kv", Flux2KleinInputs),
     "flux-3-image-klein": ("flux-3-image-klein", Flux3Inputs),
     "flux-3-image-klein-base": ("flux-3-image-klein-base", Flux3Inputs),
+    # Hosted only: served where an upstream is configured for them (404 otherwise).
+    "flux-3-image": ("flux-3-image", Flux3Inputs),
+    "flux-3.1-image": ("flux-3.1-image", Flux31Inputs),
 }

@@ -104,3 +104,23 @@ DEFAULT_MODELS: tuple[ModelSpec, ...] = (
         pipeline="Flux3ModularPipeline",
     ),
 )
+
+# Hosted-only names (BFL's FLUX 3 API; no open weights): served only where an upstream is configured for them
+# (``[models.flux-3-image] upstream = "bfl"``), with these facts; absent otherwise, /v1/models included.
+HOSTED_ONLY: dict[str, ModelSpec] = {
+    m.name: m
+    for m in (
+        ModelSpec("flux-3-image", "", kind="flux3", default_steps=28, max_steps=50, default_guidance=None),
+        # FLUX 3.1: up to 16 MP or an exact size; BFL refuses seed and steps for it, so none are sent.
+        ModelSpec(
+            "flux-3.1-image",
+            "",
+            kind="flux3",
+            default_steps=28,
+            max_steps=50,
+            default_guidance=None,
+            max_side=4096,
+            max_pixels=4096 * 4096,
+        ),
+    )
+}

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..errors import InvalidInput
 from ..spec import GenerationSpec
-from .catalog import DEFAULT_MODELS
+from .catalog import DEFAULT_MODELS, HOSTED_ONLY
 from .demo import demo_kinds, demo_upsampler, demo_weights, is_demo_model
 from .families import KINDS
 from .spec import ModelSpec
@@ -164,6 +164,10 @@ class ModelRegistry:
         upstreams = {**self.upstreams, **parse_upstreams(data.get("upstreams", {}), str(path))}
         models = dict(self._models)
         for name, table in data.get("models", {}).items():
+            nested = [k for k, v in table.items() if isinstance(v, dict)]
+            if nested:  # [models.flux-3.1-image] is TOML for models."flux-3"."1-image"
+                dotted = f"{name}.{nested[0]}"
+                raise ValueError(f'{path}: [models.{dotted}]: a name with a dot must be quoted: [models."{dotted}"]')
             unknown = set(table) - _OVERRIDABLE - {"steps", "guidance"}
             if unknown:
                 raise ValueError(
@@ -192,6 +196,8 @@ class ModelRegistry:
                 models.pop(name, None)
             elif name in models:
                 models[name] = replace(models[name], **fields)
+            elif name in HOSTED_ONLY and "upstream" in fields:
+                models[name] = replace(HOSTED_ONLY[name], **fields)
             elif "weights" in fields or "upstream" in fields:
                 models[name] = ModelSpec(name=name, **{"weights": "", **fields})
             else:

@@ -19,7 +19,8 @@ class Fal(Provider):
     def submit(
         self, client: httpx.Client, spec: GenerationSpec, model: str, inputs: Inputs, key: str | None, **kw: Any
     ) -> Task:
-        path = model if model.startswith("fal-ai/") else f"fal-ai/{model}"
+        # fal's own apps are under fal-ai/; BFL's FLUX 3 ids are under their publisher (blackforestlabs/flux-3/...).
+        path = model if model.startswith(("fal-ai/", "blackforestlabs/")) else f"fal-ai/{model}"
         body: dict[str, Any] = {
             "prompt": spec.prompt,
             "image_size": {"width": spec.width, "height": spec.height},
