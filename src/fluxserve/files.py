@@ -37,14 +37,16 @@ class FileService:
             param="content",
         )
 
-    async def add(self, owner: str, name: str, content_type: str, data: bytes, metadata: dict[str, Any]) -> StoredFile:
+    async def add(
+        self, owner: str, name: str, content_type: str, data: bytes, metadata: dict[str, Any], *, quota: bool = True
+    ) -> StoredFile:
         """The bytes first, then the row: a row never names bytes that are not there. Within the key's quota:
-        checked before the bytes are stored, and again with the row (a concurrent upload may have won)."""
-        if self.max_files or self.max_bytes:
+        checked before the bytes are stored, and again with the row (a concurrent upload may have won).
+        ``quota`` False: a file the server writes for the key (a batch's results), never refused."""
+        max_files, max_bytes = (self.max_files, self.max_bytes) if quota else (0, 0)
+        if max_files or max_bytes:
             count, used = await self._offload.run(self._store.file_totals, owner)
-            if (self.max_files and count + 1 > self.max_files) or (
-                self.max_bytes and used + len(data) > self.max_bytes
-            ):
+            if (max_files and count + 1 > max_files) or (max_bytes and used + len(data) > max_bytes):
                 raise self._refuse((count, used), len(data))
         file_id = secrets.token_hex(12)
         stored = StoredFile(
@@ -61,7 +63,7 @@ class FileService:
         )
         await self._offload.run_slow(self._storage.put, stored.key, data)
         refused = await self._offload.run(
-            lambda: self._store.add_file(stored, max_count=self.max_files, max_bytes=self.max_bytes)
+            lambda: self._store.add_file(stored, max_count=max_files, max_bytes=max_bytes)
         )
         if refused is not None:
             await self._offload.run_slow(self._storage.delete, stored.key)

@@ -115,6 +115,7 @@ class Job:
     error_code: str | None = None
     note: str | None = None  # set by its worker before the first step: "loading flux-dev: ..."
     retain_s: float | None = None  # its files' own retention, shorter than the operator's (None: the operator's)
+    batch_id: str | None = None  # a line of this OpenAI batch: queued behind every interactive job
 
     @property
     def loading(self) -> bool:

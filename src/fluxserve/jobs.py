@@ -103,6 +103,7 @@ class JobService:
         webhook: dict[str, Any] | None = None,
         input_digest: str | None = None,
         retain_s: float | None = None,
+        batch_id: str | None = None,
     ) -> tuple[Job, dict[str, str]]:
         """Queue a job. The same Idempotency-Key with the same request (and input images, by digest)
         returns the first job; another is a 409."""
@@ -123,6 +124,7 @@ class JobService:
             deadline=deadline,
             webhook=webhook,
             retain_s=retain_s,
+            batch_id=batch_id,
             idempotency_key=idempotency_key,
             fingerprint=fingerprint,
             progress_total=spec.steps,
@@ -151,7 +153,7 @@ class JobService:
                     if effective is not None and effective.any:
                         now = job.created_at
                         headers = admit(effective, usage(conn, job.owner, now), job.spec.num_images, now)
-                priority = fairness.priority(conn, job.owner)
+                priority = fairness.priority(conn, job.owner, batch=job.batch_id is not None)
                 insert_row(conn, job, priority)
                 append_event(conn, job, EventKind.SUBMITTED, {}, self.store.webhook_rules)
                 self.store.queue.deferred(conn, job, priority)

@@ -89,6 +89,12 @@ def _job_retention(conn: Connection) -> None:
     _add_missing_columns(conn, store.jobs)  # retain_s
 
 
+def _batches(conn: Connection) -> None:
+    _add_missing_columns(conn, store.jobs)  # batch_id
+    conn.execute(text("CREATE INDEX IF NOT EXISTS ix_jobs_batch_id ON jobs (batch_id)"))
+    store.metadata.create_all(conn, tables=[store.batches])
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "jobs and api keys", _baseline),
     (2, "worker leases, job events, webhook outbox", _leases_events_outbox),
@@ -101,6 +107,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (9, "job notes, admin keys", _notes_admin_keys),
     (10, "warm models per worker", _warm_workers),
     (11, "per-job retention", _job_retention),
+    (12, "batches", _batches),
 ]
 LATEST = MIGRATIONS[-1][0]
 

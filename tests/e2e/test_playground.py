@@ -2,6 +2,7 @@
 
 import io
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from PIL import Image
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
 
 from tests.support.images_util import png_bytes
-from tests.support.server import RemoteServer, free_port
+from tests.support.server import RemoteServer
 
 CHROMIUM = os.environ.get("FLUXSERVE_CHROMIUM", "/usr/bin/chromium")
 ARGS = [
@@ -109,12 +110,16 @@ def test_wrong_key_is_shown(page: Page, server: RemoteServer) -> None:
 
 
 def test_unreachable_endpoint_is_shown(page: Page, server: RemoteServer) -> None:
-    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    page.goto(server.url)
-    page.fill("#endpoint", dead)
-    page.fill("#api-key", "anything")
-    page.click("#settings-form button[type=submit]")
-    expect(page.locator("#banner")).to_contain_text(f"Cannot reach {dead}")
+    # A port held bound but never listening: refused, and no server another test starts meanwhile can take it
+    # (a port merely found free was once taken by one, which answered 401).
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{holder.getsockname()[1]}"
+        page.goto(server.url)
+        page.fill("#endpoint", dead)
+        page.fill("#api-key", "anything")
+        page.click("#settings-form button[type=submit]")
+        expect(page.locator("#banner")).to_contain_text(f"Cannot reach {dead}")
 
 
 def test_edit_with_an_attached_image_then_history_survives_reload(

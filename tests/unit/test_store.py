@@ -246,6 +246,7 @@ def test_migrations_are_numbered_idempotent_and_upgrade_an_old_database(tmp_path
         "9: job notes, admin keys",
         "10: warm models per worker",
         "11: per-job retention",
+        "12: batches",
     ]
     assert upgrade(store.engine) == []
     assert current_version(store.engine) == LATEST

@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from ..models import ModelSpec
-from . import edits
+from . import batches, edits
 from .bodylimit import JSON_BODY_BYTES, UPLOAD_BODY_BYTES
 from .deps import OwnerDep, ServicesDep
 from .dialect import Dialect
@@ -87,4 +87,6 @@ def _body_limit(path: str) -> int:
 
 
 # Last in the list: every path no other dialect claims answers in OpenAI's envelope.
-DIALECT = Dialect("openai", (router, edits.router), lambda path: True, render_openai, body_limit=_body_limit)
+DIALECT = Dialect(
+    "openai", (router, edits.router, batches.router), lambda path: True, render_openai, body_limit=_body_limit
+)

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
 
 from ..errors import InvalidInput, UnsupportedMediaType
@@ -55,12 +55,17 @@ def render(services: Services, f: StoredFile) -> dict[str, Any]:
 
 
 @router.post("/files", status_code=201)
-async def create_file(request: Request, services: ServicesDep, owner: OwnerDep) -> dict[str, Any]:
+async def create_file(request: Request, services: ServicesDep, owner: OwnerDep) -> Any:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "multipart/form-data":
         raise UnsupportedMediaType(f"Content-Type must be multipart/form-data; got {ctype or 'none'!r}.")
     # replicate-js sends metadata as a second file part (a JSON Blob); replicate-python as a field.
     form = await request.form(max_files=2, max_fields=8)
+    if form.get("purpose") is not None:  # OpenAI's files API (file + purpose) shares the path: a batch's input
+        try:
+            return await _openai_file(services, owner, form.get("purpose"), form.get("file"))
+        finally:
+            await form.close()
     try:
         content = form.get("content")
         data = await read_upload(content, param="content", max_bytes=MAX_IMAGE_BYTES)
@@ -117,3 +122,29 @@ async def download_file(file_id: str, services: ServicesDep, owner: OwnerDep) ->
 async def delete_file(file_id: str, services: ServicesDep, owner: OwnerDep) -> Response:
     await services.files.delete(owner, file_id)
     return Response(status_code=204)
+
+
+BATCH_FILE_BYTES = 100 * 1024 * 1024
+
+
+async def _openai_file(services: Services, owner: str, purpose: object, upload: object) -> JSONResponse:
+    """OpenAI's file object ({id, object: "file", bytes, created_at, filename, purpose}) for a batch's input."""
+    if purpose != "batch":
+        raise InvalidInput(f"purpose must be 'batch' here (image batches); got {str(purpose)[:32]!r}.", param="purpose")
+    data = await read_upload(upload, param="file", max_bytes=BATCH_FILE_BYTES)
+    name = str(getattr(upload, "filename", None) or "batch.jsonl")[:255]
+    stored = await services.files.add(owner, name, "application/jsonl", data, {"purpose": "batch"})
+    return JSONResponse(openai_file(stored))
+
+
+def openai_file(f: StoredFile) -> dict[str, Any]:
+    purpose = str(f.metadata.get("purpose", "batch"))
+    return {
+        "id": f.id,
+        "object": "file",
+        "bytes": f.size,
+        "created_at": int(f.created_at),
+        "filename": f.name,
+        "purpose": purpose,
+        "status": "processed",
+    }

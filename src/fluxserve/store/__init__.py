@@ -1,7 +1,7 @@
 """The database, split along its tables: schema.py (tables), db.py (engine, pools, write lock, errors),
 jobs.py (job rows and fenced transitions), events.py (job_events, NOTIFY), outbox.py (webhook deliveries),
-keys.py (API keys, the shared secret), credits.py (the credit ledger), files.py (uploads), reports.py (usage,
-metrics, retention reads).
+keys.py (API keys, the shared secret), credits.py (the credit ledger), files.py (uploads), batches.py (OpenAI
+batches), reports.py (usage, metrics, retention reads).
 
 ``Store`` is all of them over one engine. Only JobService calls the methods that change a job.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from .batches import Batch, BatchQueries
 from .credits import CreditQueries
 from .db import BUSY_S, POOL_OVERFLOW, POOL_SIZE, POOL_WAIT_S, Database, application_name
 from .events import NOTIFY_CHANNEL, EventQueries
@@ -20,10 +21,30 @@ from .jobs import DuplicateJob, Fence, JobQueries, insert_row, outputs_json, ser
 from .keys import KeyQueries, key_limits
 from .outbox import OutboxQueries, WebhookRules
 from .reports import Reports, usage
-from .schema import api_keys, files, job_events, jobs, metadata, server_secrets, webhook_deliveries, workers
+from .schema import (
+    api_keys,
+    batches,
+    files,
+    job_events,
+    jobs,
+    metadata,
+    server_secrets,
+    webhook_deliveries,
+    workers,
+)
 
 
-class Store(JobQueries, EventQueries, OutboxQueries, KeyQueries, CreditQueries, FileQueries, Reports, Database):
+class Store(
+    JobQueries,
+    EventQueries,
+    OutboxQueries,
+    KeyQueries,
+    CreditQueries,
+    FileQueries,
+    BatchQueries,
+    Reports,
+    Database,
+):
     def __init__(
         self,
         url: str,
@@ -46,6 +67,7 @@ __all__ = [
     "POOL_OVERFLOW",
     "POOL_SIZE",
     "POOL_WAIT_S",
+    "Batch",
     "DuplicateJob",
     "Fence",
     "LocalHooks",
@@ -55,6 +77,7 @@ __all__ = [
     "WebhookRules",
     "api_keys",
     "application_name",
+    "batches",
     "files",
     "insert_row",
     "job_events",

@@ -20,12 +20,16 @@ from .schema import jobs
 ACTIVE = (Status.QUEUED.value, Status.PROCESSING.value)
 
 
-def priority(conn: Connection, owner: str) -> int:
+# A batch line's priority is below any interactive job's: batches use what interactive work leaves.
+BATCH_OFFSET = -1_000_000
+
+
+def priority(conn: Connection, owner: str, *, batch: bool = False) -> int:
     """Computed in the submit's transaction before its row is written; the new job counts itself."""
     active = conn.execute(
         select(func.count()).where(and_(jobs.c.owner == owner, jobs.c.status.in_(ACTIVE)))
     ).scalar_one()
-    return -int(active) - 1
+    return -int(active) - 1 + (BATCH_OFFSET if batch else 0)
 
 
 def _priority() -> Any:

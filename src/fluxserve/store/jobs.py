@@ -320,6 +320,7 @@ def job_row(job: Job) -> dict[str, Any]:
         "route": job.route,
         "cost": job.cost,
         "retain_s": job.retain_s,
+        "batch_id": job.batch_id,
     }
 
 
@@ -357,6 +358,7 @@ def to_job(row: Row[Any]) -> Job:
         error_code=row.error_code,
         note=row.note,
         retain_s=row.retain_s,
+        batch_id=row.batch_id,
     )
 
 

@@ -57,6 +57,7 @@ jobs = Table(
     Column("error_code", String(32)),  # why it failed, as a code ("upstream_rejected": the provider refused it)
     Column("note", String(300)),  # what its worker is doing before the first step ("loading flux-dev: ...")
     Column("retain_s", Float),  # its files' own retention (fal's lifecycle preference), never past the operator's
+    Column("batch_id", String(32), index=True),  # the OpenAI batch it is a line of (lowest priority)
     UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency"),
 )
 
@@ -123,6 +124,33 @@ files = Table(
     Column("key", String(300), nullable=False),  # its storage key
     Column("created_at", Float, nullable=False),
     Index("ix_files_owner_created_at", "owner", "created_at"),
+)
+
+# OpenAI's Batch API over images: each line a job (jobs.batch_id); the lines refused at create kept here for the
+# error file; the output and error files written once every job has ended.
+batches = Table(
+    "batches",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("owner", String(64), nullable=False),
+    Column("endpoint", String(64), nullable=False),
+    Column("input_file_id", String(32), nullable=False),
+    Column("completion_window", String(16), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("total", Integer, nullable=False, default=0),
+    Column("rejected", Text, nullable=False, default="[]"),  # [{line, custom_id, code, message}]
+    Column("metadata", Text, nullable=False, default="{}"),
+    Column("output_file_id", String(32)),
+    Column("error_file_id", String(32)),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("in_progress_at", Float),
+    Column("finalizing_at", Float),
+    Column("completed_at", Float),
+    Column("expired_at", Float),
+    Column("cancelling_at", Float),
+    Column("cancelled_at", Float),
+    Index("ix_batches_owner_created_at", "owner", "created_at"),
 )
 
 # One secret for every node: signs file URLs and derives webhook secrets.

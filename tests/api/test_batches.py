@@ -1,0 +1,73 @@
+"""The Batch API's queueing and refusals (the real SDK's round trips are tests/e2e/test_openai_batch.py)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from fluxserve.app import create_app
+from fluxserve.settings import Settings
+from tests.conftest import AUTH
+from tests.support.fakes import FakeEngine
+
+
+@pytest.fixture
+def slow_client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings, engine=FakeEngine(step_s=0.05))) as c:
+        yield c
+
+
+def _upload(client: TestClient, lines: list[dict[str, object]]) -> str:
+    data = "\n".join(json.dumps(line) for line in lines).encode()
+    resp = client.post("/v1/files", data={"purpose": "batch"}, files={"file": ("b.jsonl", data)}, headers=AUTH)
+    assert resp.status_code == 200 and resp.json()["object"] == "file", resp.text
+    return str(resp.json()["id"])
+
+
+def _line(i: int, steps: int = 10) -> dict[str, object]:
+    body = {"model": "flux-dev", "prompt": f"b{i}", "size": "256x256", "steps": steps}
+    return {"custom_id": f"c{i}", "method": "POST", "url": "/v1/images/generations", "body": body}
+
+
+def test_an_interactive_job_is_never_queued_behind_a_batch(slow_client: TestClient) -> None:
+    # About 0.5 s each on one worker; each its own step count, so no two share a pipeline call.
+    file_id = _upload(slow_client, [_line(i, steps=10 + i) for i in range(5)])
+    batch = slow_client.post(
+        "/v1/batches", json={"input_file_id": file_id, "endpoint": "/v1/images/generations"}, headers=AUTH
+    ).json()
+    time.sleep(0.2)  # the first line is running
+    t0 = time.monotonic()
+    answer = slow_client.post("/v1/images/generations", json={"prompt": "now", "size": "256x256"}, headers=AUTH)
+    waited = time.monotonic() - t0
+    assert answer.status_code == 200
+    assert waited < 1.5, waited  # behind the running line at most, never behind the four queued ones
+    store = slow_client.app.state.services.store  # type: ignore[attr-defined]
+    lines = store.batch_jobs(batch["id"])
+    assert len(lines) == 5 and all(j.batch_id == batch["id"] for j in lines)
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"endpoint": "/v1/chat/completions"}, "endpoint"),
+        ({"completion_window": "forever"}, "completion_window"),
+        ({"input_file_id": "nope"}, "input_file_id"),
+    ],
+)
+def test_bad_batch_requests_are_400s_naming_the_field(client: TestClient, body: dict[str, str], param: str) -> None:
+    file_id = _upload(client, [_line(0)])
+    full = {"input_file_id": file_id, "endpoint": "/v1/images/generations", **body}
+    resp = client.post("/v1/batches", json=full, headers=AUTH)
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == param, resp.text
+
+
+def test_a_file_for_another_purpose_or_an_unknown_batch_is_refused(client: TestClient) -> None:
+    other = client.post("/v1/files", data={"purpose": "fine-tune"}, files={"file": ("b.jsonl", b"{}")}, headers=AUTH)
+    assert other.status_code in (400, 422) and "purpose" in other.text
+    assert client.get("/v1/batches/batch_nope", headers=AUTH).status_code == 404
+    assert client.post("/v1/batches/batch_nope/cancel", headers=AUTH).status_code == 404
+    assert client.get("/v1/batches?limit=0", headers=AUTH).status_code == 400
