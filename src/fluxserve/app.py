@@ -18,7 +18,7 @@ from fastapi.staticfiles import StaticFiles
 
 from . import __version__
 from .api import device as device_routes
-from .api import files, usage
+from .api import files, upstream_hooks, usage
 from .api import loras as lora_routes
 from .api.bodylimit import BodyLimit
 from .api.deps import Services
@@ -205,6 +205,8 @@ class Core:
                 config,
                 allow_private=settings.allow_private_urls,
                 storage_retry_s=settings.storage_retry_s,
+                # A provider's webhook needs a URL it can reach: only an operator's --public-url is one.
+                hooks=(settings.public_url, self.secret) if settings.public_url else None,
             )
             for name, config in self.registry.upstreams.items()
             if self.registry.routed_to(name)
@@ -365,6 +367,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
     app.include_router(usage.router)
     app.include_router(device_routes.router)
     app.include_router(lora_routes.router)
+    app.include_router(upstream_hooks.router)
     web_dir = Path(__file__).parent / "web"
     app.mount("/web", StaticFiles(directory=web_dir), name="web")
 

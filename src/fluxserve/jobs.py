@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -88,6 +89,10 @@ class JobService:
         """Watchers of this job look now; called on each change here and on each NOTIFY from another node."""
         self._waiters.wake(job_id)
 
+    def nudges(self, job_id: str) -> contextlib.AbstractContextManager[threading.Event]:
+        """A thread's wake-up for this job (an upstream's webhook came): set on every wake."""
+        return self._waiters.waiting_thread(job_id)
+
     def submit_sync(self, *args: Any, **kwargs: Any) -> Job:
         return self._submit(*args, **kwargs)[0]
 
@@ -99,14 +104,12 @@ class JobService:
         request: dict[str, Any],
         *,
         idempotency_key: str | None = None,
-        deadline: float | None = None,
-        webhook: dict[str, Any] | None = None,
         input_digest: str | None = None,
-        retain_s: float | None = None,
-        batch_id: str | None = None,
+        **fields: Any,
     ) -> tuple[Job, dict[str, str]]:
         """Queue a job. The same Idempotency-Key with the same request (and input images, by digest)
-        returns the first job; another is a 409."""
+        returns the first job; another is a 409. ``fields``: the Job's own (deadline, webhook, retain_s,
+        batch_id)."""
         fingerprint = None
         if idempotency_key is not None:
             signed = [dialect, request, *([input_digest] if input_digest else [])]
@@ -121,15 +124,12 @@ class JobService:
             dialect=dialect,
             spec=spec,
             request=request,
-            deadline=deadline,
-            webhook=webhook,
-            retain_s=retain_s,
-            batch_id=batch_id,
             idempotency_key=idempotency_key,
             fingerprint=fingerprint,
             progress_total=spec.steps,
             route=(model.upstream or None) if model is not None else None,
             cost=self.registry.cost(spec) if model is not None and self.registry is not None else None,
+            **fields,
         )
         headers = self._insert(job, metered=self.limits is not None or job.cost is not None)
         if headers is None:  # a concurrent request with the same key won the insert

@@ -13,14 +13,34 @@ class Waiters:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._by_job: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
+        self._threads: dict[str, list[threading.Event]] = {}
 
     def wake(self, job_id: str) -> None:
         """From any thread: every watcher of this job looks now."""
         with self._lock:
             waiters = list(self._by_job.get(job_id, []))
+            threads = list(self._threads.get(job_id, []))
         for loop, ev in waiters:
             with contextlib.suppress(RuntimeError):  # that watcher's loop has closed
                 loop.call_soon_threadsafe(ev.set)
+        for event in threads:
+            event.set()
+
+    @contextlib.contextmanager
+    def waiting_thread(self, job_id: str) -> Iterator[threading.Event]:
+        """A thread's event set on each wake of this job (an upstream worker waiting between polls)."""
+        event = threading.Event()
+        with self._lock:
+            self._threads.setdefault(job_id, []).append(event)
+        try:
+            yield event
+        finally:
+            with self._lock:
+                events = self._threads.get(job_id, [])
+                if event in events:
+                    events.remove(event)
+                if not events:
+                    self._threads.pop(job_id, None)
 
     @contextlib.contextmanager
     def waiting(self, job_id: str) -> Iterator[asyncio.Event]:

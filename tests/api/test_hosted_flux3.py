@@ -149,3 +149,27 @@ def test_an_unquoted_dotted_name_is_a_start_up_error_that_says_to_quote_it(tmp_p
             tmp_path,
             HOSTED.replace('[models."flux-3.1-image"]', "[models.flux-3.1-image]"),
         )
+
+
+def test_the_upstream_webhook_route_takes_only_a_valid_signature(settings: Settings, tmp_path: Path) -> None:
+    import hashlib
+    import hmac
+
+    from fluxserve.upstream.hooks import hook_secret
+
+    path = tmp_path / "up.toml"
+    path.write_text(HOSTED)
+    local = settings.model_copy(update={"upstream_config_file": path, "public_url": "https://flux.example"})
+    with TestClient(create_app(local, engine=FakeEngine())) as client:
+        services = client.app.state.services  # type: ignore[attr-defined]
+        body = b'{"id": "t1", "status": "Ready"}'
+        secret = hook_secret(services.secret, "bfl", "job1-0")
+        good = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+        headers = {"content-type": "application/json"}
+        ok = client.post("/v1/upstream-hooks/bfl/job1-0", content=body, headers={**headers, "X-BFL-Signature": good})
+        assert ok.status_code == 200, ok.text
+        for upstream, ref, sig in (("bfl", "job1-0", "sha256=00"), ("bfl", "job2-0", good), ("nope", "job1-0", good)):
+            bad = client.post(
+                f"/v1/upstream-hooks/{upstream}/{ref}", content=body, headers={**headers, "X-BFL-Signature": sig}
+            )
+            assert bad.status_code == 401, (upstream, ref)

@@ -3,7 +3,11 @@ MockTransport written from that provider's documented shapes. Resume, lost answe
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +21,7 @@ from fluxserve.migrations import open_store
 from fluxserve.models import ModelRegistry
 from fluxserve.outputs import read_metadata
 from fluxserve.storage import LocalStorage
+from fluxserve.upstream.hooks import hook_secret, hook_url, signed_by
 from fluxserve.upstream.worker import UpstreamWorker
 from tests.support.images_util import png_bytes
 
@@ -354,3 +359,54 @@ def test_a_spilled_job_whose_upstream_is_down_goes_back_to_the_local_queue(core:
     assert up.count("POST", "/v1/flux-dev") == 2  # retries = 1
     assert jobs.spill() == 0  # and it is not sent there again
     worker.stop()
+
+
+def test_bfls_webhook_wakes_the_polling_worker_at_once(core: Any, tmp_path: Path) -> None:
+    """With --public-url, BFL gets a webhook URL and a per-task secret at submit; the webhook (here its wake-up)
+    makes the worker poll now rather than after its 30 s interval. Without it, polling alone still ends it."""
+    jobs, storage = core
+    (tmp_path / "h.toml").write_text(
+        f'[upstreams.up]\nkind = "bfl"\nbase_url = "{UP}"\npoll_interval_s = 30\n[models.flux-pro]\nupstream = "up"\n'
+    )
+    reg = ModelRegistry.default().layered(tmp_path / "h.toml")
+    ready = threading.Event()
+    sent: dict[str, Any] = {}
+
+    def submit(request: httpx.Request) -> httpx.Response:
+        sent.update(json.loads(request.content))
+        return httpx.Response(200, json={"id": "t1", "polling_url": f"{UP}/v1/get_result?id=t1"})
+
+    def poll(_: httpx.Request) -> httpx.Response:
+        if not ready.is_set():
+            return httpx.Response(200, json={"id": "t1", "status": "Pending"})
+        return httpx.Response(200, json={"id": "t1", "status": "Ready", "result": {"sample": f"{UP}/files/t1.png"}})
+
+    up = Upstream({("POST", "/v1/flux-pro"): submit, ("GET", "/v1/get_result"): poll, ("GET", "/files/t1.png"): _png})
+    jobs.registry = reg
+    secret = b"k" * 32
+    worker = UpstreamWorker(jobs, storage, reg, reg.upstreams["up"], transport=up.transport, hooks=(UP, secret))
+    assert worker.load()
+    worker.start_heartbeat()
+    job = _job(jobs)
+    ran = threading.Thread(target=worker.run_claimed, args=(job.id,))
+    ran.start()
+    try:
+        deadline = time.monotonic() + 10
+        while up.count("GET", "/v1/get_result") < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        ref = f"{job.id}-0"
+        assert sent["webhook_url"] == hook_url(UP, "up", ref)
+        assert sent["webhook_secret"] == hook_secret(secret, "up", ref)
+        ready.set()
+        t0 = time.monotonic()
+        jobs.wake(job.id)  # what POST /v1/upstream-hooks/up/<ref> does once its signature checks out
+        ran.join(10)
+        assert not ran.is_alive() and time.monotonic() - t0 < 5  # not the 10 s a poll interval would take
+    finally:
+        worker.stop()
+        ran.join(15)
+    assert jobs.store.get_job(job.id).status is Status.SUCCEEDED  # type: ignore[union-attr]
+    assert up.count("GET", "/v1/get_result") == 2
+    body = b'{"id": "t1", "status": "Ready"}'
+    good = "sha256=" + hmac.new(sent["webhook_secret"].encode(), body, hashlib.sha256).hexdigest()
+    assert signed_by(sent["webhook_secret"], body, good) and not signed_by(sent["webhook_secret"], body + b" ", good)

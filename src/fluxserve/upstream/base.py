@@ -154,6 +154,9 @@ def ratio(width: int, height: int) -> str:
 class Provider:
     """A kind's shapes. ``submit`` returns a Task to poll, or Done when the provider answers at once."""
 
+    # It calls a webhook when a task ends: submit gets ``webhook=(url, secret)`` when --public-url is set.
+    takes_webhooks = False
+
     def __init__(self, config: UpstreamConfig) -> None:
         self.config = config
 

@@ -16,6 +16,8 @@ from .base import Done, Inputs, Malformed, Provider, Rejected, Task, Unavailable
 class BFL(Provider):
     """api.bfl.ai: POST /v1/{endpoint} -> {id, polling_url}; GET polling_url -> {status, result.sample}."""
 
+    takes_webhooks = True
+
     def images_per_task(self, spec: GenerationSpec, model: str) -> int:
         return 1
 
@@ -26,6 +28,8 @@ class BFL(Provider):
         self, client: httpx.Client, spec: GenerationSpec, model: str, inputs: Inputs, key: str | None, **kw: Any
     ) -> Task:
         body = flux3_body(spec, model, inputs) if model.startswith("flux-3") else self._classic_body(spec, inputs)
+        if kw.get("webhook"):  # BFL posts it when the task ends, signed with the secret: the worker polls then
+            body["webhook_url"], body["webhook_secret"] = kw["webhook"]
         answer = call(
             client, "POST", f"{self.config.base_url}/v1/{quote(model)}", json=body, headers=self.submit_headers(key, kw)
         )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -33,6 +34,7 @@ from ..storage import Storage
 from ..workers import LeasedWorker
 from .base import MALFORMED, AccountError, Done, Inputs, Malformed, Provider, Rejected, Task, Unavailable
 from .health import Health
+from .hooks import hook_secret, hook_url, task_ref
 from .providers import provider_for
 from .routing import next_route
 
@@ -65,6 +67,7 @@ class UpstreamWorker(LeasedWorker):
         allow_private: bool = False,
         storage_retry_s: float = 60.0,
         transport: Any = None,  # tests: an httpx transport for the provider's calls and the result fetches
+        hooks: tuple[str, bytes] | None = None,  # (public URL, server secret): providers that take webhooks get one
     ) -> None:
         super().__init__(jobs, storage, f"upstream:{config.name}", storage_retry_s=storage_retry_s)
         self._transport = transport
@@ -76,6 +79,7 @@ class UpstreamWorker(LeasedWorker):
         self.provider: Provider = provider_for(config)
         self.health = Health(config.unhealthy_after, config.cooldown_s)
         self._allow_private = allow_private
+        self._hooks = hooks if self.provider.takes_webhooks else None
         self._client = httpx.Client(
             timeout=httpx.Timeout(60.0, connect=10.0),
             limits=httpx.Limits(max_connections=config.max_in_flight, max_keepalive_connections=config.max_in_flight),
@@ -107,6 +111,11 @@ class UpstreamWorker(LeasedWorker):
         pass  # waits on the network, never on the CPU
 
     def stop(self, timeout: float = 10.0) -> None:
+        self.begin_stop()
+        with self._held_lock:
+            held = list(self._held)
+        for job_id in held:  # a task waiting between polls looks now, and stops
+            self._jobs.wake(job_id)
         super().stop(timeout)
         self._client.close()
 
@@ -245,6 +254,7 @@ class UpstreamWorker(LeasedWorker):
                     key,
                     idempotency_key=f"{job.id}-{index}",
                     wait_s=wait_s(job, deadline),
+                    webhook=self._webhook(job, index),
                 )
                 break
             except MALFORMED as exc:  # it answered, so it may have started a task: never sent again
@@ -269,7 +279,20 @@ class UpstreamWorker(LeasedWorker):
             self._record(job, {"phase": "task", "index": index, **answer.to_dict()})
         return answer
 
+    def _webhook(self, job: Job, index: int) -> tuple[str, str] | None:
+        if self._hooks is None:
+            return None
+        public_url, secret = self._hooks
+        ref = task_ref(job.id, index)
+        return hook_url(public_url, self.config.name, ref), hook_secret(secret, self.config.name, ref)
+
     def _poll(self, job: Job, task: Task, deadline: float, abort: Callable[[], str | None]) -> Done:
+        with self._jobs.nudges(job.id) as nudge:  # the provider's webhook, where it sends one, wakes it early
+            return self._poll_until(job, task, deadline, abort, nudge)
+
+    def _poll_until(
+        self, job: Job, task: Task, deadline: float, abort: Callable[[], str | None], nudge: threading.Event
+    ) -> Done:
         key = self.config.api_key()
         errors = 0
         while True:
@@ -298,7 +321,10 @@ class UpstreamWorker(LeasedWorker):
                     raise
             if done is not None:
                 return done
-            self._sleep(job, min(self.config.poll_interval_s * (2 if errors else 1), 10.0), abort)
+            nudge.wait(min(self.config.poll_interval_s * (2 if errors else 1), 10.0))
+            nudge.clear()
+            if self._stopping.is_set():
+                raise _Stop("shutdown")
 
     def _cancel_upstream(self, task: Task, key: str | None) -> None:
         try:
