@@ -128,6 +128,13 @@ def test_dialects_map_onto_the_hosted_names(hosted_client: TestClient) -> None:
         headers=AUTH,
     )
     assert openai.status_code == 202, openai.text
+    replicate = hosted_client.post(
+        "/v1/models/black-forest-labs/flux-3-image/predictions",
+        json={"input": {"prompt": "p", "aspect_ratio": "16:9"}},
+        headers=AUTH,
+    )
+    assert replicate.status_code == 201, replicate.text
+    assert store.get_job(replicate.json()["id"]).spec.model == "flux-3-image"
     relay = hosted_client.post(
         "/vmodel/generate", json={"model": "flux-3.1-image", "input": {"prompt": "p"}}, headers=AUTH
     )

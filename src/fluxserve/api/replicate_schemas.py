@@ -359,6 +359,9 @@ MODELS: dict[str, tuple[str, type[_Input], bool]] = {
     "flux-2-klein-9b": ("flux-2-klein-9b", KleinInput, True),
     "flux-3-image-klein": ("flux-3-image-klein", Flux3Input, True),
     "flux-3-image-klein-base": ("flux-3-image-klein-base", Flux3Input, True),
+    # Hosted only (served where an upstream is configured for them): klein's input shape, BFL's FLUX 3 shape out.
+    "flux-3-image": ("flux-3-image", Flux3Input, True),
+    "flux-3.1-image": ("flux-3.1-image", Flux3Input, True),
 }
 
 WebhookEvent = Literal["start", "output", "logs", "completed"]
