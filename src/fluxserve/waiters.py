@@ -7,6 +7,9 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import Iterator
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 class Waiters:
@@ -26,34 +29,27 @@ class Waiters:
         for event in threads:
             event.set()
 
-    @contextlib.contextmanager
-    def waiting_thread(self, job_id: str) -> Iterator[threading.Event]:
+    def waiting_thread(self, job_id: str) -> contextlib.AbstractContextManager[threading.Event]:
         """A thread's event set on each wake of this job (an upstream worker waiting between polls)."""
         event = threading.Event()
-        with self._lock:
-            self._threads.setdefault(job_id, []).append(event)
-        try:
-            yield event
-        finally:
-            with self._lock:
-                events = self._threads.get(job_id, [])
-                if event in events:
-                    events.remove(event)
-                if not events:
-                    self._threads.pop(job_id, None)
+        return self._registered(self._threads, job_id, event, event)
 
-    @contextlib.contextmanager
-    def waiting(self, job_id: str) -> Iterator[asyncio.Event]:
+    def waiting(self, job_id: str) -> contextlib.AbstractContextManager[asyncio.Event]:
         """An event set on each wake of this job, for as long as the caller watches it (on its own loop)."""
         waiter = (asyncio.get_running_loop(), asyncio.Event())
+        return self._registered(self._by_job, job_id, waiter, waiter[1])
+
+    @contextlib.contextmanager
+    def _registered(self, registry: dict[str, list[Any]], job_id: str, entry: Any, given: T) -> Iterator[T]:
+        """``entry`` listed under the job while the caller holds ``given``; unlisted after, the job's list too."""
         with self._lock:
-            self._by_job.setdefault(job_id, []).append(waiter)
+            registry.setdefault(job_id, []).append(entry)
         try:
-            yield waiter[1]
+            yield given
         finally:
             with self._lock:
-                waiters = self._by_job.get(job_id, [])
-                if waiter in waiters:
-                    waiters.remove(waiter)
-                if not waiters:
-                    self._by_job.pop(job_id, None)
+                entries = registry.get(job_id, [])
+                if entry in entries:
+                    entries.remove(entry)
+                if not entries:
+                    registry.pop(job_id, None)
