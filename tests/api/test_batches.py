@@ -71,3 +71,39 @@ def test_a_file_for_another_purpose_or_an_unknown_batch_is_refused(client: TestC
     assert client.get("/v1/batches/batch_nope", headers=AUTH).status_code == 404
     assert client.post("/v1/batches/batch_nope/cancel", headers=AUTH).status_code == 404
     assert client.get("/v1/batches?limit=0", headers=AUTH).status_code == 400
+
+
+def test_an_edits_batch_reads_its_lines_images_by_url(client: TestClient) -> None:
+    import base64
+
+    from tests.support.images_util import png_bytes
+
+    image = "data:image/png;base64," + base64.b64encode(png_bytes((96, 64))).decode()
+    body = {"model": "flux-kontext-pro", "prompt": "night", "steps": 2}
+    lines = [
+        {"custom_id": "one", "method": "POST", "url": "/v1/images/edits", "body": {**body, "image": image}},
+        {
+            "custom_id": "two",
+            "method": "POST",
+            "url": "/v1/images/edits",
+            "body": {**body, "images": [{"image_url": image}]},
+        },
+        {"custom_id": "none", "method": "POST", "url": "/v1/images/edits", "body": body},
+    ]
+    file_id = _upload(client, lines)
+    batch = client.post(
+        "/v1/batches", json={"input_file_id": file_id, "endpoint": "/v1/images/edits"}, headers=AUTH
+    ).json()
+    deadline = time.monotonic() + 30
+    while (batch := client.get(f"/v1/batches/{batch['id']}", headers=AUTH).json())["status"] != "completed":
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.05)
+    assert batch["request_counts"] == {"total": 3, "completed": 2, "failed": 1}
+    out = client.get(f"/v1/files/{batch['output_file_id']}/content", headers=AUTH).text.splitlines()
+    assert sorted(json.loads(line)["custom_id"] for line in out) == ["one", "two"]
+    store = client.app.state.services.store  # type: ignore[attr-defined]
+    assert all(
+        len(j.spec.images) == 1 and (j.spec.width, j.spec.height) == (1248, 832) for j in store.batch_jobs(batch["id"])
+    )
+    errors = client.get(f"/v1/files/{batch['error_file_id']}/content", headers=AUTH).text.splitlines()
+    assert json.loads(errors[0])["response"]["body"]["error"]["code"] == "invalid_value"

@@ -117,8 +117,9 @@ def test_dialects_map_onto_the_hosted_names(hosted_client: TestClient) -> None:
     job = store.get_job(made.json()["id"])
     assert job.spec.hosted == {"mode": "quality", "search": True} and (job.spec.width, job.spec.height) == (4096, 4096)
     assert "seed" in job.request["input"]["ignored_fields"]  # BFL refuses seed for 3.1: not passed on
-    masked = hosted_client.post("/v1/flux-3.1-image", json={"prompt": "p", "mask": "data:,"}, headers=xkey)
-    assert masked.status_code == 422 and masked.json()["detail"][0]["loc"][-1] == "mask"
+    mask = "https://example.com/mask.png"
+    masked = hosted_client.post("/v1/flux-3.1-image", json={"prompt": "p", "mask": mask}, headers=xkey)
+    assert masked.status_code == 200 and store.get_job(masked.json()["id"]).spec.hosted == {"mask": mask}
     grounded = hosted_client.post("/v1/flux-3-image", json={"prompt": "p", "grounding": True}, headers=xkey)
     assert grounded.status_code == 200 and store.get_job(grounded.json()["id"]).spec.hosted == {"grounding": True}
     # OpenAI's and the relay's requests reach the same names; /v1/models lists them here.

@@ -243,12 +243,11 @@ class Flux31Inputs(Flux3Inputs):  # type: ignore[valid-type,misc]
     mode: Literal["fast", "quality"] | None = None
     bounding_boxes: list[dict[str, Any]] | None = Field(default=None, max_length=32)
     search: bool | None = None
-    mask: str | None = None  # not passed on yet: refused by name rather than ignored (the image would be wrong)
+    # FLUX 3.1's inpainting mask (a URL or base64 image), for the provider: passed on as sent, never fetched here.
+    mask: str | None = Field(default=None, max_length=30 * 1024 * 1024)
 
     def hosted(self) -> dict[str, Any]:
-        if self.mask is not None:
-            raise InvalidInput("mask (FLUX 3.1 inpainting) is not passed on to the upstream yet.", param="mask")
-        fields = {"mode": self.mode, "bounding_boxes": self.bounding_boxes, "search": self.search}
+        fields = {"mode": self.mode, "bounding_boxes": self.bounding_boxes, "search": self.search, "mask": self.mask}
         base: dict[str, Any] = super().hosted()
         return base | {k: v for k, v in fields.items() if v is not None}
 
