@@ -44,7 +44,7 @@ def test_an_interactive_job_is_never_queued_behind_a_batch(slow_client: TestClie
     answer = slow_client.post("/v1/images/generations", json={"prompt": "now", "size": "256x256"}, headers=AUTH)
     waited = time.monotonic() - t0
     assert answer.status_code == 200
-    assert waited < 1.5, waited  # behind the running line at most, never behind the four queued ones
+    assert waited < 2.0, waited  # behind the running line at most (~0.7 s), never behind the four queued (~2.5 s)
     store = slow_client.app.state.services.store  # type: ignore[attr-defined]
     lines = store.batch_jobs(batch["id"])
     assert len(lines) == 5 and all(j.batch_id == batch["id"] for j in lines)
