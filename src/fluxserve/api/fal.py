@@ -207,6 +207,7 @@ def _start_deadline(header: str | None) -> float | None:
 
 
 LIFECYCLE = "X-Fal-Object-Lifecycle-Preference"
+MAX_LIFECYCLE_S = 365 * 24 * 3600.0
 
 
 def _retention(header: str | None, operator_s: float) -> float | None:
@@ -218,7 +219,7 @@ def _retention(header: str | None, operator_s: float) -> float | None:
         value = json.loads(header).get("expiration_duration_seconds")
     except (ValueError, AttributeError):
         value = None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= MAX_REQUEST_TIMEOUT_S * 52:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= MAX_LIFECYCLE_S:
         raise InvalidInput(
             f'{LIFECYCLE} must be JSON such as {{"expiration_duration_seconds": 3600}} (0 up to a year); '
             f"got {header[:64]!r}.",
