@@ -316,7 +316,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
             retry_base_s=settings.webhook_retry_base_s,
         )
         wakes = (EventKind.SUBMITTED, EventKind.REQUEUED, EventKind.ROUTED)
-        jobs.on_change(lambda job, kind: workers.wake() if kind in wakes else None)
+        jobs.on_change(lambda job, kind: workers.wake(job) if kind in wakes else None)
         jobs.on_change(webhooks.wake)
         if queue.name == "postgres":  # changes committed by other nodes wake this node's waiters and sender
 

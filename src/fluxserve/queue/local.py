@@ -1,11 +1,11 @@
 """The embedded queue: the jobs table is the queue, and worker threads in this process take from it.
 
-Every slot of every worker (DeviceWorker: one) runs a loop: the lease and deadline sweep
-(JobService.expire) at most every MAINTENANCE_S, then the next queued jobs in the fair order
-(store.fairness), each handed to the worker, which claims it (another slot may have been first) and
-runs it. A submit or re-queue in this process wakes the loops at once; otherwise they look again every
-MAINTENANCE_S. A worker whose models failed to load leaves jobs to healthy ones, and fails them itself
-(with its load error) only when none is left.
+Every slot of every worker (DeviceWorker: one; UpstreamWorker: its max_in_flight) is a thread that, when
+woken, takes the next queued jobs in the fair order (store.fairness), each handed to the worker, which claims
+it (another worker may have been first) and runs it. A submit or re-queue in this process wakes one idle slot
+of one worker that can run the job; a maintenance thread sweeps leases and deadlines (JobService.expire) every
+MAINTENANCE_S. A worker whose models failed to load leaves jobs to healthy ones, and fails them itself (with
+its load error) only when none is left.
 """
 
 from __future__ import annotations
@@ -18,14 +18,15 @@ from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from ..errors import StoreUnavailable
-from ..job import WorkerState
+from ..job import Job, WorkerState
 from ..jobs import JobService
 
 AnyWorker = Any  # a worker.DeviceWorker or an upstream.worker.UpstreamWorker (queue.base.Worker)
 
 log = logging.getLogger(__name__)
 
-MAINTENANCE_S = 1.0
+MAINTENANCE_S = 1.0  # the lease and deadline sweep
+SWEEP_S = 5.0  # one slot per worker looks, for a wake-up lost (a job committed by another process)
 STORE_RETRY_MAX_S = 5.0
 CANDIDATES = 16  # queued ids read per look; the first still queued is claimed
 
@@ -53,16 +54,21 @@ class LocalQueue:
 
 
 class LocalDispatcher:
-    """The app's face of this process's workers (queue.base.Dispatcher), each slot a thread."""
+    """The app's face of this process's workers (queue.base.Dispatcher), each slot a thread.
+
+    Slots wait on their own event, listed as idle per worker; a new job wakes one idle slot of one worker
+    that can run it (its route and model; a warm one first), never every slot. A slot that finds a job keeps
+    looking until none is left, then lists itself idle again. Nothing polls at idle: one maintenance thread
+    sweeps leases and deadlines every MAINTENANCE_S and, every SWEEP_S, wakes one slot per worker in case a
+    wake-up was lost (a job committed by another process)."""
 
     def __init__(self, jobs: JobService, workers: list[AnyWorker]) -> None:
         self._jobs = jobs
         self.workers = workers
-        self._wake = threading.Event()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._last_maintenance = 0.0
-        self._maintenance_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._idle: dict[int, list[threading.Event]] = {id(w): [] for w in workers}
 
     @property
     def state(self) -> WorkerState:
@@ -84,19 +90,40 @@ class LocalDispatcher:
         return "; ".join(reasons) or None
 
     def start(self) -> None:
-        for worker in self.workers:
-            thread = threading.Thread(target=self._serve, args=(worker,), name="fluxserve-worker", daemon=True)
+        targets: list[tuple[Any, tuple[Any, ...]]] = [(self._serve, (w,)) for w in self.workers]
+        for target, args in [*targets, (self._maintain, ())] if self.workers else targets:
+            thread = threading.Thread(target=target, args=args, name="fluxserve-worker", daemon=True)
             thread.start()
             self._threads.append(thread)
 
-    def wake(self) -> None:
-        self._wake.set()
+    def wake(self, job: Job | None = None) -> None:
+        """One idle slot of one worker that can run ``job`` looks now; without a job, one slot of each worker."""
+        if job is None:
+            for worker in self.workers:
+                self._wake_slot(worker)
+            return
+        able = [w for w in self.workers if w.route == job.route and job.spec.model in w.models()]
+        warm = [w for w in able if job.spec.model in w.loaded_models()]
+        if not any(self._wake_slot(w) for w in [*warm, *able]) and not able:
+            self.wake()  # no worker names its model: whoever can say so (fails it with a clear error) looks
+
+    def _wake_slot(self, worker: AnyWorker) -> bool:
+        with self._lock:
+            idle = self._idle[id(worker)]
+            event = idle.pop() if idle else None
+        if event is None:
+            return False
+        event.set()
+        return True
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stopping.set()
         for w in self.workers:
             w.begin_stop()
-        self._wake.set()
+        with self._lock:
+            events = [e for idle in self._idle.values() for e in idle]
+        for event in events:
+            event.set()
         for thread in self._threads:
             thread.join(timeout)
         for w in self.workers:
@@ -112,7 +139,21 @@ class LocalDispatcher:
         infos = [w.engine_info() | {"state": w.state} for w in self.workers]
         return infos[0] if len(infos) == 1 else {"workers": infos}
 
-    # -- a worker's loop ---------------------------------------------------------
+    # -- the maintenance thread and a worker's slots ------------------------------------
+
+    def _maintain(self) -> None:
+        last_sweep = time.monotonic()
+        while not self._stopping.wait(MAINTENANCE_S):
+            try:
+                self._jobs.expire()
+                self._jobs.spill()
+            except StoreUnavailable as exc:
+                log.warning("queue maintenance: %s", exc.message)
+            except Exception:  # the sweep must outlive anything the store throws
+                log.exception("queue maintenance error")
+            if time.monotonic() - last_sweep >= SWEEP_S:
+                last_sweep = time.monotonic()
+                self.wake()
 
     def _serve(self, worker: AnyWorker) -> None:
         worker.lower_priority()
@@ -127,41 +168,49 @@ class LocalDispatcher:
         for slot in slots:
             slot.join()
 
+    def _listed(self, worker: AnyWorker, event: threading.Event, *, listed: bool) -> bool:
+        """List this slot as idle (its event cleared) or take it off the list; whether a wake-up had chosen it
+        since it was last listed (its event set)."""
+        with self._lock:
+            idle = self._idle[id(worker)]
+            chosen = event.is_set()
+            event.clear()
+            if event in idle:
+                idle.remove(event)
+            if listed and not self._stopping.is_set():
+                idle.append(event)
+        return chosen
+
     def _loop(self, worker: AnyWorker) -> None:
+        event = threading.Event()
         backoff = 0.25
         while not self._stopping.is_set():
+            self._listed(worker, event, listed=True)
             try:
-                ran = self._run_next(worker)
+                ran = self._run_next(worker, event)
             except StoreUnavailable as exc:
                 worker.degrade(exc.message)
-                self._wake.wait(backoff)
+                self._stopping.wait(backoff)
                 backoff = min(backoff * 2, STORE_RETRY_MAX_S)
                 continue
             except Exception:  # the loop must outlive anything a job or the store throws
                 log.exception("worker loop error")
-                self._wake.wait(1.0)
+                self._stopping.wait(1.0)
                 continue
             worker.recovered()
             backoff = 0.25
             if not ran:
-                self._wake.wait(timeout=MAINTENANCE_S)
-                self._wake.clear()
+                event.wait()  # a wake-up, the maintenance sweep's, or stop
+        self._listed(worker, event, listed=False)
 
     def _others_healthy(self, worker: AnyWorker) -> bool:
         """Another worker that can take this one's jobs (the same route: devices, or the same upstream)."""
         live = ("loading", "ready")
         return any(o.state in live for o in self.workers if o is not worker and o.route == worker.route)
 
-    def _run_next(self, worker: AnyWorker) -> bool:
-        """Sweep when due, then run the first queued job this worker can claim; whether one ran."""
-        with self._maintenance_lock:
-            now = time.monotonic()
-            due = now - self._last_maintenance >= MAINTENANCE_S
-            if due:
-                self._last_maintenance = now
-        if due:
-            self._jobs.expire()
-            self._jobs.spill()
+    def _run_next(self, worker: AnyWorker, event: threading.Event) -> bool:
+        """Run the first queued job this worker can claim; whether one ran. The slot leaves the idle list
+        while it runs one, handing on a wake-up that chose it meanwhile (that job may not be the one it took)."""
         if worker.state == "error" and self._others_healthy(worker):
             return False
         if worker.sleeping:
@@ -170,8 +219,11 @@ class LocalDispatcher:
         for job_id in warm_first(queued, worker.loaded_models(), worker.max_model_wait_s, time.time()):
             if self._stopping.is_set():
                 return False
+            if self._listed(worker, event, listed=False):
+                self._wake_slot(worker)
             if worker.run_claimed(job_id):
                 return True
+            self._listed(worker, event, listed=True)
         return False
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import select
 
 from ...errors import StoreUnavailable
-from ...job import WorkerState
+from ...job import Job, WorkerState
 from ...jobs import JobService
 from ...store import Store, workers
 from ..base import Timing, Worker
@@ -87,7 +87,7 @@ class ClusterView:
         if self._local is not None:
             self._local.start()
 
-    def wake(self) -> None:
+    def wake(self, job: Job | None = None) -> None:
         """Procrastinate's own NOTIFY wakes workers on every node."""
 
     def stop(self, timeout: float = 10.0) -> None:

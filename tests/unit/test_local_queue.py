@@ -1,0 +1,116 @@
+"""The embedded queue's slots: a job wakes one slot of a worker that can run it, never every slot; nothing
+polls at idle; a job no wake-up announced (committed by another process) is found by the sweep.
+
+Real UpstreamWorkers (16 slots each) on a real SQLite store, the provider answered by an httpx MockTransport;
+the store's ``queued`` (a slot's look) and ``claim`` are counted."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fluxserve.job import EventKind, Status
+from fluxserve.jobs import JobService
+from fluxserve.queue import local
+from fluxserve.queue.local import LocalDispatcher
+from fluxserve.upstream.worker import UpstreamWorker
+from tests.unit.test_upstream_worker import _bfl, _job, _registry, core  # noqa: F401 - the fixture
+
+
+class Counted:
+    """Wraps a store method, recording each call's ``route`` keyword (or None)."""
+
+    def __init__(self, method: Callable[..., Any]) -> None:
+        self.method = method
+        self.calls: list[Any] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self.lock:
+            self.calls.append(kwargs.get("route"))
+        return self.method(*args, **kwargs)
+
+
+@pytest.fixture
+def two_upstreams(core: Any, tmp_path: Path) -> Iterator[tuple[JobService, LocalDispatcher, Counted, Counted]]:
+    jobs, storage = core
+    reg = _registry(tmp_path, "bfl", max_in_flight=16)
+    jobs.registry = reg
+    up = _bfl(polls_pending=0)
+    workers = [
+        UpstreamWorker(jobs, storage, reg, reg.upstreams[name], transport=up.transport) for name in ("up", "other")
+    ]
+    dispatcher = LocalDispatcher(jobs, workers)
+    jobs.on_change(lambda job, kind: dispatcher.wake(job) if kind in (EventKind.SUBMITTED, EventKind.REQUEUED) else None)
+    looks, claims = Counted(jobs.store.queued), Counted(jobs.store.claim)
+    jobs.store.queued, jobs.store.claim = looks, claims  # type: ignore[method-assign]
+    dispatcher.start()
+    _settled(looks)
+    yield jobs, dispatcher, looks, claims
+    dispatcher.stop()
+
+
+def _settled(looks: Counted, quiet_s: float = 0.3, limit_s: float = 10.0) -> None:
+    """Until no slot has looked for quiet_s (each slot looks once as it starts)."""
+    deadline = time.monotonic() + limit_s
+    seen = -1
+    while len(looks.calls) != seen and time.monotonic() < deadline:
+        seen = len(looks.calls)
+        time.sleep(quiet_s)
+
+
+def _done(jobs: JobService, job_id: str, limit_s: float = 10.0) -> Status:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        job = jobs.store.get_job(job_id)
+        if job is not None and job.status.is_terminal:
+            return job.status
+        time.sleep(0.02)
+    raise AssertionError(f"job {job_id} did not end within {limit_s} s")
+
+
+def test_one_job_wakes_one_slot_of_the_upstream_it_is_routed_to(two_upstreams: Any) -> None:
+    jobs, _, looks, claims = two_upstreams
+    looks.calls.clear()
+    claims.calls.clear()
+    job = _job(jobs)
+    assert _done(jobs, job.id) is Status.SUCCEEDED
+    _settled(looks)
+    # The woken slot looks, claims, runs the job, and looks once more (nothing left); 32 slots stay asleep.
+    assert looks.calls == ["up", "up"], looks.calls
+    assert len(claims.calls) == 1
+
+
+def test_nothing_polls_at_idle(two_upstreams: Any) -> None:
+    _, _, looks, _ = two_upstreams
+    looks.calls.clear()
+    time.sleep(2.5)  # past two maintenance sweeps; the lost-wake-up sweep is every SWEEP_S (5 s)
+    assert looks.calls == []
+
+
+def test_several_jobs_at_once_each_wake_a_slot_and_all_run(two_upstreams: Any) -> None:
+    jobs, _, looks, claims = two_upstreams
+    looks.calls.clear()
+    submitted = [_job(jobs) for _ in range(6)]
+    assert all(_done(jobs, j.id) is Status.SUCCEEDED for j in submitted)
+    assert set(looks.calls) == {"up"}  # the other upstream's slots never looked
+    assert len(claims.calls) <= 2 * len(submitted)  # a claim lost to a sibling slot is rare, never a stampede
+
+
+def test_a_job_no_wake_up_announced_is_found_by_the_sweep(
+    two_upstreams: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    jobs, dispatcher, looks, _ = two_upstreams
+    monkeypatch.setattr(local, "SWEEP_S", 1.0)
+    other = JobService(jobs.store, lease_s=5.0, registry=jobs.registry)  # another process: no wake-up here
+    try:
+        spec = jobs.registry.get("flux-pro").make_spec(prompt="a fox", width=256, height=256, seed=5)
+        job = other.submit_sync("o", "openai", spec, {})
+        assert _done(jobs, job.id, limit_s=8.0) is Status.SUCCEEDED
+    finally:
+        other.close()
