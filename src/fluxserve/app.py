@@ -33,6 +33,7 @@ from .api.dialects import (
     webhook_secret_for,
 )
 from .api.errors import install_error_handlers
+from .api.jobheaders import JobHeaders
 from .api.prefixes import ProviderPrefixes
 from .api.ratelimit import RateLimitHeaders
 from .auth import Authenticator
@@ -357,6 +358,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
         expose_headers=["*"],
     )
     app.add_middleware(RateLimitHeaders)
+    app.add_middleware(JobHeaders)
     app.add_middleware(RequestLog, on_done=lambda *request: _count(app, *request))
     app.add_middleware(ProviderPrefixes, prefixes=prefixes())  # outermost: everything after sees the dialect's path
     install_error_handlers(app, render_error)

@@ -16,7 +16,7 @@ import httpx
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InvalidInput, PayloadTooLarge
-from .netguard import check_peer, pin_public_url
+from .netguard import check_peer, pin_public_url, tls
 
 MAX_IMAGE_BYTES = 50 * 1024 * 1024
 MAX_MASK_BYTES = 4 * 1024 * 1024
@@ -79,6 +79,11 @@ async def decode_image_async(data: bytes, *, slots: asyncio.Semaphore | None = N
         return await asyncio.to_thread(decode_image, data, **kwargs)
 
 
+def within_limits(width: int, height: int) -> bool:
+    """A size this server decodes: MAX_IMAGE_SIDE a side, MAX_IMAGE_PIXELS in all."""
+    return width <= MAX_IMAGE_SIDE and height <= MAX_IMAGE_SIDE and width * height <= MAX_IMAGE_PIXELS
+
+
 def decode_image(data: bytes, *, param: str, max_bytes: int = MAX_IMAGE_BYTES, keep_alpha: bool = False) -> Image.Image:
     """Bytes -> an upright RGB (or RGBA) image, refusing bombs before any pixel is allocated."""
     if len(data) > max_bytes:
@@ -93,7 +98,7 @@ def decode_image(data: bytes, *, param: str, max_bytes: int = MAX_IMAGE_BYTES, k
             img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
             # Only the header has been read here: check the declared size before decoding pixels.
             w, h = img.size
-            if w > MAX_IMAGE_SIDE or h > MAX_IMAGE_SIDE or w * h > MAX_IMAGE_PIXELS:
+            if not within_limits(w, h):
                 raise InvalidInput(
                     f"{param} is {w}x{h}; images may be at most {MAX_IMAGE_SIDE} pixels a side and "
                     f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels.",
@@ -206,7 +211,8 @@ async def _fetch(
     code: str,
     transport: httpx.AsyncBaseTransport | None,
 ) -> None:
-    async with httpx.AsyncClient(timeout=FETCH_TIMEOUT_S, follow_redirects=False, transport=transport) as client:
+    client = httpx.AsyncClient(timeout=FETCH_TIMEOUT_S, follow_redirects=False, transport=transport, verify=tls())
+    async with client:
         for _ in range(MAX_REDIRECTS + 1):
             private_ok = allow_private(url) if callable(allow_private) else allow_private
             # getaddrinfo blocks: off the event loop.

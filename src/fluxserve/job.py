@@ -116,6 +116,7 @@ class Job:
     note: str | None = None  # set by its worker before the first step: "loading flux-dev: ..."
     retain_s: float | None = None  # its files' own retention, shorter than the operator's (None: the operator's)
     batch_id: str | None = None  # a line of this OpenAI batch: queued behind every interactive job
+    encode_s: float | None = None  # seconds its images took to encode and store (Server-Timing, metrics)
 
     @property
     def loading(self) -> bool:

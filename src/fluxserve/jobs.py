@@ -28,6 +28,7 @@ from .limits import note as note_rate_headers
 from .logs import job_fields, job_line
 from .models import ModelRegistry
 from .offload import Offload
+from .readout import note as note_read
 from .spec import GenerationSpec
 from .store import DuplicateJob, Fence, Store, fairness, insert_row, key_limits, outputs_json, serialize_owner, usage
 from .store.credits import hold
@@ -407,7 +408,8 @@ class JobService:
         return job
 
     async def get(self, job_id: str, owner: str, dialect: str | None = None) -> Job:
-        return await self.run(self.get_sync, job_id, owner, dialect)
+        """The job as it is now, noted as the one the request's answer is about (readout: its headers)."""
+        return note_read(await self.run(self.get_sync, job_id, owner, dialect))
 
     async def find(self, job_id: str) -> Job | None:
         """Any owner's job: for a request whose signed URL already proves it may see it."""

@@ -25,7 +25,7 @@ import httpx
 
 from .errors import InvalidInput, StoreUnavailable
 from .job import Job
-from .netguard import check_public_url, pin_public_url
+from .netguard import check_public_url, pin_public_url, tls
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,8 @@ def post_within(url: str, data: bytes, headers: dict[str, str], extensions: dict
     sender sends the same webhook-id meanwhile."""
 
     async def post() -> int:
-        async with asyncio.timeout(total_s), httpx.AsyncClient(timeout=total_s, follow_redirects=False) as client:
+        client = httpx.AsyncClient(timeout=total_s, follow_redirects=False, verify=tls())
+        async with asyncio.timeout(total_s), client:
             resp = await client.post(url, content=data, headers=headers, extensions=extensions)
             return resp.status_code
 

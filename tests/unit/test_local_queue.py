@@ -16,10 +16,12 @@ import pytest
 
 from fluxserve.job import EventKind, Status
 from fluxserve.jobs import JobService
+from fluxserve.migrations import open_store
 from fluxserve.queue import local
 from fluxserve.queue.local import LocalDispatcher
+from fluxserve.storage import LocalStorage
 from fluxserve.upstream.worker import UpstreamWorker
-from tests.unit.test_upstream_worker import _bfl, _job, _registry, core  # noqa: F401 - the fixture
+from tests.unit.test_upstream_worker import _bfl, _job, _registry
 
 
 class Counted:
@@ -37,8 +39,10 @@ class Counted:
 
 
 @pytest.fixture
-def two_upstreams(core: Any, tmp_path: Path) -> Iterator[tuple[JobService, LocalDispatcher, Counted, Counted]]:
-    jobs, storage = core
+def two_upstreams(tmp_path: Path) -> Iterator[tuple[JobService, LocalDispatcher, Counted, Counted]]:
+    store = open_store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    jobs = JobService(store, lease_s=5.0)
+    storage = LocalStorage(tmp_path / "files", b"s" * 32, "http://127.0.0.1:8123", 3600)
     reg = _registry(tmp_path, "bfl", max_in_flight=16)
     jobs.registry = reg
     up = _bfl(polls_pending=0)
@@ -46,13 +50,16 @@ def two_upstreams(core: Any, tmp_path: Path) -> Iterator[tuple[JobService, Local
         UpstreamWorker(jobs, storage, reg, reg.upstreams[name], transport=up.transport) for name in ("up", "other")
     ]
     dispatcher = LocalDispatcher(jobs, workers)
-    jobs.on_change(lambda job, kind: dispatcher.wake(job) if kind in (EventKind.SUBMITTED, EventKind.REQUEUED) else None)
+    wakes = (EventKind.SUBMITTED, EventKind.REQUEUED)
+    jobs.on_change(lambda job, kind: dispatcher.wake(job) if kind in wakes else None)
     looks, claims = Counted(jobs.store.queued), Counted(jobs.store.claim)
     jobs.store.queued, jobs.store.claim = looks, claims  # type: ignore[method-assign]
     dispatcher.start()
     _settled(looks)
     yield jobs, dispatcher, looks, claims
     dispatcher.stop()
+    jobs.close()
+    store.close()
 
 
 def _settled(looks: Counted, quiet_s: float = 0.3, limit_s: float = 10.0) -> None:
@@ -102,10 +109,8 @@ def test_several_jobs_at_once_each_wake_a_slot_and_all_run(two_upstreams: Any) -
     assert len(claims.calls) <= 2 * len(submitted)  # a claim lost to a sibling slot is rare, never a stampede
 
 
-def test_a_job_no_wake_up_announced_is_found_by_the_sweep(
-    two_upstreams: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    jobs, dispatcher, looks, _ = two_upstreams
+def test_a_job_no_wake_up_announced_is_found_by_the_sweep(two_upstreams: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    jobs = two_upstreams[0]
     monkeypatch.setattr(local, "SWEEP_S", 1.0)
     other = JobService(jobs.store, lease_s=5.0, registry=jobs.registry)  # another process: no wake-up here
     try:

@@ -69,6 +69,7 @@ class LocalDispatcher:
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._idle: dict[int, list[threading.Event]] = {id(w): [] for w in workers}
+        self._taken: set[str] = set()  # job ids a slot of this process is claiming or running
 
     @property
     def state(self) -> WorkerState:
@@ -219,10 +220,18 @@ class LocalDispatcher:
         for job_id in warm_first(queued, worker.loaded_models(), worker.max_model_wait_s, time.time()):
             if self._stopping.is_set():
                 return False
-            if self._listed(worker, event, listed=False):
-                self._wake_slot(worker)
-            if worker.run_claimed(job_id):
-                return True
+            with self._lock:  # another slot here is claiming it: never two claims of one job from this process
+                if job_id in self._taken:
+                    continue
+                self._taken.add(job_id)
+            try:
+                if self._listed(worker, event, listed=False):
+                    self._wake_slot(worker)
+                if worker.run_claimed(job_id):
+                    return True
+            finally:
+                with self._lock:
+                    self._taken.discard(job_id)
             self._listed(worker, event, listed=True)
         return False
 

@@ -359,6 +359,7 @@ def to_job(row: Row[Any]) -> Job:
         note=row.note,
         retain_s=row.retain_s,
         batch_id=row.batch_id,
+        encode_s=row.encode_s,
     )
 
 

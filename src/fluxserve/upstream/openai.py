@@ -38,6 +38,8 @@ class OpenAI(Provider):
             "response_format": "b64_json",
             "output_format": spec.output_format,
         }
+        if spec.output_format != "png":  # the job's quality, so the answer can be stored as it comes (no re-encode)
+            fields["output_compression"] = spec.quality
         if not model.startswith(OPENAI_MODELS):
             extra = {"seed": spec.seed, "steps": spec.steps, "guidance": spec.guidance}
             fields |= {k: v for k, v in extra.items() if v is not None}

@@ -20,15 +20,14 @@ from dataclasses import replace
 from typing import Any
 
 import httpx
-from PIL import Image
 
 from ..errors import FluxServeError, InvalidInput, PaymentRequired, StoreUnavailable
-from ..images import decode_image, fetch_url
+from ..images import fetch_url
 from ..job import EventKind, Job, Output, Status
 from ..jobs import JobService
 from ..models import ModelRegistry
 from ..models.upstreams import UpstreamConfig
-from ..outputs import EXTENSIONS, encode_image
+from ..outputs import EXTENSIONS, as_asked
 from ..spec import GenerationSpec
 from ..storage import Storage
 from ..workers import LeasedWorker
@@ -424,12 +423,12 @@ class UpstreamWorker(LeasedWorker):
         outputs = []
         for i, ((blob, used), asked) in enumerate(zip(got[: spec.num_images], spec.image_seeds(), strict=False)):
             seed = asked if used is None else used  # the seed the provider used, where it says
-            image = decode_image(blob, param="upstream result")
             meta: dict[str, object] = {"prompt": spec.prompt, "seed": seed, "model": spec.model}
             meta["upstream"] = self.config.name
             key = f"{job.id}/out-{i}.{EXTENSIONS[spec.output_format]}"
-            self._storage_io(self._storage.put, key, _encoded(image, spec, meta))
-            outputs.append(Output(key, seed, image.width, image.height, spec.output_format))
+            data, (width, height) = as_asked(blob, spec.output_format, spec.quality, meta)
+            self._storage_io(self._storage.put, key, data)
+            outputs.append(Output(key, seed, width, height, spec.output_format))
         if len(outputs) < spec.num_images:
             raise Unavailable(f"the upstream returned {len(outputs)} of {spec.num_images} images")
         return outputs
@@ -447,8 +446,3 @@ def wait_s(job: Job, deadline: float) -> float:
     if job.deadline is not None:
         left = min(left, job.deadline - time.time())
     return max(1.0, left)
-
-
-def _encoded(image: Image.Image, spec: GenerationSpec, meta: dict[str, object]) -> bytes:
-    """The upstream's image in the format the job asked for (providers answer in few formats)."""
-    return encode_image(image, spec.output_format, spec.quality, meta, png_compress_level=1)
