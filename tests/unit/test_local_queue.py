@@ -88,8 +88,9 @@ def test_one_job_wakes_one_slot_of_the_upstream_it_is_routed_to(two_upstreams: A
     job = _job(jobs)
     assert _done(jobs, job.id) is Status.SUCCEEDED
     _settled(looks)
-    # The woken slot looks, claims, runs the job, and looks once more (nothing left); 32 slots stay asleep.
-    assert looks.calls == ["up", "up"], looks.calls
+    # The woken slot looks, claims and runs the job, then goes back to sleep without another look (nothing was
+    # announced meanwhile); the other 31 slots never woke.
+    assert looks.calls == ["up"], looks.calls
     assert len(claims.calls) == 1
 
 
@@ -107,6 +108,37 @@ def test_several_jobs_at_once_each_wake_a_slot_and_all_run(two_upstreams: Any) -
     assert all(_done(jobs, j.id) is Status.SUCCEEDED for j in submitted)
     assert set(looks.calls) == {"up"}  # the other upstream's slots never looked
     assert len(claims.calls) <= 2 * len(submitted)  # a claim lost to a sibling slot is rare, never a stampede
+
+
+def test_jobs_announced_while_every_slot_is_busy_are_run_by_the_next_to_finish(tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    jobs = JobService(store, lease_s=5.0)
+    storage = LocalStorage(tmp_path / "files", b"s" * 32, "http://127.0.0.1:8123", 3600)
+    reg = _registry(tmp_path, "bfl", max_in_flight=1)
+    jobs.registry = reg
+    gate = threading.Event()
+    up = _bfl(polls_pending=0)
+    answer = up.routes[("POST", "/v1/flux-pro")]
+    up.routes[("POST", "/v1/flux-pro")] = lambda request: (gate.wait(10), answer(request))[1]
+    dispatcher = LocalDispatcher(
+        jobs, [UpstreamWorker(jobs, storage, reg, reg.upstreams["up"], transport=up.transport)]
+    )
+    jobs.on_change(lambda job, kind: dispatcher.wake(job) if kind is EventKind.SUBMITTED else None)
+    dispatcher.start()
+    try:
+        first = _job(jobs)  # holds the one slot until the gate opens
+        deadline = time.monotonic() + 10
+        while up.count("POST", "/v1/flux-pro") == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        behind = [_job(jobs) for _ in range(3)]  # announced while the slot is busy: no idle slot to wake
+        gate.set()
+        # Well before the lost-wake-up sweep (5 s): the slot looks again after each job it finishes.
+        assert all(_done(jobs, j.id, limit_s=4.0) is Status.SUCCEEDED for j in [first, *behind])
+    finally:
+        gate.set()
+        dispatcher.stop()
+        jobs.close()
+        store.close()
 
 
 def test_a_job_no_wake_up_announced_is_found_by_the_sweep(two_upstreams: Any, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -70,6 +70,9 @@ class LocalDispatcher:
         self._lock = threading.Lock()
         self._idle: dict[int, list[threading.Event]] = {id(w): [] for w in workers}
         self._taken: set[str] = set()  # job ids a slot of this process is claiming or running
+        # Per worker: jobs announced while all its slots were busy; a slot that finishes a job looks again
+        # only while this is above zero (otherwise nothing new can be queued for it: it would find nothing).
+        self._backlog: dict[int, int] = dict.fromkeys(self._idle, 0)
 
     @property
     def state(self) -> WorkerState:
@@ -98,24 +101,31 @@ class LocalDispatcher:
             self._threads.append(thread)
 
     def wake(self, job: Job | None = None) -> None:
-        """One idle slot of one worker that can run ``job`` looks now; without a job, one slot of each worker."""
+        """One idle slot of one worker that can run ``job`` looks now; without a job, one slot of each worker.
+        Where every such slot is busy, the next of them to finish a job looks again (the worker's backlog)."""
         if job is None:
             for worker in self.workers:
-                self._wake_slot(worker)
+                self._wake_one([worker], [worker])
             return
         able = [w for w in self.workers if w.route == job.route and job.spec.model in w.models()]
-        warm = [w for w in able if job.spec.model in w.loaded_models()]
-        if not any(self._wake_slot(w) for w in [*warm, *able]) and not able:
+        if not able:
             self.wake()  # no worker names its model: whoever can say so (fails it with a clear error) looks
+            return
+        warm = [w for w in able if job.spec.model in w.loaded_models()]
+        self._wake_one([*warm, *able], able)
 
-    def _wake_slot(self, worker: AnyWorker) -> bool:
-        with self._lock:
-            idle = self._idle[id(worker)]
-            event = idle.pop() if idle else None
-        if event is None:
-            return False
-        event.set()
-        return True
+    def _wake_one(self, order: list[AnyWorker], able: list[AnyWorker]) -> None:
+        with self._lock:  # one section: a slot going idle sees either its wake-up or the backlog, never neither
+            event = next((self._idle[id(w)].pop() for w in order if self._idle[id(w)]), None)
+            if event is None:
+                for w in able:
+                    self._backlog[id(w)] += 1
+        if event is not None:
+            event.set()
+
+    def _wake_slot(self, worker: AnyWorker) -> None:
+        """Hand a wake-up on to another idle slot of this worker (or its backlog)."""
+        self._wake_one([worker], [worker])
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stopping.set()
@@ -200,9 +210,24 @@ class LocalDispatcher:
                 continue
             worker.recovered()
             backoff = 0.25
-            if not ran:
+            if ran and self._behind(worker, event):
+                continue  # a job was announced while this slot ran one: look again
+            if not self._stopping.is_set():  # set: stop() may have missed this slot (listed too late)
                 event.wait()  # a wake-up, the maintenance sweep's, or stop
         self._listed(worker, event, listed=False)
+
+    def _behind(self, worker: AnyWorker, event: threading.Event) -> bool:
+        """After a job: True (and one less owed) when a job was announced while every slot of this worker was
+        busy; else the slot is listed idle, with no look (nothing new was queued for it: it would find none)."""
+        with self._lock:
+            if self._stopping.is_set():
+                return True  # the loop ends at its top
+            if self._backlog[id(worker)] > 0:
+                self._backlog[id(worker)] -= 1
+                return True
+            event.clear()
+            self._idle[id(worker)].append(event)
+        return False
 
     def _others_healthy(self, worker: AnyWorker) -> bool:
         """Another worker that can take this one's jobs (the same route: devices, or the same upstream)."""
