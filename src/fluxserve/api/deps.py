@@ -78,7 +78,13 @@ async def require_owner_xkey(request: Request) -> str:
     return await _owner_for(request, request.headers.get("x-key") or bearer_token(request.headers.get("authorization")))
 
 
-ServicesDep = Annotated[Services, Depends(get_services)]
+async def _services(request: Request) -> Services:
+    """get_services as a dependency: ``async`` so FastAPI calls it on the loop (a plain ``def`` dependency
+    runs on its thread pool: a thread hop on every request)."""
+    return get_services(request)
+
+
+ServicesDep = Annotated[Services, Depends(_services)]
 OwnerDep = Annotated[str, Depends(require_owner)]
 XKeyOwnerDep = Annotated[str, Depends(require_owner_xkey)]
 
