@@ -56,7 +56,7 @@ from .retention import RetentionSweeper
 from .settings import Settings, parse_cache
 from .sizes import parse_bytes
 from .storage import Storage, build_storage, load_or_create_secret
-from .store import Store
+from .store import KEYS_CHANGED, Store
 from .webhooks import WebhookSender
 from .workers import DeviceWorker
 
@@ -322,6 +322,9 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
         if queue.name == "postgres":  # changes committed by other nodes wake this node's waiters and sender
 
             def on_notify(job_id: str, event: str, hooked: bool) -> None:
+                if job_id == KEYS_CHANGED:  # a key was revoked or changed on some node
+                    services.auth.forget()
+                    return
                 jobs.wake(job_id)
                 # Steps are left to the sender's poll; jobs without a webhook wrote nothing to send.
                 if hooked and event not in (EventKind.PROGRESS.value, EventKind.PREVIEW.value):

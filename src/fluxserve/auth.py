@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from .errors import Unauthorized
 from .store import Store
 
 KEY_PREFIX = "fs-"
+KEY_CACHE_S = 5.0  # how long a stored key's owner is trusted without a read; a revocation elsewhere waits this
+KEY_CACHE_SIZE = 10_000  # keys remembered at most (the least recently used go first)
 
 
 def hash_key(key: str) -> str:
@@ -32,9 +37,39 @@ def create_key(store: Store, name: str, *, admin: bool = False) -> NewKey:
 
 
 class Authenticator:
-    def __init__(self, store: Store, env_key: str | None) -> None:
+    """Presented keys to owners. A stored key's owner is remembered for KEY_CACHE_S (otherwise a database read
+    and a thread hop per request); revoking or changing a key makes every node forget them all: on SQLite by
+    the key marker's mtime (one stat per request, so `fluxserve keys revoke` in another process counts at
+    once), on PostgreSQL by its NOTIFY (``forget``); a node that misses that notice trusts a revoked key at most
+    KEY_CACHE_S longer. Unknown keys are never remembered."""
+
+    def __init__(self, store: Store, env_key: str | None, cache_s: float = KEY_CACHE_S) -> None:
         self._store = store
         self._env_hash = hash_key(env_key) if env_key else None
+        self._cache_s = cache_s
+        self._known: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._version = store.keys_version()
+
+    def forget(self) -> None:
+        """A key was revoked or changed (here or on another node): read every key again."""
+        with self._lock:
+            self._known.clear()
+
+    def _remembered(self, digest: str) -> str | None:
+        with self._lock:
+            hit = self._known.get(digest)
+            if hit is None or hit[1] < time.monotonic():
+                return None
+            self._known.move_to_end(digest)
+            return hit[0]
+
+    def _remember(self, digest: str, owner: str) -> None:
+        with self._lock:
+            self._known[digest] = (owner, time.monotonic() + self._cache_s)
+            self._known.move_to_end(digest)
+            while len(self._known) > KEY_CACHE_SIZE:
+                self._known.popitem(last=False)
 
     def env_owner(self, key: str | None) -> str | None:
         """The owner for the operator's FLUXSERVE_API_KEY, or None for any other key."""
@@ -52,9 +87,18 @@ class Authenticator:
         owner = self.env_owner(key)
         if owner is not None:
             return owner
-        row = self._store.find_key(hash_key(key))
+        digest = hash_key(key)
+        version = self._store.keys_version()
+        if version != self._version:  # a key changed on this SQLite database, maybe in another process
+            self.forget()
+            self._version = version
+        remembered = self._remembered(digest)
+        if remembered is not None:
+            return remembered
+        row = self._store.find_key(digest)
         if row is None:
             raise Unauthorized("Incorrect API key provided.")
+        self._remember(digest, str(row.id))
         return str(row.id)
 
     def is_admin(self, owner: str) -> bool:

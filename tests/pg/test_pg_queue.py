@@ -339,3 +339,38 @@ def test_leases_use_the_database_clock_so_a_skewed_node_requeues_nothing_live(
     assert current is not None and current.status is Status.PROCESSING and current.attempts == 1
     # Its lease, by the database's clock, still runs out when the worker stops renewing.
     assert jobs.expire(now=jobs.store.now() + jobs.lease_s + 1) == (0, 1, 0)
+
+
+def test_a_key_revoked_on_one_node_is_forgotten_by_every_node_at_once(pg_url: str) -> None:
+    from fluxserve.auth import Authenticator, create_key
+    from fluxserve.errors import Unauthorized
+    from fluxserve.store import KEYS_CHANGED
+
+    store = Store(pg_url)
+    other = Store(pg_url)  # another node's store
+    try:
+        key = create_key(store, "ci")
+        node = Authenticator(store, None, cache_s=3600.0)  # only the NOTIFY can make it forget
+        assert node.owner_for(key.key) == key.id
+
+        async def main() -> None:
+            ready = asyncio.Event()
+            forgot = asyncio.Event()
+
+            def on_change(job_id: str, _event: str, _hooked: bool) -> None:
+                if job_id == KEYS_CHANGED:
+                    node.forget()
+                    forgot.set()
+
+            task = asyncio.create_task(listen(pg_url, on_change, ready))
+            await asyncio.wait_for(ready.wait(), 10)
+            assert await asyncio.to_thread(other.revoke_key, "ci") == 1
+            await asyncio.wait_for(forgot.wait(), 10)
+            task.cancel()
+
+        asyncio.run(main())
+        with pytest.raises(Unauthorized):
+            node.owner_for(key.key)
+    finally:
+        store.close()
+        other.close()

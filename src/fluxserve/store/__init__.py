@@ -14,7 +14,7 @@ from typing import Any
 from .batches import Batch, BatchQueries
 from .credits import CreditQueries
 from .db import BUSY_S, POOL_OVERFLOW, POOL_SIZE, POOL_WAIT_S, Database, application_name
-from .events import NOTIFY_CHANNEL, EventQueries
+from .events import KEYS_CHANGED, NOTIFY_CHANNEL, EventQueries
 from .files import FileQueries, StoredFile
 from .hooks import LocalHooks, QueueHooks
 from .jobs import DuplicateJob, Fence, JobQueries, insert_row, outputs_json, serialize_owner, to_job
@@ -63,6 +63,7 @@ class Store(
 
 __all__ = [
     "BUSY_S",
+    "KEYS_CHANGED",
     "NOTIFY_CHANNEL",
     "POOL_OVERFLOW",
     "POOL_SIZE",

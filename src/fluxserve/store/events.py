@@ -16,6 +16,7 @@ from .outbox import WebhookRules, enqueue_webhooks
 from .schema import job_events
 
 NOTIFY_CHANNEL = "fluxserve_job"
+KEYS_CHANGED = "*keys"  # a payload's job id when an API key was revoked or changed (no job id starts with "*")
 
 
 def append_event(

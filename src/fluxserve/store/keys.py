@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import time
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import and_, func, select, update
@@ -12,6 +14,7 @@ from sqlalchemy.exc import IntegrityError
 
 from ..limits import Limits
 from .db import Database
+from .events import KEYS_CHANGED, NOTIFY_CHANNEL
 from .schema import api_keys, server_secrets
 
 
@@ -61,7 +64,27 @@ class KeyQueries(Database):
     def _update_active_key(self, id_or_name: str, values: dict[str, Any]) -> int:
         active = and_((api_keys.c.id == id_or_name) | (api_keys.c.name == id_or_name), api_keys.c.revoked_at.is_(None))
         with self._write() as conn:
-            return conn.execute(update(api_keys).where(active).values(**values)).rowcount
+            changed = conn.execute(update(api_keys).where(active).values(**values)).rowcount
+            if changed and conn.dialect.name == "postgresql":  # every node forgets its remembered keys at commit
+                conn.execute(select(func.pg_notify(NOTIFY_CHANNEL, f"{KEYS_CHANGED}:changed")))
+        if changed and self._keys_marker is not None:
+            self._keys_marker.touch()
+            os.utime(self._keys_marker, ns=(time.time_ns(), time.time_ns()))  # touch alone may keep a coarse mtime
+        return int(changed)
+
+    @property
+    def _keys_marker(self) -> Path | None:
+        """SQLite: a file beside the database that every key change touches, so the server sees a change made
+        by another process (`fluxserve keys revoke`) with one stat per request; PostgreSQL: none (NOTIFY)."""
+        return Path(self.url.removeprefix("sqlite:///") + "-keys") if self.url.startswith("sqlite:///") else None
+
+    def keys_version(self) -> int:
+        """Changes whenever a key is revoked or changed on this SQLite database (0 on PostgreSQL, or none yet)."""
+        marker = self._keys_marker
+        try:
+            return marker.stat().st_mtime_ns if marker is not None else 0
+        except FileNotFoundError:
+            return 0
 
     def shared_secret(self) -> bytes:
         """The one server secret of every node on this database, made by whichever node asks first."""
