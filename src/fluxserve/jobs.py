@@ -78,7 +78,7 @@ class JobService:
             return None
         if kind is not EventKind.PROGRESS and kind is not EventKind.PREVIEW:  # one line per transition, not step
             log.info("job %s %s model=%s attempt=%d", *job_line(job, kind), extra=job_fields(job, kind))
-        self.wake(job.id)
+        self.wake(job.id, final=job.status.is_terminal)
         for callback in self._on_change:
             try:
                 callback(job, kind)
@@ -86,9 +86,10 @@ class JobService:
                 log.exception("job change callback failed")
         return job
 
-    def wake(self, job_id: str) -> None:
-        """Watchers of this job look now; called on each change here and on each NOTIFY from another node."""
-        self._waiters.wake(job_id)
+    def wake(self, job_id: str, *, final: bool = True) -> None:
+        """Watchers of this job look now; called on each change here (``final``: it ended) and on each NOTIFY
+        from another node (any change: final, so every watcher looks)."""
+        self._waiters.wake(job_id, final=final)
 
     def nudges(self, job_id: str) -> contextlib.AbstractContextManager[threading.Event]:
         """A thread's wake-up for this job (an upstream's webhook came): set on every wake."""
@@ -446,9 +447,16 @@ class JobService:
                     await asyncio.wait_for(wake.wait(), POLL_S if remaining is None else min(POLL_S, remaining))
 
     async def wait(self, job_id: str, owner: str, timeout: float | None = None) -> Job:
-        """Wait until the job is terminal (or ``timeout`` passes) and return it as it is then."""
-        last: Job | None = None
-        async for job in self.watch(job_id, owner, timeout):
-            last = job
-        assert last is not None
-        return last
+        """Wait until the job is terminal (or ``timeout`` passes) and return it as it is then. Woken only when
+        it may have ended, not on each step (a synchronous call has nothing to say in between)."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        with self._waiters.waiting(job_id, final_only=True) as wake:
+            while True:
+                wake.clear()
+                job = await self.get(job_id, owner)
+                remaining = None if deadline is None else deadline - loop.time()
+                if job.status.is_terminal or (remaining is not None and remaining <= 0):
+                    return job
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), POLL_S if remaining is None else min(POLL_S, remaining))

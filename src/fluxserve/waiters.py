@@ -15,15 +15,18 @@ T = TypeVar("T")
 class Waiters:
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._by_job: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
+        self._by_job: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event, bool]]] = {}
         self._threads: dict[str, list[threading.Event]] = {}
 
-    def wake(self, job_id: str) -> None:
-        """From any thread: every watcher of this job looks now."""
+    def wake(self, job_id: str, *, final: bool = True) -> None:
+        """From any thread: every watcher of this job looks now; ``final`` False (a step, a start): only those
+        that follow each change, not those waiting for the end (waking a loop is a syscall and a re-read)."""
         with self._lock:
             waiters = list(self._by_job.get(job_id, []))
             threads = list(self._threads.get(job_id, []))
-        for loop, ev in waiters:
+        for loop, ev, final_only in waiters:
+            if final_only and not final:
+                continue
             with contextlib.suppress(RuntimeError):  # that watcher's loop has closed
                 loop.call_soon_threadsafe(ev.set)
         for event in threads:
@@ -34,9 +37,10 @@ class Waiters:
         event = threading.Event()
         return self._registered(self._threads, job_id, event, event)
 
-    def waiting(self, job_id: str) -> contextlib.AbstractContextManager[asyncio.Event]:
-        """An event set on each wake of this job, for as long as the caller watches it (on its own loop)."""
-        waiter = (asyncio.get_running_loop(), asyncio.Event())
+    def waiting(self, job_id: str, *, final_only: bool = False) -> contextlib.AbstractContextManager[asyncio.Event]:
+        """An event set on each wake of this job (``final_only``: only when it may have ended), for as long as
+        the caller watches it (on its own loop)."""
+        waiter = (asyncio.get_running_loop(), asyncio.Event(), final_only)
         return self._registered(self._by_job, job_id, waiter, waiter[1])
 
     @contextlib.contextmanager
