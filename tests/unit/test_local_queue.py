@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from fluxserve.job import EventKind, Status
@@ -151,3 +152,46 @@ def test_a_job_no_wake_up_announced_is_found_by_the_sweep(two_upstreams: Any, mo
         assert _done(jobs, job.id, limit_s=8.0) is Status.SUCCEEDED
     finally:
         other.close()
+
+
+def test_polls_come_near_the_typical_duration_then_back_off(tmp_path: Path) -> None:
+    """A provider's task that takes 0.6 s, polled at a 0.01 s interval: the first task is polled with backoff
+    (no fixed 0.02 s hammering), the next ones near when the first ended (issue 38: adaptive polling)."""
+    store = open_store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    jobs = JobService(store, lease_s=5.0)
+    storage = LocalStorage(tmp_path / "files", b"s" * 32, "http://127.0.0.1:8123", 3600)
+    reg = _registry(tmp_path, "bfl")  # poll_interval_s = 0.01
+    jobs.registry = reg
+    up = _bfl(polls_pending=0)
+    submitted: list[float] = []
+    ready = up.routes[("GET", "/v1/get_result")]
+    submit = up.routes[("POST", "/v1/flux-pro")]
+
+    def post(request: Any) -> Any:
+        submitted.append(time.monotonic())
+        return submit(request)
+
+    def poll(request: Any) -> Any:
+        if time.monotonic() - submitted[-1] < 0.6:
+            return httpx.Response(200, json={"id": "t1", "status": "Pending"})
+        return ready(request)
+
+    up.routes[("POST", "/v1/flux-pro")], up.routes[("GET", "/v1/get_result")] = post, poll
+    worker = UpstreamWorker(jobs, storage, reg, reg.upstreams["up"], transport=up.transport)
+    assert worker.load()
+    worker.start_heartbeat()
+    try:
+        counts = []
+        for _ in range(3):
+            before = up.count("GET", "/v1/get_result")
+            job = _job(jobs)
+            assert worker.run_claimed(job.id) and _done(jobs, job.id) is Status.SUCCEEDED
+            counts.append(up.count("GET", "/v1/get_result") - before)
+        assert counts[0] <= 12  # a fixed 0.01 s interval would have polled about 60 times
+        assert all(c <= 4 for c in counts[1:]), counts  # now, then near 0.48 s, then a few short waits
+        typical = worker.pacing.typical_s("flux-pro")
+        assert typical is not None and 0.6 <= typical < 1.5
+    finally:
+        worker.stop()
+        jobs.close()
+        store.close()

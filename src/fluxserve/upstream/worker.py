@@ -34,6 +34,7 @@ from ..workers import LeasedWorker
 from .base import MALFORMED, AccountError, Done, Inputs, Malformed, Provider, Rejected, Task, Unavailable
 from .health import Health
 from .hooks import hook_secret, hook_url, task_ref
+from .pacing import Pacing
 from .providers import provider_for
 from .routing import next_route
 
@@ -77,6 +78,7 @@ class UpstreamWorker(LeasedWorker):
         self.concurrency = config.max_in_flight
         self.provider: Provider = provider_for(config)
         self.health = Health(config.unhealthy_after, config.cooldown_s)
+        self.pacing = Pacing(config.poll_interval_s)
         self._allow_private = allow_private
         self._hooks = hooks if self.provider.takes_webhooks else None
         self._client = httpx.Client(
@@ -293,7 +295,8 @@ class UpstreamWorker(LeasedWorker):
         self, job: Job, task: Task, deadline: float, abort: Callable[[], str | None], nudge: threading.Event
     ) -> Done:
         key = self.config.api_key()
-        errors = 0
+        errors = polls = 0
+        start = time.monotonic()
         while True:
             try:
                 self._check(job, abort)
@@ -318,9 +321,11 @@ class UpstreamWorker(LeasedWorker):
                     # It fails over next: the task may still run there and be billed a second time.
                     self._cancel_upstream(task, key)
                     raise
+            polls += 1
             if done is not None:
+                self.pacing.took(job.spec.model, time.monotonic() - start)
                 return done
-            nudge.wait(min(self.config.poll_interval_s * (2 if errors else 1), 10.0))
+            nudge.wait(self.pacing.wait_s(job.spec.model, polls, time.monotonic() - start, errors))
             nudge.clear()
             if self._stopping.is_set():
                 raise _Stop("shutdown")
