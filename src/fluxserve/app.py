@@ -326,8 +326,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
                     services.auth.forget()
                     return
                 jobs.wake(job_id)
-                # Steps are left to the sender's poll; jobs without a webhook wrote nothing to send.
-                if hooked and event not in (EventKind.PROGRESS.value, EventKind.PREVIEW.value):
+                if hooked:  # jobs without a webhook wrote nothing to send; the sender sleeps while idle
                     webhooks.wake()
 
             background.append(asyncio.create_task(listen(settings.database, on_notify)))

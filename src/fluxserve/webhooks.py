@@ -30,6 +30,8 @@ from .store import Store
 
 log = logging.getLogger(__name__)
 
+IDLE_S = 5.0  # the longest the sender sleeps with nothing due (wake-ups and NOTIFY bring new deliveries sooner)
+
 
 def owner_secret(server_secret: bytes, owner: str) -> str:
     """A key's webhook signing secret (whsec_...), derived so nothing extra is stored."""
@@ -116,20 +118,32 @@ class WebhookSender:
     def _run(self) -> None:
         while not self._stopping.is_set():
             self._wake.clear()
+            wait = self._poll_s
             try:
-                self._dispatch_due()
+                if not self._dispatch_due():
+                    wait = self._idle_wait()
             except StoreUnavailable as exc:
                 log.warning("webhook outbox unavailable: %s", exc.message)
             except Exception:  # the sender must outlive any one bad row
                 log.exception("webhook sender error")
-            self._wake.wait(self._poll_s)
+            self._wake.wait(wait)
 
-    def _dispatch_due(self) -> None:
+    def _idle_wait(self) -> float:
+        """Nothing sent or sending: sleep until the soonest pending delivery is due (a retry), at most IDLE_S;
+        a new delivery written here or announced by another node's NOTIFY wakes the sender sooner."""
+        soonest = self._store.next_due()
+        if soonest is None:
+            return IDLE_S
+        return min(IDLE_S, max(self._poll_s, soonest - time.time()))
+
+    def _dispatch_due(self) -> bool:
+        """Send what is due; whether anything was sent or is still being sent."""
         now = time.time()
         with self._lock:
             free = self._threads - sum(self._in_flight.values())
         if free <= 0:
-            return
+            return True
+        sent = False
         for row in self._store.due_deliveries(now, limit=max(free * 4, 50)):
             with self._lock:
                 if (
@@ -143,6 +157,9 @@ class WebhookSender:
             with self._lock:
                 self._in_flight[row.receiver] += 1
             self._pool.submit(self._send, row)
+            sent = True
+        with self._lock:
+            return sent or sum(self._in_flight.values()) > 0
 
     def _send(self, row: Any) -> None:
         try:

@@ -396,3 +396,38 @@ def test_the_stream_url_is_a_signed_capability(settings: Settings) -> None:
         expired = client.get(url.split("expires=")[0] + "expires=1&sig=" + url.split("sig=")[1])
         assert expired.status_code == 403
         assert client.get(url.split("?")[0]).status_code == 401
+
+
+def test_an_idle_webhook_sender_sleeps_yet_sends_a_retry_when_it_is_due(
+    settings: Settings, fake_engine: FakeEngine
+) -> None:
+    """Issue 38: with nothing due the sender sleeps up to IDLE_S (5 s) instead of reading the outbox every
+    0.5 s, yet a retry due in 1 s goes out then, not at its next look."""
+    local = settings.model_copy(update={"allow_private_urls": True, "webhook_retry_base_s": 1.0})
+    with TestClient(create_app(local, engine=fake_engine)) as client:
+        store = client.app.state.services.store  # type: ignore[attr-defined]
+        looks: list[float] = []
+        due = store.due_deliveries
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            looks.append(time.monotonic())
+            return due(*args, **kwargs)
+
+        store.due_deliveries = counted
+        time.sleep(0.6)  # past the start-up look
+        looks.clear()
+        time.sleep(2.0)
+        assert len(looks) <= 1, looks  # at 0.5 s a poll would have looked 4 times
+        got = Received(fail_first=1)
+        with webhook_receiver(got) as url:
+            body = {"input": {"prompt": "hook"}, "webhook": url, "webhook_events_filter": ["completed"]}
+            client.post(SCHNELL, json=body, headers=AUTH)
+            deadline = time.time() + 10
+            while got.attempts < 1 and time.time() < deadline:
+                time.sleep(0.01)
+            failed_at = time.monotonic()
+            while not got.deliveries and time.time() < deadline:
+                time.sleep(0.01)
+            retried_after = time.monotonic() - failed_at
+        assert got.attempts == 2 and len(got.deliveries) == 1
+        assert 0.5 <= retried_after < 3.0, retried_after  # due after about 1 s (with jitter), not after 5

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.engine import Connection, Row
 
 from ..job import EventKind, Job
@@ -92,6 +92,15 @@ class OutboxQueries(Database):
         query = select(ranked).where(ranked.c.turn <= per_receiver).order_by(ranked.c.due_at).limit(limit)
         with self._read() as conn:
             return list(conn.execute(query))
+
+    def next_due(self) -> float | None:
+        """When the soonest pending delivery can be sent (its due time, or the end of a claim on it)."""
+        claim = func.coalesce(webhook_deliveries.c.claimed_until, 0)
+        soonest = case((claim > webhook_deliveries.c.due_at, claim), else_=webhook_deliveries.c.due_at)
+        query = select(func.min(soonest)).where(webhook_deliveries.c.state == "pending")
+        with self._read() as conn:
+            value = conn.execute(query).scalar()
+        return None if value is None else float(value)
 
     def claim_delivery(self, delivery_id: int, until: float) -> bool:
         """Claim a due delivery for one send. Only a job's oldest pending delivery can be claimed, so a job's
