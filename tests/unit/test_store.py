@@ -247,6 +247,7 @@ def test_migrations_are_numbered_idempotent_and_upgrade_an_old_database(tmp_path
         "10: warm models per worker",
         "11: per-job retention",
         "12: batches",
+        "13: a key's active jobs by index",
     ]
     assert upgrade(store.engine) == []
     assert current_version(store.engine) == LATEST
@@ -380,3 +381,25 @@ def test_a_dripping_webhook_receiver_is_cut_at_the_total_deadline() -> None:
         with pytest.raises(TimeoutError):
             post_within(f"{base}/hook", b"{}", {"content-type": "application/json"}, {}, 1.0)
         assert time.monotonic() - start < 2.0
+
+
+def test_a_create_counts_its_keys_active_jobs_by_index_not_by_its_history(tmp_path: Path) -> None:
+    """The fair priority and the limits count a key's queued and running jobs at every create (issue 38): by
+    the (owner, status) index, so a key with 50,000 finished jobs creates as fast as a new one."""
+    from sqlalchemy import text
+
+    from fluxserve.store import fairness
+
+    store = open_store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    try:
+        with store.transaction() as conn:
+            plan = conn.execute(
+                text(
+                    "EXPLAIN QUERY PLAN SELECT count(*) FROM jobs "
+                    "WHERE owner = 'o' AND status IN ('queued', 'processing')"
+                )
+            ).all()
+            assert any("ix_jobs_owner_status" in str(row) for row in plan), plan
+            assert fairness.priority(conn, "o") == -1
+    finally:
+        store.close()
