@@ -40,7 +40,12 @@ class Counted:
 
 
 @pytest.fixture
-def two_upstreams(tmp_path: Path) -> Iterator[tuple[JobService, LocalDispatcher, Counted, Counted]]:
+def two_upstreams(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[JobService, LocalDispatcher, Counted, Counted]]:
+    # The lost-wake-up sweep (one look per worker every SWEEP_S) off, so the counts are the wake-ups' alone;
+    # the test of the sweep turns it back on.
+    monkeypatch.setattr(local, "SWEEP_S", 3600.0)
     store = open_store(f"sqlite:///{tmp_path / 'db.sqlite'}")
     jobs = JobService(store, lease_s=5.0)
     storage = LocalStorage(tmp_path / "files", b"s" * 32, "http://127.0.0.1:8123", 3600)
@@ -98,7 +103,7 @@ def test_one_job_wakes_one_slot_of_the_upstream_it_is_routed_to(two_upstreams: A
 def test_nothing_polls_at_idle(two_upstreams: Any) -> None:
     _, _, looks, _ = two_upstreams
     looks.calls.clear()
-    time.sleep(2.5)  # past two maintenance sweeps; the lost-wake-up sweep is every SWEEP_S (5 s)
+    time.sleep(2.5)  # past two lease sweeps (every second); the lost-wake-up sweep is off here
     assert looks.calls == []
 
 
