@@ -107,11 +107,12 @@ class JobService:
         *,
         idempotency_key: str | None = None,
         input_digest: str | None = None,
+        with_position: bool = False,
         **fields: Any,
     ) -> tuple[Job, dict[str, str]]:
         """Queue a job. The same Idempotency-Key with the same request (and input images, by digest)
         returns the first job; another is a 409. ``fields``: the Job's own (deadline, webhook, retain_s,
-        batch_id)."""
+        batch_id). ``with_position``: its queue position read in the same transaction (no second read)."""
         fingerprint = None
         if idempotency_key is not None:
             signed = [dialect, request, *([input_digest] if input_digest else [])]
@@ -133,18 +134,21 @@ class JobService:
             cost=self.registry.cost(spec) if model is not None and self.registry is not None else None,
             **fields,
         )
-        headers = self._insert(job, metered=self.limits is not None or job.cost is not None)
-        if headers is None:  # a concurrent request with the same key won the insert
+        inserted = self._insert(job, metered=self.limits is not None or job.cost is not None, position=with_position)
+        if inserted is None:  # a concurrent request with the same key won the insert
             existing = self.store.find_idempotent(owner, idempotency_key or "")
             assert existing is not None
             return self._replay(existing, fingerprint), {}
+        headers, position = inserted
+        job = replace(job, queue_position=position)
         self._changed(job, EventKind.SUBMITTED)
         return job, headers
 
-    def _insert(self, job: Job, *, metered: bool) -> dict[str, str] | None:
+    def _insert(self, job: Job, *, metered: bool, position: bool) -> tuple[dict[str, str], int | None] | None:
         """The create, in one transaction: admission (limits, credits) -> fair priority -> the row -> its
         submitted event -> its queue entry, so all of them commit or none does. Returns the admission's
-        rate-limit headers; None when a concurrent create with the same idempotency key won the insert."""
+        rate-limit headers and, asked for, its queue position; None when a concurrent create with the same
+        idempotency key won the insert."""
         try:
             with self.store.transaction() as conn:
                 headers: dict[str, str] = {}
@@ -159,9 +163,10 @@ class JobService:
                 insert_row(conn, job, priority)
                 append_event(conn, job, EventKind.SUBMITTED, {}, self.store.webhook_rules)
                 self.store.queue.deferred(conn, job, priority)
+                place = self.store.queue.position(conn, job.id) if position else None
         except DuplicateJob:
             return None
-        return headers
+        return headers, place
 
     @staticmethod
     def _replay(existing: Job, fingerprint: str | None) -> Job:

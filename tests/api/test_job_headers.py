@@ -109,3 +109,17 @@ def test_server_timing_of_a_routed_job_says_upstream_and_matches_is_rfc_9110() -
     assert server_timing(done, 0.002, now=99.0) == expected
     assert server_timing(job, 0.001, now=99.0) == "edge;dur=1.0"  # ended before it started (canceled queued)
     assert matches('W/"a", "b"', '"b"') and matches("*", '"x"') and not matches('"a"', '"b"')
+
+
+def test_a_replicate_create_says_its_queue_position_from_its_own_transaction(slow_client: TestClient) -> None:
+    blocker = {"model": "flux-dev", "input": {"prompt": "blocker", "num_inference_steps": 50}}
+    assert slow_client.post("/vmodel/generate", json=blocker, headers=AUTH).status_code == 200
+    body = {"input": {"prompt": "p", "num_inference_steps": 4}}
+    path = "/v1/models/black-forest-labs/flux-dev/predictions"
+    first = slow_client.post(path, json=body, headers=AUTH).json()
+    second = slow_client.post(path, json=body, headers=AUTH).json()
+    assert (first["status"], first["queue_position"]) == ("starting", 1)
+    assert (second["status"], second["queue_position"]) == ("starting", 2)
+    replay = slow_client.post(path, json=body, headers={**AUTH, "Idempotency-Key": "k1"}).json()
+    again = slow_client.post(path, json=body, headers={**AUTH, "Idempotency-Key": "k1"}).json()
+    assert again["id"] == replay["id"] and again["queue_position"] == replay["queue_position"] == 3

@@ -175,9 +175,12 @@ async def _create(request: Request, services: Services, owner: str, name: str, b
         events: list[str] = list(body.webhook_events_filter) if body.webhook_events_filter else list(WEBHOOKS.names)
         webhook = {"url": body.webhook, "events": events}
     echo = {"model": f"{OWNER}/{name}", "input": elide_inline_images(body.input), "list_output": list_output}
-    job = await submit(services, request, owner, "replicate", spec, echo, inputs, deadline=deadline, webhook=webhook)
+    fields = {"deadline": deadline, "webhook": webhook, "with_position": True}
+    job = await submit(services, request, owner, "replicate", spec, echo, inputs, **fields)
     if wait_s is None:
-        return JSONResponse(render(services, await services.jobs.get(job.id, owner)), status_code=201)
+        if job.queue_position is None:  # a replay of an earlier create: as that job is now
+            job = await services.jobs.get(job.id, owner)
+        return JSONResponse(render(services, job), status_code=201)
     job = await services.jobs.wait(job.id, owner, timeout=wait_s)
     answer = render(services, job)
     if not job.status.is_terminal:
