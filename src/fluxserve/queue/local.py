@@ -95,7 +95,9 @@ class LocalDispatcher:
 
     def start(self) -> None:
         targets: list[tuple[Any, tuple[Any, ...]]] = [(self._serve, (w,)) for w in self.workers]
-        for target, args in [*targets, (self._maintain, ())] if self.workers else targets:
+        if self.workers:  # an API node without workers has no leases to sweep here
+            targets.append((self._maintain, ()))
+        for target, args in targets:
             thread = threading.Thread(target=target, args=args, name="fluxserve-worker", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -122,10 +124,6 @@ class LocalDispatcher:
                     self._backlog[id(w)] += 1
         if event is not None:
             event.set()
-
-    def _wake_slot(self, worker: AnyWorker) -> None:
-        """Hand a wake-up on to another idle slot of this worker (or its backlog)."""
-        self._wake_one([worker], [worker])
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stopping.set()
@@ -250,8 +248,8 @@ class LocalDispatcher:
                     continue
                 self._taken.add(job_id)
             try:
-                if self._listed(worker, event, listed=False):
-                    self._wake_slot(worker)
+                if self._listed(worker, event, listed=False):  # hand that wake-up on to another slot
+                    self._wake_one([worker], [worker])
                 if worker.run_claimed(job_id):
                     return True
             finally:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import functools
 import secrets
 import time
 from pathlib import Path
@@ -69,10 +69,9 @@ class KeyQueries(Database):
                 conn.execute(select(func.pg_notify(NOTIFY_CHANNEL, f"{KEYS_CHANGED}:changed")))
         if changed and self._keys_marker is not None:
             self._keys_marker.touch()
-            os.utime(self._keys_marker, ns=(time.time_ns(), time.time_ns()))  # touch alone may keep a coarse mtime
         return int(changed)
 
-    @property
+    @functools.cached_property
     def _keys_marker(self) -> Path | None:
         """SQLite: a file beside the database that every key change touches, so the server sees a change made
         by another process (`fluxserve keys revoke`) with one stat per request; PostgreSQL: none (NOTIFY)."""
