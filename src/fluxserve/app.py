@@ -48,6 +48,7 @@ from .loras import LoraLibrary
 from .metrics import Metrics
 from .migrations import open_store
 from .models import ModelRegistry
+from .provenance import Provenance
 from .queue import build as build_queue
 from .queue import hooks as queue_hooks
 from .queue.base import Queue
@@ -190,8 +191,10 @@ class Core:
     jobs: JobService
     queue: Queue
     loras: LoraLibrary
+    provenance: Provenance
 
     def device_workers(self, settings: Settings, engines: list[Engine] | None = None, **kw: Any) -> list[DeviceWorker]:
+        kw.setdefault("provenance", self.provenance)
         return build_device_workers(settings, self.jobs, self.storage, self.registry, self.loras, engines, **kw)
 
     def upstream_workers(self, settings: Settings) -> list[Any]:
@@ -208,6 +211,7 @@ class Core:
                 storage_retry_s=settings.storage_retry_s,
                 # A provider's webhook needs a URL it can reach: only an operator's --public-url is one.
                 hooks=(settings.public_url, self.secret) if settings.public_url else None,
+                provenance=self.provenance,
             )
             for name, config in self.registry.upstreams.items()
             if self.registry.routed_to(name)
@@ -242,7 +246,19 @@ def build_core(settings: Settings, store: Store) -> Core:
         store, max_attempts=settings.max_attempts, lease_s=settings.lease_s, limits=defaults, registry=registry
     )
     queue = build_queue(settings, jobs)
-    return Core(store, registry, secret, storage, jobs, queue, build_lora_library(settings))
+    return Core(
+        store, registry, secret, storage, jobs, queue, build_lora_library(settings), build_provenance(settings, secret)
+    )
+
+
+def build_provenance(settings: Settings, secret: bytes) -> Provenance:
+    """--provenance on (the default): the operator's certificate or the secret's self-signed one."""
+    if settings.provenance == "off":
+        log.warning("provenance is off: images are not marked as AI-generated (see docs/provenance.md)")
+        return Provenance.off()
+    return Provenance.configure(
+        secret, cert=settings.c2pa_cert, key=settings.c2pa_key, prompt=settings.provenance_prompt
+    )
 
 
 def server_secret(settings: Settings, store: Store) -> bytes:

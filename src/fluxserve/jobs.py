@@ -259,8 +259,11 @@ class JobService:
 
         return self._fenced(job, EventKind.PREVIEW, values, {"key": key}) is not None
 
-    def complete(self, job: Job, outputs: list[Output], *, encode_s: float | None = None) -> bool:
-        """``encode_s``: the time spent encoding and storing its images (the metrics' encoding stage).
+    def complete(
+        self, job: Job, outputs: list[Output], *, encode_s: float | None = None, mark: str | None = None
+    ) -> bool:
+        """``encode_s``: the time spent encoding and storing its images (the metrics' encoding stage); ``mark``:
+        the watermark its images carry (provenance), by which a check finds the job.
 
         A job whose cancel was accepted meanwhile ends canceled: clients were told so when they asked."""
         if self.store.is_cancel_requested(job.id):
@@ -271,6 +274,8 @@ class JobService:
             "outputs": outputs_json(outputs),
             "encode_s": encode_s,
         }
+        if mark is not None:
+            values["mark"] = mark
         return self._fenced(job, EventKind.SUCCEEDED, values, {"outputs": [o.key for o in outputs]}) is not None
 
     def fail(self, job: Job, error: str, *, lease_before: float | None = None, code: str | None = None) -> bool:

@@ -101,6 +101,11 @@ def _owner_status(conn: Connection) -> None:
     conn.execute(text("CREATE INDEX IF NOT EXISTS ix_jobs_owner_status ON jobs (owner, status)"))
 
 
+def _marks(conn: Connection) -> None:
+    _add_missing_columns(conn, store.jobs)  # mark
+    conn.execute(text("CREATE INDEX IF NOT EXISTS ix_jobs_mark ON jobs (mark)"))
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "jobs and api keys", _baseline),
     (2, "worker leases, job events, webhook outbox", _leases_events_outbox),
@@ -115,6 +120,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (11, "per-job retention", _job_retention),
     (12, "batches", _batches),
     (13, "a key's active jobs by index", _owner_status),
+    (14, "watermark marks", _marks),
 ]
 LATEST = MIGRATIONS[-1][0]
 

@@ -35,21 +35,31 @@ def _exif_text(metadata: dict[str, object]) -> str:
 
 
 def encode_image(
-    image: Image.Image, fmt: str, quality: int, metadata: dict[str, object], *, png_compress_level: int = 6
+    image: Image.Image,
+    fmt: str,
+    quality: int,
+    metadata: dict[str, object],
+    *,
+    png_compress_level: int = 6,
+    xmp: bytes | None = None,
 ) -> bytes:
-    """``quality`` 1-100 applies to jpeg and webp; png is lossless at any ``png_compress_level`` (0-9)."""
+    """``quality`` 1-100 applies to jpeg and webp; png is lossless at any ``png_compress_level`` (0-9). ``xmp``:
+    an XMP packet to embed (provenance's DigitalSourceType)."""
     text = json.dumps(metadata, ensure_ascii=False)
     buf = io.BytesIO()
     if fmt == "png":
         info = PngImagePlugin.PngInfo()
         info.add_itxt("parameters", text)
         info.add_text("Software", "fluxserve")
+        if xmp is not None:
+            info.add_itxt("XML:com.adobe.xmp", xmp.decode())
         image.save(buf, format="PNG", pnginfo=info, compress_level=png_compress_level)
     elif fmt in ("jpeg", "webp"):
         exif = Image.Exif()
         exif[_EXIF_IMAGE_DESCRIPTION] = _exif_text(metadata)
         exif[_EXIF_SOFTWARE] = "fluxserve"
-        image.convert("RGB").save(buf, format=fmt.upper(), quality=max(1, min(quality, 100)), exif=exif)
+        extra = {} if xmp is None else {"xmp": xmp}
+        image.convert("RGB").save(buf, format=fmt.upper(), quality=max(1, min(quality, 100)), exif=exif, **extra)
     else:
         raise ValueError(f"unsupported output format {fmt!r}")
     return buf.getvalue()

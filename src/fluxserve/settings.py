@@ -173,6 +173,19 @@ class Settings(BaseSettings):
     png_compress_level: int = Field(
         default=1, ge=0, le=9, description="zlib level of PNG outputs (lossless at any level; 1 is twice as fast as 6)."
     )
+    # EU AI Act Art. 50(2): outputs marked as AI-generated, machine-readably (docs/provenance.md).
+    provenance: Literal["on", "off"] = Field(
+        default="on",
+        description="on: every image gets a watermark, XMP DigitalSourceType and a signed C2PA manifest; off: none.",
+    )
+    c2pa_cert: str | None = Field(
+        default=None,
+        description="PEM certificate chain (a path or the text) that signs C2PA manifests (unset: self-signed).",
+    )
+    c2pa_key: str | None = Field(default=None, description="PEM private key of --c2pa-cert (a path or the text).")
+    provenance_prompt: bool = Field(
+        default=False, description="Write each image's prompt into its C2PA manifest (off: privacy)."
+    )
     database_url: str | None = Field(
         default=None,
         description="SQLAlchemy URL (unset: SQLite in the data dir); postgresql://... past one machine.",

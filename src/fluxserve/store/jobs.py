@@ -56,6 +56,12 @@ class JobQueries(Database):
             row = conn.execute(select(jobs).where(and_(jobs.c.owner == owner, jobs.c.idempotency_key == key))).first()
         return to_job(row) if row else None
 
+    def find_by_mark(self, owner: str, mark: str) -> Job | None:
+        """The key's job whose images carry this watermark mark (provenance), if it has one."""
+        with self._read() as conn:
+            row = conn.execute(select(jobs).where(and_(jobs.c.mark == mark, jobs.c.owner == owner))).first()
+        return to_job(row) if row else None
+
     def list_jobs(self, owner: str, dialect: str, *, before: tuple[float, str] | None, limit: int) -> list[Job]:
         """Newest first; ``before`` is the (created_at, id) of the last row of the previous page."""
         query = select(jobs).where(and_(jobs.c.owner == owner, jobs.c.dialect == dialect))

@@ -58,6 +58,7 @@ jobs = Table(
     Column("note", String(300)),  # what its worker is doing before the first step ("loading flux-dev: ...")
     Column("retain_s", Float),  # its files' own retention (fal's lifecycle preference), never past the operator's
     Column("batch_id", String(32), index=True),  # the OpenAI batch it is a line of (lowest priority)
+    Column("mark", String(12), index=True),  # the watermark its images carry (provenance.mark_of, hex)
     UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency"),
 )
 

@@ -28,9 +28,10 @@ from ..jobs import JobService
 from ..models import ModelRegistry
 from ..models.upstreams import UpstreamConfig
 from ..outputs import EXTENSIONS, as_asked
+from ..provenance import Provenance, SigningFailed
 from ..spec import GenerationSpec
 from ..storage import Storage
-from ..workers import LeasedWorker
+from ..workers import PROVENANCE_CODE, PROVENANCE_FAILED, LeasedWorker
 from .base import MALFORMED, AccountError, Done, Inputs, Malformed, Provider, Rejected, Task, Unavailable
 from .health import Health
 from .hooks import hook_secret, hook_url, task_ref
@@ -68,6 +69,7 @@ class UpstreamWorker(LeasedWorker):
         storage_retry_s: float = 60.0,
         transport: Any = None,  # tests: an httpx transport for the provider's calls and the result fetches
         hooks: tuple[str, bytes] | None = None,  # (public URL, server secret): providers that take webhooks get one
+        provenance: Provenance | None = None,
     ) -> None:
         super().__init__(jobs, storage, f"upstream:{config.name}", storage_retry_s=storage_retry_s)
         self._transport = transport
@@ -81,6 +83,7 @@ class UpstreamWorker(LeasedWorker):
         self.pacing = Pacing(config.poll_interval_s)
         self._allow_private = allow_private
         self._hooks = hooks if self.provider.takes_webhooks else None
+        self._provenance = provenance or Provenance.off()
         self._client = httpx.Client(
             timeout=httpx.Timeout(60.0, connect=10.0),
             limits=httpx.Limits(max_connections=config.max_in_flight, max_keepalive_connections=config.max_in_flight),
@@ -171,6 +174,9 @@ class UpstreamWorker(LeasedWorker):
             if not self._fail_over(job, exc.message):
                 self._fail(job, f"The upstream {name} failed: {exc.message}")
             return
+        except SigningFailed as exc:  # never an unmarked image
+            self._fail(job, f"{PROVENANCE_FAILED}: {exc}", code=PROVENANCE_CODE)
+            return
         except FluxServeError as exc:
             self._fail(job, exc.message)
             return
@@ -179,7 +185,8 @@ class UpstreamWorker(LeasedWorker):
             self._fail(job, f"The server's image storage failed ({exc.strerror or exc}).")
             return
         self.health.succeeded()
-        self._end(job, lambda j: self._jobs.complete(j, outputs))
+        mark = self._provenance.mark(job.id)
+        self._end(job, lambda j: self._jobs.complete(j, outputs, mark=mark))
 
     def _fail(self, job: Job, message: str, code: str | None = None) -> None:
         self._end(job, lambda j: self._jobs.fail(j, message, code=code))
@@ -431,7 +438,19 @@ class UpstreamWorker(LeasedWorker):
             meta: dict[str, object] = {"prompt": spec.prompt, "seed": seed, "model": spec.model}
             meta["upstream"] = self.config.name
             key = f"{job.id}/out-{i}.{EXTENSIONS[spec.output_format]}"
-            data, (width, height) = as_asked(blob, spec.output_format, spec.quality, meta)
+            if self._provenance.enabled:  # marked like ours; the provider's file (and manifest) its parent
+                data, (width, height) = self._provenance.stored(
+                    blob,
+                    job.id,
+                    fmt=spec.output_format,
+                    quality=spec.quality,
+                    meta=meta,
+                    model=spec.model,
+                    prompt=spec.prompt,
+                    title=f"{self.config.name}-{i}",
+                )
+            else:
+                data, (width, height) = as_asked(blob, spec.output_format, spec.quality, meta)
             self._storage_io(self._storage.put, key, data)
             outputs.append(Output(key, seed, width, height, spec.output_format))
         if len(outputs) < spec.num_images:

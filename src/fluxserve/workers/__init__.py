@@ -2,6 +2,13 @@
 jobs through the engine); the upstream providers' worker is upstream/worker.py, on the same base."""
 
 from .device import DeviceWorker
-from .leases import LeasedWorker, default_batch_max_pixels, new_worker_id
+from .leases import PROVENANCE_CODE, PROVENANCE_FAILED, LeasedWorker, default_batch_max_pixels, new_worker_id
 
-__all__ = ["DeviceWorker", "LeasedWorker", "default_batch_max_pixels", "new_worker_id"]
+__all__ = [
+    "PROVENANCE_CODE",
+    "PROVENANCE_FAILED",
+    "DeviceWorker",
+    "LeasedWorker",
+    "default_batch_max_pixels",
+    "new_worker_id",
+]

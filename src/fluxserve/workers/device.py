@@ -20,10 +20,13 @@ from ..job import Job, Output
 from ..jobs import JobService
 from ..loras import LoraLibrary
 from ..models import ModelRegistry
-from ..outputs import EXTENSIONS, encode_image
+from ..outputs import EXTENSIONS
+from ..provenance import Ingredient, Provenance, SigningFailed, ingredient
 from ..spec import GenerationSpec
 from ..storage import Storage
 from .leases import (
+    PROVENANCE_CODE,
+    PROVENANCE_FAILED,
     STORAGE_FAILED,
     AbortCheck,
     LeasedWorker,
@@ -57,6 +60,7 @@ class DeviceWorker(LeasedWorker):
         storage_retry_s: float = 60.0,
         idle_unload_s: float = 0.0,
         max_model_wait_s: float = 30.0,
+        provenance: Provenance | None = None,
     ) -> None:
         super().__init__(
             jobs, storage, getattr(engine, "device_request", engine.device), storage_retry_s=storage_retry_s
@@ -72,6 +76,7 @@ class DeviceWorker(LeasedWorker):
         self._registry = registry
         self._max_batch = max_batch
         self._png_level = png_compress_level
+        self._provenance = provenance or Provenance.off()
         self._batch_max_pixels = batch_max_pixels
         # On an accelerator, encoding and writing the images runs beside the next job's denoising: a
         # 1024x1024 PNG takes a good part of a schnell image's time. At most two batches wait for it.
@@ -282,9 +287,9 @@ class DeviceWorker(LeasedWorker):
             return spec
         return replace(spec, loras=self._loras.localize(spec.loras, self._registry.get(spec.model)))
 
-    def _fail(self, batch: list[Job], message: str) -> None:
+    def _fail(self, batch: list[Job], message: str, code: str | None = None) -> None:
         for job in batch:
-            self._end(job, lambda j: self._jobs.fail(j, message))
+            self._end(job, lambda j: self._jobs.fail(j, message, code=code))
 
     def _drop_stopped(self, batch: list[Job], dropped: set[str]) -> None:
         """Jobs to stop working on: canceled, past their Cancel-After deadline, or whose lease was lost.
@@ -354,6 +359,10 @@ class DeviceWorker(LeasedWorker):
                     encode_start = time.monotonic()
                     outputs = self._save_outputs(job, images, revised)
                     encode_s = time.monotonic() - encode_start
+                except SigningFailed as exc:  # never an unmarked image: the job fails, saying why
+                    log.error("job %s: %s", job.id, exc)
+                    self._fail([job], f"{PROVENANCE_FAILED}: {exc}", PROVENANCE_CODE)
+                    continue
                 except OSError as exc:  # disk full, permissions: this job fails, the worker goes on
                     log.error("job %s: storing the images failed: %s", job.id, exc)
                     self._fail([job], f"{STORAGE_FAILED} ({exc.strerror or exc or type(exc).__name__}).")
@@ -362,7 +371,8 @@ class DeviceWorker(LeasedWorker):
                     log.exception("job %s: encoding the images failed", job.id)
                     self._fail([job], f"{STORAGE_FAILED}: {type(exc).__name__}: {exc}")
                     continue
-                self._end(job, lambda j, o=outputs, e=encode_s: self._jobs.complete(j, o, encode_s=e))  # type: ignore[misc]
+                mark = self._provenance.mark(job.id)
+                self._end(job, lambda j, o=outputs, e=encode_s, m=mark: self._jobs.complete(j, o, encode_s=e, mark=m))  # type: ignore[misc]
         except StoreUnavailable:
             log.warning("stopping with jobs %s unrecorded; their leases will expire", [j.id for j in batch])
             for job in batch:
@@ -379,6 +389,10 @@ class DeviceWorker(LeasedWorker):
         spec = job.spec
         model = self._registry.get(spec.model)
         outputs = []
+        inputs: tuple[Ingredient, ...] = ()
+        if self._provenance.enabled:  # an edit's manifest lists the client's images as its ingredients
+            keys = [*spec.images, *([spec.mask] if spec.mask else [])]
+            inputs = tuple(ingredient(self._storage_io(self._storage.read, k), k.rsplit("/", 1)[-1]) for k in keys)
         for i, (image, seed) in enumerate(zip(images, spec.image_seeds(), strict=True)):
             key = f"{job.id}/out-{i}.{EXTENSIONS[spec.output_format]}"
             meta: dict[str, object] = {"prompt": spec.prompt, "seed": seed, "model": model.label, "steps": spec.steps}
@@ -388,7 +402,17 @@ class DeviceWorker(LeasedWorker):
                 meta["guidance"] = spec.guidance
             if spec.loras:  # what the image was made with: each adapter as asked for, its file's hash, its scale
                 meta["loras"] = [{"source": a.source, "sha256": a.digest, "scale": a.scale} for a in spec.loras]
-            data = encode_image(image, spec.output_format, spec.quality, meta, png_compress_level=self._png_level)
+            data = self._provenance.output(
+                image,
+                job.id,
+                fmt=spec.output_format,
+                quality=spec.quality,
+                meta=meta,
+                png_level=self._png_level,
+                model=spec.model,
+                prompt=spec.prompt,
+                inputs=inputs,
+            )
             self._storage_io(self._storage.put, key, data)
             outputs.append(Output(key, seed, image.width, image.height, spec.output_format, revised))
         return outputs

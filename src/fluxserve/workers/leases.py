@@ -28,6 +28,9 @@ T = TypeVar("T")
 
 STORE_RETRY_MAX_S = 5.0
 STORAGE_FAILED = "The server could not store the image"
+# An image that could not be marked (provenance on) is never stored: its job fails with this code.
+PROVENANCE_FAILED = "The server could not mark the image as AI-generated"
+PROVENANCE_CODE = "provenance_failed"
 
 
 class _ShuttingDown(Exception):
