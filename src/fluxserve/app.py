@@ -312,6 +312,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
                 max_files=settings.files_per_key,
                 max_bytes=parse_bytes(settings.file_bytes_per_key),
             ),
+            core.provenance,
         )
         app.state.services = services
         upstreams = [w for w in device_workers or [] if w.route]
@@ -321,6 +322,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
             settings.metrics_token,  # its own token: the API key would let every scraper create jobs
             lambda: upstreams,
             lambda: [w.engine_info() for w in workers.local_workers() if not w.route],
+            lambda: dict(core.provenance.counts),
         )
         for worker in workers.local_workers():
             worker.observe(metrics.model_loaded, metrics.model_evicted)

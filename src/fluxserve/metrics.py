@@ -120,6 +120,23 @@ class EngineCollector(Collector):
 MODEL_STATES = ("unloaded", "loading", "ready")
 
 
+class ProvenanceCollector(Collector):
+    """This process's marking: watermarks and signatures made or failed, checks answered (by outcome)."""
+
+    def __init__(self, counts: Callable[[], dict[tuple[str, str], int]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "fluxserve_provenance",
+            "Provenance operations by outcome: watermark and sign (ok, failed), check (detected, not_detected).",
+            labels=["operation", "outcome"],
+        )
+        for (operation, outcome), n in sorted(self._counts().items()):
+            family.add_metric([operation, outcome], n)
+        yield family
+
+
 class Metrics:
     """The app's registry, its HTTP request counter and the scrape."""
 
@@ -130,10 +147,12 @@ class Metrics:
         token: str | None,
         upstreams: Callable[[], list[Any]] | None = None,
         engines: Callable[[], list[dict[str, Any]]] = list,
+        provenance: Callable[[], dict[tuple[str, str], int]] = dict,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(StoreCollector(store, worker_state, upstreams))
         self.registry.register(EngineCollector(engines))
+        self.registry.register(ProvenanceCollector(provenance))
         self.model_loads = Counter(
             "fluxserve_model_loads", "Pipelines loaded or warmed back onto a device.", ["model"], registry=self.registry
         )

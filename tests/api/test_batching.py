@@ -175,7 +175,7 @@ def test_a_worker_that_failed_to_load_leaves_jobs_to_the_others(settings: Settin
 
 
 def test_encoding_runs_beside_the_next_generation(settings: Settings, monkeypatch: Any) -> None:
-    import fluxserve.workers.device as dispatch
+    import fluxserve.provenance as dispatch  # the device worker encodes through its Provenance (marking)
 
     real_encode = dispatch.encode_image
     calls_at: list[float] = []

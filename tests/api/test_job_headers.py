@@ -113,7 +113,11 @@ def test_server_timing_of_a_routed_job_says_upstream_and_matches_is_rfc_9110() -
 
 def test_a_replicate_create_says_its_queue_position_from_its_own_transaction(slow_client: TestClient) -> None:
     blocker = {"model": "flux-dev", "input": {"prompt": "blocker", "num_inference_steps": 50}}
-    assert slow_client.post("/vmodel/generate", json=blocker, headers=AUTH).status_code == 200
+    started = slow_client.post("/vmodel/generate", json=blocker, headers=AUTH)
+    for _ in range(100):  # running, not queued: the positions below count only the jobs after it
+        if slow_client.get(f"/vmodel/feed/{started.json()['id']}", headers=AUTH).json()["status"] == "processing":
+            break
+        time.sleep(0.05)
     body = {"input": {"prompt": "p", "num_inference_steps": 4}}
     path = "/v1/models/black-forest-labs/flux-dev/predictions"
     first = slow_client.post(path, json=body, headers=AUTH).json()

@@ -2,6 +2,10 @@
 
 import base64
 import io
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 import openai
@@ -114,3 +118,41 @@ def test_a_client_with_an_idempotency_key_that_leaves_stops_the_wait_not_the_job
     assert status in ("queued", "processing", "succeeded")  # shared through its key: it runs on
     again = httpx.post(f"{server.url}/v1/images/generations", json=body, headers=headers, timeout=120)
     assert again.status_code == 200 and again.json()["data"]  # the retry gets the same job's images
+
+
+def test_content_provenance_checks_and_fluxserve_verify(
+    client: openai.OpenAI, server: RemoteServer, tmp_path: Path
+) -> None:
+    """Issue 37: the SDK's client.content_provenance_checks.create reads our marks on a demo image; the CLI's
+    `fluxserve verify` says the same from the operator's side, naming the job, and exits 1 on a foreign file."""
+    result = client.images.generate(
+        model="flux-schnell", prompt="a red fox", size="512x512", output_format="jpeg", response_format="b64_json"
+    )
+    assert result.data is not None
+    data = base64.b64decode(result.data[0].b64_json or "")
+    check = client.content_provenance_checks.create(file=("fox.jpg", data, "image/jpeg"))
+    assert check.object == "content_provenance_check"
+    c2pa = next(r for r in check.results if r.type == "c2pa")
+    assert c2pa.outcome == "detected" and c2pa.validation_state == "valid"
+    assert c2pa.model == "flux-schnell" and (c2pa.issuer or "").startswith("fluxserve self-signed")
+    # Our own result type: the SDK keeps it, with its extra fields (it has no class for it).
+    mark = next(r for r in check.results if r.type == "watermark")  # type: ignore[comparison-overlap]
+    job = getattr(mark, "job", None)
+    assert mark.outcome == "detected" and job
+    stripped = io.BytesIO()
+    Image.open(io.BytesIO(data)).save(stripped, format="PNG")  # the pixels only: the manifest is gone
+    again = client.content_provenance_checks.create(file=("copy.png", stripped.getvalue(), "image/png"))
+    assert next(r for r in again.results if r.type == "c2pa").outcome == "not_detected"
+    assert getattr(next(r for r in again.results if r.type == "watermark"), "job", None) == job  # type: ignore[comparison-overlap]
+
+    (tmp_path / "fox.jpg").write_bytes(data)
+    (tmp_path / "copy.png").write_bytes(stripped.getvalue())
+    foreign = io.BytesIO()
+    Image.effect_noise((256, 256), 40).convert("RGB").save(foreign, format="PNG")
+    (tmp_path / "foreign.png").write_bytes(foreign.getvalue())
+    cli = [str(Path(sys.executable).parent / "fluxserve"), "verify", "--data-dir", str(server.data_dir)]
+    ok = subprocess.run([*cli, str(tmp_path / "fox.jpg"), str(tmp_path / "copy.png")], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.count(f"(job {job})") == 2 and "C2PA valid" in ok.stdout
+    bad = subprocess.run([*cli, "--json", str(tmp_path / "foreign.png")], capture_output=True, text=True)
+    assert bad.returncode == 1 and json.loads(bad.stdout)["marked"] is False

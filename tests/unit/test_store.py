@@ -248,6 +248,7 @@ def test_migrations_are_numbered_idempotent_and_upgrade_an_old_database(tmp_path
         "11: per-job retention",
         "12: batches",
         "13: a key's active jobs by index",
+        "14: watermark marks",
     ]
     assert upgrade(store.engine) == []
     assert current_version(store.engine) == LATEST
@@ -266,6 +267,7 @@ def test_migrations_are_numbered_idempotent_and_upgrade_an_old_database(tmp_path
         "cost",
         "error_code",
         "note",
+        "mark",
     }
     assert added <= columns
     key_columns = {c["name"] for c in inspect(store.engine).get_columns("api_keys")}

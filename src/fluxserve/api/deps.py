@@ -17,6 +17,7 @@ from ..jobs import JobService
 from ..loras import LoraLibrary
 from ..models import ModelRegistry
 from ..offload import DNS_DEADLINE_S
+from ..provenance import Provenance
 from ..queue.base import Dispatcher
 from ..settings import Settings
 from ..storage import Storage
@@ -37,6 +38,7 @@ class Services:
     secret: bytes  # the server secret: signs file URLs, derives webhook secrets
     loras: LoraLibrary
     files: FileService  # uploads (Replicate's files API)
+    provenance: Provenance = field(default_factory=Provenance.off)  # what marks outputs; its check counts
     # Image decodes at once across requests: each can hold up to 40 MP (160 MB) while it runs.
     decode_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
     # Requests gathering input images at once, per node and per key (intake.py).

@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from ..models import ModelSpec
-from . import batches, edits
+from . import batches, edits, provenance
 from .bodylimit import JSON_BODY_BYTES, UPLOAD_BODY_BYTES
 from .deps import OwnerDep, ServicesDep
 from .dialect import Dialect
@@ -83,10 +83,15 @@ def _model_states(info: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def _body_limit(path: str) -> int:
-    return UPLOAD_BODY_BYTES if path.startswith(("/v1/images/edits", "/v1/images/variations")) else JSON_BODY_BYTES
+    uploads = ("/v1/images/edits", "/v1/images/variations", "/v1/content_provenance_checks")
+    return UPLOAD_BODY_BYTES if path.startswith(uploads) else JSON_BODY_BYTES
 
 
 # Last in the list: every path no other dialect claims answers in OpenAI's envelope.
 DIALECT = Dialect(
-    "openai", (router, edits.router, batches.router), lambda path: True, render_openai, body_limit=_body_limit
+    "openai",
+    (router, edits.router, batches.router, provenance.router),
+    lambda path: True,
+    render_openai,
+    body_limit=_body_limit,
 )

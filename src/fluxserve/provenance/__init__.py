@@ -76,7 +76,12 @@ class Provenance:
                 "as untrusted); set FLUXSERVE_C2PA_CERT and FLUXSERVE_C2PA_KEY to sign with your own"
             )
         issuer = certs.check_pair(cert_pem, key_pem)
-        return cls(Signer(cert_pem, key_pem, certs.signing_alg(key_pem)), issuer=issuer, prompt=prompt)
+        signer = Signer(cert_pem, key_pem, certs.signing_alg(key_pem))
+        try:  # once at start: a certificate c2pa refuses (its key usage, say) stops the server, not each job
+            signer.sign(encode_image(Image.new("RGB", (16, 16)), "png", 90, {}), "png", Claim("probe", 0.0, 0))
+        except Exception as exc:  # c2pa's own errors: say which, in one sentence
+            raise ValueError(f"C2PA signing with this certificate fails: {type(exc).__name__}: {exc}") from exc
+        return cls(signer, issuer=issuer, prompt=prompt)
 
     @property
     def enabled(self) -> bool:

@@ -56,10 +56,11 @@ class JobQueries(Database):
             row = conn.execute(select(jobs).where(and_(jobs.c.owner == owner, jobs.c.idempotency_key == key))).first()
         return to_job(row) if row else None
 
-    def find_by_mark(self, owner: str, mark: str) -> Job | None:
-        """The key's job whose images carry this watermark mark (provenance), if it has one."""
+    def find_by_mark(self, owner: str | None, mark: str) -> Job | None:
+        """The job whose images carry this watermark mark (provenance): the key's (``owner``), or anyone's."""
+        query = select(jobs).where(jobs.c.mark == mark)
         with self._read() as conn:
-            row = conn.execute(select(jobs).where(and_(jobs.c.mark == mark, jobs.c.owner == owner))).first()
+            row = conn.execute(query if owner is None else query.where(jobs.c.owner == owner)).first()
         return to_job(row) if row else None
 
     def list_jobs(self, owner: str, dialect: str, *, before: tuple[float, str] | None, limit: int) -> list[Job]:
