@@ -18,6 +18,7 @@ from fluxserve.outputs import read_metadata
 from tests.support.fal_server import FalState, fal_server
 from tests.support.images_util import png_bytes
 from tests.support.polling import wait_for
+from tests.support.provenance_util import c2pa_report
 from tests.support.server import FLUXSERVE, RemoteServer
 
 B_KEY = "fs-upstream-b-secret-key-0123456789"
@@ -204,6 +205,11 @@ def test_openai_sdk_over_an_openai_upstream(a: RemoteServer, b: RemoteServer) ->
     assert got.data and got.data[0].url and got.data[0].url.startswith(a.url)
     assert image_meta(got.data[0].url)["upstream"] == "oai"
     assert b_jobs(b)[-1][1:] == ("openai", "flux-2-pro")
+    # Provenance (issue 37): A's image is marked and signed by A, with B's signed answer as its parent.
+    state, failures, manifest = c2pa_report(httpx.get(got.data[0].url, timeout=30).content)
+    assert (state, failures) == ("Valid", ["signingCredential.untrusted"])
+    [parent] = manifest["ingredients"]
+    assert parent["relationship"] == "parentOf" and parent.get("active_manifest")
 
 
 def test_replicate_upstream_with_a_reference_image(a: RemoteServer, b: RemoteServer) -> None:
