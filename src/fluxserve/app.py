@@ -38,6 +38,7 @@ from .api.prefixes import ProviderPrefixes
 from .api.ratelimit import RateLimitHeaders
 from .auth import Authenticator
 from .engine.base import Engine
+from .engine.safety import SafetyChecker
 from .errors import StoreUnavailable
 from .files import FileService
 from .job import EventKind
@@ -192,9 +193,11 @@ class Core:
     queue: Queue
     loras: LoraLibrary
     provenance: Provenance
+    safety: SafetyChecker | None  # the output safety check, where the operator configured one
 
     def device_workers(self, settings: Settings, engines: list[Engine] | None = None, **kw: Any) -> list[DeviceWorker]:
         kw.setdefault("provenance", self.provenance)
+        kw.setdefault("safety", self.safety)
         return build_device_workers(settings, self.jobs, self.storage, self.registry, self.loras, engines, **kw)
 
     def upstream_workers(self, settings: Settings) -> list[Any]:
@@ -247,7 +250,27 @@ def build_core(settings: Settings, store: Store) -> Core:
     )
     queue = build_queue(settings, jobs)
     return Core(
-        store, registry, secret, storage, jobs, queue, build_lora_library(settings), build_provenance(settings, secret)
+        store,
+        registry,
+        secret,
+        storage,
+        jobs,
+        queue,
+        build_lora_library(settings),
+        build_provenance(settings, secret),
+        build_safety(settings),
+    )
+
+
+def build_safety(settings: Settings) -> SafetyChecker | None:
+    """--safety-model: the classifier (loaded on a worker's first image); none: nothing is filtered."""
+    if settings.safety_model is None:
+        return None
+    return SafetyChecker(
+        settings.safety_model,
+        threshold=settings.safety_threshold,
+        labels=settings.safety_labels,
+        max_tolerance=settings.safety_max_tolerance,
     )
 
 
@@ -323,6 +346,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
             lambda: upstreams,
             lambda: [w.engine_info() for w in workers.local_workers() if not w.route],
             lambda: dict(core.provenance.counts),
+            lambda: dict(core.safety.counts) if core.safety else {},
         )
         for worker in workers.local_workers():
             worker.observe(metrics.model_loaded, metrics.model_evicted)

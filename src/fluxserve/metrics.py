@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -120,20 +120,16 @@ class EngineCollector(Collector):
 MODEL_STATES = ("unloaded", "loading", "ready")
 
 
-class ProvenanceCollector(Collector):
-    """This process's marking: watermarks and signatures made or failed, checks answered (by outcome)."""
+class CountsCollector(Collector):
+    """A counter this process keeps as a plain mapping of label values to counts (provenance, safety)."""
 
-    def __init__(self, counts: Callable[[], dict[tuple[str, str], int]]) -> None:
-        self._counts = counts
+    def __init__(self, name: str, text: str, labels: list[str], counts: Callable[[], Mapping[Any, int]]) -> None:
+        self._name, self._text, self._labels, self._counts = name, text, labels, counts
 
     def collect(self) -> Iterator[Metric]:
-        family = CounterMetricFamily(
-            "fluxserve_provenance",
-            "Provenance operations by outcome: watermark and sign (ok, failed), check (detected, not_detected).",
-            labels=["operation", "outcome"],
-        )
-        for (operation, outcome), n in sorted(self._counts().items()):
-            family.add_metric([operation, outcome], n)
+        family = CounterMetricFamily(self._name, self._text, labels=self._labels)
+        for values, n in sorted(self._counts().items()):
+            family.add_metric(list(values), n)
         yield family
 
 
@@ -147,12 +143,28 @@ class Metrics:
         token: str | None,
         upstreams: Callable[[], list[Any]] | None = None,
         engines: Callable[[], list[dict[str, Any]]] = list,
-        provenance: Callable[[], dict[tuple[str, str], int]] = dict,
+        provenance: Callable[[], Mapping[Any, int]] = dict,
+        safety: Callable[[], Mapping[Any, int]] = dict,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(StoreCollector(store, worker_state, upstreams))
         self.registry.register(EngineCollector(engines))
-        self.registry.register(ProvenanceCollector(provenance))
+        self.registry.register(
+            CountsCollector(
+                "fluxserve_provenance",
+                "Provenance operations by outcome: watermark and sign (ok, failed), check (detected, not_detected).",
+                ["operation", "outcome"],
+                provenance,
+            )
+        )
+        self.registry.register(
+            CountsCollector(
+                "fluxserve_safety_checks",
+                "Local outputs the safety classifier flagged (withheld), passed, or skipped (tolerance 6).",
+                ["outcome"],
+                safety,
+            )
+        )
         self.model_loads = Counter(
             "fluxserve_model_loads", "Pipelines loaded or warmed back onto a device.", ["model"], registry=self.registry
         )

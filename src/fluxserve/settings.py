@@ -186,6 +186,22 @@ class Settings(BaseSettings):
     provenance_prompt: bool = Field(
         default=False, description="Write each image's prompt into its C2PA manifest (off: privacy)."
     )
+    safety_model: Path | None = Field(
+        default=None,
+        description="Folder of an image classifier (transformers) run on each local output (unset: no filtering).",
+    )
+    safety_threshold: float = Field(
+        default=0.5, gt=0, lt=1, description="Score of an unsafe label at which an image is withheld (tolerance 2)."
+    )
+    safety_labels: list[str] = Field(
+        default=["nsfw"], description="The safety model's labels that count as unsafe, comma-separated."
+    )
+    safety_max_tolerance: int = Field(
+        default=2,
+        ge=0,
+        le=6,
+        description="Most permissive safety_tolerance a request may ask for (6: clients may turn the check off).",
+    )
     database_url: str | None = Field(
         default=None,
         description="SQLAlchemy URL (unset: SQLite in the data dir); postgresql://... past one machine.",
@@ -266,7 +282,7 @@ class Settings(BaseSettings):
         description="Load weights from local folders and the hub cache only (HF_HUB_OFFLINE).",
     )
 
-    @field_validator("cors_origins", "warmup_sizes", "models", "preload", mode="before")
+    @field_validator("cors_origins", "warmup_sizes", "models", "preload", "safety_labels", mode="before")
     @classmethod
     def _split_lists(cls, v: Any) -> Any:
         if isinstance(v, str) and v.lstrip().startswith("["):

@@ -193,6 +193,10 @@ class GenerationSpec:
     partial_images: int = 0  # previews of the image in progress (OpenAI streaming), 0-3
     loras: tuple[Adapter, ...] = ()  # active for this request only, with these scales
     upsample: bool = False  # FLUX 3: the prompt rewritten by the model's prompt upsampler first
+    # How permissive the output safety check is, on BFL's scale (0 strictest, 2 the default, 6 off); other
+    # dialects' flags map onto it (OpenAI moderation=low 4, Replicate disable_safety_checker 6). Capped by the
+    # operator's --safety-max-tolerance where a classifier runs (engine/safety.py); nothing runs otherwise.
+    safety_tolerance: int = 2
     # Fields only a hosted provider reads, passed to it as sent (FLUX 3.1's mode, bounding_boxes, search;
     # FLUX 3's grounding): the BFL dialect fills it for names an upstream serves.
     hosted: dict[str, Any] = field(default_factory=dict)

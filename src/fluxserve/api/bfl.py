@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from ..engine.safety import FLAGGED_CODE
 from ..errors import InvalidInput, NotFound
 from ..job import EventKind, Job, Status
 from ..sealed import seal, unseal
@@ -107,6 +108,8 @@ def render(services: Services, job: Job) -> dict[str, Any]:
         "total": job.progress_total,
     }
     status = _STATUS[job.status]
+    if job.status is Status.FAILED and job.error_code == FLAGGED_CODE:
+        status = "Content Moderated"  # BFL's own status for an output its safety check withheld
     if job.status is Status.PROCESSING and job.spec.upsample and job.progress_done == 0:
         status = "Reasoning"  # FLUX 3: the prompt upsampler runs before the first step
     return {

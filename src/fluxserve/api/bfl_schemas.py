@@ -28,7 +28,7 @@ class _Common(BaseModel):
     prompt: str
     seed: int | None = None
     prompt_upsampling: bool = False  # FLUX 3: its upsampler rewrites the prompt; elsewhere accepted, a no-op
-    safety_tolerance: int = Field(default=2, ge=0, le=6)  # accepted; no moderation model runs here
+    safety_tolerance: int = Field(default=2, ge=0, le=6)  # the output safety check (engine/safety.py), if any
     output_format: Literal["jpeg", "png", "webp"] | None = "jpeg"
     webhook_url: str | None = Field(default=None, min_length=1, max_length=2083)
     webhook_secret: str | None = Field(default=None, max_length=1024)
@@ -63,6 +63,7 @@ class _Common(BaseModel):
             images=inputs.keys,
             params={"size": "width", "height": "height"},
             upsample=self.prompt_upsampling,
+            safety_tolerance=self.safety_tolerance,
         )
         return (replace(spec, hosted=self.hosted()) if not model.is_local else spec), inputs
 

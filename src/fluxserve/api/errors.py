@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..engine.safety import FLAGGED_CODE
 from ..errors import (
     ClientDisconnected,
     Conflict,
@@ -73,6 +74,8 @@ _HTTP: dict[type[FluxServeError], tuple[int, str]] = {
 def job_failure(job: Job) -> FluxServeError:
     """What a synchronous dialect answers for a job that did not succeed: a provider's refusal (moderation,
     bad input) is the client's 400, a provider's account or setup problem a 502, anything else a 500."""
+    if job.error_code == FLAGGED_CODE:  # withheld by the safety check: OpenAI's code for it
+        return InvalidInput(job.error or "The image was withheld by the safety check.", code="moderation_blocked")
     if job.error_code == "upstream_rejected":
         return InvalidInput(job.error or "The upstream provider refused the request.", code="upstream_rejected")
     if job.error_code == UpstreamFailed.code:

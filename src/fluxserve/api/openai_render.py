@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from ..engine.safety import FLAGGED_CODE
 from ..errors import ClientDisconnected
 from ..job import Job, Status
 from ..spec import GenerationSpec
@@ -186,6 +187,7 @@ def task_body(services: Services, job: Job) -> dict[str, Any]:
         body["output_format"] = job.spec.output_format
     elif job.status.is_terminal:
         code = job.error_code or ("canceled" if job.status is not Status.FAILED else "generation_failed")
+        code = "moderation_blocked" if code == FLAGGED_CODE else code
         body["error"] = {"message": job.error or job.status.value, "code": code}
     return body
 

@@ -48,6 +48,8 @@ class ImageFields(BaseModel):
         self, model: ModelSpec, width: int, height: int, loras: tuple[Adapter, ...], **extra: Any
     ) -> GenerationSpec:
         self._check_producible()
+        # moderation=low: less restrictive filtering (on BFL's scale, GenerationSpec.safety_tolerance).
+        extra.setdefault("safety_tolerance", 4 if getattr(self, "moderation", None) == "low" else 2)
         return model.make_spec(
             prompt=self.prompt,
             width=width,

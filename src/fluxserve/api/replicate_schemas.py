@@ -75,6 +75,9 @@ class _Input(BaseModel):
     ) -> tuple[GenerationSpec, Inputs]:
         """What every schema's spec shares; ``fields``: the rest, by make_spec's names."""
         fields.setdefault("params", _PARAMS)
+        # Replicate's two safety fields, on BFL's scale (GenerationSpec.safety_tolerance): off, or as sent.
+        off = getattr(self, "disable_safety_checker", False)
+        fields.setdefault("safety_tolerance", 6 if off else getattr(self, "safety_tolerance", 2))
         spec = model.make_spec(
             prompt=self.prompt, width=size[0], height=size[1], seed=self.seed, images=inputs.keys, loras=loras, **fields
         )

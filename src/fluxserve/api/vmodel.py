@@ -90,6 +90,7 @@ class VmodelInput(BaseModel):
             images=inputs.keys,
             strength=self.prompt_strength,
             loras=loras,
+            safety_tolerance=6 if self.disable_safety_checker else 2,
             params={
                 "image": param,
                 "strength": "input.prompt_strength",

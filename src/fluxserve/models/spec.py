@@ -158,6 +158,7 @@ class ModelSpec:
         allow_empty_prompt: bool = False,
         loras: tuple[Adapter, ...] = (),
         upsample: bool = False,
+        safety_tolerance: int = 2,
     ) -> GenerationSpec:
         """Validate a request against this model's limits. ``params`` maps our names to the dialect's."""
         names = {
@@ -238,6 +239,7 @@ class ModelSpec:
             strength=strength if task == "img2img" else None,
             loras=loras,
             upsample=upsample,
+            safety_tolerance=safety_tolerance,
         )
 
     def _task(self, images: tuple[str, ...], mask: str | None, names: dict[str, str]) -> Task:

@@ -15,6 +15,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from ..engine.base import Cancelled, Engine, EngineRequest
+from ..engine.safety import FLAGGED_CODE, SafetyChecker
 from ..errors import FluxServeError, OutOfMemory, StoreUnavailable
 from ..job import Job, Output
 from ..jobs import JobService
@@ -61,6 +62,7 @@ class DeviceWorker(LeasedWorker):
         idle_unload_s: float = 0.0,
         max_model_wait_s: float = 30.0,
         provenance: Provenance | None = None,
+        safety: SafetyChecker | None = None,
     ) -> None:
         super().__init__(
             jobs, storage, getattr(engine, "device_request", engine.device), storage_retry_s=storage_retry_s
@@ -77,6 +79,7 @@ class DeviceWorker(LeasedWorker):
         self._max_batch = max_batch
         self._png_level = png_compress_level
         self._provenance = provenance or Provenance.off()
+        self._safety = safety
         self._batch_max_pixels = batch_max_pixels
         # On an accelerator, encoding and writing the images runs beside the next job's denoising: a
         # 1024x1024 PNG takes a good part of a schnell image's time. At most two batches wait for it.
@@ -355,6 +358,8 @@ class DeviceWorker(LeasedWorker):
                 if job.id in dropped:  # dropped mid-batch: the others' call ran on, its images are not kept
                     self._end_dropped(job)
                     continue
+                if self._withheld(job, images):
+                    continue
                 try:
                     encode_start = time.monotonic()
                     outputs = self._save_outputs(job, images, revised)
@@ -379,6 +384,21 @@ class DeviceWorker(LeasedWorker):
                 self._release(job)
         finally:
             self._encode_slots.release()
+
+    def _withheld(self, job: Job, images: list[Image.Image]) -> bool:
+        """The safety check (when configured): a flagged job fails with the checker's reason, nothing stored."""
+        if self._safety is None:
+            return False
+        try:
+            why = self._safety.verdict(images, job.spec.safety_tolerance)
+        except Exception as exc:  # the classifier could not load or run: the job fails, never ships unchecked
+            log.exception("job %s: the safety check failed", job.id)
+            self._fail([job], f"The safety check could not run: {type(exc).__name__}: {exc}")
+            return True
+        if why is not None:
+            log.info("job %s: withheld by the safety check", job.id)
+            self._fail([job], why, FLAGGED_CODE)
+        return why is not None
 
     def _load_input(self, key: str) -> Image.Image:
         with Image.open(io.BytesIO(self._storage_io(self._storage.read, key))) as img:
