@@ -43,12 +43,14 @@ from .errors import StoreUnavailable
 from .files import FileService
 from .job import EventKind
 from .jobs import JobService
+from .licensing import LicenceReporter
 from .limits import Limits
 from .logs import RequestLog
 from .loras import LoraLibrary
 from .metrics import Metrics
 from .migrations import open_store
 from .models import ModelRegistry
+from .models.licensing import BflLicensing, parse_licensing
 from .provenance import Provenance
 from .queue import build as build_queue
 from .queue import hooks as queue_hooks
@@ -194,6 +196,7 @@ class Core:
     loras: LoraLibrary
     provenance: Provenance
     safety: SafetyChecker | None  # the output safety check, where the operator configured one
+    licensing: BflLicensing | None  # BFL self-hosted licence usage reporting ([licensing.bfl])
 
     def device_workers(self, settings: Settings, engines: list[Engine] | None = None, **kw: Any) -> list[DeviceWorker]:
         kw.setdefault("provenance", self.provenance)
@@ -245,8 +248,14 @@ def build_core(settings: Settings, store: Store) -> Core:
         settings.s3_public_url,
     )
     defaults = Limits(settings.max_queued_per_key, settings.rpm_per_key, settings.images_per_day_per_key)
+    licensing = parse_licensing(settings.model_config_file, set(registry.names))
     jobs = JobService(
-        store, max_attempts=settings.max_attempts, lease_s=settings.lease_s, limits=defaults, registry=registry
+        store,
+        max_attempts=settings.max_attempts,
+        lease_s=settings.lease_s,
+        limits=defaults,
+        registry=registry,
+        licensed=licensing.slugs if licensing else None,
     )
     queue = build_queue(settings, jobs)
     return Core(
@@ -259,6 +268,7 @@ def build_core(settings: Settings, store: Store) -> Core:
         build_lora_library(settings),
         build_provenance(settings, secret),
         build_safety(settings),
+        licensing,
     )
 
 
@@ -373,6 +383,9 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
 
             background.append(asyncio.create_task(listen(settings.database, on_notify)))
         sweeper = RetentionSweeper(store, storage, settings.retention_s, settings.retention_sweep_s)
+        reporter = LicenceReporter(store, core.licensing) if core.licensing else None
+        if reporter is not None:
+            reporter.start()
         webhooks.start()
         workers.start()
         sweeper.start()
@@ -389,6 +402,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
             sweeper.stop()
             workers.stop()
             webhooks.stop()
+            if reporter is not None:
+                reporter.stop()
             core.close()
 
     app = FastAPI(title="fluxserve", version=__version__, lifespan=lifespan)

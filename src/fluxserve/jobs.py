@@ -17,7 +17,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -30,7 +30,18 @@ from .models import ModelRegistry
 from .offload import Offload
 from .readout import note as note_read
 from .spec import GenerationSpec
-from .store import DuplicateJob, Fence, Store, fairness, insert_row, key_limits, outputs_json, serialize_owner, usage
+from .store import (
+    DuplicateJob,
+    Fence,
+    Store,
+    fairness,
+    insert_row,
+    key_limits,
+    outputs_json,
+    record_usage,
+    serialize_owner,
+    usage,
+)
 from .store.credits import hold
 from .store.events import append_event
 from .waiters import Waiters
@@ -50,8 +61,10 @@ class JobService:
         threads: int = 4,
         limits: Limits | None = None,
         registry: ModelRegistry | None = None,
+        licensed: Mapping[str, str] | None = None,
     ) -> None:
         self.store = store
+        self.licensed = dict(licensed or {})  # model name -> BFL licence slug: its generations are reported
         # Where each name's jobs run (its upstream, if any) and what they cost; None: all local, free.
         self.registry = registry
         self.limits = limits  # the server's per-key defaults; keys may override them
@@ -217,6 +230,7 @@ class JobService:
         payload: dict[str, Any] | None = None,
         lease_before: float | None = None,
         price: Callable[[Job], float | None] | None = None,
+        then: Callable[[Any, Job], None] | None = None,
     ) -> Job | None:
         return self._changed(
             self.store.transition(
@@ -229,6 +243,7 @@ class JobService:
                 price=price,
                 payload=payload,
                 lease_before=lease_before,
+                then=then,
             ),
             kind,
         )
@@ -276,7 +291,14 @@ class JobService:
         }
         if mark is not None:
             values["mark"] = mark
-        return self._fenced(job, EventKind.SUCCEEDED, values, {"outputs": [o.key for o in outputs]}) is not None
+        slug = self.licensed.get(job.spec.model) if job.route is None else None  # our own weights only
+        now = time.time()
+
+        def count(conn: Any, done: Job) -> None:  # BFL licence usage, written with the success (licensing.py)
+            record_usage(conn, done.id, slug or "", len(outputs), now)
+
+        payload = {"outputs": [o.key for o in outputs]}
+        return self._fenced(job, EventKind.SUCCEEDED, values, payload, then=count if slug else None) is not None
 
     def fail(self, job: Job, error: str, *, lease_before: float | None = None, code: str | None = None) -> bool:
         values = {"status": Status.FAILED.value, "completed_at": time.time(), "error": error, "error_code": code}

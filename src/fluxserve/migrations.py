@@ -106,6 +106,10 @@ def _marks(conn: Connection) -> None:
     conn.execute(text("CREATE INDEX IF NOT EXISTS ix_jobs_mark ON jobs (mark)"))
 
 
+def _licence_usage(conn: Connection) -> None:
+    store.metadata.create_all(conn, tables=[store.licence_usage])
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "jobs and api keys", _baseline),
     (2, "worker leases, job events, webhook outbox", _leases_events_outbox),
@@ -121,6 +125,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (12, "batches", _batches),
     (13, "a key's active jobs by index", _owner_status),
     (14, "watermark marks", _marks),
+    (15, "licence usage outbox", _licence_usage),
 ]
 LATEST = MIGRATIONS[-1][0]
 

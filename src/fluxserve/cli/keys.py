@@ -78,11 +78,29 @@ def usage_report(
     by_end_user: Annotated[
         bool, typer.Option("--by-end-user", help="Split by each request's end user (safety_identifier or user).")
     ] = False,
+    licensing: Annotated[
+        bool, typer.Option("--licensing", help="BFL licence usage instead: per slug and day, reported and waiting.")
+    ] = False,
     data_dir: DataDir = None,
     database: Annotated[str | None, typer.Option()] = None,
 ) -> None:
     """Usage per key, model and UTC day: jobs, images, megapixels, worker seconds."""
     import json
+
+    if licensing:
+        store = store_at(data_dir, database)
+        report = store.usage_report()
+        store.close()
+        for row in report if as_json else ():
+            typer.echo(json.dumps(row))
+        if not as_json:
+            typer.echo(f"{'day':<10}  {'slug':<22}  {'generations':>11}  {'reported':>8}  {'waiting':>7}  last error")
+            for r in report:
+                typer.echo(
+                    f"{r['day']:<10}  {str(r['slug'])[:22]:<22}  {r['generations']:>11}  {r['reported']:>8}  "
+                    f"{r['pending']:>7}  {r['last_error'] or '-'}"
+                )
+        return
 
     from ..errors import InvalidInput
     from ..usage import parse_since, usage

@@ -1,7 +1,7 @@
 """The database, split along its tables: schema.py (tables), db.py (engine, pools, write lock, errors),
 jobs.py (job rows and fenced transitions), events.py (job_events, NOTIFY), outbox.py (webhook deliveries),
 keys.py (API keys, the shared secret), credits.py (the credit ledger), files.py (uploads), batches.py (OpenAI
-batches), reports.py (usage, metrics, retention reads).
+batches), licences.py (BFL licence usage outbox), reports.py (usage, metrics, retention reads).
 
 ``Store`` is all of them over one engine. Only JobService calls the methods that change a job.
 """
@@ -19,6 +19,7 @@ from .files import FileQueries, StoredFile
 from .hooks import LocalHooks, QueueHooks
 from .jobs import DuplicateJob, Fence, JobQueries, insert_row, outputs_json, serialize_owner, to_job
 from .keys import KeyQueries, key_limits
+from .licences import LicenceQueries, UsageBatch, record_usage
 from .outbox import OutboxQueries, WebhookRules
 from .reports import Reports, usage
 from .schema import (
@@ -27,6 +28,7 @@ from .schema import (
     files,
     job_events,
     jobs,
+    licence_usage,
     metadata,
     server_secrets,
     webhook_deliveries,
@@ -42,6 +44,7 @@ class Store(
     CreditQueries,
     FileQueries,
     BatchQueries,
+    LicenceQueries,
     Reports,
     Database,
 ):
@@ -75,6 +78,7 @@ __all__ = [
     "QueueHooks",
     "Store",
     "StoredFile",
+    "UsageBatch",
     "WebhookRules",
     "api_keys",
     "application_name",
@@ -84,8 +88,10 @@ __all__ = [
     "job_events",
     "jobs",
     "key_limits",
+    "licence_usage",
     "metadata",
     "outputs_json",
+    "record_usage",
     "serialize_owner",
     "server_secrets",
     "to_job",

@@ -153,12 +153,14 @@ class JobQueries(Database):
         lease_before: float | None = None,
         route: Any = ANY_ROUTE,
         price: Callable[[Job], float | None] | None = None,
+        then: Callable[[Connection, Job], None] | None = None,
     ) -> Job | None:
         """Change one job if it is still in an expected status (and, when given, the same claim or route).
 
         The event row and any webhook deliveries are written in the same transaction. None: refused.
         ``price``: a route change's price for the job where it goes; the difference with what it holds is
-        held or given back in the same transaction (PaymentRequired: nothing changes).
+        held or given back in the same transaction (PaymentRequired: nothing changes). ``then``: more writes
+        of the changed job's, in the same transaction (a success's licence usage).
         """
         fence = Fence(job_id, attempt, worker_id, route)
         with self._write() as conn:
@@ -171,6 +173,8 @@ class JobQueries(Database):
                 self.queue.cancel(conn, job_id)  # past its Cancel-After while queued: no worker fetches it
             if job is not None and kind is EventKind.ROUTED:
                 self.queue.rerouted(conn, job)  # its queue entry moves with it (PostgreSQL: the upstream's queue)
+            if job is not None and then is not None:
+                then(conn, job)
             return job
 
     def transition_many(

@@ -110,6 +110,23 @@ webhook_deliveries = Table(
     Index("ix_webhook_deliveries_state_due", "state", "due_at"),
 )
 
+# BFL self-hosted licence usage: one row per succeeded local job of a licensed model, written with its success;
+# sent to BFL in batches (one per slug), each batch under one id that is also its Idempotency-Key.
+licence_usage = Table(
+    "licence_usage",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("job_id", String(32), nullable=False, unique=True),  # a job counts once, whatever retries its success
+    Column("slug", String(64), nullable=False),  # BFL's model slug (flux-1-dev, flux-1-kontext-dev, flux-tools)
+    Column("generations", Integer, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("batch", String(32)),  # the report it went into (NULL: not yet in one)
+    Column("claimed_at", Float),  # when a sender took the batch; another takes it over after a lease
+    Column("sent_at", Float),  # BFL acknowledged the batch
+    Column("last_error", Text),
+    Index("ix_licence_usage_batch_sent", "batch", "sent_at"),
+)
+
 # Replicate's files API: uploads a key owns, named by URL in its predictions' inputs.
 files = Table(
     "files",
