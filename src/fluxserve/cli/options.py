@@ -50,6 +50,13 @@ SERVE_FIELDS = tuple(
         "vae_tiling",
         "api_only",
         "storage",
+        "provenance",
+        "c2pa_cert",
+        "c2pa_key",
+        "provenance_prompt",
+        "safety_model",
+        "safety_threshold",
+        "safety_max_tolerance",
     ]
 )
 WORKER_FIELDS = tuple(
@@ -72,6 +79,13 @@ WORKER_FIELDS = tuple(
         "offload",
         "lora_dir",
         "upstream_config_file",
+        "provenance",
+        "c2pa_cert",
+        "c2pa_key",
+        "provenance_prompt",
+        "safety_model",
+        "safety_threshold",
+        "safety_max_tolerance",
     ]
 )
 
