@@ -180,7 +180,7 @@ class Settings(BaseSettings):
     )
     c2pa_cert: str | None = Field(
         default=None,
-        description="PEM certificate chain (a path or the text) that signs C2PA manifests (unset: made from the secret).",
+        description="PEM certificate chain (a path or the text) signing C2PA manifests (unset: made from the secret).",
     )
     c2pa_key: str | None = Field(default=None, description="PEM private key of --c2pa-cert (a path or the text).")
     provenance_prompt: bool = Field(
