@@ -40,6 +40,15 @@ def _config(tmp_path: Path, base: str, **extra: object) -> Path:
     return path
 
 
+def _where(settings: Settings) -> list[str]:
+    """The CLI's view of the server's database (PostgreSQL in CI's second round)."""
+    return [
+        "--data-dir",
+        str(settings.data_dir),
+        *(["--database", settings.database_url] if settings.database_url else []),
+    ]
+
+
 def _make(client: TestClient, model: str, n: int = 1) -> None:
     body = {"model": model, "prompt": "p", "n": n, "size": "256x256", "response_format": "b64_json"}
     assert client.post("/v1/images/generations", json=body, headers=AUTH).status_code == 200
@@ -60,7 +69,7 @@ def test_licensed_generations_are_reported_once_per_slug_with_the_key(
     assert state.total("flux-1-dev") == 3 and "flux-tools" not in state.counted
     assert {r["key"] for r in state.received} == {"bfl-licence-key"}
     assert len({r["idempotency"] for r in state.received}) == len(state.received)
-    report = CliRunner().invoke(cli, ["usage", "--licensing", "--data-dir", str(settings.data_dir)])
+    report = CliRunner().invoke(cli, ["usage", "--licensing", *_where(settings)])
     assert report.exit_code == 0, report.output
     assert "flux-1-dev" in report.output and " 3 " in report.output
 
@@ -89,7 +98,7 @@ def test_without_the_key_counts_wait_and_say_why(
         _make(client, "flux-dev")
         time.sleep(0.6)
     assert state.received == []
-    report = CliRunner().invoke(cli, ["usage", "--licensing", "--json", "--data-dir", str(settings.data_dir)])
+    report = CliRunner().invoke(cli, ["usage", "--licensing", "--json", *_where(settings)])
     assert '"pending": 1' in report.output and "TEST_BFL_LICENSE is not set" in report.output
 
 

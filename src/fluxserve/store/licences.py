@@ -32,15 +32,22 @@ class LicenceQueries(Database):
     def claim_usage(self, now: float, lease_s: float, limit: int = 1000) -> UsageBatch | None:
         """A batch to send: one whose sender's lease ran out (the same id again), else a new one of up to
         ``limit`` uncounted rows of one slug. None: nothing to send."""
+        expired = or_(licence_usage.c.claimed_at.is_(None), licence_usage.c.claimed_at < now - lease_s)
         with self._write() as conn:
             stale = conn.execute(
                 select(licence_usage.c.batch)
-                .where(and_(licence_usage.c.sent_at.is_(None), licence_usage.c.batch.is_not(None)))
-                .where(or_(licence_usage.c.claimed_at.is_(None), licence_usage.c.claimed_at < now - lease_s))
+                .where(and_(licence_usage.c.sent_at.is_(None), licence_usage.c.batch.is_not(None), expired))
                 .limit(1)
             ).first()
             if stale is not None:
                 batch = str(stale.batch)
+                # Conditional, so two nodes that saw it expire at once do not both take it (PostgreSQL rechecks
+                # the condition on the row the other committed).
+                taken = conn.execute(
+                    update(licence_usage).where(and_(licence_usage.c.batch == batch, expired)).values(claimed_at=now)
+                )
+                if taken.rowcount == 0:
+                    return None
             else:
                 first = conn.execute(
                     select(licence_usage.c.slug).where(licence_usage.c.batch.is_(None)).order_by(licence_usage.c.id)
@@ -52,15 +59,20 @@ class LicenceQueries(Database):
                     and_(licence_usage.c.batch.is_(None), licence_usage.c.slug == first.slug)
                 )
                 ids = ids.order_by(licence_usage.c.id).limit(limit)
+                # batch IS NULL again in the update itself: rows another node batched meanwhile are skipped
+                # (PostgreSQL rechecks it on the committed row), never moved into this batch too.
                 conn.execute(
-                    update(licence_usage).where(licence_usage.c.id.in_(ids.scalar_subquery())).values(batch=batch)
+                    update(licence_usage)
+                    .where(and_(licence_usage.c.id.in_(ids.scalar_subquery()), licence_usage.c.batch.is_(None)))
+                    .values(batch=batch, claimed_at=now)
                 )
-            conn.execute(update(licence_usage).where(licence_usage.c.batch == batch).values(claimed_at=now))
             row = conn.execute(
                 select(licence_usage.c.slug, func.sum(licence_usage.c.generations), func.count())
                 .where(licence_usage.c.batch == batch)
                 .group_by(licence_usage.c.slug)
-            ).one()
+            ).first()
+        if row is None:  # every row it chose was batched by another node first
+            return None
         return UsageBatch(batch, str(row[0]), int(row[1]), int(row[2]))
 
     def usage_sent(self, batch: str, now: float) -> None:
