@@ -120,13 +120,25 @@ def decode_image(data: bytes, *, param: str, max_bytes: int = MAX_IMAGE_BYTES, k
         ) from exc
     upright: Image.Image = ImageOps.exif_transpose(img) or img
     if keep_alpha:
-        return upright.convert("RGBA")
-    if upright.mode in ("RGBA", "LA", "PA") or (upright.mode == "P" and "transparency" in upright.info):
+        out = upright.convert("RGBA")
+    elif upright.mode in ("RGBA", "LA", "PA") or (upright.mode == "P" and "transparency" in upright.info):
         rgba = upright.convert("RGBA")
         # Transparent areas become white rather than whatever colour the encoder left there.
         canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(canvas, rgba).convert("RGB")
-    return upright.convert("RGB")
+        out = Image.alpha_composite(canvas, rgba).convert("RGB")
+    else:
+        out = upright.convert("RGB")
+    if has_c2pa(data):  # the file as sent, so an edit's manifest can keep the input's own (provenance)
+        out.info[C2PA_SOURCE] = data
+    return out
+
+
+C2PA_SOURCE = "fluxserve.c2pa_source"
+
+
+def has_c2pa(data: bytes) -> bool:
+    """Whether a file may carry a C2PA manifest (its JUMBF box and label), read without parsing it."""
+    return b"jumb" in data and b"c2pa" in data
 
 
 def decode_data_url(url: str, *, param: str) -> bytes:

@@ -164,3 +164,22 @@ def test_a_signing_failure_fails_the_job_and_stores_nothing(
         metrics = client.get("/metrics").text
         assert 'fluxserve_provenance_total{operation="sign",outcome="failed"} 1.0' in metrics
     assert not list(settings.outputs_dir.glob(f"{job['id']}/out-*"))  # nothing unmarked was stored
+
+
+def test_an_edit_lists_the_clients_images_as_ingredients(client: TestClient) -> None:
+    """The device worker reads the stored inputs back for the manifest: the first is the parent, the second
+    and the mask components; the edit is composite AI media."""
+    first = encoded(photo(256), "PNG")
+    _, earlier = _replicate(client, "png")  # an image of ours: its own manifest is kept in the ingredient
+    files = [("image[]", ("a.png", first, "image/png")), ("image[]", ("b.png", earlier, "image/png"))]
+    data = {"prompt": "combine", "model": "flux-kontext-pro", "size": "512x512", "response_format": "b64_json"}
+    resp = client.post("/v1/images/edits", data=data, files=files, headers=AUTH)
+    assert resp.status_code == 200, resp.text
+    out = base64.b64decode(resp.json()["data"][0]["b64_json"])
+    state, failures, manifest = c2pa_report(out)
+    assert (state, failures) == ("Valid", ["signingCredential.untrusted"])
+    assert [i["relationship"] for i in manifest["ingredients"]] == ["parentOf", "componentOf"]
+    assert manifest["ingredients"][1].get("active_manifest") and not manifest["ingredients"][0].get("active_manifest")
+    assert "compositeWithTrainedAlgorithmicMedia" in str(manifest)
+    xmp = Image.open(io.BytesIO(out)).info.get("XML:com.adobe.xmp", "")
+    assert "compositeWithTrainedAlgorithmicMedia" in xmp

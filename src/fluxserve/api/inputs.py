@@ -15,10 +15,11 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from ..errors import InvalidInput, PayloadTooLarge
-from ..images import MAX_IMAGE_BYTES
+from ..images import C2PA_SOURCE, MAX_IMAGE_BYTES
 from ..job import Job
 from ..loras import LoraRequest, check_requests
 from ..models import ModelSpec
+from ..provenance import SOURCE_MARK, source_key
 from ..spec import MEGAPIXELS, Adapter, GenerationSpec, aspect_ratio_size, fit_megapixel
 from ..storage import Storage
 from .deps import Services, idempotency_key
@@ -65,10 +66,13 @@ class Inputs:
     def __post_init__(self) -> None:
         self.count = len(self.images)
         self.has_mask = self.mask is not None
+        # Inputs that came with a C2PA manifest: their file as sent is kept beside the pixels (the key says so),
+        # for the edit's manifest to name as an ingredient with its own manifest (provenance, workers/device.py).
+        self._sources = tuple(img.info.get(C2PA_SOURCE) for img in self.images)
 
     @property
     def keys(self) -> tuple[str, ...]:
-        return tuple(f"{self.prefix}/{i}.png" for i in range(self.count))
+        return tuple(f"{self.prefix}/{i}{SOURCE_MARK if s else ''}.png" for i, s in enumerate(self._sources))
 
     @property
     def mask_key(self) -> str | None:
@@ -96,6 +100,9 @@ class Inputs:
             data = _png(img)
             storage.put(key, data)
             digest.update(key.rsplit("/", 1)[-1].encode() + hashlib.sha256(data).digest())
+        for key, source in zip(self.keys, self._sources, strict=True):
+            if source:
+                storage.put(source_key(key), source)
         return digest.hexdigest()
 
     async def discard(self, services: Services) -> None:

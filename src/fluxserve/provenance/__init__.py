@@ -19,7 +19,19 @@ from . import certs, watermark
 from .check import file_format
 from .manifest import COMPOSITE, TRAINED, Claim, Ingredient, Signer
 
-__all__ = ["COMPOSITE", "TRAINED", "Claim", "Ingredient", "Provenance", "SigningFailed", "ingredient", "mark_of", "xmp"]
+__all__ = [
+    "COMPOSITE",
+    "SOURCE_MARK",
+    "TRAINED",
+    "Claim",
+    "Ingredient",
+    "Provenance",
+    "SigningFailed",
+    "ingredient",
+    "mark_of",
+    "source_key",
+    "xmp",
+]
 
 log = logging.getLogger("fluxserve.provenance")
 
@@ -162,6 +174,14 @@ class Provenance:
             image, job_id, fmt=fmt, quality=quality, meta=meta, png_level=1, model=model, prompt=prompt, source=source
         )
         return data, image.size
+
+
+SOURCE_MARK = "-c2pa"  # an input key ending -c2pa.png has its file as sent beside it (source_key)
+
+
+def source_key(key: str) -> str:
+    """Where an input's file as sent is kept, beside its pixels (only for inputs that carried a manifest)."""
+    return key.removesuffix(".png") + ".src"
 
 
 def ingredient(data: bytes, title: str) -> Ingredient:

@@ -22,7 +22,7 @@ from ..jobs import JobService
 from ..loras import LoraLibrary
 from ..models import ModelRegistry
 from ..outputs import EXTENSIONS
-from ..provenance import Ingredient, Provenance, SigningFailed, ingredient
+from ..provenance import SOURCE_MARK, Ingredient, Provenance, SigningFailed, ingredient, source_key
 from ..spec import GenerationSpec
 from ..storage import Storage
 from .leases import (
@@ -412,7 +412,9 @@ class DeviceWorker(LeasedWorker):
         inputs: tuple[Ingredient, ...] = ()
         if self._provenance.enabled:  # an edit's manifest lists the client's images as its ingredients
             keys = [*spec.images, *([spec.mask] if spec.mask else [])]
-            inputs = tuple(ingredient(self._storage_io(self._storage.read, k), k.rsplit("/", 1)[-1]) for k in keys)
+            # An input that came with its own manifest: the file as sent (kept beside it), so that manifest stays.
+            sources = [source_key(k) if k.endswith(SOURCE_MARK + ".png") else k for k in keys]
+            inputs = tuple(ingredient(self._storage_io(self._storage.read, k), k.rsplit("/", 1)[-1]) for k in sources)
         for i, (image, seed) in enumerate(zip(images, spec.image_seeds(), strict=True)):
             key = f"{job.id}/out-{i}.{EXTENSIONS[spec.output_format]}"
             meta: dict[str, object] = {"prompt": spec.prompt, "seed": seed, "model": model.label, "steps": spec.steps}
