@@ -174,3 +174,54 @@ def _claim():  # type: ignore[no-untyped-def]
     from fluxserve.provenance import Claim
 
     return Claim("m", time.time(), 1)
+
+
+def test_a_manifest_named_by_url_is_never_fetched() -> None:
+    """c2pa-rs fetches a remote manifest by default: a checked image (or an edit's input) could make the
+    server send requests where it names. Here nothing is fetched, and such a file reads as not marked."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import c2pa
+
+    from fluxserve.provenance.manifest import Claim, definition
+
+    hits: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            hits.append(self.path)
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        cert, key = certs.self_signed(b"r" * 32)
+        signer = c2pa.Signer.from_info(c2pa.C2paSignerInfo(b"es256", cert, key, None))
+        with c2pa.Builder(definition(Claim("m", time.time(), 1), "jpeg")) as builder:
+            builder.set_no_embed()
+            builder.set_remote_url(f"http://127.0.0.1:{server.server_address[1]}/manifest.c2pa")
+            out = io.BytesIO()
+            builder.sign(signer, "image/jpeg", io.BytesIO(encoded(photo(64), "JPEG")), out)
+        remote = out.getvalue()
+        assert check(remote).c2pa.state == "not_present"
+        prov = Provenance.configure(b"k" * 32)
+        edited = prov.output(
+            photo(64),
+            "e",
+            fmt="png",
+            quality=90,
+            meta={},
+            png_level=1,
+            model="m",
+            inputs=(Ingredient(remote, "jpeg", "input-0.jpg"),),
+        )
+        assert c2pa_report(edited)[0] == "Valid"
+        assert hits == []
+    finally:
+        server.shutdown()
+        server.server_close()
