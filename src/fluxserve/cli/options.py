@@ -17,6 +17,16 @@ from pydantic.fields import FieldInfo
 
 from ..settings import ENV_PREFIX, Settings
 
+# What marks and checks the images a process makes (serve and worker alike).
+_OUTPUTS = (
+    "provenance",
+    "c2pa_cert",
+    "c2pa_key",
+    "provenance_prompt",
+    "safety_model",
+    "safety_threshold",
+    "safety_max_tolerance",
+)
 # The Settings fields each command takes as flags (settings_options reads each one's flag, help, default, env).
 SERVE_FIELDS = tuple(
     [
@@ -50,13 +60,7 @@ SERVE_FIELDS = tuple(
         "vae_tiling",
         "api_only",
         "storage",
-        "provenance",
-        "c2pa_cert",
-        "c2pa_key",
-        "provenance_prompt",
-        "safety_model",
-        "safety_threshold",
-        "safety_max_tolerance",
+        *_OUTPUTS,
     ]
 )
 WORKER_FIELDS = tuple(
@@ -79,13 +83,7 @@ WORKER_FIELDS = tuple(
         "offload",
         "lora_dir",
         "upstream_config_file",
-        "provenance",
-        "c2pa_cert",
-        "c2pa_key",
-        "provenance_prompt",
-        "safety_model",
-        "safety_threshold",
-        "safety_max_tolerance",
+        *_OUTPUTS,
     ]
 )
 
