@@ -183,3 +183,24 @@ def test_an_edit_lists_the_clients_images_as_ingredients(client: TestClient) -> 
     assert "compositeWithTrainedAlgorithmicMedia" in str(manifest)
     xmp = Image.open(io.BytesIO(out)).info.get("XML:com.adobe.xmp", "")
     assert "compositeWithTrainedAlgorithmicMedia" in xmp
+
+
+def test_the_relay_fal_and_a1111_images_are_marked_too(client: TestClient) -> None:
+    fal = {"Authorization": AUTH["Authorization"].replace("Bearer", "Key")}
+    made: dict[str, bytes] = {}
+    sync = client.post("/fal-run/fal-ai/flux/dev", json={"prompt": "p", "sync_mode": True}, headers=fal).json()
+    made["fal jpeg"] = base64.b64decode(sync["images"][0]["url"].partition(",")[2])
+    a1111 = client.post("/sdapi/v1/txt2img", json={"prompt": "p", "width": 256, "height": 256}, headers=AUTH)
+    assert a1111.status_code == 200, a1111.text
+    made["a1111 png"] = base64.b64decode(a1111.json()["images"][0])
+    job = client.post("/vmodel/generate", json={"model": "flux-schnell", "input": {"prompt": "p"}}, headers=AUTH)
+    for _ in range(300):
+        feed = client.get(f"/vmodel/feed/{job.json()['id']}", headers=AUTH).json()
+        if feed["status"] == "succeeded":
+            break
+        time.sleep(0.02)
+    made["relay"] = client.get(httpx.URL(feed["output"][0]).raw_path.decode()).content
+    for what, data in made.items():
+        assert c2pa_report(data)[:2] == ("Valid", ["signingCredential.untrusted"]), what
+        found = _check(client, data)
+        assert found["watermark"]["outcome"] == "detected" and found["watermark"]["job"], what
