@@ -22,7 +22,8 @@ KEY = "fs-e2e-lora-key"
 def lora_server(
     tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path, lora_dir: Path
 ) -> Iterator[RemoteServer]:
-    args = ("--lora-dir", str(lora_dir), "--models", "flux-2-klein-4b,flux-dev,flux-schnell")
+    # Provenance off: each job's watermark is its own, and these tests compare two jobs' pixels exactly.
+    args = ("--lora-dir", str(lora_dir), "--models", "flux-2-klein-4b,flux-dev,flux-schnell", "--provenance", "off")
     with RemoteServer(
         tmp_path_factory.mktemp("lora-server"), api_key=KEY, demo_model=demo_model_dir, extra_args=args
     ) as srv:

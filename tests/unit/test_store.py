@@ -249,6 +249,7 @@ def test_migrations_are_numbered_idempotent_and_upgrade_an_old_database(tmp_path
         "12: batches",
         "13: a key's active jobs by index",
         "14: watermark marks",
+        "15: licence usage outbox",
     ]
     assert upgrade(store.engine) == []
     assert current_version(store.engine) == LATEST
