@@ -218,6 +218,7 @@ class Core:
                 # A provider's webhook needs a URL it can reach: only an operator's --public-url is one.
                 hooks=(settings.public_url, self.secret) if settings.public_url else None,
                 provenance=self.provenance,
+                safety=self.safety,
             )
             for name, config in self.registry.upstreams.items()
             if self.registry.routed_to(name)

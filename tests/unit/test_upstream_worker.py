@@ -410,3 +410,31 @@ def test_bfls_webhook_wakes_the_polling_worker_at_once(core: Any, tmp_path: Path
     body = b'{"id": "t1", "status": "Ready"}'
     good = "sha256=" + hmac.new(sent["webhook_secret"].encode(), body, hashlib.sha256).hexdigest()
     assert signed_by(sent["webhook_secret"], body, good) and not signed_by(sent["webhook_secret"], body + b" ", good)
+
+
+def test_an_upstream_answer_flagged_by_our_safety_check_is_withheld(core: Any, tmp_path: Path) -> None:
+    """Issue 37: with a classifier configured, a provider's image is checked here too: flagged, its job fails
+    as content moderated and nothing is stored; relaxed within the operator's bound, it is delivered."""
+    from fluxserve.engine.safety import FLAGGED_CODE, SafetyChecker
+    from tests.support.safety_util import build_classifier
+
+    jobs, storage = core
+    model = build_classifier(tmp_path / "nsfw", 0.9)
+    reg = _registry(tmp_path, "bfl")
+    jobs.registry = reg
+    checker = SafetyChecker(model, threshold=0.5, labels=["nsfw"], max_tolerance=6)
+    up = _bfl(polls_pending=0)
+    worker = UpstreamWorker(jobs, storage, reg, reg.upstreams["up"], transport=up.transport, safety=checker)
+    assert worker.load()
+    worker.start_heartbeat()
+    flagged = _job(jobs)
+    worker.run_claimed(flagged.id)
+    done = jobs.store.get_job(flagged.id)
+    assert done is not None and done.status is Status.FAILED and done.error_code == FLAGGED_CODE
+    assert done.error and done.error.startswith("NSFW content detected") and not done.outputs
+    relaxed = _job(jobs, safety_tolerance=6)
+    worker.run_claimed(relaxed.id)
+    done = jobs.store.get_job(relaxed.id)
+    assert done is not None and done.status is Status.SUCCEEDED
+    assert checker.counts[("flagged",)] == 1 and checker.counts[("skipped",)] == 1
+    worker.stop()

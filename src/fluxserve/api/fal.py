@@ -103,7 +103,7 @@ class FalInput(BaseModel):
     strength: float | None = None
     loras: list[LoraItem] | None = Field(default=None, max_length=8)
     sync_mode: bool = False
-    enable_safety_checker: bool = True  # accepted; fluxserve runs no safety checker
+    enable_safety_checker: bool = True  # false: the safety check off (tolerance 6), within the operator's bound
 
     async def to_spec(self, services: Services, owner: str, app: str) -> tuple[Any, Inputs]:
         model = services.registry.get(APPS[app])
@@ -133,6 +133,7 @@ class FalInput(BaseModel):
             strength=self.strength if inputs.images and not model.takes_references else None,
             params=_PARAMS,
             loras=loras,
+            safety_tolerance=2 if self.enable_safety_checker else 6,
         )
         return spec, inputs
 

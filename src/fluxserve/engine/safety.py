@@ -16,11 +16,17 @@ from typing import Any
 
 from PIL.Image import Image
 
+from ..errors import GenerationFailed
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TOLERANCE = 2
 MAX_TOLERANCE = 6
 FLAGGED_CODE = "content_moderated"
+
+
+class Withheld(Exception):
+    """The images were flagged: the job fails with FLAGGED_CODE and this message, nothing is stored."""
 
 
 class SafetyChecker:
@@ -73,6 +79,17 @@ class SafetyChecker:
                 logits = self._model(**inputs.to(self.device)).logits.float()
         probs = logits.softmax(dim=-1)[:, self._unsafe].amax(dim=-1)
         return [float(p) for p in probs]
+
+    def check(self, images: Sequence[Image], tolerance: int) -> None:
+        """Withheld when the images may not be delivered; GenerationFailed when the classifier could not run
+        (the job fails: an image is never delivered unchecked)."""
+        try:
+            why = self.verdict(images, tolerance)
+        except Exception as exc:  # loading or running the classifier: one clear failure of the job
+            log.exception("the safety check failed")
+            raise GenerationFailed(f"The safety check could not run: {type(exc).__name__}: {exc}") from exc
+        if why is not None:
+            raise Withheld(why)
 
     def verdict(self, images: Sequence[Image], tolerance: int) -> str | None:
         """Why the images may not be delivered (a message naming the score), or None when they may."""

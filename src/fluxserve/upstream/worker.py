@@ -21,8 +21,9 @@ from typing import Any
 
 import httpx
 
+from ..engine.safety import FLAGGED_CODE, SafetyChecker, Withheld
 from ..errors import FluxServeError, InvalidInput, PaymentRequired, StoreUnavailable
-from ..images import fetch_url
+from ..images import decode_image, fetch_url
 from ..job import EventKind, Job, Output, Status
 from ..jobs import JobService
 from ..models import ModelRegistry
@@ -70,6 +71,7 @@ class UpstreamWorker(LeasedWorker):
         transport: Any = None,  # tests: an httpx transport for the provider's calls and the result fetches
         hooks: tuple[str, bytes] | None = None,  # (public URL, server secret): providers that take webhooks get one
         provenance: Provenance | None = None,
+        safety: SafetyChecker | None = None,
     ) -> None:
         super().__init__(jobs, storage, f"upstream:{config.name}", storage_retry_s=storage_retry_s)
         self._transport = transport
@@ -84,6 +86,7 @@ class UpstreamWorker(LeasedWorker):
         self._allow_private = allow_private
         self._hooks = hooks if self.provider.takes_webhooks else None
         self._provenance = provenance or Provenance.off()
+        self._safety = safety
         self._client = httpx.Client(
             timeout=httpx.Timeout(60.0, connect=10.0),
             limits=httpx.Limits(max_connections=config.max_in_flight, max_keepalive_connections=config.max_in_flight),
@@ -176,6 +179,9 @@ class UpstreamWorker(LeasedWorker):
             return
         except SigningFailed as exc:  # never an unmarked image
             self._fail(job, f"{PROVENANCE_FAILED}: {exc}", code=PROVENANCE_CODE)
+            return
+        except Withheld as exc:  # flagged by this server's safety check (where one is configured)
+            self._fail(job, str(exc), code=FLAGGED_CODE)
             return
         except FluxServeError as exc:
             self._fail(job, exc.message)
@@ -432,6 +438,10 @@ class UpstreamWorker(LeasedWorker):
             got += [(b, said[i]) for i, b in enumerate(done.blobs)]
             got += [(self._fetch(u), said[len(done.blobs) + i]) for i, u in enumerate(done.urls)]
         spec = job.spec
+        if self._safety is not None:
+            self._safety.check(
+                [decode_image(b, param="upstream result") for b, _ in got[: spec.num_images]], spec.safety_tolerance
+            )
         outputs = []
         for i, ((blob, used), asked) in enumerate(zip(got[: spec.num_images], spec.image_seeds(), strict=False)):
             seed = asked if used is None else used  # the seed the provider used, where it says

@@ -15,8 +15,8 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from ..engine.base import Cancelled, Engine, EngineRequest
-from ..engine.safety import FLAGGED_CODE, SafetyChecker
-from ..errors import FluxServeError, OutOfMemory, StoreUnavailable
+from ..engine.safety import FLAGGED_CODE, SafetyChecker, Withheld
+from ..errors import FluxServeError, GenerationFailed, OutOfMemory, StoreUnavailable
 from ..job import Job, Output
 from ..jobs import JobService
 from ..loras import LoraLibrary
@@ -390,15 +390,15 @@ class DeviceWorker(LeasedWorker):
         if self._safety is None:
             return False
         try:
-            why = self._safety.verdict(images, job.spec.safety_tolerance)
-        except Exception as exc:  # the classifier could not load or run: the job fails, never ships unchecked
-            log.exception("job %s: the safety check failed", job.id)
-            self._fail([job], f"The safety check could not run: {type(exc).__name__}: {exc}")
-            return True
-        if why is not None:
+            self._safety.check(images, job.spec.safety_tolerance)
+        except Withheld as exc:
             log.info("job %s: withheld by the safety check", job.id)
-            self._fail([job], why, FLAGGED_CODE)
-        return why is not None
+            self._fail([job], str(exc), FLAGGED_CODE)
+            return True
+        except GenerationFailed as exc:  # the classifier could not load or run: never shipped unchecked
+            self._fail([job], exc.message)
+            return True
+        return False
 
     def _load_input(self, key: str) -> Image.Image:
         with Image.open(io.BytesIO(self._storage_io(self._storage.read, key))) as img:
