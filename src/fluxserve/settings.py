@@ -188,7 +188,7 @@ class Settings(BaseSettings):
     )
     safety_model: Path | None = Field(
         default=None,
-        description="Folder of an image classifier (transformers) run on each local output (unset: no filtering).",
+        description="Folder of an image classifier (transformers) run on each output (unset: no filtering).",
     )
     safety_threshold: float = Field(
         default=0.5, gt=0, lt=1, description="Score of an unsafe label at which an image is withheld (tolerance 2)."
