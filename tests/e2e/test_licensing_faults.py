@@ -48,7 +48,7 @@ def test_kill9_before_and_during_a_report_counts_each_generation_once(tmp_path: 
         assert state.total("flux-1-dev") == 2
 
         state.answer_after_s = 0
-        with srv.start():
+        with srv:  # (entering starts it)
             wait_for(lambda: len(state.received), lambda n: n >= 2, timeout=30)
             wait_for(lambda: "reported 2 generations" in srv.log(), lambda ok: ok, timeout=10)
         assert state.total("flux-1-dev") == 2  # sent twice, under one Idempotency-Key: counted once

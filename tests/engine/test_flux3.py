@@ -183,7 +183,8 @@ def client(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> An
 
     data = tmp_path_factory.mktemp("flux3-app")
     shutil.copytree(demo_model_dir, data / "demo-model")
-    settings = Settings(data_dir=data, api_key="test-key-0123456789", demo=True, models=NAMES[:2])
+    # Provenance off: these tests compare two jobs' images byte for byte, and each job's watermark is its own.
+    settings = Settings(data_dir=data, api_key="test-key-0123456789", demo=True, models=NAMES[:2], provenance="off")
     with TestClient(create_app(settings)) as c:
         yield c
 
