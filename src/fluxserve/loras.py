@@ -242,7 +242,10 @@ class LoraLibrary:
         from huggingface_hub.errors import HfHubHTTPError
 
         try:
-            info = HfApi(endpoint=self.hub_endpoint).model_info(repo, files_metadata=True, timeout=HUB_METADATA_S)
+            # Its own timeout a little past the deadline _hub waits: the deadline answers first, in one message
+            # (with both equal, the client's timeout could win the race and escape as its own exception).
+            hub = HfApi(endpoint=self.hub_endpoint)
+            info = hub.model_info(repo, files_metadata=True, timeout=HUB_METADATA_S + 1.0)
         except (HfHubHTTPError, OSError, ValueError) as exc:
             raise InvalidInput(f"{r.param}: could not get {repo!r} from the hub ({exc}).", param=r.param) from exc
         sizes = {s.rfilename: s.size for s in info.siblings or []}
