@@ -164,3 +164,16 @@ def test_a_worker_waits_for_the_store_then_gives_up_with_its_error() -> None:
 
     with pytest.raises(OSError, match="No space"):  # not the store being away: no waiting
         Bare(retry_s=60)._storage_io(disk_full)
+
+
+def test_a_signed_urls_expiry_is_steady_within_its_step_and_never_short() -> None:
+    """Local file and stream URLs expire on a step (a tenth of the TTL, 1 to 60 s), so a job's answer, and its
+    ETag, stay the same between polls; a URL still lives at least the TTL."""
+    from fluxserve.storage.base import expires_at
+
+    for ttl in (1, 5, 100, 3600, 7 * 86400):
+        step = min(60, max(1, ttl // 10))
+        for now in (1_796_000_000.0, 1_796_000_000.4, 1_796_000_017.9, 1_796_000_059.99):
+            end = expires_at(ttl, now)
+            assert end % step == 0 and int(now) + ttl <= end < int(now) + ttl + step, (ttl, now, end)
+    assert expires_at(3600, 1_795_999_981) == expires_at(3600, 1_796_000_039)  # one step: the same URL

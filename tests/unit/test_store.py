@@ -250,6 +250,7 @@ def test_migrations_are_numbered_idempotent_and_upgrade_an_old_database(tmp_path
         "13: a key's active jobs by index",
         "14: watermark marks",
         "15: licence usage outbox",
+        "16: the queue's order by index",
     ]
     assert upgrade(store.engine) == []
     assert current_version(store.engine) == LATEST
@@ -406,3 +407,21 @@ def test_a_create_counts_its_keys_active_jobs_by_index_not_by_its_history(tmp_pa
             assert fairness.priority(conn, "o") == -1
     finally:
         store.close()
+
+
+def test_a_queued_jobs_position_counts_over_the_queue_order_index(tmp_path: Path) -> None:
+    """Every poll of a queued job reads its position (issue 38): both counts range over the queue-order index
+    (migration 16) rather than reading each queued row, and the answer is the fetch order's."""
+    from sqlalchemy import text
+
+    from fluxserve.store import fairness
+
+    jobs = _service(tmp_path)
+    with jobs.store.transaction() as conn:
+        plan = conn.execute(text("EXPLAIN QUERY PLAN " + str(fairness._AHEAD)), {"id": "x"}).all()
+    searches = [str(row) for row in plan if "SEARCH o " in str(row)]
+    assert len(searches) == 2 and all("ix_jobs_queue_order" in s for s in searches), plan
+    a1, a2, a3 = (_submit(jobs, "a") for _ in range(3))
+    b1 = _submit(jobs, "b")  # the newcomer's first job goes ahead of a's second (same priority as a1, later)
+    assert [jobs.get_sync(j.id, j.owner).queue_position for j in (a1, b1, a2, a3)] == [1, 2, 3, 4]
+    jobs.store.close()

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from .. import durations
 from ..errors import Forbidden, InvalidInput, NotFound
 from ..job import EventKind, Job, Status
+from ..storage.base import expires_at
 from ..store import WebhookRules
 from ..webhooks import owner_secret
 from . import replicate_files
@@ -69,7 +70,7 @@ def _stream_signature(secret: bytes, job_id: str, expires: int) -> str:
 
 def stream_url(services: Services, job: Job) -> str:
     """A capability, like file URLs: replicate-js opens it with only an Accept header, no token."""
-    expires = int(time.time()) + services.settings.url_ttl_s
+    expires = expires_at(services.settings.url_ttl_s)
     sig = _stream_signature(services.secret, job.id, expires)
     return f"{services.settings.base_url}/v1/predictions/{job.id}/stream?expires={expires}&sig={sig}"
 

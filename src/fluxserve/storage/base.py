@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from typing import Protocol
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_.-]+)*$")
@@ -24,3 +25,12 @@ class Storage(Protocol):
 
 def valid_key(key: str) -> bool:
     return bool(_KEY_RE.match(key)) and ".." not in key
+
+
+def expires_at(ttl_s: int, now: float | None = None) -> int:
+    """When a URL signed now stops working: ttl_s from now, rounded up to a step of a tenth of it (1 to 60 s).
+    A job's answer then holds the same signed URLs for that step, so a poller's If-None-Match still matches
+    (an expiry to the second changed every answer's ETag each second)."""
+    step = min(60, max(1, ttl_s // 10))
+    end = int(time.time() if now is None else now) + ttl_s
+    return -(-end // step) * step

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
-from .base import valid_key
+from .base import expires_at, valid_key
 
 
 def load_or_create_secret(path: Path) -> bytes:
@@ -83,5 +83,5 @@ class LocalStorage:
         return hmac.compare_digest(self.sign(key, expires).encode(), signature.encode("utf-8", "surrogateescape"))
 
     def url(self, key: str) -> str:
-        expires = int(time.time()) + self._ttl_s
+        expires = expires_at(self._ttl_s)
         return f"{self._base_url}/files/{quote(key)}?expires={expires}&sig={self.sign(key, expires)}"

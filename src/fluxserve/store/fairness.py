@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, func, select, text
 from sqlalchemy.engine import Connection
 
 from ..job import Status
@@ -40,21 +40,19 @@ def fetch_order() -> tuple[Any, ...]:
     return (_priority().desc(), jobs.c.created_at, jobs.c.id)
 
 
+# One statement, over the index on (status, coalesce(priority, 0), created_at, id) (migration 16): the jobs of a
+# higher priority, then those of the same priority submitted before it. The expression must stay as the index
+# writes it (a bound 0 would not match it).
+_AHEAD = text(
+    "SELECT (SELECT count(*) FROM jobs o WHERE o.status = 'queued'"
+    " AND coalesce(o.priority, 0) > coalesce(m.priority, 0))"
+    " + (SELECT count(*) FROM jobs o WHERE o.status = 'queued'"
+    " AND coalesce(o.priority, 0) = coalesce(m.priority, 0) AND (o.created_at, o.id) < (m.created_at, m.id))"
+    " FROM jobs m WHERE m.id = :id AND m.status = 'queued'"
+)
+
+
 def ahead_of(conn: Connection, job_id: str) -> int | None:
     """Queued jobs fetched before this one (any model: one embedded queue); None once it is not queued."""
-    mine = conn.execute(
-        select(_priority().label("p"), jobs.c.created_at).where(
-            and_(jobs.c.id == job_id, jobs.c.status == Status.QUEUED.value)
-        )
-    ).first()
-    if mine is None:
-        return None
-    p = _priority()
-    earlier = or_(
-        p > mine.p,
-        and_(p == mine.p, jobs.c.created_at < mine.created_at),
-        and_(p == mine.p, jobs.c.created_at == mine.created_at, jobs.c.id < job_id),
-    )
-    return int(
-        conn.execute(select(func.count()).where(and_(jobs.c.status == Status.QUEUED.value, earlier))).scalar_one()
-    )
+    ahead = conn.execute(_AHEAD, {"id": job_id}).scalar()
+    return None if ahead is None else int(ahead)
