@@ -40,16 +40,17 @@ def fetch_order() -> tuple[Any, ...]:
     return (_priority().desc(), jobs.c.created_at, jobs.c.id)
 
 
-# One statement, over the index on (status, coalesce(priority, 0), created_at, id) (migration 16): the jobs of a
-# higher priority, then those of the same priority submitted before it. The expression must stay as the index
-# writes it (a bound 0 would not match it).
-_AHEAD = text(
-    "SELECT (SELECT count(*) FROM jobs o WHERE o.status = 'queued'"
-    " AND coalesce(o.priority, 0) > coalesce(m.priority, 0))"
+# Over the index on (status, coalesce(priority, 0), created_at, id) (migration 16): the jobs of a higher
+# priority, then those of the same priority submitted before it, ahead of the job row ``m``. The expression must
+# stay as the index writes it (a bound 0 would not match it).
+AHEAD_SQL = (
+    "(SELECT count(*) FROM jobs o WHERE o.status = 'queued' AND coalesce(o.priority, 0) > coalesce(m.priority, 0))"
     " + (SELECT count(*) FROM jobs o WHERE o.status = 'queued'"
     " AND coalesce(o.priority, 0) = coalesce(m.priority, 0) AND (o.created_at, o.id) < (m.created_at, m.id))"
-    " FROM jobs m WHERE m.id = :id AND m.status = 'queued'"
 )
+# The queued job row m's position in the embedded queue (1: claimed next); NULL once it is not queued.
+POSITION_SQL = f"CASE WHEN m.status = 'queued' THEN 1 + {AHEAD_SQL} END"
+_AHEAD = text(f"SELECT {AHEAD_SQL} FROM jobs m WHERE m.id = :id AND m.status = 'queued'")
 
 
 def ahead_of(conn: Connection, job_id: str) -> int | None:

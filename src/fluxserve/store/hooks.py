@@ -12,6 +12,10 @@ from . import fairness
 
 
 class QueueHooks(Protocol):
+    # SQL for the queue position of the job row aliased ``m`` (1: fetched next), NULL unless it is queued:
+    # a poll reads its job and position in one statement (JobQueries.get_job).
+    position_sql: str
+
     def deferred(self, conn: Connection, job: Job, priority: int) -> None: ...
     def cancel(self, conn: Connection, job_id: str) -> None: ...
     def rerouted(self, conn: Connection, job: Job) -> None: ...
@@ -20,6 +24,8 @@ class QueueHooks(Protocol):
 
 class LocalHooks:
     """The job row is its own queue entry, so only the position needs a query."""
+
+    position_sql = fairness.POSITION_SQL
 
     def deferred(self, conn: Connection, job: Job, priority: int) -> None:
         pass  # the row, written with its priority, is the entry

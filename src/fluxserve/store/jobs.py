@@ -43,13 +43,28 @@ class JobQueries(Database):
     webhook_rules: Mapping[str, WebhookRules]
 
     def get_job(self, job_id: str, *, with_position: bool = False) -> Job | None:
-        """``with_position``: a queued job's queue_position too, read on the same connection."""
+        """``with_position``: a queued job's queue_position too, in the same statement. Every poll is this read:
+        its SQL is written once per store and sent as is (SQLAlchemy's statement building and caching cost
+        more than the query: 276 against 107 us per poll on SQLite, bench/api_edge.py)."""
+        sql = self._job_sql(with_position)
         with self._read() as conn:
-            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
-            job = to_job(row) if row else None
-            if with_position and job is not None and job.status is Status.QUEUED:
-                job = replace(job, queue_position=self.queue.position(conn, job.id) or 1)
+            row = conn.exec_driver_sql(sql, {"id": job_id}).first()
+        if row is None:
+            return None
+        job = to_job(row)
+        if with_position and job.status is Status.QUEUED:
+            job = replace(job, queue_position=row.queue_position or 1)
         return job
+
+    def _job_sql(self, with_position: bool) -> str:
+        if not hasattr(self, "_job_sqls"):  # written on first use: the queue hooks are set after __init__
+            where = "m.id = :id" if self.is_sqlite else "m.id = %(id)s"  # the driver's own parameter style
+            columns = ", ".join(f"m.{c.name}" for c in jobs.columns)
+            self._job_sqls = tuple(
+                f"SELECT {columns}, {position} AS queue_position FROM jobs m WHERE {where}"
+                for position in ("NULL", self.queue.position_sql)
+            )
+        return self._job_sqls[with_position]
 
     def find_idempotent(self, owner: str, key: str) -> Job | None:
         with self._read() as conn:

@@ -71,6 +71,14 @@ class PgHooks:
     """The store's queue hooks (store.hooks.QueueHooks) on PostgreSQL: procrastinate rows written inside the
     store's own transactions. Needs only the database's address, so the store is built with it."""
 
+    # procrastinate's fetch order (priority, then id) within the job's queue; its queue row still to do.
+    position_sql = (
+        "CASE WHEN m.status = 'queued' THEN 1 + (SELECT count(o.id) FROM procrastinate_jobs p "
+        "JOIN procrastinate_jobs o ON o.queue_name = p.queue_name AND o.status = 'todo' "
+        "AND (o.priority > p.priority OR (o.priority = p.priority AND o.id < p.id)) "
+        "WHERE p.id = m.pc_job_id AND p.status = 'todo') END"
+    )
+
     def __init__(self, url: str) -> None:
         self.app = _app(url)
 
