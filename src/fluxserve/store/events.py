@@ -7,7 +7,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import and_, func, select
+from sqlalchemy import and_, bindparam, func, select
 from sqlalchemy.engine import Connection
 
 from ..job import EventKind, Job, JobEvent
@@ -19,20 +19,23 @@ NOTIFY_CHANNEL = "fluxserve_job"
 KEYS_CHANGED = "*keys"  # a payload's job id when an API key was revoked or changed (no job id starts with "*")
 
 
+_INSERT_EVENT = job_events.insert()  # built once: it is in every create's and transition's transaction
+_NOTIFY = select(func.pg_notify(NOTIFY_CHANNEL, bindparam("payload")))
+
+
 def append_event(
     conn: Connection, job: Job, kind: EventKind, payload: dict[str, Any], rules: Mapping[str, WebhookRules]
 ) -> None:
     """The event row, its NOTIFY, and the webhook deliveries the job's dialect sends for it."""
     now = time.time()
     conn.execute(
-        job_events.insert().values(
-            job_id=job.id, attempt=job.attempts, kind=kind.value, payload=json.dumps(payload), at=now
-        )
+        _INSERT_EVENT,
+        {"job_id": job.id, "attempt": job.attempts, "kind": kind.value, "payload": json.dumps(payload), "at": now},
     )
     hooked = bool(job.webhook) and job.dialect in rules
     if conn.dialect.name == "postgresql":  # delivered at commit: a listener that re-reads sees this row
         # ":w" when this transition may have written webhook deliveries: only then do senders look.
-        conn.execute(select(func.pg_notify(NOTIFY_CHANNEL, f"{job.id}:{kind.value}{':w' if hooked else ''}")))
+        conn.execute(_NOTIFY, {"payload": f"{job.id}:{kind.value}{':w' if hooked else ''}"})
     if hooked:
         enqueue_webhooks(conn, job, kind, now, rules[job.dialect])
 

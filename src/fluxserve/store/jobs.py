@@ -8,7 +8,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, bindparam, func, or_, select, update
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import IntegrityError
 
@@ -393,17 +393,23 @@ class DuplicateJob(Exception):
     """Another job already holds this owner's idempotency key (a concurrent create won the insert)."""
 
 
+# The create's statements are built once: building one per call (coercing each value, a cache key over them)
+# cost four times the statement's own run (239 against 52 us for the priority count here, issue 38).
+_INSERT_JOB = jobs.insert()
+_ADMIT = select(func.pg_advisory_xact_lock(ADMIT_LOCK, func.hashtext(bindparam("owner"))))
+
+
 def serialize_owner(conn: Connection, owner: str) -> None:
     """On PostgreSQL, one key's creates take turns until commit: its counts (queued, per minute, per day)
     are read and the new row written with no concurrent create between them. SQLite writes one at a time."""
     if conn.dialect.name == "postgresql":
-        conn.execute(select(func.pg_advisory_xact_lock(ADMIT_LOCK, func.hashtext(owner))))
+        conn.execute(_ADMIT, {"owner": owner})
 
 
 def insert_row(conn: Connection, job: Job, priority: int) -> None:
     """The job's row, with its fair priority (store.fairness), in the caller's transaction."""
     try:
-        conn.execute(jobs.insert().values(**job_row(job), priority=priority))
+        conn.execute(_INSERT_JOB, {**job_row(job), "priority": priority})
     except IntegrityError as exc:
         if job.idempotency_key is None:
             raise

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import and_, bindparam, func, select, update
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import IntegrityError
 
@@ -17,12 +17,15 @@ from .db import Database
 from .events import KEYS_CHANGED, NOTIFY_CHANNEL
 from .schema import api_keys, server_secrets
 
+# Built once: every metered create reads it.
+_LIMITS = select(api_keys.c.max_queued, api_keys.c.rpm, api_keys.c.images_per_day).where(
+    api_keys.c.id == bindparam("owner")
+)
+
 
 def key_limits(conn: Connection, owner: str) -> Limits:
     """A key's own limits (None: the server's default), read inside the caller's transaction."""
-    row = conn.execute(
-        select(api_keys.c.max_queued, api_keys.c.rpm, api_keys.c.images_per_day).where(api_keys.c.id == owner)
-    ).first()
+    row = conn.execute(_LIMITS, {"owner": owner}).first()
     return Limits(row.max_queued, row.rpm, row.images_per_day) if row else Limits()
 
 

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import bindparam, func, select, text, update
 from sqlalchemy.engine import Connection
 
 from ...job import Job, Status
@@ -67,6 +67,9 @@ def _app(url: str) -> Any:
     return procrastinate.App(connector=procrastinate.SyncPsycopgConnector(conninfo=libpq_url(url)))
 
 
+_QUEUE_ROW = update(jobs).where(jobs.c.id == bindparam("id")).values(pc_job_id=bindparam("pc"))  # per create
+
+
 class PgHooks:
     """The store's queue hooks (store.hooks.QueueHooks) on PostgreSQL: procrastinate rows written inside the
     store's own transactions. Needs only the database's address, so the store is built with it."""
@@ -90,7 +93,7 @@ class PgHooks:
             TASK, connection=conn.connection.driver_connection, queue=queue_name(model, route), priority=priority
         )
         pc_id = deferrer.defer(job_id=job_id)
-        conn.execute(update(jobs).where(jobs.c.id == job_id).values(pc_job_id=pc_id))
+        conn.execute(_QUEUE_ROW, {"id": job_id, "pc": pc_id})
 
     def cancel(self, conn: Connection, job_id: str) -> None:
         """A queued entry is cancelled (never fetched); a running one gets abort_requested (NOTIFY to its worker)."""
