@@ -67,7 +67,7 @@ def _app(url: str) -> Any:
     return procrastinate.App(connector=procrastinate.SyncPsycopgConnector(conninfo=libpq_url(url)))
 
 
-_QUEUE_ROW = update(jobs).where(jobs.c.id == bindparam("id")).values(pc_job_id=bindparam("pc"))  # per create
+_QUEUE_ROW = update(jobs).where(jobs.c.id == bindparam("job")).values(pc_job_id=bindparam("pc"))  # per create
 
 
 class PgHooks:
@@ -93,7 +93,7 @@ class PgHooks:
             TASK, connection=conn.connection.driver_connection, queue=queue_name(model, route), priority=priority
         )
         pc_id = deferrer.defer(job_id=job_id)
-        conn.execute(_QUEUE_ROW, {"id": job_id, "pc": pc_id})
+        conn.execute(_QUEUE_ROW, {"job": job_id, "pc": pc_id})
 
     def cancel(self, conn: Connection, job_id: str) -> None:
         """A queued entry is cancelled (never fetched); a running one gets abort_requested (NOTIFY to its worker)."""
