@@ -16,7 +16,8 @@ edge: a SQLite ``serve --demo`` (its worker asleep, so jobs stay queued) and a P
   Throughput: polls at rising concurrency, the most per second whose p99 stays within 10 ms and 50 ms.
   Idle: the node's CPU per second over 10 s with nothing asked of it.
 hop: an OpenAI-shaped fake upstream answering a fixed 256x256 PNG after 2 ms; c=1, interleaved: the fake
-  directly, fluxserve (``serve --demo``, the model routed to the fake as an ``openai`` upstream), LiteLLM proxy
+  directly, fluxserve (``serve --demo``, the model routed to the fake as an ``openai`` upstream; once as it ships,
+  marking every image, once with ``--provenance off``), LiteLLM proxy
   (``openai/...`` at the fake, ``drop_params: true``); ``b64_json`` and ``url``. Added latency = the route's
   percentile minus the direct call's. Loopback on this machine; never part of the tests' pass/fail.
 """
@@ -267,9 +268,10 @@ def hop(fake: str, routes: dict[str, tuple[str, dict[str, str], int | None]], n:
                 if pid:
                     row[name]["cpu_ms_per_request"] = round((cpu_s(pid) - cpu[name]) * 1000 / n, 2)
             if "litellm" in row:
-                row["fluxserve_vs_litellm_added_p50"] = round(
-                    row["fluxserve"]["added_p50_ms"] / max(row["litellm"]["added_p50_ms"], 0.01), 3
-                )
+                for name in ("fluxserve", "fluxserve_unmarked"):
+                    row[f"{name}_vs_litellm_added_p50"] = round(
+                        row[name]["added_p50_ms"] / max(row["litellm"]["added_p50_ms"], 0.01), 3
+                    )
             out[fmt] = row
     return out
 
@@ -288,10 +290,15 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     port = free_port()
     proc = start_server(work / "sqlite" / "data", port, "--upstream-config", str(config))
     url = f"http://127.0.0.1:{port}"
+    # The same relay with provenance off: what the hop costs without marking (LiteLLM marks nothing).
+    (work / "unmarked").mkdir()
+    port2 = free_port()
+    unmarked = start_server(work / "unmarked" / "data", port2, "--upstream-config", str(config), "--provenance", "off")
     try:
         routes: dict[str, tuple[str, dict[str, str], int | None]] = {
             "direct": (fake.url, {}, None),
             "fluxserve": (url, AUTH, proc.pid),
+            "fluxserve_unmarked": (f"http://127.0.0.1:{port2}", AUTH, unmarked.pid),
         }
         litellm = None
         if args.litellm:
@@ -307,6 +314,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             if litellm is not None:
                 litellm.terminate()
                 litellm.wait(30)
+            unmarked.terminate()
+            unmarked.wait(60)
         httpx.post(f"{url}/sleep", headers=AUTH, timeout=30).raise_for_status()  # jobs stay queued
         report["sqlite_serve"] = edge(url, proc.pid, args.requests, 8)
     finally:

@@ -173,9 +173,9 @@ class JobService:
                         now = job.created_at
                         headers = admit(effective, usage(conn, job.owner, now), job.spec.num_images, now)
                 priority = fairness.priority(conn, job.owner, batch=job.batch_id is not None)
-                insert_row(conn, job, priority)
+                queued = self.store.queue.deferred(conn, job, priority)  # the entry first: the row records it
+                insert_row(conn, job, priority, queued)
                 append_event(conn, job, EventKind.SUBMITTED, {}, self.store.webhook_rules)
-                self.store.queue.deferred(conn, job, priority)
                 place = self.store.queue.position(conn, job.id) if position else None
         except DuplicateJob:
             return None

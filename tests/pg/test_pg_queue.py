@@ -63,15 +63,15 @@ def test_a_job_and_its_queue_entry_commit_together_or_not_at_all(
     assert _submit(jobs, idempotency_key="k1").id == job.id
     assert (_count(jobs, "jobs"), _count(jobs, "procrastinate_jobs")) == (1, 1)
 
-    # The defer fails after our INSERT: neither row stays.
+    # The create fails after the queue row was written: neither row stays.
     hooks = jobs.store.queue
     assert isinstance(hooks, PgHooks)
 
-    def broken(conn: object, job_id: str, model: str, priority: int, route: str | None = None) -> None:
-        PgHooks.defer(hooks, conn, job_id, model, priority, route)  # type: ignore[arg-type]
+    def broken(conn: object, job: object, priority: int) -> dict[str, object]:
+        PgHooks.deferred(hooks, conn, job, priority)  # type: ignore[arg-type]
         raise RuntimeError("the database went away between the two statements")
 
-    monkeypatch.setattr(hooks, "defer", broken)
+    monkeypatch.setattr(hooks, "deferred", broken)
     with pytest.raises(RuntimeError):
         _submit(jobs, idempotency_key="k2")
     assert (_count(jobs, "jobs"), _count(jobs, "procrastinate_jobs")) == (1, 1)

@@ -20,7 +20,8 @@ KEYS_CHANGED = "*keys"  # a payload's job id when an API key was revoked or chan
 
 
 _INSERT_EVENT = job_events.insert()  # built once: it is in every create's and transition's transaction
-_NOTIFY = select(func.pg_notify(NOTIFY_CHANNEL, bindparam("payload")))
+# On PostgreSQL the NOTIFY rides on the insert (RETURNING evaluates it): one round trip, not two.
+_INSERT_EVENT_NOTIFY = job_events.insert().returning(func.pg_notify(NOTIFY_CHANNEL, bindparam("notice")))
 
 
 def append_event(
@@ -28,14 +29,13 @@ def append_event(
 ) -> None:
     """The event row, its NOTIFY, and the webhook deliveries the job's dialect sends for it."""
     now = time.time()
-    conn.execute(
-        _INSERT_EVENT,
-        {"job_id": job.id, "attempt": job.attempts, "kind": kind.value, "payload": json.dumps(payload), "at": now},
-    )
+    row = {"job_id": job.id, "attempt": job.attempts, "kind": kind.value, "payload": json.dumps(payload), "at": now}
     hooked = bool(job.webhook) and job.dialect in rules
     if conn.dialect.name == "postgresql":  # delivered at commit: a listener that re-reads sees this row
         # ":w" when this transition may have written webhook deliveries: only then do senders look.
-        conn.execute(_NOTIFY, {"payload": f"{job.id}:{kind.value}{':w' if hooked else ''}"})
+        conn.execute(_INSERT_EVENT_NOTIFY, {**row, "notice": f"{job.id}:{kind.value}{':w' if hooked else ''}"})
+    else:
+        conn.execute(_INSERT_EVENT, row)
     if hooked:
         enqueue_webhooks(conn, job, kind, now, rules[job.dialect])
 

@@ -3,7 +3,7 @@ or neither does; and the embedded queue's answers, where the job row is its own 
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from sqlalchemy.engine import Connection
 
@@ -16,7 +16,10 @@ class QueueHooks(Protocol):
     # a poll reads its job and position in one statement (JobQueries.get_job).
     position_sql: str
 
-    def deferred(self, conn: Connection, job: Job, priority: int) -> None: ...
+    def deferred(self, conn: Connection, job: Job, priority: int) -> dict[str, Any]:
+        """A new job's queue entry, written before its row in the same transaction; what the row records of it."""
+        ...
+
     def cancel(self, conn: Connection, job_id: str) -> None: ...
     def rerouted(self, conn: Connection, job: Job) -> None: ...
     def position(self, conn: Connection, job_id: str) -> int | None: ...
@@ -27,8 +30,8 @@ class LocalHooks:
 
     position_sql = fairness.POSITION_SQL
 
-    def deferred(self, conn: Connection, job: Job, priority: int) -> None:
-        pass  # the row, written with its priority, is the entry
+    def deferred(self, conn: Connection, job: Job, priority: int) -> dict[str, Any]:
+        return {}  # the row, written with its priority, is the entry
 
     def cancel(self, conn: Connection, job_id: str) -> None:
         pass

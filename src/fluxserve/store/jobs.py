@@ -406,10 +406,11 @@ def serialize_owner(conn: Connection, owner: str) -> None:
         conn.execute(_ADMIT, {"owner": owner})
 
 
-def insert_row(conn: Connection, job: Job, priority: int) -> None:
-    """The job's row, with its fair priority (store.fairness), in the caller's transaction."""
+def insert_row(conn: Connection, job: Job, priority: int, queued: Mapping[str, Any]) -> None:
+    """The job's row, with its fair priority (store.fairness) and what its queue entry gave it (``queued``: the
+    hooks' ``deferred``), in the caller's transaction."""
     try:
-        conn.execute(_INSERT_JOB, {**job_row(job), "priority": priority})
+        conn.execute(_INSERT_JOB, {**job_row(job), "priority": priority, **queued})
     except IntegrityError as exc:
         if job.idempotency_key is None:
             raise

@@ -85,15 +85,20 @@ class PgHooks:
     def __init__(self, url: str) -> None:
         self.app = _app(url)
 
-    def deferred(self, conn: Connection, job: Job, priority: int) -> None:
-        self.defer(conn, job.id, job.spec.model, priority, job.route)
+    def deferred(self, conn: Connection, job: Job, priority: int) -> dict[str, Any]:
+        """A new job's queue row, before its job row: the job row is written with the queue row's id (one
+        statement fewer than writing it after). Neither is visible to a worker before the commit."""
+        return {"pc_job_id": self._defer(conn, job.id, job.spec.model, priority, job.route)}
 
     def defer(self, conn: Connection, job_id: str, model: str, priority: int, route: str | None = None) -> None:
+        """A new queue row for a job that has its row already (a requeue)."""
+        conn.execute(_QUEUE_ROW, {"job": job_id, "pc": self._defer(conn, job_id, model, priority, route)})
+
+    def _defer(self, conn: Connection, job_id: str, model: str, priority: int, route: str | None) -> int:
         deferrer = self.app.configure_task(
             TASK, connection=conn.connection.driver_connection, queue=queue_name(model, route), priority=priority
         )
-        pc_id = deferrer.defer(job_id=job_id)
-        conn.execute(_QUEUE_ROW, {"job": job_id, "pc": pc_id})
+        return int(deferrer.defer(job_id=job_id))
 
     def cancel(self, conn: Connection, job_id: str) -> None:
         """A queued entry is cancelled (never fetched); a running one gets abort_requested (NOTIFY to its worker)."""
