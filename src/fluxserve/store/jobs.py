@@ -312,9 +312,11 @@ def _transition(
         if row is None:
             return None
         values = values(to_job(row))
-    if conn.execute(update(jobs).where(and_(*cond)).values(**values)).rowcount != 1:
+    # The changed row comes back from the update itself (RETURNING): no second statement to read it.
+    row = conn.execute(update(jobs).where(and_(*cond)).values(**values).returning(*jobs.c)).first()
+    if row is None:
         return None
-    job = to_job(conn.execute(select(jobs).where(jobs.c.id == fence.job_id)).one())
+    job = to_job(row)
     if kind.is_ending and kind is not EventKind.SUCCEEDED:
         give_back(conn, job)  # exactly once: only the one transition that ended it gets here
     append_event(conn, job, kind, payload, rules)
