@@ -77,3 +77,24 @@ def test_a_remembered_key_is_read_again_after_its_time(tmp_path: Path) -> None:
         assert counted.reads == 2
     finally:
         store.close()
+
+
+def test_a_remembered_key_is_known_without_a_read_and_forgotten_with_a_revocation(tmp_path: Path) -> None:
+    """The event loop answers a remembered key itself (no thread hop, no read); an unknown, a new or a revoked
+    key is left to owner_for, which reads it."""
+    store = open_store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    try:
+        key = create_key(store, "ci")
+        counted = CountingStore(store)
+        auth = Authenticator(counted, "the-operators-key")  # type: ignore[arg-type]
+        assert auth.known_owner("the-operators-key") == auth.env_owner("the-operators-key")
+        assert auth.known_owner(key.key) is None and auth.known_owner(None) is None  # not read yet: owner_for
+        assert auth.owner_for(key.key) == key.id
+        assert [auth.known_owner(key.key) for _ in range(20)] == [key.id] * 20
+        assert counted.reads == 1
+        assert store.revoke_key("ci") == 1
+        assert auth.known_owner(key.key) is None  # the marker moved: forgotten, owner_for reads (and refuses)
+        with pytest.raises(Unauthorized):
+            auth.owner_for(key.key)
+    finally:
+        store.close()
