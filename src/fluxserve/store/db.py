@@ -38,10 +38,13 @@ POOL_WAIT_S = 10.0  # a thread that waits longer for a connection gets StoreUnav
 IDLE_PING_S = 5.0
 
 
+_CLOCK = select(func.extract("epoch", func.clock_timestamp()))  # built once: the sweeps read it every second
+
+
 def clock(conn: Connection) -> float:
     """Now, by the database server's clock on PostgreSQL (every node agrees on it), else this machine's."""
     if conn.dialect.name == "postgresql":
-        return float(conn.execute(select(func.extract("epoch", func.clock_timestamp()))).scalar_one())
+        return float(conn.execute(_CLOCK).scalar_one())
     return time.time()
 
 

@@ -71,6 +71,13 @@ def enqueue_webhooks(conn: Connection, job: Job, kind: EventKind, now: float, ru
         )
 
 
+# Built once: every idle sender asks it between deliveries.
+_CLAIM_END = func.coalesce(webhook_deliveries.c.claimed_until, 0)
+_NEXT_DUE = select(
+    func.min(case((webhook_deliveries.c.due_at < _CLAIM_END, _CLAIM_END), else_=webhook_deliveries.c.due_at))
+).where(webhook_deliveries.c.state == "pending")
+
+
 class OutboxQueries(Database):
     def due_deliveries(self, now: float, limit: int, per_receiver: int = 4) -> list[Row[Any]]:
         """The oldest due deliveries, at most ``per_receiver`` of each receiver: one receiver's backlog
@@ -95,11 +102,8 @@ class OutboxQueries(Database):
 
     def next_due(self) -> float | None:
         """When the soonest pending delivery can be sent (its due time, or the end of a claim on it)."""
-        claim = func.coalesce(webhook_deliveries.c.claimed_until, 0)
-        soonest = case((claim > webhook_deliveries.c.due_at, claim), else_=webhook_deliveries.c.due_at)
-        query = select(func.min(soonest)).where(webhook_deliveries.c.state == "pending")
         with self._read() as conn:
-            value = conn.execute(query).scalar()
+            value = conn.execute(_NEXT_DUE).scalar()
         return None if value is None else float(value)
 
     def claim_delivery(self, delivery_id: int, until: float) -> bool:
