@@ -17,7 +17,7 @@ from .db import BUSY_S, POOL_OVERFLOW, POOL_SIZE, POOL_WAIT_S, Database, applica
 from .events import KEYS_CHANGED, NOTIFY_CHANNEL, EventQueries
 from .files import FileQueries, StoredFile
 from .hooks import LocalHooks, QueueHooks
-from .jobs import DuplicateJob, Fence, JobQueries, insert_row, outputs_json, serialize_owner, to_job
+from .jobs import DuplicateJob, Fence, JobQueries, insert_row, job_reads, outputs_json, serialize_owner, to_job
 from .keys import KeyQueries, key_limits
 from .licences import LicenceQueries, UsageBatch, record_usage
 from .outbox import OutboxQueries, WebhookRules
@@ -61,6 +61,7 @@ class Store(
         (api/dialects.py); a dialect without rules sends none. Both are fixed for the store's life."""
         super().__init__(url, **pool)
         self.queue: QueueHooks = queue if queue is not None else LocalHooks()
+        self.job_reads = job_reads(self.is_sqlite, self.queue.position_sql)
         self.webhook_rules: Mapping[str, WebhookRules] = dict(webhook_rules or {})
 
 

@@ -123,17 +123,9 @@ class PgHooks:
             conn.execute(select(func.pg_notify("procrastinate_any_queue_v1", payload)))
 
     def position(self, conn: Connection, job_id: str) -> int | None:
-        """1 = fetched next in its model's queue, in procrastinate's order (priority, then id)."""
-        ahead = conn.execute(
-            text(
-                "SELECT count(o.id) FROM jobs j JOIN procrastinate_jobs m ON m.id = j.pc_job_id "
-                "JOIN procrastinate_jobs o ON o.queue_name = m.queue_name AND o.status = 'todo' "
-                "AND (o.priority > m.priority OR (o.priority = m.priority AND o.id < m.id)) "
-                "WHERE j.id = :id AND m.status = 'todo'"
-            ),
-            {"id": job_id},
-        ).scalar()
-        return None if ahead is None else int(ahead) + 1
+        """1 = fetched next in its model's queue, in procrastinate's order (priority, then id); None unless queued."""
+        value = conn.execute(text(f"SELECT {self.position_sql} FROM jobs m WHERE m.id = :id"), {"id": job_id}).scalar()
+        return None if value is None else int(value)
 
 
 class PgRows:
