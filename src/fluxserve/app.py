@@ -34,6 +34,7 @@ from .api.dialects import (
 )
 from .api.errors import install_error_handlers
 from .api.jobheaders import JobHeaders
+from .api.lean import LeanReads, plans
 from .api.prefixes import ProviderPrefixes
 from .api.ratelimit import RateLimitHeaders
 from .auth import Authenticator
@@ -408,6 +409,18 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
             core.close()
 
     app = FastAPI(title="fluxserve", version=__version__, lifespan=lifespan)
+    routers = [
+        *(router for dialect in DIALECTS for router in dialect.routers),
+        files.router,
+        usage.router,
+        device_routes.router,
+        lora_routes.router,
+        upstream_hooks.router,
+    ]
+    # Added first, so innermost: what it answers passes every middleware added after it (logs, job headers, CORS).
+    routes = [*app.routes, *(route for router in routers for route in router.routes)]  # the router's order
+    # A route marked @lean that the lean path cannot answer fails here, not on its first request.
+    app.add_middleware(LeanReads, plans=plans(routes))
     # Inside CORS: browsers read its 413s.
     app.add_middleware(BodyLimit, limit_for=body_limit_for, render=render_error, idle_s=settings.body_idle_timeout_s)
     app.add_middleware(
@@ -422,14 +435,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None, engines: lis
     app.add_middleware(RequestLog, on_done=lambda *request: _count(app, *request))
     app.add_middleware(ProviderPrefixes, prefixes=prefixes())  # outermost: everything after sees the dialect's path
     install_error_handlers(app, render_error)
-    for dialect in DIALECTS:
-        for router in dialect.routers:
-            app.include_router(router)
-    app.include_router(files.router)
-    app.include_router(usage.router)
-    app.include_router(device_routes.router)
-    app.include_router(lora_routes.router)
-    app.include_router(upstream_hooks.router)
+    for router in routers:
+        app.include_router(router)
     web_dir = Path(__file__).parent / "web"
     app.mount("/web", StaticFiles(directory=web_dir), name="web")
 

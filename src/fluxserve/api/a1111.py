@@ -18,15 +18,17 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.datastructures import Headers
 
 from ..errors import ClientDisconnected, FluxServeError, InvalidInput
 from ..job import Job, Status
 from ..models import ModelSpec
 from .bodylimit import IMAGE_JSON_BODY_BYTES, JSON_BODY_BYTES
-from .deps import Services, ServicesDep, owner_for_key
+from .deps import OwnerFrom, Services, ServicesDep
 from .dialect import Dialect
 from .errors import field_details, http_status, job_failure, json_body, read_json
 from .inputs import Inputs, known_fields, submit
+from .lean import lean
 from .openai_schemas import DEFAULT_MODEL
 from .uploads import image_from_value
 
@@ -43,9 +45,9 @@ _PARAMS = {
 }
 
 
-async def require_owner_basic(request: Request) -> str:
+def _basic_key(headers: Headers) -> str | None:
     """Bearer, or HTTP basic as A1111's --api-auth user:password (any user name; the password is the key)."""
-    header = request.headers.get("authorization") or ""
+    header = headers.get("authorization") or ""
     scheme, _, value = header.partition(" ")
     key = value.strip() or None
     if scheme.lower() == "basic" and key:
@@ -55,10 +57,10 @@ async def require_owner_basic(request: Request) -> str:
             key = None
     elif scheme.lower() != "bearer":
         key = None
-    return await owner_for_key(request, key)
+    return key
 
 
-Owner = Depends(require_owner_basic)
+Owner = Depends(OwnerFrom(_basic_key))
 # The model each key switched to through POST /options (this node's memory; a request's
 # override_settings.sd_model_checkpoint always wins).
 _CHECKPOINT = "fluxserve_a1111_checkpoints"
@@ -184,6 +186,7 @@ async def _latest(services: Services, owner: str) -> Job | None:
 
 
 @router.get("/progress")
+@lean
 async def progress(services: ServicesDep, owner: str = Owner, skip_current_image: bool = False) -> dict[str, Any]:
     job = await _latest(services, owner)
     live = job is not None and not job.status.is_terminal

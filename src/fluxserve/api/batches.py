@@ -23,6 +23,7 @@ from ..store import Batch
 from .deps import OwnerDep, Services, ServicesDep
 from .errors import from_validation_errors, json_body, read_json
 from .inputs import Inputs, elide_inline_images, known_fields
+from .lean import lean
 from .openai_schemas import DEFAULT_MODEL, ImageFields, ImageGenerationRequest, response_format
 from .uploads import images_from_values
 
@@ -292,6 +293,7 @@ def render(batch: Batch, jobs: list[Job]) -> dict[str, Any]:
 
 
 @router.get("/batches/{batch_id}")
+@lean
 async def get_batch(batch_id: str, services: ServicesDep, owner: OwnerDep) -> dict[str, Any]:
     return await _answer(services, owner, batch_id)
 

@@ -20,6 +20,7 @@ from .deps import Services, ServicesDep, XKeyOwnerDep, check_webhook
 from .dialect import Dialect, images_at
 from .errors import json_body, read_json, render_bfl
 from .inputs import elide_inline_images, known_fields, submit
+from .lean import lean
 
 # BFL calls its webhook once, when the task ends.
 WEBHOOKS = WebhookRules(on={k: ("completed",) for k in EventKind if k.is_ending})
@@ -134,6 +135,7 @@ def sign_webhook(secret: str, body: bytes) -> dict[str, str]:
 
 
 @router.get("/get_result")
+@lean
 async def get_result(services: ServicesDep, owner: XKeyOwnerDep, id: str = "") -> Any:
     try:
         job: Job | None = await services.jobs.get(id, owner, dialect="bfl")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
+from starlette.datastructures import Headers
 
 from ..auth import Authenticator, bearer_token
 from ..errors import InvalidInput
@@ -54,39 +56,53 @@ def get_services(request: Request) -> Services:
     return services
 
 
-async def _owner_for(request: Request, key: str | None) -> str:
-    services = get_services(request)
-    # The operator's key and stored keys remembered from an earlier request need no database read, so no
-    # thread hop (one is most of a poll's cost otherwise); other keys are looked up off the event loop.
+async def owner_of(services: Services, key: str | None) -> str:
+    """The owner of a key, or Unauthorized. The operator's key and stored keys remembered from an earlier
+    request need no database read, so no thread hop (one is most of a poll's cost otherwise); other keys are
+    looked up off the event loop."""
     owner = services.auth.known_owner(key)
     return owner if owner is not None else await services.jobs.run_auth(services.auth.owner_for, key)
 
 
-async def owner_for_key(request: Request, key: str | None) -> str:
-    """The owner of a key a dialect read its own way (A1111's basic auth)."""
-    return await _owner_for(request, key)
+KeyReader = Callable[[Headers], str | None]
 
 
-async def require_owner(request: Request) -> str:
-    return await _owner_for(request, bearer_token(request.headers.get("authorization")))
+class OwnerFrom:
+    """A dependency: the owner of the key that ``read_key`` finds in the request's headers (each dialect
+    sends its key its own way). A class, not a closure, so the lean read path (api/lean.py) can answer it
+    without FastAPI: ``read_key`` on the headers, then ``owner_of``."""
+
+    def __init__(self, read_key: KeyReader) -> None:
+        self.read_key = read_key
+
+    async def __call__(self, request: Request) -> str:
+        return await owner_of(get_services(request), self.read_key(request.headers))
+
+
+def bearer_key(headers: Headers) -> str | None:
+    return bearer_token(headers.get("authorization"))
+
+
+def xkey_or_bearer(headers: Headers) -> str | None:
+    """BFL clients send the key as x-key; a Bearer header is accepted too."""
+    return headers.get("x-key") or bearer_token(headers.get("authorization"))
+
+
+require_owner = OwnerFrom(bearer_key)
+require_owner_xkey = OwnerFrom(xkey_or_bearer)
 
 
 def idempotency_key(request: Request) -> str | None:
     return request.headers.get("idempotency-key")
 
 
-async def require_owner_xkey(request: Request) -> str:
-    """BFL clients send the key as x-key; a Bearer header is accepted too."""
-    return await _owner_for(request, request.headers.get("x-key") or bearer_token(request.headers.get("authorization")))
-
-
-async def _services(request: Request) -> Services:
+async def services_dep(request: Request) -> Services:
     """get_services as a dependency: ``async`` so FastAPI calls it on the loop (a plain ``def`` dependency
     runs on its thread pool: a thread hop on every request)."""
     return get_services(request)
 
 
-ServicesDep = Annotated[Services, Depends(_services)]
+ServicesDep = Annotated[Services, Depends(services_dep)]
 OwnerDep = Annotated[str, Depends(require_owner)]
 XKeyOwnerDep = Annotated[str, Depends(require_owner_xkey)]
 

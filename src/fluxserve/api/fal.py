@@ -20,14 +20,16 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.datastructures import Headers
 
 from ..errors import ClientDisconnected, InvalidInput, NotFound, UpstreamFailed
 from ..job import EventKind, Job, Status
 from ..store import WebhookRules
-from .deps import Services, ServicesDep, check_webhook, owner_for_key
+from .deps import OwnerFrom, Services, ServicesDep, check_webhook
 from .dialect import Dialect, images_at
 from .errors import json_body, read_json, render_bfl
 from .inputs import Inputs, LoraItem, known_fields, lora_items, resolve_loras, submit
+from .lean import lean
 from .uploads import images_from_values
 
 router = APIRouter(prefix="/fal-ai")
@@ -71,14 +73,14 @@ _PARAMS = {
 }
 
 
-async def require_owner_key(request: Request) -> str:
+def _fal_key(headers: Headers) -> str | None:
     """fal's ``Authorization: Key <key>``, or Bearer."""
-    scheme, _, value = (request.headers.get("authorization") or "").partition(" ")
+    scheme, _, value = (headers.get("authorization") or "").partition(" ")
     key = value.strip() if scheme.lower() in ("key", "bearer") else None
-    return await owner_for_key(request, key or None)
+    return key or None
 
 
-Owner = Depends(require_owner_key)
+Owner = Depends(OwnerFrom(_fal_key))
 
 
 class Size(BaseModel):
@@ -289,6 +291,7 @@ def status_body(services: Services, job: Job, logs: bool) -> dict[str, Any]:
 
 
 @router.get("/{alias}/requests/{request_id}/status")
+@lean
 async def get_status(
     alias: str, request_id: str, services: ServicesDep, owner: str = Owner, logs: bool = False
 ) -> JSONResponse:
@@ -299,6 +302,7 @@ async def get_status(
 
 
 @router.get("/{alias}/requests/{request_id}")
+@lean
 async def get_result(alias: str, request_id: str, services: ServicesDep, owner: str = Owner) -> Any:
     job = await _job(services, alias, request_id, owner)
     if not job.status.is_terminal:

@@ -15,6 +15,7 @@ from .deps import OwnerDep, ServicesDep
 from .dialect import Dialect
 from .errors import json_body, read_json, render_openai
 from .inputs import submit
+from .lean import lean
 from .openai_render import run_and_render, stream_response, task_body
 from .openai_schemas import DEFAULT_MODEL, ImageGenerationRequest, known_fields, response_format
 
@@ -36,6 +37,7 @@ async def create_image(request: Request, services: ServicesDep, owner: OwnerDep)
 
 
 @router.get("/images/tasks/{task_id}")
+@lean
 async def get_image_task(task_id: str, services: ServicesDep, owner: OwnerDep) -> dict[str, Any]:
     """An async-mode task (new-api's "async": true, or Prefer: respond-async) as it is now."""
     return task_body(services, await services.jobs.get(task_id, owner, "openai"))

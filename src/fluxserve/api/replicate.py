@@ -27,6 +27,7 @@ from .deps import OwnerDep, Services, ServicesDep, check_webhook, require_owner
 from .dialect import Dialect
 from .errors import from_validation_errors, inline_schema, json_body, read_json, render_replicate
 from .inputs import elide_inline_images, submit
+from .lean import lean
 from .paging import decode_cursor, encode_cursor
 from .replicate_schemas import MODELS, ModelPredictionRequest, PredictionRequest
 from .sse import sse_frame
@@ -305,6 +306,7 @@ async def _replicate_job(services: Services, job_id: str, owner: str) -> Job:
 
 
 @router.get("/predictions/{job_id}")
+@lean
 async def get_prediction(job_id: str, services: ServicesDep, owner: OwnerDep) -> dict[str, Any]:
     return render(services, await _replicate_job(services, job_id, owner))
 

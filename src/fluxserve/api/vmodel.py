@@ -16,6 +16,7 @@ from .deps import OwnerDep, Services, ServicesDep
 from .dialect import Dialect, images_at
 from .errors import json_body, read_json, render_openai
 from .inputs import Inputs, elide_inline_images, image_and_size, resolve_loras, submit
+from .lean import lean
 
 router = APIRouter(prefix="/vmodel")
 
@@ -122,6 +123,7 @@ async def generate(request: Request, services: ServicesDep, owner: OwnerDep) -> 
 
 
 @router.get("/feed/{job_id}")
+@lean
 async def feed(job_id: str, services: ServicesDep, owner: OwnerDep) -> dict[str, Any]:
     job = await services.jobs.get(job_id, owner, dialect="vmodel")
     return render(job, services.output_urls(job) if job.status is Status.SUCCEEDED else None)

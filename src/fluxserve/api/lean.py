@@ -1,0 +1,209 @@
+"""The lean read path: the hot GETs (every dialect's poll of a job) answered without FastAPI's per-request
+machinery.
+
+A poll is most of an API node's load (clients poll every 0.5-3 s per job in flight). Measured in-process on
+the 2-core CI machine, a Replicate poll cost ~580 us through FastAPI of which ~200 us were its exception
+middleware, the scan of ~150 routes, dependency solving and the response model's validation; the job read,
+its rendering and our middlewares (logs, ETag, CORS) are the rest. A route marked ``@lean`` is answered here
+instead, by its own endpoint function: this resolves the endpoint's parameters itself (path parameters,
+scalar query parameters, ``ServicesDep`` and an ``OwnerFrom`` key dependency, the only kinds allowed, checked
+when the app is built) and encodes its dict with pydantic's serializer, as FastAPI does. The answer is the
+same bytes either way (tests/api/test_lean.py compares them route by route).
+
+It sits inside every middleware of ours (request log, job headers, CORS, body limit) and outside FastAPI's
+router: what it does not answer (another method or path, a query it cannot read) goes on to the router
+unchanged. Errors raised by an endpoint are answered by the app's own exception handlers, found as Starlette
+finds them (the nearest class in the exception's MRO); anything without one goes up to the server error
+middleware, as it would from the router.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pydantic_core
+from fastapi import params
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from starlette.datastructures import Headers, QueryParams
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Match, Mount, Route, WebSocketRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .deps import OwnerFrom, owner_of, services_dep
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+_LEAN = "__fluxserve_lean__"
+# pydantic's lax bool, as FastAPI reads a bool query parameter; any other value goes on to FastAPI's 422.
+_BOOLS = {"0": False, "off": False, "f": False, "false": False, "n": False, "no": False}
+_BOOLS |= {"1": True, "on": True, "t": True, "true": True, "y": True, "yes": True}
+
+
+def lean(endpoint: F) -> F:
+    """Mark a GET endpoint to be answered by the lean path (under the route decorator)."""
+    setattr(endpoint, _LEAN, True)
+    return endpoint
+
+
+@dataclass(frozen=True)
+class _Param:
+    name: str
+    kind: str  # "path", "services", "owner", "str", "bool"
+    owner: OwnerFrom | None = None
+    default: Any = None
+
+
+@dataclass(frozen=True)
+class LeanPlan:
+    route: APIRoute
+    params: tuple[_Param, ...]
+    shadows: tuple[BaseRoute, ...]  # routes before it that could match one of its paths: tried first
+    status: int
+
+
+def _depends(hint: Any, default: Any) -> Any:
+    """The dependency a parameter names, in ``Annotated[..., Depends(f)]`` or as ``= Depends(f)``."""
+    marks = [*typing.get_args(hint)[1:], default] if typing.get_origin(hint) is typing.Annotated else [default]
+    found = [m.dependency for m in marks if isinstance(m, params.Depends)]
+    return found[0] if found else None
+
+
+def _param(route: APIRoute, name: str, hint: Any, default: Any) -> _Param:
+    where = f"{route.path} ({route.endpoint.__qualname__})"
+    dependency = _depends(hint, default)
+    if dependency is services_dep:
+        return _Param(name, "services")
+    if isinstance(dependency, OwnerFrom):
+        return _Param(name, "owner", owner=dependency)
+    if dependency is not None or isinstance(default, params.Param):
+        raise TypeError(f"{where}: the lean path cannot answer the parameter {name!r}")
+    if name in route.param_convertors:
+        if hint is not str:
+            raise TypeError(f"{where}: lean path parameters are str; {name!r} is {hint!r}")
+        return _Param(name, "path")
+    if hint not in (str, bool) or default is inspect.Parameter.empty:
+        raise TypeError(f"{where}: lean query parameters are str or bool with a default; {name!r} is not")
+    return _Param(name, "str" if hint is str else "bool", default=default)
+
+
+def _could_shadow(earlier: BaseRoute, route: APIRoute) -> bool:
+    """Could ``earlier`` match a path ``route`` matches? Segment by segment: two literals must agree; a
+    parameter matches any segment. Anything else (a mount, a ``:path`` parameter) is assumed to."""
+    if isinstance(earlier, WebSocketRoute):
+        return False
+    if isinstance(earlier, Mount) or not isinstance(earlier, Route):
+        return True
+    if earlier.methods is not None and "GET" not in earlier.methods:
+        return False
+    mine, theirs = route.path.split("/"), earlier.path.split("/")
+    if any(":path}" in s for s in theirs):
+        return True
+    if len(mine) != len(theirs):
+        return False
+    return all(a == b or a.startswith("{") or b.startswith("{") for a, b in zip(mine, theirs, strict=True))
+
+
+def plans(routes: Sequence[BaseRoute]) -> list[LeanPlan]:
+    """A plan for each ``@lean`` route, in routing order; a route the lean path cannot answer exactly as FastAPI
+    would is an error here, at build time, not a difference at run time."""
+    out: list[LeanPlan] = []
+    for i, route in enumerate(routes):
+        if not (isinstance(route, APIRoute) and getattr(route.endpoint, _LEAN, False)):
+            continue
+        where = f"{route.path} ({route.endpoint.__qualname__})"
+        response_class = getattr(route.response_class, "value", route.response_class)  # FastAPI's default is wrapped
+        if route.methods != {"GET"} or route.dependencies or response_class is not JSONResponse:
+            raise TypeError(f"{where}: lean routes are plain GETs answered in JSON")
+        hints = typing.get_type_hints(route.endpoint, include_extras=True)
+        signature = inspect.signature(route.endpoint)
+        found = tuple(_param(route, n, hints[n], p.default) for n, p in signature.parameters.items())
+        shadows = tuple(r for r in routes[:i] if _could_shadow(r, route))
+        out.append(LeanPlan(route, found, shadows, route.status_code or 200))
+    return out
+
+
+def _query(plan: LeanPlan, scope: Scope) -> dict[str, Any] | None:
+    """The plan's query parameters, read as FastAPI reads them; None when one needs FastAPI (it answers 422)."""
+    query = QueryParams(scope["query_string"]) if scope["query_string"] else None
+    values: dict[str, Any] = {}
+    for p in plan.params:
+        if p.kind not in ("str", "bool"):
+            continue
+        raw = query.get(p.name) if query is not None else None
+        if raw is None:
+            values[p.name] = p.default
+        elif p.kind == "str":
+            values[p.name] = raw
+        elif (flag := _BOOLS.get(raw.lower())) is not None:
+            values[p.name] = flag
+        else:
+            return None
+    return values
+
+
+class LeanReads:
+    def __init__(self, app: ASGIApp, plans: Sequence[LeanPlan]) -> None:
+        self.app = app
+        self._plans = plans
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "GET":
+            for plan in self._plans:
+                match, child = plan.route.matches(scope)
+                if match is not Match.FULL:
+                    continue
+                if any(r.matches(scope)[0] is Match.FULL for r in plan.shadows):
+                    break  # another route answers this path first: the router's
+                values = _query(plan, scope)
+                if values is None:
+                    break
+                scope.update(child)
+                await self._answer(plan, values, scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    async def _answer(self, plan: LeanPlan, values: dict[str, Any], scope: Scope, receive: Receive, send: Send) -> None:
+        app = scope["app"]
+        try:
+            response = await self._run(plan, values, scope)
+        except Exception as exc:
+            handler = _handler(app.exception_handlers, exc)
+            if handler is None:
+                raise
+            response = await handler(Request(scope, receive), exc)
+        await response(scope, receive, send)
+
+    @staticmethod
+    async def _run(plan: LeanPlan, values: dict[str, Any], scope: Scope) -> Response:
+        for p in plan.params:
+            if p.kind == "path":
+                values[p.name] = scope["path_params"][p.name]
+            elif p.kind == "services":
+                values[p.name] = scope["app"].state.services
+            elif p.kind == "owner":
+                assert p.owner is not None
+                key = p.owner.read_key(Headers(scope=scope))
+                values[p.name] = await owner_of(scope["app"].state.services, key)
+        result = await plan.route.endpoint(**values)
+        if isinstance(result, Response):
+            return result
+        if not isinstance(result, (dict, list)):  # a model would need FastAPI's aliases and response model
+            raise TypeError(f"{plan.route.path}: a lean endpoint answers a dict, a list or a Response")
+        return Response(pydantic_core.to_json(result), status_code=plan.status, media_type="application/json")
+
+
+def _handler(handlers: dict[Any, Any], exc: Exception) -> Callable[..., Awaitable[Response]] | None:
+    """The app's handler for ``exc`` as Starlette's exception middleware finds it (``Exception`` and 500 are
+    the server error middleware's, above this)."""
+    for cls in type(exc).__mro__:
+        if cls is Exception:
+            return None
+        if cls in handlers:
+            found: Callable[..., Awaitable[Response]] = handlers[cls]
+            return found
+    return None

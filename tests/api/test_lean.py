@@ -1,0 +1,212 @@
+"""The lean read path (api/lean.py, issue 38): each dialect's poll answered without FastAPI's per-request
+machinery, byte for byte what FastAPI answers, and only where the router would pick the same route."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import APIRouter, FastAPI
+from fastapi.testclient import TestClient
+
+from fluxserve.api.deps import OwnerDep, ServicesDep
+from fluxserve.api.lean import LeanReads, lean, plans
+from fluxserve.app import create_app
+from fluxserve.settings import Settings
+from tests.api.test_batches import _line, _upload
+from tests.api.test_job_headers import FAL, _creates
+from tests.conftest import API_KEY, AUTH
+from tests.support.fakes import FakeEngine
+
+HOST = "http://testserver"
+
+
+def _lean(app: Any) -> LeanReads:
+    layer = app.middleware_stack
+    while not isinstance(layer, LeanReads):
+        layer = layer.app
+    return layer
+
+
+@contextmanager
+def _through_fastapi(app: Any) -> Iterator[None]:
+    """The same app with the lean path taking nothing: every GET goes to FastAPI's router."""
+    layer = _lean(app)
+    saved, layer._plans = layer._plans, ()
+    try:
+        yield
+    finally:
+        layer._plans = saved
+
+
+def _answered(client: TestClient, path: str, headers: dict[str, str]) -> tuple[httpx.Response, httpx.Response, int]:
+    """(lean answer, FastAPI's answer, how many requests the lean path answered)."""
+    layer = _lean(client.app)
+    answer, taken = layer._answer, []
+
+    async def counted(*args: Any) -> None:
+        taken.append(1)
+        await answer(*args)
+
+    layer._answer = counted  # type: ignore[method-assign]
+    try:
+        first = client.get(path, headers=headers)
+    finally:
+        del layer._answer
+    with _through_fastapi(client.app):
+        second = client.get(path, headers=headers)
+    return first, second, len(taken)
+
+
+def _same(a: httpx.Response, b: httpx.Response, what: str) -> None:
+    assert (a.status_code, a.content) == (b.status_code, b.content), (what, a.text[:300], b.text[:300])
+    for header in ("content-type", "etag", "cache-control", "content-length", "access-control-expose-headers"):
+        assert a.headers.get(header) == b.headers.get(header), (what, header)
+    assert "edge;dur=" in a.headers.get("server-timing", "edge;dur=") and a.headers.get("x-request-id"), what
+
+
+def _polls(client: TestClient) -> dict[str, tuple[str, dict[str, str]]]:
+    """Each lean route's path for a job of its own dialect, with its dialect's key header."""
+    paths = {name: create() for name, create in _creates(client).items()}
+    fal_status = paths["fal"].removeprefix(HOST)
+    assert client.post("/sdapi/v1/txt2img", json={"prompt": "p", "width": 256, "height": 256}, headers=AUTH).is_success
+    file_id = _upload(client, [_line(0, steps=2)])
+    batch = client.post(
+        "/v1/batches", json={"input_file_id": file_id, "endpoint": "/v1/images/generations"}, headers=AUTH
+    )
+    assert batch.status_code == 200, batch.text
+    return {
+        "/v1/predictions/{job_id}": (paths["replicate"], AUTH),
+        "/v1/get_result": (paths["bfl"], {"x-key": API_KEY}),
+        "/vmodel/feed/{job_id}": (paths["relay"], AUTH),
+        "/fal-ai/{alias}/requests/{request_id}/status": (fal_status + "?logs=1", FAL),
+        "/fal-ai/{alias}/requests/{request_id}": (fal_status.removesuffix("/status"), FAL),
+        "/v1/images/tasks/{task_id}": (paths["openai"], AUTH),
+        "/v1/batches/{batch_id}": (f"/v1/batches/{batch.json()['id']}", AUTH),
+        "/sdapi/v1/progress": ("/sdapi/v1/progress?skip_current_image=true", AUTH),
+    }
+
+
+def test_every_lean_route_answers_what_fastapi_answers(client: TestClient) -> None:
+    polls = _polls(client)
+    marked = {plan.route.path for plan in _lean(client.app)._plans}
+    assert marked == set(polls), "a route marked @lean needs a case here"
+    for route, (path, headers) in polls.items():  # while the jobs wait or run
+        lean_answer, fastapi_answer, taken = _answered(client, path, headers)
+        assert taken == 1, route
+        _same(lean_answer, fastapi_answer, route)
+    _wait_until_all_ended(client)
+    for route, (path, headers) in polls.items():  # once each is done: outputs, signed URLs, metrics
+        lean_answer, fastapi_answer, taken = _answered(client, path, headers)
+        assert (taken, lean_answer.status_code) == (1, 200), (route, lean_answer.text[:300])
+        _same(lean_answer, fastapi_answer, route)
+        etag = lean_answer.headers.get("etag")  # a job's read: its ETag holds on FastAPI's answer too
+        if route in ("/v1/batches/{batch_id}", "/sdapi/v1/progress"):
+            assert etag is None, route  # not a job's read
+            continue
+        with _through_fastapi(client.app):
+            assert client.get(path, headers={**headers, "If-None-Match": etag}).status_code == 304, route
+
+
+def _wait_until_all_ended(client: TestClient) -> None:
+    store = client.app.state.services.store  # type: ignore[attr-defined]
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        with store.engine.connect() as conn:
+            live = conn.exec_driver_sql("SELECT count(*) FROM jobs WHERE status IN ('queued', 'processing')")
+            if live.scalar_one() == 0:
+                return
+        time.sleep(0.05)
+    raise AssertionError("the jobs did not end within 30 s")
+
+
+@pytest.mark.parametrize(
+    ("path", "headers"),
+    [
+        ("/v1/predictions/nope", AUTH),  # unknown id: Replicate's problem+json 404
+        ("/v1/predictions/nope", {}),  # no key: 401
+        ("/v1/predictions/nope", {"Authorization": "Bearer wrong-key-0123456789"}),
+        ("/v1/get_result?id=nope", {"x-key": API_KEY}),  # BFL's own 404 body
+        ("/bfl/v1/get_result?id=nope", {"x-key": API_KEY}),  # under the relay's provider prefix
+        ("/v1/get_result", {"x-key": API_KEY}),
+        ("/vmodel/feed/nope", AUTH),
+        ("/fal-ai/flux/dev/requests/nope/status?logs=maybe", FAL),  # a bool FastAPI refuses: its 422
+        ("/fal-ai/flux/dev/requests/nope/status?logs=TRUE", FAL),
+        ("/v1/images/tasks/nope", {"Authorization": "Basic eDp5"}),
+        ("/v1/batches/nope", AUTH),
+        ("/sdapi/v1/progress?skip_current_image=2", AUTH),
+    ],
+)
+def test_errors_are_the_same_envelope_either_way(client: TestClient, path: str, headers: dict[str, str]) -> None:
+    lean_answer, fastapi_answer, _ = _answered(client, path, headers)
+    assert lean_answer.status_code >= 400
+    _same(lean_answer, fastapi_answer, path)
+
+
+def test_a_lean_answer_is_logged_and_counted_under_its_route(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    with TestClient(create_app(settings, engine=FakeEngine()), client=("127.0.0.1", 50000)) as client:
+        path = _creates(client)["replicate"]()
+        with caplog.at_level(logging.INFO, logger="fluxserve.request"):
+            _, _, taken = _answered(client, path, AUTH)
+        metrics = client.get("/metrics").text
+    assert taken == 1
+    lines = [r.getMessage() for r in caplog.records if r.name == "fluxserve.request"]
+    assert [line.split()[1] for line in lines] == ["/v1/predictions/{job_id}"] * 2, lines
+    assert 'route="/v1/predictions/{job_id}"' in metrics
+
+
+def test_the_router_keeps_a_path_an_earlier_route_answers_first() -> None:
+    """A literal route declared before a lean one wins its path, as it does in FastAPI's router; a method or
+    a query the lean path cannot read goes on to the router too."""
+    router = APIRouter()
+    calls: list[str] = []
+
+    @router.get("/things/special")
+    async def special() -> dict[str, str]:
+        calls.append("special")
+        return {"which": "special"}
+
+    @router.get("/things/{thing_id}")
+    @lean
+    async def thing(thing_id: str, flag: bool = False) -> dict[str, Any]:
+        calls.append("thing")
+        return {"which": thing_id, "flag": flag, "text": "é\u2028"}
+
+    app = FastAPI()
+    app.add_middleware(LeanReads, plans=plans([*app.routes, *router.routes]))
+    app.include_router(router)
+    with TestClient(app) as c:
+        assert c.get("/things/special").json() == {"which": "special"}
+        assert c.get("/things/x?flag=yes").json() == {"which": "x", "flag": True, "text": "é\u2028"}
+        assert c.get("/things/x?flag=2").status_code == 422  # FastAPI's validation, not a guess
+        assert c.head("/things/x").status_code in (200, 405)
+    assert calls == ["special", "thing"]  # the 422 and the HEAD never reached the endpoint
+    (plan,) = _lean(app)._plans
+    assert plan.route.path == "/things/{thing_id}"
+    assert [getattr(r, "path", None) for r in plan.shadows] == ["/things/special"]
+
+
+def test_a_route_the_lean_path_cannot_answer_fails_when_the_app_is_built() -> None:
+    router = APIRouter()
+
+    @router.get("/things/{thing_id}")
+    @lean
+    async def thing(thing_id: int, services: ServicesDep, owner: OwnerDep) -> dict[str, Any]:
+        return {}
+
+    @router.post("/other")
+    @lean
+    async def other(services: ServicesDep) -> dict[str, Any]:
+        return {}
+
+    with pytest.raises(TypeError, match="thing_id"):
+        plans(router.routes[:1])
+    with pytest.raises(TypeError, match="plain GETs"):
+        plans(router.routes[1:])
