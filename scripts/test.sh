@@ -77,7 +77,7 @@ wait "$tv_install" || { cat .venv-tv.log; exit 1; }
 .venv/bin/python -m pytest -n 2 --dist loadfile --on-postgres tests/api/test_api.py tests/api/test_replicate_api.py \
   tests/api/test_bfl_api.py tests/api/test_api_images.py tests/api/test_api_bad_input.py \
   tests/api/test_batching.py tests/api/test_flux2_api.py tests/api/test_relay_surface.py tests/api/test_job_headers.py \
-  tests/api/test_provenance_api.py tests/api/test_safety_api.py tests/api/test_licensing.py \
+  tests/api/test_provenance_api.py tests/api/test_safety_api.py tests/api/test_licensing.py tests/api/test_lean.py \
   > .pg-round.log 2>&1 &
 pg_round=$!
 tv_status=0

@@ -126,6 +126,20 @@ def test_bfl_task_submitted_once_polled_and_copied_into_our_storage(core: Any, t
     worker.stop()
 
 
+def test_an_idempotent_upstream_records_its_task_but_no_submitting_step(core: Any, tmp_path: Path) -> None:
+    """What a resend after a lost answer would cost is nothing there (the same Idempotency-Key): no write
+    before the submit, only the task a new attempt resumes."""
+    jobs, _ = core
+    up = _bfl(polls_pending=1)
+    worker = _worker(core, _registry(tmp_path, "bfl", idempotent=True), up)
+    job = _job(jobs)
+    worker.run_claimed(job.id)
+    assert jobs.store.get_job(job.id).status is Status.SUCCEEDED  # type: ignore[union-attr]
+    phases = [e.payload.get("phase") for e in jobs.store.events(job.id) if e.kind is EventKind.UPSTREAM]
+    assert phases == ["task"]
+    worker.stop()
+
+
 def _died_after(jobs: JobService, job: Job, *phases: dict[str, Any]) -> None:
     """An earlier attempt that wrote these upstream events and then lost its worker (lease expired)."""
     claimed = jobs.claim_id(job.id, "dead-worker")

@@ -17,11 +17,12 @@ from .db import BUSY_S, POOL_OVERFLOW, POOL_SIZE, POOL_WAIT_S, Database, applica
 from .events import KEYS_CHANGED, NOTIFY_CHANNEL, EventQueries
 from .files import FileQueries, StoredFile
 from .hooks import LocalHooks, QueueHooks
-from .jobs import DuplicateJob, Fence, JobQueries, insert_row, job_reads, outputs_json, serialize_owner, to_job
+from .jobs import DuplicateJob, JobQueries, insert_row, job_reads, serialize_owner
 from .keys import KeyQueries, key_limits
 from .licences import LicenceQueries, UsageBatch, record_usage
 from .outbox import OutboxQueries, WebhookRules
 from .reports import Reports, usage
+from .rows import outputs_json, to_job
 from .schema import (
     api_keys,
     batches,
@@ -34,6 +35,7 @@ from .schema import (
     webhook_deliveries,
     workers,
 )
+from .transition import Fence
 
 
 class Store(

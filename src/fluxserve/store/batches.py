@@ -13,7 +13,7 @@ from sqlalchemy.engine import Row
 
 from ..job import Job
 from .db import Database
-from .jobs import to_job
+from .rows import to_job
 from .schema import batches, jobs
 
 

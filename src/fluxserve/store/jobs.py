@@ -5,37 +5,27 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from sqlalchemy import and_, bindparam, func, or_, select, update
-from sqlalchemy.engine import Connection, Row
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
-from ..job import EventKind, Job, Output, Status
+from ..job import EventKind, Job, Status
 from ..spec import GenerationSpec
 from .credits import give_back, reprice
 from .db import Database, clock
 from .events import append_event
 from .fairness import fetch_order
 from .outbox import WebhookRules
+from .rows import job_row, to_job
 from .schema import job_events, jobs
+from .transition import ANY_ROUTE, NEXT_ATTEMPT, Fence, Values, transition_row
 
 ADMIT_LOCK = 0x6B657973  # "keys": the advisory lock space of per-key admission (with the key's hash)
-ANY_ROUTE: Any = object()  # queued(): jobs of every route
-Values = dict[str, Any] | Callable[[Job], dict[str, Any]]
 # Run inside the insert's transaction before the row is written: a per-key admission that may refuse
 # (RateLimited) and returns the response's rate-limit headers.
-
-
-@dataclass(frozen=True)
-class Fence:
-    """Which claim may change a job: its id, and when given, the attempt number and the worker holding it."""
-
-    job_id: str
-    attempt: int | None = None
-    worker_id: str | None = None
-    route: Any = ANY_ROUTE  # only while the job is on this route (None: local)
 
 
 class JobQueries(Database):
@@ -162,7 +152,9 @@ class JobQueries(Database):
         """
         fence = Fence(job_id, attempt, worker_id, route)
         with self._write() as conn:
-            job = _transition(conn, fence, kind, list(expect), values, payload or {}, lease_before, self.webhook_rules)
+            job = transition_row(
+                conn, fence, kind, list(expect), values, payload or {}, lease_before, self.webhook_rules
+            )
             if job is not None and price is not None:
                 held = reprice(conn, job.owner, job.cost, price(job), job.route or "this server")
                 conn.execute(update(jobs).where(jobs.c.id == job_id).values(cost=held))
@@ -190,7 +182,7 @@ class JobQueries(Database):
         with self._write() as conn:
             rules = self.webhook_rules
             done = {
-                f.job_id: _transition(conn, f, kind, statuses, values, payload or {}, None, rules)
+                f.job_id: transition_row(conn, f, kind, statuses, values, payload or {}, None, rules)
                 for f in sorted(fences, key=lambda f: f.job_id)
             }
             return [done[f.job_id] for f in fences]
@@ -236,7 +228,7 @@ class JobQueries(Database):
             now = clock(conn)
             values = {
                 "status": Status.PROCESSING.value,
-                "attempts": jobs.c.attempts + 1,
+                "attempts": NEXT_ATTEMPT,
                 "started_at": now,
                 "progress_done": 0,
                 "worker_id": worker_id,
@@ -247,7 +239,7 @@ class JobQueries(Database):
             for job_id in job_ids:
                 fence = Fence(job_id, None, None)
                 started = {"worker": worker_id}
-                job = _transition(conn, fence, EventKind.STARTED, [Status.QUEUED], values, started, None, rules)
+                job = transition_row(conn, fence, EventKind.STARTED, [Status.QUEUED], values, started, None, rules)
                 if job is not None:
                     claimed.append(job)
                     if first_only:
@@ -271,41 +263,6 @@ class JobQueries(Database):
             return set(ids)
 
 
-def _transition(
-    conn: Connection,
-    fence: Fence,
-    kind: EventKind,
-    expect: list[Status],
-    values: Values,
-    payload: dict[str, Any],
-    lease_before: float | None,
-    rules: Mapping[str, WebhookRules],
-) -> Job | None:
-    cond = [jobs.c.id == fence.job_id, jobs.c.status.in_([s.value for s in expect])]
-    if fence.attempt is not None:
-        cond.append(jobs.c.attempts == fence.attempt)
-    if fence.worker_id is not None:
-        cond.append(jobs.c.worker_id == fence.worker_id)
-    if fence.route is not ANY_ROUTE:
-        cond.append(jobs.c.route.is_(None) if fence.route is None else jobs.c.route == fence.route)
-    if lease_before is not None:  # only if the lease is still expired (its worker may have renewed it)
-        cond.append(jobs.c.lease_expires_at < lease_before)
-    if callable(values):  # computed from the row as it is inside this transaction
-        row = conn.execute(select(jobs).where(and_(*cond))).first()
-        if row is None:
-            return None
-        values = values(to_job(row))
-    # The changed row comes back from the update itself (RETURNING): no second statement to read it.
-    row = conn.execute(update(jobs).where(and_(*cond)).values(**values).returning(*jobs.c)).first()
-    if row is None:
-        return None
-    job = to_job(row)
-    if kind.is_ending and kind is not EventKind.SUCCEEDED:
-        give_back(conn, job)  # exactly once: only the one transition that ended it gets here
-    append_event(conn, job, kind, payload, rules)
-    return job
-
-
 def job_reads(is_sqlite: bool, position_sql: str) -> tuple[str, str]:
     """get_job's statement, without and with the queue's position of the row (its hooks' ``position_sql``), in
     the driver's own parameter style: written once per store, sent as is."""
@@ -313,74 +270,6 @@ def job_reads(is_sqlite: bool, position_sql: str) -> tuple[str, str]:
     columns = ", ".join(f"m.{c.name}" for c in jobs.columns)
     head, tail = f"SELECT {columns}, ", f" AS queue_position FROM jobs m WHERE {where}"
     return head + "NULL" + tail, head + position_sql + tail
-
-
-def job_row(job: Job) -> dict[str, Any]:
-    return {
-        "id": job.id,
-        "owner": job.owner,
-        "dialect": job.dialect,
-        "model": job.spec.model,
-        "status": job.status.value,
-        "spec": json.dumps(job.spec.to_dict()),
-        "request": json.dumps(job.request),
-        "created_at": job.created_at,
-        "attempts": 0,
-        "progress_done": 0,
-        "progress_total": job.spec.steps,
-        "outputs": "[]",
-        "cancel_requested": False,
-        "deadline": job.deadline,
-        "webhook": json.dumps(job.webhook) if job.webhook else None,
-        "idempotency_key": job.idempotency_key,
-        "fingerprint": job.fingerprint,
-        "previews": "[]",
-        "images": job.spec.num_images,
-        "megapixels": job.spec.num_images * job.spec.width * job.spec.height / 1e6,
-        "route": job.route,
-        "cost": job.cost,
-        "retain_s": job.retain_s,
-        "batch_id": job.batch_id,
-    }
-
-
-def outputs_json(outputs: list[Output]) -> str:
-    return json.dumps([o.__dict__ for o in outputs])
-
-
-def to_job(row: Row[Any]) -> Job:
-    return Job(
-        id=row.id,
-        owner=row.owner,
-        dialect=row.dialect,
-        spec=GenerationSpec.from_dict(json.loads(row.spec)),
-        request=json.loads(row.request),
-        status=Status(row.status),
-        created_at=row.created_at,
-        started_at=row.started_at,
-        completed_at=row.completed_at,
-        attempts=row.attempts,
-        worker_id=row.worker_id,
-        lease_expires_at=row.lease_expires_at,
-        cancel_requested=bool(row.cancel_requested),
-        progress_done=row.progress_done,
-        progress_total=row.progress_total,
-        outputs=tuple(Output(**o) for o in json.loads(row.outputs)),
-        error=row.error,
-        deadline=row.deadline,
-        webhook=json.loads(row.webhook) if row.webhook else None,
-        idempotency_key=row.idempotency_key,
-        fingerprint=row.fingerprint,
-        previews=tuple(json.loads(row.previews or "[]")),
-        files_expired_at=row.files_expired_at,
-        route=row.route,
-        cost=row.cost,
-        error_code=row.error_code,
-        note=row.note,
-        retain_s=row.retain_s,
-        batch_id=row.batch_id,
-        encode_s=row.encode_s,
-    )
 
 
 class DuplicateJob(Exception):

@@ -11,7 +11,7 @@ from sqlalchemy.engine import Connection, Row
 from ..job import Job, Status
 from ..limits import Usage, day_start
 from .db import Database
-from .jobs import to_job
+from .rows import to_job
 from .schema import job_events, jobs, webhook_deliveries
 
 

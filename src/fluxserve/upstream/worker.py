@@ -244,6 +244,14 @@ class UpstreamWorker(LeasedWorker):
         if not self._store(self._jobs.note_upstream, job, {"upstream": self.config.name, **payload}):
             raise _Stop("lost")
 
+    def _sending(self, job: Job, phase: str, index: int) -> None:
+        """Before a submit to an upstream that would make a second task of a resend ("submitting"), and after
+        one that never reached it ("unsent"): a new attempt then knows whether an answer was lost. An
+        idempotent upstream gets the resend with the same Idempotency-Key instead, so nothing is written (a
+        write transaction per relayed image)."""
+        if not self.config.idempotent:
+            self._record(job, {"phase": phase, "index": index})
+
     def _submit(
         self,
         job: Job,
@@ -255,7 +263,7 @@ class UpstreamWorker(LeasedWorker):
         abort: Callable[[], str | None],
     ) -> Task | Done:
         self._check(job, abort)
-        self._record(job, {"phase": "submitting", "index": index})
+        self._sending(job, "submitting", index)
         key = self.config.api_key()
         backoff = self.config.retry_base_s
         for attempt in range(self.config.retries + 1):
@@ -282,12 +290,12 @@ class UpstreamWorker(LeasedWorker):
                 if exc.maybe_sent and not self.config.idempotent:
                     raise Rejected(LOST_ANSWER.format(name=self.config.name)) from exc
                 if not exc.maybe_sent:  # never reached it, or answered an error: a stop now is no lost answer
-                    self._record(job, {"phase": "unsent", "index": index})
+                    self._sending(job, "unsent", index)
                 if attempt == self.config.retries or time.monotonic() + backoff > deadline:
                     raise
                 log.warning("job %s: upstream %s: %s; retry in %.1f s", job.id, self.config.name, exc.message, backoff)
                 self._sleep(job, backoff, abort)
-                self._record(job, {"phase": "submitting", "index": index})
+                self._sending(job, "submitting", index)
                 backoff *= 2
         if isinstance(answer, Task):
             self._record(job, {"phase": "task", "index": index, **answer.to_dict()})
