@@ -21,6 +21,11 @@ KEYS_CHANGED = "*keys"  # a payload's job id when an API key was revoked or chan
 
 _INSERT_EVENT = job_events.insert()  # built once: it is in every create's and transition's transaction
 # On PostgreSQL the NOTIFY rides on the insert (RETURNING evaluates it): one round trip, not two.
+_EVENTS = (  # a job's events after one: each upstream job reads them when it starts, waiters as they come
+    select(job_events)
+    .where(and_(job_events.c.job_id == bindparam("job_id"), job_events.c.id > bindparam("after")))
+    .order_by(job_events.c.id)
+)
 _INSERT_EVENT_NOTIFY = job_events.insert().returning(func.pg_notify(NOTIFY_CHANNEL, bindparam("notice")))
 
 
@@ -48,9 +53,5 @@ class EventQueries(Database):
 
     def events(self, job_id: str, after: int = 0) -> list[JobEvent]:
         with self._read() as conn:
-            rows = conn.execute(
-                select(job_events)
-                .where(and_(job_events.c.job_id == job_id, job_events.c.id > after))
-                .order_by(job_events.c.id)
-            ).all()
+            rows = conn.execute(_EVENTS, {"job_id": job_id, "after": after}).all()
         return [JobEvent(r.id, r.job_id, r.attempt, EventKind(r.kind), json.loads(r.payload), r.at) for r in rows]

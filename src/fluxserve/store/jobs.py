@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -11,6 +12,7 @@ from typing import Any
 from sqlalchemy import and_, bindparam, func, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.sql import Select
 
 from ..job import EventKind, Job, Status
 from ..spec import GenerationSpec
@@ -115,15 +117,10 @@ class JobQueries(Database):
         without rows.
 
         ``route``: only jobs routed to this upstream (None: the local devices' jobs)."""
-        query = select(jobs.c.id, jobs.c.model, jobs.c.spec, jobs.c.created_at).where(
-            jobs.c.status == Status.QUEUED.value
-        )
-        if models is not None:
-            query = query.where(jobs.c.model.in_(list(models)))
-        if route is not ANY_ROUTE:
-            query = query.where(jobs.c.route.is_(None) if route is None else jobs.c.route == route)
-        with self._read() as conn:
-            rows = conn.execute(query.order_by(*fetch_order()).limit(limit)).all()
+        routed = "any" if route is ANY_ROUTE else "local" if route is None else "one"
+        params = {"limit": limit, "models": list(models or ()), "route": route}
+        with self._read() as conn:  # every slot that wakes asks this: its statement is built once per shape
+            rows = conn.execute(_queued(models is not None, routed), params).all()
         return [(r.id, r.model, GenerationSpec.from_dict(json.loads(r.spec)), r.created_at) for r in rows]
 
     # writes (JobService only) ---------------------------------------------------
@@ -306,3 +303,13 @@ def insert_row(conn: Connection, job: Job, priority: int, queued: Mapping[str, A
         if job.idempotency_key is None:
             raise
         raise DuplicateJob(job.idempotency_key) from exc
+
+
+@functools.lru_cache(maxsize=8)
+def _queued(by_model: bool, route: str) -> Select[Any]:
+    query = select(jobs.c.id, jobs.c.model, jobs.c.spec, jobs.c.created_at).where(jobs.c.status == Status.QUEUED.value)
+    if by_model:
+        query = query.where(jobs.c.model.in_(bindparam("models", expanding=True)))
+    if route != "any":
+        query = query.where(jobs.c.route.is_(None) if route == "local" else jobs.c.route == bindparam("route"))
+    return query.order_by(*fetch_order()).limit(bindparam("limit"))
