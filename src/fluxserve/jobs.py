@@ -478,15 +478,20 @@ class JobService:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), POLL_S if remaining is None else min(POLL_S, remaining))
 
-    async def wait(self, job_id: str, owner: str, timeout: float | None = None) -> Job:
+    async def wait(self, job_id: str, owner: str, timeout: float | None = None, *, seen: Job | None = None) -> Job:
         """Wait until the job is terminal (or ``timeout`` passes) and return it as it is then. Woken only when
-        it may have ended, not on each step (a synchronous call has nothing to say in between)."""
+        it may have ended, not on each step (a synchronous call has nothing to say in between). ``seen``: the
+        job as the caller last read it (its create's answer): not read again before a wake-up or the next
+        poll (one store read fewer per synchronous call; an end just before this wait still wakes it)."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         with self._waiters.waiting(job_id, final_only=True) as wake:
             while True:
-                wake.clear()
-                job = await self.get(job_id, owner)
+                if seen is not None and not seen.status.is_terminal and not wake.is_set():
+                    job, seen = seen, None
+                else:
+                    wake.clear()
+                    job = await self.get(job_id, owner)
                 remaining = None if deadline is None else deadline - loop.time()
                 if job.status.is_terminal or (remaining is not None and remaining <= 0):
                     return job

@@ -6,10 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+# Jobs that ended while nobody here watched them, remembered so that a watcher registering just after (a
+# synchronous call that has not yet looked since its create) looks at once instead of at its next poll.
+ENDED_KEPT = 4096
 
 
 class Waiters:
@@ -17,6 +21,7 @@ class Waiters:
         self._lock = threading.Lock()
         self._by_job: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event, bool]]] = {}
         self._threads: dict[str, list[threading.Event]] = {}
+        self._ended: OrderedDict[str, None] = OrderedDict()
 
     def wake(self, job_id: str, *, final: bool = True) -> None:
         """From any thread: every watcher of this job looks now; ``final`` False (a step, a start): only those
@@ -24,6 +29,10 @@ class Waiters:
         with self._lock:
             waiters = list(self._by_job.get(job_id, []))
             threads = list(self._threads.get(job_id, []))
+            if final and not waiters and not threads:
+                self._ended[job_id] = None
+                if len(self._ended) > ENDED_KEPT:
+                    self._ended.popitem(last=False)
         for loop, ev, final_only in waiters:
             if final_only and not final:
                 continue
@@ -41,13 +50,27 @@ class Waiters:
         """An event set on each wake of this job (``final_only``: only when it may have ended), for as long as
         the caller watches it (on its own loop)."""
         waiter = (asyncio.get_running_loop(), asyncio.Event(), final_only)
-        return self._registered(self._by_job, job_id, waiter, waiter[1])
+        return self._registered(self._by_job, job_id, waiter, waiter[1], missed=waiter[1].set)
 
     @contextlib.contextmanager
-    def _registered(self, registry: dict[str, list[Any]], job_id: str, entry: Any, given: T) -> Iterator[T]:
-        """``entry`` listed under the job while the caller holds ``given``; unlisted after, the job's list too."""
+    def _registered(
+        self,
+        registry: dict[str, list[Any]],
+        job_id: str,
+        entry: Any,
+        given: T,
+        missed: Callable[[], None] | None = None,
+    ) -> Iterator[T]:
+        """``entry`` listed under the job while the caller holds ``given``; unlisted after, the job's list too.
+        ``missed``: called at once when the job ended before this listing (in the same lock section: never
+        both missed and unannounced)."""
         with self._lock:
             registry.setdefault(job_id, []).append(entry)
+            ended = job_id in self._ended
+            if ended and missed is not None:
+                del self._ended[job_id]
+        if ended and missed is not None:
+            missed()
         try:
             yield given
         finally:

@@ -134,7 +134,7 @@ async def _generate(request: Request, services: Services, owner: str, body: Txt2
         echo["override_settings"] = _used_settings(body.override_settings)
     job = await submit(services, request, owner, "a1111", spec, echo, inputs)
     while not job.status.is_terminal:
-        job = await services.jobs.wait(job.id, owner, timeout=1.0)
+        job = await services.jobs.wait(job.id, owner, timeout=1.0, seen=job)
         if not job.status.is_terminal and await request.is_disconnected():
             await services.jobs.cancel(job.id, owner)
             raise ClientDisconnected("The client closed the connection before the images were ready.")

@@ -253,7 +253,7 @@ async def run(app: str, request: Request, services: ServicesDep, owner: str = Ow
     cancels its job, as the OpenAI route does."""
     job, inline = await _create(app, request, services, owner)
     while not job.status.is_terminal:
-        job = await services.jobs.wait(job.id, owner, timeout=1.0)
+        job = await services.jobs.wait(job.id, owner, timeout=1.0, seen=job)
         if not job.status.is_terminal and await request.is_disconnected():
             await services.jobs.cancel(job.id, owner)
             raise ClientDisconnected("The client closed the connection before the images were ready.")

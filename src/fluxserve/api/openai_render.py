@@ -131,7 +131,7 @@ async def run_and_render(
     if echo.get("async") or echo.get("async_") or "respond-async" in request.headers.get("prefer", "").lower():
         return JSONResponse(task_body(services, job), status_code=202)
     while not job.status.is_terminal:
-        job = await services.jobs.wait(job.id, owner, timeout=1.0)
+        job = await services.jobs.wait(job.id, owner, timeout=1.0, seen=job)
         # A client that gave up (a closed chat tab, a timeout) frees the GPU. A job shared through an
         # Idempotency-Key may have another waiter (a retry replays it), so it runs on, but this request
         # stops waiting for it all the same.

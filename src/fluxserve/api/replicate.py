@@ -183,7 +183,7 @@ async def _create(request: Request, services: Services, owner: str, name: str, b
         if job.queue_position is None:  # a replay of an earlier create: as that job is now
             job = await services.jobs.get(job.id, owner)
         return JSONResponse(render(services, job), status_code=201)
-    job = await services.jobs.wait(job.id, owner, timeout=wait_s)
+    job = await services.jobs.wait(job.id, owner, timeout=wait_s, seen=job)
     answer = render(services, job)
     if not job.status.is_terminal:
         # As replicate.com: a blocking create that is not done when the wait ends says "starting", which
