@@ -7,6 +7,7 @@ import json
 import math
 import struct
 import zlib
+from collections.abc import Iterator
 
 from PIL import Image, PngImagePlugin
 
@@ -73,8 +74,10 @@ def stamp(data: bytes, fmt: str, metadata: dict[str, object]) -> tuple[bytes, tu
     try:
         with Image.open(io.BytesIO(data)) as img:
             kind, mode, size = img.format, img.mode, img.size
-            upright = img.getexif().get(_EXIF_ORIENTATION, 1) == 1
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            # A PNG's getexif() decodes the whole image (its eXIf chunk may follow the pixels): read ours.
+            exif = _png_exif(data) if kind == "PNG" else img.getexif()
+            upright = exif.get(_EXIF_ORIENTATION, 1) == 1
+    except (OSError, SyntaxError, ValueError, struct.error, Image.DecompressionBombError):
         return None
     if mode != "RGB" or kind != fmt.upper() or not upright:
         return None
@@ -96,22 +99,39 @@ _PNG_TEXT = (b"tEXt", b"iTXt", b"zTXt")
 _OURS = (b"parameters\0", b"Software\0")
 
 
+def _png_chunks(data: bytes) -> Iterator[tuple[bytes, int, int]]:
+    """(kind, start, end) of each chunk, its CRC checked (a corrupt answer is decoded, and refused, instead)."""
+    at = 8
+    while at < len(data):
+        (length,) = struct.unpack(">I", data[at : at + 4])
+        end = at + 12 + length
+        if end > len(data):
+            raise ValueError("a PNG chunk runs past the end")
+        if zlib.crc32(data[at + 4 : end - 4]) != struct.unpack(">I", data[end - 4 : end])[0]:
+            raise ValueError("a PNG chunk whose CRC does not match")
+        yield data[at + 4 : at + 8], at, end
+        at = end
+
+
+def _png_exif(data: bytes) -> Image.Exif:
+    exif = Image.Exif()
+    for kind, start, end in _png_chunks(data):
+        if kind == b"eXIf":
+            exif.load(data[start + 8 : end - 4])
+    return exif
+
+
 def _png_with_text(data: bytes, metadata: dict[str, object]) -> bytes:
     """The same chunks encode_image writes (iTXt "parameters", tEXt "Software") right after IHDR, where
     readers see them before the pixels; the image's own chunks of those names dropped."""
-    out, at, kind = [data[:8]], 8, b""
+    out, kind = [data[:8]], b""
     text = json.dumps(metadata, ensure_ascii=False).encode()
-    while at < len(data):
-        (length,) = struct.unpack(">I", data[at : at + 4])
-        kind, end = data[at + 4 : at + 8], at + 12 + length
-        if end > len(data):
-            raise ValueError("a PNG chunk runs past the end")
+    for kind, at, end in _png_chunks(data):
         if not (kind in _PNG_TEXT and data[at + 8 : end - 4].startswith(_OURS)):
             out.append(data[at:end])
         if kind == b"IHDR":
             out.append(_png_chunk(b"iTXt", b"parameters\0\0\0\0\0" + text))
             out.append(_png_chunk(b"tEXt", b"Software\0fluxserve"))
-        at = end
     if kind != b"IEND":
         raise ValueError("a PNG without its end chunk (cut short)")
     return b"".join(out)
