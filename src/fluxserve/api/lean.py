@@ -29,6 +29,7 @@ import pydantic_core
 from fastapi import params
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from pydantic import TypeAdapter, ValidationError
 from starlette.datastructures import Headers, QueryParams
 from starlette.requests import Request
 from starlette.responses import Response
@@ -39,9 +40,8 @@ from .deps import OwnerFrom, owner_of, services_dep
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 _LEAN = "__fluxserve_lean__"
-# pydantic's lax bool, as FastAPI reads a bool query parameter; any other value goes on to FastAPI's 422.
-_BOOLS = {"0": False, "off": False, "f": False, "false": False, "n": False, "no": False}
-_BOOLS |= {"1": True, "on": True, "t": True, "true": True, "y": True, "yes": True}
+# A bool query parameter read by pydantic, as FastAPI reads it; a value it refuses goes on to FastAPI's 422.
+_BOOL = TypeAdapter(bool)
 
 
 def lean(endpoint: F) -> F:
@@ -139,10 +139,11 @@ def _query(plan: LeanPlan, scope: Scope) -> dict[str, Any] | None:
             values[p.name] = p.default
         elif p.kind == "str":
             values[p.name] = raw
-        elif (flag := _BOOLS.get(raw.lower())) is not None:
-            values[p.name] = flag
         else:
-            return None
+            try:
+                values[p.name] = _BOOL.validate_python(raw)
+            except ValidationError:
+                return None
     return values
 
 
