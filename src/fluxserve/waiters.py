@@ -21,7 +21,7 @@ class Waiters:
         self._lock = threading.Lock()
         self._by_job: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event, bool]]] = {}
         self._threads: dict[str, list[threading.Event]] = {}
-        self._ended: OrderedDict[str, None] = OrderedDict()
+        self._ended: OrderedDict[str, bool] = OrderedDict()
 
     def wake(self, job_id: str, *, final: bool = True) -> None:
         """From any thread: every watcher of this job looks now; ``final`` False (a step, a start): only those
@@ -30,7 +30,7 @@ class Waiters:
             waiters = list(self._by_job.get(job_id, []))
             threads = list(self._threads.get(job_id, []))
             if final and not waiters and not threads:
-                self._ended[job_id] = None
+                self._ended[job_id] = True
                 if len(self._ended) > ENDED_KEPT:
                     self._ended.popitem(last=False)
         for loop, ev, final_only in waiters:
@@ -66,9 +66,7 @@ class Waiters:
         both missed and unannounced)."""
         with self._lock:
             registry.setdefault(job_id, []).append(entry)
-            ended = job_id in self._ended
-            if ended and missed is not None:
-                del self._ended[job_id]
+            ended = missed is not None and self._ended.pop(job_id, False)
         if ended and missed is not None:
             missed()
         try:
