@@ -91,7 +91,8 @@ class JobService:
             return None
         if kind is not EventKind.PROGRESS and kind is not EventKind.PREVIEW:  # one line per transition, not step
             log.info("job %s %s model=%s attempt=%d", *job_line(job, kind), extra=job_fields(job, kind))
-        self.wake(job.id, final=job.status.is_terminal)
+        final = job.status.is_terminal
+        self._waiters.wake(job.id, final=final, ended=job if final else None)
         for callback in self._on_change:
             try:
                 callback(job, kind)
@@ -231,6 +232,7 @@ class JobService:
         lease_before: float | None = None,
         price: Callable[[Job], float | None] | None = None,
         then: Callable[[Any, Job], None] | None = None,
+        uncanceled: bool = False,
     ) -> Job | None:
         return self._changed(
             self.store.transition(
@@ -244,6 +246,7 @@ class JobService:
                 payload=payload,
                 lease_before=lease_before,
                 then=then,
+                uncanceled=uncanceled,
             ),
             kind,
         )
@@ -280,9 +283,9 @@ class JobService:
         """``encode_s``: the time spent encoding and storing its images (the metrics' encoding stage); ``mark``:
         the watermark its images carry (provenance), by which a check finds the job.
 
-        A job whose cancel was accepted meanwhile ends canceled: clients were told so when they asked."""
-        if self.store.is_cancel_requested(job.id):
-            return self.finish_canceled(job)
+        A job whose cancel was accepted meanwhile ends canceled: clients were told so when they asked. The
+        success is written only while no cancel is asked (one statement, no read before it); refused, the
+        flag is read to tell a cancel from a lost claim."""
         values = {
             "status": Status.SUCCEEDED.value,
             "completed_at": time.time(),
@@ -298,7 +301,10 @@ class JobService:
             record_usage(conn, done.id, slug or "", len(outputs), now)
 
         payload = {"outputs": [o.key for o in outputs]}
-        return self._fenced(job, EventKind.SUCCEEDED, values, payload, then=count if slug else None) is not None
+        then = count if slug else None
+        if self._fenced(job, EventKind.SUCCEEDED, values, payload, then=then, uncanceled=True) is not None:
+            return True
+        return self.store.is_cancel_requested(job.id) and self.finish_canceled(job)
 
     def fail(self, job: Job, error: str, *, lease_before: float | None = None, code: str | None = None) -> bool:
         values = {"status": Status.FAILED.value, "completed_at": time.time(), "error": error, "error_code": code}
@@ -489,6 +495,8 @@ class JobService:
             while True:
                 if seen is not None and not seen.status.is_terminal and not wake.is_set():
                     job, seen = seen, None
+                elif wake.ended is not None and secrets.compare_digest(wake.ended.owner, owner):
+                    job = note_read(wake.ended)  # its end as written here: no read of the row just written
                 else:
                     wake.clear()
                     job = await self.get(job_id, owner)

@@ -16,16 +16,29 @@ T = TypeVar("T")
 ENDED_KEPT = 4096
 
 
+class Watch(asyncio.Event):
+    """A watcher's wake-up; ``ended``: the job as its end was written here, when the waker had it (a
+    synchronous call answers from it instead of reading the row it was just told about)."""
+
+    ended: Any = None
+
+    def end(self, ended: Any) -> None:
+        if ended is not None:
+            self.ended = ended
+        self.set()
+
+
 class Waiters:
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._by_job: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event, bool]]] = {}
+        self._by_job: dict[str, list[tuple[asyncio.AbstractEventLoop, Watch, bool]]] = {}
         self._threads: dict[str, list[threading.Event]] = {}
         self._ended: OrderedDict[str, bool] = OrderedDict()
 
-    def wake(self, job_id: str, *, final: bool = True) -> None:
+    def wake(self, job_id: str, *, final: bool = True, ended: Any = None) -> None:
         """From any thread: every watcher of this job looks now; ``final`` False (a step, a start): only those
-        that follow each change, not those waiting for the end (waking a loop is a syscall and a re-read)."""
+        that follow each change, not those waiting for the end (waking a loop is a syscall and a re-read).
+        ``ended``: the ended job as written, handed to the watchers (None: they read it)."""
         with self._lock:
             waiters = list(self._by_job.get(job_id, []))
             threads = list(self._threads.get(job_id, []))
@@ -37,7 +50,7 @@ class Waiters:
             if final_only and not final:
                 continue
             with contextlib.suppress(RuntimeError):  # that watcher's loop has closed
-                loop.call_soon_threadsafe(ev.set)
+                loop.call_soon_threadsafe(ev.end, ended)
         for event in threads:
             event.set()
 
@@ -46,10 +59,10 @@ class Waiters:
         event = threading.Event()
         return self._registered(self._threads, job_id, event, event)
 
-    def waiting(self, job_id: str, *, final_only: bool = False) -> contextlib.AbstractContextManager[asyncio.Event]:
+    def waiting(self, job_id: str, *, final_only: bool = False) -> contextlib.AbstractContextManager[Watch]:
         """An event set on each wake of this job (``final_only``: only when it may have ended), for as long as
         the caller watches it (on its own loop)."""
-        waiter = (asyncio.get_running_loop(), asyncio.Event(), final_only)
+        waiter = (asyncio.get_running_loop(), Watch(), final_only)
         return self._registered(self._by_job, job_id, waiter, waiter[1], missed=waiter[1].set)
 
     @contextlib.contextmanager

@@ -158,6 +158,32 @@ def test_cancel_of_queued_job_is_immediate_and_of_running_job_is_flagged(tmp_pat
     assert _kinds(jobs, running.id)[-2:] == ["cancel_requested", "canceled"]
 
 
+def test_a_completion_after_an_accepted_cancel_ends_canceled_and_a_lost_claim_ends_nothing(tmp_path: Path) -> None:
+    """The success is fenced on the cancel flag in its own statement: the images arrived, but the client was
+    told its cancel was accepted, so the job ends canceled (its outputs unrecorded); a stale claim changes
+    nothing either way."""
+    jobs = _service(tmp_path)
+    out = [Output("x/out-0.png", 1, 256, 256, "png")]
+    job = _submit(jobs)
+    claimed = jobs.claim("w1")
+    assert claimed is not None
+    jobs.cancel_sync(job.id, "o")
+    assert jobs.complete(claimed, out)
+    done = jobs.get_sync(job.id, "o")
+    assert done.status is Status.CANCELED and not done.outputs
+    assert _kinds(jobs, job.id)[-2:] == ["cancel_requested", "canceled"]
+    assert not jobs.complete(claimed, out)  # already ended: nothing changes
+    other = _submit(jobs)
+    first = jobs.claim("w1")
+    assert first is not None and first.id == other.id
+    assert jobs.requeue(first, "lost", give_back_attempt=False)
+    assert not jobs.complete(first, out)  # its claim is gone (no cancel asked): refused, still queued
+    assert jobs.get_sync(other.id, "o").status is Status.QUEUED
+    second = jobs.claim("w2")
+    assert second is not None and jobs.complete(second, out)
+    assert jobs.get_sync(other.id, "o").status is Status.SUCCEEDED
+
+
 def test_deadline_aborts_a_queued_job(tmp_path: Path) -> None:
     jobs = _service(tmp_path)
     job = _submit(jobs, deadline=time.time() - 1)

@@ -70,6 +70,9 @@ class LocalDispatcher:
         self._lock = threading.Lock()
         self._idle: dict[int, list[threading.Event]] = {id(w): [] for w in workers}
         self._taken: set[str] = set()  # job ids a slot of this process is claiming or running
+        # An idle slot woken for a new job: that job's id, which it claims without reading the queue first (it
+        # was idle, so nothing else queued was waiting for it; the fair order decides among jobs that wait).
+        self._hints: dict[threading.Event, str] = {}
         # Per worker: jobs announced while all its slots were busy; a slot that finishes a job looks again
         # only while this is above zero (otherwise nothing new can be queued for it: it would find nothing).
         self._backlog: dict[int, int] = dict.fromkeys(self._idle, 0)
@@ -114,14 +117,16 @@ class LocalDispatcher:
             self.wake()  # no worker names its model: whoever can say so (fails it with a clear error) looks
             return
         warm = [w for w in able if job.spec.model in w.loaded_models()]
-        self._wake_one([*warm, *able], able)
+        self._wake_one([*warm, *able], able, job.id)
 
-    def _wake_one(self, order: list[AnyWorker], able: list[AnyWorker]) -> None:
+    def _wake_one(self, order: list[AnyWorker], able: list[AnyWorker], job_id: str | None = None) -> None:
         with self._lock:  # one section: a slot going idle sees either its wake-up or the backlog, never neither
             event = next((self._idle[id(w)].pop() for w in order if self._idle[id(w)]), None)
             if event is None:
                 for w in able:
                     self._backlog[id(w)] += 1
+            elif job_id is not None:
+                self._hints[event] = job_id
         if event is not None:
             event.set()
 
@@ -239,8 +244,18 @@ class LocalDispatcher:
             return False
         if worker.sleeping:
             return False  # POST /sleep: jobs stay queued until /wake_up
+        with self._lock:
+            hint = self._hints.pop(event, None)
+        if hint is not None and self._run_first(worker, event, [hint]):
+            return True  # the job its wake-up named (a read of the queue fewer on each job's way in)
         queued = self._jobs.store.queued(limit=CANDIDATES, models=worker.models(), route=worker.route)
-        for job_id in warm_first(queued, worker.loaded_models(), worker.max_model_wait_s, time.time()):
+        return self._run_first(
+            worker, event, warm_first(queued, worker.loaded_models(), worker.max_model_wait_s, time.time())
+        )
+
+    def _run_first(self, worker: AnyWorker, event: threading.Event, job_ids: list[str]) -> bool:
+        """Claim and run the first of these that is still queued; whether one ran."""
+        for job_id in job_ids:
             if self._stopping.is_set():
                 return False
             with self._lock:  # another slot here is claiming it: never two claims of one job from this process
@@ -249,7 +264,9 @@ class LocalDispatcher:
                 self._taken.add(job_id)
             try:
                 if self._listed(worker, event, listed=False):  # hand that wake-up on to another slot
-                    self._wake_one([worker], [worker])
+                    with self._lock:
+                        handed = self._hints.pop(event, None)
+                    self._wake_one([worker], [worker], handed)
                 if worker.run_claimed(job_id):
                     return True
             finally:

@@ -139,15 +139,17 @@ class JobQueries(Database):
         route: Any = ANY_ROUTE,
         price: Callable[[Job], float | None] | None = None,
         then: Callable[[Connection, Job], None] | None = None,
+        uncanceled: bool = False,
     ) -> Job | None:
-        """Change one job if it is still in an expected status (and, when given, the same claim or route).
+        """Change one job if it is still in an expected status (and, when given, the same claim or route;
+        ``uncanceled``: no cancel asked).
 
         The event row and any webhook deliveries are written in the same transaction. None: refused.
         ``price``: a route change's price for the job where it goes; the difference with what it holds is
         held or given back in the same transaction (PaymentRequired: nothing changes). ``then``: more writes
         of the changed job's, in the same transaction (a success's licence usage).
         """
-        fence = Fence(job_id, attempt, worker_id, route)
+        fence = Fence(job_id, attempt, worker_id, route, uncanceled)
         with self._write() as conn:
             job = transition_row(
                 conn, fence, kind, list(expect), values, payload or {}, lease_before, self.webhook_rules

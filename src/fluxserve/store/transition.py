@@ -39,6 +39,7 @@ class Fence:
     attempt: int | None = None
     worker_id: str | None = None
     route: Any = ANY_ROUTE  # only while the job is on this route (None: local)
+    uncanceled: bool = False  # only while no cancel was asked (a completion: the caller then ends it canceled)
 
 
 def transition_row(
@@ -52,7 +53,8 @@ def transition_row(
     rules: Mapping[str, WebhookRules],
 ) -> Job | None:
     route = "any" if fence.route is ANY_ROUTE else "local" if fence.route is None else "one"
-    shape = (fence.attempt is not None, fence.worker_id is not None, route, lease_before is not None, len(expect))
+    lease = lease_before is not None
+    shape: Shape = (fence.attempt is not None, fence.worker_id is not None, route, lease, len(expect), fence.uncanceled)
     params: dict[str, Any] = {"f_id": fence.job_id, "f_attempt": fence.attempt, "f_worker": fence.worker_id}
     params |= {"f_route": fence.route, "f_lease": lease_before}
     params |= {f"f_status{i}": s.value for i, s in enumerate(expect)}
@@ -74,11 +76,11 @@ def transition_row(
     return job
 
 
-Shape = tuple[bool, bool, str, bool, int]
+Shape = tuple[bool, bool, str, bool, int, bool]
 
 
 def _where(shape: Shape) -> ColumnElement[bool]:
-    attempt, worker, route, lease, statuses = shape
+    attempt, worker, route, lease, statuses, uncanceled = shape
     cond = [jobs.c.id == bindparam("f_id"), jobs.c.status.in_([bindparam(f"f_status{i}") for i in range(statuses)])]
     if attempt:
         cond.append(jobs.c.attempts == bindparam("f_attempt"))
@@ -88,6 +90,8 @@ def _where(shape: Shape) -> ColumnElement[bool]:
         cond.append(jobs.c.route.is_(None) if route == "local" else jobs.c.route == bindparam("f_route"))
     if lease:  # only if the lease is still expired (its worker may have renewed it)
         cond.append(jobs.c.lease_expires_at < bindparam("f_lease"))
+    if uncanceled:
+        cond.append(jobs.c.cancel_requested.is_(False))
     return and_(*cond)
 
 
