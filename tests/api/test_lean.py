@@ -44,8 +44,11 @@ def _through_fastapi(app: Any) -> Iterator[None]:
         layer._plans = saved
 
 
-def _answered(client: TestClient, path: str, headers: dict[str, str]) -> tuple[httpx.Response, httpx.Response, int]:
-    """(lean answer, FastAPI's answer, how many requests the lean path answered)."""
+def _answered(
+    client: TestClient, path: str, headers: dict[str, str], body: Any = None
+) -> tuple[httpx.Response, httpx.Response, int]:
+    """(lean answer, FastAPI's answer, how many requests the lean path answered); a POST of ``body`` when one
+    is given (``bytes``: sent as they are), else a GET."""
     layer = _lean(client.app)
     answer, taken = layer._answer, []
 
@@ -53,13 +56,20 @@ def _answered(client: TestClient, path: str, headers: dict[str, str]) -> tuple[h
         taken.append(1)
         await answer(*args)
 
+    def ask() -> httpx.Response:
+        if body is None:
+            return client.get(path, headers=headers)
+        if isinstance(body, bytes):
+            return client.post(path, content=body, headers={**headers, "Content-Type": "application/json"})
+        return client.post(path, json=body, headers=headers)
+
     layer._answer = counted  # type: ignore[method-assign]
     try:
-        first = client.get(path, headers=headers)
+        first = ask()
     finally:
         del layer._answer
     with _through_fastapi(client.app):
-        second = client.get(path, headers=headers)
+        second = ask()
     return first, second, len(taken)
 
 
@@ -96,8 +106,8 @@ def _polls(client: TestClient, engine: FakeEngine) -> dict[str, tuple[str, dict[
 
 def test_every_lean_route_answers_what_fastapi_answers(client: TestClient, fake_engine: FakeEngine) -> None:
     polls = _polls(client, fake_engine)
-    marked = {plan.route.path for plan in _lean(client.app)._plans}
-    assert marked == set(polls), "a route marked @lean needs a case here"
+    gets = {plan.route.path for plan in _lean(client.app)._plans if plan.route.methods == {"GET"}}
+    assert gets == set(polls), "a route marked @lean needs a case here"
     for route, (path, headers) in polls.items():  # while the jobs wait
         for _ in range(5):  # the PostgreSQL queue has no sleep: a job may change between the two reads
             lean_answer, fastapi_answer, taken = _answered(client, path, headers)
@@ -132,6 +142,79 @@ def _wait_until_all_ended(client: TestClient) -> None:
     raise AssertionError("the jobs did not end within 30 s")
 
 
+# Each lean create: its path, key header and a body. BFL's routes share one endpoint (one case covers them).
+CREATES: dict[str, tuple[str, dict[str, str], dict[str, Any]]] = {
+    "/v1/images/generations": ("/v1/images/generations", AUTH, {"model": "flux-schnell", "prompt": "p", "n": 1}),
+    "/v1/models/{owner_name}/{name}/predictions": (
+        "/v1/models/black-forest-labs/flux-dev/predictions",
+        AUTH,
+        {"input": {"prompt": "p", "num_inference_steps": 4}},
+    ),
+    "/v1/predictions": (
+        "/v1/predictions",
+        AUTH,
+        {"version": "black-forest-labs/flux-schnell", "input": {"prompt": "p"}},
+    ),
+    "/v1/flux-dev": ("/v1/flux-dev", {"x-key": API_KEY}, {"prompt": "p", "width": 256, "height": 256}),
+    "/vmodel/generate": ("/vmodel/generate", AUTH, {"model": "flux-schnell", "input": {"prompt": "p"}}),
+    "/sdapi/v1/txt2img": ("/sdapi/v1/txt2img", AUTH, {"prompt": "p", "width": 256, "height": 256}),
+    "/fal-ai/{app:path}": ("/fal-ai/flux/dev", FAL, {"prompt": "p", "image_size": "square"}),
+    "/fal-run/fal-ai/{app:path}": ("/fal-run/fal-ai/flux/schnell", FAL, {"prompt": "p", "image_size": "square"}),
+}
+
+
+def _shape(value: Any) -> Any:
+    """A JSON value with every string and number replaced by its type (ids, times and images differ per job)."""
+    if isinstance(value, dict):
+        return {k: _shape(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_shape(v) for v in value]
+    return value if value is None or isinstance(value, bool) else type(value).__name__
+
+
+def test_every_lean_create_answers_as_fastapi_does(client: TestClient) -> None:
+    """The same status, headers and JSON shape either way (two jobs: ids, times and images differ)."""
+    routes = [plan.route for plan in _lean(client.app)._plans if plan.route.methods == {"POST"}]
+    covered = {r.endpoint.__code__ for r in routes if r.path in CREATES}
+    assert all(r.endpoint.__code__ in covered for r in routes), "a create marked @lean needs a case here"
+    for route, (path, headers, body) in CREATES.items():
+        lean_answer, fastapi_answer, taken = _answered(client, path, headers, body)
+        assert (taken, lean_answer.status_code) == (1, fastapi_answer.status_code), (route, lean_answer.text[:300])
+        assert lean_answer.is_success, (route, lean_answer.text[:300])
+        assert _shape(lean_answer.json()) == _shape(fastapi_answer.json()), route
+        assert sorted(lean_answer.headers) == sorted(fastapi_answer.headers), route
+        for header in ("content-type", "cache-control", "access-control-expose-headers", "x-ratelimit-limit"):
+            assert lean_answer.headers.get(header) == fastapi_answer.headers.get(header), (route, header)
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "body"),
+    [
+        ("/v1/images/generations", AUTH, b"{not json"),
+        ("/v1/images/generations", AUTH, {"model": "flux-schnell"}),  # no prompt
+        ("/v1/images/generations", AUTH, {"model": "no-such-model", "prompt": "p"}),
+        ("/v1/images/generations", {}, {"prompt": "p"}),  # no key
+        ("/v1/images/generations", AUTH, {"prompt": "p", "size": "7x7"}),
+        ("/v1/predictions", AUTH, {"input": {"prompt": "p"}}),  # no version
+        ("/v1/models/someone/flux-dev/predictions", AUTH, {"input": {"prompt": "p"}}),
+        ("/v1/models/black-forest-labs/flux-dev/predictions", AUTH, {"input": {"num_inference_steps": "x"}}),
+        ("/v1/flux-dev", {"x-key": "wrong-key-0123456789"}, {"prompt": "p"}),
+        ("/v1/flux-dev", {"x-key": API_KEY}, {"prompt": "p", "width": 1}),
+        ("/bfl/v1/flux-dev", {"x-key": API_KEY}, [1, 2]),  # under the relay's provider prefix
+        ("/vmodel/generate", AUTH, {"model": "flux-schnell"}),
+        ("/sdapi/v1/txt2img", {"Authorization": "Basic eDp5"}, {"prompt": "p"}),
+        ("/fal-ai/flux/dev", FAL, {"prompt": "p", "image_size": "enormous"}),
+        ("/fal-run/fal-ai/no/such/app", FAL, {"prompt": "p"}),
+    ],
+)
+def test_a_refused_create_is_the_same_envelope_either_way(
+    client: TestClient, path: str, headers: dict[str, str], body: Any
+) -> None:
+    lean_answer, fastapi_answer, taken = _answered(client, path, headers, body)
+    assert taken == 1 and lean_answer.status_code >= 400, lean_answer.text[:300]
+    _same(lean_answer, fastapi_answer, path)
+
+
 @pytest.mark.parametrize(
     ("path", "headers"),
     [
@@ -160,13 +243,15 @@ def test_a_lean_answer_is_logged_and_counted_under_its_route(
 ) -> None:
     with TestClient(create_app(settings, engine=FakeEngine()), client=("127.0.0.1", 50000)) as client:
         path = _creates(client)["replicate"]()
+        create = "/v1/models/{owner_name}/{name}/predictions"
         with caplog.at_level(logging.INFO, logger="fluxserve.request"):
             _, _, taken = _answered(client, path, AUTH)
+            _, _, created = _answered(client, *CREATES[create])
         metrics = client.get("/metrics").text
-    assert taken == 1
+    assert (taken, created) == (1, 1)
     lines = [r.getMessage() for r in caplog.records if r.name == "fluxserve.request"]
-    assert [line.split()[1] for line in lines] == ["/v1/predictions/{job_id}"] * 2, lines
-    assert 'route="/v1/predictions/{job_id}"' in metrics
+    assert [line.split()[1] for line in lines] == ["/v1/predictions/{job_id}"] * 2 + [create] * 2, lines
+    assert 'route="/v1/predictions/{job_id}"' in metrics and f'route="{create}"' in metrics
 
 
 def test_the_router_keeps_a_path_an_earlier_route_answers_first() -> None:
@@ -208,12 +293,19 @@ def test_a_route_the_lean_path_cannot_answer_fails_when_the_app_is_built() -> No
     async def thing(thing_id: int, services: ServicesDep, owner: OwnerDep) -> dict[str, Any]:
         return {}
 
-    @router.post("/other")
+    @router.put("/other")
     @lean
     async def other(services: ServicesDep) -> dict[str, Any]:
         return {}
 
+    @router.post("/bare")
+    @lean
+    async def bare(services: ServicesDep):  # type: ignore[no-untyped-def]  # no response field to encode by
+        return {}
+
     with pytest.raises(TypeError, match="thing_id"):
         plans(router.routes[:1])
-    with pytest.raises(TypeError, match="plain GETs"):
-        plans(router.routes[1:])
+    with pytest.raises(TypeError, match="plain GETs or POSTs"):
+        plans(router.routes[1:2])
+    with pytest.raises(TypeError, match="plain GETs or POSTs"):
+        plans(router.routes[2:])

@@ -168,6 +168,7 @@ def _response(services: Services, job: Job, body: Txt2Img, model: ModelSpec) -> 
 
 
 @router.post("/txt2img", openapi_extra=json_body(Txt2Img))
+@lean
 async def txt2img(request: Request, services: ServicesDep, owner: str = Owner) -> Any:
     body = await read_json(request, Txt2Img)
     return await _generate(request, services, owner, body, [])

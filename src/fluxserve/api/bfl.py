@@ -72,7 +72,8 @@ def _router_for(endpoint: str) -> None:
         return await _create(endpoint, request, services, owner)
 
     create.__name__ = f"create_{endpoint.replace('-', '_').replace('.', '_')}"
-    router.add_api_route(f"/{endpoint}", create, methods=["POST"], openapi_extra=json_body(ENDPOINTS[endpoint][1]))
+    body = json_body(ENDPOINTS[endpoint][1])
+    router.add_api_route(f"/{endpoint}", lean(create), methods=["POST"], openapi_extra=body)
 
 
 for _endpoint in ENDPOINTS:

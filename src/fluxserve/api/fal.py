@@ -240,6 +240,7 @@ def _timed_out(job: Job) -> JSONResponse | None:
 
 
 @router.post("/{app:path}", openapi_extra=json_body(FalInput))
+@lean
 async def create(app: str, request: Request, services: ServicesDep, owner: str = Owner) -> Any:
     """The queue (queue.fal.run): always a receipt. ``sync_mode`` makes the result's images data URIs."""
     job, _ = await _create(app, request, services, owner)
@@ -248,6 +249,7 @@ async def create(app: str, request: Request, services: ServicesDep, owner: str =
 
 
 @run_router.post("/{app:path}", openapi_extra=json_body(FalInput))
+@lean
 async def run(app: str, request: Request, services: ServicesDep, owner: str = Owner) -> Any:
     """fal's synchronous run (fal.run): the result itself, once the images are ready; a client that leaves
     cancels its job, as the OpenAI route does."""

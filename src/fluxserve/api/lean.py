@@ -1,14 +1,17 @@
-"""The lean read path: the hot GETs (every dialect's poll of a job) answered without FastAPI's per-request
-machinery.
+"""The lean path: the hot routes (every dialect's poll of a job, and its JSON create) answered without
+FastAPI's per-request machinery.
 
 A poll is most of an API node's load (clients poll every 0.5-3 s per job in flight). Measured in-process on
 the 2-core CI machine, a Replicate poll cost ~580 us through FastAPI of which ~200 us were its exception
 middleware, the scan of ~150 routes, dependency solving and the response model's validation; the job read,
-its rendering and our middlewares (logs, ETag, CORS) are the rest. A route marked ``@lean`` is answered here
-instead, by its own endpoint function: this resolves the endpoint's parameters itself (path parameters,
-scalar query parameters, ``ServicesDep`` and an ``OwnerFrom`` key dependency, the only kinds allowed, checked
-when the app is built) and encodes its dict with pydantic's serializer, as FastAPI does. The answer is the
-same bytes either way (tests/api/test_lean.py compares them route by route).
+its rendering and our middlewares (logs, ETag, CORS) are the rest. A create pays the same: an OpenAI create cost
+1.29-1.46 ms of CPU in-process through FastAPI, 1.13-1.19 ms here (interleaved, two runs). A route marked ``@lean`` is
+answered here instead, by its own endpoint function: this resolves the endpoint's parameters itself (path
+parameters, scalar query parameters, ``ServicesDep``, an ``OwnerFrom`` key dependency and the ``Request``,
+from which a create reads and validates its own body, as it does under FastAPI; the only kinds allowed,
+checked when the app is built) and encodes its dict with pydantic's serializer, as FastAPI does. The answer
+is the same either way (tests/api/test_lean.py compares them route by route: polls byte for byte, creates by
+status, headers and shape, refusals byte for byte).
 
 It sits inside every middleware of ours (request log, job headers, CORS, body limit) and outside FastAPI's
 router: what it does not answer (another method or path, a query it cannot read) goes on to the router
@@ -45,7 +48,7 @@ _BOOL = TypeAdapter(bool)
 
 
 def lean(endpoint: F) -> F:
-    """Mark a GET endpoint to be answered by the lean path (under the route decorator)."""
+    """Mark a GET or POST endpoint to be answered by the lean path (under the route decorator)."""
     setattr(endpoint, _LEAN, True)
     return endpoint
 
@@ -53,7 +56,7 @@ def lean(endpoint: F) -> F:
 @dataclass(frozen=True)
 class _Param:
     name: str
-    kind: str  # "path", "services", "owner", "str", "bool"
+    kind: str  # "path", "services", "owner", "request", "str", "bool"
     owner: OwnerFrom | None = None
     default: Any = None
 
@@ -76,6 +79,8 @@ def _depends(hint: Any, default: Any) -> Any:
 def _param(route: APIRoute, name: str, hint: Any, default: Any) -> _Param:
     where = f"{route.path} ({route.endpoint.__qualname__})"
     dependency = _depends(hint, default)
+    if hint is Request:  # the endpoint reads its own body (api/errors.read_json), as it does under FastAPI
+        return _Param(name, "request")
     if dependency is services_dep:
         return _Param(name, "services")
     if isinstance(dependency, OwnerFrom):
@@ -92,20 +97,22 @@ def _param(route: APIRoute, name: str, hint: Any, default: Any) -> _Param:
 
 
 def _could_shadow(earlier: BaseRoute, route: APIRoute) -> bool:
-    """Could ``earlier`` match a path ``route`` matches? Segment by segment: two literals must agree; a
-    parameter matches any segment. Anything else (a mount, a ``:path`` parameter) is assumed to."""
+    """Could ``earlier`` match a path ``route`` matches (for one of its methods)? Segment by segment: two
+    literals must agree; a parameter matches any segment, a ``:path`` parameter the rest of the path. Anything
+    else (a mount, another kind of route) is assumed to."""
     if isinstance(earlier, WebSocketRoute):
         return False
     if isinstance(earlier, Mount) or not isinstance(earlier, Route):
         return True
-    if earlier.methods is not None and "GET" not in earlier.methods:
+    if earlier.methods is not None and not earlier.methods & (route.methods or set()):
         return False
     mine, theirs = route.path.split("/"), earlier.path.split("/")
-    if any(":path}" in s for s in theirs):
-        return True
-    if len(mine) != len(theirs):
-        return False
-    return all(a == b or a.startswith("{") or b.startswith("{") for a, b in zip(mine, theirs, strict=True))
+    for a, b in zip(mine, theirs, strict=False):
+        if a.endswith(":path}") or b.endswith(":path}"):
+            return True
+        if a != b and not a.startswith("{") and not b.startswith("{"):
+            return False
+    return len(mine) == len(theirs)
 
 
 def plans(routes: Sequence[BaseRoute]) -> list[LeanPlan]:
@@ -117,9 +124,15 @@ def plans(routes: Sequence[BaseRoute]) -> list[LeanPlan]:
             continue
         where = f"{route.path} ({route.endpoint.__qualname__})"
         response_class = getattr(route.response_class, "value", route.response_class)  # FastAPI's default is wrapped
-        if route.methods != {"GET"} or route.dependencies or response_class is not JSONResponse:
-            raise TypeError(f"{where}: lean routes are plain GETs answered in JSON")
         hints = typing.get_type_hints(route.endpoint, include_extras=True)
+        # A dict is encoded with pydantic's serializer, as FastAPI does where the route has a response field (a
+        # return annotation, "Any" included); without one it would use jsonable_encoder and json.dumps, so such
+        # an endpoint must answer a Response itself.
+        answers = hints.get("return")
+        encoded = route.response_field is not None or (isinstance(answers, type) and issubclass(answers, Response))
+        plain = not route.dependencies and response_class is JSONResponse and encoded
+        if route.methods not in ({"GET"}, {"POST"}) or not plain:
+            raise TypeError(f"{where}: lean routes are plain GETs or POSTs answered in JSON")
         signature = inspect.signature(route.endpoint)
         found = tuple(_param(route, n, hints[n], p.default) for n, p in signature.parameters.items())
         shadows = tuple(r for r in routes[:i] if _could_shadow(r, route))
@@ -153,8 +166,10 @@ class LeanReads:
         self._plans = plans
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "GET":
+        if scope["type"] == "http" and scope["method"] in ("GET", "POST"):
             for plan in self._plans:
+                if scope["method"] not in (plan.route.methods or ()):
+                    continue
                 match, child = plan.route.matches(scope)
                 if match is not Match.FULL:
                     continue
@@ -171,7 +186,7 @@ class LeanReads:
     async def _answer(self, plan: LeanPlan, values: dict[str, Any], scope: Scope, receive: Receive, send: Send) -> None:
         app = scope["app"]
         try:
-            response = await self._run(plan, values, scope)
+            response = await self._run(plan, values, scope, receive)
         except Exception as exc:
             handler = _handler(app.exception_handlers, exc)
             if handler is None:
@@ -180,9 +195,11 @@ class LeanReads:
         await response(scope, receive, send)
 
     @staticmethod
-    async def _run(plan: LeanPlan, values: dict[str, Any], scope: Scope) -> Response:
+    async def _run(plan: LeanPlan, values: dict[str, Any], scope: Scope, receive: Receive) -> Response:
         for p in plan.params:
-            if p.kind == "path":
+            if p.kind == "request":
+                values[p.name] = Request(scope, receive)
+            elif p.kind == "path":
                 values[p.name] = scope["path_params"][p.name]
             elif p.kind == "services":
                 values[p.name] = scope["app"].state.services
@@ -193,7 +210,7 @@ class LeanReads:
         result = await plan.route.endpoint(**values)
         if isinstance(result, Response):
             return result
-        if not isinstance(result, (dict, list)):  # a model would need FastAPI's aliases and response model
+        if not isinstance(result, (dict, list)) or plan.route.response_field is None:  # see plans()
             raise TypeError(f"{plan.route.path}: a lean endpoint answers a dict, a list or a Response")
         return Response(pydantic_core.to_json(result), status_code=plan.status, media_type="application/json")
 

@@ -23,6 +23,7 @@ router = APIRouter(prefix="/v1")
 
 
 @router.post("/images/generations", openapi_extra=json_body(ImageGenerationRequest))
+@lean
 async def create_image(request: Request, services: ServicesDep, owner: OwnerDep) -> Any:
     body = await read_json(request, ImageGenerationRequest)
     model = services.registry.get(body.model or DEFAULT_MODEL)

@@ -193,6 +193,7 @@ async def _create(request: Request, services: Services, owner: str, name: str, b
 
 
 @router.post("/models/{owner_name}/{name}/predictions", openapi_extra=json_body(ModelPredictionRequest))
+@lean
 async def create_model_prediction(
     owner_name: str, name: str, request: Request, services: ServicesDep, owner: OwnerDep
 ) -> Any:
@@ -203,6 +204,7 @@ async def create_model_prediction(
 
 
 @router.post("/predictions", openapi_extra=json_body(PredictionRequest))
+@lean
 async def create_prediction(request: Request, services: ServicesDep, owner: OwnerDep) -> Any:
     body = await read_json(request, PredictionRequest)
     if not body.version:

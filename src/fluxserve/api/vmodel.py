@@ -112,6 +112,7 @@ class VmodelRequest(BaseModel):
 
 
 @router.post("/generate", openapi_extra=json_body(VmodelRequest))
+@lean
 async def generate(request: Request, services: ServicesDep, owner: OwnerDep) -> dict[str, str]:
     body = await read_json(request, VmodelRequest)
     model = services.registry.get(body.model)
