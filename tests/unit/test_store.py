@@ -15,6 +15,7 @@ from fluxserve.jobs import JobService
 from fluxserve.migrations import LATEST, current_version, open_store, upgrade
 from fluxserve.models import ModelRegistry
 from fluxserve.store import Store
+from fluxserve.store.db import BUSY_S, BUSY_SLACK_S
 
 
 def _spec():  # type: ignore[no-untyped-def]
@@ -240,6 +241,26 @@ def test_a_locked_database_is_store_unavailable_not_a_crash(tmp_path: Path) -> N
         holder.execute("ROLLBACK")
         holder.close()
     assert jobs.claim("w1") is not None
+
+
+def test_a_write_sets_sqlites_lock_wait_only_when_its_deadline_moves_it(tmp_path: Path) -> None:
+    """A write's wait for another process's lock is what is left of its one deadline (BUSY_S), set on the
+    connection only where that moves it by more than BUSY_SLACK_S: no statement on an ordinary write."""
+    store = _service(tmp_path).store
+    with store.engine.begin() as conn:
+
+        def now_ms() -> int:
+            return int(conn.exec_driver_sql("PRAGMA busy_timeout").scalar_one())
+
+        assert now_ms() == BUSY_S * 1000
+        Store._busy_timeout(conn, BUSY_S - 0.01)  # this process's own queue took 10 ms: left as it is
+        assert now_ms() == BUSY_S * 1000
+        Store._busy_timeout(conn, BUSY_S - 3)  # 3 s of it spent waiting for this process's writers
+        assert now_ms() == (BUSY_S - 3) * 1000
+        Store._busy_timeout(conn, BUSY_S - 3 + BUSY_SLACK_S / 2)
+        assert now_ms() == (BUSY_S - 3) * 1000
+        Store._busy_timeout(conn, BUSY_S)  # the next write has its whole deadline again
+        assert now_ms() == BUSY_S * 1000
 
 
 def test_migrations_are_numbered_idempotent_and_upgrade_an_old_database(tmp_path: Path) -> None:

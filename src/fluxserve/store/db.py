@@ -25,6 +25,7 @@ from ..errors import StoreUnavailable
 log = logging.getLogger(__name__)
 
 BUSY_S = 5.0  # how long a write waits for a locked database before it is StoreUnavailable
+BUSY_SLACK_S = 0.1  # how far past BUSY_S a write may wait, in all, before its SQLite wait is shortened
 
 # Connections one process holds on a database server (SQLite has none): POOL_SIZE kept, POOL_OVERFLOW more
 # at busy moments; threads beyond that wait for one. README "Beyond one machine" adds them up per node.
@@ -139,6 +140,16 @@ class Database:
     def close(self) -> None:
         self.engine.dispose()
 
+    @staticmethod
+    def _busy_timeout(conn: Connection, left_s: float) -> None:
+        """SQLite's wait for another process's lock: what is left of the write's one deadline. Set only where
+        it moves by more than BUSY_SLACK_S from what this connection has (a statement per write otherwise)."""
+        left_ms = max(1, int(left_s * 1000))
+        info = conn.connection.info
+        if abs(info.get("busy_ms", int(BUSY_S * 1000)) - left_ms) > BUSY_SLACK_S * 1000:
+            conn.exec_driver_sql(f"PRAGMA busy_timeout={left_ms}")
+            info["busy_ms"] = left_ms
+
     @contextlib.contextmanager
     def _write(self) -> Iterator[Connection]:
         # One deadline for both waits: a write queued behind one stuck on a locked file waits for this
@@ -149,8 +160,7 @@ class Database:
         try:
             with self.engine.begin() as conn:
                 if self.is_sqlite:
-                    left_ms = max(1, int((BUSY_S - (time.monotonic() - started)) * 1000))
-                    conn.exec_driver_sql(f"PRAGMA busy_timeout={left_ms}")
+                    self._busy_timeout(conn, BUSY_S - (time.monotonic() - started))
                 yield conn
         except IntegrityError:
             raise
