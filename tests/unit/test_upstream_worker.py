@@ -3,6 +3,7 @@ MockTransport written from that provider's documented shapes. Resume, lost answe
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -451,4 +452,50 @@ def test_an_upstream_answer_flagged_by_our_safety_check_is_withheld(core: Any, t
     done = jobs.store.get_job(relaxed.id)
     assert done is not None and done.status is Status.SUCCEEDED
     assert checker.counts[("flagged",)] == 1 and checker.counts[("skipped",)] == 1
+    worker.stop()
+
+
+def test_the_first_submit_after_a_claim_reads_no_row_and_a_later_one_sees_a_cancel(
+    core: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claim just read the job: its first submit stops for nothing a read would show, without the read
+    (one store read fewer per relayed image). A retry reads the row after its backoff, and a cancel asked
+    meanwhile stops it before a second send."""
+    jobs, _ = core
+    b64 = __import__("base64").b64encode(png_bytes((64, 64))).decode()
+    answers = iter([httpx.Response(503, json={"error": {"message": "busy"}})])
+    up = Upstream(
+        {
+            ("POST", "/v1/images/generations"): lambda _: next(
+                answers, httpx.Response(200, json={"data": [{"b64_json": b64}]})
+            )
+        }
+    )
+    worker = _worker(core, _registry(tmp_path, "openai", idempotent=True), up)
+    worker.config = dataclasses.replace(worker.config, retry_base_s=0.4)
+    reads: list[str] = []
+    real = jobs.store.get_job
+
+    def counted(job_id: str, **kw: Any) -> Any:
+        reads.append(job_id)
+        return real(job_id, **kw)
+
+    monkeypatch.setattr(jobs.store, "get_job", counted)
+    ok = _job(jobs)
+    first = threading.Thread(target=worker.run_claimed, args=(ok.id,))
+    first.start()
+    time.sleep(0.2)  # the first send was refused (503); the retry waits 0.4 s
+    jobs.cancel_sync(ok.id, "o")
+    first.join(10)
+    reads_before_answer = reads.count(ok.id)
+    done = real(ok.id)
+    assert done is not None and done.status is Status.CANCELED, done
+    assert up.count("POST", "/v1/images/generations") == 1  # the cancel was seen before a second send
+    assert reads_before_answer >= 2  # cancel_sync's own reads, and the retry's check
+    reads.clear()
+    fresh = _job(jobs)
+    worker.run_claimed(fresh.id)
+    after = real(fresh.id)
+    assert after is not None and after.status is Status.SUCCEEDED
+    assert reads == []  # claimed, submitted, stored, completed: the row never read back
     worker.stop()

@@ -42,6 +42,9 @@ from .routing import next_route
 
 log = logging.getLogger(__name__)
 
+# How long a job as its claim read it stands for a read of its row before the first submit (a cancel asked in
+# between still ends the job canceled, at its completion: JobService.complete).
+FRESH_S = 0.25
 LOST_ANSWER = (
     "The upstream {name} may have started a task for this job, but its answer was lost; it is not sent "
     "again (that could be charged twice)."
@@ -204,6 +207,7 @@ class UpstreamWorker(LeasedWorker):
         return [replace(spec, seed=seed, num_images=1) for seed in spec.image_seeds()]
 
     def _tasks(self, job: Job, abort: Callable[[], str | None]) -> list[Done]:
+        claimed = time.monotonic()  # the job as its claim just read it
         model = self._registry.upstream_model(job.spec.model, self.config.name)
         known, submitting = self._recorded(job)
         mask = self._storage_io(self._storage.read, job.spec.mask) if job.spec.mask else None
@@ -215,7 +219,7 @@ class UpstreamWorker(LeasedWorker):
             if task is None:
                 if index in submitting and not self.config.idempotent:
                     raise Rejected(LOST_ANSWER.format(name=self.config.name))
-                answer = self._submit(job, index, part, model, inputs, deadline, abort)
+                answer = self._submit(job, index, part, model, inputs, deadline, abort, claimed)
                 if isinstance(answer, Done):
                     results.append(answer)
                     continue
@@ -261,8 +265,9 @@ class UpstreamWorker(LeasedWorker):
         inputs: Inputs,
         deadline: float,
         abort: Callable[[], str | None],
+        read_at: float,
     ) -> Task | Done:
-        self._check(job, abort)
+        self._check(job, abort, read_at)
         self._sending(job, "submitting", index)
         key = self.config.api_key()
         backoff = self.config.retry_base_s
@@ -295,6 +300,7 @@ class UpstreamWorker(LeasedWorker):
                     raise
                 log.warning("job %s: upstream %s: %s; retry in %.1f s", job.id, self.config.name, exc.message, backoff)
                 self._sleep(job, backoff, abort)
+                self._check(job, abort)  # a cancel asked or the deadline passed during the backoff: no resend
                 self._sending(job, "submitting", index)
                 backoff *= 2
         if isinstance(answer, Task):
@@ -357,9 +363,11 @@ class UpstreamWorker(LeasedWorker):
         except FluxServeError as exc:
             log.info("upstream %s: cancel of task %s: %s", self.config.name, task.id, exc.message)
 
-    def _check(self, job: Job, abort: Callable[[], str | None]) -> None:
+    def _check(self, job: Job, abort: Callable[[], str | None], read_at: float | None = None) -> None:
         """Stop for a cancel, a deadline, a lost claim or a shutdown. A read, not a write: hundreds of tasks
-        in flight poll for minutes, and a progress row per poll would grow the events table for nothing."""
+        in flight poll for minutes, and a progress row per poll would grow the events table for nothing.
+        ``read_at``: when ``job`` was read (its claim); within FRESH_S it stands for the read (a relayed
+        image's first submit follows its claim by well under a millisecond)."""
         if self._stopping.is_set() or abort() == "shutdown":
             raise _Stop("shutdown")
         if abort() == "user":
@@ -368,7 +376,8 @@ class UpstreamWorker(LeasedWorker):
             if job.id in self._lost:
                 raise _Stop("lost")
         try:
-            current = self._jobs.store.get_job(job.id)
+            fresh = read_at is not None and time.monotonic() - read_at < FRESH_S
+            current = job if fresh else self._jobs.store.get_job(job.id)
         except StoreUnavailable as exc:
             self.degrade(exc.message)
             return
