@@ -1,8 +1,19 @@
+import dataclasses
+import json
+
 import pytest
 
 from fluxserve.errors import InvalidInput
 from fluxserve.models import ModelRegistry
-from fluxserve.spec import ASPECT_RATIOS, MAX_PROMPT_CHARS, aspect_ratio_size, check_prompt, parse_size
+from fluxserve.spec import (
+    ASPECT_RATIOS,
+    MAX_PROMPT_CHARS,
+    Adapter,
+    GenerationSpec,
+    aspect_ratio_size,
+    check_prompt,
+    parse_size,
+)
 
 
 @pytest.mark.parametrize(
@@ -81,3 +92,20 @@ def test_image_seeds_follow_first_seed() -> None:
     assert spec.image_seeds() == [7, 8, 9]
     top = ModelRegistry.default().get("flux").make_spec(prompt="p", width=256, height=256, num_images=2, seed=2**32 - 1)
     assert top.image_seeds() == [2**32 - 1, 0]
+
+
+def test_a_spec_stored_as_json_reads_back_the_same_with_every_kind_of_field() -> None:
+    """The jobs table's spec column: to_dict (field by field, no deep copy) then from_dict gives the spec back,
+    and the JSON is what dataclasses.asdict would have written (rows stored before keep reading)."""
+    base = ModelRegistry.default().get("flux").make_spec(prompt="p", width=256, height=256, seed=1)
+    spec = dataclasses.replace(
+        base,
+        images=("inputs/a/0.png", "inputs/a/1.png"),
+        loras=(Adapter("style.safetensors", "ab" * 32, "/loras/style.safetensors", 0.8),),
+        hosted={"raw": True, "extra": [1, {"k": "v"}]},
+    )
+    for s in (base, spec):
+        text = json.dumps(s.to_dict())
+        assert text == json.dumps(dataclasses.asdict(s))
+        assert GenerationSpec.from_dict(json.loads(text)) == s
+    assert spec.to_dict()["hosted"] is not spec.hosted  # the caller's dict, not the frozen spec's
