@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import replace
-from typing import Any
+from typing import Any, Protocol
 
 from .errors import Conflict, NotFound, PaymentRequired
 from .job import EventKind, Job, JobEvent, Output, Status, new_job_id
@@ -51,6 +51,15 @@ log = logging.getLogger(__name__)
 POLL_S = 0.5  # how often a watcher looks for events written by other processes
 
 
+class Taker(Protocol):
+    """Where a new job can start at once (queue.local.LocalDispatcher): a worker of this process with an idle
+    slot for it. Its create then writes it claimed by that worker, in the same transaction (no claim of its own
+    after it), and hands it over once committed."""
+
+    def free_worker(self, job: Job) -> str | None: ...
+    def hand(self, job: Job) -> None: ...
+
+
 class JobService:
     def __init__(
         self,
@@ -76,6 +85,11 @@ class JobService:
         self.run_dns = self.offload.run_dns
         self._waiters = Waiters()
         self._on_change: list[Callable[[Job, EventKind], None]] = []
+        self._taker: Taker | None = None
+
+    def take_at_create(self, taker: Taker) -> None:
+        """New jobs that a worker here can start at once are claimed by their create (the embedded queue)."""
+        self._taker = taker
 
     def close(self) -> None:
         self.offload.close()
@@ -148,21 +162,33 @@ class JobService:
             cost=self.registry.cost(spec) if model is not None and self.registry is not None else None,
             **fields,
         )
-        inserted = self._insert(job, metered=self.limits is not None or job.cost is not None, position=with_position)
+        taker = self._taker.free_worker(job) if self._taker is not None else None
+        metered = self.limits is not None or job.cost is not None
+        inserted = self._insert(job, metered=metered, position=with_position, taker=taker)
         if inserted is None:  # a concurrent request with the same key won the insert
             existing = self.store.find_idempotent(owner, idempotency_key or "")
             assert existing is not None
             return self._replay(existing, fingerprint), {}
-        headers, position = inserted
+        headers, position, started = inserted
         job = replace(job, queue_position=position)
-        self._changed(job, EventKind.SUBMITTED)
+        if started is None:
+            self._changed(job, EventKind.SUBMITTED)
+            return job, headers
+        try:  # the answer shows it queued, as it was an instant before its claim (a poll shows it started)
+            self._changed(started, EventKind.SUBMITTED)  # processing: wakes no worker (app.py)
+            self._changed(started, EventKind.STARTED)
+        finally:
+            assert self._taker is not None
+            self._taker.hand(started)
         return job, headers
 
-    def _insert(self, job: Job, *, metered: bool, position: bool) -> tuple[dict[str, str], int | None] | None:
+    def _insert(
+        self, job: Job, *, metered: bool, position: bool, taker: str | None = None
+    ) -> tuple[dict[str, str], int | None, Job | None] | None:
         """The create, in one transaction: admission (limits, credits) -> fair priority -> the row -> its
         submitted event -> its queue entry, so all of them commit or none does. Returns the admission's
-        rate-limit headers and, asked for, its queue position; None when a concurrent create with the same
-        idempotency key won the insert."""
+        rate-limit headers, asked for, its queue position, and with a ``taker`` (a worker id) the job as
+        that worker's claim wrote it; None when a concurrent create with the same idempotency key won."""
         try:
             with self.store.transaction() as conn:
                 headers: dict[str, str] = {}
@@ -174,13 +200,27 @@ class JobService:
                         now = job.created_at
                         headers = admit(effective, usage(conn, job.owner, now), job.spec.num_images, now)
                 priority = fairness.priority(conn, job.owner, batch=job.batch_id is not None)
+                rules = self.store.webhook_rules
+                if taker is not None:  # written claimed: the claim's values (store.claim), the same two events
+                    started = self._claimed(job, taker)
+                    insert_row(conn, started, priority, {})
+                    append_event(conn, job, EventKind.SUBMITTED, {}, rules)
+                    append_event(conn, started, EventKind.STARTED, {"worker": taker}, rules)
+                    return headers, 1 if position else None, started  # it was first in line
                 queued = self.store.queue.deferred(conn, job, priority)  # the entry first: the row records it
                 insert_row(conn, job, priority, queued)
-                append_event(conn, job, EventKind.SUBMITTED, {}, self.store.webhook_rules)
+                append_event(conn, job, EventKind.SUBMITTED, {}, rules)
                 place = self.store.queue.position(conn, job.id) if position else None
         except DuplicateJob:
             return None
-        return headers, place
+        return headers, place, None
+
+    def _claimed(self, job: Job, worker_id: str) -> Job:
+        now = time.time()  # the embedded queue's (SQLite's) clock: this machine's
+        lease = now + self.lease_s
+        return replace(
+            job, status=Status.PROCESSING, attempts=1, started_at=now, worker_id=worker_id, lease_expires_at=lease
+        )
 
     @staticmethod
     def _replay(existing: Job, fingerprint: str | None) -> Job:

@@ -26,6 +26,7 @@ class Worker(Protocol):
     state: WorkerState
     route: str | None  # the upstream it runs jobs on (upstream.worker.UpstreamWorker); None: a device
     max_model_wait_s: float  # how long a job may wait while the worker prefers its loaded models' jobs
+    takes_claimed: bool  # True: ``run_held(job)`` runs a job its create claimed for it (queue.local)
 
     load_error: str | None
     current_job: str | None

@@ -14,11 +14,12 @@ import asyncio
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from ..errors import StoreUnavailable
-from ..job import Job, WorkerState
+from ..job import Job, Status, WorkerState
 from ..jobs import JobService
 
 AnyWorker = Any  # a worker.DeviceWorker or an upstream.worker.UpstreamWorker (queue.base.Worker)
@@ -38,7 +39,9 @@ class LocalQueue:
         self.jobs = jobs
 
     def dispatcher(self, workers: Sequence[AnyWorker] | None) -> LocalDispatcher:
-        return LocalDispatcher(self.jobs, list(workers or ()))
+        dispatcher = LocalDispatcher(self.jobs, list(workers or ()))
+        self.jobs.take_at_create(dispatcher)  # a create that an idle slot here can run claims it for that slot
+        return dispatcher
 
     def background(self) -> list[Coroutine[Any, Any, None]]:
         return []  # the worker loops sweep
@@ -72,10 +75,14 @@ class LocalDispatcher:
         self._taken: set[str] = set()  # job ids a slot of this process is claiming or running
         # An idle slot woken for a new job: that job's id, which it claims without reading the queue first (it
         # was idle, so nothing else queued was waiting for it; the fair order decides among jobs that wait).
-        self._hints: dict[threading.Event, str] = {}
+        self._hints: dict[threading.Event, str | Job] = {}
         # Per worker: jobs announced while all its slots were busy; a slot that finishes a job looks again
         # only while this is above zero (otherwise nothing new can be queued for it: it would find nothing).
         self._backlog: dict[int, int] = dict.fromkeys(self._idle, 0)
+        # Jobs a create wrote claimed by a worker here (free_worker) that found no idle slot when handed over
+        # (another job took it meanwhile): its next slot to finish runs them before reading the queue.
+        self._kept: dict[int, deque[Job]] = {id(w): deque() for w in workers}
+        self._by_id = {w.worker_id: w for w in workers}
 
     @property
     def state(self) -> WorkerState:
@@ -112,6 +119,8 @@ class LocalDispatcher:
             for worker in self.workers:
                 self._wake_one([worker], [worker])
             return
+        if job.status is not Status.QUEUED:  # its create claimed it for a slot here (hand): none is woken for it
+            return
         able = [w for w in self.workers if w.route == job.route and job.spec.model in w.models()]
         if not able:
             self.wake()  # no worker names its model: whoever can say so (fails it with a clear error) looks
@@ -119,16 +128,42 @@ class LocalDispatcher:
         warm = [w for w in able if job.spec.model in w.loaded_models()]
         self._wake_one([*warm, *able], able, job.id)
 
-    def _wake_one(self, order: list[AnyWorker], able: list[AnyWorker], job_id: str | None = None) -> None:
+    def free_worker(self, job: Job) -> str | None:
+        """A worker here that takes jobs claimed by their create (jobs.Taker) and has an idle slot for this one
+        now: the job was not queued behind anything of that worker's (its slot would be busy otherwise)."""
+        if self._stopping.is_set():
+            return None
+        with self._lock:
+            for w in self.workers:
+                able = w.takes_claimed and w.route == job.route and w.state == "ready" and not w.sleeping
+                if able and self._idle[id(w)] and job.spec.model in w.models():
+                    return str(w.worker_id)
+        return None
+
+    def hand(self, job: Job) -> None:
+        """The job its create claimed for one of these workers (free_worker), committed: to an idle slot of it,
+        or to the next of its slots to finish one."""
+        worker = self._by_id[job.worker_id]
+        self._wake_one([worker], [worker], job)
+
+    def _wake_one(self, order: list[AnyWorker], able: list[AnyWorker], hint: str | Job | None = None) -> None:
+        """``hint``: the job to run, by id (claimed by the slot) or claimed already (hand)."""
         with self._lock:  # one section: a slot going idle sees either its wake-up or the backlog, never neither
-            event = next((self._idle[id(w)].pop() for w in order if self._idle[id(w)]), None)
-            if event is None:
-                for w in able:
-                    self._backlog[id(w)] += 1
-            elif job_id is not None:
-                self._hints[event] = job_id
+            if isinstance(hint, Job) and self._stopping.is_set():
+                event, give_back = None, hint  # no slot will start it: stop() has given back what it found
+            else:
+                event, give_back = next((self._idle[id(w)].pop() for w in order if self._idle[id(w)]), None), None
+                if event is None:
+                    for w in able:
+                        self._backlog[id(w)] += 1
+                    if isinstance(hint, Job):
+                        self._kept[id(order[0])].append(hint)
+                elif hint is not None:
+                    self._hints[event] = hint
         if event is not None:
             event.set()
+        if give_back is not None:
+            self._give_back([give_back])
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stopping.set()
@@ -140,8 +175,23 @@ class LocalDispatcher:
             event.set()
         for thread in self._threads:
             thread.join(timeout)
+        with self._lock:  # jobs claimed by their create that no slot started
+            left = [j for kept in self._kept.values() for j in kept]
+            left += [h for h in self._hints.values() if isinstance(h, Job)]
+            self._hints.clear()
+            for kept in self._kept.values():
+                kept.clear()
+        self._give_back(left)
         for w in self.workers:
             w.stop(timeout)
+
+    def _give_back(self, jobs: list[Job]) -> None:
+        """Claimed jobs this process will not run, back to the queue with their attempt (a clean stop)."""
+        for job in jobs:
+            try:
+                self._jobs.requeue(job, "shutdown", give_back_attempt=True)
+            except StoreUnavailable as exc:  # its lease runs out: the sweep re-queues it then
+                log.warning("job %s: not given back at stop: %s", job.id, exc.message)
 
     def loaded_models(self) -> list[str]:
         return sorted({m for w in self.workers for m in w.loaded_models()})
@@ -240,12 +290,17 @@ class LocalDispatcher:
     def _run_next(self, worker: AnyWorker, event: threading.Event) -> bool:
         """Run the first queued job this worker can claim; whether one ran. The slot leaves the idle list
         while it runs one, handing on a wake-up that chose it meanwhile (that job may not be the one it took)."""
+        with self._lock:  # its wake-up's job first; else one handed over while every slot was busy (the backlog)
+            hint = self._hints.pop(event, None)
+            kept = self._kept[id(worker)]
+            if hint is None and kept:
+                hint = kept.popleft()
+        if isinstance(hint, Job):  # claimed already: runs whatever the worker's state (its run fails it over)
+            return self._run_first(worker, event, [hint.id], hint)
         if worker.state == "error" and self._others_healthy(worker):
             return False
         if worker.sleeping:
             return False  # POST /sleep: jobs stay queued until /wake_up
-        with self._lock:
-            hint = self._hints.pop(event, None)
         if hint is not None and self._run_first(worker, event, [hint]):
             return True  # the job its wake-up named (a read of the queue fewer on each job's way in)
         queued = self._jobs.store.queued(limit=CANDIDATES, models=worker.models(), route=worker.route)
@@ -253,10 +308,13 @@ class LocalDispatcher:
             worker, event, warm_first(queued, worker.loaded_models(), worker.max_model_wait_s, time.time())
         )
 
-    def _run_first(self, worker: AnyWorker, event: threading.Event, job_ids: list[str]) -> bool:
-        """Claim and run the first of these that is still queued; whether one ran."""
+    def _run_first(
+        self, worker: AnyWorker, event: threading.Event, job_ids: list[str], claimed: Job | None = None
+    ) -> bool:
+        """Claim and run the first of these that is still queued; whether one ran. ``claimed``: the one job,
+        claimed by its create (hand), is run as it is."""
         for job_id in job_ids:
-            if self._stopping.is_set():
+            if self._stopping.is_set() and claimed is None:
                 return False
             with self._lock:  # another slot here is claiming it: never two claims of one job from this process
                 if job_id in self._taken:
@@ -267,6 +325,9 @@ class LocalDispatcher:
                     with self._lock:
                         handed = self._hints.pop(event, None)
                     self._wake_one([worker], [worker], handed)
+                if claimed is not None:
+                    worker.run_held(claimed)
+                    return True
                 if worker.run_claimed(job_id):
                     return True
             finally:

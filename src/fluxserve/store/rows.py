@@ -22,7 +22,10 @@ def job_row(job: Job) -> dict[str, Any]:
         "spec": json.dumps(job.spec.to_dict()),
         "request": json.dumps(job.request),
         "created_at": job.created_at,
-        "attempts": 0,
+        "attempts": job.attempts,  # 0, or 1 where the create claimed it (JobService._insert)
+        "started_at": job.started_at,
+        "worker_id": job.worker_id,
+        "lease_expires_at": job.lease_expires_at,
         "progress_done": 0,
         "progress_total": job.spec.steps,
         "outputs": "[]",

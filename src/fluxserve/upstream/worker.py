@@ -62,6 +62,8 @@ class _Stop(Exception):
 class UpstreamWorker(LeasedWorker):
     """One upstream provider as a queue worker: ``concurrency`` = its max_in_flight."""
 
+    takes_claimed = True  # its jobs need nothing loaded: one can start in its create's transaction (run_held)
+
     def __init__(
         self,
         jobs: JobService,
@@ -131,12 +133,20 @@ class UpstreamWorker(LeasedWorker):
 
     def run_claimed(self, job_id: str, lock: Any = None, abort: Callable[[], str | None] | None = None) -> list[Job]:
         job = self._store(self._jobs.claim_id, job_id, self.worker_id)
-        if job is None:
-            return []
+        return [] if job is None else self._hold(job, abort or (lambda: None), time.monotonic(), first=False)
+
+    def run_held(self, job: Job) -> list[Job]:
+        """Run a job its create claimed for this worker (JobService.take_at_create), as that create wrote it at
+        ``started_at`` (this machine's clock: the embedded queue's). Its first claim: no attempt before it can
+        have started a task upstream, so no events are read for one."""
+        age = max(0.0, time.time() - (job.started_at or 0.0))
+        return self._hold(job, lambda: None, time.monotonic() - age, first=True)
+
+    def _hold(self, job: Job, abort: Callable[[], str | None], read_at: float, *, first: bool) -> list[Job]:
         with self._held_lock:
             self._held[job.id] = job
         try:
-            self._run(job, abort or (lambda: None))
+            self._run(job, abort, read_at, first)
         except StoreUnavailable:  # only when stopping: the lease runs out and the job is resumed elsewhere
             log.warning("upstream worker %s stopped before recording job %s", self.worker_id, job.id)
         finally:
@@ -148,7 +158,7 @@ class UpstreamWorker(LeasedWorker):
 
     # -- one job -------------------------------------------------------------------
 
-    def _run(self, job: Job, abort: Callable[[], str | None]) -> None:
+    def _run(self, job: Job, abort: Callable[[], str | None], read_at: float, first: bool) -> None:
         name = self.config.name
         if self.state == "error":  # its key is missing: its jobs go to a fallback, or fail saying why
             if not self._fail_over(job, self.load_error or "not configured"):
@@ -157,7 +167,7 @@ class UpstreamWorker(LeasedWorker):
         try:
             if not self.health.usable() and self._fail_over(job, f"upstream {name} is cooling down"):
                 return
-            outputs = self._save(job, self._tasks(job, abort))
+            outputs = self._save(job, self._tasks(job, abort, read_at, first))
         except _Stop as stop:
             self._stopped(job, stop.why)
             return
@@ -206,10 +216,10 @@ class UpstreamWorker(LeasedWorker):
             return [spec]
         return [replace(spec, seed=seed, num_images=1) for seed in spec.image_seeds()]
 
-    def _tasks(self, job: Job, abort: Callable[[], str | None]) -> list[Done]:
-        claimed = time.monotonic()  # the job as its claim just read it
+    def _tasks(self, job: Job, abort: Callable[[], str | None], claimed: float, first: bool) -> list[Done]:
+        """``claimed``: when ``job`` was read (time.monotonic), by its claim; ``first``: the job's first claim."""
         model = self._registry.upstream_model(job.spec.model, self.config.name)
-        known, submitting = self._recorded(job)
+        known, submitting = ({}, set()) if first else self._recorded(job)
         mask = self._storage_io(self._storage.read, job.spec.mask) if job.spec.mask else None
         inputs = Inputs([self._storage_io(self._storage.read, k) for k in job.spec.images], mask)
         deadline = time.monotonic() + self.config.timeout_s

@@ -64,6 +64,7 @@ class LeasedWorker:
 
     concurrency: int
     route: str | None
+    takes_claimed = False  # runs a job its create claimed for it (run_held; queue.local.LocalDispatcher.hand)
 
     def __init__(self, jobs: JobService, storage: Storage, device: str, *, storage_retry_s: float = 60.0) -> None:
         self._jobs = jobs
