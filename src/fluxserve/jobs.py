@@ -103,10 +103,10 @@ class JobService:
     def _changed(self, job: Job | None, kind: EventKind) -> Job | None:
         if job is None:
             return None
+        final = job.status.is_terminal
+        self._waiters.wake(job.id, final=final, ended=job if final else None)  # first: a synchronous call answers
         if kind is not EventKind.PROGRESS and kind is not EventKind.PREVIEW:  # one line per transition, not step
             log.info("job %s %s model=%s attempt=%d", *job_line(job, kind), extra=job_fields(job, kind))
-        final = job.status.is_terminal
-        self._waiters.wake(job.id, final=final, ended=job if final else None)
         for callback in self._on_change:
             try:
                 callback(job, kind)
@@ -174,12 +174,12 @@ class JobService:
         if started is None:
             self._changed(job, EventKind.SUBMITTED)
             return job, headers
-        try:  # the answer shows it queued, as it was an instant before its claim (a poll shows it started)
-            self._changed(started, EventKind.SUBMITTED)  # processing: wakes no worker (app.py)
-            self._changed(started, EventKind.STARTED)
-        finally:
-            assert self._taker is not None
-            self._taker.hand(started)
+        assert self._taker is not None
+        # Handed over first: its slot sends it upstream while this thread logs and wakes watchers (a processing
+        # job wakes no worker). The answer shows it queued, as it was an instant before its claim.
+        self._taker.hand(started)
+        self._changed(started, EventKind.SUBMITTED)
+        self._changed(started, EventKind.STARTED)
         return job, headers
 
     def _insert(

@@ -280,7 +280,20 @@ def test_the_router_keeps_a_path_an_earlier_route_answers_first() -> None:
         assert c.get("/things/x?flag=2").status_code == 422  # FastAPI's validation, not a guess
         assert c.head("/things/x").status_code in (200, 405)
     assert calls == ["special", "thing"]  # the 422 and the HEAD never reached the endpoint
+    layer, answered = _lean(app), []
+    answer = layer._answer
+
+    async def counted(*args: Any) -> None:
+        answered.append(args[0].route.path)
+        await answer(*args)
+
+    layer._answer = counted  # type: ignore[method-assign]
+    with TestClient(app, root_path="/behind") as c:  # a proxy's prefix: matched without it, as the router does
+        assert c.get("/behind/things/y").json()["which"] == "y"
+        assert c.get("/other/things/y").status_code == 404
+    assert calls == ["special", "thing", "thing"] and answered == ["/things/{thing_id}"]
     (plan,) = _lean(app)._plans
+    assert plan.prefix == "/things/"  # a path without it is never matched against the route's pattern
     assert plan.route.path == "/things/{thing_id}"
     assert [getattr(r, "path", None) for r in plan.shadows] == ["/things/special"]
 

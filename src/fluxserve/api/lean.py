@@ -67,6 +67,7 @@ class LeanPlan:
     params: tuple[_Param, ...]
     shadows: tuple[BaseRoute, ...]  # routes before it that could match one of its paths: tried first
     status: int
+    prefix: str  # its path up to its first parameter: a path without it cannot match (no regex run for it)
 
 
 def _depends(hint: Any, default: Any) -> Any:
@@ -136,7 +137,8 @@ def plans(routes: Sequence[BaseRoute]) -> list[LeanPlan]:
         signature = inspect.signature(route.endpoint)
         found = tuple(_param(route, n, hints[n], p.default) for n, p in signature.parameters.items())
         shadows = tuple(r for r in routes[:i] if _could_shadow(r, route))
-        out.append(LeanPlan(route, found, shadows, route.status_code or 200))
+        prefix = route.path.partition("{")[0]
+        out.append(LeanPlan(route, found, shadows, route.status_code or 200, prefix))
     return out
 
 
@@ -167,8 +169,9 @@ class LeanReads:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] in ("GET", "POST"):
+            path = _route_path(scope)
             for plan in self._plans:
-                if scope["method"] not in (plan.route.methods or ()):
+                if not path.startswith(plan.prefix) or scope["method"] not in (plan.route.methods or ()):
                     continue
                 match, child = plan.route.matches(scope)
                 if match is not Match.FULL:
@@ -213,6 +216,17 @@ class LeanReads:
         if not isinstance(result, (dict, list)) or plan.route.response_field is None:  # see plans()
             raise TypeError(f"{plan.route.path}: a lean endpoint answers a dict, a list or a Response")
         return Response(pydantic_core.to_json(result), status_code=plan.status, media_type="application/json")
+
+
+def _route_path(scope: Scope) -> str:
+    """The path routes match, as Starlette's routing reads it (``root_path`` taken off where it leads)."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if not root or not path.startswith(root):
+        return path
+    if path == root:
+        return ""
+    return path[len(root) :] if path[len(root)] == "/" else path
 
 
 def _handler(handlers: dict[Any, Any], exc: Exception) -> Callable[..., Awaitable[Response]] | None:
