@@ -2,10 +2,11 @@
 
 import sqlite3
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from sqlalchemy import inspect
+from sqlalchemy import event, inspect
 
 from fluxserve.api.replicate import WEBHOOKS as REPLICATE_WEBHOOKS
 from fluxserve.auth import Authenticator, create_key
@@ -14,7 +15,7 @@ from fluxserve.job import EventKind, Job, Output, Status, new_job_id
 from fluxserve.jobs import JobService
 from fluxserve.migrations import LATEST, current_version, open_store, upgrade
 from fluxserve.models import ModelRegistry
-from fluxserve.store import Store
+from fluxserve.store import Store, db
 from fluxserve.store.db import BUSY_S, BUSY_SLACK_S
 
 
@@ -472,3 +473,34 @@ def test_a_queued_jobs_position_counts_over_the_queue_order_index(tmp_path: Path
     b1 = _submit(jobs, "b")  # the newcomer's first job goes ahead of a's second (same priority as a1, later)
     assert [jobs.get_sync(j.id, j.owner).queue_position for j in (a1, b1, a2, a3)] == [1, 2, 3, 4]
     jobs.store.close()
+
+
+def test_a_jobs_insert_events_and_transitions_go_through_sqlites_driver_as_sqlalchemy_sends_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """store.db.send: the statements on every job's way skip SQLAlchemy's execution on SQLite (no cursor event
+    of its own) and give the same rows, types and errors: the claimed job as its UPDATE ... RETURNING gave it
+    agrees with the row read back through SQLAlchemy; a duplicate idempotency key is still a replay; a locked
+    file is still StoreUnavailable."""
+    monkeypatch.setattr(db, "BUSY_S", 0.5)
+    jobs = _service(tmp_path)
+    through: list[str] = []
+    event.listen(jobs.store.engine, "before_cursor_execute", lambda *a: through.append(a[2].split()[0]))
+    job = _submit(jobs, idempotency_key="k1")
+    claimed = jobs.claim_id(job.id, "w1")
+    assert claimed is not None
+    read = jobs.store.get_job(job.id)
+    assert read is not None and claimed == replace(read, queue_position=claimed.queue_position)
+    assert type(claimed.cancel_requested) is bool and type(claimed.created_at) is float
+    assert (claimed.status, claimed.attempts, claimed.worker_id) == (Status.PROCESSING, 1, "w1")
+    assert jobs.complete(claimed, [Output("a/out-0.png", 1, 8, 8, "png")])
+    assert "INSERT" not in through and "UPDATE" not in through, through  # only the reads are SQLAlchemy's
+    assert _submit(jobs, idempotency_key="k1").id == job.id  # the unique index's error, read as a replay
+    holder = sqlite3.connect(tmp_path / "db.sqlite", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(StoreUnavailable, match="locked"):
+            _submit(jobs)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()

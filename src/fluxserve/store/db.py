@@ -7,18 +7,21 @@ StoreUnavailable, which callers retry (workers) or answer as 503 (the API).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections import namedtuple
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, event, func, select
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.sql.dml import UpdateBase
 
 from ..errors import StoreUnavailable
 
@@ -47,6 +50,53 @@ def clock(conn: Connection) -> float:
     if conn.dialect.name == "postgresql":
         return float(conn.execute(_CLOCK).scalar_one())
     return time.time()
+
+
+_Form = tuple[str, tuple[str, ...], tuple[Callable[[Any], Any] | None, ...], dict[str, Any]]
+
+
+@functools.lru_cache(maxsize=256)
+def _sqlite_form(stmt: UpdateBase, keys: tuple[str, ...], dialect: Dialect) -> _Form | None:
+    """The statement as SQLite's driver takes it (its SQL, its parameters' order, their type conversions and
+    the values it carries itself, like the 1 of ``attempts + 1``), compiled once; None where it needs a value
+    computed at run time (a Python-side default)."""
+    compiled = stmt.compile(dialect=dialect, column_keys=list(keys))
+    names = tuple(compiled.positiontup or ())
+    carried = {n: compiled.binds[n] for n in names if n not in keys}
+    if any(b.callable is not None or b.required for b in carried.values()):
+        return None
+    convert = tuple(compiled.binds[n].type.bind_processor(dialect) for n in names)
+    return str(compiled), names, convert, {n: b.value for n, b in carried.items()}
+
+
+@functools.lru_cache(maxsize=64)
+def _row_type(names: tuple[str, ...]) -> Any:
+    return namedtuple("Row", names, rename=True)  # read by attribute, as SQLAlchemy's rows are (rows.to_job)
+
+
+def send(conn: Connection, stmt: UpdateBase, params: Mapping[str, Any], *, row: bool = False) -> Any:
+    """One of the statements every job's way runs (its insert, its events, its transitions): on SQLite
+    straight through the driver's cursor with its compiled form, the first row back when ``row``.
+    SQLAlchemy's own per-execution work (the cache key over the statement, an execution context, the result's
+    metadata) was twice the statement's run for these; its errors are raised as SQLAlchemy raises them. On
+    other databases it is SQLAlchemy's execute."""
+    form = _sqlite_form(stmt, tuple(params), conn.dialect) if conn.dialect.name == "sqlite" else None
+    if form is None:
+        result = conn.execute(stmt, params)
+        return result.first() if row else None
+    sql, names, convert, carried = form
+    raw = [params[n] if n in params else carried[n] for n in names]
+    values = [v if c is None else c(v) for v, c in zip(raw, convert, strict=True)]
+    dbapi = conn.dialect.loaded_dbapi
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.execute(sql, values)
+        got = cursor.fetchone() if row else None
+        return None if got is None else _row_type(tuple(d[0] for d in cursor.description))._make(got)
+    except dbapi.Error as exc:
+        raise DBAPIError.instance(sql, values, exc, dbapi.Error) from exc
+    finally:
+        cursor.close()
 
 
 class _NoLock:

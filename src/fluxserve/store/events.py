@@ -11,7 +11,7 @@ from sqlalchemy import and_, bindparam, func, select
 from sqlalchemy.engine import Connection
 
 from ..job import EventKind, Job, JobEvent
-from .db import Database
+from .db import Database, send
 from .outbox import WebhookRules, enqueue_webhooks
 from .schema import job_events
 
@@ -40,7 +40,7 @@ def append_event(
         # ":w" when this transition may have written webhook deliveries: only then do senders look.
         conn.execute(_INSERT_EVENT_NOTIFY, {**row, "notice": f"{job.id}:{kind.value}{':w' if hooked else ''}"})
     else:
-        conn.execute(_INSERT_EVENT, row)
+        send(conn, _INSERT_EVENT, row)
     if hooked:
         enqueue_webhooks(conn, job, kind, now, rules[job.dialect])
 

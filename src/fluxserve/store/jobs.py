@@ -17,7 +17,7 @@ from sqlalchemy.sql import Select
 from ..job import EventKind, Job, Status
 from ..spec import GenerationSpec
 from .credits import give_back, reprice
-from .db import Database, clock
+from .db import Database, clock, send
 from .events import append_event
 from .fairness import fetch_order
 from .outbox import WebhookRules
@@ -300,7 +300,7 @@ def insert_row(conn: Connection, job: Job, priority: int, queued: Mapping[str, A
     """The job's row, with its fair priority (store.fairness) and what its queue entry gave it (``queued``: the
     hooks' ``deferred``), in the caller's transaction."""
     try:
-        conn.execute(_INSERT_JOB, {**job_row(job), "priority": priority, **queued})
+        send(conn, _INSERT_JOB, {**job_row(job), "priority": priority, **queued})
     except IntegrityError as exc:
         if job.idempotency_key is None:
             raise

@@ -20,6 +20,7 @@ from sqlalchemy.sql import ColumnElement, Select, Update
 
 from ..job import EventKind, Job, Status
 from .credits import give_back
+from .db import send
 from .events import append_event
 from .outbox import WebhookRules
 from .rows import to_job
@@ -66,7 +67,7 @@ def transition_row(
     sets = tuple((k, _EXPRESSIONS.index(v) if isinstance(v, ColumnElement) else None) for k, v in values.items())
     params |= {f"v_{k}": v for k, v in values.items() if not isinstance(v, ColumnElement)}
     # The changed row comes back from the update itself (RETURNING): no second statement to read it.
-    row = conn.execute(_update(shape, sets), params).first()
+    row = send(conn, _update(shape, sets), params, row=True)
     if row is None:
         return None
     job = to_job(row)
