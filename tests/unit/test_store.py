@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import event, inspect
-from sqlalchemy.exc import DBAPIError
 
 from fluxserve.api.replicate import WEBHOOKS as REPLICATE_WEBHOOKS
 from fluxserve.auth import Authenticator, create_key
@@ -505,21 +504,3 @@ def test_a_jobs_insert_events_and_transitions_go_through_sqlites_driver_as_sqlal
     finally:
         holder.execute("ROLLBACK")
         holder.close()
-
-
-def test_a_poll_reads_its_row_through_the_driver_and_falls_back_to_sqlalchemy_on_an_error(tmp_path: Path) -> None:
-    """store.db.read_one (every poll's read): the row SQLAlchemy's exec_driver_sql gives, field for field; on a
-    driver error the read goes through SQLAlchemy, so its handling (here: a closed connection) still applies."""
-    jobs = _service(tmp_path)
-    job = _submit(jobs)
-    sql = jobs.store.job_reads[True]
-    with jobs.store.engine.connect() as conn:
-        fast = db.read_one(conn, sql, {"id": job.id})
-        slow = conn.exec_driver_sql(sql, {"id": job.id}).first()
-        assert fast is not None and slow is not None and tuple(fast) == tuple(slow)
-        assert fast.id == job.id and fast.queue_position == slow.queue_position == 1
-        assert db.read_one(conn, sql, {"id": "nope"}) is None
-        conn.connection.driver_connection.close()  # type: ignore[union-attr]
-        with pytest.raises(DBAPIError, match="closed"):
-            db.read_one(conn, sql, {"id": job.id})
-    assert jobs.get_sync(job.id, "o").status is Status.QUEUED  # the pool gave a working connection again

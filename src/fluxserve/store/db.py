@@ -99,25 +99,6 @@ def send(conn: Connection, stmt: UpdateBase, params: Mapping[str, Any], *, row: 
         cursor.close()
 
 
-def read_one(conn: Connection, sql: str, params: Mapping[str, Any]) -> Any:
-    """The first row of a read written in the driver's own parameter style (a poll's, store.jobs.job_reads),
-    through the driver's cursor: SQLAlchemy's ``exec_driver_sql`` built the result's metadata over the row's
-    ~40 columns on every poll (PostgreSQL: 426 against 267 us of CPU per read here). Its values are the driver's
-    either way. On a driver error the read is sent again through SQLAlchemy, whose handling then applies (a
-    lost server's connections dropped from the pool, the error wrapped as everywhere else): a read can be."""
-    try:
-        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-        try:
-            cursor.execute(sql, params)
-            got = cursor.fetchone()
-            names = tuple(d[0] for d in cursor.description or ())
-        finally:
-            cursor.close()
-    except conn.dialect.loaded_dbapi.Error:
-        return conn.exec_driver_sql(sql, dict(params)).first()
-    return None if got is None else _row_type(names)._make(got)
-
-
 class _NoLock:
     """Servers with row locks (PostgreSQL) need no process-wide write lock."""
 
